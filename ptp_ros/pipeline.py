@@ -1,0 +1,163 @@
+"""One request end to end: image + instruction + budget → answer, selection and per-stage timings."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .pruning import NO_REGION, PTPConfig, Selection, fused_scores, instruction_relevance, make_selector, resolve_budget
+from .vlm.base import VisionLanguageAdapter, VisualTokens
+
+NEWLINE_POLICIES = ("drop", "keep")
+
+
+class InvalidRequest(ValueError):
+    """A request the pipeline refuses before touching the model (bad image, instruction or budget)."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    selector: str = "ptp"
+    ptp: PTPConfig = PTPConfig()
+    selector_options: dict = field(default_factory=dict)  # for peer selectors
+    instruction_reduce: str = "max"  # over instruction tokens: "max" (paper) or "mean"
+    newline_policy: str = "drop"  # structural tokens when pruning: "drop", or "keep" (counted in the budget)
+    max_new_tokens: int = 32
+    max_instruction_chars: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.newline_policy not in NEWLINE_POLICIES:
+            raise ValueError(f"newline_policy must be one of {NEWLINE_POLICIES}, got {self.newline_policy!r}")
+        if self.instruction_reduce not in ("max", "mean"):
+            raise ValueError(f"instruction_reduce must be 'max' or 'mean', got {self.instruction_reduce!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+
+@dataclass
+class Answer:
+    text: str
+    selection: Selection
+    visual: VisualTokens
+    timings_ms: dict[str, float]
+    prompt_tokens: int
+    new_tokens: int
+    selector: str
+
+    def to_dict(self) -> dict:
+        """The JSON view: what ``ptp-ask --json`` prints and the node publishes."""
+        sizes = self.selection.region_sizes if self.selection.region_sizes is not None else self.visual.scores.region_sizes()
+        quotas = self.selection.quotas if self.selection.quotas is not None else sizes
+        return {
+            "answer": self.text,
+            "visual_tokens_total": self.selection.total,
+            "visual_tokens_kept": self.selection.num_kept,
+            "keep_ratio": round(self.selection.keep_ratio, 6),
+            "selector": self.selector,
+            "quotas": [{"region": r, "name": self.visual.region_names[r], "kept": int(quotas[r]), "size": int(sizes[r])}
+                       for r in range(len(self.visual.region_names))],
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+def validate_image(image: np.ndarray) -> np.ndarray:
+    """An RGB uint8 [H, W, 3] array, or a clear ``InvalidRequest``."""
+    if not isinstance(image, np.ndarray):
+        raise InvalidRequest(f"image must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidRequest(f"image must be RGB [H, W, 3], got shape {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        raise InvalidRequest(f"image must be uint8, got {image.dtype}")
+    if min(image.shape[:2]) < 14:
+        raise InvalidRequest(f"image of {image.shape[1]}x{image.shape[0]} px is too small (min 14 px a side)")
+    return image
+
+
+class Pipeline:
+    """Adapter + selector: the library's one entry point, used by the CLI, the node and the benchmarks."""
+
+    def __init__(self, adapter: VisionLanguageAdapter, config: PipelineConfig = PipelineConfig()):
+        self.adapter = adapter
+        self.config = config
+        options = dataclasses.asdict(config.ptp) if config.selector == "ptp" else config.selector_options
+        self.selector = make_selector(config.selector, **options)
+
+    def validate_instruction(self, instruction: str) -> str:
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise InvalidRequest("instruction is empty")
+        if len(instruction) > self.config.max_instruction_chars:
+            raise InvalidRequest(f"instruction has {len(instruction)} characters; the limit is "
+                                 f"{self.config.max_instruction_chars}")
+        return instruction.strip()
+
+    def answer(self, image: np.ndarray, instruction: str, *, keep_ratio: float | None = None,
+               tokens: int | None = None, max_new_tokens: int | None = None) -> Answer:
+        """Answer ``instruction`` about ``image`` keeping ``keep_ratio`` (or ``tokens``) of the visual tokens."""
+        image = validate_image(image)
+        instruction = self.validate_instruction(instruction)
+        if keep_ratio is None and tokens is None:
+            keep_ratio = 1.0
+        if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
+            raise InvalidRequest(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if tokens is not None and tokens < 1:
+            raise InvalidRequest(f"tokens must be >= 1, got {tokens}")
+        timings: dict[str, float] = {}
+        device = self.adapter.device
+
+        with _timed(timings, "preprocess", device):
+            prepared = self.adapter.prepare(image, instruction)
+        with _timed(timings, "encode", device):
+            visual = self.adapter.encode(prepared)
+        budget = resolve_budget(visual.num_tokens, keep_ratio=keep_ratio if tokens is None else None, tokens=tokens)
+        keep_all = budget >= visual.num_tokens
+        with _timed(timings, "score", device):
+            scores = visual.scores
+            if self.selector.needs_relevance and not keep_all:
+                rows = self.adapter.instruction_attention(prepared, visual)
+                scores = dataclasses.replace(scores, relevance=instruction_relevance(rows, self.config.instruction_reduce))
+            visual.scores = scores
+        with _timed(timings, "select", device):
+            selection = self._select(visual, budget, keep_all)
+        generation = self.adapter.generate(prepared, visual, None if keep_all else selection.kept,
+                                           max_new_tokens or self.config.max_new_tokens)
+        timings["prefill"] = generation.prefill_ms
+        timings["decode"] = generation.decode_ms
+        timings["total"] = sum(timings.values())
+        return Answer(text=generation.text, selection=selection, visual=visual, timings_ms=timings,
+                      prompt_tokens=generation.prompt_tokens, new_tokens=generation.new_tokens,
+                      selector=self.selector.name)
+
+    def _select(self, visual: VisualTokens, budget: int, keep_all: bool) -> Selection:
+        scores = visual.scores
+        if keep_all:
+            return Selection(kept=torch.arange(visual.num_tokens), total=visual.num_tokens,
+                             quotas=scores.region_sizes(), region_sizes=scores.region_sizes(),
+                             fused=fused_scores(scores, 0.0), method="keep_all")
+        structural = torch.nonzero(scores.region.cpu() == NO_REGION).squeeze(1)
+        keep_structural = self.config.newline_policy == "keep"
+        content_budget = budget - structural.numel() if keep_structural else budget
+        content_budget = max(1, min(content_budget, int(scores.region_sizes().sum())))
+        selection = self.selector(scores, content_budget)
+        if keep_structural and structural.numel():
+            kept = torch.sort(torch.cat([selection.kept, structural])).values
+            selection = dataclasses.replace(selection, kept=kept)
+        return selection
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":  # so that queued GPU work is charged to the stage that queued it
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str, device: torch.device):
+    start = _now(device)
+    yield
+    timings[stage] = (_now(device) - start) * 1e3

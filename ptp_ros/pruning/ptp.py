@@ -1,0 +1,122 @@
+"""Pyramid Token Pruning: region budgets → token saliency → instruction relevance, fused with α.
+
+The whole method, as pure tensor code: the adapters supply ``TokenScores``, this file decides.
+See docs/method.md for which choices are the paper's and which are ours.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .budgets import region_quotas, region_shares
+from .types import NO_REGION, Selection, TokenScores
+
+
+@dataclass(frozen=True)
+class PTPConfig:
+    """Knobs of the method; defaults are documented in docs/method.md."""
+
+    alpha: float = 0.5  # weight of top-down instruction relevance in the fused score
+    temperature: float = 1.0  # region-share temperature (see budgets.region_shares)
+    min_per_region: int = 0  # tokens every non-empty region keeps at least
+    global_share: float | None = None  # fixed budget share of the global view; None = by saliency
+    use_region_budgets: bool = True  # False: one global top-K over all regions (ablation)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.min_per_region < 0:
+            raise ValueError(f"min_per_region must be >= 0, got {self.min_per_region}")
+        if self.global_share is not None and not 0.0 <= self.global_share <= 1.0:
+            raise ValueError(f"global_share must be in [0, 1], got {self.global_share}")
+
+
+def minmax_per_region(values: torch.Tensor, region: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """Scale ``values`` to [0, 1] inside each region (a constant region maps to 0.5).
+
+    Per region because [CLS] attention is a softmax inside each tile: raw values of different tiles
+    are not on one scale.
+    """
+    v = values.double()
+    out = torch.full_like(v, 0.5)
+    valid = region != NO_REGION
+    idx = region.clamp(min=0)
+    lo = torch.full((num_regions,), float("inf"), dtype=v.dtype).scatter_reduce(0, idx[valid], v[valid], "amin")
+    hi = torch.full((num_regions,), float("-inf"), dtype=v.dtype).scatter_reduce(0, idx[valid], v[valid], "amax")
+    span = (hi - lo)[idx]
+    scaled = (v - lo[idx]) / torch.where(span > 0, span, torch.ones_like(span))
+    out = torch.where(valid & (span > 0), scaled, out)
+    return out.float()
+
+
+def fused_scores(scores: TokenScores, alpha: float) -> torch.Tensor:
+    """score = (1 − α)·norm(token saliency) + α·norm(instruction relevance), per token, in [0, 1].
+
+    Without a relevance signal (instruction stage off) the score is the bottom-up term alone.
+    """
+    region = scores.region.cpu()
+    sal = minmax_per_region(scores.saliency.cpu(), region, scores.num_regions)
+    if scores.relevance is None or alpha == 0.0:
+        return sal
+    rel = minmax_per_region(scores.relevance.cpu(), region, scores.num_regions)
+    if alpha == 1.0:
+        return rel
+    return (1.0 - alpha) * sal + alpha * rel
+
+
+def budget_shares(scores: TokenScores, config: PTPConfig) -> torch.Tensor:
+    """Each region's share of the budget, with the global view's share fixed when configured."""
+    shares = region_shares(scores.region_saliency.cpu(), config.temperature)
+    g = scores.global_region
+    if config.global_share is None or g is None or scores.num_regions == 1:
+        return shares
+    others = shares.clone()
+    others[g] = 0.0
+    others = others / others.sum() * (1.0 - config.global_share)
+    others[g] = config.global_share
+    return others
+
+
+def top_k_per_region(fused: torch.Tensor, region: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
+    """Indices of the ``quotas[r]`` best tokens of every region, in original order (ties: lower index)."""
+    order = torch.argsort(fused, descending=True, stable=True)
+    order = order[region[order] != NO_REGION]
+    order = order[torch.argsort(region[order], stable=True)]  # grouped by region, best first
+    reg = region[order]
+    group_start = torch.cumsum(torch.bincount(reg, minlength=quotas.shape[0]), 0) - torch.bincount(
+        reg, minlength=quotas.shape[0])
+    rank = torch.arange(order.shape[0]) - group_start[reg]
+    return torch.sort(order[rank < quotas[reg]]).values
+
+
+def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()) -> Selection:
+    """Keep ``budget`` tokens: region quotas from region saliency, top-K_r by fused score inside each."""
+    region = scores.region.cpu()
+    sizes = scores.region_sizes()
+    if not 0 <= budget <= int(sizes.sum()):
+        raise ValueError(f"budget {budget} is outside [0, {int(sizes.sum())}] selectable tokens")
+    fused = fused_scores(scores, config.alpha)
+    if config.use_region_budgets:
+        quotas = region_quotas(budget_shares(scores, config), sizes, budget, config.min_per_region)
+        kept = top_k_per_region(fused, region, quotas)
+    else:
+        masked = torch.where(region != NO_REGION, fused.double(), torch.tensor(float("-inf"), dtype=torch.double))
+        kept = torch.sort(torch.argsort(masked, descending=True, stable=True)[:budget]).values
+        quotas = torch.bincount(region[kept], minlength=scores.num_regions)
+    return Selection(kept=kept, total=scores.num_tokens, quotas=quotas, region_sizes=sizes, fused=fused,
+                     method="ptp")
+
+
+def instruction_relevance(attention_rows: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    """Per visual token, the max (paper) or mean over instruction tokens of text→visual attention.
+
+    ``attention_rows`` is [instruction tokens, N]; returns [N].
+    """
+    if reduce == "max":
+        return attention_rows.max(dim=0).values
+    if reduce == "mean":
+        return attention_rows.mean(dim=0)
+    raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")

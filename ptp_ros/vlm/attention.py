@@ -1,0 +1,127 @@
+"""Attention rows read from model internals without attention maps.
+
+Both probes recompute only the few rows PTP needs ([CLS] in the vision tower, the instruction tokens in
+the LLM) from the layer's own projections, so the model keeps running on SDPA / FlashAttention and
+``output_attentions`` is never switched on.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class ClsAttentionProbe:
+    """Captures ``q_proj``/``k_proj`` outputs of one vision self-attention and yields the [CLS] row.
+
+    Use as a context manager around the vision forward; the hooks are gone afterwards.
+    ``cls_attention()`` → [tiles, patches] head-averaged softmax(q_cls·kᵀ·scale) over all keys, [CLS]
+    column dropped (exactly eager attention's ``attn[:, :, 0, 1:].mean(1)``).
+    ``cls_query_states()`` → [tiles, hidden] the [CLS] query input (the layer's normalised [CLS] state).
+    """
+
+    def __init__(self, attention: nn.Module):
+        self.attention = attention
+        self._q: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> ClsAttentionProbe:
+        def keep_q(module, args, output):
+            self._x = args[0][:, 0].detach()
+            self._q = output[:, :1].detach()
+
+        def keep_k(module, args, output):
+            self._k = output.detach()
+
+        self._handles = [self.attention.q_proj.register_forward_hook(keep_q),
+                         self.attention.k_proj.register_forward_hook(keep_k)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def cls_attention(self) -> torch.Tensor:
+        if self._q is None or self._k is None:
+            raise RuntimeError("the probed layer did not run")
+        tiles, tokens, width = self._k.shape
+        heads = self.attention.num_heads
+        head_dim = width // heads
+        q = self._q.float().view(tiles, 1, heads, head_dim).transpose(1, 2)
+        k = self._k.float().view(tiles, tokens, heads, head_dim).transpose(1, 2)
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * self.attention.scale, dim=-1)  # [tiles, H, 1, T]
+        return probs[:, :, 0, 1:].mean(dim=1)
+
+    def cls_query_states(self) -> torch.Tensor:
+        if self._x is None:
+            raise RuntimeError("the probed layer did not run")
+        return self._x.float()
+
+
+class _StopForward(Exception):
+    """Raised from a pre-hook to end a forward pass once the wanted layer's input is known."""
+
+
+def _rotary_for(attention: nn.Module):
+    """``apply_rotary_pos_emb`` of the attention's own modeling file (Llama, Qwen2, Mistral, … share it)."""
+    fn = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise NotImplementedError(f"{type(attention).__name__}: no apply_rotary_pos_emb in its modeling file")
+    return fn
+
+
+@contextmanager
+def _capture_layer_input(layer: nn.Module, store: dict):
+    def grab(module, args, kwargs):
+        store["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+        store["position_embeddings"] = kwargs.get("position_embeddings")
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tensor, layer_index: int,
+                            query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Head-averaged causal attention of ``query_positions`` onto ``key_positions`` at one LLM layer.
+
+    Runs the decoder only up to ``layer_index`` (layers before it in full, that layer's input norm and
+    q/k projections for the needed rows only), for a single unpadded sequence (``inputs_embeds`` [1, L, D]).
+    Returns [len(query_positions), len(key_positions)] float32.
+    """
+    layers = language_model.layers
+    if not 0 <= layer_index < len(layers):
+        raise ValueError(f"LLM layer {layer_index} does not exist (the model has {len(layers)})")
+    layer = layers[layer_index]
+    store: dict = {}
+    with _capture_layer_input(layer, store):
+        try:
+            language_model(inputs_embeds=inputs_embeds, use_cache=False)
+        except _StopForward:
+            pass
+    hidden = layer.input_layernorm(store["hidden_states"])  # [1, L, D]
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    q = attn.q_proj(hidden[:, query_positions]).view(1, len(query_positions), -1, head_dim).transpose(1, 2)
+    last = int(query_positions.max()) + 1  # causal: no query sees past itself
+    k = attn.k_proj(hidden[:, :last]).view(1, last, -1, head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = store["position_embeddings"]
+    q_cos, q_sin = cos[:, query_positions], sin[:, query_positions]
+    q, _ = _rotary_for(attn)(q, q, q_cos, q_sin)
+    k, _ = _rotary_for(attn)(k, k, cos[:, :last], sin[:, :last])
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # [1, H, Q, last]
+    future = torch.arange(last, device=logits.device)[None, :] > query_positions[:, None]
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    return probs.mean(dim=1)[0][:, key_positions]

@@ -1,0 +1,109 @@
+"""What every model adapter hands to the pipeline, and the interface it implements.
+
+An adapter wraps one stock transformers model family.  It knows the model's internals (where the
+[CLS] attention is, how tiles map to tokens, how to feed pruned features to ``generate``) and nothing
+of ROS or of how tokens are chosen.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..pruning import TokenScores
+
+
+@dataclass
+class PreparedInput:
+    """One image + instruction after the model's processor: the adapter's own tensors, opaque outside."""
+
+    inputs: Any  # the processor's BatchFeature, on the model's device
+    image_size: tuple[int, int]  # (height, width) of the original image
+    instruction: str
+
+
+@dataclass
+class VisualTokens:
+    """The projected visual tokens of one image, in the order the LLM reads them, and what they show.
+
+    ``token_boxes[i]`` is the image area token i looks at, (x0, y0, x1, y1) in pixels of the original
+    image (NaN for structural tokens such as row newlines); ``region_boxes`` likewise per region.
+    ``grid_shape[r]`` is the (rows, cols) token grid of region r, for drawing.
+    """
+
+    features: torch.Tensor  # [N, D]
+    scores: TokenScores  # region, bottom-up saliency, region saliency (relevance added later)
+    token_boxes: torch.Tensor  # [N, 4] float
+    region_boxes: torch.Tensor  # [R, 4] float
+    region_names: list[str]
+    image_size: tuple[int, int]
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_ms: float
+    decode_ms: float
+
+
+class VisionLanguageAdapter(Protocol):
+    """Encode → score → (select outside) → generate, for one model family."""
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput: ...
+
+    def encode(self, prepared: PreparedInput) -> VisualTokens: ...
+
+    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
+        """[instruction tokens, N] head-averaged text→visual attention at the configured LLM layer."""
+        ...
+
+    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
+                 max_new_tokens: int) -> Generation: ...
+
+    def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
+        """Stock ``generate(**inputs)``, no pruning: the baseline the pruned path must match at keep-all."""
+        ...
+
+
+class StageClock(BaseStreamer):
+    """A ``generate`` streamer that timestamps the end of prefill (first new token) and of decoding."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+        self.end_time: float | None = None
+        self._calls = 0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def put(self, value) -> None:
+        self._calls += 1
+        if self._calls == 2:  # call 1 is the prompt, call 2 the first generated token
+            self.first_token = self._now()
+
+    def end(self) -> None:
+        self.end_time = self._now()
+
+    def stages_ms(self) -> tuple[float, float]:
+        end = self.end_time if self.end_time is not None else self._now()
+        first = self.first_token if self.first_token is not None else end
+        return (first - self.start) * 1e3, (end - first) * 1e3

@@ -1,0 +1,231 @@
+"""LLaVA-NeXT (anyres) over the stock transformers classes.
+
+Token order, as ``LlavaNextModel.pack_image_features`` builds it:
+  [global view: 24×24 patches, row-major] + [unpadded tile grid, row-major, a newline token after each row]
+Regions: 0 = the global view, 1..T = the anyres tiles in the processor's row-major order.
+Pruned path: ``get_image_features`` (with a [CLS] probe) → select → drop the pruned ``<image>``
+placeholders from ``input_ids`` → stock ``generate(mm_encoder_outputs=...)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+from ..pruning import NO_REGION, TokenScores
+from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_logits
+from .attention import ClsAttentionProbe, text_to_token_attention
+from .base import Generation, PreparedInput, StageClock, VisualTokens
+
+REGION_SCORES = ("cls_mass", "global_similarity")
+
+_FALLBACK_PROMPT = "USER: <image>\n{instruction} ASSISTANT:"
+
+
+def paper_vision_layer(num_layers: int) -> int:
+    """0-based index of the paper's [CLS] layer, "11 of 24", scaled to the tower's depth."""
+    return max(0, round(11 * num_layers / 24) - 1)
+
+
+@dataclass(frozen=True)
+class LlavaNextOptions:
+    vision_layer: int | str = "paper"  # "paper", "feature" (the layer LLaVA reads features from) or 0-based index
+    llm_layer: int = 2  # LLM layer whose text→visual attention gives instruction relevance
+    region_score: str = "cls_mass"  # one of REGION_SCORES
+
+    def __post_init__(self) -> None:
+        if self.region_score not in REGION_SCORES:
+            raise ValueError(f"region_score must be one of {REGION_SCORES}, got {self.region_score!r}")
+        if isinstance(self.vision_layer, str) and self.vision_layer not in ("paper", "feature"):
+            raise ValueError(f"vision_layer must be 'paper', 'feature' or an index, got {self.vision_layer!r}")
+
+
+class LlavaNextAdapter:
+    name = "llava_next"
+
+    def __init__(self, model: LlavaNextForConditionalGeneration, processor, options: LlavaNextOptions = LlavaNextOptions()):
+        self.model = model.eval()
+        self.processor = processor
+        self.options = options
+        self.device = model.device
+        self.dtype = model.dtype
+        config = model.config
+        self.image_token_id = config.image_token_id
+        layers = model.model.vision_tower.encoder.layers
+        self.vision_layer = self._vision_layer_index(options.vision_layer, len(layers), config.vision_feature_layer)
+        self._vision_attention = layers[self.vision_layer].self_attn
+        self._tile_px = config.vision_config.image_size
+        self._patches_per_side = config.vision_config.image_size // config.vision_config.patch_size
+        num_llm_layers = len(model.model.language_model.layers)
+        if not 0 <= options.llm_layer < num_llm_layers:
+            raise ValueError(f"llm_layer {options.llm_layer} is outside the LLM's {num_llm_layers} layers")
+
+    @staticmethod
+    def _vision_layer_index(choice: int | str, num_layers: int, feature_layer: int) -> int:
+        if choice == "paper":
+            return paper_vision_layer(num_layers)
+        if choice == "feature":
+            return feature_layer % num_layers if feature_layer < 0 else feature_layer - 1
+        index = int(choice)
+        if not -num_layers <= index < num_layers:
+            raise ValueError(f"vision_layer {index} is outside the tower's {num_layers} layers")
+        return index % num_layers
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
+                        **options) -> LlavaNextAdapter:
+        model = LlavaNextForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return cls(model.to(device), processor, LlavaNextOptions(**options))
+
+    # -- 0. inputs ---------------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
+        """RGB uint8 [H, W, 3] + instruction → the processor's tensors on the model's device."""
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        if getattr(self.processor, "chat_template", None):
+            prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        else:
+            prompt = _FALLBACK_PROMPT.format(instruction=instruction)
+        inputs = self.processor(images=Image.fromarray(image), text=prompt, return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return PreparedInput(inputs=inputs, image_size=(int(image.shape[0]), int(image.shape[1])),
+                             instruction=instruction)
+
+    # -- 1. encode, with bottom-up saliency --------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prepared: PreparedInput) -> VisualTokens:
+        inputs = prepared.inputs
+        with ClsAttentionProbe(self._vision_attention) as probe:
+            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                      image_sizes=inputs["image_sizes"], return_dict=True)
+        features = out.pooler_output[0]
+        cls_attention = probe.cls_attention().cpu()  # [tiles, 576], tile 0 = global view
+        layout = self._packed_layout(cls_attention, inputs["image_sizes"][0].cpu())
+        if layout.shape[0] != features.shape[0]:
+            raise RuntimeError(f"token layout ({layout.shape[0]}) and features ({features.shape[0]}) disagree")
+        region = layout[:, 0].long()
+        grid = self._grid_shape(inputs["image_sizes"][0])
+        token_boxes, region_boxes = self._boxes(layout, grid, prepared.image_size)
+        logits = self._region_logits(cls_attention, probe.cls_query_states().cpu(), region_boxes, prepared.image_size)
+        scores = TokenScores(region=region, saliency=layout[:, 3].float(), region_saliency=logits, global_region=0)
+        names = ["global view"] + [f"tile r{t // grid[1]} c{t % grid[1]}" for t in range(grid[0] * grid[1])]
+        return VisualTokens(features=features, scores=scores, token_boxes=token_boxes, region_boxes=region_boxes,
+                            region_names=names, image_size=prepared.image_size,
+                            extras={"grid": grid, "vision_layer": self.vision_layer})
+
+    def _grid_shape(self, image_size: torch.Tensor) -> tuple[int, int]:
+        rows, cols = get_anyres_image_grid_shape(image_size.tolist(), self.model.config.image_grid_pinpoints,
+                                                 self._tile_px)
+        return int(rows), int(cols)
+
+    def _packed_layout(self, cls_attention: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
+        """[N, 4] per packed token: (tile, patch row, patch col, [CLS] score); newlines have tile −1.
+
+        Runs the model's own ``pack_image_features`` on these four channels, so unpadding and newline
+        placement are exactly the model's.
+        """
+        tiles, patches = cls_attention.shape
+        side = self._patches_per_side
+        rows = torch.arange(side).repeat_interleave(side).float()
+        cols = torch.arange(side).repeat(side).float()
+        channels = torch.stack([
+            torch.arange(tiles).float()[:, None].expand(tiles, patches),
+            rows[None].expand(tiles, patches), cols[None].expand(tiles, patches), cls_attention.float()], dim=-1)
+        newline = torch.tensor([float(NO_REGION), -1.0, -1.0, 0.0])
+        packed, _ = self.model.model.pack_image_features([channels], image_size[None], "default", image_newline=newline)
+        return packed[0]
+
+    def _boxes(self, layout: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int]):
+        """Pixel boxes of every token and region in the original image (the tiles' canvas is the image
+        resized to fit the pinpoint, aspect kept, and centre-padded)."""
+        height, width = image_size
+        side, tile_px = self._patches_per_side, self._tile_px
+        patch_px = tile_px / side
+        canvas_h, canvas_w = grid[0] * tile_px, grid[1] * tile_px
+        scale = min(canvas_w / width, canvas_h / height)
+        off_x, off_y = (canvas_w - width * scale) / 2, (canvas_h - height * scale) / 2
+
+        def to_image(x0, y0, x1, y1):
+            xs = ((torch.stack([x0, x1]) - off_x) / scale).clamp(0, width)
+            ys = ((torch.stack([y0, y1]) - off_y) / scale).clamp(0, height)
+            return torch.stack([xs[0], ys[0], xs[1], ys[1]], dim=-1)
+
+        tile, row, col = layout[:, 0].long(), layout[:, 1], layout[:, 2]
+        boxes = torch.full((layout.shape[0], 4), float("nan"))
+        glob = tile == 0
+        boxes[glob] = torch.stack([col[glob] * width / side, row[glob] * height / side,
+                                   (col[glob] + 1) * width / side, (row[glob] + 1) * height / side], dim=-1)
+        grid_tok = tile > 0
+        t = tile[grid_tok] - 1
+        cx = (t % grid[1]).float() * tile_px + col[grid_tok] * patch_px
+        cy = (t // grid[1]).float() * tile_px + row[grid_tok] * patch_px
+        boxes[grid_tok] = to_image(cx, cy, cx + patch_px, cy + patch_px)
+        t = torch.arange(grid[0] * grid[1])
+        tx, ty = (t % grid[1]).float() * tile_px, (t // grid[1]).float() * tile_px
+        region_boxes = torch.cat([torch.tensor([[0.0, 0.0, width, height]]),
+                                  to_image(tx, ty, tx + tile_px, ty + tile_px)])
+        return boxes, region_boxes
+
+    def _region_logits(self, cls_attention, cls_states, region_boxes, image_size) -> torch.Tensor:
+        if self.options.region_score == "cls_mass":
+            side = self._patches_per_side
+            height, width = image_size
+            norm = region_boxes[1:] / torch.tensor([width, height, width, height], dtype=region_boxes.dtype)
+            tiles = mass_logits(footprint_mass(cls_attention[0].view(side, side), norm))
+            global_logit = torch.logsumexp(tiles, 0) - np.log(len(tiles))  # an average tile's mass
+        else:
+            tiles = similarity_logits(cls_states[1:], cls_states[0])
+            global_logit = tiles.mean()
+        return torch.cat([global_logit.reshape(1), tiles]).float()
+
+    # -- 2. top-down relevance -----------------------------------------------------------------------
+    @torch.no_grad()
+    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
+        ids = prepared.inputs["input_ids"][0]
+        image_pos = torch.nonzero(ids == self.image_token_id).squeeze(1)
+        query_pos = torch.arange(int(image_pos.max()) + 1, ids.shape[0], device=ids.device)
+        if query_pos.numel() == 0:
+            raise ValueError("the prompt has no instruction tokens after the image")
+        embeds = self.model.get_input_embeddings()(ids)[None].clone()
+        embeds[0, image_pos] = visual.features.to(embeds.dtype)
+        return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
+                                       query_pos, image_pos).cpu()
+
+    # -- 3. pruned generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
+                 max_new_tokens: int) -> Generation:
+        ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
+        features = visual.features
+        if kept is not None and kept.numel() < visual.num_tokens:
+            kept = kept.to(features.device)
+            image_pos = torch.nonzero(ids[0] == self.image_token_id).squeeze(1)
+            pruned = torch.ones(visual.num_tokens, dtype=torch.bool, device=ids.device)
+            pruned[kept] = False
+            keep_pos = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+            keep_pos[image_pos[pruned]] = False
+            ids, mask, features = ids[:, keep_pos], mask[:, keep_pos], features[kept]
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
+        return self._timed_generate(max_new_tokens, input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
+
+    @torch.no_grad()
+    def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
+        return self._timed_generate(max_new_tokens, **prepared.inputs)
+
+    def _timed_generate(self, max_new_tokens: int, **inputs) -> Generation:
+        clock = StageClock(self.device)
+        prompt_len = inputs["input_ids"].shape[1]
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
+                                  pad_token_id=self.processor.tokenizer.pad_token_id)
+        prefill_ms, decode_ms = clock.stages_ms()
+        new = out[0, prompt_len:]
+        text = self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return Generation(text=text, prompt_tokens=prompt_len, new_tokens=int(new.shape[0]),
+                          prefill_ms=prefill_ms, decode_ms=decode_ms)

@@ -1,0 +1,36 @@
+"""Offline word-level tokenizers for the models this project builds itself (no hub downloads)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+
+#: Words every built-in tokenizer knows: the chat template and a small everyday vocabulary.
+BASE_WORDS = (
+    "user assistant : ? . , ! ' - a an the is are was what which where how many any there this that of in on "
+    "at to and or no yes not it its do does see can you me my i object objects thing things colour color shape "
+    "size count left right top bottom middle center centre up down near far front behind big small large tiny "
+    "red green blue yellow orange purple white black gray grey pink brown cyan circle square triangle star "
+    "cross ring box cup bottle door person robot table chair floor wall zero one two three four five six seven "
+    "eight nine ten pick place move go stop look find describe image picture scene camera"
+).split()
+
+
+def build_word_tokenizer(words: Iterable[str] = BASE_WORDS, model_max_length: int = 8192) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer whose ids are: the special tokens, then ``words`` in order."""
+    vocab: dict[str, int] = {}
+    for token in [*SPECIAL_TOKENS, *words]:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Split("<image>", "isolated")])
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        model_max_length=model_max_length, extra_special_tokens={"image_token": "<image>"})
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tok

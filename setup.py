@@ -1,0 +1,52 @@
+"""ptp_ros: an ament_python ROS 2 package that is also a pip-installable library."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "ptp_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="Pyramid Token Pruning for high-resolution vision-language models, as a library, CLI and ROS 2 node",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    package_data={PACKAGE: ["data/*", "models/**/*"]},
+    include_package_data=True,
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml")),
+    ],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<3",  # the local CPU wheel 2.13.0 satisfies this; install it first (README)
+        "transformers==5.23.0",  # the 5.x line the adapters are tested against
+        "tokenizers>=0.22",
+        "safetensors>=0.5",
+        "huggingface-hub>=1.0",
+        "numpy>=1.24",
+        "pillow>=10",
+        "opencv-python-headless>=4.10,<5",
+    ],
+    extras_require={
+        "ros": [
+            "ros-kilted-rclpy[fastrtps]==9.1.2",
+            "ros-kilted-sensor-msgs==5.5.1",
+            "ros-kilted-std-msgs==5.5.1",
+            "ros-kilted-diagnostic-msgs==5.5.1",
+        ],
+        "bench": ["matplotlib>=3.7", "psutil>=5.9"],
+        "dev": ["pytest>=8", "matplotlib>=3.7", "psutil>=5.9"],
+    },
+    zip_safe=False,
+    maintainer="ptp_ros developers",
+    maintainer_email="dev@ptp-ros.invalid",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "ptp-ask = ptp_ros.cli:ask_main",
+        ],
+    },
+)
