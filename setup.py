@@ -9,7 +9,10 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     description="Pyramid Token Pruning for high-resolution vision-language models, as a library, CLI and ROS 2 node",
-    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    # bench/ ships as ptp_ros_bench so that ptp-bench / ptp-eval work after a plain pip install
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"])
+    + [f"ptp_ros_bench{p[5:]}" for p in find_packages(include=["bench", "bench.*"])],
+    package_dir={"ptp_ros_bench": "bench"},
     package_data={PACKAGE: ["data/*", "models/**/*"]},
     include_package_data=True,
     data_files=[
@@ -47,6 +50,10 @@ setup(
     entry_points={
         "console_scripts": [
             "ptp-ask = ptp_ros.cli:ask_main",
+            "ptp-demo = ptp_ros.ros.demo:main",
+            "agent = ptp_ros.ros.node:main",
+            "ptp-bench = ptp_ros_bench.cli:main",
+            "ptp-eval = ptp_ros_bench.accuracy:main",
         ],
     },
 )
