@@ -51,6 +51,7 @@ class VisualTokens:
 @dataclass
 class Generation:
     text: str
+    token_ids: list[int]  # the generated ids, prompt excluded
     prompt_tokens: int
     new_tokens: int
     prefill_ms: float

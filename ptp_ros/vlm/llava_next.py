@@ -227,5 +227,5 @@ class LlavaNextAdapter:
         prefill_ms, decode_ms = clock.stages_ms()
         new = out[0, prompt_len:]
         text = self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return Generation(text=text, prompt_tokens=prompt_len, new_tokens=int(new.shape[0]),
+        return Generation(text=text, token_ids=new.tolist(), prompt_tokens=prompt_len, new_tokens=int(new.shape[0]),
                           prefill_ms=prefill_ms, decode_ms=decode_ms)

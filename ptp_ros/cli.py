@@ -1,0 +1,137 @@
+"""``ptp-ask``: ask a vision-language model about an image, with PTP pruning, from the shell.
+
+Bad input ends with one line on stderr and exit code 2 — never a traceback (set PTP_ROS_DEBUG=1 to
+see one for unexpected failures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (``--help`` still shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="ptp-ask", description=(
+        "Answer an instruction about an image with a vision-language model, keeping only the visual tokens "
+        "Pyramid Token Pruning ranks highest."))
+    p.add_argument("image", help="image file (any format OpenCV reads)")
+    p.add_argument("instruction", help="the question or task, e.g. \"what colour is the cup?\"")
+    p.add_argument("--model", help="local checkpoint directory or a repo id in the local HF cache "
+                                   "(default: the built-in model)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep-ratio", type=_ratio, help="fraction of visual tokens to keep, in (0, 1] (default 1)")
+    budget.add_argument("--tokens", type=_positive_int, help="number of visual tokens to keep")
+    p.add_argument("--selector", default="ptp", help="token selector (default: ptp)")
+    p.add_argument("--alpha", type=_unit_interval, default=None, help="PTP weight of instruction relevance (default 0.5)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the answer text")
+    p.add_argument("--saliency", type=Path, metavar="OUT.png", help="write the saliency / kept-token image here")
+    return p
+
+
+def _read_image(path: str):
+    import cv2
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise CliError(f"image not found: {path}")
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise CliError(f"cannot read image {path}: not an image format OpenCV understands")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def _quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def run(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from .pipeline import InvalidRequest, Pipeline, PipelineConfig
+    from .pruning import PTPConfig
+    from .vlm.defaults import default_model_path
+    from .vlm.loading import LoadOptions, ModelLoadError, load_adapter
+
+    if args.saliency is not None and not args.saliency.parent.is_dir():
+        raise CliError(f"cannot write {args.saliency}: folder {args.saliency.parent} does not exist")
+    image = _read_image(args.image)
+    try:
+        ptp = PTPConfig() if args.alpha is None else PTPConfig(alpha=args.alpha)
+        config = PipelineConfig(selector=args.selector, ptp=ptp, max_new_tokens=args.max_new_tokens)
+        adapter = load_adapter(args.model or default_model_path(), LoadOptions(device=args.device, dtype=args.dtype))
+        pipeline = Pipeline(adapter, config)
+        answer = pipeline.answer(image, args.instruction, keep_ratio=args.keep_ratio, tokens=args.tokens)
+    except (InvalidRequest, ModelLoadError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    if args.saliency is not None:
+        import cv2
+
+        from .overlay import saliency_image
+
+        if not cv2.imwrite(str(args.saliency), saliency_image(image, answer.visual, answer.selection)):
+            raise CliError(f"cannot write {args.saliency}")
+    if args.json:
+        print(json.dumps(answer.to_dict()))
+    else:
+        print(answer.text)
+    return 0
+
+
+def ask_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except CliError as exc:
+        print(f"ptp-ask: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the CLI's promise is one line, not a traceback
+        if os.environ.get("PTP_ROS_DEBUG"):
+            raise
+        print(f"ptp-ask: failed: {type(exc).__name__}: {exc} (PTP_ROS_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(ask_main())
