@@ -118,6 +118,8 @@ class Pipeline:
         keep_all = budget >= visual.num_tokens
         with _timed(timings, "score", device):
             scores = visual.scores
+            if scores.features is None:  # diversity-based selectors (divprune) read the projected features
+                scores = dataclasses.replace(scores, features=visual.features)
             if self.selector.needs_relevance and not keep_all:
                 rows = self.adapter.instruction_attention(prepared, visual)
                 scores = dataclasses.replace(scores, relevance=instruction_relevance(rows, self.config.instruction_reduce))

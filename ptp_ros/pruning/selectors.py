@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .budgets import region_quotas
+from .peers import divprune_select, fastv_select, globalcom2_select, hired_select
 from .ptp import PTPConfig, ptp_select, top_k_per_region
 from .types import NO_REGION, Selection, TokenScores
 
@@ -63,9 +64,13 @@ def make_selector(name: str, **options) -> BoundSelector:
 PEER_SELECTORS: dict[str, Callable[..., Selection]] = {
     "random": random_select,
     "uniform_cls": uniform_cls_select,
+    "hired": hired_select,
+    "fastv": fastv_select,
+    "globalcom2": globalcom2_select,
+    "divprune": divprune_select,
 }
 #: Peers that read ``TokenScores.relevance`` (the pipeline computes it only for these and for PTP, α > 0).
-RELEVANCE_SELECTORS: set[str] = set()
+RELEVANCE_SELECTORS: set[str] = {"fastv"}
 
 
 def selector_names() -> list[str]:

@@ -1,0 +1,150 @@
+"""The peer methods PTP is compared with, each re-stated on ``TokenScores`` in a page of tensor code.
+
+They are "-style" re-implementations: the idea of each paper on the signals our adapters expose, not a
+port of its code.  Where a paper needs a signal we do not have, the docstring says what stands in.
+
+* ``hired_select``      HiRED (AAAI'25): fixed share for the global view, tile budgets from the global
+                        view's [CLS] mass on each tile, per-tile [CLS] top-k.
+* ``fastv_select``      FastV (ECCV'24): one global top-K by text→visual attention at LLM layer 2.
+* ``globalcom2_select`` GlobalCom² (2501.05179): global view pruned at the nominal ratio by its own
+                        [CLS]; per-crop retention ratios scaled by the thumbnail's saliency over each crop.
+* ``divprune_select``   DivPrune (CVPR'25): max–min diversity over the projected features.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .budgets import region_quotas, region_shares
+from .ptp import top_k_per_region
+from .types import NO_REGION, Selection, TokenScores
+
+
+def _tile_mass_shares(scores: TokenScores, temperature: float) -> torch.Tensor:
+    """Budget shares of the tiles (global view: 0) from ``region_saliency``.
+
+    With the LLaVA-NeXT adapter's default ``region_score="cls_mass"`` the tiles' logits are
+    ``log(global-view [CLS] mass on the tile's footprint)``, so at temperature 1 a tile's share is
+    exactly its fraction of that mass: the thumbnail-guided signal of HiRED and GlobalCom².
+    """
+    logits = scores.region_saliency.cpu().double().clone()
+    if scores.global_region is not None:
+        logits[scores.global_region] = float("-inf")
+    return region_shares(logits, temperature)
+
+
+def _split_global(scores: TokenScores, global_budget: int, budget: int, tile_shares: torch.Tensor) -> Selection:
+    """Top-k by [CLS] saliency: ``global_budget`` tokens of the global view, the rest split over tiles."""
+    sizes = scores.region_sizes()
+    quotas = torch.zeros_like(sizes)
+    g = scores.global_region
+    if g is not None:
+        quotas[g] = global_budget
+        rest = sizes.clone()
+        rest[g] = 0
+    else:
+        rest = sizes
+    quotas = quotas + region_quotas(tile_shares, rest, budget - int(quotas.sum()))
+    kept = top_k_per_region(scores.saliency.cpu().float(), scores.region.cpu(), quotas)
+    return Selection(kept=kept, total=scores.num_tokens, quotas=quotas, region_sizes=sizes, method="")
+
+
+def _check_budget(scores: TokenScores, budget: int) -> int:
+    selectable = int(scores.region_sizes().sum())
+    if not 0 <= budget <= selectable:
+        raise ValueError(f"budget {budget} is outside [0, {selectable}] selectable tokens")
+    return selectable
+
+
+def hired_select(scores: TokenScores, budget: int, global_share: float = 0.5, temperature: float = 1.0) -> Selection:
+    """HiRED-style: ``global_share`` of K to the global view (HiRED's α = 0.5, capped at its size),
+    the rest to the tiles in proportion to the global view's [CLS] mass on each, top-k inside each.
+
+    HiRED takes the partition signal from ViT layer 0 and the token score from layer 22; our adapter
+    probes one layer, so both read the same [CLS] attention (``saliency`` / ``region_saliency``).
+    """
+    _check_budget(scores, budget)
+    if not 0.0 <= global_share <= 1.0:
+        raise ValueError(f"global_share must be in [0, 1], got {global_share}")
+    sizes = scores.region_sizes()
+    g = scores.global_region
+    global_budget = 0 if g is None else min(int(budget * global_share), int(sizes[g]))
+    global_budget = max(global_budget, budget - int(sizes.sum() - (sizes[g] if g is not None else 0)))
+    selection = _split_global(scores, global_budget, budget, _tile_mass_shares(scores, temperature))
+    return dataclasses.replace(selection, method="hired")
+
+
+def globalcom2_select(scores: TokenScores, budget: int, temperature: float = 1.0) -> Selection:
+    """GlobalCom²-style: the global view keeps the nominal ratio K/N of its tokens by its own [CLS];
+    each crop's retention ratio is the nominal one scaled by its share of the thumbnail's saliency
+    (``r_i = r · T · share_i``, capped at 1 with the excess passed on), top-k by the crop's [CLS].
+
+    GlobalCom² also blends the thumbnail's attention, interpolated onto each crop, into the crop's
+    token scores; ``TokenScores`` carries no geometry, so crops rank by their own [CLS] only.
+    """
+    selectable = _check_budget(scores, budget)
+    sizes = scores.region_sizes()
+    g = scores.global_region
+    global_budget = 0 if g is None or selectable == 0 else round(budget * int(sizes[g]) / selectable)
+    if g is not None:
+        global_budget = max(global_budget, budget - (selectable - int(sizes[g])))
+    tile_sizes = sizes.double().clone()
+    if g is not None:
+        tile_sizes[g] = 0
+    # ratio r_i ∝ share_i means tokens ∝ share_i · size_i
+    shares = _tile_mass_shares(scores, temperature) * tile_sizes
+    shares = shares / shares.sum() if float(shares.sum()) > 0 else tile_sizes / tile_sizes.sum().clamp(min=1)
+    selection = _split_global(scores, global_budget, budget, shares)
+    return dataclasses.replace(selection, method="globalcom2")
+
+
+def fastv_select(scores: TokenScores, budget: int) -> Selection:
+    """FastV-style: the K tokens that receive the most text→visual attention at the configured LLM
+    layer (2 by default), one global ranking with no region budgets.
+
+    Reads ``relevance``, which the pipeline reduces over the instruction rows with
+    ``PipelineConfig.instruction_reduce``: FastV ranks by the *average* attention a token receives, so
+    give it ``"mean"`` (the benchmark does); PTP's default is ``"max"``.
+    """
+    _check_budget(scores, budget)
+    if scores.relevance is None:
+        raise ValueError("fastv needs TokenScores.relevance (text→visual attention); the pipeline computes it "
+                         "for selectors in RELEVANCE_SELECTORS")
+    region = scores.region.cpu()
+    ranked = torch.where(region != NO_REGION, scores.relevance.cpu().double(), torch.tensor(float("-inf"),
+                                                                                          dtype=torch.double))
+    kept = torch.sort(torch.argsort(ranked, descending=True, stable=True)[:budget]).values
+    return Selection(kept=kept, total=scores.num_tokens, region_sizes=scores.region_sizes(),
+                     quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="fastv")
+
+
+def divprune_select(scores: TokenScores, budget: int) -> Selection:
+    """DivPrune: greedy max–min diversity on cosine distance between projected features.
+
+    First the token whose nearest neighbour is farthest, then repeatedly the token farthest from
+    everything kept so far.  Runs on the features' device; O(N²·D) for the distance matrix.
+    """
+    _check_budget(scores, budget)
+    if scores.features is None:
+        raise ValueError("divprune needs TokenScores.features (the projected visual features); the LLaVA-NeXT "
+                         "adapter fills them from VisualTokens.features")
+    region = scores.region.cpu()
+    candidates = torch.nonzero(region != NO_REGION).squeeze(1)
+    feats = torch.nn.functional.normalize(scores.features[candidates.to(scores.features.device)].float(), dim=-1)
+    distance = 1.0 - feats @ feats.T  # [C, C] cosine distance
+    chosen = torch.empty(budget, dtype=torch.long, device=distance.device)
+    if budget:
+        nearest = distance.fill_diagonal_(float("inf")).min(dim=1).values
+        first = int(torch.argmax(nearest))
+        distance.fill_diagonal_(0.0)
+        chosen[0] = first
+        min_dist = distance[first].clone()
+        for i in range(1, budget):
+            min_dist[chosen[i - 1]] = float("-inf")  # never pick a kept token again
+            nxt = torch.argmax(min_dist)
+            chosen[i] = nxt
+            min_dist = torch.minimum(min_dist, distance[nxt])
+    kept = torch.sort(candidates[chosen.cpu()]).values
+    return Selection(kept=kept, total=scores.num_tokens, region_sizes=scores.region_sizes(),
+                     quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="divprune")
