@@ -1,0 +1,160 @@
+"""Train the proxy LLaVA-NeXT end to end on CPU: ``python -m bench.proxy.train OUT_DIR``.
+
+Every step renders a fresh training scene (so the model never sees an image twice), encodes it once
+through the stock ``get_image_features`` (anyres tiles, unpadding, newlines) and scores all its
+questions on one shared prefix pass.  The loss is cross-entropy on the single answer word.
+
+A fraction of steps (``--global-only``) shows the model the global view alone, so that the
+global-view-only accuracy reported later is what that view can resolve, not the failure of a model
+that never saw it on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ptp_ros.proxy import make_questions, make_scene, proxy_words, split_seed
+from ptp_ros.vlm.tiny import llava_next_processor, tiny_llava_next_config
+from ptp_ros.vlm.tokenizer import BASE_WORDS, build_word_tokenizer
+
+from .data import answer_logits, encode_scene, prefix_embeddings
+
+GLOBAL_TOKENS = 576  # the global view's 24×24 patches come first in LLaVA-NeXT's packed order
+
+
+class SceneStream(IterableDataset):
+    """Scenes ``split_seed(split, start + k)`` for k = 0, 1, …, encoded for the model."""
+
+    def __init__(self, processor, split: str, start: int, count: int, per_type: int):
+        self.processor, self.split, self.start, self.count, self.per_type = processor, split, start, count, per_type
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        for k in range(wid, self.count, workers):
+            scene = make_scene(split_seed(self.split, self.start + k))
+            yield encode_scene(self.processor, scene, make_questions(scene, self.per_type))
+
+
+def build_model(words: list[str], seed: int, widths: dict):
+    from transformers import LlavaNextForConditionalGeneration
+
+    tokenizer = build_word_tokenizer(words)
+    config = tiny_llava_next_config(len(tokenizer), tokenizer.image_token_id, **widths)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, llava_next_processor(tokenizer, config.image_grid_pinpoints)
+
+
+def scene_loss(model, item, pad_id: int, global_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = model.model.get_image_features(pixel_values=item.pixel_values, image_sizes=item.image_sizes,
+                                           return_dict=True).pooler_output[0]
+    if global_only:
+        feats = feats[:GLOBAL_TOKENS]
+    logits = answer_logits(model, prefix_embeddings(model, item.prefix_ids, feats)[None], item.suffix_ids, pad_id)
+    loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
+    return loss, (logits.argmax(-1) == item.answer_ids).float()
+
+
+@torch.no_grad()
+def evaluate(model, items, pad_id: int) -> dict:
+    model.eval()
+    full, glob = [], []
+    for item in items:
+        full.append(scene_loss(model, item, pad_id, False)[1])
+        glob.append(scene_loss(model, item, pad_id, True)[1])
+    model.train()
+    return {"val_acc": round(float(torch.cat(full).mean()), 4), "val_acc_global_only": round(float(torch.cat(glob).mean()), 4)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--per-type", type=int, default=3, help="questions of each type per training scene")
+    ap.add_argument("--global-only", type=float, default=0.1, help="fraction of steps with the global view only")
+    ap.add_argument("--vision-width", type=int, default=96)
+    ap.add_argument("--vision-layers", type=int, default=4)
+    ap.add_argument("--text-width", type=int, default=128)
+    ap.add_argument("--text-layers", type=int, default=4)
+    ap.add_argument("--val-scenes", type=int, default=24)
+    ap.add_argument("--val-every", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=45.0, help="stop (and save) when the time is up")
+    ap.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: OUT/train_log.jsonl)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
+    widths = dict(vision_width=args.vision_width, vision_layers=args.vision_layers, text_width=args.text_width,
+                  text_layers=args.text_layers)
+    model, processor = build_model(words, args.seed, widths)
+    pad_id = processor.tokenizer.pad_token_id
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start = time.perf_counter()
+
+    def progress(step: int) -> float:
+        """Share of the run done: by steps, or by wall time when the CPU is slower than planned (shared
+        machines), so the cosine schedule always completes."""
+        return min(1.0, max(step / args.steps, (time.perf_counter() - start) / (60 * args.max_minutes)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(s)))))
+    val = list(SceneStream(processor, "val", 0, args.val_scenes, 2))
+    stream = DataLoader(SceneStream(processor, "train", 0, args.steps, args.per_type), batch_size=None,
+                        num_workers=1, prefetch_factor=4)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.log or args.out / "train_log.jsonl"
+    log = log_path.open("w")
+
+    def write(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(json.dumps(record), flush=True)
+
+    write({"event": "start", "params": params, "args": {k: str(v) for k, v in vars(args).items()},
+           "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count()})
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train()
+    run_loss, run_acc, run_n = 0.0, 0.0, 0
+    for step, item in enumerate(stream):
+        global_only = bool(torch.rand((), generator=gen) < args.global_only)
+        loss, correct = scene_loss(model, item, pad_id, global_only)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if not global_only:
+            run_loss, run_acc, run_n = run_loss + loss.item(), run_acc + correct.mean().item(), run_n + 1
+        if (step + 1) % 25 == 0:
+            write({"step": step + 1, "loss": round(run_loss / max(run_n, 1), 4), "train_acc": round(run_acc / max(run_n, 1), 4),
+                   "lr": round(sched.get_last_lr()[0], 6), "elapsed_s": round(time.perf_counter() - start, 1)})
+            run_loss, run_acc, run_n = 0.0, 0.0, 0
+        out_of_time = progress(step + 1) >= 1.0 and step + 1 < args.steps
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps or out_of_time:
+            write({"step": step + 1, **evaluate(model, val, pad_id), "elapsed_s": round(time.perf_counter() - start, 1)})
+            model.eval()
+            model.save_pretrained(args.out, safe_serialization=True)
+            processor.save_pretrained(args.out)
+            model.train()
+        if out_of_time:
+            write({"event": "time limit", "step": step + 1})
+            break
+    write({"event": "done", "steps": step + 1, "train_seconds": round(time.perf_counter() - start, 1)})
+
+
+if __name__ == "__main__":
+    main()

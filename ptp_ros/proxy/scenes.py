@@ -1,0 +1,253 @@
+"""Scenes and questions of the high-resolution proxy task, deterministic in a seed.
+
+Why these choices:
+- Image sizes (1344–2016 px on the long side, six aspect ratios) select every anyres grid of the
+  default pinpoints (1×2, 2×1, 2×2, 1×3, 3×1), so the pruning budgets see varied tile layouts.
+- An object's size is drawn in *tile pixels* (its size after the processor resizes the image onto the
+  anyres canvas): 13–20 px, about one 14-px patch of a tile.  The 336-px global view shrinks it a
+  further 2–3× along the long side (6–10 px), where shapes blur together (colours do not).  On the
+  non-square grids the short side gains nothing from the tiles, so there the global view keeps some shape.
+- Every question names a shape, so its answer needs shape, which only the tiles resolve; the shape
+  named decides which object matters, so the instruction decides which tokens are needed.
+- The background is coloured only weakly (low-saturation noise, grey strokes and grey decoy shapes),
+  so the objects' saturated colours are the signal and the clutter is texture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings"}
+COLOURS = {"red": (220, 35, 35), "green": (35, 175, 45), "blue": (45, 80, 235), "yellow": (240, 215, 25),
+           "purple": (155, 45, 205)}
+COUNT_WORDS = ("zero", "one", "two", "three")
+SIDES = ("left", "right")
+QUESTION_TYPES = ("colour", "presence", "count", "location")
+ANSWER_WORDS = (*COLOURS, "yes", "no", *COUNT_WORDS, *SIDES)
+
+#: (height, width) of the scenes; the anyres grid each gets on the default pinpoints is noted.
+SCENE_SIZES = ((1008, 1344), (1344, 1008), (1344, 1344),  # 2×2 tiles
+               (1008, 2016), (2016, 1008),  # 1×2, 2×1
+               (672, 2016), (2016, 672))  # 1×3, 3×1
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+TILE_OBJECT_PX = (13.0, 20.0)  # object size range in tile pixels (about one 14-px patch)
+MAX_PER_SHAPE = 3
+CENTRE_BAND = (0.42, 0.58)  # objects' centres stay out of it, so left/right is never ambiguous
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass
+class Scene:
+    seed: int
+    image: np.ndarray  # RGB uint8 [H, W, 3]
+    objects: list[SceneObject]
+    tile_scale: float  # image px → anyres-canvas px
+
+    def count(self, shape: str) -> int:
+        return sum(o.shape == shape for o in self.objects)
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answer: str
+    qtype: str
+    targets: tuple[int, ...] = field(default=())  # indices of the objects the answer depends on
+
+
+def split_seed(split: str, index: int) -> int:
+    """Seeds of the splits never overlap: train, val and test draw from disjoint ranges."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    if not 0 <= index < 10_000_000:
+        raise ValueError(f"index {index} is outside [0, 1e7)")
+    return SPLITS[split] * 10_000_000 + index
+
+
+def proxy_words() -> list[str]:
+    """Every word of the task's prompts and answers (the tokenizer's vocabulary beyond the base words)."""
+    words = ["what", "colour", "is", "the", "there", "a", "how", "many", "are", "on", "left", "or", "right", "?"]
+    return list(dict.fromkeys([*words, *SHAPES, *PLURALS.values(), *ANSWER_WORDS]))
+
+
+def anyres_scale(height: int, width: int, pinpoints=DEFAULT_PINPOINTS) -> float:
+    """The factor by which LLaVA-NeXT's processor resizes this image onto its anyres canvas."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    ph, pw = select_best_resolution((height, width), [list(p) for p in pinpoints])
+    return min(ph / height, pw / width)
+
+
+def _background(rng: np.random.Generator, height: int, width: int, scale: float) -> np.ndarray:
+    base = rng.uniform(90, 170, size=(rng.integers(6, 12), rng.integers(6, 12), 1))
+    tint = rng.uniform(-18, 18, size=base.shape[:2] + (3,))  # weak colour: clutter is texture, not signal
+    image = cv2.resize((base + tint).astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    fine = cv2.resize(rng.normal(0, 14, size=(height // 6, width // 6, 1)).astype(np.float32), (width, height),
+                      interpolation=cv2.INTER_LINEAR)
+    image += fine[..., None] if fine.ndim == 2 else fine
+    canvas = np.clip(image, 0, 255).astype(np.uint8)
+    for _ in range(int(rng.integers(25, 45))):  # grey strokes
+        p0 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        p1 = (p0[0] + int(rng.integers(-300, 300)), p0[1] + int(rng.integers(-300, 300)))
+        grey = int(rng.integers(40, 220))
+        cv2.line(canvas, p0, p1, (grey, grey, grey), int(rng.integers(1, max(2, int(4 / scale)))), cv2.LINE_AA)
+    for _ in range(int(rng.integers(8, 16))):  # grey decoys of the objects' own shapes and sizes
+        size = rng.uniform(*TILE_OBJECT_PX) / scale
+        centre = (rng.uniform(size, width - size), rng.uniform(size, height - size))
+        grey = int(rng.integers(30, 230))
+        _draw_shape(canvas, str(rng.choice(SHAPES)), centre, size, (grey, grey, grey), float(rng.uniform(0, 360)))
+    return canvas
+
+
+def _draw_shape(canvas: np.ndarray, shape: str, centre, size: float, colour, angle: float) -> None:
+    cx, cy = centre
+    r = size / 2
+    c = tuple(int(v) for v in colour)
+    shift = 4  # sub-pixel precision for cv2
+    f = 1 << shift
+
+    def pts(points):
+        rot = np.deg2rad(angle)
+        xy = np.array(points, dtype=np.float64)
+        xy = xy @ np.array([[np.cos(rot), np.sin(rot)], [-np.sin(rot), np.cos(rot)]])
+        return np.round((xy + [cx, cy]) * f).astype(np.int32)
+
+    if shape == "circle":
+        cv2.circle(canvas, (round(cx * f), round(cy * f)), round(r * f), c, -1, cv2.LINE_AA, shift)
+    elif shape == "ring":
+        cv2.circle(canvas, (round(cx * f), round(cy * f)), round(r * 0.78 * f), c, max(2, round(r * 0.42)),
+                   cv2.LINE_AA, shift)
+    elif shape == "square":
+        s = r * 0.85
+        cv2.fillPoly(canvas, [pts([(-s, -s), (s, -s), (s, s), (-s, s)])], c, cv2.LINE_AA, shift)
+    elif shape == "triangle":
+        cv2.fillPoly(canvas, [pts([(0, -r), (r * 0.95, r * 0.75), (-r * 0.95, r * 0.75)])], c, cv2.LINE_AA, shift)
+    elif shape == "cross":
+        a, b = r, r * 0.32
+        arm = [(-a, -b), (-b, -b), (-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b),
+               (-a, b)]
+        cv2.fillPoly(canvas, [pts(arm)], c, cv2.LINE_AA, shift)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _place(rng: np.random.Generator, height: int, width: int, sizes: list[float]) -> list[tuple[float, float]] | None:
+    centres: list[tuple[float, float]] = []
+    for size in sizes:
+        for _ in range(200):
+            x, y = rng.uniform(size, width - size), rng.uniform(size, height - size)
+            if CENTRE_BAND[0] * width - size / 2 < x < CENTRE_BAND[1] * width + size / 2:
+                continue
+            if all(np.hypot(x - px, y - py) > 1.6 * (size + ps) / 2 for (px, py), ps in zip(centres, sizes)):
+                centres.append((x, y))
+                break
+        else:
+            return None
+    return centres
+
+
+def make_scene(seed: int, size: tuple[int, int] | None = None) -> Scene:
+    """One scene: 5–7 coloured shapes (each shape at most 3 times) on clutter, from ``seed`` alone."""
+    rng = np.random.default_rng(seed)
+    height, width = size if size is not None else SCENE_SIZES[int(rng.integers(len(SCENE_SIZES)))]
+    scale = anyres_scale(height, width)
+    image = _background(rng, height, width, scale)
+    while True:
+        shapes = [str(s) for s in rng.choice(SHAPES, size=int(rng.integers(5, 8)))]
+        if max(shapes.count(s) for s in SHAPES) <= MAX_PER_SHAPE:
+            break
+    colours = [str(c) for c in rng.choice(list(COLOURS), size=len(shapes))]
+    sizes = [float(rng.uniform(*TILE_OBJECT_PX)) / scale for _ in shapes]
+    centres = _place(rng, height, width, sizes)
+    while centres is None:  # crowded: shrink the set until it fits
+        shapes, colours, sizes = shapes[:-1], colours[:-1], sizes[:-1]
+        centres = _place(rng, height, width, sizes)
+    objects = []
+    for shape, colour, s, (cx, cy) in zip(shapes, colours, sizes, centres):
+        jitter = np.clip(np.array(COLOURS[colour]) + rng.integers(-15, 16, size=3), 0, 255)
+        _draw_shape(image, shape, (cx, cy), s, jitter, float(rng.uniform(0, 360)))
+        objects.append(SceneObject(shape, colour, (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)))
+    return Scene(seed=seed, image=image, objects=objects, tile_scale=scale)
+
+
+def _colour_question(scene: Scene, rng: np.random.Generator) -> Question | None:
+    unique = [s for s in SHAPES if scene.count(s) == 1]
+    if not unique:
+        return None
+    shape = str(rng.choice(unique))
+    i = next(k for k, o in enumerate(scene.objects) if o.shape == shape)
+    return Question(f"what colour is the {shape} ?", scene.objects[i].colour, "colour", (i,))
+
+
+def _presence_question(scene: Scene, rng: np.random.Generator) -> Question:
+    """Yes/no with probability ½; a "no" pairs a present colour with a present shape where possible
+    (the hard negative: both words match something, only their binding does not)."""
+    present = {(o.colour, o.shape) for o in scene.objects}
+    if rng.random() < 0.5:
+        colour, shape = sorted(present)[int(rng.integers(len(present)))]
+        answer = "yes"
+    else:
+        colours_here = sorted({o.colour for o in scene.objects})
+        shapes_here = sorted({o.shape for o in scene.objects})
+        hard = [(c, s) for c in colours_here for s in shapes_here if (c, s) not in present]
+        pool = hard or [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        colour, shape = pool[int(rng.integers(len(pool)))]
+        answer = "no"
+    targets = tuple(k for k, o in enumerate(scene.objects) if o.shape == shape)
+    return Question(f"is there a {colour} {shape} ?", answer, "presence", targets)
+
+
+def _count_question(scene: Scene, rng: np.random.Generator) -> Question:
+    """The count asked for is drawn uniformly from those the scene offers, so answers stay balanced."""
+    by_count: dict[int, list[str]] = {}
+    for s in SHAPES:
+        by_count.setdefault(scene.count(s), []).append(s)
+    counts = sorted(by_count)
+    n = counts[int(rng.integers(len(counts)))]
+    shape = str(rng.choice(by_count[n]))
+    targets = tuple(k for k, o in enumerate(scene.objects) if o.shape == shape)
+    return Question(f"how many {PLURALS[shape]} are there ?", COUNT_WORDS[n], "count", targets)
+
+
+def _location_question(scene: Scene, rng: np.random.Generator) -> Question | None:
+    unique = [s for s in SHAPES if scene.count(s) == 1]
+    if not unique:
+        return None
+    shape = str(rng.choice(unique))
+    i = next(k for k, o in enumerate(scene.objects) if o.shape == shape)
+    side = "left" if scene.objects[i].centre[0] < scene.image.shape[1] / 2 else "right"
+    return Question(f"is the {shape} on the left or right ?", side, "location", (i,))
+
+
+_MAKERS = {"colour": _colour_question, "presence": _presence_question, "count": _count_question,
+           "location": _location_question}
+
+
+def make_questions(scene: Scene, per_type: int = 2, seed: int | None = None) -> list[Question]:
+    """Up to ``per_type`` distinct questions of every type (fewer where the scene cannot pose them)."""
+    rng = np.random.default_rng(scene.seed if seed is None else seed)
+    questions: list[Question] = []
+    for qtype in QUESTION_TYPES:
+        seen: set[str] = set()
+        for _ in range(4 * per_type):
+            if len(seen) == per_type:
+                break
+            q = _MAKERS[qtype](scene, rng)
+            if q is not None and q.text not in seen:
+                seen.add(q.text)
+                questions.append(q)
+    return questions
