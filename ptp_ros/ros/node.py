@@ -1,0 +1,257 @@
+"""The PTP agent: a lifecycle node that answers instructions about the newest camera frame.
+
+configure loads the model and fits the latency model, activate subscribes to the camera and starts
+the inference thread, deactivate stops both, cleanup frees the model.  ``main`` walks the node to
+active by itself, so ``python -m ptp_ros.ros.node --ros-args --params-file config/agent.yaml`` works
+without a lifecycle manager.  See docs/ros.md for the interface.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import time
+from pathlib import Path
+
+import cv2
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header, String
+
+from ..vlm.defaults import default_model_path
+from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter
+from . import conversions
+from .diagnostics import agent_status
+from .params import PARAMS, RUNTIME, check_choice
+from .requests import RequestError, parse_request
+from .worker import Counters, Frame, RequestWorker, Settings, calibrate
+
+SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "data" / "sample_scene.jpg"
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+MAX_MESSAGE_CHARS = 1_000_000  # refuse absurd instruction messages before parsing them
+
+
+class AgentNode(LifecycleNode):
+    def __init__(self, node_name: str = "ptp_agent", **kwargs):
+        super().__init__(node_name, **kwargs)
+        for p in PARAMS:
+            self.declare_parameter(p.name, p.default, p.descriptor())
+            if reason := check_choice(p.name, self.get_parameter(p.name).value):
+                raise ValueError(reason)
+        self.settings = Settings(**{name: self.get_parameter(name).value for name in RUNTIME})
+        if problems := self.settings.problems():
+            raise ValueError("; ".join(problems))
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        self.counters = Counters()
+        self.model_state = "unconfigured"
+        self.configure_error = ""
+        self.device = self.get_parameter("device").value
+        self.worker: RequestWorker | None = None
+        self._image_sub = None
+        self._seq = 0
+        # outputs and the instruction input exist in every state: a planner always gets a result,
+        # an operator always gets diagnostics, even when the model failed to load
+        self._io_group = ReentrantCallbackGroup()
+        self._answer_pub = self.create_publisher(String, "answer", RELIABLE)
+        self._result_pub = self.create_publisher(String, "result", RELIABLE)
+        self._saliency_pub = self.create_publisher(Image, "saliency", QoSProfile(depth=2))
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
+        self.create_subscription(String, "instruction", self._on_instruction, RELIABLE, callback_group=self._io_group)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+
+    # -- parameters -------------------------------------------------------------------------------
+    def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Choices and cross-parameter rules; rclpy already checked ranges, types and read-only."""
+        changes = {p.name: p.value for p in params if p.name in RUNTIME}
+        problems = [reason for p in params if (reason := check_choice(p.name, p.value))]
+        if not problems and changes:
+            problems = dataclasses.replace(self.settings, **changes).problems()
+        return SetParametersResult(successful=not problems, reason="; ".join(problems))
+
+    def _apply_parameters(self, params: list[Parameter]) -> None:
+        changes = {p.name: p.value for p in params if p.name in RUNTIME}
+        if changes:
+            self.settings = dataclasses.replace(self.settings, **changes)
+            if self.worker is not None:
+                self.worker.settings = self.settings
+            self.get_logger().info(f"parameters changed: {changes}")
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        param = self.get_parameter
+        try:
+            self.model_state = "loading"
+            path = param("model_path").value or default_model_path()
+            self.get_logger().info(f"loading model {path}")
+            adapter = load_adapter(path, LoadOptions(device=param("device").value, dtype=param("dtype").value,
+                                                     trust_remote_code=param("trust_remote_code").value))
+            self.device = str(adapter.device)
+            self.worker = RequestWorker(
+                adapter, self.settings, queue_size=param("queue_size").value, emit=self._publish_result,
+                emit_saliency=self._publish_saliency, now_ns=lambda: self.get_clock().now().nanoseconds,
+                counters=self.counters, max_instruction_chars=param("max_instruction_chars").value)
+            self.model_state = "calibrating"
+            image = self._calibration_image(param("calibration_image").value)
+            started = time.monotonic()
+            runs = calibrate(self.worker, image, list(param("calibration_keep_ratios").value),
+                             self.settings.max_new_tokens)
+            self.get_logger().info(f"calibrated in {time.monotonic() - started:.1f} s on {self.device}: {runs}")
+        except (ModelLoadError, OSError, ValueError, RuntimeError) as exc:
+            self.model_state = "error"
+            self.worker = None
+            self.configure_error = f"configure failed: {exc}"
+            self.counters.error(self.configure_error)
+            self.get_logger().error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self.model_state, self.configure_error = "ready", ""
+        return TransitionCallbackReturn.SUCCESS
+
+    @staticmethod
+    def _calibration_image(path: str):
+        source = path or str(SAMPLE_IMAGE)
+        bgr = cv2.imread(source)
+        if bgr is None:
+            raise ValueError(f"calibration_image {source!r} cannot be read")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.get_parameter("image_transport").value == "compressed":
+            self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_compressed,
+                                                       qos_profile_sensor_data, callback_group=self._io_group)
+        else:
+            self._image_sub = self.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data,
+                                                       callback_group=self._io_group)
+        self.worker.start()
+        self.model_state = "serving"
+        self.get_logger().info(f"serving: images on {self._image_sub.topic_name}, conversion by {conversions.BACKEND}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop_serving("the node was deactivated before the request ran")
+        self.model_state = "ready"
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.worker = None  # the worker holds the only reference to the adapter
+        gc.collect()
+        self.model_state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop_serving("the node shut down before the request ran")
+        self.worker = None
+        self.model_state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def stop_serving(self, reason: str) -> None:
+        if self._image_sub is not None:
+            self.destroy_subscription(self._image_sub)
+            self._image_sub = None
+        if self.worker is not None:
+            self.worker.stop(reason)
+
+    # -- callbacks: store, enqueue, return -------------------------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        self._store_frame(msg, conversions.check_image, conversions.image_to_rgb)
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        self._store_frame(msg, conversions.check_compressed, conversions.compressed_to_rgb)
+
+    def _store_frame(self, msg, check, decode) -> None:
+        worker = self.worker
+        if worker is None:
+            return
+        try:
+            check(msg)
+            error = None
+        except conversions.ImageConversionError as exc:
+            error = str(exc)
+            self.counters.error(f"invalid image: {error}")
+            self.get_logger().warning(f"invalid image: {error}", throttle_duration_sec=5.0)
+        stamp = msg.header.stamp
+        worker.put_frame(Frame(stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
+                               stamp={"sec": stamp.sec, "nanosec": stamp.nanosec}, frame_id=msg.header.frame_id,
+                               header=msg.header, decode=lambda: decode(msg), error=error))
+
+    def _on_instruction(self, msg: String) -> None:
+        received = time.monotonic()
+        self._seq += 1
+        default_id = f"{self.get_name()}-{self._seq}"
+        worker = self.worker
+        try:
+            if len(msg.data) > MAX_MESSAGE_CHARS:
+                raise RequestError(f"instruction message has {len(msg.data)} characters; the limit is {MAX_MESSAGE_CHARS}")
+            request = parse_request(msg.data, default_id, self.get_parameter("max_instruction_chars").value)
+        except RequestError as exc:
+            self._publish_result(self.counters.rejection(default_id, msg.data[:200], f"invalid instruction: {exc}"), None)
+            return
+        if worker is None or self.model_state != "serving":
+            reason = f"not serving: model {self.model_state}"
+            if self.configure_error:
+                reason += f" ({self.configure_error})"
+            self._publish_result(self.counters.rejection(request.id, request.text, reason), None)
+            return
+        worker.submit(request, received)
+
+    # -- outputs (called from the worker thread) -----------------------------------------------
+    def _publish_result(self, result: dict, answer: str | None) -> None:
+        if answer is not None:
+            self._answer_pub.publish(String(data=answer))
+        elif result.get("status") != "busy":
+            self.get_logger().warning(f"request {result['id']}: {result['error']}")
+        self._result_pub.publish(String(data=json.dumps(result)))
+
+    def _publish_saliency(self, bgr, header) -> None:
+        self._saliency_pub.publish(conversions.array_to_imgmsg(bgr, "bgr8", header))
+
+    def _publish_diagnostics(self) -> None:
+        worker = self.worker
+        status = agent_status(f"{self.get_fully_qualified_name()}: ptp agent", self.model_state,
+                              self.configure_error, self.device, self.settings, self.counters,
+                              worker.queue_depth if worker else 0, bool(worker and worker.busy))
+        self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+
+    # -- startup without a lifecycle manager ---------------------------------------------------
+    def bring_up(self) -> None:
+        """configure → activate, as a lifecycle manager would; stays unconfigured (and says why in
+        the results and diagnostics) when configure fails."""
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    node = AgentNode()
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    startup = None
+
+    def start_once() -> None:
+        startup.cancel()
+        node.bring_up()
+
+    startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup())
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        try:
+            node.stop_serving("the node shut down before the request ran")
+            executor.shutdown()
+            node.destroy_node()
+        except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+            pass
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Every parameter of the agent node, declared from one table (config/agent.yaml documents the same list)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+from .requests import MAX_NEW_TOKENS_LIMIT
+from .worker import MODES, Settings
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False
+    range: tuple[float, float] | None = None  # inclusive
+    choices: tuple[str, ...] | None = None
+
+    def descriptor(self) -> ParameterDescriptor:
+        d = ParameterDescriptor(name=self.name, description=self.description, read_only=self.read_only)
+        if self.range is not None and isinstance(self.default, int) and not isinstance(self.default, bool):
+            d.integer_range = [IntegerRange(from_value=int(self.range[0]), to_value=int(self.range[1]), step=1)]
+        elif self.range is not None:
+            d.floating_point_range = [FloatingPointRange(from_value=float(self.range[0]), to_value=float(self.range[1]),
+                                                         step=0.0)]
+        if self.choices:
+            d.additional_constraints = f"one of: {', '.join(self.choices)}"
+        return d
+
+
+PARAMS: tuple[Param, ...] = (
+    # read-only: fixed for the life of the node (model, device, wiring)
+    Param("model_path", "", "Checkpoint directory or a repo id already in the local Hugging Face cache; "
+          "empty = the built-in default model", read_only=True),
+    Param("device", "auto", "auto, cpu, cuda or cuda:N", read_only=True),
+    Param("dtype", "auto", "auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16 or bfloat16", read_only=True,
+          choices=("auto", "float32", "float16", "bfloat16")),
+    Param("trust_remote_code", False, "Allow code shipped with the checkpoint to run (off: stock classes only)",
+          read_only=True),
+    Param("image_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: CompressedImage on "
+          "'image/compressed'", read_only=True, choices=("raw", "compressed")),
+    Param("queue_size", 4, "Requests that may wait while one runs; more get an immediate 'busy' result",
+          read_only=True, range=(1, 64)),
+    Param("max_instruction_chars", 2000, "Longest instruction text accepted", read_only=True, range=(1, 100_000)),
+    Param("calibration_keep_ratios", [0.05, 0.25, 1.0], "Keep ratios run at configure time to fit the latency "
+          "model (one warm-up run first)", read_only=True),
+    Param("calibration_image", "", "Image used for calibration; empty = the bundled 1920x1080 sample scene",
+          read_only=True),
+    # runtime-settable: validated, a bad value is rejected with a reason and the old one kept
+    Param("mode", "budget", "budget: largest keep ratio predicted to fit latency_budget_ms; fixed: keep_ratio",
+          choices=MODES),
+    Param("latency_budget_ms", 2000.0, "Time allowed from instruction to answer (ms)", range=(1.0, 3_600_000.0)),
+    Param("keep_ratio", 0.25, "Fraction of visual tokens kept in fixed mode", range=(0.001, 1.0)),
+    Param("keep_ratio_min", 0.05, "Lowest keep ratio budget mode may choose", range=(0.001, 1.0)),
+    Param("keep_ratio_max", 1.0, "Highest keep ratio budget mode may choose", range=(0.001, 1.0)),
+    Param("alpha", 0.5, "Weight of instruction relevance in PTP's fused token score", range=(0.0, 1.0)),
+    Param("max_new_tokens", 32, "Longest answer in tokens", range=(1, MAX_NEW_TOKENS_LIMIT)),
+    Param("publish_saliency", True, "Publish the saliency image for every answer"),
+)
+BY_NAME = {p.name: p for p in PARAMS}
+RUNTIME = tuple(f.name for f in fields(Settings))  # the runtime-settable ones, named as in Settings
+
+
+def check_choice(name: str, value: Any) -> str | None:
+    """Why ``value`` is not allowed for ``name`` (ranges and types are checked by rclpy itself)."""
+    choices = BY_NAME[name].choices
+    if choices and value not in choices:
+        return f"{name} must be one of {', '.join(choices)}, got {value!r}"
+    return None
