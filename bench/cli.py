@@ -1,0 +1,154 @@
+"""``ptp-bench``: what pruning buys — FLOPs, latency, memory — for every selector, side by side.
+
+    ptp-bench --out docs/benchmarks                       # real-size CPU proxy, fp32 (≈30–40 min on 2 cores)
+    ptp-bench --out /tmp/gpu --model llava-next-7b --merge  # 7B-size random weights, fp16, on CUDA
+    ptp-bench --out /tmp/quick --quick                    # tiny model, < 1 min: checks the benchmark itself
+
+Writes ``results.json`` (every raw figure, machine, versions), ``README.md`` (tables, targets) and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cost_model import MODELS, cost_table
+from .machine import describe, load_snapshot
+from .measure import DEFAULT_SELECTORS, measure
+from .report import markdown, plots, summarize, targets
+
+SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "ptp_ros" / "data" / "sample_scene.jpg"
+INSTRUCTION = ("what is on the table to the left of the robot ? describe the colour , shape and size of every "
+               "object you can see in the scene , and count the objects near the door .")
+KEEP_RATIOS = [1.0, 0.5, 0.25, 0.111, 0.056]
+ANALYTIC_MODELS = ("llava-next-7b", "llava-next-13b", "cpu-proxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptp-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="folder for results.json, README.md and the plots")
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions, 4 new tokens: checks the benchmark")
+    p.add_argument("--model", default=None,
+                   help=f"'tiny', one of {', '.join(MODELS)} (random weights, real size) or a checkpoint directory "
+                        "(default: cpu-proxy; tiny with --quick)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda for the 7B/13B sizes, else cpu)")
+    p.add_argument("--repetitions", type=int, default=None, help="runs per cell (default 3; 2 with --quick)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens, fixed (default 8; 4 --quick)")
+    p.add_argument("--keep-ratios", default=",".join(map(str, KEEP_RATIOS)))
+    p.add_argument("--selectors", default=",".join(s.name for s in DEFAULT_SELECTORS))
+    p.add_argument("--image", type=Path, default=SAMPLE_IMAGE)
+    p.add_argument("--instruction", default=INSTRUCTION)
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rebuild README.md and the plots from OUT/results.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs of other models/devices already in OUT/results.json (e.g. add a GPU run)")
+    return p
+
+
+def _load(model: str, device: torch.device, dtype: torch.dtype, scratch: Path):
+    """The adapter to measure: the tiny checkpoint (built, saved, loaded like a user's), a random-weight
+    real-size model from ``MODELS``, or a checkpoint directory."""
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    if model == "tiny":
+        from ptp_ros.vlm.tiny import build_tiny_llava_next
+
+        path = build_tiny_llava_next(scratch / "tiny-llava-next")
+        return load_adapter(path, LoadOptions(device=str(device), dtype=dtype_name))
+    if model in MODELS:
+        from .models import random_llava_next
+
+        return random_llava_next(model, device, dtype)
+    return load_adapter(model, LoadOptions(device=str(device), dtype=dtype_name))
+
+
+def run(args: argparse.Namespace, log=sys.stderr) -> dict:
+    model = args.model or ("tiny" if args.quick else "cpu-proxy")
+    device = torch.device(args.device or ("cuda" if model in ("llava-next-7b", "llava-next-13b") else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"ptp-bench: {model} on {device} needs a GPU and none is available here "
+                         "(the 7B size needs ~27 GB in fp32 and bf16/fp16 are slow on CPUs)")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    repetitions = args.repetitions or (2 if args.quick else 3)
+    max_new_tokens = args.max_new_tokens or (4 if args.quick else 8)
+    ratios = [float(r) for r in args.keep_ratios.split(",")]
+    by_name = {s.name: s for s in DEFAULT_SELECTORS}
+    selectors = tuple(by_name[n] for n in args.selectors.split(","))
+    image = np.asarray(Image.open(args.image).convert("RGB"))
+
+    before = load_snapshot()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        adapter = _load(model, device, dtype, Path(scratch))
+        build_s = time.perf_counter() - start
+        print(f"ptp-bench: {model} on {device} ({dtype}) ready in {build_s:.1f} s", file=log, flush=True)
+        records = measure(adapter, image, args.instruction, ratios, selectors, repetitions, max_new_tokens, log=log)
+        text_config = adapter.model.config.text_config
+        tiles = int(adapter.prepare(image, args.instruction).inputs["pixel_values"].shape[1])
+    wall_s = time.perf_counter() - start
+    unpruned = next(r for r in records if r["selector"] == "unpruned")
+    summary = summarize(records)
+    return {
+        "model": model, "machine": describe(device), "build_s": build_s, "wall_s": wall_s,
+        "settings": {"dtype": str(dtype).removeprefix("torch."), "image": args.image.name, "tiles": tiles,
+                     "visual_tokens": unpruned["visual_tokens"],
+                     "text_tokens": unpruned["prompt_tokens"] - unpruned["visual_tokens"],
+                     "instruction": args.instruction, "keep_ratios": ratios, "repetitions": repetitions,
+                     "max_new_tokens": max_new_tokens, "selectors": [s.__dict__ for s in selectors],
+                     "llm_layers": text_config.num_hidden_layers, "quick": args.quick},
+        "load": {"before": before, "after": load_snapshot()},
+        "records": records, "summary": summary,
+    }
+
+
+def analytic(runs: list[dict], ratios: list[float]) -> dict[str, list[dict]]:
+    """Cost-model tables: the published models at 2880 + 60 tokens, the proxy at its measured counts."""
+    tables = {}
+    for name in ANALYTIC_MODELS:
+        measured = next((r for r in runs if r["model"] == name), None)
+        if measured:
+            s = measured["settings"]
+            tables[name] = cost_table(name, ratios, text_tokens=s["text_tokens"], visual_tokens=s["visual_tokens"])
+        else:
+            tables[name] = cost_table(name, ratios)
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    if args.report_only:
+        runs = json.loads(results_path.read_text())["runs"]
+    else:
+        new_run = run(args)
+        (args.out / f"raw-{new_run['model']}.json").write_text(json.dumps(new_run))  # safe before any reporting
+        runs = [new_run]
+        if args.merge and results_path.is_file():
+            old = json.loads(results_path.read_text())["runs"]
+            key = (new_run["model"], new_run["machine"]["device"])
+            runs = [r for r in old if (r["model"], r["machine"]["device"]) != key] + runs
+    ratios = sorted({r for run_ in runs for r in run_["settings"]["keep_ratios"]}, reverse=True)
+    results = {"schema": 1, "generated_by": "ptp-bench", "runs": runs, "analytic": analytic(runs, ratios)}
+    for r in runs:
+        r["targets"] = targets(r["summary"], results["analytic"])
+    results_path.write_text(json.dumps(results, indent=1))
+    (args.out / f"raw-{runs[-1]['model']}.json").unlink(missing_ok=True)
+    (args.out / "README.md").write_text(markdown(results))
+    files = plots(results, args.out)
+    print(f"ptp-bench: wrote {results_path}, README.md, {', '.join(files)} to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Random-weight LLaVA-NeXT models of real size, built in memory from the cost model's dimensions.
+
+Random weights do not change timings or memory (same shapes, same kernels), so a model built from the
+published dimensions is an honest stand-in for timing when the weights cannot be downloaded.  The
+configs come from ``cost_model.MODELS``, so the analytic and the measured figures describe one model.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, Qwen2Config
+
+from ptp_ros.vlm.llava_next import LlavaNextAdapter
+from ptp_ros.vlm.tiny import DEFAULT_PINPOINTS, llava_next_processor
+from ptp_ros.vlm.tokenizer import build_word_tokenizer
+
+from .cost_model import MODELS
+
+_TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+def llava_next_config(name: str, vocab_size: int | None = None) -> LlavaNextConfig:
+    """The transformers config of ``MODELS[name]`` (``vocab_size`` overrides the published one)."""
+    dims = MODELS[name]
+    v, m = dims["vision"], dims["llm"]
+    vision = CLIPVisionConfig(hidden_size=v["hidden"], intermediate_size=v["ffn"], num_hidden_layers=v["layers"],
+                              num_attention_heads=v["heads"], image_size=v["image_size"], patch_size=v["patch_size"],
+                              projection_dim=768, hidden_act="quick_gelu")
+    text = _TEXT_CONFIGS[m["family"]](
+        vocab_size=vocab_size or m["vocab"], hidden_size=m["hidden"], intermediate_size=m["ffn"],
+        num_hidden_layers=m["layers"], num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
+        max_position_embeddings=8192, rope_theta=m.get("rope_theta", 10000.0),
+        tie_word_embeddings=m["tie_embeddings"], bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return LlavaNextConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", image_grid_pinpoints=DEFAULT_PINPOINTS,
+                           tie_word_embeddings=m["tie_embeddings"])
+
+
+def random_llava_next(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LlavaNextAdapter:
+    """``MODELS[name]`` with random weights, built directly on ``device`` in ``dtype``, as an adapter.
+
+    The processor is the llava-hf one over an offline word tokenizer; its ids are a prefix of the
+    published vocabulary, so the LM head keeps its real size.
+    """
+    tokenizer = build_word_tokenizer()
+    config = llava_next_config(name)
+    config.image_token_id = tokenizer.image_token_id
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return LlavaNextAdapter(model, llava_next_processor(tokenizer, config.image_grid_pinpoints))
