@@ -14,31 +14,36 @@ from torch import nn
 
 
 class ClsAttentionProbe:
-    """Captures ``q_proj``/``k_proj`` outputs of one vision self-attention and yields the [CLS] row.
+    """Captures the query/key states of one vision self-attention and yields the [CLS] row.
 
+    ``query``/``key`` name the submodules whose outputs are the final per-token q and k, [tiles, T, width]:
+    ``q_proj``/``k_proj`` for CLIP, ``q_norm``/``k_norm`` for InternViT (qk-norm follows the projection).
     Use as a context manager around the vision forward; the hooks are gone afterwards.
     ``cls_attention()`` → [tiles, patches] head-averaged softmax(q_cls·kᵀ·scale) over all keys, [CLS]
     column dropped (exactly eager attention's ``attn[:, :, 0, 1:].mean(1)``).
     ``cls_query_states()`` → [tiles, hidden] the [CLS] query input (the layer's normalised [CLS] state).
     """
 
-    def __init__(self, attention: nn.Module):
+    def __init__(self, attention: nn.Module, query: str = "q_proj", key: str = "k_proj"):
         self.attention = attention
+        self._query, self._key = getattr(attention, query), getattr(attention, key)
         self._q: torch.Tensor | None = None
         self._k: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
         self._handles: list = []
 
     def __enter__(self) -> ClsAttentionProbe:
-        def keep_q(module, args, output):
+        def keep_x(module, args):
             self._x = args[0][:, 0].detach()
+
+        def keep_q(module, args, output):
             self._q = output[:, :1].detach()
 
         def keep_k(module, args, output):
             self._k = output.detach()
 
-        self._handles = [self.attention.q_proj.register_forward_hook(keep_q),
-                         self.attention.k_proj.register_forward_hook(keep_k)]
+        self._handles = [self.attention.q_proj.register_forward_pre_hook(keep_x),
+                         self._query.register_forward_hook(keep_q), self._key.register_forward_hook(keep_k)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,11 +96,15 @@ def _capture_layer_input(layer: nn.Module, store: dict):
 
 @torch.no_grad()
 def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tensor, layer_index: int,
-                            query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+                            query_positions: torch.Tensor, key_positions: torch.Tensor,
+                            position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Head-averaged causal attention of ``query_positions`` onto ``key_positions`` at one LLM layer.
 
     Runs the decoder only up to ``layer_index`` (layers before it in full, that layer's input norm and
     q/k projections for the needed rows only), for a single unpadded sequence (``inputs_embeds`` [1, L, D]).
+    ``position_ids`` are handed to the decoder as they are (``None``: its default 0..L-1); Qwen2.5-VL needs
+    its 3-D M-RoPE ids [3, 1, L] here.  The rotary tables are read back from the layer's input, so any
+    rotary scheme whose ``apply_rotary_pos_emb`` has the Llama signature works unchanged.
     Returns [len(query_positions), len(key_positions)] float32.
     """
     layers = language_model.layers
@@ -105,7 +114,7 @@ def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tens
     store: dict = {}
     with _capture_layer_input(layer, store):
         try:
-            language_model(inputs_embeds=inputs_embeds, use_cache=False)
+            language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
         except _StopForward:
             pass
     hidden = layer.input_layernorm(store["hidden_states"])  # [1, L, D]

@@ -77,9 +77,10 @@ def checkpoint_family(path: Path) -> str:
 
 def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptions(), **adapter_config):
     """The adapter for the checkpoint's model family, loaded on the chosen device and dtype."""
+    from .internvl import InternVLAdapter
     from .llava_next import LlavaNextAdapter
 
-    families = {"llava_next": LlavaNextAdapter}
+    families = {"llava_next": LlavaNextAdapter, "internvl": InternVLAdapter}
     path = resolve_checkpoint(path_or_id)
     family = checkpoint_family(path)
     if family not in families:

@@ -1,0 +1,178 @@
+"""InternVL (InternViT + pixel shuffle + Qwen2/InternLM LLM) over the stock transformers classes.
+
+Token order, as ``InternVLModel.get_image_features`` builds it:
+  [tile 0: 16×16 tokens] … [tile T-1] [thumbnail: 16×16 tokens]   (tiles row-major over the canvas)
+Each LLM token is one 2×2 group of 14-px InternViT patches (``pixel_shuffle`` with ratio 0.5), so a 448-px
+tile gives 32×32 patches → 256 tokens.  The thumbnail (the whole image squashed to 448 px) exists only when
+the image was cut into more than one tile.
+Regions: 0..T-1 = the tiles, T = the thumbnail (the global view).
+Token saliency: the [CLS]→patch attention of the chosen InternViT layer, read from its ``q_norm``/``k_norm``
+outputs (qk-norm follows the projections), summed over each token's 2×2 patch group; the grouping is
+obtained by running the model's own ``pixel_shuffle`` on patch coordinates, so it is exactly the model's.
+Pruned path: ``get_image_features`` (with the probe) → select → drop the pruned ``<IMG_CONTEXT>`` ids →
+stock ``generate(mm_encoder_outputs=...)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, InternVLForConditionalGeneration, InternVLProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+from ..pruning import TokenScores
+from .attention import ClsAttentionProbe, text_to_token_attention
+from .base import Generation, PreparedInput, VisualTokens
+from .common import (
+    TiledModelOptions,
+    check_llm_layer,
+    instruction_query_positions,
+    kept_sequence_mask,
+    placeholder_positions,
+    prepare_image_prompt,
+    tile_region_logits,
+    timed_generate,
+    vision_layer_index,
+)
+from .compat import hide_video_processor
+
+InternVLOptions = TiledModelOptions
+
+
+class InternVLAdapter:
+    name = "internvl"
+
+    def __init__(self, model: InternVLForConditionalGeneration, processor, options: InternVLOptions = InternVLOptions()):
+        self.model = model.eval()
+        self.processor = processor
+        self.options = options
+        self.device = model.device
+        self.dtype = model.dtype
+        config = model.config
+        self.image_token_id = config.image_token_id
+        layers = model.model.vision_tower.encoder.layer
+        self.vision_layer = vision_layer_index(options.vision_layer, len(layers), config.vision_feature_layer)
+        self._vision_attention = layers[self.vision_layer].attention
+        self._tile_px = int(config.vision_config.image_size[0])
+        self._patches_per_side = self._tile_px // int(config.vision_config.patch_size[0])
+        check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
+                        **options) -> InternVLAdapter:
+        model = InternVLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
+        hide_video_processor(InternVLProcessor)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return cls(model.to(device), processor, InternVLOptions(**options))
+
+    # -- 0. inputs ---------------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
+        """RGB uint8 [H, W, 3] + instruction → the processor's tensors on the model's device."""
+        fallback = self.processor.image_token + "\n{instruction}"
+        return prepare_image_prompt(self.processor, image, instruction, fallback, self.device, self.dtype)
+
+    # -- 1. encode, with bottom-up saliency --------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prepared: PreparedInput) -> VisualTokens:
+        with ClsAttentionProbe(self._vision_attention, query="q_norm", key="k_norm") as probe:
+            out = self.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"], return_dict=True)
+        features = out.pooler_output.reshape(-1, out.pooler_output.shape[-1])  # [tiles·256, D]
+        cls_attention = probe.cls_attention().cpu()  # [tiles, 1024]
+        rows, cols = self.tile_grid(prepared.image_size)
+        num_grid = rows * cols
+        has_thumbnail = cls_attention.shape[0] == num_grid + 1
+        if cls_attention.shape[0] != num_grid + int(num_grid > 1):
+            raise RuntimeError(f"{cls_attention.shape[0]} tiles encoded, the {rows}×{cols} canvas implies "
+                               f"{num_grid + int(num_grid > 1)}")
+        saliency, token_rc = self.pooled_patch_scores(cls_attention)  # [tiles, 256], [tiles, 256, 2]
+        if saliency.numel() != features.shape[0]:
+            raise RuntimeError(f"token layout ({saliency.numel()}) and features ({features.shape[0]}) disagree")
+        num_regions = cls_attention.shape[0]
+        region = torch.arange(num_regions).repeat_interleave(saliency.shape[1])
+        token_boxes, region_boxes = self._boxes(token_rc, (rows, cols), prepared.image_size)
+        if has_thumbnail:
+            height, width = prepared.image_size
+            side = self._patches_per_side
+            norm = region_boxes[:num_grid] / torch.tensor([width, height, width, height], dtype=region_boxes.dtype)
+            states = probe.cls_query_states().cpu()
+            tiles, glob = tile_region_logits(self.options.region_score, cls_attention[num_grid].view(side, side),
+                                             norm, states[:num_grid], states[num_grid])
+            logits = torch.cat([tiles, glob.reshape(1)]).float()
+        else:
+            logits = torch.zeros(1)
+        scores = TokenScores(region=region, saliency=saliency.reshape(-1).float(), region_saliency=logits,
+                             global_region=num_grid if has_thumbnail else None)
+        names = [f"tile r{t // cols} c{t % cols}" for t in range(num_grid)] + (["thumbnail"] if has_thumbnail else [])
+        return VisualTokens(features=features, scores=scores, token_boxes=token_boxes, region_boxes=region_boxes,
+                            region_names=names, image_size=prepared.image_size,
+                            extras={"grid": (rows, cols), "vision_layer": self.vision_layer})
+
+    def tile_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of the processor's tile canvas for an image of (height, width)."""
+        ip = self.processor.image_processor
+        cols, rows = get_optimal_tiled_canvas(tuple(image_size), (self._tile_px, self._tile_px),
+                                              ip.min_patches, ip.max_patches)
+        return int(rows), int(cols)
+
+    def pooled_patch_scores(self, patch_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch scores [tiles, side²] → (per-token sums [tiles, tokens], per-token (row, col) in the token
+        grid [tiles, tokens, 2]), grouped by the model's own ``pixel_shuffle``."""
+        tiles = patch_scores.shape[0]
+        side = self._patches_per_side
+        rows = torch.arange(side).repeat_interleave(side).float()
+        cols = torch.arange(side).repeat(side).float()
+        channels = torch.stack([patch_scores.float(), rows[None].expand(tiles, -1), cols[None].expand(tiles, -1)],
+                               dim=-1).view(tiles, side, side, 3)
+        shuffled = self.model.model.pixel_shuffle(channels, scale_factor=self.model.config.downsample_ratio)
+        groups = shuffled.reshape(tiles, -1, shuffled.shape[-1] // 3, 3)  # [tiles, tokens, patches per token, 3]
+        group_side = round(groups.shape[2] ** 0.5)
+        token_rc = torch.stack([groups[..., 1].amin(-1), groups[..., 2].amin(-1)], dim=-1) / group_side
+        return groups[..., 0].sum(-1), token_rc
+
+    def _boxes(self, token_rc: torch.Tensor, grid: tuple[int, int],
+               image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel boxes of every token and region in the original image: the tiles cut the image resized
+        (aspect not kept) to the rows×cols canvas; a region past the grid is the thumbnail, the whole image."""
+        height, width = image_size
+        rows, cols = grid
+        tokens_per_side = self._patches_per_side * self.model.config.downsample_ratio
+        tile = torch.arange(token_rc.shape[0])[:, None].expand(token_rc.shape[:2])
+        tile_w = torch.where(tile < rows * cols, width / cols, float(width))  # region width in image pixels
+        tile_h = torch.where(tile < rows * cols, height / rows, float(height))
+        x0 = torch.where(tile < rows * cols, (tile % cols) * width / cols, 0.0)
+        y0 = torch.where(tile < rows * cols, (tile // cols) * height / rows, 0.0)
+        tx = x0 + token_rc[..., 1] * tile_w / tokens_per_side
+        ty = y0 + token_rc[..., 0] * tile_h / tokens_per_side
+        token_boxes = torch.stack([tx, ty, tx + tile_w / tokens_per_side, ty + tile_h / tokens_per_side], dim=-1)
+        region_boxes = torch.stack([x0[:, 0], y0[:, 0], x0[:, 0] + tile_w[:, 0], y0[:, 0] + tile_h[:, 0]], dim=-1)
+        return token_boxes.reshape(-1, 4).float(), region_boxes.float()
+
+    # -- 2. top-down relevance -----------------------------------------------------------------------
+    @torch.no_grad()
+    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
+        ids = prepared.inputs["input_ids"]
+        image_pos = placeholder_positions(ids, self.image_token_id)
+        embeds = self.model.get_input_embeddings()(ids).clone()
+        embeds[0, image_pos] = visual.features.to(embeds.dtype)
+        return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
+                                       instruction_query_positions(ids, self.image_token_id), image_pos).cpu()
+
+    # -- 3. pruned generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
+                 max_new_tokens: int) -> Generation:
+        ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
+        features = visual.features
+        if kept is not None and kept.numel() < visual.num_tokens:
+            keep = kept_sequence_mask(ids, self.image_token_id, kept)
+            ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=features[None])}
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens,
+                              input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
+
+    @torch.no_grad()
+    def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, **prepared.inputs)
