@@ -89,10 +89,7 @@ class AgentNode(LifecycleNode):
         param = self.get_parameter
         try:
             self.model_state = "loading"
-            path = param("model_path").value or default_model_path()
-            self.get_logger().info(f"loading model {path}")
-            adapter = load_adapter(path, LoadOptions(device=param("device").value, dtype=param("dtype").value,
-                                                     trust_remote_code=param("trust_remote_code").value))
+            adapter = self.load_model()
             self.device = str(adapter.device)
             self.worker = RequestWorker(
                 adapter, self.settings, queue_size=param("queue_size").value, emit=self._publish_result,
@@ -113,6 +110,14 @@ class AgentNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.model_state, self.configure_error = "ready", ""
         return TransitionCallbackReturn.SUCCESS
+
+    def load_model(self):
+        """The adapter named by the read-only model parameters (ModelLoadError with the reason if not)."""
+        param = self.get_parameter
+        path = param("model_path").value or default_model_path()
+        self.get_logger().info(f"loading model {path}")
+        return load_adapter(path, LoadOptions(device=param("device").value, dtype=param("dtype").value,
+                                              trust_remote_code=param("trust_remote_code").value))
 
     @staticmethod
     def _calibration_image(path: str):
@@ -191,7 +196,8 @@ class AgentNode(LifecycleNode):
                 raise RequestError(f"instruction message has {len(msg.data)} characters; the limit is {MAX_MESSAGE_CHARS}")
             request = parse_request(msg.data, default_id, self.get_parameter("max_instruction_chars").value)
         except RequestError as exc:
-            self._publish_result(self.counters.rejection(default_id, msg.data[:200], f"invalid instruction: {exc}"), None)
+            rejection = self.counters.rejection(exc.request_id or default_id, msg.data[:200], f"invalid instruction: {exc}")
+            self._publish_result(rejection, None)
             return
         if worker is None or self.model_state != "serving":
             reason = f"not serving: model {self.model_state}"
@@ -227,9 +233,9 @@ class AgentNode(LifecycleNode):
             self.trigger_activate()
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode) -> None:
     rclpy.init(args=args)
-    node = AgentNode()
+    node = node_class()
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     startup = None

@@ -10,7 +10,12 @@ MAX_NEW_TOKENS_LIMIT = 1024
 
 
 class RequestError(ValueError):
-    """An instruction message the node refuses; the text says why and goes into the error result."""
+    """An instruction message the node refuses; the text says why and goes into the error result,
+    under the message's own ``id`` when it had a usable one."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
 
 
 @dataclass(frozen=True)
@@ -49,22 +54,26 @@ def parse_request(data: str, default_id: str, max_chars: int) -> Request:
         raise RequestError(f"instruction starts with '{{' but is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise RequestError("a JSON instruction must be an object")
-    unknown = sorted(set(obj) - set(FIELDS))
-    if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
     request_id = obj.get("id", default_id)
     if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
         raise RequestError(f"id must be a string or an integer, got {request_id!r}")
-    text = obj.get("text")
-    if not isinstance(text, str):
-        raise RequestError("a JSON instruction needs a string field 'text'")
-    return Request(
-        id=str(request_id),
-        text=_check_text(text.strip(), max_chars),
-        max_new_tokens=_number(obj, "max_new_tokens", int, 1, MAX_NEW_TOKENS_LIMIT),
-        latency_budget_ms=_number(obj, "latency_budget_ms", float, 0.0, 3.6e6, lo_open=True),
-        keep_ratio=_number(obj, "keep_ratio", float, 0.0, 1.0, lo_open=True),
-    )
+    unknown = sorted(set(obj) - set(FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}", str(request_id))
+    request_id = str(request_id)
+    try:
+        text = obj.get("text")
+        if not isinstance(text, str):
+            raise RequestError("a JSON instruction needs a string field 'text'")
+        return Request(
+            id=request_id,
+            text=_check_text(text.strip(), max_chars),
+            max_new_tokens=_number(obj, "max_new_tokens", int, 1, MAX_NEW_TOKENS_LIMIT),
+            latency_budget_ms=_number(obj, "latency_budget_ms", float, 0.0, 3.6e6, lo_open=True),
+            keep_ratio=_number(obj, "keep_ratio", float, 0.0, 1.0, lo_open=True),
+        )
+    except RequestError as exc:
+        raise RequestError(str(exc), request_id) from None
 
 
 def _check_text(text: str, max_chars: int) -> str:

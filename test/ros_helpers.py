@@ -1,0 +1,242 @@
+"""Helpers for the ROS tests: an isolated DDS environment, the node as a subprocess, a probe node in
+the test process, and an adapter with an injected slow stage.
+
+Run as a script, this file starts the agent node with the slow adapter:
+    python test/ros_helpers.py --generate-delay-s 3 --ros-args -p ...
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHM_PROFILE = ROOT / "config" / "fastdds_shm.xml"
+
+
+class SlowAdapter:
+    """Wraps a real adapter; ``generate`` takes ``delay_s + ms_per_token·kept`` longer, charged to prefill
+    like any slow model would be.  Everything else is the real model."""
+
+    def __init__(self, inner, delay_s: float = 0.0, ms_per_token: float = 0.0):
+        self.inner = inner
+        self.delay_s, self.ms_per_token = delay_s, ms_per_token
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def generate(self, prepared, visual, kept, max_new_tokens):
+        n = visual.num_tokens if kept is None else int(kept.numel())
+        extra_s = self.delay_s + self.ms_per_token * n / 1e3
+        time.sleep(extra_s)
+        out = self.inner.generate(prepared, visual, kept, max_new_tokens)
+        return dataclasses.replace(out, prefill_ms=out.prefill_ms + extra_s * 1e3)
+
+
+def ros_env(log_dir: Path) -> dict[str, str]:
+    """Environment for one isolated test run: own domain, localhost only, logs in ``log_dir``, SHM profile."""
+    env = dict(os.environ)
+    env.pop("RMW_IMPLEMENTATION", None)
+    env.update(ROS_DOMAIN_ID=str(random.Random(os.getpid() ^ time.time_ns()).randint(100, 230)),
+               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOG_DIR=str(log_dir),
+               FASTDDS_DEFAULT_PROFILES_FILE=str(SHM_PROFILE), FASTRTPS_DEFAULT_PROFILES_FILE=str(SHM_PROFILE),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def apply_env(env: dict[str, str]) -> None:
+    """Make this (test) process use ``env``'s ROS settings too: rclpy reads them at init."""
+    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "FASTDDS_DEFAULT_PROFILES_FILE",
+                "FASTRTPS_DEFAULT_PROFILES_FILE"):
+        os.environ[key] = env[key]
+
+
+class NodeProcess:
+    """The agent node in its own process, as on a robot; output goes to ``log_path``."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, params: dict[str, Any], generate_delay_s: float = 0.0,
+                 node_name: str = "ptp_agent", namespace: str = "/"):
+        args = [sys.executable, str(Path(__file__).resolve()), "--generate-delay-s", str(generate_delay_s),
+                "--ros-args", "-r", f"__node:={node_name}", "-r", f"__ns:={namespace}"]
+        for key, value in params.items():
+            args += ["-p", f"{key}:={json.dumps(value) if isinstance(value, (list, bool)) else value}"]
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class Probe:
+    """A node in the test process: publishes frames and instructions, records every output of the agent."""
+
+    def __init__(self, namespace: str = "/"):
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from sensor_msgs.msg import Image
+        from std_msgs.msg import String
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("probe", namespace=namespace, context=self.context)
+        reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        self.image_pub = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
+        self.instruction_pub = self.node.create_publisher(String, "instruction", reliable)
+        self.results: list[dict] = []
+        self.answers: list[str] = []
+        self.saliency: list = []
+        self.diagnostics: list = []
+        self._cond = threading.Condition()
+        self.node.create_subscription(String, "result", lambda m: self._add(self.results, json.loads(m.data)), reliable)
+        self.node.create_subscription(String, "answer", lambda m: self._add(self.answers, m.data), reliable)
+        self.node.create_subscription(Image, "saliency", lambda m: self._add(self.saliency, m), reliable)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: self._add(self.diagnostics, m),
+                                      reliable)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def _add(self, bucket: list, item) -> None:
+        with self._cond:
+            bucket.append(item)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (value := predicate()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+                self._cond.wait(min(left, 0.5))
+        return value
+
+    def diag_values(self, node_fqn: str) -> dict[str, str] | None:
+        """Key/values of the newest diagnostics status of ``node_fqn``."""
+        for array in reversed(self.diagnostics):
+            for status in array.status:
+                if status.name.startswith(node_fqn + ":"):
+                    return {kv.key: kv.value for kv in status.values} | {"_level": status.level,
+                                                                         "_message": status.message}
+        return None
+
+    def result(self, request_id: str) -> dict | None:
+        matches = [r for r in self.results if r.get("id") == request_id]
+        return matches[0] if matches else None
+
+    def ask(self, plain: str | None = None, **fields) -> None:
+        """Send ``plain`` text, or the JSON object of ``fields``."""
+        from std_msgs.msg import String
+
+        data = plain if plain is not None else json.dumps(fields)
+        self.instruction_pub.publish(String(data=data))
+
+    def send_frame(self, rgb: np.ndarray, sec: int, frame_id: str = "camera", encoding: str = "rgb8",
+                   mutate: Callable | None = None):
+        from std_msgs.msg import Header
+
+        from ptp_ros.ros.conversions import array_to_imgmsg
+
+        msg = array_to_imgmsg(rgb, encoding, Header(frame_id=frame_id))
+        msg.header.stamp.sec, msg.header.stamp.nanosec = sec, 123
+        if mutate is not None:
+            mutate(msg)
+        self.image_pub.publish(msg)
+        return msg.header
+
+    def wait_matched(self, timeout: float = 30.0) -> None:
+        """Discovery: wait until the agent subscribes to our image and instruction topics."""
+        self.wait_for(lambda: self.image_pub.get_subscription_count() > 0
+                      and self.instruction_pub.get_subscription_count() > 0, timeout, "the agent's subscriptions")
+
+    def call(self, srv_type, name: str, request, timeout: float = 20.0):
+        """A service call that waits in this thread while the probe's executor spins in its own."""
+        client = self.node.create_client(srv_type, name)
+        try:
+            if not client.wait_for_service(timeout_sec=timeout):
+                raise TimeoutError(f"service {name} not available")
+            future = client.call_async(request)
+            deadline = time.monotonic() + timeout
+            while not future.done():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"service {name} did not answer within {timeout} s")
+                time.sleep(0.02)
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def set_parameters(self, node_fqn: str, params: dict[str, Any], timeout: float = 20.0):
+        """Set parameters over the node's service; the list of SetParametersResult."""
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        msgs = [Parameter(k, value=v).to_parameter_msg() for k, v in params.items()]
+        return self.call(SetParameters, f"{node_fqn}/set_parameters", SetParameters.Request(parameters=msgs),
+                         timeout).results
+
+    def get_parameter(self, node_fqn: str, name: str, timeout: float = 20.0):
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.parameter import parameter_value_to_python
+
+        response = self.call(GetParameters, f"{node_fqn}/get_parameters", GetParameters.Request(names=[name]), timeout)
+        return parameter_value_to_python(response.values[0])
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def _slow_node_main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--generate-delay-s", type=float, default=0.0)
+    known, ros_args = parser.parse_known_args()
+
+    from ptp_ros.ros.node import AgentNode, main
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    class SlowAgentNode(AgentNode):
+        """The real node whose model takes ``--generate-delay-s`` longer per answer once calibrated."""
+
+        def load_model(self):
+            return SlowAdapter(super().load_model())
+
+        def on_configure(self, state):
+            outcome = super().on_configure(state)
+            if outcome == TransitionCallbackReturn.SUCCESS:
+                self.worker.adapter.delay_s = known.generate_delay_s
+            return outcome
+
+    main(args=[sys.argv[0], *ros_args], node_class=SlowAgentNode)
+
+
+if __name__ == "__main__":
+    _slow_node_main()

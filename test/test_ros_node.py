@@ -1,0 +1,218 @@
+"""The agent node as a separate process over real DDS (own domain, localhost only, SHM profile).
+
+The node's model answers 6 s late (an injected slow stage, after calibration), so that the tests can
+act while it is generating: send frames, change parameters, overflow the queue.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import cv2
+import pytest
+
+from ros_helpers import NodeProcess, Probe, apply_env, ros_env
+
+rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
+
+NODE = "/ptp_agent"
+DELAY_S = 6.0
+STARTUP_S = 180.0  # model load + calibration on a busy 2-core box
+ANSWER_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def ros(tmp_path_factory):
+    """One isolated ROS domain for this module, also applied to the test process."""
+    saved = dict(os.environ)
+    env = ros_env(tmp_path_factory.mktemp("ros_log"))
+    apply_env(env)
+    yield env
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def agent(ros, tmp_path_factory):
+    node = NodeProcess(ros, tmp_path_factory.mktemp("agent") / "agent.log", generate_delay_s=DELAY_S, params={
+        "mode": "fixed", "keep_ratio": 0.1, "max_new_tokens": 2, "queue_size": 1,
+        "calibration_keep_ratios": [0.1]})
+    yield node
+    code = node.stop()
+    assert code == 0, f"agent exited with {code}:\n{node.log()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def probe(ros, agent):
+    p = Probe()
+    try:
+        p.wait_matched(STARTUP_S)
+    except TimeoutError:
+        pytest.fail(f"agent never subscribed:\n{agent.log()[-3000:]}")
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def frame(sample_image):
+    return cv2.resize(sample_image, (640, 360), interpolation=cv2.INTER_AREA)
+
+
+def diag(probe: Probe, key: str, timeout: float = 30.0, node: str = NODE):
+    return probe.wait_for(lambda: (probe.diag_values(node) or {}).get(key), timeout, f"diagnostics {key}")
+
+
+def deliver(probe: Probe, rgb, sec: int, **kwargs) -> None:
+    """Publish a frame (best effort) until the agent's diagnostics count it."""
+    before = int(diag(probe, "frames_received"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        probe.send_frame(rgb, sec, **kwargs)
+        try:
+            probe.wait_for(lambda: int(probe.diag_values(NODE)["frames_received"]) > before, 3.0, "frame")
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"frame {sec} never reached the agent")
+
+
+def answer_of(probe: Probe, request_id: str, timeout: float = ANSWER_S) -> dict:
+    try:
+        return probe.wait_for(lambda: probe.result(request_id), timeout, f"result {request_id}")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; results so far: {probe.results}; diagnostics: {probe.diag_values(NODE)}") from None
+
+
+def test_diagnostics_report_the_serving_node(probe):
+    values = probe.wait_for(lambda: (v := probe.diag_values(NODE)) and v["model_state"] == "serving" and v,
+                            30, "serving diagnostics")
+    for key in ("device", "last_latency_ms", "p95_latency_ms", "latency_budget_ms", "keep_ratio", "frames_received",
+                "frames_dropped", "requests_served", "requests_rejected", "requests_failed", "last_error"):
+        assert key in values
+    assert values["device"] == "cpu"
+    assert values["_level"] == b"\x00"
+
+
+def test_requests_use_the_newest_frame_and_callbacks_stay_live_during_generate(probe, frame):
+    deliver(probe, frame, sec=1001)
+    probe.ask(id="r1", text="What is on the table?")
+    probe.wait_for(lambda: probe.diag_values(NODE)["busy"] == "True", 30, "the worker to start r1")
+
+    # while r1 generates: a new frame and a parameter change are taken at once
+    deliver(probe, frame[::-1].copy(), sec=1002)
+    outcome = probe.set_parameters(NODE, {"alpha": 0.3})
+    assert outcome[0].successful, outcome[0].reason
+    probe.ask(id="r2", text="Where is the cup?")  # waits in the queue (size 1)
+    probe.ask(id="r3", text="Anything else?")  # queue full: busy at once
+    busy = answer_of(probe, "r3", timeout=DELAY_S)
+    assert probe.result("r1") is None, "r1 finished before the checks ran; they proved nothing"
+    assert busy["status"] == "busy" and "busy" in busy["error"]
+
+    r1, r2 = answer_of(probe, "r1"), answer_of(probe, "r2")
+    assert r1["status"] == "ok", r1
+    assert r2["status"] == "ok", r2
+    assert r1["stamp"] == {"sec": 1001, "nanosec": 123}  # newest when r1 started
+    assert r2["stamp"] == {"sec": 1002, "nanosec": 123}  # arrived during r1, newest when r2 started
+    assert r1["frame_id"] == "camera"
+    for r in (r1, r2):
+        assert isinstance(r["answer"], str) and r["instruction"]
+        assert 0 < r["visual_tokens_kept"] < r["visual_tokens_total"]
+        assert r["keep_ratio"] == pytest.approx(r["visual_tokens_kept"] / r["visual_tokens_total"], abs=1e-5)
+        assert r["keep_ratio"] == pytest.approx(0.1, abs=0.01) and r["mode"] == "fixed"
+        assert r["latency_ms"]["total"] >= DELAY_S * 1e3
+        assert set(r["latency_ms"]) >= {"queue", "preprocess", "encode", "score", "select", "prefill", "decode", "total"}
+        assert r["budget_met"] is False  # 2 s budget, 6 s injected
+    assert r2["latency_ms"]["queue"] > 1000  # it waited for r1
+    assert probe.get_parameter(NODE, "alpha") == pytest.approx(0.3)
+
+    saliency = probe.wait_for(lambda: len(probe.saliency) >= 2 and probe.saliency, 60, "two saliency images")
+    assert {(m.header.stamp.sec, m.header.frame_id) for m in saliency} == {(1001, "camera"), (1002, "camera")}
+    assert all((m.width, m.height, m.encoding) == (640, 360, "bgr8") for m in saliency)
+    assert probe.answers[:2] == [r1["answer"], r2["answer"]]
+
+
+def test_bad_parameters_are_rejected_and_the_old_value_kept(probe):
+    for params, why in (({"mode": "fast"}, "mode must be one of"), ({"keep_ratio": 1.5}, ""),
+                        ({"max_new_tokens": 0}, ""), ({"model_path": "/elsewhere"}, "read-only")):
+        outcome = probe.set_parameters(NODE, params)[0]
+        assert not outcome.successful, params
+        assert why in outcome.reason and outcome.reason
+    assert probe.set_parameters(NODE, {"keep_ratio_max": 0.5})[0].successful
+    crossed = probe.set_parameters(NODE, {"keep_ratio_min": 0.9})[0]
+    assert not crossed.successful and "exceeds keep_ratio_max" in crossed.reason
+    assert probe.get_parameter(NODE, "mode") == "fixed"
+    assert probe.get_parameter(NODE, "keep_ratio") == pytest.approx(0.1)
+    assert probe.get_parameter(NODE, "keep_ratio_min") == pytest.approx(0.05)
+
+
+def test_invalid_instructions_get_an_error_result(probe):
+    probe.ask(id="bad1", text="hi", keep_raito=0.5)
+    probe.ask(id="bad2", text="   ")
+    probe.ask(id="bad3", text="x" * 5000)
+    for request_id, reason in (("bad1", "unknown field(s) keep_raito"), ("bad2", "empty"), ("bad3", "limit is 2000")):
+        result = answer_of(probe, request_id, timeout=30)
+        assert result["status"] == "rejected" and reason in result["error"], result
+
+
+def test_a_malformed_image_is_reported_and_the_next_good_one_served(probe, frame):
+    def truncate(msg):
+        msg.data = bytes(msg.data[:1000])
+
+    deliver(probe, frame, sec=2001, mutate=truncate)
+    probe.ask(id="r4", text="What do you see?")
+    broken = answer_of(probe, "r4")
+    assert broken["status"] == "error" and "invalid image" in broken["error"] and "needs" in broken["error"]
+    assert broken["stamp"]["sec"] == 2001
+    assert int(probe.diag_values(NODE)["frames_invalid"]) >= 1
+
+    deliver(probe, frame, sec=2002)
+    probe.ask(id="r5", text="What do you see now?")
+    good = answer_of(probe, "r5")
+    assert good["status"] == "ok" and good["stamp"]["sec"] == 2002, good
+
+
+def test_deactivate_stops_serving_and_activate_resumes(probe, frame):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    def transition(tid):
+        response = probe.call(ChangeState, f"{NODE}/change_state", ChangeState.Request(transition=Transition(id=tid)))
+        assert response.success
+
+    transition(Transition.TRANSITION_DEACTIVATE)
+    probe.ask(id="r6", text="Still there?")
+    assert "not serving" in answer_of(probe, "r6", timeout=30)["error"]
+    transition(Transition.TRANSITION_ACTIVATE)
+    probe.wait_matched(30)
+    deliver(probe, frame, sec=3001)
+    probe.ask(id="r7", text="And now?")
+    assert answer_of(probe, "r7")["status"] == "ok"
+
+
+def test_every_request_got_exactly_one_result(probe):
+    time.sleep(1.0)  # let late duplicates, if any, arrive
+    counts = Counter(r["id"] for r in probe.results)
+    sent = ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "bad1", "bad2", "bad3"]
+    assert {k: counts[k] for k in sent} == {k: 1 for k in sent}
+    values = probe.diag_values(NODE)
+    assert int(values["requests_served"]) >= 4  # r1 r2 r5 r7 (+ none from calibration)
+    assert int(values["requests_rejected"]) >= 5  # r3 r6 bad1-3
+
+
+def test_a_missing_model_is_reported_and_instructions_rejected(ros, tmp_path):
+    node = NodeProcess(ros, tmp_path / "broken.log", params={"model_path": "/nonexistent/model"},
+                       node_name="ptp_broken", namespace="/broken")
+    probe = Probe(namespace="/broken")
+    try:
+        values = probe.wait_for(lambda: (v := probe.diag_values("/broken/ptp_broken")) and v["model_state"] == "error"
+                                and v, 60, "error diagnostics")
+        assert values["_level"] == b"\x02" and "not found" in values["_message"]
+        probe.wait_for(lambda: probe.instruction_pub.get_subscription_count() > 0, 30, "the broken agent")
+        probe.ask(id="m1", text="Are you there?")
+        result = answer_of(probe, "m1", timeout=30)
+        assert result["status"] == "rejected" and "not serving: model error" in result["error"]
+        assert "/nonexistent/model" in result["error"]
+    finally:
+        probe.close()
+        assert node.stop() == 0, node.log()[-3000:]
