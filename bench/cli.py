@@ -29,20 +29,22 @@ SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "ptp_ros" / "data" / "sampl
 INSTRUCTION = ("what is on the table to the left of the robot ? describe the colour , shape and size of every "
                "object you can see in the scene , and count the objects near the door .")
 KEEP_RATIOS = [1.0, 0.5, 0.25, 0.111, 0.056]
+QUICK_KEEP_RATIOS = [1.0, 0.25, 0.111]
 ANALYTIC_MODELS = ("llava-next-7b", "llava-next-13b", "cpu-proxy")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptp-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, README.md and the plots")
-    p.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions, 4 new tokens: checks the benchmark")
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions, 3 ratios, 4 new tokens: checks the benchmark")
     p.add_argument("--model", default=None,
                    help=f"'tiny', one of {', '.join(MODELS)} (random weights, real size) or a checkpoint directory "
                         "(default: cpu-proxy; tiny with --quick)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda for the 7B/13B sizes, else cpu)")
     p.add_argument("--repetitions", type=int, default=None, help="runs per cell (default 3; 2 with --quick)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens, fixed (default 8; 4 --quick)")
-    p.add_argument("--keep-ratios", default=",".join(map(str, KEEP_RATIOS)))
+    p.add_argument("--keep-ratios", default=None, help=f"comma-separated (default {KEEP_RATIOS}; "
+                   f"{QUICK_KEEP_RATIOS} with --quick)")
     p.add_argument("--selectors", default=",".join(s.name for s in DEFAULT_SELECTORS))
     p.add_argument("--image", type=Path, default=SAMPLE_IMAGE)
     p.add_argument("--instruction", default=INSTRUCTION)
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     repetitions = args.repetitions or (2 if args.quick else 3)
     max_new_tokens = args.max_new_tokens or (4 if args.quick else 8)
-    ratios = [float(r) for r in args.keep_ratios.split(",")]
+    ratios = [float(r) for r in args.keep_ratios.split(",")] if args.keep_ratios else \
+        (QUICK_KEEP_RATIOS if args.quick else KEEP_RATIOS)
     by_name = {s.name: s for s in DEFAULT_SELECTORS}
     selectors = tuple(by_name[n] for n in args.selectors.split(","))
     image = np.asarray(Image.open(args.image).convert("RGB"))

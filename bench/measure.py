@@ -111,12 +111,12 @@ def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep
             max_new_tokens: int = 8, seed: int = 0, log=sys.stderr) -> list[dict]:
     """Every raw figure: one record per (repetition, selector, keep ratio), plus the unpruned cell."""
     clock = Clock(adapter.device)
-    # exactly max_new_tokens every time: a random-weight model may otherwise stop early at EOS
-    adapter.model.generation_config.min_new_tokens = max_new_tokens
     pruned_ratios = [r for r in keep_ratios if r < 1.0]
     cells = [(UNPRUNED, 1.0)] + [(s.name, r) for s in selectors for r in pruned_ratios]
     by_name = {s.name: s for s in selectors}
     _warm_up(adapter, image, instruction, min(keep_ratios))
+    # exactly max_new_tokens every time: a random-weight model may otherwise stop early at EOS
+    adapter.model.generation_config.min_new_tokens = max_new_tokens
     records = []
     for rep in range(repetitions):
         with PeakMemory(adapter.device) as encode_memory:

@@ -1,0 +1,83 @@
+"""ptp-bench itself: --quick runs end to end and writes well-formed output (timings are not asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ptp_ros_bench import cli
+from ptp_ros_bench.cost_model import kv_bytes_per_token
+from ptp_ros_bench.measure import DEFAULT_SELECTORS, _llm_dims, oracle_indices
+from ptp_ros_bench.report import STAGES, summarize
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert cli.main(["--out", str(out), "--quick"]) == 0
+    return out
+
+
+def test_quick_writes_results_report_and_plots(quick_out):
+    for name in ("results.json", "README.md", "latency_vs_keep_ratio.png", "flops_vs_keep_ratio.png",
+                 "stage_breakdown.png"):
+        assert (quick_out / name).stat().st_size > 0, name
+    assert not list(quick_out.glob("raw-*.json"))
+    for png in quick_out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_results_are_well_formed(quick_out):
+    results = json.loads((quick_out / "results.json").read_text())
+    (run,) = results["runs"]
+    settings = run["settings"]
+    assert run["machine"]["versions"]["torch"] and run["machine"]["device"] == "cpu"
+    ratios = [r for r in settings["keep_ratios"] if r < 1]
+    cells = {(r["selector"], r["keep_ratio"]) for r in run["records"]}
+    assert cells == {("unpruned", 1.0)} | {(s.name, r) for s in DEFAULT_SELECTORS for r in ratios}
+    assert len(run["records"]) == len(cells) * settings["repetitions"]
+    for record in run["records"]:
+        assert record["new_tokens"] == settings["max_new_tokens"]  # fixed, so runs compare
+        assert all(record[s] >= 0 for s in STAGES)
+        assert record["e2e_ms"] == pytest.approx(sum(record[s] for s in STAGES))
+        assert record["peak_rss_mib"] is None or record["peak_rss_mib"] > 0
+        expected = record["visual_tokens"] if record["selector"] == "unpruned" else \
+            round(record["keep_ratio"] * record["visual_tokens"])
+        assert record["kept"] == expected
+    for record in run["records"]:  # only relevance readers pay a score stage
+        if record["selector"] in ("hired", "globalcom2", "divprune", "random", "oracle", "ptp_no_instruction"):
+            assert record["score_ms"] == 0 or record["score_ms"] < 5
+    assert {t["met"] for t in run["targets"]} <= {True, False}
+    assert set(results["analytic"]) == {"llava-next-7b", "llava-next-13b", "cpu-proxy"}
+    readme = (quick_out / "README.md").read_text()
+    assert "| ptp | 0.111 |" in readme and "Not measured — no GPU lent" in readme
+
+
+def test_report_only_rebuilds_from_results(quick_out):
+    (quick_out / "README.md").unlink()
+    assert cli.main(["--out", str(quick_out), "--report-only"]) == 0
+    assert (quick_out / "README.md").is_file()
+
+
+def test_summary_median_min_max():
+    records = [{"selector": "ptp", "keep_ratio": 0.5, **{s: v for s in STAGES}, "e2e_ms": 6 * v}
+               for v in (3.0, 1.0, 2.0)]
+    (row,) = summarize(records)
+    assert row["e2e_ms"] == {"median": 12.0, "min": 6.0, "max": 18.0}
+    assert row["overhead_ms"]["median"] == 4.0 and row["n"] == 3
+
+
+def test_oracle_indices_are_evenly_spread_content_tokens():
+    region = torch.tensor([0, 0, -1, 1, 1, -1, 1, 1])
+    kept = oracle_indices(region, 2)
+    assert kept.tolist() == [0, 4] and bool((region[kept] >= 0).all())
+    assert oracle_indices(region, 6).tolist() == [0, 1, 3, 4, 6, 7]
+
+
+def test_kv_cache_formula_matches_a_real_cache(tiny_adapter):
+    lm = tiny_adapter.model.model.language_model
+    embeds = torch.randn(1, 37, lm.config.hidden_size)
+    cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+    actual = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert actual == 37 * kv_bytes_per_token(_llm_dims(tiny_adapter), 4)
