@@ -134,3 +134,58 @@ def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tens
     future = torch.arange(last, device=logits.device)[None, :] > query_positions[:, None]
     probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
     return probs.mean(dim=1)[0][:, key_positions]
+
+
+class ReceivedAttentionProbe:
+    """Attention each token *receives* in one full-attention block of a packed-sequence ViT (Qwen2.5-VL).
+
+    Such towers have no [CLS]; the saliency signal that exists is how much attention the other patches pay
+    to a patch.  The probe keeps the block's fused ``qkv`` output and the rotary tables / ``cu_seqlens`` it
+    was called with, then recomputes softmax(q·kᵀ·scale) for ``chunk`` queries at a time (never an N×N map
+    for all heads at once) within each sequence of ``cu_seqlens``.
+    ``received()`` → [N] in the block's token order: mean over heads and queries, so it sums to 1 per image.
+    """
+
+    def __init__(self, attention: nn.Module, chunk: int = 1024):
+        self.attention = attention
+        self.chunk = chunk
+        self._qkv: torch.Tensor | None = None
+        self._call: dict = {}
+        self._handles: list = []
+
+    def __enter__(self) -> ReceivedAttentionProbe:
+        def keep_call(module, args, kwargs):
+            self._call = {"cu_seqlens": kwargs["cu_seqlens"], "position_embeddings": kwargs["position_embeddings"]}
+
+        def keep_qkv(module, args, output):
+            self._qkv = output.detach()
+
+        self._handles = [self.attention.register_forward_pre_hook(keep_call, with_kwargs=True),
+                         self.attention.qkv.register_forward_hook(keep_qkv)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def received(self) -> torch.Tensor:
+        if self._qkv is None:
+            raise RuntimeError("the probed block did not run")
+        attn = self.attention
+        rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
+        tokens = self._qkv.shape[0]
+        q, k, _ = self._qkv.float().reshape(tokens, 3, attn.num_heads, -1).unbind(1)  # [N, H, hd] each
+        cos, sin = self._call["position_embeddings"]
+        q, k = rotary(q, k, cos, sin)
+        bounds = self._call["cu_seqlens"].tolist()
+        out = torch.zeros(tokens, dtype=torch.float32, device=q.device)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            keys = k[start:end].transpose(0, 1)  # [H, n, hd]
+            for first in range(start, end, self.chunk):
+                queries = q[first:min(first + self.chunk, end)].transpose(0, 1)  # [H, c, hd]
+                probs = torch.softmax((queries @ keys.transpose(-1, -2)) * attn.scaling, dim=-1)
+                out[start:end] += probs.sum(dim=(0, 1))
+            out[start:end] /= attn.num_heads * (end - start)
+        return out

@@ -79,8 +79,9 @@ def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptio
     """The adapter for the checkpoint's model family, loaded on the chosen device and dtype."""
     from .internvl import InternVLAdapter
     from .llava_next import LlavaNextAdapter
+    from .qwen2_5_vl import Qwen2_5_VLAdapter
 
-    families = {"llava_next": LlavaNextAdapter, "internvl": InternVLAdapter}
+    families = {"llava_next": LlavaNextAdapter, "internvl": InternVLAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter}
     path = resolve_checkpoint(path_or_id)
     family = checkpoint_family(path)
     if family not in families:

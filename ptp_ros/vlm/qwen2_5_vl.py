@@ -1,0 +1,213 @@
+"""Qwen2.5-VL (dynamic resolution, no tiles, no [CLS]) over the stock transformers classes.
+
+Token order: the image is resized (``smart_resize``) to a multiple of 28 px and cut into 14-px patches;
+each LLM token merges a 2×2 patch block, and ``get_image_features`` returns the tokens in raster order over
+the (h/2)×(w/2) merged grid.  There is no global view and no tile.
+Regions (ours, not the paper's): a fixed ``region_grid`` of rows×cols cells over that token grid, so that
+PTP's region level has something to share the budget between; no region is a global view.
+Token saliency: attention *received* in one full-attention ViT block (window blocks only see 112-px
+windows), from ``ReceivedAttentionProbe``, summed over each token's 2×2 patches and put back from the
+tower's window order into raster order with the model's own ``get_vision_window_index``.
+Region saliency: log of the region's share of that attention.
+Pruned path: drop pruned ``<|image_pad|>`` ids and hand ``generate`` the *original* 3-D M-RoPE positions
+of the kept tokens (``get_rope_index``), with the model's cached ``rope_deltas`` cleared.
+Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_for_tokens``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.vision_utils import get_vision_window_index
+
+from ..pruning import TokenScores
+from ..pruning.region_saliency import mass_logits
+from .attention import ReceivedAttentionProbe, text_to_token_attention
+from .base import Generation, PreparedInput, VisualTokens
+from .common import (
+    check_llm_layer,
+    instruction_query_positions,
+    kept_sequence_mask,
+    paper_vision_layer,
+    placeholder_positions,
+    prepare_image_prompt,
+    timed_generate,
+)
+from .compat import hide_video_processor
+
+_FALLBACK_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>{instruction}"
+
+
+def max_pixels_for_tokens(tokens: int, patch_size: int = 14, merge_size: int = 2) -> int:
+    """The ``max_pixels`` at which Qwen2.5-VL's processor yields at most ``tokens`` visual tokens: the
+    plain down-scaling baseline at the same token count as a pruned run."""
+    return int(tokens) * (patch_size * merge_size) ** 2
+
+
+@dataclass(frozen=True)
+class Qwen2_5_VLOptions:
+    vision_layer: int | str = "paper"  # "paper" (full-attention block nearest the paper's layer), "last" or an index
+    llm_layer: int = 2  # LLM layer whose text→visual attention gives instruction relevance
+    region_grid: tuple[int, int] = (2, 2)  # rows, cols of the fixed region grid over the token grid
+    max_pixels: int | None = None  # processor resolution cap (None: the checkpoint's); the down-scaling baseline
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision_layer, str) and self.vision_layer not in ("paper", "last"):
+            raise ValueError(f"vision_layer must be 'paper', 'last' or an index, got {self.vision_layer!r}")
+        if len(self.region_grid) != 2 or min(self.region_grid) < 1:
+            raise ValueError(f"region_grid must be (rows >= 1, cols >= 1), got {self.region_grid!r}")
+        object.__setattr__(self, "region_grid", tuple(int(v) for v in self.region_grid))
+
+
+class Qwen2_5_VLAdapter:
+    name = "qwen2_5_vl"
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor,
+                 options: Qwen2_5_VLOptions = Qwen2_5_VLOptions()):
+        self.model = model.eval()
+        self.processor = processor
+        self.options = options
+        self.device = model.device
+        self.dtype = model.dtype
+        self.image_token_id = model.config.image_token_id
+        visual = model.model.visual
+        self.vision_layer = self._full_attention_block(options.vision_layer, len(visual.blocks),
+                                                       list(visual.fullatt_block_indexes))
+        self._vision_attention = visual.blocks[self.vision_layer].attn
+        check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
+
+    @staticmethod
+    def _full_attention_block(choice: int | str, depth: int, full_blocks: list[int]) -> int:
+        if not full_blocks:
+            raise ValueError("the vision tower has no full-attention block to read saliency from")
+        if choice == "last":
+            return full_blocks[-1]
+        if choice == "paper":
+            target = paper_vision_layer(depth)
+            return min(full_blocks, key=lambda b: (abs(b - target), -b))
+        index = int(choice) % depth if -depth <= int(choice) < depth else None
+        if index not in full_blocks:
+            raise ValueError(f"vision_layer {choice} is not a full-attention block (those are {full_blocks})")
+        return index
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
+                        **options) -> Qwen2_5_VLAdapter:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
+        hide_video_processor(Qwen2_5_VLProcessor)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return cls(model.to(device), processor, Qwen2_5_VLOptions(**options))
+
+    # -- 0. inputs ---------------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
+        kwargs = {}
+        if self.options.max_pixels is not None:
+            size = self.processor.image_processor.size
+            kwargs["size"] = {"shortest_edge": min(size["shortest_edge"], self.options.max_pixels),
+                              "longest_edge": self.options.max_pixels}
+        return prepare_image_prompt(self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype,
+                                    **kwargs)
+
+    # -- 1. encode, with bottom-up saliency --------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prepared: PreparedInput) -> VisualTokens:
+        grid_thw = prepared.inputs["image_grid_thw"]
+        with ReceivedAttentionProbe(self._vision_attention) as probe:
+            out = self.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"],
+                                                      image_grid_thw=grid_thw, return_dict=True)
+        features = out.pooler_output[0]  # [N, D], raster order over the merged grid
+        saliency = self.token_saliency(probe.received().cpu(), grid_thw.cpu())
+        if saliency.shape[0] != features.shape[0]:
+            raise RuntimeError(f"token layout ({saliency.shape[0]}) and features ({features.shape[0]}) disagree")
+        rows, cols = self.token_grid(grid_thw)
+        region, names, region_rc = self._regions(rows, cols)
+        token_boxes = self._token_boxes(rows, cols, prepared.image_size)
+        region_boxes = torch.stack([torch.cat([token_boxes[region == r, :2].amin(0), token_boxes[region == r, 2:].amax(0)])
+                                    for r in range(len(names))])
+        mass = torch.zeros(len(names), dtype=torch.float64).index_add_(0, region, saliency.double())
+        scores = TokenScores(region=region, saliency=saliency.float(), region_saliency=mass_logits(mass).float(),
+                             global_region=None)
+        return VisualTokens(features=features, scores=scores, token_boxes=token_boxes, region_boxes=region_boxes,
+                            region_names=names, image_size=prepared.image_size,
+                            extras={"grid": region_rc, "token_grid": (rows, cols), "vision_layer": self.vision_layer})
+
+    def token_grid(self, grid_thw: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of the merged token grid of the one image in ``grid_thw`` [1, 3]."""
+        merge = self.model.model.visual.spatial_merge_size
+        t, h, w = (int(v) for v in grid_thw[0])
+        if t != 1:
+            raise ValueError(f"one still image expected, got {t} temporal patches")
+        return h // merge, w // merge
+
+    def token_saliency(self, received: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Per-patch received attention in the tower's window order → per-token sums in raster order."""
+        visual = self.model.model.visual
+        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                  visual.patch_size)
+        per_window_token = received.view(-1, visual.spatial_merge_unit).sum(dim=1)
+        return per_window_token[torch.argsort(window_index)]
+
+    def _regions(self, rows: int, cols: int) -> tuple[torch.Tensor, list[str], tuple[int, int]]:
+        """Region of every token for the fixed grid (capped at the token grid, so none is empty)."""
+        grid_r, grid_c = min(self.options.region_grid[0], rows), min(self.options.region_grid[1], cols)
+        r = torch.arange(rows).repeat_interleave(cols) * grid_r // rows
+        c = torch.arange(cols).repeat(rows) * grid_c // cols
+        names = [f"cell r{i} c{j}" for i in range(grid_r) for j in range(grid_c)]
+        return r * grid_c + c, names, (grid_r, grid_c)
+
+    @staticmethod
+    def _token_boxes(rows: int, cols: int, image_size: tuple[int, int]) -> torch.Tensor:
+        """The processor resizes the whole image to the patch canvas, so token (r, c) covers the same
+        fraction of the original image."""
+        height, width = image_size
+        r = torch.arange(rows).repeat_interleave(cols).float()
+        c = torch.arange(cols).repeat(rows).float()
+        return torch.stack([c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows], -1)
+
+    # -- 2. top-down relevance -----------------------------------------------------------------------
+    def rope_positions(self, prepared: PreparedInput) -> torch.Tensor:
+        """The model's own 3-D M-RoPE positions of the full prompt, [3, 1, L]."""
+        inputs = prepared.inputs
+        positions, _ = self.model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                       image_grid_thw=inputs["image_grid_thw"],
+                                                       attention_mask=inputs["attention_mask"])
+        return positions
+
+    @torch.no_grad()
+    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
+        ids = prepared.inputs["input_ids"]
+        image_pos = placeholder_positions(ids, self.image_token_id)
+        embeds = self.model.get_input_embeddings()(ids).clone()
+        embeds[0, image_pos] = visual.features.to(embeds.dtype)
+        return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
+                                       instruction_query_positions(ids, self.image_token_id), image_pos,
+                                       position_ids=self.rope_positions(prepared)).cpu()
+
+    # -- 3. pruned generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
+                 max_new_tokens: int) -> Generation:
+        """Always through explicit positions, so keep-all exercises the same path as a pruned run."""
+        ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
+        positions = self.rope_positions(prepared)
+        features = visual.features
+        if kept is not None and kept.numel() < visual.num_tokens:
+            keep = kept_sequence_mask(ids, self.image_token_id, kept)
+            ids, mask, positions = ids[:, keep], mask[:, keep], positions[:, :, keep]
+            features = features[kept.to(features.device)]
+        text_positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)  # for the causal mask only
+        self.model.model.rope_deltas = None  # stale deltas of an earlier prompt would shift decoding
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens,
+                              input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded,
+                              position_ids=torch.cat([text_positions, positions], dim=0))
+
+    @torch.no_grad()
+    def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
+        self.model.model.rope_deltas = None
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, **prepared.inputs)

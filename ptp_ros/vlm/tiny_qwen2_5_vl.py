@@ -1,0 +1,63 @@
+"""A tiny Qwen2.5-VL checkpoint built from configs, for tests and demos (no weights to download).
+
+Qwen2.5-VL geometry (14-px patches, 2×2 merge, 112-px attention windows with some full-attention blocks,
+3-D M-RoPE in the LLM, the stock ``Qwen2_5_VLProcessor`` with its default 1280·28² max_pixels) with toy
+widths.  Saved to disk and read back through ``load_adapter`` like a real checkpoint.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+
+from .compat import hide_video_processor
+from .tiny import VICUNA_STYLE_TEMPLATE
+from .tokenizer import BASE_WORDS, build_word_tokenizer
+
+#: The tokens ``Qwen2_5_VLProcessor`` and the model's config refer to.
+QWEN_SPECIAL_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                       "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+
+
+def tiny_qwen2_5_vl_config(tokenizer, *, vision_width: int = 32, vision_depth: int = 4, full_attention=(1, 3),
+                           text_width: int = 64, text_layers: int = 3) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL with the real patch / merge / window geometry and toy widths (head dims 8 and 16)."""
+    heads = 4
+    text_head_dim = text_width // heads
+    section = [text_head_dim // 2 - 2 * (text_head_dim // 6), text_head_dim // 6, text_head_dim // 6]  # t, h, w
+    vision = dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=2 * vision_width, num_heads=heads,
+                  out_hidden_size=text_width, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=112, fullatt_block_indexes=list(full_attention))
+    text = dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=2,
+                max_position_embeddings=8192, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section})
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in QWEN_SPECIAL_TOKENS.items()}
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image_token"],
+                            video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
+                            vision_end_token_id=ids["vision_end_token"], tie_word_embeddings=False)
+
+
+def qwen2_5_vl_processor(tokenizer) -> Qwen2_5_VLProcessor:
+    placeholder = QWEN_SPECIAL_TOKENS["vision_start_token"] + QWEN_SPECIAL_TOKENS["image_token"] + \
+        QWEN_SPECIAL_TOKENS["vision_end_token"]
+    return hide_video_processor(Qwen2_5_VLProcessor)(
+        image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
+        chat_template=VICUNA_STYLE_TEMPLATE.replace("<image>", placeholder))
+
+
+def build_tiny_qwen2_5_vl(out_dir: str | Path, *, words: Iterable[str] = BASE_WORDS, seed: int = 0,
+                          **config_overrides) -> Path:
+    """Build a random-weight tiny Qwen2.5-VL (deterministic in ``seed``) and save it with its processor."""
+    out = Path(out_dir)
+    tokenizer = build_word_tokenizer(words, extra_special=QWEN_SPECIAL_TOKENS)
+    config = tiny_qwen2_5_vl_config(tokenizer, **config_overrides)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    qwen2_5_vl_processor(tokenizer).save_pretrained(out)
+    return out
