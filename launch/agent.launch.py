@@ -1,0 +1,63 @@
+"""Start the ptp_ros agent:  ros2 launch ptp_ros agent.launch.py image_topic:=/camera/color/image_raw
+
+Only wiring: every argument becomes a node parameter, a remapping or the node's environment, so the
+same node runs without launch as  python -m ptp_ros.ros.node --ros-args --params-file config/agent.yaml
+(docs/ros.md).  The node walks itself to active; a lifecycle manager may drive it instead.
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+
+def generate_launch_description() -> LaunchDescription:
+    config = os.path.join(get_package_share_directory("ptp_ros"), "config")
+    arguments = [
+        DeclareLaunchArgument("model_path", default_value="",
+                              description="Checkpoint directory or cached repo id; empty = built-in default model"),
+        DeclareLaunchArgument("image_topic", default_value="/camera/image_raw",
+                              description="Camera topic (raw Image; with compressed transport, <topic>/compressed)"),
+        DeclareLaunchArgument("image_transport", default_value="raw", choices=["raw", "compressed"],
+                              description="raw: sensor_msgs/Image; compressed: sensor_msgs/CompressedImage"),
+        DeclareLaunchArgument("instruction_topic", default_value="instruction",
+                              description="std_msgs/String instructions (text or JSON)"),
+        DeclareLaunchArgument("latency_budget_ms", default_value="2000.0",
+                              description="Time allowed from instruction to answer, in ms"),
+        DeclareLaunchArgument("params_file", default_value=os.path.join(config, "agent.yaml"),
+                              description="YAML with the node's parameters (arguments here override it)"),
+        DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node and its topics"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay, sim)"),
+        DeclareLaunchArgument("fastdds_profile", default_value=os.path.join(config, "fastdds_shm.xml"),
+                              description="Fast DDS XML profile (large shared-memory segment for camera frames)"),
+    ]
+    agent = Node(
+        package="ptp_ros",
+        executable="agent",
+        name="ptp_agent",
+        namespace=LaunchConfiguration("namespace"),
+        output="screen",
+        parameters=[
+            LaunchConfiguration("params_file"),
+            {
+                "model_path": ParameterValue(LaunchConfiguration("model_path"), value_type=str),
+                "image_transport": ParameterValue(LaunchConfiguration("image_transport"), value_type=str),
+                "latency_budget_ms": ParameterValue(LaunchConfiguration("latency_budget_ms"), value_type=float),
+                "use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool),
+            },
+        ],
+        remappings=[
+            ("image", LaunchConfiguration("image_topic")),
+            ("image/compressed", [LaunchConfiguration("image_topic"), "/compressed"]),
+            ("instruction", LaunchConfiguration("instruction_topic")),
+        ],
+    )
+    return LaunchDescription([
+        *arguments,
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),  # kilted
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),  # jazzy
+        agent,
+    ])
