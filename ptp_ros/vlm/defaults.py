@@ -1,7 +1,12 @@
-"""The built-in default model: what ``ptp-ask`` and the demo use when no model is given.
+"""The built-in default model: what ``ptp-ask``, the demo node and ``ptp-eval`` use when no model is given.
 
-Until the trained proxy exists this is the tiny random-weight LLaVA-NeXT, built once from its config
-into the user's cache (deterministic, ~2 MB) and then loaded like any real checkpoint.
+That is the proxy LLaVA-NeXT trained on the high-resolution proxy task (``bench/proxy/train.py``),
+shipped with the package (safetensors + processor + training log, a few MB).  It answers questions
+about coloured shapes in cluttered scenes (see ``ptp_ros.proxy``); on other images its answers mean
+nothing, but its whole path (anyres tiles, [CLS] and instruction saliency, pruned generation) is real.
+
+``tiny_model_path`` builds the untrained tiny LLaVA-NeXT into the user's cache instead: deterministic,
+~2 MB, for tests that need a model but no trained behaviour.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+PROXY_MODEL = Path(__file__).resolve().parents[1] / "models" / "proxy-llava-next"
 TINY_NAME = "tiny-llava-next-v1"
 
 
@@ -20,7 +26,14 @@ def cache_dir() -> Path:
 
 
 def default_model_path() -> Path:
-    """Path of the built-in default checkpoint, building it on first use (atomically, so racing
+    """The shipped proxy checkpoint (falls back to the tiny untrained model if the package lacks it)."""
+    if (PROXY_MODEL / "config.json").is_file() and any(PROXY_MODEL.glob("*.safetensors")):
+        return PROXY_MODEL
+    return tiny_model_path()
+
+
+def tiny_model_path() -> Path:
+    """Path of the tiny random-weight checkpoint, building it on first use (atomically, so racing
     processes never see half a checkpoint)."""
     target = cache_dir() / TINY_NAME
     if (target / "config.json").is_file():

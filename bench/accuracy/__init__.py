@@ -1,0 +1,75 @@
+"""``ptp-eval``: accuracy of PTP, its ablations and peer selectors on the proxy high-resolution VQA task.
+
+    ptp-eval                      # test split, all methods, writes docs/accuracy/
+    ptp-eval --sweep              # validation split, candidate PTP defaults, writes docs/accuracy/sweep/
+    ptp-eval --quick              # three scenes, for CI (< 2 min), writes to a temporary folder
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RATIOS = (1.0, 0.5, 0.25, 0.111, 0.056)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(prog="ptp-eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in proxy model)")
+    ap.add_argument("--split", default=None, choices=("train", "val", "test"),
+                    help="default: test (val with --sweep)")
+    ap.add_argument("--scenes", type=int, default=None, help="default: 260 (60 with --sweep, 3 with --quick)")
+    ap.add_argument("--per-type", type=int, default=2, help="questions of each type per scene")
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    ap.add_argument("--sweep", action="store_true", help="compare candidate PTP defaults instead of the peers")
+    ap.add_argument("--quick", action="store_true", help="a few scenes, for CI")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from ptp_ros.proxy import make_questions, make_scene, split_seed
+    from ptp_ros.vlm.defaults import default_model_path
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    from . import report
+    from .methods import comparison_methods, sweep_methods
+    from .runner import Evaluator, Results
+
+    split = args.split or ("val" if args.sweep else "test")
+    scenes = args.scenes or (3 if args.quick else 60 if args.sweep else 260)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="ptp-eval-")) if args.quick
+                       else Path("docs/accuracy/sweep") if args.sweep else Path("docs/accuracy"))
+    ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
+    model = Path(args.model) if args.model else default_model_path()
+    adapter = load_adapter(model, LoadOptions(device="cpu"))
+    methods = sweep_methods() if args.sweep else comparison_methods()
+    evaluator = Evaluator(adapter, methods, ratios)
+    results = Results()
+    start = time.perf_counter()
+    for k in range(scenes):
+        scene = make_scene(split_seed(split, k))
+        evaluator.scene(scene, make_questions(scene, args.per_type), results)
+        if (k + 1) % 10 == 0 or k + 1 == scenes:
+            print(f"[ptp-eval] {k + 1}/{scenes} scenes, {len(results.qtypes)} questions, "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    shown = os.path.relpath(model) if model.resolve().is_relative_to(Path.cwd()) else str(model)
+    command = "ptp-eval " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"split": split, "model": shown, "command": command.strip(), "seconds": time.perf_counter() - start,
+            "ratios": list(ratios), "per_type": args.per_type}
+    data = report.build(results, methods, ratios, meta)
+    report.write(data, ratios, out)
+    print(f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f}, global only "
+          f"{data['global_only']['accuracy']:.3f}; wrote {out}/results.json, results.md, accuracy_vs_keep_ratio.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

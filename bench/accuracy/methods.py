@@ -1,0 +1,81 @@
+"""The selectors compared by ``ptp-eval``: PTP, its ablations and the peer methods, under one interface.
+
+A ``Method`` is a selector name with its options plus the two choices made outside the selector:
+how instruction attention is reduced over instruction tokens and which adapter options produce the
+scores (region score, vision layer, LLM layer).  "ptp" always means the library's current defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ptp_ros.pruning import PTPConfig, make_selector
+from ptp_ros.vlm.llava_next import LlavaNextOptions
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    selector: str
+    options: dict = field(default_factory=dict)
+    reduce: str = "max"  # instruction tokens → one relevance per visual token
+    adapter: LlavaNextOptions = LlavaNextOptions()
+    group: str = "peer"  # "ptp", "ablation" or "peer"
+
+    def bound(self):
+        return make_selector(self.selector, **self.options)
+
+    @property
+    def needs_relevance(self) -> bool:
+        return self.bound().needs_relevance
+
+    def key(self) -> tuple:
+        """Identity of what is computed (two labels for one configuration are computed once)."""
+        return (self.selector, tuple(sorted(self.options.items())), self.reduce if self.needs_relevance else None,
+                self.adapter)
+
+
+def _ptp(label: str, group: str = "ablation", reduce: str = "max", adapter: LlavaNextOptions = LlavaNextOptions(),
+         **changes) -> Method:
+    return Method(label, "ptp", dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)), reduce, adapter,
+                  group)
+
+
+def comparison_methods() -> list[Method]:
+    """PTP (max over instruction tokens), the ablations the issue names, and the peers (FastV reads mean
+    attention, as FastV does)."""
+    default = PTPConfig().alpha  # α = 0 and α = 1 are the ablation rows, the default is the "ptp" row
+    alphas = [_ptp(f"ptp α={a:g}", alpha=a) for a in (0.25, 0.5, 0.75) if a != default]
+    return [
+        _ptp("ptp", group="ptp"),
+        _ptp("ptp without region budgets", use_region_budgets=False),
+        _ptp("ptp without token saliency (α=1)", alpha=1.0),
+        _ptp("ptp without instruction (α=0)", alpha=0.0),
+        _ptp("ptp mean over instruction", reduce="mean"),
+        *alphas,
+        Method("random", "random"),
+        Method("uniform [CLS] top-k", "uniform_cls"),
+        Method("HiRED", "hired"),
+        Method("GlobalCom2", "globalcom2"),
+        Method("FastV (layer 2)", "fastv", reduce="mean"),
+        Method("DivPrune", "divprune"),
+    ]
+
+
+def sweep_methods() -> list[Method]:
+    """Candidate defaults for PTP, run on the validation split to choose them (never on test)."""
+    out = []
+    for region_score in ("cls_mass", "global_similarity"):
+        for vision_layer in ("paper", "feature", 0):
+            adapter = LlavaNextOptions(vision_layer=vision_layer, region_score=region_score)
+            out.append(_ptp(f"ptp region={region_score} vision_layer={vision_layer}", adapter=adapter))
+    for llm_layer in (0, 1, 2, 3):
+        for reduce in ("max", "mean"):
+            out.append(_ptp(f"ptp llm_layer={llm_layer} {reduce}", reduce=reduce,
+                            adapter=LlavaNextOptions(llm_layer=llm_layer)))
+    for temperature in (0.5, 1.0, 2.0, 4.0):
+        out.append(_ptp(f"ptp temperature={temperature:g}", temperature=temperature))
+    out.extend(_ptp(f"ptp α={a:g}", alpha=a) for a in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0))
+    out.extend(_ptp(f"ptp global_share={g:g}", global_share=g) for g in (0.0, 0.1, 0.25))
+    out.append(_ptp("ptp without region budgets", use_region_budgets=False))
+    return out
