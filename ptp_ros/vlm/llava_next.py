@@ -8,42 +8,35 @@ placeholders from ``input_ids`` → stock ``generate(mm_encoder_outputs=...)``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from ..pruning import NO_REGION, TokenScores
-from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_logits
 from .attention import ClsAttentionProbe, text_to_token_attention
-from .base import Generation, PreparedInput, StageClock, VisualTokens
-
-REGION_SCORES = ("cls_mass", "global_similarity")
+from .base import Generation, PreparedInput, VisualTokens
+from .common import TILE_REGION_SCORES as REGION_SCORES  # noqa: F401  (kept importable from here)
+from .common import (
+    TiledModelOptions,
+    check_llm_layer,
+    instruction_query_positions,
+    kept_sequence_mask,
+    paper_vision_layer,  # noqa: F401  (kept importable from here)
+    placeholder_positions,
+    prepare_image_prompt,
+    tile_region_logits,
+    timed_generate,
+    vision_layer_index,
+)
 
 _FALLBACK_PROMPT = "USER: <image>\n{instruction} ASSISTANT:"
 
-
-def paper_vision_layer(num_layers: int) -> int:
-    """0-based index of the paper's [CLS] layer, "11 of 24", scaled to the tower's depth."""
-    return max(0, round(11 * num_layers / 24) - 1)
-
-
-@dataclass(frozen=True)
-class LlavaNextOptions:
-    vision_layer: int | str = "paper"  # "paper", "feature" (the layer LLaVA reads features from) or 0-based index
-    llm_layer: int = 2  # LLM layer whose text→visual attention gives instruction relevance
-    region_score: str = "cls_mass"  # one of REGION_SCORES
-
-    def __post_init__(self) -> None:
-        if self.region_score not in REGION_SCORES:
-            raise ValueError(f"region_score must be one of {REGION_SCORES}, got {self.region_score!r}")
-        if isinstance(self.vision_layer, str) and self.vision_layer not in ("paper", "feature"):
-            raise ValueError(f"vision_layer must be 'paper', 'feature' or an index, got {self.vision_layer!r}")
+#: PTP's knobs for LLaVA-NeXT: those of every tiled model with [CLS] tokens.
+LlavaNextOptions = TiledModelOptions
 
 
 class LlavaNextAdapter:
@@ -58,24 +51,11 @@ class LlavaNextAdapter:
         config = model.config
         self.image_token_id = config.image_token_id
         layers = model.model.vision_tower.encoder.layers
-        self.vision_layer = self._vision_layer_index(options.vision_layer, len(layers), config.vision_feature_layer)
+        self.vision_layer = vision_layer_index(options.vision_layer, len(layers), config.vision_feature_layer)
         self._vision_attention = layers[self.vision_layer].self_attn
         self._tile_px = config.vision_config.image_size
         self._patches_per_side = config.vision_config.image_size // config.vision_config.patch_size
-        num_llm_layers = len(model.model.language_model.layers)
-        if not 0 <= options.llm_layer < num_llm_layers:
-            raise ValueError(f"llm_layer {options.llm_layer} is outside the LLM's {num_llm_layers} layers")
-
-    @staticmethod
-    def _vision_layer_index(choice: int | str, num_layers: int, feature_layer: int) -> int:
-        if choice == "paper":
-            return paper_vision_layer(num_layers)
-        if choice == "feature":
-            return feature_layer % num_layers if feature_layer < 0 else feature_layer - 1
-        index = int(choice)
-        if not -num_layers <= index < num_layers:
-            raise ValueError(f"vision_layer {index} is outside the tower's {num_layers} layers")
-        return index % num_layers
+        check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
@@ -88,15 +68,7 @@ class LlavaNextAdapter:
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
         """RGB uint8 [H, W, 3] + instruction → the processor's tensors on the model's device."""
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        if getattr(self.processor, "chat_template", None):
-            prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        else:
-            prompt = _FALLBACK_PROMPT.format(instruction=instruction)
-        inputs = self.processor(images=Image.fromarray(image), text=prompt, return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return PreparedInput(inputs=inputs, image_size=(int(image.shape[0]), int(image.shape[1])),
-                             instruction=instruction)
+        return prepare_image_prompt(self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype)
 
     # -- 1. encode, with bottom-up saliency --------------------------------------------------------
     @torch.no_grad()
@@ -174,29 +146,22 @@ class LlavaNextAdapter:
         return boxes, region_boxes
 
     def _region_logits(self, cls_attention, cls_states, region_boxes, image_size) -> torch.Tensor:
-        if self.options.region_score == "cls_mass":
-            side = self._patches_per_side
-            height, width = image_size
-            norm = region_boxes[1:] / torch.tensor([width, height, width, height], dtype=region_boxes.dtype)
-            tiles = mass_logits(footprint_mass(cls_attention[0].view(side, side), norm))
-            global_logit = torch.logsumexp(tiles, 0) - np.log(len(tiles))  # an average tile's mass
-        else:
-            tiles = similarity_logits(cls_states[1:], cls_states[0])
-            global_logit = tiles.mean()
+        side = self._patches_per_side
+        height, width = image_size
+        norm = region_boxes[1:] / torch.tensor([width, height, width, height], dtype=region_boxes.dtype)
+        tiles, global_logit = tile_region_logits(self.options.region_score, cls_attention[0].view(side, side), norm,
+                                                 cls_states[1:], cls_states[0])
         return torch.cat([global_logit.reshape(1), tiles]).float()
 
     # -- 2. top-down relevance -----------------------------------------------------------------------
     @torch.no_grad()
     def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
-        ids = prepared.inputs["input_ids"][0]
-        image_pos = torch.nonzero(ids == self.image_token_id).squeeze(1)
-        query_pos = torch.arange(int(image_pos.max()) + 1, ids.shape[0], device=ids.device)
-        if query_pos.numel() == 0:
-            raise ValueError("the prompt has no instruction tokens after the image")
-        embeds = self.model.get_input_embeddings()(ids)[None].clone()
+        ids = prepared.inputs["input_ids"]
+        image_pos = placeholder_positions(ids, self.image_token_id)
+        embeds = self.model.get_input_embeddings()(ids).clone()
         embeds[0, image_pos] = visual.features.to(embeds.dtype)
         return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
-                                       query_pos, image_pos).cpu()
+                                       instruction_query_positions(ids, self.image_token_id), image_pos).cpu()
 
     # -- 3. pruned generation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -205,27 +170,12 @@ class LlavaNextAdapter:
         ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
         features = visual.features
         if kept is not None and kept.numel() < visual.num_tokens:
-            kept = kept.to(features.device)
-            image_pos = torch.nonzero(ids[0] == self.image_token_id).squeeze(1)
-            pruned = torch.ones(visual.num_tokens, dtype=torch.bool, device=ids.device)
-            pruned[kept] = False
-            keep_pos = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
-            keep_pos[image_pos[pruned]] = False
-            ids, mask, features = ids[:, keep_pos], mask[:, keep_pos], features[kept]
+            keep = kept_sequence_mask(ids, self.image_token_id, kept)
+            ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
-        return self._timed_generate(max_new_tokens, input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens,
+                              input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
 
     @torch.no_grad()
     def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
-        return self._timed_generate(max_new_tokens, **prepared.inputs)
-
-    def _timed_generate(self, max_new_tokens: int, **inputs) -> Generation:
-        clock = StageClock(self.device)
-        prompt_len = inputs["input_ids"].shape[1]
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
-                                  pad_token_id=self.processor.tokenizer.pad_token_id)
-        prefill_ms, decode_ms = clock.stages_ms()
-        new = out[0, prompt_len:]
-        text = self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return Generation(text=text, token_ids=new.tolist(), prompt_tokens=prompt_len, new_tokens=int(new.shape[0]),
-                          prefill_ms=prefill_ms, decode_ms=decode_ms)
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, **prepared.inputs)
