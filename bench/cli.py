@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = sorted({r for run_ in runs for r in run_["settings"]["keep_ratios"]}, reverse=True)
     results = {"schema": 1, "generated_by": "ptp-bench", "runs": runs, "analytic": analytic(runs, ratios)}
     for r in runs:
-        r["targets"] = targets(r["summary"], results["analytic"])
+        r["targets"] = targets(r["records"], r["summary"], results["analytic"])
     results_path.write_text(json.dumps(results, indent=1))
     (args.out / f"raw-{runs[-1]['model']}.json").unlink(missing_ok=True)
     (args.out / "README.md").write_text(markdown(results))

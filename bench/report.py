@@ -35,7 +35,7 @@ def _cell(summary: list[dict], selector: str, ratio: float) -> dict | None:
     return next((r for r in summary if r["selector"] == selector and abs(r["keep_ratio"] - ratio) < 1e-9), None)
 
 
-def targets(summary: list[dict], analytic: dict[str, list[dict]]) -> list[dict]:
+def targets(records: list[dict], summary: list[dict], analytic: dict[str, list[dict]]) -> list[dict]:
     """The three targets, each with the measured figure, its limit and whether it was met."""
     out = []
     base = _cell(summary, "unpruned", 1.0)
@@ -44,7 +44,7 @@ def targets(summary: list[dict], analytic: dict[str, list[dict]]) -> list[dict]:
         worst = max(ptp_cells, key=lambda r: r["overhead_ms"]["median"])
         value = worst["overhead_ms"]["median"] / base["e2e_ms"]["median"]
         out.append({"target": "PTP scoring + selection overhead ≤ 2 % of unpruned end-to-end (median, worst ratio)",
-                    "value": value, "limit": TARGET_PTP_OVERHEAD, "met": value <= TARGET_PTP_OVERHEAD,
+                    "value": value, "value_min": worst["overhead_ms"]["min"] / base["e2e_ms"]["min"], "limit": TARGET_PTP_OVERHEAD, "met": value <= TARGET_PTP_OVERHEAD,
                     "detail": {"keep_ratio": worst["keep_ratio"], "overhead_ms": worst["overhead_ms"]["median"],
                                "score_ms": worst["score_ms"]["median"], "select_ms": worst["select_ms"]["median"],
                                "unpruned_e2e_ms": base["e2e_ms"]["median"],
@@ -54,6 +54,7 @@ def targets(summary: list[dict], analytic: dict[str, list[dict]]) -> list[dict]:
             w = max(no_instr, key=lambda r: r["overhead_ms"]["median"])
             v = w["overhead_ms"]["median"] / base["e2e_ms"]["median"]
             out.append({"target": "same, PTP without the instruction stage", "value": v,
+                        "value_min": w["overhead_ms"]["min"] / base["e2e_ms"]["min"],
                         "limit": TARGET_PTP_OVERHEAD, "met": v <= TARGET_PTP_OVERHEAD,
                         "detail": {"keep_ratio": w["keep_ratio"], "overhead_ms": w["overhead_ms"]["median"]}})
     for selector in ("ptp", "oracle"):
@@ -61,10 +62,18 @@ def targets(summary: list[dict], analytic: dict[str, list[dict]]) -> list[dict]:
         if base and cell:
             v = cell["prefill_ms"]["median"] / base["prefill_ms"]["median"]
             out.append({"target": f"LLM prefill at 11.1 % kept ({selector}) ≤ 0.15 × unpruned (medians, same run)",
-                        "value": v, "limit": TARGET_PREFILL_RATIO, "met": v <= TARGET_PREFILL_RATIO,
+                        "value": v, "value_min": cell["prefill_ms"]["min"] / base["prefill_ms"]["min"],
+                        "limit": TARGET_PREFILL_RATIO, "met": v <= TARGET_PREFILL_RATIO,
                         "detail": {"prefill_ms": cell["prefill_ms"]["median"],
-                                   "unpruned_prefill_ms": base["prefill_ms"]["median"],
-                                   "min_ratio": cell["prefill_ms"]["min"] / base["prefill_ms"]["min"]}})
+                                   "unpruned_prefill_ms": base["prefill_ms"]["median"]}})
+    pooled = [r for r in records if abs(r["keep_ratio"] - NINTH) < 1e-9]
+    unpruned = [r["prefill_ms"] for r in records if r["selector"] == "unpruned"]
+    if pooled and unpruned:  # every selector keeps the same count at 11.1 %: more samples of one prefill
+        v = statistics.median(r["prefill_ms"] for r in pooled) / statistics.median(unpruned)
+        out.append({"target": f"same, all {len({r['selector'] for r in pooled})} selectors pooled "
+                              f"({len(pooled)} prefills at 11.1 %)",
+                    "value": v, "value_min": min(r["prefill_ms"] for r in pooled) / min(unpruned),
+                    "limit": TARGET_PREFILL_RATIO, "met": v <= TARGET_PREFILL_RATIO, "detail": {}})
     row = next((r for r in analytic.get("llava-next-7b", []) if abs(r["keep_ratio"] - NINTH) < 1e-9), None)
     if row:
         out.append({"target": "analytic LLaVA-NeXT-7B LLM prefill FLOPs at 11.1 % kept ≤ 0.12 × unpruned",
@@ -104,7 +113,9 @@ def markdown(results: dict) -> str:
                   f"(greedy). {meta['repetitions']} repetitions; in each, preprocess + vision encode run once and "
                   "all (selector, ratio) cells run in a shuffled order. Figures: median [min–max] over repetitions.",
                   f"- Contention: load average {run['load']['before']['load_avg_1m']} before, "
-                  f"{run['load']['after']['load_avg_1m']} after (1-min, {m['logical_cpus']} cores); other busy "
+                  f"{run['load']['after']['load_avg_1m']} after, {min(r['load_avg_1m'] for r in run['records'])}–"
+                  f"{max(r['load_avg_1m'] for r in run['records'])} at the start of each repetition (1-min, "
+                  f"{m['logical_cpus']} cores); other busy "
                   f"processes at start: {len(run['load']['before']['other_busy_processes'])}, at end: "
                   f"{len(run['load']['after']['other_busy_processes'])}. On a shared box the minimum is the better "
                   "estimate of the uncontended cost, the median of what a user sees.",
@@ -119,10 +130,14 @@ def markdown(results: dict) -> str:
                 f"| {_short(row['decode_ms_per_token'], '{:.0f}')} | {_ms(row['e2e_ms'])} | "
                 f"{_short(row.get('peak_rss_mib'))} | {_short(row['kv_cache_mib'], '{:.1f}')} |"
                 + (f" {_short(row.get('cuda_peak_mib'))} |" if gpu else ""))
-        lines += ["", "### Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+        lines += ["", "### Targets", "", "Met or not is judged on the medians; the same ratio of the minima (the "
+                  "least contended samples) is shown beside it.", "",
+                  "| target | measured (medians) | from minima | limit | met |", "|---|---|---|---|---|"]
         for t in run["targets"]:
-            lines.append(f"| {t['target']} | {t['value']:.4f} | {t['limit']} | {'yes' if t['met'] else '**no**'} |")
-        lines += [""] + _target_notes(run) + [""]
+            from_min = f"{t['value_min']:.4f}" if t.get("value_min") is not None else "–"
+            lines.append(f"| {t['target']} | {t['value']:.4f} | {from_min} | {t['limit']} | "
+                         f"{'yes' if t['met'] else '**no**'} |")
+        lines += [""] + _target_notes(run, results["analytic"]) + [""]
     if not any(r["machine"]["device"].startswith("cuda") for r in results["runs"]):
         lines += ["## GPU (LLaVA-NeXT-7B size, fp16)", "",
                   "Not measured — no GPU lent for this run. `ptp-bench --model llava-next-7b --device cuda` measures it "
@@ -150,20 +165,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _target_notes(run: dict) -> list[str]:
+def _target_notes(run: dict, analytic: dict[str, list[dict]]) -> list[str]:
     """Why a missed target was missed, from the run's own figures."""
     notes = []
     for t in run["targets"]:
-        if t["met"] or "overhead" not in t["target"] or "without" in t["target"]:
+        if t["met"]:
             continue
-        d = t["detail"]
-        notes.append(
-            f"**PTP overhead missed:** its score stage is the instruction relevance at LLM layer 2, i.e. 2 of "
-            f"{run['settings']['llm_layers']} LLM layers over the full prompt: {d['score_ms']:.0f} ms = "
-            f"{d['score_ms'] / d['unpruned_prefill_ms']:.1%} of the unpruned prefill. Selection itself costs "
-            f"{d['select_ms']:.1f} ms. Without the instruction stage PTP's overhead is the selection alone (row "
-            "above). Meeting 2 % with the instruction stage needs FastV-style in-LLM pruning that keeps the layer 0–1 "
-            "work of the scoring pass instead of recomputing the pruned prompt from scratch.")
+        if t["target"].startswith("PTP scoring"):
+            d = t["detail"]
+            notes.append(
+                f"**PTP overhead missed:** its score stage is the instruction relevance at LLM layer 2, i.e. 2 of "
+                f"{run['settings']['llm_layers']} LLM layers over the full prompt: {d['score_ms']:.0f} ms = "
+                f"{d['score_ms'] / d['unpruned_prefill_ms']:.1%} of the unpruned prefill. Selection itself costs "
+                f"{d['select_ms']:.1f} ms. Without the instruction stage PTP's overhead is the selection alone (row "
+                "below it). Meeting 2 % with the instruction stage needs FastV-style in-LLM pruning that keeps the "
+                "layer 0–1 work of the scoring pass instead of recomputing the pruned prompt from scratch.")
+        elif t["target"].startswith("LLM prefill at 11.1 % kept (ptp)"):
+            flops = next((r["prefill_ratio"] for r in analytic.get(run["model"], [])
+                          if abs(r["keep_ratio"] - NINTH) < 1e-9), None)
+            expected = f"the cost model puts it at {flops:.3f} of the unpruned FLOPs; " if flops else ""
+            notes.append(
+                f"**Prefill ratio missed on the medians:** {expected}measured {t['value']:.3f} (medians) and "
+                f"{t['value_min']:.3f} (minima) while the machine's 1-min load average was "
+                f"{run['load']['before']['load_avg_1m']}–{run['load']['after']['load_avg_1m']} on "
+                f"{run['machine']['logical_cpus']} cores. Per-sample prefill times are in results.json.")
     return notes
 
 
