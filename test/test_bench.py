@@ -81,3 +81,15 @@ def test_kv_cache_formula_matches_a_real_cache(tiny_adapter):
     cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
     actual = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert actual == 37 * kv_bytes_per_token(_llm_dims(tiny_adapter), 4)
+
+
+@pytest.mark.parametrize("name, billions", [("llava-next-7b", 7.06), ("llava-next-13b", 13.35), ("cpu-proxy", 0.935)])
+def test_random_models_have_the_published_size(name, billions):
+    """The measured stand-ins are built from the cost model's dims (shapes only, on the meta device)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from ptp_ros_bench.models import llava_next_config
+
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(llava_next_config(name))
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
