@@ -2,7 +2,7 @@
 
     ptp-eval                      # test split, all methods, writes docs/accuracy/
     ptp-eval --sweep              # validation split, candidate PTP defaults, writes docs/accuracy/sweep/
-    ptp-eval --quick              # three scenes, for CI (< 2 min), writes to a temporary folder
+    ptp-eval --quick              # two scenes, for CI (< 2 min), writes to a temporary folder
 """
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in proxy model)")
     ap.add_argument("--split", default=None, choices=("train", "val", "test"),
                     help="default: test (val with --sweep)")
-    ap.add_argument("--scenes", type=int, default=None, help="default: 260 (60 with --sweep, 3 with --quick)")
-    ap.add_argument("--per-type", type=int, default=2, help="questions of each type per scene")
+    ap.add_argument("--scenes", type=int, default=None, help="default: 200 (40 with --sweep, 2 with --quick)")
+    ap.add_argument("--per-type", type=int, default=None, help="questions of each type per scene (default: 2, "
+                    "1 with --quick)")
+    ap.add_argument("--ablation-scenes", type=int, default=None,
+                    help="run the PTP ablations on the first N scenes only (default: all)")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--sweep", action="store_true", help="compare candidate PTP defaults instead of the peers")
     ap.add_argument("--quick", action="store_true", help="a few scenes, for CI")
@@ -44,26 +47,30 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import Evaluator, Results
 
     split = args.split or ("val" if args.sweep else "test")
-    scenes = args.scenes or (3 if args.quick else 60 if args.sweep else 260)
+    scenes = args.scenes or (2 if args.quick else 40 if args.sweep else 200)
+    per_type = args.per_type or (1 if args.quick else 2)
     out = args.out or (Path(tempfile.mkdtemp(prefix="ptp-eval-")) if args.quick
                        else Path("docs/accuracy/sweep") if args.sweep else Path("docs/accuracy"))
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     model = Path(args.model) if args.model else default_model_path()
     adapter = load_adapter(model, LoadOptions(device="cpu"))
     methods = sweep_methods() if args.sweep else comparison_methods()
+    main_methods = [m for m in methods if m.group != "ablation"]
     evaluator = Evaluator(adapter, methods, ratios)
     results = Results()
     start = time.perf_counter()
     for k in range(scenes):
         scene = make_scene(split_seed(split, k))
-        evaluator.scene(scene, make_questions(scene, args.per_type), results)
+        chosen = methods if args.ablation_scenes is None or k < args.ablation_scenes else main_methods
+        evaluator.scene(scene, make_questions(scene, per_type), results, chosen)
         if (k + 1) % 10 == 0 or k + 1 == scenes:
             print(f"[ptp-eval] {k + 1}/{scenes} scenes, {len(results.qtypes)} questions, "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     shown = os.path.relpath(model) if model.resolve().is_relative_to(Path.cwd()) else str(model)
     command = "ptp-eval " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"split": split, "model": shown, "command": command.strip(), "seconds": time.perf_counter() - start,
-            "ratios": list(ratios), "per_type": args.per_type}
+            "ratios": list(ratios), "per_type": per_type,
+            "ablation_scenes": args.ablation_scenes}
     data = report.build(results, methods, ratios, meta)
     report.write(data, ratios, out)
     print(f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f}, global only "

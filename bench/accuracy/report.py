@@ -33,11 +33,14 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
     def entry(label: str, ratio: float) -> dict:
         correct = results.correct[(label, ratio)]
         acc, lo, hi = summarize_ci(correct)
-        by_type = {t: round(float(np.mean(np.asarray(correct)[qtypes == t])), 4) for t in QUESTION_TYPES
-                   if np.any(qtypes == t)}
+        types = qtypes[: len(correct)]
+        by_type = {t: round(float(np.mean(np.asarray(correct)[types == t])), 4) for t in QUESTION_TYPES
+                   if np.any(types == t)}
         ptp = results.correct.get(("ptp", ratio)) if ratio < 1.0 else None
-        diff, half = paired_difference(ptp, correct) if ptp is not None and label != "ptp" else (None, None)
-        return {"accuracy": round(acc, 4), "ci95": [round(lo, 4), round(hi, 4)],
+        # methods run on fewer scenes (ablations) are compared on the questions both have: the first ones
+        diff, half = (paired_difference(ptp[: len(correct)], correct) if ptp is not None and label != "ptp"
+                      else (None, None))
+        return {"n": len(correct), "accuracy": round(acc, 4), "ci95": [round(lo, 4), round(hi, 4)],
                 "relative": round(acc / full_acc, 4) if full_acc else None, "by_type": by_type,
                 "target_recall": _nanmean(results.recall[(label, ratio)]),
                 "kept_ratio": round(float(np.mean(results.kept_ratio[(label, ratio)])), 4),
@@ -73,7 +76,9 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
              "## Accuracy by keep ratio", "",
              "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
     for label, m in data["methods"].items():
-        lines.append(f"| {label} | " + " | ".join(_cell(m["ratios"][r]) for r in rs) + " |")
+        n = m["ratios"][rs[0]]["n"]
+        lines.append(f"| {label}{'' if n == meta['questions'] else f' (n={n})'} | "
+                     + " | ".join(_cell(m["ratios"][r]) for r in rs) + " |")
     lines += ["", "## Relative accuracy (pruned / all tokens) and PTP − method (paired, 95 %)", "",
               "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
     for label, m in data["methods"].items():

@@ -59,7 +59,10 @@ class Evaluator:
         return self._variants[options]
 
     @torch.no_grad()
-    def scene(self, scene: Scene, questions: list[Question], results: Results) -> None:
+    def scene(self, scene: Scene, questions: list[Question], results: Results,
+              methods: list[Method] | None = None) -> None:
+        """Score ``methods`` (default: all) on one scene's questions, appending to ``results``."""
+        methods = self.methods if methods is None else methods
         base = self.base.prepare(scene.image, questions[0].text)
         ids0 = base.inputs["input_ids"][0]
         image_pos = torch.nonzero(ids0 == self.base.image_token_id).squeeze(1)
@@ -71,7 +74,7 @@ class Evaluator:
             raise RuntimeError("prompt split disagrees with the processor's tokenization")
         answers = torch.tensor([answer_token(self.tokenizer, q.answer) for q in questions])
         visuals: dict[tuple, VisualTokens] = {}
-        for m in self.methods:
+        for m in methods:
             key = _vision_key(m.adapter)
             if key not in visuals:
                 visuals[key] = self.variant(LlavaNextOptions(vision_layer=m.adapter.vision_layer,
@@ -99,7 +102,7 @@ class Evaluator:
         record(GLOBAL_ONLY, 0.0, [glob] * len(questions), shared(glob))
 
         rows: dict[tuple[int, int], torch.Tensor] = {}
-        for m in self.methods:
+        for m in methods:
             if m.needs_relevance:
                 for qi, q in enumerate(questions):
                     if (m.adapter.llm_layer, qi) not in rows:
@@ -109,7 +112,7 @@ class Evaluator:
                             LlavaNextOptions(llm_layer=m.adapter.llm_layer)).instruction_attention(
                                 prepared, visuals[_vision_key(m.adapter)])
         unique: dict[tuple, Method] = {}
-        for m in self.methods:
+        for m in methods:
             unique.setdefault(m.key(), m)
         for ratio in self.ratios:
             budget = resolve_budget(n, keep_ratio=ratio)
@@ -142,7 +145,7 @@ class Evaluator:
                         per_question[dependent[j][0]].append((kept_sets[j], logits[row]))
             for key, pairs in per_question.items():
                 computed[key] = ([k for k, _ in pairs], torch.stack([lg for _, lg in pairs]))
-            for m in self.methods:
+            for m in methods:
                 kept_sets, logits = computed[m.key()]
                 record(m.label, ratio, kept_sets, logits)
         results.qtypes.extend(q.qtype for q in questions)

@@ -6,7 +6,8 @@ questions on one shared prefix pass.  The loss is cross-entropy on the single an
 
 A fraction of steps (``--global-only``) shows the model the global view alone, so that the
 global-view-only accuracy reported later is what that view can resolve, not the failure of a model
-that never saw it on its own.
+that never saw it on its own.  Auxiliary heads (``auxiliary.py``, weight ``--aux``) stand in for the
+vision pre-training a real LVLM starts from; they are not part of the saved checkpoint.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from ptp_ros.proxy import make_questions, make_scene, proxy_words, split_seed
 from ptp_ros.vlm.tiny import llava_next_processor, tiny_llava_next_config
 from ptp_ros.vlm.tokenizer import BASE_WORDS, build_word_tokenizer
 
+from ptp_ros.vlm.llava_next import LlavaNextAdapter
+
+from .auxiliary import AuxiliaryHeads, auxiliary_loss, tile_targets, token_targets
 from .data import answer_logits, encode_scene, prefix_embeddings
 
 GLOBAL_TOKENS = 576  # the global view's 24×24 patches come first in LLaVA-NeXT's packed order
@@ -40,7 +44,7 @@ class SceneStream(IterableDataset):
         workers, wid = (info.num_workers, info.id) if info else (1, 0)
         for k in range(wid, self.count, workers):
             scene = make_scene(split_seed(self.split, self.start + k))
-            yield encode_scene(self.processor, scene, make_questions(scene, self.per_type))
+            yield encode_scene(self.processor, scene, make_questions(scene, self.per_type), keep_scene=True)
 
 
 def build_model(words: list[str], seed: int, widths: dict):
@@ -55,13 +59,39 @@ def build_model(words: list[str], seed: int, widths: dict):
     return model, llava_next_processor(tokenizer, config.image_grid_pinpoints)
 
 
-def scene_loss(model, item, pad_id: int, global_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+class FeatureLayerTap:
+    """Keeps the output of the vision layer LLaVA reads features from (its [CLS] rows feed the aux head)."""
+
+    def __init__(self, model):
+        layers = model.model.vision_tower.encoder.layers
+        self.hidden: torch.Tensor | None = None
+        index = model.config.vision_feature_layer % (len(layers) + 1) - 1  # hidden_states[i] = output of layer i-1
+        self._handle = layers[index].register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+
+def scene_loss(model, item, pad_id: int, global_only: bool, aux=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer cross-entropy (+ the auxiliary losses when ``aux`` = (heads, tap, layout adapter, weight))."""
     feats = model.model.get_image_features(pixel_values=item.pixel_values, image_sizes=item.image_sizes,
                                            return_dict=True).pooler_output[0]
+    all_feats = feats
     if global_only:
         feats = feats[:GLOBAL_TOKENS]
     logits = answer_logits(model, prefix_embeddings(model, item.prefix_ids, feats)[None], item.suffix_ids, pad_id)
     loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
+    if aux is not None:
+        heads, tap, layout_adapter, weight = aux
+        side = layout_adapter._patches_per_side
+        tiles = item.pixel_values.shape[1]
+        layout = layout_adapter._packed_layout(torch.zeros(tiles, side * side), item.image_sizes[0])
+        grid = layout_adapter._grid_shape(item.image_sizes[0])
+        token_boxes, region_boxes = layout_adapter._boxes(layout, grid, item.scene.image.shape[:2])
+        region = layout[:, 0].long()
+        loss = loss + weight * auxiliary_loss(heads, all_feats, tap.hidden[:, 0],
+                                              token_targets(token_boxes, region, item.scene.objects),
+                                              tile_targets(region_boxes, item.scene.objects))
     return loss, (logits.argmax(-1) == item.answer_ids).float()
 
 
@@ -90,6 +120,7 @@ def main(argv=None) -> None:
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--val-scenes", type=int, default=24)
     ap.add_argument("--val-every", type=int, default=250)
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary vision objectives (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=45.0, help="stop (and save) when the time is up")
@@ -102,7 +133,9 @@ def main(argv=None) -> None:
     model, processor = build_model(words, args.seed, widths)
     pad_id = processor.tokenizer.pad_token_id
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    heads = AuxiliaryHeads(args.text_width, args.vision_width)
+    aux = (heads, FeatureLayerTap(model), LlavaNextAdapter(model, processor), args.aux) if args.aux > 0 else None
+    opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     start = time.perf_counter()
 
     def progress(step: int) -> float:
@@ -131,10 +164,10 @@ def main(argv=None) -> None:
     run_loss, run_acc, run_n = 0.0, 0.0, 0
     for step, item in enumerate(stream):
         global_only = bool(torch.rand((), generator=gen) < args.global_only)
-        loss, correct = scene_loss(model, item, pad_id, global_only)
+        loss, correct = scene_loss(model, item, pad_id, global_only, aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
         opt.step()
         sched.step()
         if not global_only:
