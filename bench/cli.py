@@ -99,7 +99,6 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
         tiles = int(adapter.prepare(image, args.instruction).inputs["pixel_values"].shape[1])
     wall_s = time.perf_counter() - start
     unpruned = next(r for r in records if r["selector"] == "unpruned")
-    summary = summarize(records)
     return {
         "model": model, "machine": describe(device), "build_s": build_s, "wall_s": wall_s,
         "settings": {"dtype": str(dtype).removeprefix("torch."), "image": args.image.name, "tiles": tiles,
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
                      "max_new_tokens": max_new_tokens, "selectors": [s.__dict__ for s in selectors],
                      "llm_layers": text_config.num_hidden_layers, "quick": args.quick},
         "load": {"before": before, "after": load_snapshot()},
-        "records": records, "summary": summary,
+        "records": records,
     }
 
 
@@ -143,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = [r for r in old if (r["model"], r["machine"]["device"]) != key] + runs
     ratios = sorted({r for run_ in runs for r in run_["settings"]["keep_ratios"]}, reverse=True)
     results = {"schema": 1, "generated_by": "ptp-bench", "runs": runs, "analytic": analytic(runs, ratios)}
-    for r in runs:
+    for r in runs:  # summaries and targets always from the raw records, so report changes apply to old runs
+        r["summary"] = summarize(r["records"])
         r["targets"] = targets(r["records"], r["summary"], results["analytic"])
     results_path.write_text(json.dumps(results, indent=1))
     (args.out / f"raw-{runs[-1]['model']}.json").unlink(missing_ok=True)
