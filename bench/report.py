@@ -222,6 +222,12 @@ def _analytic_section(analytic: dict[str, list[dict]]) -> list[str]:
                          f"{r['prefill_ratio']:.3f} | {r['vision_plus_prefill_ratio']:.3f} | {r['vision_tflops']:.2f} | "
                          f"{r['kv_cache_mib']:.1f} | {r['decode_gflops_per_token']:.2f} | "
                          f"{r['relevance_tflops_layer2']:.3f} |")
+    lines.append("")
+    for name, rows in analytic.items():
+        full = max(rows, key=lambda r: r["keep_ratio"])
+        share = full["relevance_tflops_layer2"] / (full["prefill_tflops"] + full["vision_tflops"])
+        lines.append(f"- {name}: PTP's instruction stage (relevance at LLM layer 2 over the full prompt) costs "
+                     f"{share:.1%} of the unpruned vision + prefill FLOPs.")
     return lines + [""]
 
 
