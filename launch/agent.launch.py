@@ -55,9 +55,11 @@ def generate_launch_description() -> LaunchDescription:
             ("instruction", LaunchConfiguration("instruction_topic")),
         ],
     )
+    # Fast DDS 2 (humble..jazzy) reads FASTRTPS_DEFAULT_PROFILES_FILE, Fast DDS 3 (kilted on) FASTDDS_...
+    fast_dds_2 = os.environ.get("ROS_DISTRO", "") in ("humble", "iron", "jazzy")
+    profile_variable = "FASTRTPS_DEFAULT_PROFILES_FILE" if fast_dds_2 else "FASTDDS_DEFAULT_PROFILES_FILE"
     return LaunchDescription([
         *arguments,
-        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),  # kilted
-        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),  # jazzy
+        SetEnvironmentVariable(profile_variable, LaunchConfiguration("fastdds_profile")),
         agent,
     ])

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ptp_ros.ros.demo import fastdds_profile_variable
+
 ROOT = Path(__file__).resolve().parents[1]
 SHM_PROFILE = ROOT / "config" / "fastdds_shm.xml"
 
@@ -47,18 +49,17 @@ class SlowAdapter:
 def ros_env(log_dir: Path) -> dict[str, str]:
     """Environment for one isolated test run: own domain, localhost only, logs in ``log_dir``, SHM profile."""
     env = dict(os.environ)
-    env.pop("RMW_IMPLEMENTATION", None)
+    env.pop("RMW_IMPLEMENTATION", None)  # any RMW but the installed one kills `import rclpy`
+    env[fastdds_profile_variable()] = str(SHM_PROFILE)
     env.update(ROS_DOMAIN_ID=str(random.Random(os.getpid() ^ time.time_ns()).randint(100, 230)),
                ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOG_DIR=str(log_dir),
-               FASTDDS_DEFAULT_PROFILES_FILE=str(SHM_PROFILE), FASTRTPS_DEFAULT_PROFILES_FILE=str(SHM_PROFILE),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     return env
 
 
 def apply_env(env: dict[str, str]) -> None:
     """Make this (test) process use ``env``'s ROS settings too: rclpy reads them at init."""
-    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "FASTDDS_DEFAULT_PROFILES_FILE",
-                "FASTRTPS_DEFAULT_PROFILES_FILE"):
+    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", fastdds_profile_variable()):
         os.environ[key] = env[key]
 
 
@@ -211,6 +212,7 @@ class Probe:
         import rclpy
 
         self.executor.shutdown()
+        self._thread.join(5.0)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
 

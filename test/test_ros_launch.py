@@ -38,11 +38,10 @@ def test_every_argument_reaches_a_parameter_remapping_or_the_environment(tree):
     declared = {c.args[0].value for c in calls(tree, "DeclareLaunchArgument")}
     (node,) = calls(tree, "Node")
     keywords = {k.arg: k.value for k in node.keywords}
-    profile_vars = {c.args[0].value: c.args[1] for c in calls(tree, "SetEnvironmentVariable")}
-    profile_args = set().union(*(configs_in(v) for v in profile_vars.values()))
+    (set_env,) = calls(tree, "SetEnvironmentVariable")
+    profile_args = configs_in(set_env.args[1])
     reached = configs_in(keywords["parameters"]) | configs_in(keywords["remappings"]) | configs_in(keywords["namespace"])
     assert declared - reached == {"fastdds_profile"} and "fastdds_profile" in profile_args
-    assert set(profile_vars) == {"FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"}
 
     overrides = next(d for d in keywords["parameters"].elts if isinstance(d, ast.Dict))
     for key, value in zip(overrides.keys, overrides.values):
