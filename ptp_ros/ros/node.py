@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import json
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ class AgentNode(LifecycleNode):
         self.device = self.get_parameter("device").value
         self.worker: RequestWorker | None = None
         self._image_sub = None
-        self._seq = 0
+        self._request_numbers = itertools.count(1)  # thread-safe: instructions arrive on a reentrant group
         # outputs and the instruction input exist in every state: a planner always gets a result,
         # an operator always gets diagnostics, even when the model failed to load
         self._io_group = ReentrantCallbackGroup()
@@ -188,8 +189,7 @@ class AgentNode(LifecycleNode):
 
     def _on_instruction(self, msg: String) -> None:
         received = time.monotonic()
-        self._seq += 1
-        default_id = f"{self.get_name()}-{self._seq}"
+        default_id = f"{self.get_name()}-{next(self._request_numbers)}"
         worker = self.worker
         try:
             if len(msg.data) > MAX_MESSAGE_CHARS:
