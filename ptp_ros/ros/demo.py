@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -41,7 +42,11 @@ def fastdds_profile_variable() -> str:
 
 
 def demo_environment() -> dict[str, str]:
+    """The caller's environment, completed: localhost-only DDS, the SHM profile, and (unless the caller
+    chose one) a domain of the demo's own, so that neither other ROS graphs nor shared-memory ports
+    left by killed runs in the default domain get in the way."""
     env = dict(os.environ)
+    env.setdefault("ROS_DOMAIN_ID", str(random.randint(100, 230)))
     env.setdefault(fastdds_profile_variable(), str(config_file("fastdds_shm.xml")))
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     env = demo_environment()
+    print(f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}; saliency images go to {args.out}/", flush=True)
     python = sys.executable
     agent_cmd = [python, "-m", "ptp_ros.ros.node", "--ros-args", "--params-file", str(config_file("agent.yaml")),
                  "-p", f"latency_budget_ms:={args.latency_budget_ms}", "-p", f"max_new_tokens:={args.max_new_tokens}"]

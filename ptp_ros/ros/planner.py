@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 
 import cv2
