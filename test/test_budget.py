@@ -135,10 +135,10 @@ def test_budget_mode_trades_tokens_for_latency_on_the_tiny_model(slow_worker):
     served = [serve(worker, image, results, b) for b in budgets]
     ratios = [r["keep_ratio"] for r in served]
     assert all(r["status"] == "ok" and r["mode"] == "budget" for r in served), served
-    assert ratios[0] == 1.0 and ratios[0] > ratios[1] > ratios[2] >= ratios[3], ratios
+    assert ratios[0] == 1.0 and ratios[0] > ratios[1] > ratios[2] >= ratios[3], (ratios, served)
     for r in served:  # where feasible, the measured time keeps to the budget, give or take this box's noise
         if r["budget_feasible"]:
-            slack = max(0.25 * r["latency_budget_ms"], 2 * worker.latency_model.margin_ms)
+            slack = max(0.3 * r["latency_budget_ms"], 3 * worker.latency_model.margin_ms)  # margin = 1 sigma
             assert r["latency_ms"]["total"] <= r["latency_budget_ms"] + slack, (r, slack)
     infeasible = served[-1]
     assert not infeasible["budget_feasible"] and not infeasible["budget_met"]
