@@ -80,19 +80,13 @@ def _read_image(path: str):
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
-def _quiet_libraries() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def run(args: argparse.Namespace) -> int:
-    _quiet_libraries()
     from .pipeline import InvalidRequest, Pipeline, PipelineConfig
     from .pruning import PTPConfig
     from .vlm.defaults import default_model_path
-    from .vlm.loading import LoadOptions, ModelLoadError, load_adapter
+    from .vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
+
+    quiet_transformers()
 
     if args.saliency is not None and not args.saliency.parent.is_dir():
         raise CliError(f"cannot write {args.saliency}: folder {args.saliency.parent} does not exist")

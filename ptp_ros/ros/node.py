@@ -27,7 +27,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from ..vlm.defaults import default_model_path
-from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter
+from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import conversions
 from .diagnostics import agent_status
 from .params import PARAMS, RUNTIME, check_choice
@@ -235,6 +235,7 @@ class AgentNode(LifecycleNode):
 
 def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode) -> None:
     rclpy.init(args=args)
+    quiet_transformers()
     node = node_class()
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)

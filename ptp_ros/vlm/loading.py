@@ -23,6 +23,14 @@ class LoadOptions:
     trust_remote_code: bool = False
 
 
+def quiet_transformers() -> None:
+    """Keep transformers' progress bars and advisory warnings out of CLI output and node logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
