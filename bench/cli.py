@@ -1,6 +1,6 @@
 """``ptp-bench``: what pruning buys — FLOPs, latency, memory — for every selector, side by side.
 
-    ptp-bench --out docs/benchmarks                       # real-size CPU proxy, fp32 (≈30–40 min on 2 cores)
+    ptp-bench --out docs/benchmarks                       # real-size CPU proxy, fp32 (≈20–40 min on 2 cores)
     ptp-bench --out /tmp/gpu --model llava-next-7b --merge  # 7B-size random weights, fp16, on CUDA
     ptp-bench --out /tmp/quick --quick                    # tiny model, < 1 min: checks the benchmark itself
 
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-ratios", default=None, help=f"comma-separated (default {KEEP_RATIOS}; "
                    f"{QUICK_KEEP_RATIOS} with --quick)")
     p.add_argument("--selectors", default=",".join(s.name for s in DEFAULT_SELECTORS))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice). On a CPU shared with other busy processes "
+                        "1 thread avoids the stalls of threads waiting for each other, which hit short prompts most")
     p.add_argument("--image", type=Path, default=SAMPLE_IMAGE)
     p.add_argument("--instruction", default=INSTRUCTION)
     p.add_argument("--report-only", action="store_true",
@@ -88,6 +91,8 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     selectors = tuple(by_name[n] for n in args.selectors.split(","))
     image = np.asarray(Image.open(args.image).convert("RGB"))
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     before = load_snapshot()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
@@ -138,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = [new_run]
         if args.merge and results_path.is_file():
             old = json.loads(results_path.read_text())["runs"]
-            key = (new_run["model"], new_run["machine"]["device"])
-            runs = [r for r in old if (r["model"], r["machine"]["device"]) != key] + runs
+            def key(r: dict) -> tuple:
+                return r["model"], r["machine"]["device"], r["machine"]["torch_threads"]
+
+            runs = [r for r in old if key(r) != key(new_run)] + runs
     ratios = sorted({r for run_ in runs for r in run_["settings"]["keep_ratios"]}, reverse=True)
     results = {"schema": 1, "generated_by": "ptp-bench", "runs": runs, "analytic": analytic(runs, ratios)}
     for r in runs:  # summaries and targets always from the raw records, so report changes apply to old runs
