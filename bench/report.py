@@ -114,7 +114,8 @@ def markdown(results: dict) -> str:
         gpu = m.get("gpu")
         where = f"{gpu['name']} ({gpu['memory_gib']} GiB), CUDA {gpu['cuda']}" if gpu else \
             f"CPU: {m['cpu']}, {m['logical_cpus']} logical cores, {m['torch_threads']} torch threads, {m['memory_gib']} GiB"
-        lines += [f"## Measured: `{run['model']}` on {m['device']} ({meta['dtype']})", "",
+        lines += [f"## Measured: `{run['model']}` on {m['device']} ({meta['dtype']}, {m['torch_threads']} "
+                  f"thread{'s' if m['torch_threads'] > 1 else ''})", "",
                   f"- Machine: {where}; {m['platform']}; Python {m['python']}; "
                   + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
                   f"- Input: {meta['image']} ({meta['visual_tokens']} visual tokens, {meta['tiles']} views), "
@@ -200,7 +201,8 @@ def _target_notes(run: dict, analytic: dict[str, list[dict]]) -> list[str]:
             expected = f"the cost model puts it at {flops:.3f} of the unpruned FLOPs; " if flops else ""
             notes.append(
                 f"**Prefill ratio missed on the medians:** {expected}measured {t['value']:.3f} (medians) and "
-                f"{t['value_min']:.3f} (minima) while the machine's 1-min load average was "
+                f"{t['value_min']:.3f} (minima) with {run['machine']['torch_threads']} intra-op thread(s) while the "
+                f"machine's 1-min load average was "
                 f"{run['load']['before']['load_avg_1m']}–{run['load']['after']['load_avg_1m']} on "
                 f"{run['machine']['logical_cpus']} cores. Per-sample prefill times are in results.json.")
     return notes
@@ -255,7 +257,7 @@ def plots(results: dict, out: Path) -> list[str]:
         oracle = sorted((r for r in run["summary"] if r["selector"] == "oracle"), key=lambda r: r["keep_ratio"])
         ax_after.plot([c["keep_ratio"] for c in oracle + [base]],
                       [c["prefill_ms"]["median"] / 1e3 for c in oracle + [base]], "k--", label="prefill only (oracle)")
-        where = f"{run['model']} on {run['machine']['device']}"
+        where = f"{run['model']} on {run['machine']['device']}, {run['machine']['torch_threads']} thr"
         for ax, title in ((ax_e2e, f"end-to-end, {where}"),
                           (ax_after, f"after the vision encode: score + select + prefill + decode, {where}")):
             ax.set_xscale("log")
@@ -296,7 +298,8 @@ def plots(results: dict, out: Path) -> list[str]:
         base = _cell(run["summary"], "unpruned", 1.0)
         by_ratio = [base] + sorted((r for r in run["summary"] if r["selector"] == "ptp"), key=lambda r: -r["keep_ratio"])
         _stacked(ax_ratio, by_ratio, [f"{c['keep_ratio']:g}" for c in by_ratio],
-                 f"PTP by keep ratio ({run['model']}, {run['machine']['device']})")
+                 f"PTP by keep ratio ({run['model']}, {run['machine']['device']}, "
+                 f"{run['machine']['torch_threads']} thr)")
         at_ninth = sorted((r for r in run["summary"] if abs(r["keep_ratio"] - NINTH) < 1e-9), key=lambda r: r["selector"])
         _stacked(ax_sel, at_ninth, [c["selector"] for c in at_ninth], "every selector at 11.1 % kept")
         ax_sel.tick_params(axis="x", rotation=30)
