@@ -130,6 +130,11 @@ def analytic(runs: list[dict], ratios: list[float]) -> dict[str, list[dict]]:
     return tables
 
 
+def _run_key(run_: dict) -> tuple:
+    """One run per (model, device, threads): a new run replaces its namesake under --merge."""
+    return run_["model"], run_["machine"]["device"], run_["machine"]["torch_threads"]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
@@ -143,10 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [new_run]
         if args.merge and results_path.is_file():
             old = json.loads(results_path.read_text())["runs"]
-            def key(r: dict) -> tuple:
-                return r["model"], r["machine"]["device"], r["machine"]["torch_threads"]
-
-            runs = [r for r in old if key(r) != key(new_run)] + runs
+            runs = [r for r in old if _run_key(r) != _run_key(new_run)] + runs
+    runs = sorted(runs, key=_run_key)
     ratios = sorted({r for run_ in runs for r in run_["settings"]["keep_ratios"]}, reverse=True)
     results = {"schema": 1, "generated_by": "ptp-bench", "runs": runs, "analytic": analytic(runs, ratios)}
     for r in runs:  # summaries and targets always from the raw records, so report changes apply to old runs
