@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         r["summary"] = summarize(r["records"])
         r["targets"] = targets(r["records"], r["summary"], results["analytic"])
     results_path.write_text(json.dumps(results, indent=1))
-    (args.out / f"raw-{runs[-1]['model']}.json").unlink(missing_ok=True)
+    for raw in args.out.glob("raw-*.json"):  # now part of results.json
+        raw.unlink()
     (args.out / "README.md").write_text(markdown(results))
     files = plots(results, args.out)
     print(f"ptp-bench: wrote {results_path}, README.md, {', '.join(files)} to {args.out}", file=sys.stderr)
