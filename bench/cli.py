@@ -36,7 +36,8 @@ ANALYTIC_MODELS = ("llava-next-7b", "llava-next-13b", "cpu-proxy")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptp-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, README.md and the plots")
-    p.add_argument("--quick", action="store_true", help="tiny model, 2 repetitions, 3 ratios, 4 new tokens: checks the benchmark")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, 2 repetitions, 3 ratios, 4 new tokens: checks the benchmark")
     p.add_argument("--model", default=None,
                    help=f"'tiny', one of {', '.join(MODELS)} (random weights, real size) or a checkpoint directory "
                         "(default: cpu-proxy; tiny with --quick)")

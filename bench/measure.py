@@ -143,7 +143,8 @@ def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep
             records.append(record)
             print(f"rep {rep} {name:>18} r={ratio:<6} kept={record['kept']:>5} score={record['score_ms']:8.1f} "
                   f"select={record['select_ms']:7.1f} prefill={record['prefill_ms']:9.1f} "
-                  f"decode/tok={record['decode_ms_per_token']:7.1f} e2e={record['e2e_ms']:9.1f} ms", file=log, flush=True)
+                  f"decode/tok={record['decode_ms_per_token']:7.1f} e2e={record['e2e_ms']:9.1f} ms",
+                  file=log, flush=True)
     return records
 
 

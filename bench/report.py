@@ -7,7 +7,8 @@ from pathlib import Path
 STAGES = ("preprocess_ms", "encode_ms", "score_ms", "select_ms", "prefill_ms", "decode_ms")
 #: score + select + prefill + decode: the part of a request that the choice of selector and ratio changes.
 AFTER_ENCODE = ("score_ms", "select_ms", "prefill_ms", "decode_ms")
-METRICS = STAGES + ("after_encode_ms", "decode_ms_per_token", "e2e_ms", "peak_rss_mib", "cuda_peak_mib", "kv_cache_mib", "kept",
+METRICS = STAGES + ("after_encode_ms", "decode_ms_per_token", "e2e_ms", "peak_rss_mib", "cuda_peak_mib", "kv_cache_mib",
+                    "kept",
                     "prompt_tokens", "new_tokens")
 #: Targets of issue 4 (measured, reported, never asserted in unit tests).
 TARGET_PTP_OVERHEAD = 0.02
@@ -53,7 +54,8 @@ def targets(records: list[dict], summary: list[dict], analytic: dict[str, list[d
         worst = max(ptp_cells, key=lambda r: r["overhead_ms"]["median"])
         value = worst["overhead_ms"]["median"] / base["e2e_ms"]["median"]
         out.append({"target": "PTP scoring + selection overhead ≤ 2 % of unpruned end-to-end (median, worst ratio)",
-                    "value": value, "value_min": worst["overhead_ms"]["min"] / base["e2e_ms"]["min"], "limit": TARGET_PTP_OVERHEAD, "met": value <= TARGET_PTP_OVERHEAD,
+                    "value": value, "value_min": worst["overhead_ms"]["min"] / base["e2e_ms"]["min"],
+                    "limit": TARGET_PTP_OVERHEAD, "met": value <= TARGET_PTP_OVERHEAD,
                     "detail": {"keep_ratio": worst["keep_ratio"], "overhead_ms": worst["overhead_ms"]["median"],
                                "score_ms": worst["score_ms"]["median"], "select_ms": worst["select_ms"]["median"],
                                "unpruned_e2e_ms": base["e2e_ms"]["median"],
@@ -113,7 +115,8 @@ def markdown(results: dict) -> str:
         m, meta = run["machine"], run["settings"]
         gpu = m.get("gpu")
         where = f"{gpu['name']} ({gpu['memory_gib']} GiB), CUDA {gpu['cuda']}" if gpu else \
-            f"CPU: {m['cpu']}, {m['logical_cpus']} logical cores, {m['torch_threads']} torch threads, {m['memory_gib']} GiB"
+            (f"CPU: {m['cpu']}, {m['logical_cpus']} logical cores, {m['torch_threads']} torch threads, "
+             f"{m['memory_gib']} GiB")
         lines += [f"## Measured: `{run['model']}` on {m['device']} ({meta['dtype']}, {m['torch_threads']} "
                   f"thread{'s' if m['torch_threads'] > 1 else ''})", "",
                   f"- Machine: {where}; {m['platform']}; Python {m['python']}; "
@@ -296,11 +299,13 @@ def plots(results: dict, out: Path) -> list[str]:
     fig, axes = plt.subplots(len(runs), 2, figsize=(13, 4.5 * len(runs)), squeeze=False)
     for (ax_ratio, ax_sel), run in zip(axes, runs):
         base = _cell(run["summary"], "unpruned", 1.0)
-        by_ratio = [base] + sorted((r for r in run["summary"] if r["selector"] == "ptp"), key=lambda r: -r["keep_ratio"])
+        ptp = [r for r in run["summary"] if r["selector"] == "ptp"]
+        by_ratio = [base] + sorted(ptp, key=lambda r: -r["keep_ratio"])
         _stacked(ax_ratio, by_ratio, [f"{c['keep_ratio']:g}" for c in by_ratio],
                  f"PTP by keep ratio ({run['model']}, {run['machine']['device']}, "
                  f"{run['machine']['torch_threads']} thr)")
-        at_ninth = sorted((r for r in run["summary"] if abs(r["keep_ratio"] - NINTH) < 1e-9), key=lambda r: r["selector"])
+        at_ninth = sorted((r for r in run["summary"] if abs(r["keep_ratio"] - NINTH) < 1e-9),
+                          key=lambda r: r["selector"])
         _stacked(ax_sel, at_ninth, [c["selector"] for c in at_ninth], "every selector at 11.1 % kept")
         ax_sel.tick_params(axis="x", rotation=30)
     fig.tight_layout()
