@@ -72,26 +72,38 @@ class FeatureLayerTap:
         self.hidden = output[0] if isinstance(output, tuple) else output
 
 
-def scene_loss(model, item, pad_id: int, global_only: bool, aux=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer cross-entropy (+ the auxiliary losses when ``aux`` = (heads, tap, layout adapter, weight))."""
+def scene_targets(layout_adapter: LlavaNextAdapter, item) -> tuple[torch.Tensor, torch.Tensor]:
+    """Auxiliary targets of one scene: per packed token and per region (see auxiliary.py)."""
+    side = layout_adapter._patches_per_side
+    layout = layout_adapter._packed_layout(torch.zeros(item.pixel_values.shape[1], side * side), item.image_sizes[0])
+    grid = layout_adapter._grid_shape(item.image_sizes[0])
+    token_boxes, region_boxes = layout_adapter._boxes(layout, grid, item.scene.image.shape[:2])
+    return (token_targets(token_boxes, layout[:, 0].long(), item.scene.objects),
+            tile_targets(region_boxes, item.scene.objects))
+
+
+def scene_loss(model, item, pad_id: int, tokens: str = "all", aux=None, focus_keep: float = 0.15,
+               gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer cross-entropy (+ the auxiliary losses when ``aux`` = (heads, tap, layout adapter, weight)).
+
+    ``tokens`` is what the LLM reads: "all", "global" (the global view only) or "focus" (the tokens on
+    objects plus a random ``focus_keep`` of the rest: a short-sequence warm-up in which the LLM learns
+    to retrieve objects before it must find them among thousands of tokens; needs ``aux``).
+    """
     feats = model.model.get_image_features(pixel_values=item.pixel_values, image_sizes=item.image_sizes,
                                            return_dict=True).pooler_output[0]
-    all_feats = feats
-    if global_only:
-        feats = feats[:GLOBAL_TOKENS]
-    logits = answer_logits(model, prefix_embeddings(model, item.prefix_ids, feats)[None], item.suffix_ids, pad_id)
+    targets = scene_targets(aux[2], item) if aux is not None else None
+    seen = feats
+    if tokens == "global":
+        seen = feats[:GLOBAL_TOKENS]
+    elif tokens == "focus":
+        keep = (targets[0] > 0) | (torch.rand(feats.shape[0], generator=gen) < focus_keep)
+        seen = feats[keep]
+    logits = answer_logits(model, prefix_embeddings(model, item.prefix_ids, seen)[None], item.suffix_ids, pad_id)
     loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
     if aux is not None:
-        heads, tap, layout_adapter, weight = aux
-        side = layout_adapter._patches_per_side
-        tiles = item.pixel_values.shape[1]
-        layout = layout_adapter._packed_layout(torch.zeros(tiles, side * side), item.image_sizes[0])
-        grid = layout_adapter._grid_shape(item.image_sizes[0])
-        token_boxes, region_boxes = layout_adapter._boxes(layout, grid, item.scene.image.shape[:2])
-        region = layout[:, 0].long()
-        loss = loss + weight * auxiliary_loss(heads, all_feats, tap.hidden[:, 0],
-                                              token_targets(token_boxes, region, item.scene.objects),
-                                              tile_targets(region_boxes, item.scene.objects))
+        heads, tap, _, weight = aux
+        loss = loss + weight * auxiliary_loss(heads, feats, tap.hidden[:, 0], *targets)
     return loss, (logits.argmax(-1) == item.answer_ids).float()
 
 
@@ -100,8 +112,8 @@ def evaluate(model, items, pad_id: int) -> dict:
     model.eval()
     full, glob = [], []
     for item in items:
-        full.append(scene_loss(model, item, pad_id, False)[1])
-        glob.append(scene_loss(model, item, pad_id, True)[1])
+        full.append(scene_loss(model, item, pad_id, "all")[1])
+        glob.append(scene_loss(model, item, pad_id, "global")[1])
     model.train()
     return {"val_acc": round(float(torch.cat(full).mean()), 4), "val_acc_global_only": round(float(torch.cat(glob).mean()), 4)}
 
@@ -120,6 +132,11 @@ def main(argv=None) -> None:
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--val-scenes", type=int, default=24)
     ap.add_argument("--val-every", type=int, default=250)
+    ap.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint (a stage-1 run)")
+    ap.add_argument("--first-scene", type=int, default=0, help="index of the first training scene")
+    ap.add_argument("--focus", type=float, default=0.0,
+                    help="share of the run in which the LLM reads only object tokens + --focus-keep of the rest")
+    ap.add_argument("--focus-keep", type=float, default=0.15)
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary vision objectives (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -131,6 +148,11 @@ def main(argv=None) -> None:
     widths = dict(vision_width=args.vision_width, vision_layers=args.vision_layers, text_width=args.text_width,
                   text_layers=args.text_layers)
     model, processor = build_model(words, args.seed, widths)
+    if args.init_from is not None:
+        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+        model = LlavaNextForConditionalGeneration.from_pretrained(args.init_from, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(args.init_from, local_files_only=True)
     pad_id = processor.tokenizer.pad_token_id
     params = sum(p.numel() for p in model.parameters())
     heads = AuxiliaryHeads(args.text_width, args.vision_width)
@@ -146,7 +168,7 @@ def main(argv=None) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(s)))))
     val = list(SceneStream(processor, "val", 0, args.val_scenes, 2))
-    stream = DataLoader(SceneStream(processor, "train", 0, args.steps, args.per_type), batch_size=None,
+    stream = DataLoader(SceneStream(processor, "train", args.first_scene, args.steps, args.per_type), batch_size=None,
                         num_workers=1, prefetch_factor=4)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.log or args.out / "train_log.jsonl"
@@ -164,7 +186,8 @@ def main(argv=None) -> None:
     run_loss, run_acc, run_n = 0.0, 0.0, 0
     for step, item in enumerate(stream):
         global_only = bool(torch.rand((), generator=gen) < args.global_only)
-        loss, correct = scene_loss(model, item, pad_id, global_only, aux)
+        tokens = "global" if global_only else "focus" if progress(step) < args.focus else "all"
+        loss, correct = scene_loss(model, item, pad_id, tokens, aux, args.focus_keep, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
@@ -173,7 +196,7 @@ def main(argv=None) -> None:
         if not global_only:
             run_loss, run_acc, run_n = run_loss + loss.item(), run_acc + correct.mean().item(), run_n + 1
         if (step + 1) % 25 == 0:
-            write({"step": step + 1, "loss": round(run_loss / max(run_n, 1), 4), "train_acc": round(run_acc / max(run_n, 1), 4),
+            write({"step": step + 1, "tokens": tokens, "loss": round(run_loss / max(run_n, 1), 4), "train_acc": round(run_acc / max(run_n, 1), 4),
                    "lr": round(sched.get_last_lr()[0], 6), "elapsed_s": round(time.perf_counter() - start, 1)})
             run_loss, run_acc, run_n = 0.0, 0.0, 0
         out_of_time = progress(step + 1) >= 1.0 and step + 1 < args.steps
