@@ -69,7 +69,8 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
     lines = [f"# Accuracy under pruning: the proxy high-resolution VQA task ({meta['split']} split)", "",
              f"Model `{meta['model']}`; {meta['questions']} questions on {meta['scenes']} scenes "
              f"({', '.join(f'{k}: {v}' for k, v in meta['question_types'].items())}). "
-             f"Accuracy in % with 95 % Wilson intervals; written by `{meta['command']}` in {meta['seconds']:.0f} s.", "",
+             f"Accuracy in % with 95 % Wilson intervals; written by `{meta['command']}` "
+             f"in {meta['seconds']:.0f} s.", "",
              f"* all tokens: **{_cell(data['all_tokens'])}**",
              f"* global view only (kept ratio {data['global_only']['kept_ratio']:.3f}): "
              f"**{_cell(data['global_only'])}**", "",

@@ -115,7 +115,8 @@ def evaluate(model, items, pad_id: int) -> dict:
         full.append(scene_loss(model, item, pad_id, "all")[1])
         glob.append(scene_loss(model, item, pad_id, "global")[1])
     model.train()
-    return {"val_acc": round(float(torch.cat(full).mean()), 4), "val_acc_global_only": round(float(torch.cat(glob).mean()), 4)}
+    return {"val_acc": round(float(torch.cat(full).mean()), 4),
+            "val_acc_global_only": round(float(torch.cat(glob).mean()), 4)}
 
 
 def main(argv=None) -> None:
@@ -143,6 +144,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-minutes", type=float, default=45.0, help="stop (and save) when the time is up")
     ap.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: OUT/train_log.jsonl)")
     args = ap.parse_args(argv)
+    if args.focus > 0 and args.aux <= 0:
+        ap.error("--focus needs the auxiliary targets (--aux > 0) to know which tokens are on objects")
     torch.set_num_threads(args.threads)
     words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
     widths = dict(vision_width=args.vision_width, vision_layers=args.vision_layers, text_width=args.text_width,
@@ -157,7 +160,8 @@ def main(argv=None) -> None:
     params = sum(p.numel() for p in model.parameters())
     heads = AuxiliaryHeads(args.text_width, args.vision_width)
     aux = (heads, FeatureLayerTap(model), LlavaNextAdapter(model, processor), args.aux) if args.aux > 0 else None
-    opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01,
+                            betas=(0.9, 0.98))
     start = time.perf_counter()
 
     def progress(step: int) -> float:
@@ -196,12 +200,14 @@ def main(argv=None) -> None:
         if not global_only:
             run_loss, run_acc, run_n = run_loss + loss.item(), run_acc + correct.mean().item(), run_n + 1
         if (step + 1) % 25 == 0:
-            write({"step": step + 1, "tokens": tokens, "loss": round(run_loss / max(run_n, 1), 4), "train_acc": round(run_acc / max(run_n, 1), 4),
+            write({"step": step + 1, "tokens": tokens, "loss": round(run_loss / max(run_n, 1), 4),
+                   "train_acc": round(run_acc / max(run_n, 1), 4),
                    "lr": round(sched.get_last_lr()[0], 6), "elapsed_s": round(time.perf_counter() - start, 1)})
             run_loss, run_acc, run_n = 0.0, 0.0, 0
         out_of_time = progress(step + 1) >= 1.0 and step + 1 < args.steps
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps or out_of_time:
-            write({"step": step + 1, **evaluate(model, val, pad_id), "elapsed_s": round(time.perf_counter() - start, 1)})
+            write({"step": step + 1, **evaluate(model, val, pad_id),
+                   "elapsed_s": round(time.perf_counter() - start, 1)})
             model.eval()
             model.save_pretrained(args.out, safe_serialization=True)
             processor.save_pretrained(args.out)
