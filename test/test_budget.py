@@ -131,7 +131,7 @@ def test_budget_mode_trades_tokens_for_latency_on_the_tiny_model(slow_worker):
     full_ms = worker.latency_model.predict_total(total, total, 2)
     floor_ms = worker.latency_model.predict_total(round(0.05 * total), total, 2)
     budgets = [full_ms * 1.5, floor_ms + 0.6 * (full_ms - floor_ms), floor_ms + 0.25 * (full_ms - floor_ms),
-               floor_ms * 0.3]
+               1.0]  # 1 ms: infeasible whatever the box's speed (a fraction of the floor was not, under load)
     served = [serve(worker, image, results, b) for b in budgets]
     ratios = [r["keep_ratio"] for r in served]
     assert all(r["status"] == "ok" and r["mode"] == "budget" for r in served), served
