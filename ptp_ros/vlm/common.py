@@ -7,13 +7,18 @@ tokens are laid out, where its saliency comes from).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import AutoProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_logits
-from .base import Generation, PreparedInput, StageClock
+from .attention import text_to_token_attention
+from .base import Generation, PreparedInput, StageClock, VisualTokens
+from .compat import hide_video_processor
 
 #: How a tiled model's regions are weighed against each other (see ``tile_region_logits``).
 TILE_REGION_SCORES = ("cls_mass", "global_similarity")
@@ -128,3 +133,61 @@ class TiledModelOptions:
 def check_llm_layer(llm_layer: int, num_layers: int) -> None:
     if not 0 <= llm_layer < num_layers:
         raise ValueError(f"llm_layer {llm_layer} is outside the LLM's {num_layers} layers")
+
+
+class StockModelAdapter:
+    """Loading, instruction relevance and pruned generation as every family over a stock
+    ``*ForConditionalGeneration`` with ``mm_encoder_outputs`` does them.
+
+    A family sets ``model_class``/``options_class`` (and ``processor_needing_shim`` when its processor
+    cannot be built without torchvision), implements ``prepare``/``encode`` and says how its
+    ``pooler_output`` is shaped (``pooler_output``); one with 3-D positions overrides ``rope_positions``.
+    """
+
+    model_class: type
+    options_class: type
+    processor_needing_shim: type | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
+                        **options):
+        model = cls.model_class.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
+        if cls.processor_needing_shim is not None:
+            hide_video_processor(cls.processor_needing_shim)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return cls(model.to(device), processor, cls.options_class(**options))
+
+    def rope_positions(self, prepared: PreparedInput) -> torch.Tensor | None:
+        """Position ids of the full prompt for the LLM; ``None``: its default 0..L-1."""
+        return None
+
+    def pooler_output(self, features: torch.Tensor):
+        """``features`` [N, D] in the container the model's ``mm_encoder_outputs`` expects."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
+        ids = prepared.inputs["input_ids"]
+        image_pos = placeholder_positions(ids, self.image_token_id)
+        embeds = self.model.get_input_embeddings()(ids).clone()
+        embeds[0, image_pos] = visual.features.to(embeds.dtype)
+        return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
+                                       instruction_query_positions(ids, self.image_token_id), image_pos,
+                                       position_ids=self.rope_positions(prepared)).cpu()
+
+    @torch.no_grad()
+    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
+                 max_new_tokens: int) -> Generation:
+        ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
+        features = visual.features
+        if kept is not None and kept.numel() < visual.num_tokens:
+            keep = kept_sequence_mask(ids, self.image_token_id, kept)
+            ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=self.pooler_output(features))}
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens,
+                              input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
+
+    @torch.no_grad()
+    def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, **prepared.inputs)

@@ -14,35 +14,32 @@ stock ``generate(mm_encoder_outputs=...)``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoProcessor, InternVLForConditionalGeneration, InternVLProcessor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import InternVLForConditionalGeneration, InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from ..pruning import TokenScores
-from .attention import ClsAttentionProbe, text_to_token_attention
-from .base import Generation, PreparedInput, VisualTokens
+from .attention import ClsAttentionProbe
+from .base import PreparedInput, VisualTokens
 from .common import (
+    StockModelAdapter,
     TiledModelOptions,
     check_llm_layer,
-    instruction_query_positions,
-    kept_sequence_mask,
-    placeholder_positions,
     prepare_image_prompt,
     tile_region_logits,
-    timed_generate,
     vision_layer_index,
 )
-from .compat import hide_video_processor
 
 InternVLOptions = TiledModelOptions
 
 
-class InternVLAdapter:
+class InternVLAdapter(StockModelAdapter):
     name = "internvl"
+    model_class = InternVLForConditionalGeneration
+    options_class = InternVLOptions
+    processor_needing_shim = InternVLProcessor
 
     def __init__(self, model: InternVLForConditionalGeneration, processor, options: InternVLOptions = InternVLOptions()):
         self.model = model.eval()
@@ -58,15 +55,6 @@ class InternVLAdapter:
         self._tile_px = int(config.vision_config.image_size[0])
         self._patches_per_side = self._tile_px // int(config.vision_config.patch_size[0])
         check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
-
-    @classmethod
-    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
-                        **options) -> InternVLAdapter:
-        model = InternVLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
-        hide_video_processor(InternVLProcessor)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        return cls(model.to(device), processor, InternVLOptions(**options))
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
@@ -150,29 +138,5 @@ class InternVLAdapter:
         region_boxes = torch.stack([x0[:, 0], y0[:, 0], x0[:, 0] + tile_w[:, 0], y0[:, 0] + tile_h[:, 0]], dim=-1)
         return token_boxes.reshape(-1, 4).float(), region_boxes.float()
 
-    # -- 2. top-down relevance -----------------------------------------------------------------------
-    @torch.no_grad()
-    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
-        ids = prepared.inputs["input_ids"]
-        image_pos = placeholder_positions(ids, self.image_token_id)
-        embeds = self.model.get_input_embeddings()(ids).clone()
-        embeds[0, image_pos] = visual.features.to(embeds.dtype)
-        return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
-                                       instruction_query_positions(ids, self.image_token_id), image_pos).cpu()
-
-    # -- 3. pruned generation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int) -> Generation:
-        ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
-        features = visual.features
-        if kept is not None and kept.numel() < visual.num_tokens:
-            keep = kept_sequence_mask(ids, self.image_token_id, kept)
-            ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=features[None])}
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens,
-                              input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
-
-    @torch.no_grad()
-    def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, **prepared.inputs)
+    def pooler_output(self, features: torch.Tensor) -> torch.Tensor:
+        return features[None]  # the scatter checks only numel: [1, K, D] stands for the tiles

@@ -8,28 +8,22 @@ placeholders from ``input_ids`` → stock ``generate(mm_encoder_outputs=...)``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from ..pruning import NO_REGION, TokenScores
-from .attention import ClsAttentionProbe, text_to_token_attention
-from .base import Generation, PreparedInput, VisualTokens
+from .attention import ClsAttentionProbe
+from .base import PreparedInput, VisualTokens
 from .common import TILE_REGION_SCORES as REGION_SCORES  # noqa: F401  (kept importable from here)
 from .common import (
+    StockModelAdapter,
     TiledModelOptions,
     check_llm_layer,
-    instruction_query_positions,
-    kept_sequence_mask,
     paper_vision_layer,  # noqa: F401  (kept importable from here)
-    placeholder_positions,
     prepare_image_prompt,
     tile_region_logits,
-    timed_generate,
     vision_layer_index,
 )
 
@@ -39,8 +33,10 @@ _FALLBACK_PROMPT = "USER: <image>\n{instruction} ASSISTANT:"
 LlavaNextOptions = TiledModelOptions
 
 
-class LlavaNextAdapter:
+class LlavaNextAdapter(StockModelAdapter):
     name = "llava_next"
+    model_class = LlavaNextForConditionalGeneration
+    options_class = LlavaNextOptions
 
     def __init__(self, model: LlavaNextForConditionalGeneration, processor, options: LlavaNextOptions = LlavaNextOptions()):
         self.model = model.eval()
@@ -56,14 +52,6 @@ class LlavaNextAdapter:
         self._tile_px = config.vision_config.image_size
         self._patches_per_side = config.vision_config.image_size // config.vision_config.patch_size
         check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
-
-    @classmethod
-    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
-                        **options) -> LlavaNextAdapter:
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        return cls(model.to(device), processor, LlavaNextOptions(**options))
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
@@ -153,29 +141,5 @@ class LlavaNextAdapter:
                                                  cls_states[1:], cls_states[0])
         return torch.cat([global_logit.reshape(1), tiles]).float()
 
-    # -- 2. top-down relevance -----------------------------------------------------------------------
-    @torch.no_grad()
-    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
-        ids = prepared.inputs["input_ids"]
-        image_pos = placeholder_positions(ids, self.image_token_id)
-        embeds = self.model.get_input_embeddings()(ids).clone()
-        embeds[0, image_pos] = visual.features.to(embeds.dtype)
-        return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
-                                       instruction_query_positions(ids, self.image_token_id), image_pos).cpu()
-
-    # -- 3. pruned generation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int) -> Generation:
-        ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
-        features = visual.features
-        if kept is not None and kept.numel() < visual.num_tokens:
-            keep = kept_sequence_mask(ids, self.image_token_id, kept)
-            ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens,
-                              input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
-
-    @torch.no_grad()
-    def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, **prepared.inputs)
+    def pooler_output(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return [features]  # one packed tensor per image

@@ -16,28 +16,25 @@ Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
 from ..pruning import TokenScores
 from ..pruning.region_saliency import mass_logits
-from .attention import ReceivedAttentionProbe, text_to_token_attention
+from .attention import ReceivedAttentionProbe
 from .base import Generation, PreparedInput, VisualTokens
 from .common import (
+    StockModelAdapter,
     check_llm_layer,
-    instruction_query_positions,
     kept_sequence_mask,
     paper_vision_layer,
-    placeholder_positions,
     prepare_image_prompt,
     timed_generate,
 )
-from .compat import hide_video_processor
 
 _FALLBACK_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>{instruction}"
 
@@ -63,8 +60,11 @@ class Qwen2_5_VLOptions:
         object.__setattr__(self, "region_grid", tuple(int(v) for v in self.region_grid))
 
 
-class Qwen2_5_VLAdapter:
+class Qwen2_5_VLAdapter(StockModelAdapter):
     name = "qwen2_5_vl"
+    model_class = Qwen2_5_VLForConditionalGeneration
+    options_class = Qwen2_5_VLOptions
+    processor_needing_shim = Qwen2_5_VLProcessor
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor,
                  options: Qwen2_5_VLOptions = Qwen2_5_VLOptions()):
@@ -93,15 +93,6 @@ class Qwen2_5_VLAdapter:
         if index not in full_blocks:
             raise ValueError(f"vision_layer {choice} is not a full-attention block (those are {full_blocks})")
         return index
-
-    @classmethod
-    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
-                        **options) -> Qwen2_5_VLAdapter:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
-        hide_video_processor(Qwen2_5_VLProcessor)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        return cls(model.to(device), processor, Qwen2_5_VLOptions(**options))
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
@@ -177,16 +168,6 @@ class Qwen2_5_VLAdapter:
                                                        image_grid_thw=inputs["image_grid_thw"],
                                                        attention_mask=inputs["attention_mask"])
         return positions
-
-    @torch.no_grad()
-    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
-        ids = prepared.inputs["input_ids"]
-        image_pos = placeholder_positions(ids, self.image_token_id)
-        embeds = self.model.get_input_embeddings()(ids).clone()
-        embeds[0, image_pos] = visual.features.to(embeds.dtype)
-        return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
-                                       instruction_query_positions(ids, self.image_token_id), image_pos,
-                                       position_ids=self.rope_positions(prepared)).cpu()
 
     # -- 3. pruned generation ------------------------------------------------------------------------
     @torch.no_grad()
