@@ -21,6 +21,9 @@ import torch
 from PIL import Image
 
 from .cost_model import MODELS, cost_table
+
+#: Real-size models ptp-bench can build with random weights and time; the rest are analytic only.
+MEASURABLE = tuple(name for name, dims in MODELS.items() if dims["architecture"] == "llava_next")
 from .machine import describe, load_snapshot
 from .measure import DEFAULT_SELECTORS, measure
 from .report import markdown, plots, summarize, targets
@@ -30,7 +33,7 @@ INSTRUCTION = ("what is on the table to the left of the robot ? describe the col
                "object you can see in the scene , and count the objects near the door .")
 KEEP_RATIOS = [1.0, 0.5, 0.25, 0.111, 0.056]
 QUICK_KEEP_RATIOS = [1.0, 0.25, 0.111]
-ANALYTIC_MODELS = ("llava-next-7b", "llava-next-13b", "cpu-proxy")
+ANALYTIC_MODELS = ("llava-next-7b", "llava-next-13b", "cpu-proxy", "internvl2-8b")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny model, 2 repetitions, 3 ratios, 4 new tokens: checks the benchmark")
     p.add_argument("--model", default=None,
-                   help=f"'tiny', one of {', '.join(MODELS)} (random weights, real size) or a checkpoint directory "
+                   help=f"'tiny', one of {', '.join(MEASURABLE)} (random weights, real size) or a checkpoint directory "
                         "(default: cpu-proxy; tiny with --quick)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda for the 7B/13B sizes, else cpu)")
     p.add_argument("--repetitions", type=int, default=None, help="runs per cell (default 3; 2 with --quick)")
@@ -70,6 +73,8 @@ def _load(model: str, device: torch.device, dtype: torch.dtype, scratch: Path):
 
         path = build_tiny_llava_next(scratch / "tiny-llava-next")
         return load_adapter(path, LoadOptions(device=str(device), dtype=dtype_name))
+    if model in MODELS and model not in MEASURABLE:
+        raise SystemExit(f"ptp-bench: {model} is in the analytic tables only; measurable sizes: {', '.join(MEASURABLE)}")
     if model in MODELS:
         from .models import random_llava_next
 

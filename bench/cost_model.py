@@ -8,7 +8,8 @@ token only (prefill produces one token's logits).  Under this convention the unp
 prefill at 2880 visual + 60 text tokens is 42.6 TFLOPs, between the published 41.7 (CDPruner,
 GlobalCom²) and 43.58 (FasterVLM) — see test/test_cost_model.py.
 
-Models are data (``MODELS``): adding a family (e.g. InternVL2-8B) is one more entry.
+Models are data (``MODELS``): adding a family is one more entry.  ``architecture`` says which ones
+bench/models.py can also build with random weights for timing (LLaVA-NeXT); the others are analytic only.
 """
 from __future__ import annotations
 
@@ -18,25 +19,39 @@ from dataclasses import dataclass
 CLIP_VIT_L_336 = {"layers": 24, "hidden": 1024, "ffn": 4096, "heads": 16, "kv_heads": 16, "gated_mlp": False,
                   "image_size": 336, "patch_size": 14, "cls_tokens": 1}
 
+#: InternViT-300M at 448 px, InternVL2's tower: 1025 tokens a tile, 2×2 pixel-shuffle → 256 LLM tokens.
+INTERNVIT_300M_448 = {"layers": 24, "hidden": 1024, "ffn": 4096, "heads": 16, "kv_heads": 16, "gated_mlp": False,
+                      "image_size": 448, "patch_size": 14, "cls_tokens": 1, "merge": 2}
+
 #: Published dimensions.  ``llm.family`` tells bench/models.py which transformers config to build.
 MODELS: dict[str, dict] = {
     "llava-next-7b": {  # llava-hf/llava-v1.6-vicuna-7b-hf: Vicuna-7B (Llama-2 7B)
+        "architecture": "llava_next",
         "vision": CLIP_VIT_L_336,
         "llm": {"family": "llama", "layers": 32, "hidden": 4096, "ffn": 11008, "heads": 32, "kv_heads": 32,
                 "vocab": 32000, "gated_mlp": True, "tie_embeddings": False},
         "max_visual_tokens": 2880,  # 5 tiles × 576, the count the published tables use
     },
     "llava-next-13b": {  # llava-hf/llava-v1.6-vicuna-13b-hf: Vicuna-13B (Llama-2 13B)
+        "architecture": "llava_next",
         "vision": CLIP_VIT_L_336,
         "llm": {"family": "llama", "layers": 40, "hidden": 5120, "ffn": 13824, "heads": 40, "kv_heads": 40,
                 "vocab": 32000, "gated_mlp": True, "tie_embeddings": False},
         "max_visual_tokens": 2880,
     },
     "cpu-proxy": {  # the real-size CPU proxy: CLIP ViT-L/14-336 + an LM with Qwen2-0.5B dimensions
+        "architecture": "llava_next",
         "vision": CLIP_VIT_L_336,
         "llm": {"family": "qwen2", "layers": 24, "hidden": 896, "ffn": 4864, "heads": 14, "kv_heads": 2,
                 "vocab": 151936, "gated_mlp": True, "tie_embeddings": False, "rope_theta": 1e6},
         "max_visual_tokens": 2880,
+    },
+    "internvl2-8b": {  # OpenGVLab/InternVL2-8B: InternViT-300M-448px + InternLM2.5-7B-chat (analytic only)
+        "architecture": "internvl",
+        "vision": INTERNVIT_300M_448,
+        "llm": {"family": "internlm2", "layers": 32, "hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8,
+                "vocab": 92553, "gated_mlp": True, "tie_embeddings": False},
+        "max_visual_tokens": 3328,  # 12 tiles + the thumbnail, 256 tokens each
     },
 }
 
@@ -67,14 +82,22 @@ def _layer_flops(n: float, d: int, ffn: int, heads: int, kv_heads: int, gated: b
     return projections + attention + mlp
 
 
+def tokens_per_tile(vision: dict) -> int:
+    """LLM tokens one view yields: its patches, merged ``merge``×``merge`` (InternVL's pixel shuffle)."""
+    return (vision["image_size"] // vision["patch_size"]) ** 2 // vision.get("merge", 1) ** 2
+
+
 def vision_flops(model: dict, tiles: int) -> float:
-    """Patch embedding + every ViT layer + the 2-layer projector, for ``tiles`` 336-px views."""
+    """Patch embedding + every ViT layer + the 2-layer projector, for ``tiles`` views.
+
+    The projector reads ``merge``² patches concatenated per LLM token (width hidden·merge²)."""
     v, llm = model["vision"], model["llm"]
     patches = (v["image_size"] // v["patch_size"]) ** 2
     seq = patches + v["cls_tokens"]
     embed = 2 * patches * 3 * v["patch_size"] ** 2 * v["hidden"]
     layers = v["layers"] * _layer_flops(seq, v["hidden"], v["ffn"], v["heads"], v["kv_heads"], v["gated_mlp"], seq)
-    projector = 2 * patches * (v["hidden"] * llm["hidden"] + llm["hidden"] * llm["hidden"])
+    projector_in = v["hidden"] * v.get("merge", 1) ** 2
+    projector = 2 * tokens_per_tile(v) * (projector_in * llm["hidden"] + llm["hidden"] * llm["hidden"])
     return tiles * (embed + layers + projector)
 
 
@@ -109,10 +132,9 @@ def relevance_flops(model: dict, tokens: int, layer: int, query_tokens: int) -> 
 
 
 def tiles_for(model: dict, visual_tokens_unpruned: int) -> int:
-    """Views the vision tower encodes for an image of this many visual tokens (≈ one per 576)."""
-    v = model["vision"]
-    patches = (v["image_size"] // v["patch_size"]) ** 2
-    return max(1, round(visual_tokens_unpruned / patches))
+    """Views the vision tower encodes for an image of this many visual tokens (≈ one per 576 for
+    LLaVA-NeXT, one per 256 for InternVL)."""
+    return max(1, round(visual_tokens_unpruned / tokens_per_tile(model["vision"])))
 
 
 def costs(model: dict, visual_tokens: int, text_tokens: int, tiles: int, bytes_per_value: int = 2) -> Costs:

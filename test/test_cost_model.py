@@ -46,3 +46,15 @@ def test_grouped_query_attention_shrinks_the_cache():
     proxy = MODELS["cpu-proxy"]
     assert kv_bytes_per_token(proxy, 4) == 2 * 24 * 2 * 64 * 4  # 2 KV heads of 64 in 24 layers, fp32
     assert costs(proxy, 100, 0, 1).kv_cache_bytes == 100 * kv_bytes_per_token(proxy)
+
+
+def test_internvl2_8b_counts_pixel_shuffled_tiles():
+    """InternViT-300M at 448 px: 1025 tokens a tile through 24 layers, 256 LLM tokens after the 2×2 shuffle."""
+    model = MODELS["internvl2-8b"]
+    per_tile = vision_flops(model, 1) / 1e12
+    assert 0.65 < per_tile < 0.8  # ≈ 2 × 0.3 B params × 1025 tokens + attention + the 4096-wide projector
+    rows = {r["keep_ratio"]: r for r in cost_table("internvl2-8b", RATIOS)}
+    assert rows[1]["tiles"] == 13 and rows[1]["visual_tokens"] == 3328
+    assert rows[0.111]["prefill_ratio"] < 0.13
+    # grouped-query attention (8 KV heads): a quarter of the MHA cache per token
+    assert kv_bytes_per_token(model) == 2 * 32 * 8 * 128 * 2
