@@ -65,8 +65,9 @@ def saliency_image(image_rgb: np.ndarray, visual: VisualTokens, selection: Selec
         cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), max(1, width // 640))
         _label(out, f"{counts[r]}/{sizes[r]}", (x0 + 8, y1 - 10), font)
 
-    if g is not None and sizes[g] > 0:  # the global view as an inset, top left
-        inset_w, inset_h = width // 5, height // 5
+    inset_w, inset_h = width // 5, height // 5
+    has_inset = g is not None and sizes[g] > 0
+    if has_inset:  # the global view as an inset, top left
         in_g = region == g
         small_boxes = boxes[in_g] * np.array([inset_w / width, inset_h / height] * 2)
         small = cv2.resize(bgr, (inset_w, inset_h), interpolation=cv2.INTER_AREA)
@@ -76,6 +77,6 @@ def saliency_image(image_rgb: np.ndarray, visual: VisualTokens, selection: Selec
         _label(out, f"global {counts[g]}/{sizes[g]}", (6, inset_h - 8), font * 0.8)
 
     _label(out, f"kept {selection.num_kept}/{selection.total} ({selection.keep_ratio:.1%})",
-           (width // 5 + 12, int(40 * font)), font)
+           ((inset_w if has_inset else 0) + 12, int(40 * font)), font)
     return out
 
