@@ -148,6 +148,15 @@ class StockModelAdapter:
     options_class: type
     processor_needing_shim: type | None = None
 
+    def __init__(self, model, processor, options) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.options = options
+        self.device = model.device
+        self.dtype = model.dtype
+        self.image_token_id = model.config.image_token_id
+        check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
+
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
                         **options):

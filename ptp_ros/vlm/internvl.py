@@ -26,7 +26,6 @@ from .base import PreparedInput, VisualTokens
 from .common import (
     StockModelAdapter,
     TiledModelOptions,
-    check_llm_layer,
     prepare_image_prompt,
     tile_region_logits,
     vision_layer_index,
@@ -42,19 +41,13 @@ class InternVLAdapter(StockModelAdapter):
     processor_needing_shim = InternVLProcessor
 
     def __init__(self, model: InternVLForConditionalGeneration, processor, options: InternVLOptions = InternVLOptions()):
-        self.model = model.eval()
-        self.processor = processor
-        self.options = options
-        self.device = model.device
-        self.dtype = model.dtype
+        super().__init__(model, processor, options)
         config = model.config
-        self.image_token_id = config.image_token_id
         layers = model.model.vision_tower.encoder.layer
         self.vision_layer = vision_layer_index(options.vision_layer, len(layers), config.vision_feature_layer)
         self._vision_attention = layers[self.vision_layer].attention
         self._tile_px = int(config.vision_config.image_size[0])
         self._patches_per_side = self._tile_px // int(config.vision_config.patch_size[0])
-        check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:

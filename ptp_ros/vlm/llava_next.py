@@ -20,7 +20,6 @@ from .common import TILE_REGION_SCORES as REGION_SCORES  # noqa: F401  (kept imp
 from .common import (
     StockModelAdapter,
     TiledModelOptions,
-    check_llm_layer,
     paper_vision_layer,  # noqa: F401  (kept importable from here)
     prepare_image_prompt,
     tile_region_logits,
@@ -39,19 +38,13 @@ class LlavaNextAdapter(StockModelAdapter):
     options_class = LlavaNextOptions
 
     def __init__(self, model: LlavaNextForConditionalGeneration, processor, options: LlavaNextOptions = LlavaNextOptions()):
-        self.model = model.eval()
-        self.processor = processor
-        self.options = options
-        self.device = model.device
-        self.dtype = model.dtype
+        super().__init__(model, processor, options)
         config = model.config
-        self.image_token_id = config.image_token_id
         layers = model.model.vision_tower.encoder.layers
         self.vision_layer = vision_layer_index(options.vision_layer, len(layers), config.vision_feature_layer)
         self._vision_attention = layers[self.vision_layer].self_attn
         self._tile_px = config.vision_config.image_size
         self._patches_per_side = config.vision_config.image_size // config.vision_config.patch_size
-        check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:

@@ -29,7 +29,6 @@ from .attention import ReceivedAttentionProbe
 from .base import Generation, PreparedInput, VisualTokens
 from .common import (
     StockModelAdapter,
-    check_llm_layer,
     kept_sequence_mask,
     paper_vision_layer,
     prepare_image_prompt,
@@ -68,17 +67,11 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor,
                  options: Qwen2_5_VLOptions = Qwen2_5_VLOptions()):
-        self.model = model.eval()
-        self.processor = processor
-        self.options = options
-        self.device = model.device
-        self.dtype = model.dtype
-        self.image_token_id = model.config.image_token_id
+        super().__init__(model, processor, options)
         visual = model.model.visual
         self.vision_layer = self._full_attention_block(options.vision_layer, len(visual.blocks),
                                                        list(visual.fullatt_block_indexes))
         self._vision_attention = visual.blocks[self.vision_layer].attn
-        check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
 
     @staticmethod
     def _full_attention_block(choice: int | str, depth: int, full_blocks: list[int]) -> int:

@@ -59,16 +59,24 @@ def llava_next_processor(tokenizer, pinpoints=DEFAULT_PINPOINTS) -> LlavaNextPro
                               chat_template=VICUNA_STYLE_TEMPLATE)
 
 
-def build_tiny_llava_next(out_dir: str | Path, *, words: Iterable[str] = BASE_WORDS, seed: int = 0,
-                          **config_overrides) -> Path:
-    """Build a random-weight tiny LLaVA-NeXT (deterministic in ``seed``) and save it with its processor."""
+def save_random_checkpoint(out_dir: str | Path, model_class: type, config, processor, seed: int) -> Path:
+    """Initialise ``model_class(config)`` deterministically from ``seed`` and save it with ``processor``,
+    as a user's checkpoint directory (safetensors) — every tiny builder ends here."""
     out = Path(out_dir)
-    tokenizer = build_word_tokenizer(words)
-    config = tiny_llava_next_config(len(tokenizer), tokenizer.image_token_id, **config_overrides)
+    tokenizer = processor.tokenizer
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
-    llava_next_processor(tokenizer, config.image_grid_pinpoints).save_pretrained(out)
+    processor.save_pretrained(out)
     return out
+
+
+def build_tiny_llava_next(out_dir: str | Path, *, words: Iterable[str] = BASE_WORDS, seed: int = 0,
+                          **config_overrides) -> Path:
+    """Build a random-weight tiny LLaVA-NeXT (deterministic in ``seed``) and save it with its processor."""
+    tokenizer = build_word_tokenizer(words)
+    config = tiny_llava_next_config(len(tokenizer), tokenizer.image_token_id, **config_overrides)
+    return save_random_checkpoint(out_dir, LlavaNextForConditionalGeneration, config,
+                                  llava_next_processor(tokenizer, config.image_grid_pinpoints), seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from transformers import (
     GotOcr2ImageProcessorPil,
     InternVLConfig,
@@ -20,7 +19,7 @@ from transformers import (
 )
 
 from .compat import hide_video_processor
-from .tiny import VICUNA_STYLE_TEMPLATE
+from .tiny import VICUNA_STYLE_TEMPLATE, save_random_checkpoint
 from .tokenizer import BASE_WORDS, build_word_tokenizer
 
 #: The tokens ``InternVLProcessor`` reads from its tokenizer (names as in the InternVL-hf tokenizers).
@@ -55,13 +54,7 @@ def internvl_processor(tokenizer) -> InternVLProcessor:
 def build_tiny_internvl(out_dir: str | Path, *, words: Iterable[str] = BASE_WORDS, seed: int = 0,
                         **config_overrides) -> Path:
     """Build a random-weight tiny InternVL (deterministic in ``seed``) and save it with its processor."""
-    out = Path(out_dir)
     tokenizer = build_word_tokenizer(words, extra_special=INTERNVL_SPECIAL_TOKENS)
     config = tiny_internvl_config(len(tokenizer), tokenizer.context_image_token_id, **config_overrides)
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    internvl_processor(tokenizer).save_pretrained(out)
-    return out
+    return save_random_checkpoint(out_dir, InternVLForConditionalGeneration, config, internvl_processor(tokenizer),
+                                  seed)

@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 
 from .compat import hide_video_processor
-from .tiny import VICUNA_STYLE_TEMPLATE
+from .tiny import VICUNA_STYLE_TEMPLATE, save_random_checkpoint
 from .tokenizer import BASE_WORDS, build_word_tokenizer
 
 #: The tokens ``Qwen2_5_VLProcessor`` and the model's config refer to.
@@ -51,13 +50,7 @@ def qwen2_5_vl_processor(tokenizer) -> Qwen2_5_VLProcessor:
 def build_tiny_qwen2_5_vl(out_dir: str | Path, *, words: Iterable[str] = BASE_WORDS, seed: int = 0,
                           **config_overrides) -> Path:
     """Build a random-weight tiny Qwen2.5-VL (deterministic in ``seed``) and save it with its processor."""
-    out = Path(out_dir)
     tokenizer = build_word_tokenizer(words, extra_special=QWEN_SPECIAL_TOKENS)
     config = tiny_qwen2_5_vl_config(tokenizer, **config_overrides)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    qwen2_5_vl_processor(tokenizer).save_pretrained(out)
-    return out
+    return save_random_checkpoint(out_dir, Qwen2_5_VLForConditionalGeneration, config,
+                                  qwen2_5_vl_processor(tokenizer), seed)
