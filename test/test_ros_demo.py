@@ -12,11 +12,29 @@ from ros_helpers import ros_env
 pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
 
-def test_demo_runs_to_completion(tmp_path):
+def _tiny_checkpoint(family: str, root) -> list[str]:
+    """``--model-path`` arguments for a tiny checkpoint of ``family`` (none: the built-in default)."""
+    if family == "built-in":
+        return []
+    if family == "internvl":
+        from ptp_ros.vlm.tiny_internvl import build_tiny_internvl
+
+        path = build_tiny_internvl(root / family, vision_layers=3, text_layers=3)
+    else:
+        from ptp_ros.vlm.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
+
+        path = build_tiny_qwen2_5_vl(root / family)
+    return ["--model-path", str(path)]
+
+
+@pytest.mark.parametrize("family", ["built-in", "internvl", "qwen2_5_vl"])
+def test_demo_runs_to_completion(tmp_path, family):
+    """The same node serves every model family; only its ``model_path`` parameter changes."""
     env = ros_env(tmp_path / "ros_log")
     out = tmp_path / "saliency"
     proc = subprocess.run([sys.executable, "-m", "ptp_ros.ros.demo", "--questions", "2", "--out", str(out),
-                           "--agent-log", str(tmp_path / "agent.log")], env=env, cwd=tmp_path,
+                           "--agent-log", str(tmp_path / "agent.log"), *_tiny_checkpoint(family, tmp_path)],
+                          env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=420)
     log = (tmp_path / "agent.log").read_text(errors="replace")
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{log[-3000:]}"
