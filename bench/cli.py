@@ -107,11 +107,13 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
         print(f"ptp-bench: {model} on {device} ({dtype}) ready in {build_s:.1f} s", file=log, flush=True)
         records = measure(adapter, image, args.instruction, ratios, selectors, repetitions, max_new_tokens, log=log)
         text_config = adapter.model.config.text_config
-        tiles = int(adapter.prepare(image, args.instruction).inputs["pixel_values"].shape[1])
+        pixels = adapter.prepare(image, args.instruction).inputs["pixel_values"]
+        # views encoded: [1, tiles, 3, H, W] (LLaVA-NeXT), [tiles, 3, H, W] (InternVL); none for patch lists (Qwen)
+        tiles = {5: int(pixels.shape[1]), 4: int(pixels.shape[0])}.get(pixels.dim())
     wall_s = time.perf_counter() - start
     unpruned = next(r for r in records if r["selector"] == "unpruned")
     return {
-        "model": model, "machine": describe(device), "build_s": build_s, "wall_s": wall_s,
+        "model": model if model == "tiny" or model in MODELS else Path(model).name, "machine": describe(device), "build_s": build_s, "wall_s": wall_s,
         "settings": {"dtype": str(dtype).removeprefix("torch."), "image": args.image.name, "tiles": tiles,
                      "visual_tokens": unpruned["visual_tokens"],
                      "text_tokens": unpruned["prompt_tokens"] - unpruned["visual_tokens"],

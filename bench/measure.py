@@ -47,6 +47,9 @@ DEFAULT_SELECTORS = (
     BenchSelector("oracle", None),
 )
 UNPRUNED = "unpruned"
+#: The row of models that can simply read the image at lower resolution (``adapter.downscaled(tokens)``,
+#: Qwen2.5-VL's ``max_pixels``): the same token budget reached without pruning, its own encode included.
+DOWNSCALED = "downscaled"
 
 
 class Clock:
@@ -106,6 +109,30 @@ def run_cell(adapter: LlavaNextAdapter, prepared, visual, selector: BenchSelecto
     }
 
 
+def run_downscaled_cell(adapter, image: np.ndarray, instruction: str, tokens: int, max_new_tokens: int,
+                        clock: Clock) -> dict:
+    """The down-scaling baseline at ``tokens``: preprocess + encode at the lower resolution, then generate
+    with everything kept.  Its own preprocess / encode times replace the shared ones."""
+    low = adapter.downscaled(tokens)
+    with PeakMemory(adapter.device) as memory:
+        t0 = clock.now()
+        prepared = low.prepare(image, instruction)
+        t1 = clock.now()
+        visual = low.encode(prepared)
+        t2 = clock.now()
+        generation = low.generate(prepared, visual, None, max_new_tokens)
+    kv_tokens = generation.prompt_tokens + generation.new_tokens - 1
+    bytes_per_value = torch.finfo(adapter.dtype).bits // 8
+    return {
+        "kept": visual.num_tokens, "prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
+        "preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3, "score_ms": 0.0, "select_ms": 0.0,
+        "prefill_ms": generation.prefill_ms, "decode_ms": generation.decode_ms,
+        "decode_ms_per_token": generation.decode_ms / max(1, generation.new_tokens - 1),
+        "kv_cache_mib": kv_tokens * kv_bytes_per_token(_llm_dims(adapter), bytes_per_value) / 2**20,
+        **memory.figures(),
+    }
+
+
 def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep_ratios: list[float],
             selectors: tuple[BenchSelector, ...] = DEFAULT_SELECTORS, repetitions: int = 3,
             max_new_tokens: int = 8, seed: int = 0, log=sys.stderr) -> list[dict]:
@@ -113,6 +140,8 @@ def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep
     clock = Clock(adapter.device)
     pruned_ratios = [r for r in keep_ratios if r < 1.0]
     cells = [(UNPRUNED, 1.0)] + [(s.name, r) for s in selectors for r in pruned_ratios]
+    if hasattr(adapter, "downscaled"):
+        cells += [(DOWNSCALED, r) for r in pruned_ratios]
     by_name = {s.name: s for s in selectors}
     _warm_up(adapter, image, instruction, min(keep_ratios))
     # exactly max_new_tokens every time: a random-weight model may otherwise stop early at EOS
@@ -132,8 +161,12 @@ def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep
         random.Random(seed + rep).shuffle(order)
         rep_load = load_snapshot()
         for name, ratio in order:
-            cell = run_cell(adapter, prepared, visual, None if name == UNPRUNED else by_name[name], ratio,
-                            max_new_tokens, clock, oracle)
+            if name == DOWNSCALED:
+                tokens = resolve_budget(visual.num_tokens, keep_ratio=ratio)
+                cell = run_downscaled_cell(adapter, image, instruction, tokens, max_new_tokens, clock)
+            else:
+                cell = run_cell(adapter, prepared, visual, None if name == UNPRUNED else by_name[name], ratio,
+                                max_new_tokens, clock, oracle)
             record = {"rep": rep, "selector": name, "keep_ratio": ratio, "visual_tokens": visual.num_tokens,
                       "preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3,
                       "encode_peak_rss_mib": encode_memory.figures()["peak_rss_mib"], **cell}

@@ -77,7 +77,7 @@ def targets(records: list[dict], summary: list[dict], analytic: dict[str, list[d
                         "limit": TARGET_PREFILL_RATIO, "met": v <= TARGET_PREFILL_RATIO,
                         "detail": {"prefill_ms": cell["prefill_ms"]["median"],
                                    "unpruned_prefill_ms": base["prefill_ms"]["median"]}})
-    pooled = [r for r in records if abs(r["keep_ratio"] - NINTH) < 1e-9]
+    pooled = [r for r in records if abs(r["keep_ratio"] - NINTH) < 1e-9 and r["selector"] != "downscaled"]
     unpruned = [r["prefill_ms"] for r in records if r["selector"] == "unpruned"]
     if pooled and unpruned:  # every selector keeps the same count at 11.1 %: more samples of one prefill
         v = statistics.median(r["prefill_ms"] for r in pooled) / statistics.median(unpruned)
@@ -122,8 +122,9 @@ def markdown(results: dict) -> str:
                   f"thread{'s' if m['torch_threads'] > 1 else ''})", "",
                   f"- Machine: {where}; {m['platform']}; Python {m['python']}; "
                   + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
-                  f"- Input: {meta['image']} ({meta['visual_tokens']} visual tokens, {meta['tiles']} views), "
-                  f"prompt of {meta['text_tokens']} text tokens, exactly {meta['max_new_tokens']} new tokens "
+                  f"- Input: {meta['image']} ({meta['visual_tokens']} visual tokens"
+                  + (f", {meta['tiles']} views), " if meta.get("tiles") else "), ")
+                  + f"prompt of {meta['text_tokens']} text tokens, exactly {meta['max_new_tokens']} new tokens "
                   f"(greedy). {meta['repetitions']} repetitions; in each, preprocess + vision encode run once and "
                   "all (selector, ratio) cells run in a shuffled order. Figures: median [min–max] over repetitions.",
                   f"- Contention: load average {run['load']['before']['load_avg_1m']} before, "

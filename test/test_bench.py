@@ -93,3 +93,21 @@ def test_random_models_have_the_published_size(name, billions):
     with torch.device("meta"):
         model = LlavaNextForConditionalGeneration(llava_next_config(name))
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_downscaling_baseline_for_models_that_can_read_fewer_pixels(tmp_path):
+    """Qwen2.5-VL can simply be given fewer pixels: ptp-bench measures that beside pruning, at each budget."""
+    from ptp_ros.vlm.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
+
+    model = build_tiny_qwen2_5_vl(tmp_path / "tiny-qwen2_5_vl")
+    out = tmp_path / "bench"
+    assert cli.main(["--out", str(out), "--quick", "--model", str(model), "--selectors", "ptp,oracle",
+                     "--keep-ratios", "1,0.25", "--repetitions", "1"]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["model"] == "tiny-qwen2_5_vl" and run["settings"]["tiles"] is None
+    cells = {r["selector"]: r for r in run["records"]}
+    assert set(cells) == {"unpruned", "ptp", "oracle", "downscaled"}
+    budget = cells["ptp"]["kept"]
+    assert 0.8 * budget <= cells["downscaled"]["kept"] <= budget  # the same budget, reached by resolution
+    assert cells["downscaled"]["encode_ms"] != cells["ptp"]["encode_ms"]  # its own, cheaper encode is charged
+    assert "| downscaled | 0.25 |" in (out / "README.md").read_text()

@@ -15,6 +15,7 @@ Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_f
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,12 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         if index not in full_blocks:
             raise ValueError(f"vision_layer {choice} is not a full-attention block (those are {full_blocks})")
         return index
+
+    def downscaled(self, tokens: int) -> Qwen2_5_VLAdapter:
+        """The same model reading the image at a resolution of at most ``tokens`` visual tokens: the
+        plain down-scaling baseline that pruning to ``tokens`` must beat (shares weights and processor)."""
+        options = dataclasses.replace(self.options, max_pixels=max_pixels_for_tokens(tokens))
+        return type(self)(self.model, self.processor, options)
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
