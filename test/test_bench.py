@@ -49,7 +49,7 @@ def test_quick_results_are_well_formed(quick_out):
         if record["selector"] in ("hired", "globalcom2", "divprune", "random", "oracle", "ptp_no_instruction"):
             assert record["score_ms"] == 0 or record["score_ms"] < 5
     assert {t["met"] for t in run["targets"]} <= {True, False}
-    assert set(results["analytic"]) == {"llava-next-7b", "llava-next-13b", "cpu-proxy"}
+    assert set(results["analytic"]) == {"llava-next-7b", "llava-next-13b", "cpu-proxy", "internvl2-8b"}
     readme = (quick_out / "README.md").read_text()
     assert "| ptp | 0.111 |" in readme and "Not measured — no GPU lent" in readme
 
