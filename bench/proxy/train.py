@@ -123,7 +123,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-4,
+                    help="2e-3 (the first attempts) keeps even the oracle probe on the answer prior")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--per-type", type=int, default=3, help="questions of each type per training scene")
     ap.add_argument("--global-only", type=float, default=0.1, help="fraction of steps with the global view only")
