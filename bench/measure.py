@@ -96,16 +96,20 @@ def run_cell(adapter: LlavaNextAdapter, prepared, visual, selector: BenchSelecto
             kept = bound(scores, budget).kept
         t2 = clock.now()
         generation = adapter.generate(prepared, visual, kept, max_new_tokens)
+    return {"kept": visual.num_tokens if kept is None else int(kept.numel()),
+            "score_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3,
+            **_generation_figures(adapter, generation), **memory.figures()}
+
+
+def _generation_figures(adapter, generation) -> dict:
+    """Prompt length, prefill / decode times and the KV cache the generation left behind."""
     kv_tokens = generation.prompt_tokens + generation.new_tokens - 1  # the last token's K/V is never cached
     bytes_per_value = torch.finfo(adapter.dtype).bits // 8
     return {
-        "kept": visual.num_tokens if kept is None else int(kept.numel()),
         "prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
-        "score_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3,
         "prefill_ms": generation.prefill_ms, "decode_ms": generation.decode_ms,
         "decode_ms_per_token": generation.decode_ms / max(1, generation.new_tokens - 1),
         "kv_cache_mib": kv_tokens * kv_bytes_per_token(_llm_dims(adapter), bytes_per_value) / 2**20,
-        **memory.figures(),
     }
 
 
@@ -121,16 +125,8 @@ def run_downscaled_cell(adapter, image: np.ndarray, instruction: str, tokens: in
         visual = low.encode(prepared)
         t2 = clock.now()
         generation = low.generate(prepared, visual, None, max_new_tokens)
-    kv_tokens = generation.prompt_tokens + generation.new_tokens - 1
-    bytes_per_value = torch.finfo(adapter.dtype).bits // 8
-    return {
-        "kept": visual.num_tokens, "prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
-        "preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3, "score_ms": 0.0, "select_ms": 0.0,
-        "prefill_ms": generation.prefill_ms, "decode_ms": generation.decode_ms,
-        "decode_ms_per_token": generation.decode_ms / max(1, generation.new_tokens - 1),
-        "kv_cache_mib": kv_tokens * kv_bytes_per_token(_llm_dims(adapter), bytes_per_value) / 2**20,
-        **memory.figures(),
-    }
+    return {"kept": visual.num_tokens, "preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3,
+            "score_ms": 0.0, "select_ms": 0.0, **_generation_figures(adapter, generation), **memory.figures()}
 
 
 def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep_ratios: list[float],
