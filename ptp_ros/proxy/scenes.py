@@ -184,12 +184,20 @@ def make_scene(seed: int, size: tuple[int, int] | None = None) -> Scene:
     return Scene(seed=seed, image=image, objects=objects, tile_scale=scale)
 
 
-def _colour_question(scene: Scene, rng: np.random.Generator) -> Question | None:
+def _unique_object(scene: Scene, rng: np.random.Generator) -> tuple[str, int] | None:
+    """A shape that occurs exactly once in the scene and that object's index (None if there is none),
+    so that "the <shape>" names one object."""
     unique = [s for s in SHAPES if scene.count(s) == 1]
     if not unique:
         return None
     shape = str(rng.choice(unique))
-    i = next(k for k, o in enumerate(scene.objects) if o.shape == shape)
+    return shape, next(k for k, o in enumerate(scene.objects) if o.shape == shape)
+
+
+def _colour_question(scene: Scene, rng: np.random.Generator) -> Question | None:
+    if (picked := _unique_object(scene, rng)) is None:
+        return None
+    shape, i = picked
     return Question(f"what colour is the {shape} ?", scene.objects[i].colour, "colour", (i,))
 
 
@@ -224,11 +232,9 @@ def _count_question(scene: Scene, rng: np.random.Generator) -> Question:
 
 
 def _location_question(scene: Scene, rng: np.random.Generator) -> Question | None:
-    unique = [s for s in SHAPES if scene.count(s) == 1]
-    if not unique:
+    if (picked := _unique_object(scene, rng)) is None:
         return None
-    shape = str(rng.choice(unique))
-    i = next(k for k, o in enumerate(scene.objects) if o.shape == shape)
+    shape, i = picked
     side = "left" if scene.objects[i].centre[0] < scene.image.shape[1] / 2 else "right"
     return Question(f"is the {shape} on the left or right ?", side, "location", (i,))
 
