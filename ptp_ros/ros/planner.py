@@ -1,4 +1,4 @@
-"""A scripted planner: waits for the agent to serve, asks its questions one at a time, prints each answer
+"""A scripted planner: waits for the agent to serve and to hold a camera frame, asks its questions one at a time, prints each answer
 with its latency and keep ratio, and saves the saliency images it receives.
 
     python -m ptp_ros.ros.planner --out saliency/ --ros-args -r __ns:=/robot
@@ -37,7 +37,7 @@ class Planner:
         self._cond = threading.Condition()
         self.results: dict[str, dict] = {}
         self.saliency_files: dict[tuple[int, int], Path] = {}
-        self.serving = False
+        self.ready = False
         self._pub = node.create_publisher(String, "instruction", RELIABLE)
         node.create_subscription(String, "result", self._on_result, RELIABLE)
         node.create_subscription(Image, "saliency", self._on_saliency, RELIABLE)
@@ -60,8 +60,11 @@ class Planner:
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
             values = {kv.key: kv.value for kv in status.values}
-            if values.get("model_state") == "serving" and not self.serving:
-                self._notify(lambda: setattr(self, "serving", True))
+            # Serving alone is not enough: a question asked before the first frame arrives is answered
+            # "no image received yet", so wait until the agent has seen the camera too.
+            ready = values.get("model_state") == "serving" and int(values.get("frames_received") or 0) > 0
+            if ready and not self.ready:
+                self._notify(lambda: setattr(self, "ready", True))
 
     def wait(self, predicate, timeout: float) -> bool:
         with self._cond:
@@ -104,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     spinner.start()
     failures = 0
     try:
-        print(f"waiting for the agent (up to {args.startup_timeout:.0f} s: model load and calibration)...", flush=True)
-        if not planner.wait(lambda: planner.serving, args.startup_timeout):
-            print("the agent never reported serving on /diagnostics", file=sys.stderr)
+        print(f"waiting for the agent (up to {args.startup_timeout:.0f} s: model load, calibration, first camera "
+              "frame)...", flush=True)
+        if not planner.wait(lambda: planner.ready, args.startup_timeout):
+            print("the agent never reported serving with a camera frame on /diagnostics", file=sys.stderr)
             return 2
         for i, question in enumerate((QUESTIONS * args.questions)[:args.questions], 1):
             request = {"id": f"q{i}", **question}
