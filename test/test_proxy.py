@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ptp_ros.proxy import COLOURS, QUESTION_TYPES, make_questions, make_scene, proxy_words, split_seed
-from ptp_ros.proxy.scenes import CENTRE_BAND, COUNT_WORDS, TILE_OBJECT_PX, anyres_scale
+from ptp_ros.proxy.scenes import CENTRE_BAND, COUNT_WORDS, PATCH, TILE_OBJECT_PX, anyres_scale, patch_centres
 
 SCENES = [make_scene(split_seed("val", k)) for k in range(12)]
 
@@ -38,6 +38,25 @@ def test_objects_are_tile_sized_and_below_a_global_patch():
             assert side * 336 / max(h, w) < 14  # under one patch of the global view along the long side
 
 
+def test_each_object_fills_one_tile_patch_of_its_own():
+    """Objects are centred on a tile patch (so one tile token holds each), never in neighbouring patches."""
+    for s in SCENES:
+        xs, ys = patch_centres(*s.image.shape[:2])
+        cells = []
+        for o in s.objects:
+            i, j = np.abs(xs - o.centre[0]).argmin(), np.abs(ys - o.centre[1]).argmin()
+            assert abs(xs[i] - o.centre[0]) < 1e-6 and abs(ys[j] - o.centre[1]) < 1e-6
+            assert (o.box[2] - o.box[0]) * s.tile_scale < PATCH
+            cells.append((i, j))
+        assert all(max(abs(a - c), abs(b - d)) >= 2 for k, (a, b) in enumerate(cells) for c, d in cells[:k])
+
+
+def test_crowded_scenes_are_for_pre_training_only():
+    crowded = make_scene(split_seed("train", 1), crowd=60)
+    assert len(crowded.objects) == 60
+    assert make_scene(split_seed("train", 1)).objects != crowded.objects
+
+
 def test_object_pixels_have_the_labelled_colour():
     for s in SCENES:
         for o in s.objects:
@@ -63,6 +82,8 @@ def test_questions_match_the_ground_truth():
                 assert COUNT_WORDS.index(q.answer) == len(targets)
                 assert all(o.shape in q.text or o.shape + "es" in q.text for o in targets)
             elif q.qtype == "location":
+                assert sum(o.colour == targets[0].colour for o in s.objects) == 1
+                assert q.text.split()[2:4] == [targets[0].colour, targets[0].shape]
                 x = targets[0].centre[0] / s.image.shape[1]
                 assert not CENTRE_BAND[0] < x < CENTRE_BAND[1]
                 assert q.answer == ("left" if x < 0.5 else "right")

@@ -1,14 +1,16 @@
-"""Auxiliary objectives that stand in for vision pre-training; trained jointly, discarded afterwards.
+"""Auxiliary objectives that stand in for vision pre-training (stage 1 of ``train.py``); discarded afterwards.
 
 Why: a real LVLM's vision tower arrives pre-trained (CLIP) and already encodes objects; ours starts
-from random weights, and a one-word answer per question is too sparse a signal to learn 13–20 px
-shapes within 45 CPU-minutes (a first run sat at the answer prior for 300+ steps).  Two small heads
-supply what pre-training would, from the ground truth the scenes carry:
+from random weights, and a one-word answer per question is too sparse a signal to learn one-patch
+shapes within 45 CPU-minutes (attempts 1–3 sat at the answer prior).  Small heads supply what
+pre-training would, from the ground truth the scenes carry:
 
 - token head: every packed visual token (after the projector: what the LLM reads) names the object
   under it (shape × colour) or background: dense, local supervision of the tiles and global view;
 - [CLS] head: every tile's [CLS] state at the feature layer predicts which shape × colour pairs the
-  tile holds (multi-label), an image-level "caption" objective like CLIP's.
+  tile holds (multi-label), an image-level "caption" objective like CLIP's;
+- side head: every global-view token says whether it lies left or right of the image's middle, so
+  the one view that spans the whole image exposes where things are (location questions).
 
 Neither head is saved; the checkpoint is the stock LLaVA-NeXT.  The [CLS] head is why [CLS]
 attention may become object-centred here, as it is in CLIP; the report says so.
@@ -29,28 +31,43 @@ class AuxiliaryHeads(nn.Module):
         super().__init__()
         self.token = nn.Linear(text_width, 1 + len(CLASSES))
         self.cls = nn.Linear(vision_width, len(CLASSES))
+        self.side = nn.Linear(text_width, 2)
 
 
 def _class_of(o: SceneObject) -> int:
     return CLASSES.index((o.shape, o.colour))
 
 
-def token_targets(token_boxes: torch.Tensor, region: torch.Tensor, objects: list[SceneObject]) -> torch.Tensor:
-    """[N] class per packed token: 1 + class of the object under it, 0 background, −100 structural.
-
-    A tile token is an object's when its centre lies in the object's box; a global-view token (a patch
-    larger than the objects) when it holds the object's centre."""
-    target = torch.zeros(region.shape[0], dtype=torch.long)
-    target[region == NO_REGION] = -100
-    cx, cy = (token_boxes[:, 0] + token_boxes[:, 2]) / 2, (token_boxes[:, 1] + token_boxes[:, 3]) / 2
-    tile = region > 0
-    for o in objects:
-        x0, y0, x1, y1 = o.box
+def object_tokens(token_boxes: torch.Tensor, region: torch.Tensor, objects: list[SceneObject]) -> torch.Tensor:
+    """[objects, 2] packed index of the tile token and of the global-view token holding each object's
+    centre (−1 where none does, e.g. an object cut off by unpadding)."""
+    index = torch.full((len(objects), 2), -1, dtype=torch.long)
+    for k, o in enumerate(objects):
         ox, oy = o.centre
-        in_tile = tile & (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
-        in_global = (region == 0) & (token_boxes[:, 0] <= ox) & (token_boxes[:, 2] > ox) & \
-            (token_boxes[:, 1] <= oy) & (token_boxes[:, 3] > oy)
-        target[in_tile | in_global] = 1 + _class_of(o)
+        hold = (token_boxes[:, 0] <= ox) & (token_boxes[:, 2] > ox) & (token_boxes[:, 1] <= oy) & \
+            (token_boxes[:, 3] > oy)
+        for column, where in enumerate((hold & (region > 0), hold & (region == 0))):
+            found = where.nonzero()[:, 0]
+            if len(found):
+                index[k, column] = found[0]
+    return index
+
+
+def token_targets(token_boxes: torch.Tensor, region: torch.Tensor, objects: list[SceneObject]) -> torch.Tensor:
+    """[N] class per packed token: 1 + class of the object whose centre it holds, 0 background, −100
+    structural.  Objects sit one per tile patch, so that is one tile token and one global token each."""
+    target = torch.zeros(region.shape[0], dtype=torch.long)
+    target[region < 0] = -100
+    for o, idx in zip(objects, object_tokens(token_boxes, region, objects)):
+        target[idx[idx >= 0]] = 1 + _class_of(o)
+    return target
+
+
+def side_targets(token_boxes: torch.Tensor, region: torch.Tensor, width: int) -> torch.Tensor:
+    """[N] 1 where a global-view token's centre lies left of the image's middle, 0 right, −100 elsewhere."""
+    target = torch.full((region.shape[0],), -100, dtype=torch.long)
+    glob = region == 0
+    target[glob] = ((token_boxes[glob, 0] + token_boxes[glob, 2]) / 2 < width / 2).long()
     return target
 
 
@@ -66,12 +83,14 @@ def tile_targets(region_boxes: torch.Tensor, objects: list[SceneObject]) -> torc
 
 
 def auxiliary_loss(heads: AuxiliaryHeads, feats: torch.Tensor, cls_states: torch.Tensor, token_target: torch.Tensor,
-                   tile_target: torch.Tensor) -> torch.Tensor:
-    """Token CE (object and background tokens weighted equally as groups) + [CLS] multi-label BCE."""
+                   tile_target: torch.Tensor, side_target: torch.Tensor) -> torch.Tensor:
+    """Token CE (object and background tokens weighted equally as groups) + [CLS] multi-label BCE +
+    global-view side CE."""
     logits = heads.token(feats)
     per_token = nn.functional.cross_entropy(logits, token_target.clamp(min=0), reduction="none")
     valid = token_target >= 0
     obj, bg = valid & (token_target > 0), valid & (token_target == 0)
     token_loss = per_token[bg].mean() + (per_token[obj].mean() if obj.any() else 0.0)
     cls_loss = nn.functional.binary_cross_entropy_with_logits(heads.cls(cls_states), tile_target)
-    return token_loss + cls_loss
+    side_loss = nn.functional.cross_entropy(heads.side(feats), side_target, ignore_index=-100)
+    return token_loss + cls_loss + side_loss

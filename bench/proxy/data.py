@@ -45,11 +45,11 @@ def answer_token(tokenizer, answer: str) -> int:
 def encode_scene(processor, scene: Scene, questions: list[Question], keep_scene: bool = False) -> EncodedScene:
     images = processor.image_processor(images=Image.fromarray(scene.image), return_tensors="pt")
     tok = processor.tokenizer
-    before, _ = prompt_parts(processor, questions[0].text)
+    before, _ = prompt_parts(processor, questions[0].text if questions else "")
     prefix = tok(before, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     suffixes = [tok(prompt_parts(processor, q.text)[1], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
                 for q in questions]
-    answers = torch.tensor([answer_token(tok, q.answer) for q in questions])
+    answers = torch.tensor([answer_token(tok, q.answer) for q in questions], dtype=torch.long)
     return EncodedScene(images["pixel_values"], images["image_sizes"], prefix, suffixes, answers, questions,
                         scene if keep_scene else None)
 

@@ -1,13 +1,19 @@
-"""Train the proxy LLaVA-NeXT end to end on CPU: ``python -m bench.proxy.train OUT_DIR``.
+"""Train the proxy LLaVA-NeXT on CPU in two stages: ``python -m bench.proxy.train OUT_DIR``.
 
-Every step renders a fresh training scene (so the model never sees an image twice), encodes it once
-through the stock ``get_image_features`` (anyres tiles, unpadding, newlines) and scores all its
-questions on one shared prefix pass.  The loss is cross-entropy on the single answer word.
+Stage 1, vision (``--vision-minutes``): the vision tower and projector learn to see on *crowded*
+scenes (``--crowd`` objects each, so a forward pass yields a hundred labelled patches instead of six)
+through the auxiliary heads of ``auxiliary.py``; no language model runs.
 
-A fraction of steps (``--global-only``) shows the model the global view alone, so that the
-global-view-only accuracy reported later is what that view can resolve, not the failure of a model
-that never saw it on its own.  Auxiliary heads (``auxiliary.py``, weight ``--aux``) stand in for the
-vision pre-training a real LVLM starts from; they are not part of the saved checkpoint.
+Stage 2, language (the rest of ``--max-minutes``): the vision tower and projector are frozen (so
+the [CLS] attention PTP reads is stage 1's), and the LLM learns the task on fresh task scenes, every
+scene encoded once and asked ``--per-type`` questions of each type on one shared prefix pass.  The
+loss is cross-entropy on the answer word plus attention supervision (``attention_aux.py``): one layer
+gathers the question's shape and colour words into the answer position, the next retrieves the
+objects they name.  A share of steps (``--global-only``) shows only the global view, so that
+global-only accuracy measures what that view can resolve; the first ``--focus`` of the stage shows
+the object tokens plus a random ``--focus-keep`` of the rest (short sequences, fast steps).
+
+Only the stock ``LlavaNextForConditionalGeneration`` and its processor are saved.
 """
 from __future__ import annotations
 
@@ -16,35 +22,40 @@ import json
 import math
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ptp_ros.proxy import make_questions, make_scene, proxy_words, split_seed
+from ptp_ros.proxy import COLOURS, SHAPES, make_questions, make_scene, proxy_words, split_seed
+from ptp_ros.proxy.scenes import PLURALS
+from ptp_ros.vlm.llava_next import LlavaNextAdapter
 from ptp_ros.vlm.tiny import llava_next_processor, tiny_llava_next_config
 from ptp_ros.vlm.tokenizer import BASE_WORDS, build_word_tokenizer
 
-from ptp_ros.vlm.llava_next import LlavaNextAdapter
+from .attention_aux import AnswerAttentionTap, retrieval_loss, wanted_attention
+from .auxiliary import AuxiliaryHeads, auxiliary_loss, object_tokens, side_targets, tile_targets, token_targets
+from .data import answer_logits, encode_scene, pad_suffixes, prefix_embeddings
 
-from .auxiliary import AuxiliaryHeads, auxiliary_loss, tile_targets, token_targets
-from .data import answer_logits, encode_scene, prefix_embeddings
-
-GLOBAL_TOKENS = 576  # the global view's 24×24 patches come first in LLaVA-NeXT's packed order
+SINK_HEADS = 3  # retrieval heads supervised (colour/location, count, presence)
 
 
 class SceneStream(IterableDataset):
-    """Scenes ``split_seed(split, start + k)`` for k = 0, 1, …, encoded for the model."""
+    """Scenes ``split_seed(split, start + k)`` for k = 0, 1, …, encoded for the model (``crowd`` > 0:
+    crowded vision pre-training scenes without questions)."""
 
-    def __init__(self, processor, split: str, start: int, count: int, per_type: int):
-        self.processor, self.split, self.start, self.count, self.per_type = processor, split, start, count, per_type
+    def __init__(self, processor, split: str, start: int, count: int, per_type: int, crowd: int = 0):
+        self.processor, self.split, self.start, self.count = processor, split, start, count
+        self.per_type, self.crowd = per_type, crowd
 
     def __iter__(self):
         info = get_worker_info()
         workers, wid = (info.num_workers, info.id) if info else (1, 0)
         for k in range(wid, self.count, workers):
-            scene = make_scene(split_seed(self.split, self.start + k))
-            yield encode_scene(self.processor, scene, make_questions(scene, self.per_type), keep_scene=True)
+            scene = make_scene(split_seed(self.split, self.start + k), crowd=self.crowd)
+            questions = [] if self.crowd else make_questions(scene, self.per_type)
+            yield encode_scene(self.processor, scene, questions, keep_scene=True)
 
 
 def build_model(words: list[str], seed: int, widths: dict):
@@ -72,151 +83,224 @@ class FeatureLayerTap:
         self.hidden = output[0] if isinstance(output, tuple) else output
 
 
-def scene_targets(layout_adapter: LlavaNextAdapter, item) -> tuple[torch.Tensor, torch.Tensor]:
-    """Auxiliary targets of one scene: per packed token and per region (see auxiliary.py)."""
-    side = layout_adapter._patches_per_side
-    layout = layout_adapter._packed_layout(torch.zeros(item.pixel_values.shape[1], side * side), item.image_sizes[0])
-    grid = layout_adapter._grid_shape(item.image_sizes[0])
-    token_boxes, region_boxes = layout_adapter._boxes(layout, grid, item.scene.image.shape[:2])
-    return (token_targets(token_boxes, layout[:, 0].long(), item.scene.objects),
-            tile_targets(region_boxes, item.scene.objects))
+class SceneLayout:
+    """Where every packed visual token of a scene lies, and which tokens hold its objects."""
+
+    def __init__(self, adapter: LlavaNextAdapter, item):
+        side = adapter._patches_per_side
+        layout = adapter._packed_layout(torch.zeros(item.pixel_values.shape[1], side * side), item.image_sizes[0])
+        grid = adapter._grid_shape(item.image_sizes[0])
+        objects, (height, width) = item.scene.objects, item.scene.image.shape[:2]
+        token_boxes, region_boxes = adapter._boxes(layout, grid, (height, width))
+        self.region = layout[:, 0].long()
+        self.tokens = token_targets(token_boxes, self.region, objects)
+        self.tiles = tile_targets(region_boxes, objects)
+        self.sides = side_targets(token_boxes, self.region, width)
+        self.objects = object_tokens(token_boxes, self.region, objects)
 
 
-def scene_loss(model, item, pad_id: int, tokens: str = "all", aux=None, focus_keep: float = 0.15,
-               gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer cross-entropy (+ the auxiliary losses when ``aux`` = (heads, tap, layout adapter, weight)).
+def features(model, item) -> torch.Tensor:
+    return model.model.get_image_features(pixel_values=item.pixel_values, image_sizes=item.image_sizes,
+                                          return_dict=True).pooler_output[0]
 
-    ``tokens`` is what the LLM reads: "all", "global" (the global view only) or "focus" (the tokens on
-    objects plus a random ``focus_keep`` of the rest: a short-sequence warm-up in which the LLM learns
-    to retrieve objects before it must find them among thousands of tokens; needs ``aux``).
-    """
-    feats = model.model.get_image_features(pixel_values=item.pixel_values, image_sizes=item.image_sizes,
-                                           return_dict=True).pooler_output[0]
-    targets = scene_targets(aux[2], item) if aux is not None else None
-    seen = feats
+
+def shown_tokens(layout: SceneLayout, tokens: str, focus_keep: float, gen: torch.Generator) -> torch.Tensor:
+    """[N] bool: the packed tokens the LLM reads ("all", "global" or "focus": the tokens holding objects
+    plus a random ``focus_keep`` of the rest)."""
+    n = layout.region.shape[0]
     if tokens == "global":
-        seen = feats[:GLOBAL_TOKENS]
-    elif tokens == "focus":
-        keep = (targets[0] > 0) | (torch.rand(feats.shape[0], generator=gen) < focus_keep)
-        seen = feats[keep]
-    logits = answer_logits(model, prefix_embeddings(model, item.prefix_ids, seen)[None], item.suffix_ids, pad_id)
-    loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
-    if aux is not None:
-        heads, tap, _, weight = aux
-        loss = loss + weight * auxiliary_loss(heads, feats, tap.hidden[:, 0], *targets)
-    return loss, (logits.argmax(-1) == item.answer_ids).float()
+        return layout.region == 0
+    if tokens == "focus":
+        return (layout.tokens > 0) | (torch.rand(n, generator=gen) < focus_keep)
+    return torch.ones(n, dtype=torch.bool)
+
+
+class LanguageStage:
+    """Stage 2's loss: answer cross-entropy + attention supervision of two LLM layers."""
+
+    def __init__(self, model, processor, hop_layer: int, retrieval_layer: int, weight: float):
+        lm = model.model.language_model
+        self.model, self.processor, self.weight = model, processor, weight
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.hop = AnswerAttentionTap(lm, hop_layer)
+        self.retrieval = AnswerAttentionTap(lm, retrieval_layer)
+        self.key_ids = set(processor.tokenizer.convert_tokens_to_ids([*SHAPES, *PLURALS.values(), *COLOURS]))
+
+    def __call__(self, item, layout: SceneLayout, feats: torch.Tensor, shown: torch.Tensor, supervise: bool):
+        self.hop.reset()
+        self.retrieval.reset()
+        prefix = prefix_embeddings(self.model, item.prefix_ids, feats[shown])[None]
+        logits = answer_logits(self.model, prefix, item.suffix_ids, self.pad_id)
+        loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
+        correct = (logits.argmax(-1) == item.answer_ids)
+        if not supervise or self.weight <= 0:
+            return loss, correct
+        ids, last = pad_suffixes(item.suffix_ids, self.pad_id)
+        position = torch.full_like(layout.region, -1)
+        position[shown] = item.prefix_ids.shape[0] + torch.arange(int(shown.sum()))
+        hop, wanted = wanted_attention(item.questions, item.scene.objects, layout.objects, position, ids,
+                                       self.key_ids, prefix.shape[1], SINK_HEADS)
+        attention = self.retrieval.answer_attention(last)
+        supervision = retrieval_loss(self.hop.answer_attention(last)[:, 0], hop) + sum(
+            retrieval_loss(attention[:, h], wanted[:, h]) for h in range(SINK_HEADS))
+        return loss + self.weight * supervision, correct
 
 
 @torch.no_grad()
-def evaluate(model, items, pad_id: int) -> dict:
-    model.eval()
-    full, glob = [], []
+def evaluate(stage: LanguageStage, adapter: LlavaNextAdapter, items) -> dict:
+    """Validation accuracy with all tokens and with the global view only, overall and per type."""
+    stage.model.eval()
+    hits: dict[str, list] = defaultdict(list)
     for item in items:
-        full.append(scene_loss(model, item, pad_id, "all")[1])
-        glob.append(scene_loss(model, item, pad_id, "global")[1])
-    model.train()
-    return {"val_acc": round(float(torch.cat(full).mean()), 4),
-            "val_acc_global_only": round(float(torch.cat(glob).mean()), 4)}
+        layout = SceneLayout(adapter, item)
+        feats = features(stage.model, item)
+        for tokens, tag in (("all", "val_acc"), ("global", "val_acc_global_only")):
+            _, correct = stage(item, layout, feats, shown_tokens(layout, tokens, 0.0, None), supervise=False)
+            hits[tag] += correct.tolist()
+            if tokens == "all":
+                for q, ok in zip(item.questions, correct.tolist()):
+                    hits[f"val_acc_{q.qtype}"].append(ok)
+    stage.model.train()
+    return {k: round(sum(v) / len(v), 4) for k, v in hits.items()}
+
+
+def cosine(progress: float, warmup: float) -> float:
+    """Learning-rate factor: linear warm-up over the first ``warmup`` share, then cosine to 5 %."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--max-minutes", type=float, default=44.0, help="whole run, both stages; saves and stops")
+    ap.add_argument("--vision-minutes", type=float, default=12.0)
+    ap.add_argument("--vision-lr", type=float, default=1e-3)
+    ap.add_argument("--crowd", type=int, default=120, help="objects per vision pre-training scene")
     ap.add_argument("--lr", type=float, default=3e-4,
-                    help="2e-3 (the first attempts) keeps even the oracle probe on the answer prior")
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--per-type", type=int, default=3, help="questions of each type per training scene")
-    ap.add_argument("--global-only", type=float, default=0.1, help="fraction of steps with the global view only")
+                    help="LLM learning rate (2e-3, the first attempts' rate, keeps it on the answer prior)")
+    ap.add_argument("--per-type", type=int, default=8, help="questions of each type per training scene")
+    ap.add_argument("--global-only", type=float, default=0.1, help="share of stage-2 steps with the global view only")
+    ap.add_argument("--focus", type=float, default=0.3, help="share of stage 2 reading object tokens + --focus-keep")
+    ap.add_argument("--focus-keep", type=float, default=0.1)
+    ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision (0: off)")
+    ap.add_argument("--hop-layer", type=int, default=0)
+    ap.add_argument("--retrieval-layer", type=int, default=1)
     ap.add_argument("--vision-width", type=int, default=96)
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--text-width", type=int, default=128)
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--val-scenes", type=int, default=24)
-    ap.add_argument("--val-every", type=int, default=250)
-    ap.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint (a stage-1 run)")
-    ap.add_argument("--first-scene", type=int, default=0, help="index of the first training scene")
-    ap.add_argument("--focus", type=float, default=0.0,
-                    help="share of the run in which the LLM reads only object tokens + --focus-keep of the rest")
-    ap.add_argument("--focus-keep", type=float, default=0.15)
-    ap.add_argument("--aux", type=float, default=1.0, help="weight of the auxiliary vision objectives (0: off)")
+    ap.add_argument("--val-every", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-minutes", type=float, default=45.0, help="stop (and save) when the time is up")
     ap.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: OUT/train_log.jsonl)")
     args = ap.parse_args(argv)
-    if args.focus > 0 and args.aux <= 0:
-        ap.error("--focus needs the auxiliary targets (--aux > 0) to know which tokens are on objects")
     torch.set_num_threads(args.threads)
     words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
     widths = dict(vision_width=args.vision_width, vision_layers=args.vision_layers, text_width=args.text_width,
                   text_layers=args.text_layers)
     model, processor = build_model(words, args.seed, widths)
-    if args.init_from is not None:
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-        model = LlavaNextForConditionalGeneration.from_pretrained(args.init_from, local_files_only=True)
-        processor = AutoProcessor.from_pretrained(args.init_from, local_files_only=True)
-    pad_id = processor.tokenizer.pad_token_id
-    params = sum(p.numel() for p in model.parameters())
-    heads = AuxiliaryHeads(args.text_width, args.vision_width)
-    aux = (heads, FeatureLayerTap(model), LlavaNextAdapter(model, processor), args.aux) if args.aux > 0 else None
-    opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01,
-                            betas=(0.9, 0.98))
+    adapter = LlavaNextAdapter(model, processor)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = (args.log or args.out / "train_log.jsonl").open("w")
     start = time.perf_counter()
 
-    def progress(step: int) -> float:
-        """Share of the run done: by steps, or by wall time when the CPU is slower than planned (shared
-        machines), so the cosine schedule always completes."""
-        return min(1.0, max(step / args.steps, (time.perf_counter() - start) / (60 * args.max_minutes)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(s)))))
-    val = list(SceneStream(processor, "val", 0, args.val_scenes, 2))
-    stream = DataLoader(SceneStream(processor, "train", args.first_scene, args.steps, args.per_type), batch_size=None,
-                        num_workers=1, prefetch_factor=4)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.log or args.out / "train_log.jsonl"
-    log = log_path.open("w")
+    def elapsed() -> float:
+        return time.perf_counter() - start
 
     def write(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
+        log.write(json.dumps({**record, "elapsed_s": round(elapsed(), 1)}) + "\n")
         log.flush()
         print(json.dumps(record), flush=True)
 
-    write({"event": "start", "params": params, "args": {k: str(v) for k, v in vars(args).items()},
-           "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count()})
-    gen = torch.Generator().manual_seed(args.seed)
+    def save() -> None:
+        model.eval()
+        model.save_pretrained(args.out, safe_serialization=True)
+        processor.save_pretrained(args.out)
+        model.train()
+
+    write({"event": "start", "params": sum(p.numel() for p in model.parameters()),
+           "args": {k: str(v) for k, v in vars(args).items()}, "cpu_threads": torch.get_num_threads(),
+           "cpus": os.cpu_count()})
     model.train()
-    run_loss, run_acc, run_n = 0.0, 0.0, 0
+
+    # Stage 1: vision.
+    heads = AuxiliaryHeads(args.text_width, args.vision_width)
+    tap = FeatureLayerTap(model)
+    vision_params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+                     model.model.image_newline, *heads.parameters()]
+    opt = torch.optim.AdamW(vision_params, lr=args.vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    budget = 60 * args.vision_minutes
+    stream = DataLoader(SceneStream(processor, "train", 5_000_000, 10**6, 0, crowd=args.crowd), batch_size=None,
+                        num_workers=1, prefetch_factor=4)
+    window: dict[str, list] = defaultdict(list)
     for step, item in enumerate(stream):
-        global_only = bool(torch.rand((), generator=gen) < args.global_only)
-        tokens = "global" if global_only else "focus" if progress(step) < args.focus else "all"
-        loss, correct = scene_loss(model, item, pad_id, tokens, aux, args.focus_keep, gen)
+        for group in opt.param_groups:
+            group["lr"] = args.vision_lr * cosine(elapsed() / budget, 0.05)
+        layout = SceneLayout(adapter, item)
+        feats = features(model, item)
+        loss = auxiliary_loss(heads, feats, tap.hidden[:, 0], layout.tokens, layout.tiles, layout.sides)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
         opt.step()
-        sched.step()
-        if not global_only:
-            run_loss, run_acc, run_n = run_loss + loss.item(), run_acc + correct.mean().item(), run_n + 1
+        with torch.no_grad():
+            tile_obj = (layout.tokens > 0) & (layout.region > 0)
+            predicted = heads.token(feats[tile_obj]).argmax(-1)
+            window["loss"].append(loss.item())
+            window["tile_class_acc"] += (predicted == layout.tokens[tile_obj]).tolist()
         if (step + 1) % 25 == 0:
-            write({"step": step + 1, "tokens": tokens, "loss": round(run_loss / max(run_n, 1), 4),
-                   "train_acc": round(run_acc / max(run_n, 1), 4),
-                   "lr": round(sched.get_last_lr()[0], 6), "elapsed_s": round(time.perf_counter() - start, 1)})
-            run_loss, run_acc, run_n = 0.0, 0.0, 0
-        out_of_time = progress(step + 1) >= 1.0 and step + 1 < args.steps
-        if (step + 1) % args.val_every == 0 or step + 1 == args.steps or out_of_time:
-            write({"step": step + 1, **evaluate(model, val, pad_id),
-                   "elapsed_s": round(time.perf_counter() - start, 1)})
-            model.eval()
-            model.save_pretrained(args.out, safe_serialization=True)
-            processor.save_pretrained(args.out)
-            model.train()
-        if out_of_time:
-            write({"event": "time limit", "step": step + 1})
+            write({"stage": "vision", "step": step + 1, **{k: round(sum(v) / len(v), 4) for k, v in window.items()}})
+            window = defaultdict(list)
+        if elapsed() >= budget:
             break
-    write({"event": "done", "steps": step + 1, "train_seconds": round(time.perf_counter() - start, 1)})
+    write({"event": "vision done", "steps": step + 1})
+    del stream
+    for p in vision_params:
+        p.requires_grad_(False)
+
+    # Stage 2: language.
+    stage = LanguageStage(model, processor, args.hop_layer, args.retrieval_layer, args.attention)
+    lm_params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(lm_params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    lm_start, lm_budget = elapsed(), 60 * args.max_minutes - elapsed()
+    val = list(SceneStream(processor, "val", 0, args.val_scenes, 2))
+    stream = DataLoader(SceneStream(processor, "train", 0, 10**6, args.per_type), batch_size=None, num_workers=1,
+                        prefetch_factor=4)
+    gen = torch.Generator().manual_seed(args.seed)
+    window = defaultdict(list)
+    for step, item in enumerate(stream):
+        progress = (elapsed() - lm_start) / lm_budget
+        for group in opt.param_groups:
+            group["lr"] = args.lr * cosine(progress, 0.03)
+        global_only = bool(torch.rand((), generator=gen) < args.global_only)
+        tokens = "global" if global_only else "focus" if progress < args.focus else "all"
+        layout = SceneLayout(adapter, item)
+        with torch.no_grad():
+            feats = features(model, item)
+        shown = shown_tokens(layout, tokens, args.focus_keep, gen)
+        loss, correct = stage(item, layout, feats, shown, supervise=not global_only)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
+        opt.step()
+        if not global_only:
+            window["loss"].append(loss.item())
+            window["train_acc"] += correct.tolist()
+        if (step + 1) % 25 == 0:
+            write({"stage": "language", "step": step + 1, "tokens": tokens,
+                   **{k: round(sum(v) / len(v), 4) for k, v in window.items()},
+                   "lr": round(opt.param_groups[0]["lr"], 6)})
+            window = defaultdict(list)
+        done = elapsed() >= 60 * args.max_minutes
+        if (step + 1) % args.val_every == 0 or done:
+            write({"stage": "language", "step": step + 1, **evaluate(stage, adapter, val)})
+            save()
+        if done:
+            break
+    write({"event": "done", "language_steps": step + 1, "train_seconds": round(elapsed(), 1)})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""The proxy's training script: its attention supervision reads the attention the model really computes,
+asks for what the questions need, and the committed script runs end to end into a loadable checkpoint."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ptp_ros.proxy import make_questions, make_scene, proxy_words, split_seed
+from ptp_ros.vlm.llava_next import LlavaNextAdapter
+from ptp_ros.vlm.tokenizer import BASE_WORDS
+from ptp_ros_bench.proxy.attention_aux import COUNT_SHARE, RETRIEVAL_HEAD, AnswerAttentionTap, wanted_attention
+from ptp_ros_bench.proxy.data import answer_logits, encode_scene, pad_suffixes, prefix_embeddings
+from ptp_ros_bench.proxy.train import SceneLayout, build_model, features, main, shown_tokens
+
+WORDS = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
+
+
+@pytest.fixture(scope="module")
+def model_and_item():
+    model, processor = build_model(WORDS, 0, dict(vision_width=32, vision_layers=2, text_width=64, text_layers=3))
+    scene = make_scene(split_seed("val", 5))
+    item = encode_scene(processor, scene, make_questions(scene, per_type=1), keep_scene=True)
+    return model, processor, item
+
+
+def test_answer_attention_equals_eager_attention(model_and_item):
+    model, processor, item = model_and_item
+    lm = model.model.language_model
+    layout = SceneLayout(LlavaNextAdapter(model, processor), item)
+    with torch.no_grad():
+        feats = features(model, item)[shown_tokens(layout, "focus", 0.05, torch.Generator().manual_seed(0))]
+        prefix = prefix_embeddings(model, item.prefix_ids, feats)[None]
+        tap = AnswerAttentionTap(lm, 1)
+        answer_logits(model, prefix, item.suffix_ids, processor.tokenizer.pad_token_id)
+        ids, last = pad_suffixes(item.suffix_ids, processor.tokenizer.pad_token_id)
+        ours = tap.answer_attention(last)
+        lm.set_attn_implementation("eager")
+        try:
+            for r, suffix in enumerate(item.suffix_ids):
+                embeds = torch.cat([prefix[0], model.get_input_embeddings()(suffix)])[None]
+                eager = lm(inputs_embeds=embeds, output_attentions=True).attentions[1][0, :, -1]  # [H, L]
+                assert torch.allclose(ours[r, :, :eager.shape[-1]], eager, atol=1e-5)
+                assert ours[r, :, eager.shape[-1]:].sum() == 0  # padding after the answer is masked
+        finally:
+            lm.set_attn_implementation("sdpa")
+
+
+def test_wanted_attention_points_at_what_each_question_needs(model_and_item):
+    model, processor, item = model_and_item
+    layout = SceneLayout(LlavaNextAdapter(model, processor), item)
+    shown = torch.ones_like(layout.region, dtype=torch.bool)
+    position = item.prefix_ids.shape[0] + torch.arange(layout.region.shape[0])
+    ids, _ = pad_suffixes(item.suffix_ids, processor.tokenizer.pad_token_id)
+    key_ids = set(processor.tokenizer.convert_tokens_to_ids(["circle", "square", "triangle", "cross", "ring",
+                                                             "circles", "squares", "triangles", "crosses", "rings",
+                                                             "red", "green", "blue", "yellow", "purple"]))
+    prefix_len = item.prefix_ids.shape[0] + int(shown.sum())
+    hop, wanted = wanted_attention(item.questions, item.scene.objects, layout.objects, position, ids, key_ids,
+                                   prefix_len, 3)
+    assert torch.allclose(hop.sum(-1), torch.ones(len(item.questions)))
+    for r, q in enumerate(item.questions):
+        row = wanted[r, RETRIEVAL_HEAD[q.qtype]]
+        assert row.sum().item() == pytest.approx(1.0)
+        assert wanted[r].sum().item() == pytest.approx(1.0)  # one head per question
+        tile, glob = layout.objects[q.targets[0]] if q.targets else (-1, -1)
+        if q.qtype == "colour":
+            assert row[position[tile]] == 1.0 and layout.region[tile] > 0
+        elif q.qtype == "location":
+            assert row[position[glob]] == 1.0 and layout.region[glob] == 0
+        elif q.qtype == "count":
+            assert row[0].item() == pytest.approx(1 - COUNT_SHARE * len(q.targets))
+        else:
+            assert (row[0] == 1.0) == (q.answer == "no")
+
+
+def test_training_script_writes_a_loadable_checkpoint(tmp_path):
+    from ptp_ros.pipeline import Pipeline
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    main([str(tmp_path), "--max-minutes", "0.25", "--vision-minutes", "0.08", "--val-scenes", "1",
+          "--val-every", "10", "--vision-width", "32", "--vision-layers", "2", "--text-width", "64",
+          "--text-layers", "3", "--per-type", "1", "--crowd", "30"])
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "vision done" for r in records)
+    assert any(r.get("stage") == "language" for r in records)
+    assert records[-1]["event"] == "done" and any("val_acc_global_only" in r for r in records)
+    adapter = load_adapter(tmp_path, LoadOptions(device="cpu"))
+    scene = make_scene(split_seed("test", 0))
+    answer = Pipeline(adapter).answer(scene.image, "what colour is the ring ?", keep_ratio=0.25)
+    assert answer.selection.kept.numel() > 0
