@@ -10,7 +10,7 @@ from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.proxy import make_questions, make_scene, split_seed
 from ptp_ros_bench.accuracy import main
 from ptp_ros_bench.accuracy.methods import Method, comparison_methods
-from ptp_ros_bench.accuracy.runner import FULL, Evaluator, Results, summarize_ci
+from ptp_ros_bench.accuracy.runner import FULL, GLOBAL_ONLY, Evaluator, Results, summarize_ci
 
 PEERS = [Method("ptp", "ptp"), Method("uniform", "uniform_cls"), Method("fastv", "fastv", reduce="mean")]
 
@@ -62,19 +62,21 @@ def test_quick_report(tiny_model_dir, tmp_path):
 
 
 def test_shipped_proxy_model_solves_the_task():
-    """Holds the shipped checkpoint to the issue's bar; skipped while none that meets it is committed."""
+    """The shipped checkpoint answers the task with all tokens and needs the tiles to do so (ptp-eval on
+    the full test split measured 0.9+ and a global-only gap of ~0.2; 10 scenes keep this test fast)."""
     from ptp_ros.vlm.defaults import PROXY_MODEL, default_model_path
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
     if not (PROXY_MODEL / "config.json").is_file():
-        pytest.skip("no trained proxy checkpoint is shipped yet (docs/accuracy/README.md)")
+        pytest.skip("no trained proxy checkpoint is shipped (docs/accuracy/README.md)")
     assert default_model_path() == PROXY_MODEL
     assert sum(p.stat().st_size for p in PROXY_MODEL.glob("*.safetensors")) < 25e6
     adapter = load_adapter(PROXY_MODEL, LoadOptions(device="cpu"))
     results = Results()
     evaluator = Evaluator(adapter, [Method("uniform", "uniform_cls")], (1.0,))
-    for k in range(3):
+    for k in range(10):
         scene = make_scene(split_seed("test", k))
         evaluator.scene(scene, make_questions(scene), results)
-    full = results.correct[(FULL, 1.0)]
-    assert sum(full) / len(full) >= 0.75
+    full, glob = results.correct[(FULL, 1.0)], results.correct[(GLOBAL_ONLY, 0.0)]
+    assert sum(full) / len(full) >= 0.85
+    assert sum(glob) / len(glob) <= sum(full) / len(full) - 0.1

@@ -90,3 +90,14 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     scene = make_scene(split_seed("test", 0))
     answer = Pipeline(adapter).answer(scene.image, "what colour is the ring ?", keep_ratio=0.25)
     assert answer.selection.kept.numel() > 0
+
+
+def test_oracle_probe_runs_and_logs_accuracy_per_type(tmp_path):
+    from ptp_ros_bench.proxy.oracle_probe import main as probe
+
+    log = tmp_path / "probe.jsonl"
+    probe([str(log), "--steps", "4", "--val-every", "2", "--val-scenes", "1", "--per-type", "1",
+           "--text-width", "64", "--text-layers", "2"])
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"val_acc", "val_acc_colour", "val_acc_count", "train_acc"} <= set(records[-1])

@@ -46,3 +46,17 @@ def test_demo_runs_to_completion(tmp_path, family):
     assert "calibrated in" in log
     for problem in ("Traceback", "terminate called", "Fatal Python error"):
         assert problem not in proc.stderr + log, proc.stderr + log[-3000:]
+
+
+def test_demo_on_a_proxy_scene_prints_the_expected_answers(tmp_path):
+    """``--scene proxy``: the camera shows a proxy test scene and the planner asks its questions."""
+    proc = subprocess.run([sys.executable, "-m", "ptp_ros.ros.demo", "--questions", "2", "--scene", "proxy",
+                           "--out", str(tmp_path / "saliency"), "--agent-log", str(tmp_path / "agent.log")],
+                          env=ros_env(tmp_path / "ros_log"), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=420)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from ptp_ros.ros.planner import proxy_questions
+
+    asked = proxy_questions(0)[:2]
+    for q in asked:
+        assert f"Q: {q['text']}" in proc.stdout and f"(expected {q['expected']!r})" in proc.stdout

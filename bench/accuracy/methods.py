@@ -53,6 +53,9 @@ def comparison_methods() -> list[Method]:
         _ptp("ptp without instruction (α=0)", alpha=0.0),
         _ptp("ptp mean over instruction", reduce="mean"),
         *alphas,
+        # The proxy's training supervised the answer row's attention at LLM layer 1 (docs/accuracy):
+        # PTP reading that layer is partly by construction, so it is a row of its own, never the default.
+        _ptp("ptp llm_layer=1", adapter=LlavaNextOptions(llm_layer=1)),
         Method("random", "random"),
         Method("uniform [CLS] top-k", "uniform_cls"),
         Method("HiRED", "hired"),

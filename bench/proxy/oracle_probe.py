@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ptp_ros.proxy import COLOURS, proxy_words
-from ptp_ros.vlm.llava_next import LlavaNextAdapter
+from ptp_ros.vlm.llava_next import LlavaNextAdapter, LlavaNextOptions
 from ptp_ros.vlm.tokenizer import BASE_WORDS
 
 from .auxiliary import CLASSES
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
     model, processor = build_model(words, 0, dict(vision_width=32, vision_layers=1, text_width=args.text_width,
                                                   text_layers=args.text_layers))
-    adapter = LlavaNextAdapter(model, processor)  # token layout only
+    adapter = LlavaNextAdapter(model, processor, LlavaNextOptions(llm_layer=0))  # token layout only
     oracle = Oracle(args.text_width)
     stage = LanguageStage(model, processor, hop_layer=0, retrieval_layer=1, weight=args.attention)
     params = [*model.model.language_model.parameters(), *model.lm_head.parameters(), *oracle.parameters()]

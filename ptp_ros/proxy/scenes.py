@@ -4,9 +4,12 @@ Why these choices:
 - Image sizes (1344–2016 px on the long side, six aspect ratios) select every anyres grid of the
   default pinpoints (1×2, 2×1, 2×2, 1×3, 3×1), so the pruning budgets see varied tile layouts.
 - An object's size is drawn in *tile pixels* (its size after the processor resizes the image onto the
-  anyres canvas): 13–20 px, about one 14-px patch of a tile.  The 336-px global view shrinks it a
-  further 2–3× along the long side (6–10 px), where shapes blur together (colours do not).  On the
-  non-square grids the short side gains nothing from the tiles, so there the global view keeps some shape.
+  anyres canvas): 10–12.5 px, centred on one 14-px patch of a tile, with no other object in the
+  neighbouring patches, so each object is exactly one tile token (what "the tokens that matter" means
+  is then exact, and counts are counts of tokens).  The 336-px global view shrinks it a further 2–3×
+  along the long side (4–6 px) and does not align it, so shapes blur together there (colours do not).
+  On the non-square grids the short side gains nothing from the tiles, so there the global view keeps
+  some shape.
 - Every question names a shape, so its answer needs shape, which only the tiles resolve (location, the
   coarse type, is the exception: see ``_location_question``); the words of the question decide which
   object matters, so the instruction decides which tokens are needed.

@@ -1,4 +1,5 @@
-"""A stand-in camera: replays the bundled high-resolution scene (and views derived from it) at a fixed rate.
+"""A stand-in camera: replays the bundled high-resolution scene (and views derived from it) at a fixed rate,
+or holds still on one scene of the proxy task (``--proxy-scene``: what the built-in model knows).
 
     python -m ptp_ros.ros.camera_replay --rate 10 --ros-args -r image:=/camera/image_raw
 """
@@ -34,17 +35,26 @@ def bundled_frames() -> list[np.ndarray]:
     return [scene, *pans, np.ascontiguousarray(scene[:, ::-1])]
 
 
+def proxy_frames(index: int) -> list[np.ndarray]:
+    """Test-split scene ``index`` of the proxy task, as a still camera (its ground truth holds only unmoved)."""
+    from ..proxy import make_scene, split_seed
+
+    return [make_scene(split_seed("test", index)).image]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=10.0, help="frames per second (default 10)")
     parser.add_argument("--frame-id", default="camera")
+    parser.add_argument("--proxy-scene", type=int, default=-1, help="show this proxy test scene instead")
     args = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
     rclpy.init(args=argv)
     node = rclpy.create_node("camera_replay")
     publisher = node.create_publisher(Image, "image", qos_profile_sensor_data)
     # serialised once: only the header changes from frame to frame
-    messages = [array_to_imgmsg(frame, "rgb8") for frame in bundled_frames()]
+    frames = proxy_frames(args.proxy_scene) if args.proxy_scene >= 0 else bundled_frames()
+    messages = [array_to_imgmsg(frame, "rgb8") for frame in frames]
     count = 0
 
     def tick() -> None:

@@ -1,9 +1,12 @@
-"""ptp-demo: the agent, a 10 Hz camera replaying bundled 1920×1080 frames, and a scripted planner, as
-three processes talking over DDS, as they would on a robot.
+"""ptp-demo: the agent, a 10 Hz camera, and a scripted planner, as three processes talking over DDS, as
+they would on a robot.
 
     ptp-demo --out ptp_demo_saliency
 
-Uses the built-in default model unless ``--model-path`` is given.  DDS stays on this machine
+Uses the built-in default model unless ``--model-path`` is given.  With the built-in proxy model the
+camera shows a scene of the proxy task and the planner asks that scene's questions, printing the
+expected answer next to the model's (``--scene sample`` replays the bundled 1920×1080 clip instead,
+whose questions only a real LVLM answers).  DDS stays on this machine
 (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) and large frames go through shared memory
 (config/fastdds_shm.xml), unless the environment already says otherwise.
 """
@@ -54,6 +57,13 @@ def demo_environment() -> dict[str, str]:
     return env
 
 
+def built_in_is_proxy() -> bool:
+    """Whether the built-in default model is the trained proxy (not the untrained tiny fallback)."""
+    from ..vlm.defaults import PROXY_MODEL, default_model_path
+
+    return default_model_path() == PROXY_MODEL
+
+
 def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -71,25 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=10.0, help="camera frames per second")
     parser.add_argument("--model-path", default="", help="checkpoint directory (default: the built-in model)")
     parser.add_argument("--latency-budget-ms", type=float, default=3000.0)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: 1 with the proxy scene (the proxy answers in one word), else 8")
     parser.add_argument("--agent-log", type=Path, default=None, help="write the agent's log here (default: stderr)")
+    parser.add_argument("--scene", choices=("auto", "proxy", "sample"), default="auto",
+                        help="auto: a proxy-task scene for the built-in proxy model, the sample clip otherwise")
+    parser.add_argument("--proxy-scene", type=int, default=0, help="which proxy test scene")
     args = parser.parse_args(argv)
+    proxy = args.scene == "proxy" or (args.scene == "auto" and not args.model_path and built_in_is_proxy())
+    scene_args = ["--proxy-scene", str(args.proxy_scene)] if proxy else []
+    max_new_tokens = args.max_new_tokens or (1 if proxy else 8)
 
     env = demo_environment()
     print(f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}; saliency images go to {args.out}/", flush=True)
     python = sys.executable
     agent_cmd = [python, "-m", "ptp_ros.ros.node", "--ros-args", "--params-file", str(config_file("agent.yaml")),
-                 "-p", f"latency_budget_ms:={args.latency_budget_ms}", "-p", f"max_new_tokens:={args.max_new_tokens}"]
+                 "-p", f"latency_budget_ms:={args.latency_budget_ms}", "-p", f"max_new_tokens:={max_new_tokens}"]
     if args.model_path:
         agent_cmd += ["-p", f"model_path:={args.model_path}"]
     agent_out = open(args.agent_log, "wb") if args.agent_log else None
     started = time.monotonic()
     processes = [subprocess.Popen(agent_cmd, env=env, stdout=agent_out, stderr=subprocess.STDOUT if agent_out else None)]
     try:
-        processes.append(subprocess.Popen([python, "-m", "ptp_ros.ros.camera_replay", "--rate", str(args.rate)],
-                                          env=env))
+        processes.append(subprocess.Popen([python, "-m", "ptp_ros.ros.camera_replay", "--rate", str(args.rate),
+                                           *scene_args], env=env))
         planner = subprocess.Popen([python, "-m", "ptp_ros.ros.planner", "--out", str(args.out),
-                                    "--questions", str(args.questions)], env=env)
+                                    "--questions", str(args.questions), *scene_args], env=env)
         processes.append(planner)
         while planner.poll() is None:
             crashed = [p for p in processes[:2] if p.poll() is not None]

@@ -10,6 +10,7 @@ import json
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import cv2
 import rclpy
@@ -23,12 +24,23 @@ from .conversions import imgmsg_to_array
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 # What a robot might ask while it looks around; the budgets show the controller trading tokens for time.
-QUESTIONS: list[dict] = [
+QUESTIONS: list[dict[str, Any]] = [
     {"text": "What objects are on the table?"},
     {"text": "Is there a person in the scene?", "latency_budget_ms": 4000},
     {"text": "What colour is the largest object?", "latency_budget_ms": 1500},
     {"text": "Where could the robot put a cup down?", "keep_ratio": 0.1},
 ]
+
+
+def proxy_questions(index: int) -> list[dict[str, Any]]:
+    """The questions of proxy test scene ``index`` (one of each type, with the expected answer), asked with
+    the same budgets as the scripted ones."""
+    from ..proxy import make_questions, make_scene, split_seed
+
+    scene = make_scene(split_seed("test", index))
+    options = [{k: v for k, v in q.items() if k != "text"} for q in QUESTIONS]
+    return [{"text": q.text, "expected": q.answer, **options[i % len(options)]}
+            for i, q in enumerate(make_questions(scene, per_type=1))]
 
 
 class Planner:
@@ -77,7 +89,7 @@ class Planner:
         return self.results[request["id"]]
 
 
-def describe(result: dict, saliency: Path | None) -> str:
+def describe(result: dict, saliency: Path | None, expected: str | None = None) -> str:
     if result.get("status") != "ok":
         return f"[{result['id']}] {result.get('status')}: {result.get('error')}"
     latency = result["latency_ms"]["total"] / 1e3
@@ -85,7 +97,8 @@ def describe(result: dict, saliency: Path | None) -> str:
     line = (f"[{result['id']}] {latency:.2f} s (budget {budget:.1f} s, {'met' if result['budget_met'] else 'missed'}, "
             f"{result['mode']}) keep {result['keep_ratio']:.1%} ({result['visual_tokens_kept']}/"
             f"{result['visual_tokens_total']} tokens), frame age {result['frame_age_ms']:.0f} ms\n"
-            f"    Q: {result['instruction']}\n    A: {result['answer']!r}")
+            f"    Q: {result['instruction']}\n    A: {result['answer']!r}"
+            + (f" (expected {expected!r})" if expected else ""))
     return line + (f"\n    saliency: {saliency}" if saliency else "")
 
 
@@ -94,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("ptp_demo_saliency"), help="folder for saliency images")
     parser.add_argument("--questions", type=int, default=len(QUESTIONS), help="how many of the scripted questions")
+    parser.add_argument("--proxy-scene", type=int, default=-1,
+                        help="ask the questions of this proxy test scene (the camera must show it)")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the agent to serve")
     parser.add_argument("--answer-timeout", type=float, default=300.0)
     args = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
@@ -112,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         if not planner.wait(lambda: planner.ready, args.startup_timeout):
             print("the agent never reported serving with a camera frame on /diagnostics", file=sys.stderr)
             return 2
-        for i, question in enumerate((QUESTIONS * args.questions)[:args.questions], 1):
-            request = {"id": f"q{i}", **question}
+        script = proxy_questions(args.proxy_scene) if args.proxy_scene >= 0 else QUESTIONS
+        for i, question in enumerate((script * args.questions)[:args.questions], 1):
+            expected = question.get("expected")
+            request = {"id": f"q{i}", **{k: v for k, v in question.items() if k != "expected"}}
             result = planner.ask(request, args.answer_timeout)
             if result is None:
                 print(f"[q{i}] no result within {args.answer_timeout:.0f} s", file=sys.stderr)
@@ -124,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 planner.wait(lambda: stamp in planner.saliency_files, 10.0)
             else:
                 failures += 1
-            print(describe(result, planner.saliency_files.get(stamp)), flush=True)
+            print(describe(result, planner.saliency_files.get(stamp), expected), flush=True)
         print(f"{args.questions - failures}/{args.questions} answered; {len(planner.saliency_files)} saliency "
               f"image(s) in {args.out}/", flush=True)
     except KeyboardInterrupt:
