@@ -38,7 +38,7 @@ from .attention_aux import AnswerAttentionTap, retrieval_loss, wanted_attention
 from .auxiliary import AuxiliaryHeads, auxiliary_loss, object_tokens, side_targets, tile_targets, token_targets
 from .data import answer_logits, encode_scene, pad_suffixes, prefix_embeddings
 
-SINK_HEADS = 3  # retrieval heads supervised (colour/location, count, presence)
+SUPERVISED_HEADS = 3  # retrieval heads supervised (colour/location, count, presence)
 
 
 class SceneStream(IterableDataset):
@@ -139,10 +139,10 @@ class LanguageStage:
         position = torch.full_like(layout.region, -1)
         position[shown] = item.prefix_ids.shape[0] + torch.arange(int(shown.sum()))
         hop, wanted = wanted_attention(item.questions, item.scene.objects, layout.objects, position, ids,
-                                       self.key_ids, prefix.shape[1], SINK_HEADS)
+                                       self.key_ids, prefix.shape[1], SUPERVISED_HEADS)
         attention = self.retrieval.answer_attention(last)
         supervision = retrieval_loss(self.hop.answer_attention(last)[:, 0], hop) + sum(
-            retrieval_loss(attention[:, h], wanted[:, h]) for h in range(SINK_HEADS))
+            retrieval_loss(attention[:, h], wanted[:, h]) for h in range(SUPERVISED_HEADS))
         return loss + self.weight * supervision, correct
 
 
