@@ -12,7 +12,7 @@ from ptp_ros.vlm.llava_next import LlavaNextAdapter
 from ptp_ros.vlm.tokenizer import BASE_WORDS
 from ptp_ros_bench.proxy.attention_aux import COUNT_SHARE, RETRIEVAL_HEAD, AnswerAttentionTap, wanted_attention
 from ptp_ros_bench.proxy.data import answer_logits, encode_scene, pad_suffixes, prefix_embeddings
-from ptp_ros_bench.proxy.train import SceneLayout, build_model, features, main, shown_tokens
+from ptp_ros_bench.proxy.train import SceneLayout, build_model, features, main, question_key_ids, shown_tokens
 
 WORDS = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
 
@@ -53,9 +53,8 @@ def test_wanted_attention_points_at_what_each_question_needs(model_and_item):
     shown = torch.ones_like(layout.region, dtype=torch.bool)
     position = item.prefix_ids.shape[0] + torch.arange(layout.region.shape[0])
     ids, _ = pad_suffixes(item.suffix_ids, processor.tokenizer.pad_token_id)
-    key_ids = set(processor.tokenizer.convert_tokens_to_ids(["circle", "square", "triangle", "cross", "ring",
-                                                             "circles", "squares", "triangles", "crosses", "rings",
-                                                             "red", "green", "blue", "yellow", "purple"]))
+    key_ids = question_key_ids(processor.tokenizer)
+    assert len(key_ids) == 15 and processor.tokenizer.unk_token_id not in key_ids  # 5 shapes, 5 plurals, 5 colours
     prefix_len = item.prefix_ids.shape[0] + int(shown.sum())
     hop, wanted = wanted_attention(item.questions, item.scene.objects, layout.objects, position, ids, key_ids,
                                    prefix_len, 3)

@@ -38,14 +38,19 @@ def _class_of(o: SceneObject) -> int:
     return CLASSES.index((o.shape, o.colour))
 
 
+def _holding(boxes: torch.Tensor, o: SceneObject) -> torch.Tensor:
+    """[B] bool: which of the image boxes [B, 4] hold the object's centre (half-open, so exactly one of a
+    tiling does)."""
+    ox, oy = o.centre
+    return (boxes[:, 0] <= ox) & (boxes[:, 2] > ox) & (boxes[:, 1] <= oy) & (boxes[:, 3] > oy)
+
+
 def object_tokens(token_boxes: torch.Tensor, region: torch.Tensor, objects: list[SceneObject]) -> torch.Tensor:
     """[objects, 2] packed index of the tile token and of the global-view token holding each object's
     centre (−1 where none does, e.g. an object cut off by unpadding)."""
     index = torch.full((len(objects), 2), -1, dtype=torch.long)
     for k, o in enumerate(objects):
-        ox, oy = o.centre
-        hold = (token_boxes[:, 0] <= ox) & (token_boxes[:, 2] > ox) & (token_boxes[:, 1] <= oy) & \
-            (token_boxes[:, 3] > oy)
+        hold = _holding(token_boxes, o)
         for column, where in enumerate((hold & (region > 0), hold & (region == 0))):
             found = where.nonzero()[:, 0]
             if len(found):
@@ -53,12 +58,13 @@ def object_tokens(token_boxes: torch.Tensor, region: torch.Tensor, objects: list
     return index
 
 
-def token_targets(token_boxes: torch.Tensor, region: torch.Tensor, objects: list[SceneObject]) -> torch.Tensor:
-    """[N] class per packed token: 1 + class of the object whose centre it holds, 0 background, −100
-    structural.  Objects sit one per tile patch, so that is one tile token and one global token each."""
+def token_targets(object_index: torch.Tensor, region: torch.Tensor, objects: list[SceneObject]) -> torch.Tensor:
+    """[N] class per packed token: 1 + class of the object whose centre it holds (``object_index`` from
+    ``object_tokens``), 0 background, −100 structural.  Objects sit one per tile patch, so that is one
+    tile token and one global token each."""
     target = torch.zeros(region.shape[0], dtype=torch.long)
     target[region < 0] = -100
-    for o, idx in zip(objects, object_tokens(token_boxes, region, objects)):
+    for o, idx in zip(objects, object_index):
         target[idx[idx >= 0]] = 1 + _class_of(o)
     return target
 
@@ -75,10 +81,7 @@ def tile_targets(region_boxes: torch.Tensor, objects: list[SceneObject]) -> torc
     """[R, classes] multi-hot: the pairs whose centre lies in region r's image box (region 0: all)."""
     target = torch.zeros(region_boxes.shape[0], len(CLASSES))
     for o in objects:
-        ox, oy = o.centre
-        inside = (region_boxes[:, 0] <= ox) & (region_boxes[:, 2] > ox) & (region_boxes[:, 1] <= oy) & \
-            (region_boxes[:, 3] > oy)
-        target[inside, _class_of(o)] = 1.0
+        target[_holding(region_boxes, o), _class_of(o)] = 1.0
     return target
 
 

@@ -93,10 +93,10 @@ class SceneLayout:
         objects, (height, width) = item.scene.objects, item.scene.image.shape[:2]
         token_boxes, region_boxes = adapter._boxes(layout, grid, (height, width))
         self.region = layout[:, 0].long()
-        self.tokens = token_targets(token_boxes, self.region, objects)
+        self.objects = object_tokens(token_boxes, self.region, objects)
+        self.tokens = token_targets(self.objects, self.region, objects)
         self.tiles = tile_targets(region_boxes, objects)
         self.sides = side_targets(token_boxes, self.region, width)
-        self.objects = object_tokens(token_boxes, self.region, objects)
 
 
 def features(model, item) -> torch.Tensor:
@@ -115,6 +115,11 @@ def shown_tokens(layout: SceneLayout, tokens: str, focus_keep: float, gen: torch
     return torch.ones(n, dtype=torch.bool)
 
 
+def question_key_ids(tokenizer) -> set[int]:
+    """Ids of the words that say what a question is about (shapes, their plurals, colours)."""
+    return set(tokenizer.convert_tokens_to_ids([*SHAPES, *PLURALS.values(), *COLOURS]))
+
+
 class LanguageStage:
     """Stage 2's loss: answer cross-entropy + attention supervision of two LLM layers."""
 
@@ -124,7 +129,7 @@ class LanguageStage:
         self.pad_id = processor.tokenizer.pad_token_id
         self.hop = AnswerAttentionTap(lm, hop_layer)
         self.retrieval = AnswerAttentionTap(lm, retrieval_layer)
-        self.key_ids = set(processor.tokenizer.convert_tokens_to_ids([*SHAPES, *PLURALS.values(), *COLOURS]))
+        self.key_ids = question_key_ids(processor.tokenizer)
 
     def __call__(self, item, layout: SceneLayout, feats: torch.Tensor, shown: torch.Tensor, supervise: bool):
         self.hop.reset()
@@ -147,12 +152,12 @@ class LanguageStage:
 
 
 @torch.no_grad()
-def evaluate(stage: LanguageStage, adapter: LlavaNextAdapter, items) -> dict:
-    """Validation accuracy with all tokens and with the global view only, overall and per type."""
+def evaluate(stage: LanguageStage, items: list[tuple]) -> dict:
+    """Validation accuracy with all tokens and with the global view only, overall and per type
+    (``items``: (encoded scene, its SceneLayout) pairs, laid out once for the whole run)."""
     stage.model.eval()
     hits: dict[str, list] = defaultdict(list)
-    for item in items:
-        layout = SceneLayout(adapter, item)
+    for item, layout in items:
         feats = features(stage.model, item)
         for tokens, tag in (("all", "val_acc"), ("global", "val_acc_global_only")):
             _, correct = stage(item, layout, feats, shown_tokens(layout, tokens, 0.0, None), supervise=False)
@@ -266,7 +271,7 @@ def main(argv=None) -> None:
     lm_params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(lm_params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     lm_start, lm_budget = elapsed(), 60 * args.max_minutes - elapsed()
-    val = list(SceneStream(processor, "val", 0, args.val_scenes, 2))
+    val = [(item, SceneLayout(adapter, item)) for item in SceneStream(processor, "val", 0, args.val_scenes, 2)]
     stream = DataLoader(SceneStream(processor, "train", 0, 10**6, args.per_type), batch_size=None, num_workers=1,
                         prefetch_factor=4)
     gen = torch.Generator().manual_seed(args.seed)
@@ -296,7 +301,7 @@ def main(argv=None) -> None:
             window = defaultdict(list)
         done = elapsed() >= 60 * args.max_minutes
         if (step + 1) % args.val_every == 0 or done:
-            write({"stage": "language", "step": step + 1, **evaluate(stage, adapter, val)})
+            write({"stage": "language", "step": step + 1, **evaluate(stage, val)})
             save()
         if done:
             break
