@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.proxy import make_questions, make_scene, split_seed
 from ptp_ros_bench.accuracy import main
 from ptp_ros_bench.accuracy.methods import Method, comparison_methods
-from ptp_ros_bench.accuracy.runner import FULL, GLOBAL_ONLY, Evaluator, Results, summarize_ci
+from ptp_ros_bench.accuracy.runner import DOWNSCALED, FULL, GLOBAL_ONLY, Evaluator, Results, summarize_ci
 
 PEERS = [Method("ptp", "ptp"), Method("uniform", "uniform_cls"), Method("fastv", "fastv", reduce="mean")]
 
@@ -39,6 +40,78 @@ def test_evaluator_answers_what_the_pipeline_answers(tiny_adapter, scene_and_que
     assert all(0.0 <= r <= 1.0 for r in results.recall[("ptp", 0.25)] if r == r)
 
 
+@pytest.fixture(scope="module")
+def qwen_model_dir(tmp_path_factory):
+    from ptp_ros.vlm.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "m", seed=3)
+
+
+@pytest.fixture(scope="module")
+def qwen_adapter(qwen_model_dir):
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    return load_adapter(qwen_model_dir, LoadOptions(device="cpu"))
+
+
+def test_shared_prefix_logits_equal_the_models_own_pruned_forward(qwen_adapter, scene_and_questions):
+    """The evaluator's prefix/suffix split gives the logits of the stock forward the adapter's pruned
+    generation runs: kept tokens at their original 3-D positions, text after them where it was."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from ptp_ros.vlm.common import kept_sequence_mask
+    from ptp_ros_bench.proxy.data import answer_logits, kept_positions, prefix_embeddings, question_suffix
+
+    scene, questions = scene_and_questions
+    adapter, model = qwen_adapter, qwen_adapter.model
+    prepared = adapter.prepare(scene.image, questions[0].text)
+    visual = adapter.encode(prepared)
+    ids = prepared.inputs["input_ids"]
+    image_pos = torch.nonzero(ids[0] == adapter.image_token_id).squeeze(1)
+    p, n = int(image_pos[0]), int(image_pos.numel())
+    kept = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 5].sort().values
+    keep = kept_sequence_mask(ids, adapter.image_token_id, kept)
+    positions = adapter.rope_positions(prepared)[:, :, keep]
+    with torch.no_grad():
+        stock = model(input_ids=ids[:, keep], attention_mask=prepared.inputs["attention_mask"][:, keep],
+                      mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(visual.features[kept],))},
+                      position_ids=torch.cat([torch.arange(int(keep.sum())).view(1, 1, -1), positions])).logits[0, -1]
+        ours = answer_logits(model, prefix_embeddings(model, ids[0, :p], visual.features[kept])[None],
+                             [question_suffix(adapter.processor, questions[0].text)], 0,
+                             kept_positions(adapter.rope_positions(prepared), p, n, kept))[0]
+        renumbered = answer_logits(model, prefix_embeddings(model, ids[0, :p], visual.features[kept])[None],
+                                   [question_suffix(adapter.processor, questions[0].text)], 0)[0]
+    assert torch.allclose(ours, stock, atol=1e-4)
+    assert not torch.allclose(renumbered, stock, atol=1e-3)  # positions matter: the check can fail
+
+
+def test_evaluator_on_qwen_answers_what_the_pipeline_and_the_downscaled_model_answer(qwen_adapter,
+                                                                                       scene_and_questions):
+    """Qwen2.5-VL: pruned answers are the pipeline's, and the max_pixels row is the model reading the
+    smaller image, at most the budget's tokens."""
+    from ptp_ros.pruning import resolve_budget
+
+    adapter = qwen_adapter
+    scene, questions = scene_and_questions
+    results = Results()
+    evaluator = Evaluator(adapter, PEERS[:2], (1.0, 0.111))
+    evaluator.scene(scene, questions, results)
+    assert evaluator.downscales and (GLOBAL_ONLY, 0.0) not in results.correct
+    decode = adapter.processor.tokenizer.decode
+    n = adapter.encode(adapter.prepare(scene.image, questions[0].text)).num_tokens
+    small = Pipeline(adapter.downscaled(resolve_budget(n, keep_ratio=0.111)), PipelineConfig(max_new_tokens=1))
+    pipeline = Pipeline(adapter, PipelineConfig(max_new_tokens=1))
+    answers = {label: [decode([t], skip_special_tokens=True).strip() for t in results.predicted[(label, r)]]
+               for label, r in ((FULL, 1.0), ("ptp", 0.111), (DOWNSCALED, 0.111))}
+    assert len(set(answers[FULL])) > 1 or len(set(answers["ptp"])) > 1  # the comparison below can tell rows apart
+    for i, q in enumerate(questions):
+        assert answers[FULL][i] == pipeline.answer(scene.image, q.text, keep_ratio=1.0).text
+        assert answers["ptp"][i] == pipeline.answer(scene.image, q.text, keep_ratio=0.111).text
+        assert answers[DOWNSCALED][i] == small.answer(scene.image, q.text, keep_ratio=1.0).text
+    assert all(0.05 < r <= 0.111 + 1e-3 for r in results.kept_ratio[(DOWNSCALED, 0.111)])
+    assert all(r != r for r in results.recall[(DOWNSCALED, 0.111)])  # another image's tokens: no recall
+
+
 def test_wilson_interval():
     acc, lo, hi = summarize_ci([1] * 90 + [0] * 10)
     assert acc == pytest.approx(0.9) and lo == pytest.approx(0.8256, abs=1e-3) and hi == pytest.approx(0.9448, abs=1e-3)
@@ -59,6 +132,20 @@ def test_quick_report(tiny_model_dir, tmp_path):
     entry = data["methods"]["ptp"]["ratios"]["0.111"]
     assert entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
     assert "| ptp |" in (tmp_path / "results.md").read_text()
+
+
+def test_quick_report_on_qwen_has_the_downscaling_row_and_no_global_view(qwen_model_dir, tmp_path):
+    assert main(["--model", str(qwen_model_dir), "--quick", "--scenes", "1", "--per-type", "1",
+                 "--ratios", "1", "0.25", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["global_only"] is None
+    row = data["methods"][DOWNSCALED]["ratios"]["0.25"]
+    assert row["n"] == data["meta"]["questions"] and 0 < row["kept_ratio"] <= 0.25 and row["target_recall"] is None
+    assert row["ptp_minus_this"] is not None  # paired with PTP on the same questions
+    text = (tmp_path / "results.md").read_text()
+    assert f"| {DOWNSCALED} |" in text and "global view only" not in text
+    with pytest.raises(SystemExit):  # the sweep's region scores are those of tiled models
+        main(["--model", str(qwen_model_dir), "--sweep", "--scenes", "1", "--out", str(tmp_path / "sweep")])
 
 
 def test_shipped_proxy_model_solves_the_task():

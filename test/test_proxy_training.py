@@ -8,39 +8,53 @@ import pytest
 import torch
 
 from ptp_ros.proxy import make_questions, make_scene, proxy_words, split_seed
-from ptp_ros.vlm.llava_next import LlavaNextAdapter
 from ptp_ros.vlm.tokenizer import BASE_WORDS
 from ptp_ros_bench.proxy.attention_aux import COUNT_SHARE, RETRIEVAL_HEAD, AnswerAttentionTap, wanted_attention
-from ptp_ros_bench.proxy.data import answer_logits, encode_scene, pad_suffixes, prefix_embeddings
-from ptp_ros_bench.proxy.train import SceneLayout, build_model, features, main, question_key_ids, shown_tokens
+from ptp_ros_bench.proxy.data import answer_logits, encode_scene, kept_positions, pad_suffixes, prefix_embeddings
+from ptp_ros_bench.proxy.train import (
+    FAMILIES,
+    SceneLayout,
+    build_model,
+    features,
+    main,
+    question_key_ids,
+    shown_tokens,
+)
 
 WORDS = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
 
 
-@pytest.fixture(scope="module")
-def model_and_item():
-    model, processor = build_model(WORDS, 0, dict(vision_width=32, vision_layers=2, text_width=64, text_layers=3))
+@pytest.fixture(scope="module", params=tuple(FAMILIES))
+def model_and_item(request):
+    """A small model of each family, one validation scene and its layout."""
+    model, processor = build_model(WORDS, 0, dict(vision_width=32, vision_layers=2, text_width=64, text_layers=3),
+                                   request.param)
     scene = make_scene(split_seed("val", 5))
     item = encode_scene(processor, scene, make_questions(scene, per_type=1), keep_scene=True)
-    return model, processor, item
+    return model, processor, item, SceneLayout(FAMILIES[request.param].adapter_class(model, processor), item)
 
 
 def test_answer_attention_equals_eager_attention(model_and_item):
-    model, processor, item = model_and_item
+    model, processor, item, layout = model_and_item
     lm = model.model.language_model
-    layout = SceneLayout(LlavaNextAdapter(model, processor), item)
     with torch.no_grad():
-        feats = features(model, item)[shown_tokens(layout, "focus", 0.05, torch.Generator().manual_seed(0))]
+        shown = shown_tokens(layout, "focus", 0.05, torch.Generator().manual_seed(0))
+        feats = features(model, item)[shown]
         prefix = prefix_embeddings(model, item.prefix_ids, feats)[None]
+        positions = kept_positions(layout.positions, item.prefix_ids.shape[0], shown.shape[0],
+                                   torch.nonzero(shown).squeeze(1))
         tap = AnswerAttentionTap(lm, 1)
-        answer_logits(model, prefix, item.suffix_ids, processor.tokenizer.pad_token_id)
+        answer_logits(model, prefix, item.suffix_ids, processor.tokenizer.pad_token_id, positions)
         ids, last = pad_suffixes(item.suffix_ids, processor.tokenizer.pad_token_id)
         ours = tap.answer_attention(last)
         lm.set_attn_implementation("eager")
         try:
             for r, suffix in enumerate(item.suffix_ids):
                 embeds = torch.cat([prefix[0], model.get_input_embeddings()(suffix)])[None]
-                eager = lm(inputs_embeds=embeds, output_attentions=True).attentions[1][0, :, -1]  # [H, L]
+                position_ids = None if positions is None else torch.cat(
+                    [positions[0], (positions[1] + torch.arange(len(suffix))).view(1, 1, -1).expand(3, 1, -1)], 2)
+                eager = lm(inputs_embeds=embeds, position_ids=position_ids,
+                           output_attentions=True).attentions[1][0, :, -1]  # [H, L]
                 assert torch.allclose(ours[r, :, :eager.shape[-1]], eager, atol=1e-5)
                 assert ours[r, :, eager.shape[-1]:].sum() == 0  # padding after the answer is masked
         finally:
@@ -48,8 +62,7 @@ def test_answer_attention_equals_eager_attention(model_and_item):
 
 
 def test_wanted_attention_points_at_what_each_question_needs(model_and_item):
-    model, processor, item = model_and_item
-    layout = SceneLayout(LlavaNextAdapter(model, processor), item)
+    model, processor, item, layout = model_and_item
     shown = torch.ones_like(layout.region, dtype=torch.bool)
     position = item.prefix_ids.shape[0] + torch.arange(layout.region.shape[0])
     ids, _ = pad_suffixes(item.suffix_ids, processor.tokenizer.pad_token_id)
@@ -63,29 +76,35 @@ def test_wanted_attention_points_at_what_each_question_needs(model_and_item):
         row = wanted[r, RETRIEVAL_HEAD[q.qtype]]
         assert row.sum().item() == pytest.approx(1.0)
         assert wanted[r].sum().item() == pytest.approx(1.0)  # one head per question
-        tile, glob = layout.objects[q.targets[0]] if q.targets else (-1, -1)
+        tile, glob = layout.objects[q.targets[0]].tolist() if q.targets else (-1, -1)
         if q.qtype == "colour":
-            assert row[position[tile]] == 1.0 and layout.region[tile] > 0
-        elif q.qtype == "location":
-            assert row[position[glob]] == 1.0 and layout.region[glob] == 0
+            assert row[position[tile]] == 1.0 and not layout.overview[tile]
+        elif q.qtype == "location":  # the global view where there is one, else the object's own token
+            where = glob if layout.overview.any() else tile
+            assert where >= 0 and row[position[where]] == 1.0 and bool(layout.overview[where]) == (glob >= 0)
         elif q.qtype == "count":
             assert row[0].item() == pytest.approx(1 - COUNT_SHARE * len(q.targets))
         else:
             assert (row[0] == 1.0) == (q.answer == "no")
 
 
-def test_training_script_writes_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("family", tuple(FAMILIES))
+def test_training_script_writes_a_loadable_checkpoint(tmp_path, family):
     from ptp_ros.pipeline import Pipeline
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
-    main([str(tmp_path), "--max-minutes", "0.25", "--vision-minutes", "0.08", "--val-scenes", "1",
-          "--val-every", "10", "--vision-width", "32", "--vision-layers", "2", "--text-width", "64",
-          "--text-layers", "3", "--per-type", "1", "--crowd", "30"])
+    main([str(tmp_path), "--family", family, "--max-minutes", "0.25", "--vision-minutes", "0.08",
+          "--val-scenes", "1", "--val-every", "10", "--vision-width", "32", "--vision-layers", "2",
+          "--text-width", "64", "--text-layers", "3", "--per-type", "1", "--crowd", "30"])
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "vision done" for r in records)
-    assert any(r.get("stage") == "language" for r in records)
-    assert records[-1]["event"] == "done" and any("val_acc_global_only" in r for r in records)
+    assert any(r.get("stage") == "vision" and 0 <= r["side_acc"] <= 1 for r in records)
+    assert records[-1]["event"] == "done" and any("val_acc_location" in r for r in records)
+    # the global view where the model has one; a model read at any resolution is validated at a low one
+    extra = "val_acc_global_only" if FAMILIES[family].has_cls else "val_low_res_acc"
+    assert any(extra in r for r in records)
     adapter = load_adapter(tmp_path, LoadOptions(device="cpu"))
+    assert adapter.name == family
     scene = make_scene(split_seed("test", 0))
     answer = Pipeline(adapter).answer(scene.image, "what colour is the ring ?", keep_ratio=0.25)
     assert answer.selection.kept.numel() > 0

@@ -3,6 +3,8 @@
     ptp-eval                      # test split, all methods, writes docs/accuracy/
     ptp-eval --sweep              # validation split, candidate PTP defaults, writes docs/accuracy/sweep/
     ptp-eval --quick              # two scenes, for CI (< 2 min), writes to a temporary folder
+    ptp-eval --model ptp_ros/models/proxy-qwen2_5_vl --out docs/accuracy/qwen2_5_vl
+                                  # Qwen2.5-VL, with the max_pixels down-scaling baseline at every ratio
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
     from . import report
-    from .methods import comparison_methods, sweep_methods
-    from .runner import Evaluator, Results
+    from .methods import Method, comparison_methods, sweep_methods
+    from .runner import DOWNSCALED, Evaluator, Results
 
     split = args.split or ("val" if args.sweep else "test")
     scenes = args.scenes or (2 if args.quick else 40 if args.sweep else 600)
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     model = Path(args.model) if args.model else default_model_path()
     adapter = load_adapter(model, LoadOptions(device="cpu"))
+    if args.sweep and not hasattr(adapter.options, "region_score"):
+        ap.error(f"--sweep compares the region scores of tiled models; {adapter.name} has none")
     methods = sweep_methods() if args.sweep else comparison_methods()
     main_methods = [m for m in methods if m.group != "ablation"]
     evaluator = Evaluator(adapter, methods, ratios)
@@ -72,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"split": split, "model": shown, "command": command.strip(), "seconds": time.perf_counter() - start,
             "ratios": list(ratios), "per_type": per_type,
             "ablation_scenes": args.ablation_scenes}
-    data = report.build(results, methods, ratios, meta)
+    rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
+    data = report.build(results, rows, ratios, meta)
     report.write(data, ratios, out)
-    print(f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f}, global only "
-          f"{data['global_only']['accuracy']:.3f}; wrote {out}/results.json, results.md, accuracy_vs_keep_ratio.png")
+    glob = "" if data["global_only"] is None else f", global only {data['global_only']['accuracy']:.3f}"
+    print(f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f}{glob}; wrote {out}/results.json, "
+          "results.md, accuracy_vs_keep_ratio.png")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A ``Method`` is a selector name with its options plus the two choices made outside the selector:
 how instruction attention is reduced over instruction tokens and which adapter options produce the
-scores (region score, vision layer, LLM layer).  "ptp" always means the library's current defaults.
+scores (``adapter``: changes to the evaluated adapter's own options, e.g. the LLM layer; any family
+takes them as long as its options have those fields).  "ptp" always means the library's current defaults.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ptp_ros.pruning import PTPConfig, make_selector
-from ptp_ros.vlm.llava_next import LlavaNextOptions
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class Method:
     selector: str
     options: dict = field(default_factory=dict)
     reduce: str = "max"  # instruction tokens → one relevance per visual token
-    adapter: LlavaNextOptions = LlavaNextOptions()
+    adapter: tuple[tuple[str, object], ...] = ()  # (option, value) changes to the adapter's options
     group: str = "peer"  # "ptp", "ablation" or "peer"
 
     def bound(self):
@@ -35,10 +35,10 @@ class Method:
                 self.adapter)
 
 
-def _ptp(label: str, group: str = "ablation", reduce: str = "max", adapter: LlavaNextOptions = LlavaNextOptions(),
+def _ptp(label: str, group: str = "ablation", reduce: str = "max", adapter: dict | None = None,
          **changes) -> Method:
-    return Method(label, "ptp", dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)), reduce, adapter,
-                  group)
+    return Method(label, "ptp", dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)), reduce,
+                  tuple(sorted((adapter or {}).items())), group)
 
 
 def comparison_methods() -> list[Method]:
@@ -55,7 +55,7 @@ def comparison_methods() -> list[Method]:
         *alphas,
         # The proxy's training supervised the answer row's attention at LLM layer 1 (docs/accuracy):
         # PTP reading that layer is partly by construction, so it is a row of its own, never the default.
-        _ptp("ptp llm_layer=1", adapter=LlavaNextOptions(llm_layer=1)),
+        _ptp("ptp llm_layer=1", adapter={"llm_layer": 1}),
         Method("random", "random"),
         Method("uniform [CLS] top-k", "uniform_cls"),
         Method("HiRED", "hired"),
@@ -66,16 +66,17 @@ def comparison_methods() -> list[Method]:
 
 
 def sweep_methods() -> list[Method]:
-    """Candidate defaults for PTP, run on the validation split to choose them (never on test)."""
+    """Candidate defaults for PTP, run on the validation split to choose them (never on test); for a
+    tiled model with [CLS] (the region scores are those of LLaVA-NeXT and InternVL)."""
     out = []
     for region_score in ("cls_mass", "global_similarity"):
         for vision_layer in ("paper", "feature", 0):
-            adapter = LlavaNextOptions(vision_layer=vision_layer, region_score=region_score)
+            adapter = {"vision_layer": vision_layer, "region_score": region_score}
             out.append(_ptp(f"ptp region={region_score} vision_layer={vision_layer}", adapter=adapter))
     for llm_layer in (0, 1, 2, 3):
         for reduce in ("max", "mean"):
             out.append(_ptp(f"ptp llm_layer={llm_layer} {reduce}", reduce=reduce,
-                            adapter=LlavaNextOptions(llm_layer=llm_layer)))
+                            adapter={"llm_layer": llm_layer}))
     for temperature in (0.5, 1.0, 2.0, 4.0):
         out.append(_ptp(f"ptp temperature={temperature:g}", temperature=temperature))
     out.extend(_ptp(f"ptp α={a:g}", alpha=a) for a in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0))

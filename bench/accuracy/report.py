@@ -51,12 +51,13 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
         per_ratio = {"1.0": entry(FULL, 1.0)}
         per_ratio.update({f"{r:g}": entry(m.label, r) for r in ratios if r < 1.0})
         methods_out[m.label] = {"group": m.group, "selector": m.selector, "options": m.options, "reduce": m.reduce,
-                                "adapter": {"vision_layer": m.adapter.vision_layer, "llm_layer": m.adapter.llm_layer,
-                                            "region_score": m.adapter.region_score},
+                                "adapter": dict(m.adapter),
                                 "ratios": per_ratio}
     return {"meta": {**meta, "questions": len(full), "scenes": len(set(results.scenes)),
                      "question_types": {t: int(np.sum(qtypes == t)) for t in QUESTION_TYPES}},
-            "all_tokens": entry(FULL, 1.0), "global_only": entry(GLOBAL_ONLY, 0.0), "methods": methods_out}
+            "all_tokens": entry(FULL, 1.0),
+            "global_only": entry(GLOBAL_ONLY, 0.0) if (GLOBAL_ONLY, 0.0) in results.correct else None,
+            "methods": methods_out}
 
 
 def _cell(e: dict) -> str:
@@ -71,11 +72,12 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
              f"({', '.join(f'{k}: {v}' for k, v in meta['question_types'].items())}). "
              f"Accuracy in % with 95 % Wilson intervals; written by `{meta['command']}` "
              f"in {meta['seconds']:.0f} s.", "",
-             f"* all tokens: **{_cell(data['all_tokens'])}**",
-             f"* global view only (kept ratio {data['global_only']['kept_ratio']:.3f}): "
-             f"**{_cell(data['global_only'])}**", "",
-             "## Accuracy by keep ratio", "",
-             "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+             f"* all tokens: **{_cell(data['all_tokens'])}**"]
+    glob = data["global_only"]
+    if glob is not None:
+        lines.append(f"* global view only (kept ratio {glob['kept_ratio']:.3f}): **{_cell(glob)}**")
+    lines += ["", "## Accuracy by keep ratio", "",
+              "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
     for label, m in data["methods"].items():
         n = m["ratios"][rs[0]]["n"]
         lines.append(f"| {label}{'' if n == meta['questions'] else f' (n={n})'} | "
@@ -100,9 +102,9 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
     types = list(data["all_tokens"]["by_type"])
     lines += ["", f"## Accuracy by question type at keep ratio {pick}", "",
               "| method | " + " | ".join(types) + " |", "|---|" + "---|" * len(types),
-              "| all tokens | " + " | ".join(f"{100 * data['all_tokens']['by_type'][t]:.1f}" for t in types) + " |",
-              "| global view only | " + " | ".join(f"{100 * data['global_only']['by_type'][t]:.1f}" for t in types)
-              + " |"]
+              "| all tokens | " + " | ".join(f"{100 * data['all_tokens']['by_type'][t]:.1f}" for t in types) + " |"]
+    if glob is not None:
+        lines.append("| global view only | " + " | ".join(f"{100 * glob['by_type'][t]:.1f}" for t in types) + " |")
     for label, m in data["methods"].items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * m['ratios'][pick]['by_type'][t]:.1f}" for t in types) + " |")
     return "\n".join(lines) + "\n"
@@ -124,8 +126,10 @@ def plot(data: dict, ratios: tuple[float, ...], path: Path) -> None:
         ax.errorbar(rs, acc, yerr=err, marker="o", capsize=3, lw=2.5 if m["group"] == "ptp" else 1.2, label=label)
     ax.axhline(100 * data["all_tokens"]["accuracy"], color="k", ls="--", lw=1, label="all tokens")
     g = data["global_only"]
-    ax.errorbar([g["kept_ratio"]], [100 * g["accuracy"]], yerr=[[100 * (g["accuracy"] - g["ci95"][0])],
-                [100 * (g["ci95"][1] - g["accuracy"])]], marker="s", color="gray", ls="none", label="global view only")
+    if g is not None:
+        ax.errorbar([g["kept_ratio"]], [100 * g["accuracy"]], yerr=[[100 * (g["accuracy"] - g["ci95"][0])],
+                    [100 * (g["ci95"][1] - g["accuracy"])]], marker="s", color="gray", ls="none",
+                    label="global view only")
     ax.set_xscale("log")
     ax.set_xticks(rs, [f"{r:g}" for r in rs])
     ax.set_xticks([], minor=True)  # the log axis's own minor labels would overprint the ratios

@@ -19,13 +19,14 @@ import torch
 from ptp_ros.proxy import Question, Scene
 from ptp_ros.pruning import NO_REGION, instruction_relevance, resolve_budget
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
-from ptp_ros.vlm.llava_next import LlavaNextAdapter, LlavaNextOptions
+from ptp_ros.vlm.common import StockModelAdapter
 
-from ..proxy.data import answer_logits, answer_token, prefix_embeddings, prompt_parts
+from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
 from .methods import Method
 
 GLOBAL_ONLY = "global view only"
 FULL = "all tokens"
+DOWNSCALED = "max_pixels (down-scaled image)"
 
 
 @dataclass
@@ -40,23 +41,32 @@ class Results:
     kept_ratio: dict[tuple[str, float], list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
-def _vision_key(options: LlavaNextOptions) -> tuple:
-    return options.vision_layer, options.region_score
-
-
 class Evaluator:
-    def __init__(self, adapter: LlavaNextAdapter, methods: list[Method], ratios: tuple[float, ...]):
+    """Scores methods on scenes with one adapter of any family (LLaVA-NeXT, InternVL, Qwen2.5-VL).
+
+    Rows beyond the methods: all tokens; the global view only, for a model that has one; and, for a
+    model whose processor takes any resolution (``adapter.downscaled``: Qwen2.5-VL), the image read at
+    the resolution that yields each ratio's token count, the baseline pruning must beat.
+    """
+
+    def __init__(self, adapter: StockModelAdapter, methods: list[Method], ratios: tuple[float, ...]):
         self.model, self.processor = adapter.model, adapter.processor
         self.tokenizer = self.processor.tokenizer
         self.methods, self.ratios = methods, tuple(r for r in ratios if r < 1.0)
-        self._variants: dict[LlavaNextOptions, LlavaNextAdapter] = {}
-        self.base = self.variant(adapter.options)
+        self.base = adapter
+        self._variants: dict[object, StockModelAdapter] = {adapter.options: adapter}
+        self.downscales = hasattr(adapter, "downscaled")
 
-    def variant(self, options: LlavaNextOptions) -> LlavaNextAdapter:
-        """An adapter with other scoring options over the same model (no copy of the weights)."""
+    def variant(self, changes: tuple = ()) -> StockModelAdapter:
+        """The adapter with some options changed, over the same model (no copy of the weights)."""
+        options = dataclasses.replace(self.base.options, **dict(changes))
         if options not in self._variants:
-            self._variants[options] = LlavaNextAdapter(self.model, self.processor, options)
+            self._variants[options] = type(self.base)(self.model, self.processor, options)
         return self._variants[options]
+
+    def _vision(self, m: Method) -> tuple:
+        """The option changes that matter to encoding (all but the LLM layer)."""
+        return tuple((k, v) for k, v in m.adapter if k != "llm_layer")
 
     @torch.no_grad()
     def scene(self, scene: Scene, questions: list[Question], results: Results,
@@ -68,79 +78,81 @@ class Evaluator:
         image_pos = torch.nonzero(ids0 == self.base.image_token_id).squeeze(1)
         p, n = int(image_pos[0]), int(image_pos.numel())
         prefix_ids = ids0[:p]
-        suffixes = [self.tokenizer(prompt_parts(self.processor, q.text)[1], add_special_tokens=False,
-                                   return_tensors="pt")["input_ids"][0] for q in questions]
+        suffixes = [question_suffix(self.processor, q.text) for q in questions]
         if not torch.equal(suffixes[0], ids0[p + n:]):
             raise RuntimeError("prompt split disagrees with the processor's tokenization")
+        full_positions = self.base.rope_positions(base)
         answers = torch.tensor([answer_token(self.tokenizer, q.answer) for q in questions])
         visuals: dict[tuple, VisualTokens] = {}
         for m in methods:
-            key = _vision_key(m.adapter)
-            if key not in visuals:
-                visuals[key] = self.variant(LlavaNextOptions(vision_layer=m.adapter.vision_layer,
-                                                             region_score=m.adapter.region_score)).encode(base)
-        features = next(iter(visuals.values())).features
+            if self._vision(m) not in visuals:
+                visuals[self._vision(m)] = self.variant(self._vision(m)).encode(base)
         reference = next(iter(visuals.values()))
+        features = reference.features
         cover = [_covering(reference, scene, q) for q in questions]
 
-        def record(label: str, ratio: float, kept_sets: list[torch.Tensor], logits: torch.Tensor) -> None:
+        def record(label: str, ratio: float, kept_sets: list[torch.Tensor], logits: torch.Tensor,
+                   of: int = n) -> None:
+            """``of``: the token count the kept sets index (another than ``n``: a re-read image, whose
+            tokens are not the ones the target recall is counted on)."""
             predicted = logits.argmax(-1)
             correct = (predicted == answers).tolist()
             for i, kept in enumerate(kept_sets):
                 results.correct[(label, ratio)].append(int(correct[i]))
                 results.predicted[(label, ratio)].append(int(predicted[i]))
-                results.recall[(label, ratio)].append(_recall(kept, cover[i], n))
+                results.recall[(label, ratio)].append(_recall(kept, cover[i], n) if of == n else float("nan"))
                 results.kept_ratio[(label, ratio)].append(kept.numel() / n)
 
-        def shared(kept: torch.Tensor) -> torch.Tensor:
-            embeds = prefix_embeddings(self.model, prefix_ids, features[kept])[None]
-            return answer_logits(self.model, embeds, suffixes, self.tokenizer.pad_token_id)
+        def prefill(kept_sets: list[torch.Tensor], question_suffixes: list[torch.Tensor]) -> torch.Tensor:
+            """Answer logits with one kept set shared by all questions, or one kept set per question."""
+            embeds = torch.stack([prefix_embeddings(self.model, prefix_ids, features[k]) for k in kept_sets])
+            positions = _stacked([kept_positions(full_positions, p, n, k) for k in kept_sets])
+            return answer_logits(self.model, embeds, question_suffixes, self.tokenizer.pad_token_id, positions)
 
         everything = torch.arange(n)
-        record(FULL, 1.0, [everything] * len(questions), shared(everything))
-        glob = torch.nonzero(reference.scores.region == 0).squeeze(1)
-        record(GLOBAL_ONLY, 0.0, [glob] * len(questions), shared(glob))
+        record(FULL, 1.0, [everything] * len(questions), prefill([everything], suffixes))
+        if reference.scores.global_region is not None:
+            glob = torch.nonzero(reference.scores.region == reference.scores.global_region).squeeze(1)
+            record(GLOBAL_ONLY, 0.0, [glob] * len(questions), prefill([glob], suffixes))
 
-        rows: dict[tuple[int, int], torch.Tensor] = {}
+        rows: dict[tuple[tuple, int], torch.Tensor] = {}
         for m in methods:
             if m.needs_relevance:
                 for qi, q in enumerate(questions):
-                    if (m.adapter.llm_layer, qi) not in rows:
-                        prepared = PreparedInput({"input_ids": torch.cat([ids0[: p + n], suffixes[qi]])[None]},
+                    if (m.adapter, qi) not in rows:
+                        prepared = PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]),
                                                  scene.image.shape[:2], q.text)
-                        rows[(m.adapter.llm_layer, qi)] = self.variant(
-                            LlavaNextOptions(llm_layer=m.adapter.llm_layer)).instruction_attention(
-                                prepared, visuals[_vision_key(m.adapter)])
+                        rows[(m.adapter, qi)] = self.variant(m.adapter).instruction_attention(
+                            prepared, visuals[self._vision(m)])
         unique: dict[tuple, Method] = {}
         for m in methods:
             unique.setdefault(m.key(), m)
         for ratio in self.ratios:
             budget = resolve_budget(n, keep_ratio=ratio)
+            if self.downscales:
+                self._downscaled(scene, questions, suffixes, budget, ratio, record)
             computed: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
             dependent: list[tuple[tuple, Method]] = []
             for key, m in unique.items():
-                visual = visuals[_vision_key(m.adapter)]
+                visual = visuals[self._vision(m)]
                 scores = dataclasses.replace(visual.scores, features=features)
                 content = max(1, min(budget, int(scores.region_sizes().sum())))
                 if not m.needs_relevance:
                     kept = m.bound()(scores, content).kept
-                    computed[key] = ([kept] * len(questions), shared(kept))
+                    computed[key] = ([kept] * len(questions), prefill([kept], suffixes))
                 else:
                     dependent.append((key, m))
             per_question: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
             for qi in range(len(questions)):
                 kept_sets = []
                 for key, m in dependent:
-                    visual = visuals[_vision_key(m.adapter)]
-                    relevance = instruction_relevance(rows[(m.adapter.llm_layer, qi)], m.reduce)
+                    visual = visuals[self._vision(m)]
+                    relevance = instruction_relevance(rows[(m.adapter, qi)], m.reduce)
                     scores = dataclasses.replace(visual.scores, features=features, relevance=relevance)
                     content = max(1, min(budget, int(scores.region_sizes().sum())))
                     kept_sets.append(m.bound()(scores, content).kept)
                 for group in _same_length(kept_sets):
-                    embeds = torch.stack([prefix_embeddings(self.model, prefix_ids, features[kept_sets[j]])
-                                          for j in group])
-                    logits = answer_logits(self.model, embeds, [suffixes[qi]] * len(group),
-                                           self.tokenizer.pad_token_id)
+                    logits = prefill([kept_sets[j] for j in group], [suffixes[qi]] * len(group))
                     for row, j in enumerate(group):
                         per_question[dependent[j][0]].append((kept_sets[j], logits[row]))
             for key, pairs in per_question.items():
@@ -151,6 +163,39 @@ class Evaluator:
         results.qtypes.extend(q.qtype for q in questions)
         results.scenes.extend([scene.seed] * len(questions))
 
+    def _downscaled(self, scene: Scene, questions: list[Question], suffixes: list[torch.Tensor], budget: int,
+                    ratio: float, record) -> None:
+        """The whole image re-read at the resolution that yields at most ``budget`` tokens, no pruning."""
+        small = self.base.downscaled(budget)
+        prepared = small.prepare(scene.image, questions[0].text)
+        ids = prepared.inputs["input_ids"][0]
+        image_pos = torch.nonzero(ids == small.image_token_id).squeeze(1)
+        p, m = int(image_pos[0]), int(image_pos.numel())
+        everything = torch.arange(m)
+        embeds = prefix_embeddings(self.model, ids[:p], small.encode(prepared).features)[None]
+        positions = kept_positions(small.rope_positions(prepared), p, m, everything)
+        logits = answer_logits(self.model, embeds, suffixes, self.tokenizer.pad_token_id, positions)
+        record(DOWNSCALED, ratio, [everything] * len(questions), logits, of=m)
+
+
+def _stacked(positions: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, int] | None:
+    """Per-row ``kept_positions`` of one batch → one [3, B, P] tensor (every row's suffix starts alike)."""
+    if positions[0] is None:
+        return None
+    return torch.cat([pos for pos, _ in positions], dim=1), positions[0][1]
+
+
+def _with_suffix(inputs, image_end: int, suffix: torch.Tensor) -> dict:
+    """The processor's tensors with the prompt after the image replaced by ``suffix``: the per-token
+    tensors (attention mask, token types) extend with the prompt's last column, a text token's."""
+    out = dict(inputs)
+    length = inputs["input_ids"].shape[1]
+    for k, v in inputs.items():
+        if torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, length):
+            out[k] = torch.cat([v[:, :image_end], v[:, -1:].expand(1, suffix.shape[0])], dim=1)
+    out["input_ids"] = torch.cat([inputs["input_ids"][:, :image_end], suffix[None].to(inputs["input_ids"])], dim=1)
+    return out
+
 
 def _same_length(kept_sets: list[torch.Tensor]) -> list[list[int]]:
     groups: dict[int, list[int]] = defaultdict(list)
@@ -160,10 +205,12 @@ def _same_length(kept_sets: list[torch.Tensor]) -> list[list[int]]:
 
 
 def _covering(visual: VisualTokens, scene: Scene, question: Question) -> torch.Tensor:
-    """Tile tokens (not the global view) whose image box overlaps one of the question's target objects."""
+    """Tokens (not the global view's) whose image box overlaps one of the question's target objects."""
     mask = torch.zeros(visual.num_tokens, dtype=torch.bool)
     boxes = visual.token_boxes
-    tile = (visual.scores.region != NO_REGION) & (visual.scores.region != visual.scores.global_region)
+    tile = visual.scores.region != NO_REGION
+    if visual.scores.global_region is not None:
+        tile &= visual.scores.region != visual.scores.global_region
     for t in question.targets:
         x0, y0, x1, y1 = scene.objects[t].box
         mask |= tile & (boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0)

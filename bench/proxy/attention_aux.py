@@ -79,7 +79,8 @@ def wanted_attention(questions: list[Question], objects: list[SceneObject], obje
     ``object_index`` [objects, 2] packed index of each object's tile and global token (−1: none);
     ``position`` [packed] the sequence position of each packed token (−1: not shown to the LLM).
     Returns (hop [Q, K]: the question's shape/colour words, for the layer that gathers them;
-    retrieval [Q, heads, K]: colour → the named object's tile token, location → its global-view token,
+    retrieval [Q, heads, K]: colour → the named object's tile token, location → its global-view token
+    (its tile token in a model without a global view),
     presence → the tile tokens of objects of that colour and shape, or the sink when there are none,
     count → COUNT_SHARE on each counted object's tile token and the rest on the sink).
     Rows whose object is not shown stay zero (no supervision)."""
@@ -97,7 +98,10 @@ def wanted_attention(questions: list[Question], objects: list[SceneObject], obje
         hop[r, words] = 1.0 / len(words)
         row = retrieval[r, RETRIEVAL_HEAD[question.qtype]]
         if question.qtype in ("colour", "location"):
-            at = shown(question.targets[0], 0 if question.qtype == "colour" else 1)
+            # location reads the global view, where a model has one (else the object's own token)
+            at = shown(question.targets[0], 0)
+            if question.qtype == "location" and int(object_index[question.targets[0], 1]) >= 0:
+                at = shown(question.targets[0], 1)
             if at >= 0:
                 row[at] = 1.0
             continue

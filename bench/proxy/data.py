@@ -18,13 +18,17 @@ from ptp_ros.proxy import Question, Scene
 class EncodedScene:
     """One scene after the processor, with its questions tokenized as prefix-sharing suffixes."""
 
-    pixel_values: torch.Tensor  # [1, tiles, 3, 336, 336]
-    image_sizes: torch.Tensor  # [1, 2]
+    inputs: dict  # the processor's tensors for the first question's prompt (ids, pixels, grid)
     prefix_ids: torch.Tensor  # [P] text ids before the image tokens
     suffix_ids: list[torch.Tensor]  # per question: ids after the image tokens
     answer_ids: torch.Tensor  # [Q] the single answer token of each question
     questions: list[Question]
     scene: Scene | None = None
+
+    @property
+    def pixel_inputs(self) -> dict:
+        """What the model's ``get_image_features`` takes (LLaVA-NeXT: sizes; Qwen2.5-VL: the patch grid)."""
+        return {k: self.inputs[k] for k in ("pixel_values", "image_sizes", "image_grid_thw") if k in self.inputs}
 
 
 def prompt_parts(processor, question: str) -> tuple[str, str]:
@@ -42,16 +46,37 @@ def answer_token(tokenizer, answer: str) -> int:
     return ids[0]
 
 
-def encode_scene(processor, scene: Scene, questions: list[Question], keep_scene: bool = False) -> EncodedScene:
-    images = processor.image_processor(images=Image.fromarray(scene.image), return_tensors="pt")
-    tok = processor.tokenizer
-    before, _ = prompt_parts(processor, questions[0].text if questions else "")
-    prefix = tok(before, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    suffixes = [tok(prompt_parts(processor, q.text)[1], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-                for q in questions]
-    answers = torch.tensor([answer_token(tok, q.answer) for q in questions], dtype=torch.long)
-    return EncodedScene(images["pixel_values"], images["image_sizes"], prefix, suffixes, answers, questions,
-                        scene if keep_scene else None)
+def question_suffix(processor, question: str) -> torch.Tensor:
+    """[S] ids of the prompt after the image tokens."""
+    return processor.tokenizer(prompt_parts(processor, question)[1], add_special_tokens=False,
+                               return_tensors="pt")["input_ids"][0]
+
+
+def encode_scene(processor, scene: Scene, questions: list[Question], keep_scene: bool = False,
+                 **processor_kwargs) -> EncodedScene:
+    """The processor's own tensors for the first question's prompt (``processor_kwargs``: e.g. a
+    resolution), then every question's suffix on the shared prefix."""
+    before, after = prompt_parts(processor, questions[0].text if questions else "")
+    inputs = processor(images=Image.fromarray(scene.image), text=before + processor.tokenizer.image_token + after,
+                       return_tensors="pt", **processor_kwargs)
+    ids = inputs["input_ids"][0]
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
+    first = int(torch.nonzero(ids == image_token)[0, 0])
+    suffixes = [question_suffix(processor, q.text) for q in questions]
+    answers = torch.tensor([answer_token(processor.tokenizer, q.answer) for q in questions], dtype=torch.long)
+    return EncodedScene(dict(inputs), ids[:first], suffixes, answers, questions, scene if keep_scene else None)
+
+
+def kept_positions(full: torch.Tensor | None, prefix_len: int, num_visual: int,
+                   kept: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """LLM positions of the prefix text plus the ``kept`` visual tokens, [3, 1, P + K], and the position
+    the suffix starts at, for a model with 3-D M-RoPE (``full`` [3, 1, L] of the whole prompt: a kept
+    token keeps its original position, as the Qwen2.5-VL adapter feeds it).  ``None`` for a model with
+    1-D positions: its pruned sequence is simply renumbered."""
+    if full is None:
+        return None
+    index = torch.cat([torch.arange(prefix_len), prefix_len + kept.cpu()])
+    return full[:, :, index], int(full[0, 0, prefix_len + num_visual])
 
 
 def pad_suffixes(suffixes: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,19 +89,26 @@ def pad_suffixes(suffixes: list[torch.Tensor], pad_id: int) -> tuple[torch.Tenso
     return ids, torch.tensor([int(s.shape[0]) - 1 for s in suffixes])
 
 
-def answer_logits(model, prefix_embeds: torch.Tensor, suffix_ids: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+def answer_logits(model, prefix_embeds: torch.Tensor, suffix_ids: list[torch.Tensor], pad_id: int,
+                  positions: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """[Q, vocab] next-token logits after each question, from one prefix pass shared by all of them.
 
-    ``prefix_embeds`` is [B, P, D] with B = 1 (shared by every question) or B = Q (one per question).
+    ``prefix_embeds`` is [B, P, D] with B = 1 (shared by every question) or B = Q (one per question);
+    ``positions`` (from ``kept_positions``, its tensor [3, B, P]) for a model with 3-D positions.
     """
     lm = model.model.language_model
     ids, last = pad_suffixes(suffix_ids, pad_id)
-    q = ids.shape[0]
-    out = lm(inputs_embeds=prefix_embeds, use_cache=True)
+    q, s = ids.shape
+    prefix_pos = suffix_pos = None
+    if positions is not None:
+        prefix_pos, start = positions
+        suffix_pos = (start + torch.arange(s)).view(1, 1, s).expand(prefix_pos.shape[0], q, s)
+    out = lm(inputs_embeds=prefix_embeds, position_ids=prefix_pos, use_cache=True)
     cache = out.past_key_values
     if prefix_embeds.shape[0] == 1 and q > 1:
         cache.batch_repeat_interleave(q)
-    hidden = lm(inputs_embeds=model.get_input_embeddings()(ids), past_key_values=cache).last_hidden_state
+    hidden = lm(inputs_embeds=model.get_input_embeddings()(ids), position_ids=suffix_pos,
+                past_key_values=cache).last_hidden_state
     return model.lm_head(hidden[torch.arange(q), last])
 
 

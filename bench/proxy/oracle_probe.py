@@ -43,7 +43,7 @@ class Oracle(nn.Module):
 
     def forward(self, layout: SceneLayout) -> torch.Tensor:
         classes = layout.tokens.clamp(min=0)
-        glob = layout.region == 0
+        glob = layout.overview
         colour = torch.where(classes > 0, (classes - 1) % len(COLOURS) + 1, 0)
         feats = torch.where(glob[:, None], self.glob(colour) + self.side(layout.sides.clamp(min=0)),
                             self.tile(classes))

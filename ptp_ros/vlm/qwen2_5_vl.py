@@ -45,6 +45,12 @@ def max_pixels_for_tokens(tokens: int, patch_size: int = 14, merge_size: int = 2
     return int(tokens) * (patch_size * merge_size) ** 2
 
 
+def resolution_kwargs(image_processor, max_pixels: int) -> dict:
+    """Processor kwargs that cap an image at ``max_pixels`` (the minimum follows it down when lower)."""
+    size = image_processor.size
+    return {"size": {"shortest_edge": min(size["shortest_edge"], max_pixels), "longest_edge": max_pixels}}
+
+
 @dataclass(frozen=True)
 class Qwen2_5_VLOptions:
     vision_layer: int | str = "paper"  # "paper" (full-attention block nearest the paper's layer), "last" or an index
@@ -96,11 +102,8 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
-        kwargs = {}
-        if self.options.max_pixels is not None:
-            size = self.processor.image_processor.size
-            kwargs["size"] = {"shortest_edge": min(size["shortest_edge"], self.options.max_pixels),
-                              "longest_edge": self.options.max_pixels}
+        kwargs = {} if self.options.max_pixels is None else resolution_kwargs(self.processor.image_processor,
+                                                                             self.options.max_pixels)
         return prepare_image_prompt(self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype,
                                     **kwargs)
 
