@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 
 PROXY_MODEL = Path(__file__).resolve().parents[1] / "models" / "proxy-llava-next"
+#: The same task learned by a proxy Qwen2.5-VL (no tiles, no global view): ``ptp-ask --model`` it, and
+#: ``ptp-eval`` compares pruning with lowering its ``max_pixels`` on it.
+PROXY_QWEN_MODEL = PROXY_MODEL.parent / "proxy-qwen2_5_vl"
 TINY_NAME = "tiny-llava-next-v1"
 
 
