@@ -99,7 +99,8 @@ def test_evaluator_on_qwen_answers_what_the_pipeline_and_the_downscaled_model_an
     assert evaluator.downscales and (GLOBAL_ONLY, 0.0) not in results.correct
     decode = adapter.processor.tokenizer.decode
     n = adapter.encode(adapter.prepare(scene.image, questions[0].text)).num_tokens
-    small = Pipeline(adapter.downscaled(resolve_budget(n, keep_ratio=0.111)), PipelineConfig(max_new_tokens=1))
+    small = Pipeline(adapter.downscaled(resolve_budget(n, keep_ratio=0.111), scene.image.shape[:2]),
+                     PipelineConfig(max_new_tokens=1))
     pipeline = Pipeline(adapter, PipelineConfig(max_new_tokens=1))
     answers = {label: [decode([t], skip_special_tokens=True).strip() for t in results.predicted[(label, r)]]
                for label, r in ((FULL, 1.0), ("ptp", 0.111), (DOWNSCALED, 0.111))}
@@ -108,7 +109,7 @@ def test_evaluator_on_qwen_answers_what_the_pipeline_and_the_downscaled_model_an
         assert answers[FULL][i] == pipeline.answer(scene.image, q.text, keep_ratio=1.0).text
         assert answers["ptp"][i] == pipeline.answer(scene.image, q.text, keep_ratio=0.111).text
         assert answers[DOWNSCALED][i] == small.answer(scene.image, q.text, keep_ratio=1.0).text
-    assert all(0.05 < r <= 0.111 + 1e-3 for r in results.kept_ratio[(DOWNSCALED, 0.111)])
+    assert all(0.1 < r <= 0.111 + 1e-3 for r in results.kept_ratio[(DOWNSCALED, 0.111)])
     assert all(r != r for r in results.recall[(DOWNSCALED, 0.111)])  # another image's tokens: no recall
 
 
@@ -167,3 +168,25 @@ def test_shipped_proxy_model_solves_the_task():
     full, glob = results.correct[(FULL, 1.0)], results.correct[(GLOBAL_ONLY, 0.0)]
     assert sum(full) / len(full) >= 0.85
     assert sum(glob) / len(glob) <= sum(full) / len(full) - 0.1
+
+
+def test_shipped_qwen_proxy_solves_the_task_and_needs_its_resolution():
+    """The shipped proxy Qwen2.5-VL answers the task with all tokens, and reading the image at 1/9 of its
+    tokens (the max_pixels baseline at 11.1 %) costs it accuracy: the baseline is a real one."""
+    from ptp_ros.vlm.defaults import PROXY_QWEN_MODEL
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    if not (PROXY_QWEN_MODEL / "config.json").is_file():
+        pytest.skip("no trained proxy Qwen2.5-VL is shipped (docs/accuracy/README.md)")
+    assert sum(p.stat().st_size for p in PROXY_QWEN_MODEL.glob("*.safetensors")) < 25e6
+    adapter = load_adapter(PROXY_QWEN_MODEL, LoadOptions(device="cpu"))
+    results = Results()
+    evaluator = Evaluator(adapter, [Method("uniform", "uniform_cls")], (1.0, 0.111))
+    for k in range(10):
+        scene = make_scene(split_seed("test", k))
+        evaluator.scene(scene, make_questions(scene), results)
+    full, small = results.correct[(FULL, 1.0)], results.correct[(DOWNSCALED, 0.111)]
+    # ptp-eval on the 600 test scenes: 66.3 % with all tokens, 54–55 % at 1/9 of the tokens (the model is
+    # weaker than the LLaVA-NeXT proxy: its vision stage reached a 0.53 token class accuracy, see the docs)
+    assert sum(full) / len(full) >= 0.55
+    assert sum(small) / len(small) <= sum(full) / len(full) - 0.05

@@ -184,3 +184,24 @@ def test_max_pixels_baseline_reaches_the_same_budget(adapter, sample_image, kept
     baseline = Qwen2_5_VLAdapter(adapter.model, adapter.processor, options)
     tokens = int((baseline.prepare(sample_image, INSTRUCTION).inputs["input_ids"] == adapter.image_token_id).sum())
     assert 0.8 * kept <= tokens <= kept
+
+
+@pytest.mark.parametrize("size", [(1080, 1920), (1344, 1008), (672, 2016), (2016, 1008)])
+@pytest.mark.parametrize("kept", [306, 136, 70])
+def test_fitted_baseline_reads_as_many_tokens_as_the_budget_allows(adapter, sample_image, size, kept):
+    """Fitted to the image, the baseline gets the most tokens any resolution cap gives up to the budget
+    (never more), at least as many as the image-independent K·28²."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    image = cv2.resize(sample_image, size[::-1])
+
+    def tokens(baseline) -> int:
+        return int((baseline.prepare(image, INSTRUCTION).inputs["input_ids"] == adapter.image_token_id).sum())
+
+    def count(max_pixels: int) -> int:
+        h, w = smart_resize(*size, factor=28, min_pixels=min(3136, max_pixels), max_pixels=max_pixels)
+        return h * w // 28 ** 2
+
+    best = max(c for c in map(count, range(kept * 28 ** 2, 4 * kept * 28 ** 2, 49)) if c <= kept)
+    fitted, plain = tokens(adapter.downscaled(kept, size)), tokens(adapter.downscaled(kept))
+    assert plain <= fitted == best <= kept

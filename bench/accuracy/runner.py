@@ -165,8 +165,8 @@ class Evaluator:
 
     def _downscaled(self, scene: Scene, questions: list[Question], suffixes: list[torch.Tensor], budget: int,
                     ratio: float, record) -> None:
-        """The whole image re-read at the resolution that yields at most ``budget`` tokens, no pruning."""
-        small = self.base.downscaled(budget)
+        """The whole image re-read at the highest resolution that yields at most ``budget`` tokens, no pruning."""
+        small = self.base.downscaled(budget, scene.image.shape[:2])
         prepared = small.prepare(scene.image, questions[0].text)
         ids = prepared.inputs["input_ids"][0]
         image_pos = torch.nonzero(ids == small.image_token_id).squeeze(1)
