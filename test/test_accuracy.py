@@ -149,22 +149,28 @@ def test_quick_report_on_qwen_has_the_downscaling_row_and_no_global_view(qwen_mo
         main(["--model", str(qwen_model_dir), "--sweep", "--scenes", "1", "--out", str(tmp_path / "sweep")])
 
 
-def test_shipped_proxy_model_solves_the_task():
-    """The shipped checkpoint answers the task with all tokens and needs the tiles to do so (ptp-eval on
-    the full test split measured 0.9+ and a global-only gap of ~0.2; 10 scenes keep this test fast)."""
-    from ptp_ros.vlm.defaults import PROXY_MODEL, default_model_path
+def _shipped_model_results(path, ratios: tuple[float, ...]) -> Results:
+    """A shipped proxy checkpoint scored on the first 10 test scenes (fast; ptp-eval runs 600)."""
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
-    if not (PROXY_MODEL / "config.json").is_file():
-        pytest.skip("no trained proxy checkpoint is shipped (docs/accuracy/README.md)")
-    assert default_model_path() == PROXY_MODEL
-    assert sum(p.stat().st_size for p in PROXY_MODEL.glob("*.safetensors")) < 25e6
-    adapter = load_adapter(PROXY_MODEL, LoadOptions(device="cpu"))
+    if not (path / "config.json").is_file():
+        pytest.skip(f"no trained proxy checkpoint is shipped in {path.name} (docs/accuracy/README.md)")
+    assert sum(p.stat().st_size for p in path.glob("*.safetensors")) < 25e6
     results = Results()
-    evaluator = Evaluator(adapter, [Method("uniform", "uniform_cls")], (1.0,))
+    evaluator = Evaluator(load_adapter(path, LoadOptions(device="cpu")), [Method("uniform", "uniform_cls")], ratios)
     for k in range(10):
         scene = make_scene(split_seed("test", k))
         evaluator.scene(scene, make_questions(scene), results)
+    return results
+
+
+def test_shipped_proxy_model_solves_the_task():
+    """The shipped checkpoint answers the task with all tokens and needs the tiles to do so (ptp-eval on
+    the full test split measured 0.9+ and a global-only gap of ~0.2)."""
+    from ptp_ros.vlm.defaults import PROXY_MODEL, default_model_path
+
+    results = _shipped_model_results(PROXY_MODEL, (1.0,))
+    assert default_model_path() == PROXY_MODEL
     full, glob = results.correct[(FULL, 1.0)], results.correct[(GLOBAL_ONLY, 0.0)]
     assert sum(full) / len(full) >= 0.85
     assert sum(glob) / len(glob) <= sum(full) / len(full) - 0.1
@@ -174,17 +180,8 @@ def test_shipped_qwen_proxy_solves_the_task_and_needs_its_resolution():
     """The shipped proxy Qwen2.5-VL answers the task with all tokens, and reading the image at 1/9 of its
     tokens (the max_pixels baseline at 11.1 %) costs it accuracy: the baseline is a real one."""
     from ptp_ros.vlm.defaults import PROXY_QWEN_MODEL
-    from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
-    if not (PROXY_QWEN_MODEL / "config.json").is_file():
-        pytest.skip("no trained proxy Qwen2.5-VL is shipped (docs/accuracy/README.md)")
-    assert sum(p.stat().st_size for p in PROXY_QWEN_MODEL.glob("*.safetensors")) < 25e6
-    adapter = load_adapter(PROXY_QWEN_MODEL, LoadOptions(device="cpu"))
-    results = Results()
-    evaluator = Evaluator(adapter, [Method("uniform", "uniform_cls")], (1.0, 0.111))
-    for k in range(10):
-        scene = make_scene(split_seed("test", k))
-        evaluator.scene(scene, make_questions(scene), results)
+    results = _shipped_model_results(PROXY_QWEN_MODEL, (1.0, 0.111))
     full, small = results.correct[(FULL, 1.0)], results.correct[(DOWNSCALED, 0.111)]
     # ptp-eval on the 600 test scenes: 66.3 % with all tokens, 54–55 % at 1/9 of the tokens (the model is
     # weaker than the LLaVA-NeXT proxy: its vision stage reached a 0.53 token class accuracy, see the docs)
