@@ -21,6 +21,7 @@ from ptp_ros.pruning import NO_REGION, instruction_relevance, resolve_budget
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
 from ptp_ros.vlm.common import StockModelAdapter
 
+from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
 from .methods import Method
 
@@ -207,13 +208,11 @@ def _same_length(kept_sets: list[torch.Tensor]) -> list[list[int]]:
 def _covering(visual: VisualTokens, scene: Scene, question: Question) -> torch.Tensor:
     """Tokens (not the global view's) whose image box overlaps one of the question's target objects."""
     mask = torch.zeros(visual.num_tokens, dtype=torch.bool)
-    boxes = visual.token_boxes
     tile = visual.scores.region != NO_REGION
     if visual.scores.global_region is not None:
         tile &= visual.scores.region != visual.scores.global_region
     for t in question.targets:
-        x0, y0, x1, y1 = scene.objects[t].box
-        mask |= tile & (boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0)
+        mask |= tile & overlapping(visual.token_boxes, scene.objects[t])
     return mask
 
 

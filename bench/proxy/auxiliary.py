@@ -45,6 +45,12 @@ def _holding(boxes: torch.Tensor, o: SceneObject) -> torch.Tensor:
     return (boxes[:, 0] <= ox) & (boxes[:, 2] > ox) & (boxes[:, 1] <= oy) & (boxes[:, 3] > oy)
 
 
+def overlapping(boxes: torch.Tensor, o: SceneObject) -> torch.Tensor:
+    """[B] bool: which of the image boxes [B, 4] overlap the object's box."""
+    x0, y0, x1, y1 = o.box
+    return (boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0)
+
+
 def object_tokens(token_boxes: torch.Tensor, detail: torch.Tensor, overview: torch.Tensor,
                   objects: list[SceneObject]) -> torch.Tensor:
     """[objects, 2] packed index of the detail token (a tile's) and of the global-view token holding each
@@ -70,9 +76,7 @@ def token_targets(object_index: torch.Tensor, region: torch.Tensor, objects: lis
     target = torch.zeros(region.shape[0], dtype=torch.long)
     target[region < 0] = -100
     for o in objects:
-        x0, y0, x1, y1 = o.box
-        overlap = (token_boxes[:, 0] < x1) & (token_boxes[:, 2] > x0) & (token_boxes[:, 1] < y1) & (token_boxes[:, 3] > y0)
-        target[overlap & (target == 0)] = -100
+        target[overlapping(token_boxes, o) & (target == 0)] = -100
     for o, idx in zip(objects, object_index):
         target[idx[idx >= 0]] = 1 + _class_of(o)
     return target
