@@ -19,7 +19,7 @@ import torch
 from ptp_ros.proxy import Question, Scene
 from ptp_ros.pruning import NO_REGION, instruction_relevance, resolve_budget
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
-from ptp_ros.vlm.common import StockModelAdapter
+from ptp_ros.vlm.common import StockModelAdapter, placeholder_positions
 
 from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
@@ -76,8 +76,7 @@ class Evaluator:
         methods = self.methods if methods is None else methods
         base = self.base.prepare(scene.image, questions[0].text)
         ids0 = base.inputs["input_ids"][0]
-        image_pos = torch.nonzero(ids0 == self.base.image_token_id).squeeze(1)
-        p, n = int(image_pos[0]), int(image_pos.numel())
+        p, n = _image_span(self.base, base)
         prefix_ids = ids0[:p]
         suffixes = [question_suffix(self.processor, q.text) for q in questions]
         if not torch.equal(suffixes[0], ids0[p + n:]):
@@ -170,13 +169,18 @@ class Evaluator:
         small = self.base.downscaled(budget, scene.image.shape[:2])
         prepared = small.prepare(scene.image, questions[0].text)
         ids = prepared.inputs["input_ids"][0]
-        image_pos = torch.nonzero(ids == small.image_token_id).squeeze(1)
-        p, m = int(image_pos[0]), int(image_pos.numel())
+        p, m = _image_span(small, prepared)
         everything = torch.arange(m)
         embeds = prefix_embeddings(self.model, ids[:p], small.encode(prepared).features)[None]
         positions = kept_positions(small.rope_positions(prepared), p, m, everything)
         logits = answer_logits(self.model, embeds, suffixes, self.tokenizer.pad_token_id, positions)
         record(DOWNSCALED, ratio, [everything] * len(questions), logits, of=m)
+
+
+def _image_span(adapter: StockModelAdapter, prepared: PreparedInput) -> tuple[int, int]:
+    """(position of the first image placeholder, number of placeholders) in a prepared prompt."""
+    image_pos = placeholder_positions(prepared.inputs["input_ids"], adapter.image_token_id)
+    return int(image_pos[0]), int(image_pos.numel())
 
 
 def _stacked(positions: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, int] | None:

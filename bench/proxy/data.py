@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ptp_ros.proxy import Question, Scene
+from ptp_ros.vlm.common import placeholder_positions
 
 
 @dataclass
@@ -60,8 +61,7 @@ def encode_scene(processor, scene: Scene, questions: list[Question], keep_scene:
     inputs = processor(images=Image.fromarray(scene.image), text=before + processor.tokenizer.image_token + after,
                        return_tensors="pt", **processor_kwargs)
     ids = inputs["input_ids"][0]
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
-    first = int(torch.nonzero(ids == image_token)[0, 0])
+    first = int(placeholder_positions(inputs["input_ids"], processor.tokenizer.image_token_id)[0])
     suffixes = [question_suffix(processor, q.text) for q in questions]
     answers = torch.tensor([answer_token(processor.tokenizer, q.answer) for q in questions], dtype=torch.long)
     return EncodedScene(dict(inputs), ids[:first], suffixes, answers, questions, scene if keep_scene else None)

@@ -59,15 +59,21 @@ def llava_next_processor(tokenizer, pinpoints=DEFAULT_PINPOINTS) -> LlavaNextPro
                               chat_template=VICUNA_STYLE_TEMPLATE)
 
 
+def random_model(model_class: type, config, tokenizer, seed: int):
+    """``model_class(config)`` initialised deterministically from ``seed``, generating with the
+    tokenizer's pad and end tokens (the tiny builders save it; the proxy trainer trains it)."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def save_random_checkpoint(out_dir: str | Path, model_class: type, config, processor, seed: int) -> Path:
     """Initialise ``model_class(config)`` deterministically from ``seed`` and save it with ``processor``,
     as a user's checkpoint directory (safetensors) — every tiny builder ends here."""
     out = Path(out_dir)
-    tokenizer = processor.tokenizer
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = random_model(model_class, config, processor.tokenizer, seed).eval()
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
