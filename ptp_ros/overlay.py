@@ -40,14 +40,20 @@ def _label(img: np.ndarray, text: str, org: tuple[int, int], scale: float) -> No
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
-def saliency_image(image_rgb: np.ndarray, visual: VisualTokens, selection: Selection) -> np.ndarray:
-    """BGR uint8 image, same size as ``image_rgb``, showing scores, regions and kept tokens."""
+def saliency_image(image_rgb: np.ndarray, visual: VisualTokens, selection: Selection,
+                   max_side: int | None = None) -> np.ndarray:
+    """BGR uint8 image showing scores, regions and kept tokens: the size of ``image_rgb``, or shrunk so that
+    its longer side is at most ``max_side`` (drawing and publishing an 8K overlay costs seconds)."""
+    scale = min(1.0, max_side / max(image_rgb.shape[:2])) if max_side else 1.0
+    if scale < 1.0:
+        size = (max(1, round(image_rgb.shape[1] * scale)), max(1, round(image_rgb.shape[0] * scale)))
+        image_rgb = cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA)
     scores = visual.scores
     fused = selection.fused if selection.fused is not None else fused_scores(scores, 0.0)
     fused = fused.detach().cpu().float().numpy()
     region = scores.region.cpu().numpy()
     kept = selection.mask().numpy()
-    boxes = visual.token_boxes.cpu().numpy()
+    boxes = visual.token_boxes.cpu().numpy() * scale
     bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
     height, width = bgr.shape[:2]
     font = max(0.4, width / 2400)
@@ -59,7 +65,7 @@ def saliency_image(image_rgb: np.ndarray, visual: VisualTokens, selection: Selec
 
     sizes = scores.region_sizes().numpy()
     counts = np.bincount(region[kept & (region != NO_REGION)], minlength=len(sizes))
-    for r, (x0, y0, x1, y1) in enumerate(visual.region_boxes.cpu().numpy().round().astype(int)):
+    for r, (x0, y0, x1, y1) in enumerate((visual.region_boxes.cpu().numpy() * scale).round().astype(int)):
         if r == g or sizes[r] == 0:
             continue
         cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), max(1, width // 640))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -10,7 +12,9 @@ import numpy as np
 import torch
 
 from .pruning import NO_REGION, PTPConfig, Selection, fused_scores, instruction_relevance, make_selector, resolve_budget
-from .vlm.base import VisionLanguageAdapter, VisualTokens
+from .vlm.base import Cancelled, VisionLanguageAdapter, VisualTokens
+
+__all__ = ["Answer", "Cancelled", "InvalidRequest", "Pipeline", "PipelineConfig", "validate_image"]
 
 NEWLINE_POLICIES = ("drop", "keep")
 
@@ -51,7 +55,10 @@ class Answer:
     def to_dict(self) -> dict:
         """The JSON view: what ``ptp-ask --json`` prints and the node publishes."""
         sizes = self.selection.region_sizes if self.selection.region_sizes is not None else self.visual.scores.region_sizes()
-        quotas = self.selection.quotas if self.selection.quotas is not None else sizes
+        # counted from the kept indices, so sum(quotas.kept) + structural_kept == visual_tokens_kept
+        region = self.visual.scores.region.cpu()
+        kept_region = region[self.selection.kept.cpu()]
+        quotas = torch.bincount(kept_region[kept_region != NO_REGION], minlength=len(sizes))
         return {
             "answer": self.text,
             "visual_tokens_total": self.selection.total,
@@ -60,6 +67,8 @@ class Answer:
             "selector": self.selector,
             "quotas": [{"region": r, "name": self.visual.region_names[r], "kept": int(quotas[r]), "size": int(sizes[r])}
                        for r in range(len(self.visual.region_names))],
+            "structural_kept": int((kept_region == NO_REGION).sum()),  # row newlines: in no region's quota
+            "structural_total": int((region == NO_REGION).sum()),
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
@@ -97,23 +106,30 @@ class Pipeline:
         return instruction.strip()
 
     def answer(self, image: np.ndarray, instruction: str, *, keep_ratio: float | None = None,
-               tokens: int | None = None, max_new_tokens: int | None = None) -> Answer:
-        """Answer ``instruction`` about ``image`` keeping ``keep_ratio`` (or ``tokens``) of the visual tokens."""
+               tokens: int | None = None, max_new_tokens: int | None = None,
+               cancel: threading.Event | None = None) -> Answer:
+        """Answer ``instruction`` about ``image`` keeping ``keep_ratio`` (or ``tokens``) of the visual tokens.
+
+        Setting ``cancel`` (from another thread) ends the request with ``Cancelled`` at the next stage
+        boundary or generated token.
+        """
         image = validate_image(image)
         instruction = self.validate_instruction(instruction)
         if keep_ratio is None and tokens is None:
             keep_ratio = 1.0
         if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
             raise InvalidRequest(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        if tokens is not None and tokens < 1:
+        if tokens is not None and not (math.isfinite(tokens) and tokens >= 1):
             raise InvalidRequest(f"tokens must be >= 1, got {tokens}")
         timings: dict[str, float] = {}
         device = self.adapter.device
 
         with _timed(timings, "preprocess", device):
             prepared = self.adapter.prepare(image, instruction)
+        _check(cancel, "before encoding")
         with _timed(timings, "encode", device):
             visual = self.adapter.encode(prepared)
+        _check(cancel, "after encoding")
         budget = resolve_budget(visual.num_tokens, keep_ratio=keep_ratio if tokens is None else None, tokens=tokens)
         keep_all = budget >= visual.num_tokens
         with _timed(timings, "score", device):
@@ -126,8 +142,9 @@ class Pipeline:
             visual.scores = scores
         with _timed(timings, "select", device):
             selection = self._select(visual, budget, keep_all)
+        _check(cancel, "before generating")
         generation = self.adapter.generate(prepared, visual, None if keep_all else selection.kept,
-                                           max_new_tokens or self.config.max_new_tokens)
+                                           max_new_tokens or self.config.max_new_tokens, cancel=cancel)
         timings["prefill"] = generation.prefill_ms
         timings["decode"] = generation.decode_ms
         timings["total"] = sum(timings.values())
@@ -136,20 +153,53 @@ class Pipeline:
                       selector=self.selector.name)
 
     def _select(self, visual: VisualTokens, budget: int, keep_all: bool) -> Selection:
+        """At most ``budget`` tokens; with ``newline_policy="keep"`` the kept structural tokens count in it."""
         scores = visual.scores
         if keep_all:
             return Selection(kept=torch.arange(visual.num_tokens), total=visual.num_tokens,
                              quotas=scores.region_sizes(), region_sizes=scores.region_sizes(),
                              fused=fused_scores(scores, 0.0), method="keep_all")
         structural = torch.nonzero(scores.region.cpu() == NO_REGION).squeeze(1)
-        keep_structural = self.config.newline_policy == "keep"
-        content_budget = budget - structural.numel() if keep_structural else budget
-        content_budget = max(1, min(content_budget, int(scores.region_sizes().sum())))
-        selection = self.selector(scores, content_budget)
-        if keep_structural and structural.numel():
-            kept = torch.sort(torch.cat([selection.kept, structural])).values
-            selection = dataclasses.replace(selection, kept=kept)
-        return selection
+        selectable = int(scores.region_sizes().sum())
+        if self.config.newline_policy == "drop" or structural.numel() == 0:
+            return self.selector(scores, min(budget, selectable))
+        # All newlines when they fit beside >= 1 token (kept tokens keep their exact row index); else only those
+        # ending rows that hold a kept token (rows stay delimited), and a lone token drops its newline if it must.
+        if budget > structural.numel():
+            selection = self.selector(scores, min(budget - structural.numel(), selectable))
+            newlines = structural
+        else:
+            content = min(budget, selectable)
+            while True:
+                selection = self.selector(scores, content)
+                newlines = self._row_newlines(scores.region, scores.global_region, selection.kept, structural)
+                over = content + newlines.numel() - budget
+                if over <= 0:
+                    break
+                if content <= 1:
+                    newlines = newlines[:max(0, budget - content)]
+                    break
+                content = max(1, content - over)  # strictly smaller: the loop ends
+        kept = torch.sort(torch.cat([selection.kept.cpu(), newlines])).values
+        return dataclasses.replace(selection, kept=kept)
+
+    @staticmethod
+    def _row_newlines(region: torch.Tensor, global_region: int | None, kept: torch.Tensor,
+                      structural: torch.Tensor) -> torch.Tensor:
+        """The structural tokens ending a row that holds a kept token: the first one after the token
+        (the global view, packed before the tile grid without newlines, owns none)."""
+        kept = kept.cpu()
+        kept_region = region.cpu()[kept]
+        in_rows = kept_region != NO_REGION
+        if global_region is not None:
+            in_rows &= kept_region != global_region
+        pos = torch.searchsorted(structural, kept[in_rows])
+        return torch.unique(structural[pos[pos < structural.numel()]])
+
+
+def _check(cancel: threading.Event | None, where: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"cancelled {where}")
 
 
 def _now(device: torch.device) -> float:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ptp_ros.pipeline import Cancelled
 from ptp_ros.ros.demo import fastdds_profile_variable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +39,14 @@ class SlowAdapter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def generate(self, prepared, visual, kept, max_new_tokens):
+    def generate(self, prepared, visual, kept, max_new_tokens, cancel=None):
         n = visual.num_tokens if kept is None else int(kept.numel())
         extra_s = self.delay_s + self.ms_per_token * n / 1e3
-        time.sleep(extra_s)
-        out = self.inner.generate(prepared, visual, kept, max_new_tokens)
+        if cancel is None:
+            time.sleep(extra_s)
+        elif cancel.wait(extra_s):  # a slow model that still honours cancellation between tokens
+            raise Cancelled("cancelled during the injected slow stage")
+        out = self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel)
         return dataclasses.replace(out, prefill_ms=out.prefill_ms + extra_s * 1e3)
 
 

@@ -9,10 +9,12 @@ assigning a numpy array to ``msg.data`` copies element by element (~0.7 s for on
 from __future__ import annotations
 
 import importlib
+import io
 import sys
 
 import cv2
 import numpy as np
+from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -44,12 +46,20 @@ _BRIDGE = _distro_cv_bridge()
 BACKEND = "cv_bridge" if _BRIDGE is not None else "numpy"
 
 
-def check_image(msg: Image) -> None:
+def check_size(width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse an image whose declared size exceeds ``max_pixels``, before anything is allocated for it."""
+    if width <= 0 or height <= 0:
+        raise ImageConversionError(f"empty image ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageConversionError(f"image of {width}x{height} px ({width * height} px) exceeds max_input_pixels "
+                                   f"{max_pixels}")
+
+
+def check_image(msg: Image, max_pixels: int | None = None) -> None:
     """Cheap metadata check (no pixel copy), done when a frame arrives."""
     if msg.encoding not in ENCODINGS:
-        raise ImageConversionError(f"unsupported encoding {msg.encoding!r}; supported: {', '.join(ENCODINGS)}")
-    if msg.height == 0 or msg.width == 0:
-        raise ImageConversionError(f"empty image ({msg.width}x{msg.height})")
+        raise ImageConversionError(f"unsupported encoding {msg.encoding[:64]!r}; supported: {', '.join(ENCODINGS)}")
+    check_size(msg.width, msg.height, max_pixels)
     base, channels = ENCODINGS[msg.encoding]
     row = msg.width * channels * np.dtype(base).itemsize
     if msg.step < row:
@@ -59,9 +69,9 @@ def check_image(msg: Image) -> None:
                                    f"needs {msg.step * msg.height}")
 
 
-def imgmsg_to_array(msg: Image) -> np.ndarray:
+def imgmsg_to_array(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     """The message's pixels as an [H, W] or [H, W, C] native-endian array (no colour change)."""
-    check_image(msg)
+    check_image(msg, max_pixels)
     if _BRIDGE is not None:
         return np.asarray(_BRIDGE.imgmsg_to_cv2(msg, desired_encoding="passthrough"))
     base, channels = ENCODINGS[msg.encoding]
@@ -96,23 +106,50 @@ def to_rgb8(arr: np.ndarray, encoding: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def image_to_rgb(msg: Image) -> np.ndarray:
-    return to_rgb8(imgmsg_to_array(msg), msg.encoding)
+def image_to_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
+    return to_rgb8(imgmsg_to_array(msg, max_pixels), msg.encoding)
 
 
-def check_compressed(msg: CompressedImage) -> None:
+#: What ``compressed_to_rgb`` decodes: the formats image_transport's ``compressed`` plugin writes.
+COMPRESSED_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: a multi-picture JPEG, as some cameras write
+
+
+def compressed_size(data: bytes) -> tuple[int, int]:
+    """(width, height) a JPEG/PNG declares in its header, read without decoding a pixel."""
+    try:
+        with PILImage.open(io.BytesIO(data)) as header:
+            kind, size = header.format, header.size
+    except PILImage.DecompressionBombError as exc:  # Pillow's own cap, far above any max_input_pixels
+        raise ImageConversionError(f"image exceeds max_input_pixels: {exc}") from None
+    except PILImage.UnidentifiedImageError:
+        raise ImageConversionError(f"cannot decode {len(data)} bytes: not a JPEG or PNG image") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a broken header; all mean "unusable"
+        raise ImageConversionError(f"cannot decode {len(data)} bytes: broken header ({type(exc).__name__}: {exc})") from None
+    if kind not in COMPRESSED_FORMATS:
+        raise ImageConversionError(f"compressed image is {kind}; supported: {', '.join(COMPRESSED_FORMATS)}")
+    return size
+
+
+def check_compressed(msg: CompressedImage, max_pixels: int | None = None) -> None:
+    """Cheap check done when a frame arrives: data present, a colour format, and a declared size within
+    ``max_pixels`` (so a small file claiming 65 500 x 65 500 px is refused before it is decoded)."""
     if len(msg.data) == 0:
         raise ImageConversionError("compressed image has no data")
     if "compresseddepth" in msg.format.lower().replace(" ", ""):
-        raise ImageConversionError(f"format {msg.format!r} (compressedDepth) is not supported; send a colour image")
+        raise ImageConversionError(f"format {msg.format[:64]!r} (compressedDepth) is not supported; send a colour image")
+    check_size(*compressed_size(bytes(msg.data)), max_pixels)
 
 
-def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
+def compressed_to_rgb(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
     """Decode a JPEG/PNG ``CompressedImage`` (image_transport's ``compressed``) to RGB."""
-    check_compressed(msg)
-    decoded = cv2.imdecode(np.frombuffer(msg.data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    check_compressed(msg, max_pixels)
+    try:
+        decoded = cv2.imdecode(np.frombuffer(msg.data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageConversionError(f"cannot decode {len(msg.data)} bytes: {exc}") from None
     if decoded is None:
-        raise ImageConversionError(f"cannot decode {len(msg.data)} bytes of format {msg.format!r}")
+        raise ImageConversionError(f"cannot decode {len(msg.data)} bytes of format {msg.format[:64]!r}")
+    check_size(decoded.shape[1], decoded.shape[0], max_pixels)
     channels = 1 if decoded.ndim == 2 else decoded.shape[2]
     if decoded.dtype == np.uint16 and channels == 1:
         return to_rgb8(decoded, "mono16")

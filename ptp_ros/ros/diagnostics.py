@@ -1,9 +1,14 @@
-"""The ``/diagnostics`` status an operator reads: is the model up, is the budget met, what went wrong."""
+"""The ``/diagnostics`` status an operator reads: is the model up, is the worker alive, is the camera
+publishing, is the budget met, what went wrong."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
 from .worker import Counters, Settings
+
+OVERLOAD_WARN_S = 10.0  # a busy or expired result this recently keeps the status at WARN
 
 
 def _fmt(value) -> str:
@@ -12,26 +17,54 @@ def _fmt(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def agent_status(name: str, model_state: str, configure_error: str, device: str, settings: Settings,
-                 counters: Counters, queue_depth: int, busy: bool) -> DiagnosticStatus:
-    """ERROR when the model failed to load, WARN when not serving or the p95 latency overruns the budget."""
+@dataclass(frozen=True)
+class Health:
+    """What the node observed about itself at the moment of the report."""
+
+    model_state: str
+    configure_error: str
+    device: str
+    queue_depth: int
+    busy: bool
+    worker_problem: str | None  # the watchdog's finding: a dead or stuck inference thread
+    frame_silence_s: float | None  # seconds since the last camera frame (None: never one)
+    overload_age_s: float | None  # seconds since the last busy/expired result (None: never)
+
+
+def agent_status(name: str, health: Health, settings: Settings, counters: Counters) -> DiagnosticStatus:
+    """ERROR when the model failed to load or the worker is dead or stuck; WARN when not serving, the
+    camera went silent, requests are refused for overload, or the p95 latency overruns the budget."""
     p95 = counters.p95_latency_ms()
     budget = settings.latency_budget_ms
-    if model_state == "error":
-        level, message = DiagnosticStatus.ERROR, f"model not loaded: {configure_error}"
-    elif model_state != "serving":
-        level, message = DiagnosticStatus.WARN, f"not serving: model {model_state}"
+    camera_timeout_s = max(settings.max_frame_age_ms, 1000.0) / 1e3
+    silence = health.frame_silence_s
+    if health.model_state == "error":
+        level, message = DiagnosticStatus.ERROR, f"model not loaded: {health.configure_error}"
+    elif health.worker_problem:
+        level, message = DiagnosticStatus.ERROR, f"watchdog: {health.worker_problem}"
+    elif health.model_state != "serving":
+        level, message = DiagnosticStatus.WARN, f"not serving: model {health.model_state}"
+    elif silence is None or silence > camera_timeout_s:
+        level, message = DiagnosticStatus.WARN, ("no camera frame received yet" if silence is None else
+                                                 f"no camera frame for {silence:.1f} s")
+    elif health.overload_age_s is not None and health.overload_age_s < OVERLOAD_WARN_S:
+        level, message = DiagnosticStatus.WARN, "overloaded: requests refused (busy) or expired in the queue"
     elif p95 is not None and p95 > budget:
         level, message = DiagnosticStatus.WARN, f"p95 latency {p95:.0f} ms over the {budget:.0f} ms budget"
     else:
         level, message = DiagnosticStatus.OK, "serving"
+    results = counters.results
     values = {
-        "model_state": model_state, "device": device, "mode": settings.mode, "busy": busy,
+        "model_state": health.model_state, "device": health.device, "mode": settings.mode, "busy": health.busy,
         "latency_budget_ms": budget, "last_latency_ms": counters.last_latency_ms, "p95_latency_ms": p95,
-        "keep_ratio": counters.last_keep_ratio, "frames_received": counters.frames_received,
-        "frames_dropped": counters.frames_dropped, "frames_invalid": counters.frames_invalid,
-        "requests_served": counters.served, "requests_rejected": counters.rejected,
-        "requests_failed": counters.failed, "queue_depth": queue_depth, "last_error": counters.last_error,
+        "p95_queue_ms": counters.p95_queue_ms(), "keep_ratio": counters.last_keep_ratio,
+        "frames_received": counters.frames_received, "frames_dropped": counters.frames_dropped,
+        "frames_invalid": counters.frames_invalid, "frames_bad_stamp": counters.frames_bad_stamp,
+        "last_frame_age_s": silence, "requests_received": counters.received, "requests_served": results["ok"],
+        "requests_rejected": counters.refused(), "requests_failed": counters.failed(),
+        **{f"requests_{status}": results[status] for status in ("busy", "expired", "stale", "cancelled")},
+        "internal_errors": counters.internal_errors, "queue_depth": health.queue_depth,
+        "last_error": counters.last_error,
     }
-    return DiagnosticStatus(level=level, name=name, message=message, hardware_id=device,
+    return DiagnosticStatus(level=level, name=name, message=message, hardware_id=health.device,
                             values=[KeyValue(key=k, value=_fmt(v)) for k, v in values.items()])

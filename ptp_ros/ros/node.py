@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -22,21 +23,26 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from ..vlm.defaults import default_model_path
 from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import conversions
-from .diagnostics import agent_status
+from ..pipeline import Cancelled
+from .diagnostics import Health, agent_status
 from .params import PARAMS, RUNTIME, check_choice
-from .requests import RequestError, parse_request
+from .requests import RequestError, loggable, parse_request
 from .worker import Counters, Frame, RequestWorker, Settings, calibrate
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "data" / "sample_scene.jpg"
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-MAX_MESSAGE_CHARS = 1_000_000  # refuse absurd instruction messages before parsing them
+LOG_THROTTLE_S = 5.0  # one line per kind of failure per 5 s: a flood of bad input cannot flood the log
+
+
+def reliable(depth: int) -> QoSProfile:
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE)
 
 
 class AgentNode(LifecycleNode):
@@ -58,14 +64,20 @@ class AgentNode(LifecycleNode):
         self.worker: RequestWorker | None = None
         self._image_sub = None
         self._request_numbers = itertools.count(1)  # thread-safe: instructions arrive on a reentrant group
+        self._configure_cancel = threading.Event()  # set on shutdown: calibration stops at its next token
+        self._max_pixels = self.get_parameter("max_input_pixels").value
         # outputs and the instruction input exist in every state: a planner always gets a result,
         # an operator always gets diagnostics, even when the model failed to load
         self._io_group = ReentrantCallbackGroup()
-        self._answer_pub = self.create_publisher(String, "answer", RELIABLE)
-        self._result_pub = self.create_publisher(String, "result", RELIABLE)
+        # instructions and results share one depth, sized for bursts: every instruction that DDS delivers
+        # gets exactly one result, and a burst of busy results must not overwrite each other unsent
+        depth = self.get_parameter("instruction_history_depth").value
+        self._answer_pub = self.create_publisher(String, "answer", reliable(depth))
+        self._result_pub = self.create_publisher(String, "result", reliable(depth))
         self._saliency_pub = self.create_publisher(Image, "saliency", QoSProfile(depth=2))
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
-        self.create_subscription(String, "instruction", self._on_instruction, RELIABLE, callback_group=self._io_group)
+        self.create_subscription(String, "instruction", self._on_instruction, reliable(depth),
+                                 callback_group=self._io_group)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
 
     # -- parameters -------------------------------------------------------------------------------
@@ -100,14 +112,17 @@ class AgentNode(LifecycleNode):
             image = self._calibration_image(param("calibration_image").value)
             started = time.monotonic()
             runs = calibrate(self.worker, image, list(param("calibration_keep_ratios").value),
-                             self.settings.max_new_tokens)
+                             self.settings.max_new_tokens, cancel=self._configure_cancel)
             self.get_logger().info(f"calibrated in {time.monotonic() - started:.1f} s on {self.device}: {runs}")
-        except (ModelLoadError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any load fault (corrupt file, wrong architecture) is named
+            cause = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, Cancelled):
+                cause = "the node shut down during configure"
             self.model_state = "error"
             self.worker = None
-            self.configure_error = f"configure failed: {exc}"
+            self.configure_error = f"configure failed: {loggable(cause, 500)}"
             self.counters.error(self.configure_error)
-            self.get_logger().error(f"configure failed: {exc}")
+            self.get_logger().error(self.configure_error)
             return TransitionCallbackReturn.FAILURE
         self.model_state, self.configure_error = "ready", ""
         return TransitionCallbackReturn.SUCCESS
@@ -152,12 +167,16 @@ class AgentNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.stop_serving("the node shut down before the request ran")
+        self.stop_serving("the node shut down", shutting_down=True)
         self.worker = None
         self.model_state = "unconfigured"
         return TransitionCallbackReturn.SUCCESS
 
-    def stop_serving(self, reason: str) -> None:
+    def stop_serving(self, reason: str, shutting_down: bool = False) -> None:
+        """Stop the camera and the worker: the running request is cancelled, queued ones answered; on
+        shutdown a calibration still running is cancelled too."""
+        if shutting_down:
+            self._configure_cancel.set()
         if self._image_sub is not None:
             self.destroy_subscription(self._image_sub)
             self._image_sub = None
@@ -172,31 +191,48 @@ class AgentNode(LifecycleNode):
         self._store_frame(msg, conversions.check_compressed, conversions.compressed_to_rgb)
 
     def _store_frame(self, msg, check, decode) -> None:
+        """Keep the frame for the next request; a bad one is kept too, so that request can say why."""
+        arrived = time.monotonic()
         worker = self.worker
         if worker is None:
             return
         try:
-            check(msg)
+            check(msg, self._max_pixels)
             error = None
         except conversions.ImageConversionError as exc:
             error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - no frame may end the callback
+            error = f"{type(exc).__name__}: {exc}"
+            self.counters.add(internal_errors=1)
+        if error is not None:
             self.counters.error(f"invalid image: {error}")
-            self.get_logger().warning(f"invalid image: {error}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"invalid image: {loggable(error)}", throttle_duration_sec=LOG_THROTTLE_S)
+        max_pixels = self._max_pixels
         stamp = msg.header.stamp
         worker.put_frame(Frame(stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
                                stamp={"sec": stamp.sec, "nanosec": stamp.nanosec}, frame_id=msg.header.frame_id,
-                               header=msg.header, decode=lambda: decode(msg), error=error))
+                               header=msg.header, decode=lambda: decode(msg, max_pixels), error=error,
+                               arrived=arrived))
 
     def _on_instruction(self, msg: String) -> None:
+        """Exactly one result for every message: a queued request's comes later, any other now."""
         received = time.monotonic()
+        self.counters.add(received=1)
         default_id = f"{self.get_name()}-{next(self._request_numbers)}"
+        try:
+            self._take_instruction(msg.data, default_id, received)
+        except Exception as exc:  # noqa: BLE001 - no message may end the callback (and with it the process)
+            self.counters.add(internal_errors=1)
+            text = msg.data[:200] if isinstance(msg.data, str) else ""
+            self._publish_result(self.counters.rejection(default_id, text, f"internal error: {type(exc).__name__}: "
+                                                         f"{exc}", status="error"), None)
+
+    def _take_instruction(self, data: str, default_id: str, received: float) -> None:
         worker = self.worker
         try:
-            if len(msg.data) > MAX_MESSAGE_CHARS:
-                raise RequestError(f"instruction message has {len(msg.data)} characters; the limit is {MAX_MESSAGE_CHARS}")
-            request = parse_request(msg.data, default_id, self.get_parameter("max_instruction_chars").value)
+            request = parse_request(data, default_id, self.get_parameter("max_instruction_chars").value)
         except RequestError as exc:
-            rejection = self.counters.rejection(exc.request_id or default_id, msg.data[:200], f"invalid instruction: {exc}")
+            rejection = self.counters.rejection(exc.request_id or default_id, data[:200], f"invalid instruction: {exc}")
             self._publish_result(rejection, None)
             return
         if worker is None or self.model_state != "serving":
@@ -212,17 +248,24 @@ class AgentNode(LifecycleNode):
         if answer is not None:
             self._answer_pub.publish(String(data=answer))
         elif result.get("status") != "busy":
-            self.get_logger().warning(f"request {result['id']}: {result['error']}")
+            self.get_logger().warning(f"request {loggable(str(result['id']), 80)}: {loggable(result['error'])}",
+                                      throttle_duration_sec=LOG_THROTTLE_S)
         self._result_pub.publish(String(data=json.dumps(result)))
 
     def _publish_saliency(self, bgr, header) -> None:
         self._saliency_pub.publish(conversions.array_to_imgmsg(bgr, "bgr8", header))
 
     def _publish_diagnostics(self) -> None:
-        worker = self.worker
-        status = agent_status(f"{self.get_fully_qualified_name()}: ptp agent", self.model_state,
-                              self.configure_error, self.device, self.settings, self.counters,
-                              worker.queue_depth if worker else 0, bool(worker and worker.busy))
+        worker, counters, now = self.worker, self.counters, time.monotonic()
+        problem = worker.health(self.get_parameter("watchdog_timeout_s").value) if worker else None
+        if problem:
+            self.get_logger().error(f"watchdog: {problem}", throttle_duration_sec=LOG_THROTTLE_S)
+        last_frame, last_overload = counters.last_frame_arrival, counters.last_overload
+        health = Health(model_state=self.model_state, configure_error=self.configure_error, device=self.device,
+                        queue_depth=worker.queue_depth if worker else 0, busy=bool(worker and worker.busy),
+                        worker_problem=problem, frame_silence_s=None if last_frame is None else now - last_frame,
+                        overload_age_s=None if last_overload is None else now - last_overload)
+        status = agent_status(f"{self.get_fully_qualified_name()}: ptp agent", health, self.settings, counters)
         self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
     # -- startup without a lifecycle manager ---------------------------------------------------
@@ -231,6 +274,21 @@ class AgentNode(LifecycleNode):
         the results and diagnostics) when configure fails."""
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
+
+
+def spin_until_shutdown(executor, node: AgentNode) -> None:
+    """Spin; an exception that escapes a callback (every callback catches its own, so this is the last
+    net) is counted and logged, and spinning goes on: no message may end the process."""
+    while rclpy.ok(context=node.context):
+        try:
+            executor.spin()
+        except (KeyboardInterrupt, ExternalShutdownException):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            node.counters.add(internal_errors=1)
+            node.counters.error(f"callback failed: {type(exc).__name__}: {exc}")
+            node.get_logger().error(f"callback failed: {loggable(f'{type(exc).__name__}: {exc}')}",
+                                    throttle_duration_sec=LOG_THROTTLE_S)
 
 
 def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode) -> None:
@@ -247,12 +305,12 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
 
     startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup())
     try:
-        executor.spin()
+        spin_until_shutdown(executor, node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         try:
-            node.stop_serving("the node shut down before the request ran")
+            node.stop_serving("the node shut down", shutting_down=True)
             executor.shutdown()
             node.destroy_node()
         except KeyboardInterrupt:  # a second Ctrl-C during shutdown

@@ -44,6 +44,13 @@ PARAMS: tuple[Param, ...] = (
           "'image/compressed'", read_only=True, choices=("raw", "compressed")),
     Param("queue_size", 4, "Requests that may wait while one runs; more get an immediate 'busy' result",
           read_only=True, range=(1, 64)),
+    Param("instruction_history_depth", 1000, "Instruction messages DDS may hold for the node (reliable, keep "
+          "last); a burst larger than this can be lost below the node. Also the depth of 'result'",
+          read_only=True, range=(10, 100_000)),
+    Param("max_input_pixels", 16_777_216, "Largest camera frame accepted (width x height), checked from the "
+          "header before decoding; larger frames get an error result", read_only=True, range=(1, 1 << 31)),
+    Param("watchdog_timeout_s", 120.0, "One request running longer than this turns /diagnostics to ERROR",
+          read_only=True, range=(1.0, 86_400.0)),
     Param("max_instruction_chars", 2000, "Longest instruction text accepted", read_only=True, range=(1, 100_000)),
     Param("calibration_keep_ratios", [0.05, 0.25, 1.0], "Keep ratios run at configure time to fit the latency "
           "model (one warm-up run first)", read_only=True),
@@ -59,6 +66,10 @@ PARAMS: tuple[Param, ...] = (
     Param("alpha", 0.5, "Weight of instruction relevance in PTP's fused token score", range=(0.0, 1.0)),
     Param("max_new_tokens", 32, "Longest answer in tokens", range=(1, MAX_NEW_TOKENS_LIMIT)),
     Param("publish_saliency", True, "Publish the saliency image for every answer"),
+    Param("saliency_max_side", 1280, "Longer side of the published saliency image in pixels (smaller frames "
+          "keep their size)", range=(64, 16_384)),
+    Param("max_frame_age_ms", 1000.0, "Frames older than this get a 'stale' result instead of an answer; "
+          "0 = never stale", range=(0.0, 3_600_000.0)),
 )
 BY_NAME = {p.name: p for p in PARAMS}
 RUNTIME = tuple(f.name for f in fields(Settings))  # the runtime-settable ones, named as in Settings

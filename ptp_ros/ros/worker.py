@@ -1,28 +1,37 @@
 """The serving loop behind the node, free of rclpy so it can be tested and timed without DDS.
 
 Callbacks only store the newest frame and enqueue requests; one worker thread takes requests in
-order, picks the frame that is newest *when the request starts*, chooses the keep ratio (fixed, or
-from the latency budget) and runs the pipeline.  Every request that reaches ``submit`` gets exactly
-one result through ``emit``: an answer, ``busy`` when the queue is full, or an error saying why.
+order, picks the frame that is newest *when the request starts*, checks that it is fresh, chooses the
+keep ratio (fixed, or from the latency budget) and runs the pipeline.  Every request that reaches
+``submit`` gets exactly one result through ``emit``: an answer, ``busy`` when the queue is full or the
+request could not start within its budget, ``stale``, ``expired``, ``cancelled`` or an error saying why.
+No exception escapes the thread: a failure becomes the result of the request it belongs to.
 """
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from ..budget import BudgetChoice, LatencyModel, choose_keep_ratio
 from ..overlay import saliency_image
-from ..pipeline import Answer, InvalidRequest, Pipeline, PipelineConfig
+from ..pipeline import Answer, Cancelled, InvalidRequest, Pipeline, PipelineConfig
 from ..pruning import PTPConfig
-from .requests import Request
+from .requests import Request, loggable
 
 MODES = ("budget", "fixed")
+#: Every ``status`` a result can have.  ``ok`` is an answer; the rest say why there is none.
+STATUSES = ("ok", "busy", "rejected", "expired", "stale", "cancelled", "error")
+REFUSED = ("busy", "rejected", "expired")  # refused before the model ran
+FAILED = ("stale", "cancelled", "error")  # the request started but has no answer
+FUTURE_STAMP_TOLERANCE_MS = 500.0  # more than clock jitter between machines: the clocks disagree
+FAR_PAST_STAMP_MS = 24 * 3600e3  # older than a day: the camera's clock is not set, not a stale frame
+STOP_JOIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,8 @@ class Settings:
     alpha: float = 0.5
     max_new_tokens: int = 32
     publish_saliency: bool = True
+    saliency_max_side: int = 1280
+    max_frame_age_ms: float = 1000.0
 
     def problems(self) -> list[str]:
         """Why these settings are unusable (empty when fine); ranges of single values are the descriptors' job."""
@@ -56,9 +67,37 @@ class Frame:
     stamp: dict  # {"sec", "nanosec"}
     frame_id: str
     header: Any  # the message header, copied onto the saliency image
-    decode: Callable[[], np.ndarray]  # → RGB uint8; raises ValueError for a malformed frame
+    decode: Callable[[], np.ndarray]  # → RGB uint8; raises for a malformed frame
     error: str | None = None  # set when the metadata check already failed on arrival
+    arrived: float = field(default_factory=time.monotonic)  # when the message arrived
     used: bool = False
+
+
+def frame_freshness(frame: Frame, now_ns: int, now_monotonic: float, max_age_ms: float) -> tuple[dict, str | None, str | None]:
+    """(fields for the result, a warning about the stamp, why the frame is stale) for ``frame`` now.
+
+    The age is the stamp's when the stamp is plausible.  A stamp that is unset, from the future or more
+    than a day old says the camera's clock is off, not that the frame is old: it is flagged, and the age
+    is judged by the frame's arrival at this node instead.
+    """
+    arrival_age = (now_monotonic - frame.arrived) * 1e3
+    stamp_age = (now_ns - frame.stamp_ns) / 1e6 if frame.stamp_ns else None
+    warning = None
+    if stamp_age is None:
+        warning = "the frame's stamp is unset (0); its age is judged by its arrival"
+    elif stamp_age < -FUTURE_STAMP_TOLERANCE_MS:
+        warning = f"the frame's stamp is {-stamp_age:.0f} ms in the future: camera and node clocks disagree"
+    elif stamp_age > FAR_PAST_STAMP_MS:
+        warning = f"the frame's stamp is {stamp_age / 3.6e6:.1f} h old: the camera's clock is not synchronised"
+    age = arrival_age if warning else max(stamp_age, arrival_age)
+    fields = {"frame_age_ms": round(stamp_age, 3) if stamp_age is not None else None,
+              "frame_arrival_age_ms": round(arrival_age, 3)}
+    if warning:
+        fields["stamp_warning"] = warning
+    stale = None
+    if max_age_ms > 0 and age > max_age_ms:
+        stale = f"stale frame: {age:.0f} ms old (max_frame_age_ms {max_age_ms:.0f}); is the camera still publishing?"
+    return fields, warning, stale
 
 
 class Counters:
@@ -66,12 +105,17 @@ class Counters:
 
     def __init__(self, window: int = 100):
         self._lock = threading.Lock()
-        self.frames_received = self.frames_dropped = self.frames_invalid = 0
-        self.served = self.rejected = self.failed = 0
+        self.frames_received = self.frames_dropped = self.frames_invalid = self.frames_bad_stamp = 0
+        self.received = 0  # instruction messages taken from the topic
+        self.internal_errors = 0  # exceptions caught in callbacks or the worker that no check foresaw
+        self.results: Counter[str] = Counter()
         self.last_error = ""
         self.last_latency_ms: float | None = None
         self.last_keep_ratio: float | None = None
+        self.last_frame_arrival: float | None = None
+        self.last_overload: float | None = None  # time.monotonic() of the last busy or expired result
         self._latencies: deque[float] = deque(maxlen=window)
+        self._queue_waits: deque[float] = deque(maxlen=window)
 
     def add(self, **increments: int) -> None:
         with self._lock:
@@ -80,22 +124,40 @@ class Counters:
 
     def error(self, text: str) -> None:
         with self._lock:
-            self.last_error = text
+            self.last_error = loggable(text, 500)
+
+    def count(self, status: str) -> None:
+        """One result went out with ``status``."""
+        with self._lock:
+            self.results[status] += 1
+            if status in ("busy", "expired"):
+                self.last_overload = time.monotonic()
 
     def rejection(self, request_id: str, text: str, reason: str, status: str = "rejected") -> dict:
         """Count a request refused without running the model, and the result that tells the planner why."""
-        self.add(rejected=1)
+        self.count(status)
         self.error(reason)
         return {"id": request_id, "instruction": text, "status": status, "error": reason}
 
-    def latency(self, total_ms: float, keep_ratio: float) -> None:
+    def latency(self, total_ms: float, keep_ratio: float, queue_ms: float) -> None:
         with self._lock:
             self.last_latency_ms, self.last_keep_ratio = total_ms, keep_ratio
             self._latencies.append(total_ms)
+            self._queue_waits.append(queue_ms)
 
     def p95_latency_ms(self) -> float | None:
         with self._lock:
             return float(np.percentile(self._latencies, 95)) if self._latencies else None
+
+    def p95_queue_ms(self) -> float | None:
+        with self._lock:
+            return float(np.percentile(self._queue_waits, 95)) if self._queue_waits else None
+
+    def refused(self) -> int:
+        return sum(self.results[s] for s in REFUSED)
+
+    def failed(self) -> int:
+        return sum(self.results[s] for s in FAILED)
 
 
 @dataclass
@@ -126,8 +188,10 @@ class RequestWorker:
         self._frame: Frame | None = None
         self._frame_lock = threading.Lock()
         self._accepting = False
-        self._busy = False
+        self._running_since: float | None = None  # time.monotonic() when the current request started
         self._stop = threading.Event()
+        self._cancel = threading.Event()
+        self._cancel_reason = ""
         self._thread: threading.Thread | None = None
 
     # -- called from ROS callbacks: never blocks on the model ------------------------------------
@@ -137,11 +201,16 @@ class RequestWorker:
                 self.counters.add(frames_dropped=1)
             self._frame = frame
         self.counters.add(frames_received=1, frames_invalid=int(frame.error is not None))
+        self.counters.last_frame_arrival = frame.arrived
 
     def submit(self, request: Request, received: float) -> None:
-        """Queue ``request``; when the queue is full or the worker is stopped, answer at once."""
+        """Queue ``request``; when the queue is full, the worker is stopped or the request could not
+        start within its own latency budget, answer at once."""
         if not self._accepting:
             self._emit(self.counters.rejection(request.id, request.text, "not serving: the node is not active"), None)
+            return
+        if (overload := self._overloaded(request)) is not None:
+            self._emit(self.counters.rejection(request.id, request.text, overload, status="busy"), None)
             return
         try:
             self._queue.put_nowait(Job(request, received))
@@ -149,35 +218,76 @@ class RequestWorker:
             reason = f"busy: {self._queue.maxsize} request(s) already waiting"
             self._emit(self.counters.rejection(request.id, request.text, reason, status="busy"), None)
 
+    def _overloaded(self, request: Request) -> str | None:
+        """Why ``request`` cannot start before its budget expires, even if every request ahead of it ran at
+        the minimum keep ratio; None when it may.  Only requests with a latency budget have a deadline."""
+        budget_ms = self._deadline_ms(request, self.settings)
+        ahead = self._queue.qsize() + int(self._running_since is not None)
+        if budget_ms is None or ahead == 0 or not self.latency_model.ready or self.total_tokens is None:
+            return None
+        s = self.settings
+        floor = max(1, round(s.keep_ratio_min * self.total_tokens))
+        per_request = self.latency_model.predict_total(floor, self.total_tokens, s.max_new_tokens)
+        running = self._running_since
+        elapsed = (time.monotonic() - running) * 1e3 if running is not None else 0.0
+        wait_ms = max(0.0, per_request - elapsed) * int(running is not None) + per_request * self._queue.qsize()
+        if wait_ms < budget_ms:
+            return None
+        return (f"busy: overloaded, {ahead} request(s) ahead would take at least {wait_ms:.0f} ms, "
+                f"past this request's {budget_ms:.0f} ms latency budget")
+
+    @staticmethod
+    def _deadline_ms(request: Request, settings: Settings) -> float | None:
+        """The request's latency budget when it has one to meet (budget mode, or its own budget)."""
+        if request.latency_budget_ms is not None:
+            return request.latency_budget_ms
+        if settings.mode == "budget" and request.keep_ratio is None:
+            return settings.latency_budget_ms
+        return None
+
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        return self._running_since is not None
+
+    def health(self, stuck_after_s: float) -> str | None:
+        """What is wrong with the inference thread (dead, or one request running too long); None if fine."""
+        if self._accepting and (self._thread is None or not self._thread.is_alive()):
+            return "the inference thread is not running"
+        started = self._running_since
+        if started is not None and (running := time.monotonic() - started) > stuck_after_s:
+            return f"one request has been running for {running:.0f} s (watchdog_timeout_s {stuck_after_s:.0f})"
+        return None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         self._stop.clear()
+        self._cancel.clear()
         self._accepting = True
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="ptp-inference", daemon=True)
             self._thread.start()
 
     def stop(self, reason: str = "the node stopped serving before the request ran") -> None:
-        """Stop taking requests, let the running one finish, answer the queued ones with an error."""
+        """Stop taking requests, cancel the running one (it stops after its current token and gets a
+        ``cancelled`` result), and answer the queued ones with ``reason``."""
         self._accepting = False
+        self._cancel_reason = reason
+        self._cancel.set()
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._thread.join(STOP_JOIN_S)
+            if not self._thread.is_alive():  # else it ends its request (cancelled) and then its loop
+                self._thread = None
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            self._emit(self.counters.rejection(job.request.id, job.request.text, reason), None)
+            self._emit(self.counters.rejection(job.request.id, job.request.text, reason, status="cancelled"), None)
         with self._frame_lock:
             self._frame = None
 
@@ -187,11 +297,15 @@ class RequestWorker:
                 job = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self._busy = True
+            self._running_since = time.monotonic()
             try:
                 self._serve(job)
+            except Exception as exc:  # noqa: BLE001 - no request may end the thread; it gets an error result
+                self.counters.add(internal_errors=1)
+                self._fail({"id": job.request.id, "instruction": job.request.text},
+                           f"internal error: {type(exc).__name__}: {exc}", status="error")
             finally:
-                self._busy = False
+                self._running_since = None
 
     # -- one request ------------------------------------------------------------------------------
     def pipeline(self, alpha: float) -> Pipeline:
@@ -210,23 +324,32 @@ class RequestWorker:
     def _serve(self, job: Job) -> None:
         started = time.monotonic()
         settings, request = self.settings, job.request
-        frame = self._take_frame()
         result: dict = {"id": request.id, "instruction": request.text}
+        budget_ms = request.latency_budget_ms or settings.latency_budget_ms
+        deadline_ms = self._deadline_ms(request, settings)
+        waited_ms = (started - job.received) * 1e3
+        if deadline_ms is not None and waited_ms >= deadline_ms:
+            return self._fail(result, f"expired: waited {waited_ms:.0f} ms in the queue, past its "
+                                      f"{deadline_ms:.0f} ms latency budget", status="expired")
+        frame = self._take_frame()
         if frame is None:
             return self._fail(result, "no image received yet", status="error")
-        result.update(stamp=frame.stamp, frame_id=frame.frame_id,
-                      frame_age_ms=round((self._now_ns() - frame.stamp_ns) / 1e6, 3) if frame.stamp_ns else None)
+        fields, warning, stale = frame_freshness(frame, self._now_ns(), started, settings.max_frame_age_ms)
+        result.update(stamp=frame.stamp, frame_id=frame.frame_id, **fields)
+        if warning:
+            self.counters.add(frames_bad_stamp=1)
+        if stale:
+            return self._fail(result, stale, status="stale")
         if frame.error is not None:
             return self._fail(result, f"invalid image: {frame.error}", status="error")
         try:
             image = frame.decode()
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 - decoders raise their own types (cv2.error, PIL errors)
             self.counters.add(frames_invalid=1)
             return self._fail(result, f"invalid image: {exc}", status="error")
         converted = time.monotonic()
 
         max_new_tokens = request.max_new_tokens or settings.max_new_tokens
-        budget_ms = request.latency_budget_ms or settings.latency_budget_ms
         mode, keep_ratio, choice = self._choose(request, settings, budget_ms, max_new_tokens,
                                                 spent_ms=(converted - job.received) * 1e3)
         result.update(mode=mode, latency_budget_ms=budget_ms, max_new_tokens=max_new_tokens)
@@ -234,7 +357,9 @@ class RequestWorker:
             result.update(predicted_ms=round(choice.predicted_ms, 3), budget_feasible=choice.feasible)
         try:
             answer = self.pipeline(settings.alpha).answer(image, request.text, keep_ratio=keep_ratio,
-                                                          max_new_tokens=max_new_tokens)
+                                                          max_new_tokens=max_new_tokens, cancel=self._cancel)
+        except Cancelled as exc:
+            return self._fail(result, f"cancelled: {self._cancel_reason} ({exc})", status="cancelled")
         except InvalidRequest as exc:
             return self._fail(result, f"invalid request: {exc}", status="rejected")
         except Exception as exc:  # noqa: BLE001 - a model failure must not take the node down
@@ -243,7 +368,8 @@ class RequestWorker:
         self.learn(answer)
         self._succeed(result, answer, job, started, converted, done, budget_ms)
         if settings.publish_saliency:
-            self._emit_saliency(saliency_image(image, answer.visual, answer.selection), frame.header)
+            overlay = saliency_image(image, answer.visual, answer.selection, max_side=settings.saliency_max_side)
+            self._emit_saliency(overlay, frame.header)
 
     def _choose(self, request: Request, settings: Settings, budget_ms: float, max_new_tokens: int,
                 spent_ms: float) -> tuple[str, float, BudgetChoice | None]:
@@ -266,34 +392,35 @@ class RequestWorker:
     def _succeed(self, result: dict, answer: Answer, job: Job, started: float, converted: float, done: float,
                  budget_ms: float) -> None:
         total_ms = (done - job.received) * 1e3
+        queue_ms = (started - job.received) * 1e3
         stages = {k: round(v, 3) for k, v in answer.timings_ms.items() if k != "total"}
-        latency = {"queue": round((started - job.received) * 1e3, 3), "convert": round((converted - started) * 1e3, 3),
+        latency = {"queue": round(queue_ms, 3), "convert": round((converted - started) * 1e3, 3),
                    **stages, "pipeline": round(answer.timings_ms["total"], 3), "total": round(total_ms, 3)}
         result.update(status="ok", answer=answer.text, keep_ratio=round(answer.selection.keep_ratio, 6),
                       visual_tokens_kept=answer.selection.num_kept, visual_tokens_total=answer.selection.total,
                       new_tokens=answer.new_tokens, latency_ms=latency, budget_met=total_ms <= budget_ms)
-        self.counters.add(served=1)
-        self.counters.latency(total_ms, answer.selection.keep_ratio)
+        self.counters.count("ok")
+        self.counters.latency(total_ms, answer.selection.keep_ratio, queue_ms)
         self._emit(result, answer.text)
 
     def _fail(self, result: dict, reason: str, status: str) -> None:
-        self.counters.add(**{"rejected" if status == "rejected" else "failed": 1})
+        self.counters.count(status)
         self.counters.error(reason)
         result.update(status=status, error=reason)
         self._emit(result, None)
 
 
 def calibrate(worker: RequestWorker, image: np.ndarray, keep_ratios: list[float], max_new_tokens: int,
-              instruction: str = "Describe the scene.") -> list[dict]:
+              instruction: str = "Describe the scene.", cancel: threading.Event | None = None) -> list[dict]:
     """Fit the worker's latency model from a few runs at different keep ratios (after one warm-up run,
-    which pays one-off costs such as allocator growth and is not recorded)."""
+    which pays one-off costs such as allocator growth and is not recorded).  ``cancel`` ends it early
+    (``Cancelled``), so that a shutdown during configure does not wait for the model."""
     pipeline = worker.pipeline(worker.settings.alpha)
-    pipeline.answer(image, instruction, keep_ratio=min(keep_ratios), max_new_tokens=max_new_tokens)
+    pipeline.answer(image, instruction, keep_ratio=min(keep_ratios), max_new_tokens=max_new_tokens, cancel=cancel)
     runs = []
     for ratio in sorted(keep_ratios):
-        answer = pipeline.answer(image, instruction, keep_ratio=ratio, max_new_tokens=max_new_tokens)
+        answer = pipeline.answer(image, instruction, keep_ratio=ratio, max_new_tokens=max_new_tokens, cancel=cancel)
         worker.learn(answer)
         runs.append({"keep_ratio": ratio, "kept": answer.selection.num_kept,
                      "total_ms": round(answer.timings_ms["total"], 1)})
     return runs
-

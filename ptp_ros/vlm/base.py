@@ -6,12 +6,14 @@ of ROS or of how tokens are chosen.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from ..pruning import TokenScores
@@ -58,6 +60,21 @@ class Generation:
     decode_ms: float
 
 
+class Cancelled(RuntimeError):
+    """The caller set its cancel event: the request stopped between stages or between two generated tokens."""
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends ``generate`` after the current token once ``event`` is set, so that a node shutting down or
+    deactivating does not wait for up to ``max_new_tokens`` more decoding steps."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class VisionLanguageAdapter(Protocol):
     """Encode → score → (select outside) → generate, for one model family."""
 
@@ -74,7 +91,9 @@ class VisionLanguageAdapter(Protocol):
         ...
 
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int) -> Generation: ...
+                 max_new_tokens: int, cancel: threading.Event | None = None) -> Generation:
+        """Greedy answer from the ``kept`` visual tokens (all when None); ``Cancelled`` once ``cancel`` is set."""
+        ...
 
     def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
         """Stock ``generate(**inputs)``, no pruning: the baseline the pruned path must match at keep-all."""

@@ -6,19 +6,21 @@ tokens are laid out, where its saliency comes from).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_logits
 from .attention import text_to_token_attention
-from .base import Generation, PreparedInput, StageClock, VisualTokens
+from .base import Cancelled, Generation, PreparedInput, StageClock, StopOnEvent, VisualTokens
 from .compat import hide_video_processor
+from .loading import ModelLoadError, weights_misfit
 
 #: How a tiled model's regions are weighed against each other (see ``tile_region_logits``).
 TILE_REGION_SCORES = ("cls_mass", "global_similarity")
@@ -84,12 +86,17 @@ def instruction_query_positions(input_ids: torch.Tensor, image_token_id: int) ->
     return query_pos
 
 
-def timed_generate(model, tokenizer, device: torch.device, max_new_tokens: int, **inputs) -> Generation:
-    """Greedy stock ``model.generate(**inputs)`` with prefill / decode timed by a ``StageClock``."""
+def timed_generate(model, tokenizer, device: torch.device, max_new_tokens: int,
+                   cancel: threading.Event | None = None, **inputs) -> Generation:
+    """Greedy stock ``model.generate(**inputs)`` with prefill / decode timed by a ``StageClock``; setting
+    ``cancel`` stops it after the current token and raises ``Cancelled``."""
     clock = StageClock(device)
     prompt_len = inputs["input_ids"].shape[1]
+    stopping = StoppingCriteriaList([StopOnEvent(cancel)]) if cancel is not None else None
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, stopping_criteria=stopping)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"cancelled after {out.shape[1] - prompt_len} generated token(s)")
     prefill_ms, decode_ms = clock.stages_ms()
     new = out[0, prompt_len:]
     text = tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -160,8 +167,11 @@ class StockModelAdapter:
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
                         **options):
-        model = cls.model_class.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
+        model, loading_info = cls.model_class.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True)  # misfits are refused below, with their names
+        if misfit := weights_misfit(loading_info):
+            raise ModelLoadError(misfit)
         if cls.processor_needing_shim is not None:
             hide_video_processor(cls.processor_needing_shim)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -187,14 +197,14 @@ class StockModelAdapter:
 
     @torch.no_grad()
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int) -> Generation:
+                 max_new_tokens: int, cancel: threading.Event | None = None) -> Generation:
         ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
         features = visual.features
         if kept is not None and kept.numel() < visual.num_tokens:
             keep = kept_sequence_mask(ids, self.image_token_id, kept)
             ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=self.pooler_output(features))}
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens,
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel,
                               input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
 
     @torch.no_grad()

@@ -1,19 +1,28 @@
 """Offline, safe model loading: a local directory or the local HF cache, safetensors only.
 
 ``load_adapter`` reads the checkpoint's config, picks the adapter of its model family and hands it the
-stock transformers model and processor.  Nothing here can reach the network.
+stock transformers model and processor.  Nothing here can reach the network.  Every way a load can fail
+ends as a one-line ``ModelLoadError`` naming the cause, and the weight files are checked here (safetensors,
+whole, inside the checkpoint) before transformers opens any of them.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
 
 class ModelLoadError(RuntimeError):
-    """A checkpoint that is missing, unreadable or of a family no adapter handles."""
+    """A checkpoint that is missing, unreadable, corrupt, pickled, of a family no adapter handles, or whose
+    weights do not fit its config; one line, naming the cause (the original exception chained)."""
 
 
 @dataclass(frozen=True)
@@ -73,14 +82,101 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
             "(downloads are disabled; pass a local checkpoint directory)") from exc
 
 
-def checkpoint_family(path: Path) -> str:
-    import json
-
+def _read_json(file: Path) -> dict:
     try:
-        config = json.loads((path / "config.json").read_text())
+        data = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}/config.json is unreadable: {exc}") from exc
-    return str(config.get("model_type", ""))
+        raise ModelLoadError(f"{file} is unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file} is not a JSON object")
+    return data
+
+
+def checkpoint_family(path: Path) -> str:
+    return str(_read_json(path / "config.json").get("model_type", ""))
+
+
+def _member(path: Path, name: object, named_by: str, suffixes: tuple[str, ...] = (".safetensors",)) -> str:
+    """``name`` as a file inside ``path`` with one of ``suffixes``: what a config or index may point to."""
+    if not isinstance(name, str) or not name.endswith(suffixes):
+        if isinstance(name, str) and name.endswith(PICKLE_SUFFIXES):
+            raise ModelLoadError(f"{named_by} names pickled weights {name!r}; pickled weights are refused "
+                                 "(convert them to safetensors)")
+        raise ModelLoadError(f"{named_by} names {name!r}, which is not a safetensors file")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or Path(name).is_absolute() or ".." in pure.parts:
+        raise ModelLoadError(f"{named_by} names {name!r}, outside the checkpoint directory {path}")
+    if not (path / name).is_file():
+        raise ModelLoadError(f"{named_by} names {name!r}, which is missing from {path}")
+    return name
+
+
+def _check_safetensors(file: Path) -> None:
+    """Header readable and the file as long as its tensors need: truncation shows here, not mid-load."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {length} does not fit the file's {size} bytes")
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            raise ValueError(f"its tensors need {8 + length + end} bytes, the file has {size}")
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, the user gets this one message
+        raise ModelLoadError(f"corrupt or truncated safetensors file {file}: {exc}") from exc
+
+
+def check_weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files transformers will read from ``path``, each a whole safetensors file inside it.
+
+    Follows transformers' own choice (config ``transformers_weights``, else ``model.safetensors``, else its
+    index) so a pickle, a missing shard or a truncated file is refused here, by name, before transformers
+    could unpickle or half-read it.
+    """
+    path = Path(path)
+    explicit = _read_json(path / "config.json").get("transformers_weights")
+    if explicit is not None:
+        entry = _member(path, explicit, f"{path}/config.json transformers_weights",
+                        (".safetensors", ".safetensors.index.json"))
+    elif (path / SAFE_WEIGHTS).is_file():
+        entry = SAFE_WEIGHTS
+    elif (path / SAFE_INDEX).is_file():
+        entry = SAFE_INDEX
+    else:
+        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise ModelLoadError(f"{path} holds only pickled weights ({', '.join(pickles)}); pickled weights are "
+                                 "refused (convert them to safetensors)")
+        raise ModelLoadError(f"{path} has no safetensors weights (neither {SAFE_WEIGHTS} nor {SAFE_INDEX})")
+    names = [entry]
+    if entry.endswith(".index.json"):
+        weight_map = _read_json(path / entry).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{path / entry} has no weight_map")
+        names = [_member(path, name, str(path / entry)) for name in dict.fromkeys(weight_map.values())]
+    files = [path / name for name in names]
+    for file in files:
+        _check_safetensors(file)
+    return files
+
+
+def weights_misfit(loading_info: dict) -> str | None:
+    """Why the checkpoint's weights do not fit its config (wrong architecture), from ``from_pretrained``'s
+    ``output_loading_info``; ``None`` when they fit.  transformers only logs these, and fills the gaps
+    with random weights, which would answer nonsense."""
+    if mismatched := loading_info.get("mismatched_keys"):
+        key, in_checkpoint, in_model = min(mismatched, key=lambda mismatch: mismatch[0])
+        return (f"weights do not fit the config: {len(mismatched)} tensors differ in shape, e.g. {key} "
+                f"is {list(in_checkpoint)} in the checkpoint, {list(in_model)} in the model")
+    if missing := loading_info.get("missing_keys"):
+        return (f"weights do not fit the config (wrong architecture?): {len(missing)} of the model's "
+                f"tensors are not in the checkpoint, e.g. {min(missing)}")
+    return None
 
 
 def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptions(), **adapter_config):
@@ -94,8 +190,15 @@ def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptio
     family = checkpoint_family(path)
     if family not in families:
         raise ModelLoadError(f"{path} holds a {family or 'unknown'!r} model; supported: {', '.join(families)}")
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"{path} has no .safetensors weights (pickled .bin weights are refused)")
+    check_weight_files(path)
     device = resolve_device(options.device)
-    return families[family].from_checkpoint(path, device, resolve_dtype(options.dtype, device),
-                                            trust_remote_code=options.trust_remote_code, **adapter_config)
+    dtype = resolve_dtype(options.dtype, device)
+    adapter_class = families[family]
+    adapter_class.options_class(**adapter_config)  # a bad option is the caller's TypeError/ValueError, not a load fault
+    try:
+        return adapter_class.from_checkpoint(path, device, dtype, trust_remote_code=options.trust_remote_code,
+                                             **adapter_config)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any transformers failure reaches the user as one named cause
+        raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc

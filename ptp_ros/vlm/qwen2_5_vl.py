@@ -16,6 +16,7 @@ Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_f
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,7 +202,7 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
     # -- 3. pruned generation ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int) -> Generation:
+                 max_new_tokens: int, cancel: threading.Event | None = None) -> Generation:
         """Always through explicit positions, so keep-all exercises the same path as a pruned run."""
         ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
         positions = self.rope_positions(prepared)
@@ -213,7 +214,7 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         text_positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)  # for the causal mask only
         self.model.model.rope_deltas = None  # stale deltas of an earlier prompt would shift decoding
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens,
+        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel,
                               input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded,
                               position_ids=torch.cat([text_positions, positions], dim=0))
 
