@@ -103,7 +103,7 @@ class Probe:
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-        from sensor_msgs.msg import Image
+        from sensor_msgs.msg import CompressedImage, Image
         from std_msgs.msg import String
 
         self.context = rclpy.Context()
@@ -111,6 +111,7 @@ class Probe:
         self.node = rclpy.create_node("probe", namespace=namespace, context=self.context)
         reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         self.image_pub = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
+        self.compressed_pub = self.node.create_publisher(CompressedImage, "image/compressed", qos_profile_sensor_data)
         self.instruction_pub = self.node.create_publisher(String, "instruction", reliable)
         self.results: list[dict] = []
         self.answers: list[str] = []
@@ -161,6 +162,17 @@ class Probe:
 
         data = plain if plain is not None else json.dumps(fields)
         self.instruction_pub.publish(String(data=data))
+
+    def count(self, status: str | None = None) -> int:
+        with self._cond:
+            return sum(1 for r in self.results if status is None or r.get("status") == status)
+
+    def wait_results(self, count: int, timeout: float) -> list[dict]:
+        """Wait until ``count`` results have arrived in all, then a moment for extra (duplicate) ones."""
+        self.wait_for(lambda: len(self.results) >= count, timeout, f"{count} results (have {len(self.results)})")
+        time.sleep(0.3)
+        with self._cond:
+            return list(self.results)
 
     def send_frame(self, rgb: np.ndarray, sec: int, frame_id: str = "camera", encoding: str = "rgb8",
                    mutate: Callable | None = None):

@@ -37,7 +37,7 @@ def ros(tmp_path_factory):
 def agent(ros, tmp_path_factory):
     node = NodeProcess(ros, tmp_path_factory.mktemp("agent") / "agent.log", generate_delay_s=DELAY_S, params={
         "mode": "fixed", "keep_ratio": 0.1, "max_new_tokens": 2, "queue_size": 1,
-        "calibration_keep_ratios": [0.1]})
+        "calibration_keep_ratios": [0.1], "max_frame_age_ms": 0.0})  # frames wait out the slow stage here
     yield node
     code = node.stop()
     assert code == 0, f"agent exited with {code}:\n{node.log()[-3000:]}"
@@ -91,7 +91,7 @@ def test_diagnostics_report_the_serving_node(probe):
                 "frames_dropped", "requests_served", "requests_rejected", "requests_failed", "last_error"):
         assert key in values
     assert values["device"] == "cpu"
-    assert values["_level"] == b"\x00"
+    assert values["_level"] == b"\x01" and values["_message"] == "no camera frame received yet"
 
 
 def test_requests_use_the_newest_frame_and_callbacks_stay_live_during_generate(probe, frame):
@@ -213,6 +213,69 @@ def test_a_missing_model_is_reported_and_instructions_rejected(ros, tmp_path):
         result = answer_of(probe, "m1", timeout=30)
         assert result["status"] == "rejected" and "not serving: model error" in result["error"]
         assert "/nonexistent/model" in result["error"]
+    finally:
+        probe.close()
+        assert node.stop() == 0, node.log()[-3000:]
+
+
+def test_a_corrupt_model_is_named_in_diagnostics_and_rejections(ros, tmp_path):
+    import shutil
+
+    from ptp_ros.vlm.defaults import default_model_path
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(default_model_path(), broken)
+    os.truncate(broken / "model.safetensors", 1000)
+    node = NodeProcess(ros, tmp_path / "corrupt.log", params={"model_path": str(broken)},
+                       node_name="ptp_corrupt", namespace="/corrupt")
+    probe = Probe(namespace="/corrupt")
+    try:
+        values = probe.wait_for(lambda: (v := probe.diag_values("/corrupt/ptp_corrupt")) and v["model_state"] == "error"
+                                and v, 60, "error diagnostics")
+        assert values["_level"] == b"\x02" and "corrupt or truncated safetensors" in values["_message"], values
+        assert "corrupt or truncated safetensors" in values["last_error"]
+        probe.wait_for(lambda: probe.instruction_pub.get_subscription_count() > 0, 30, "the broken agent")
+        probe.ask(id="c1", text="Are you there?")
+        assert "corrupt or truncated" in answer_of(probe, "c1", timeout=30)["error"]
+    finally:
+        probe.close()
+        assert node.stop() == 0, node.log()[-3000:]
+    assert "configure failed" in node.log() and "corrupt or truncated" in node.log()
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "deactivate"])
+def test_stopping_cancels_a_running_generate_within_a_second(ros, tmp_path, frame, how):
+    import signal
+
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    ns = f"/stop_{how.lower()}"
+    node = NodeProcess(ros, tmp_path / "stop.log", generate_delay_s=60.0, node_name="ptp_stop", namespace=ns,
+                       params={"mode": "fixed", "keep_ratio": 0.1, "max_new_tokens": 2,
+                               "calibration_keep_ratios": [0.1], "max_frame_age_ms": 0.0})
+    probe = Probe(namespace=ns)
+    fqn = f"{ns}/ptp_stop"
+    try:
+        probe.wait_matched(STARTUP_S)
+        probe.wait_for(lambda: (v := probe.diag_values(fqn)) and v["model_state"] == "serving", 30, "serving")
+        probe.wait_for(lambda: probe.send_frame(frame, sec=5) and int(probe.diag_values(fqn)["frames_received"]) > 0,
+                       30, "a frame")
+        probe.ask(id="long", text="What is on the table?")
+        probe.wait_for(lambda: probe.diag_values(fqn)["busy"] == "True", 30, "the request to start")
+        started = time.monotonic()
+        if how == "deactivate":
+            response = probe.call(ChangeState, f"{fqn}/change_state",
+                                  ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+            assert response.success
+        else:
+            node.proc.send_signal(getattr(signal, how))
+        result = answer_of(probe, "long", timeout=10)
+        assert result["status"] == "cancelled", result
+        assert time.monotonic() - started < 2.0  # the 60 s stage stopped at once (1 s + DDS on a busy box)
+        if how != "deactivate":
+            assert node.proc.wait(10) == 0, node.log()[-3000:]
+            assert time.monotonic() - started < 5.0
     finally:
         probe.close()
         assert node.stop() == 0, node.log()[-3000:]

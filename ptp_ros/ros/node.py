@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -20,17 +21,19 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
+from ..pipeline import Cancelled
 from ..vlm.defaults import default_model_path
 from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import conversions
-from ..pipeline import Cancelled
 from .diagnostics import Health, agent_status
 from .params import PARAMS, RUNTIME, check_choice
 from .requests import RequestError, loggable, parse_request
@@ -38,6 +41,7 @@ from .worker import Counters, Frame, RequestWorker, Settings, calibrate
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "data" / "sample_scene.jpg"
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+RESULT_FLUSH_S = 1.0  # on shutdown, how long the last results (the cancelled ones) may take to be acknowledged
 LOG_THROTTLE_S = 5.0  # one line per kind of failure per 5 s: a flood of bad input cannot flood the log
 
 
@@ -244,6 +248,13 @@ class AgentNode(LifecycleNode):
         worker.submit(request, received)
 
     # -- outputs (called from the worker thread) -----------------------------------------------
+    def flush_results(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until subscribers acknowledged the results already published."""
+        try:
+            self._result_pub.wait_for_all_acked(Duration(seconds=timeout_s))
+        except Exception as exc:  # noqa: BLE001 - best effort on the way out
+            self.get_logger().warning(f"results may be unsent at shutdown: {exc}")
+
     def _publish_result(self, result: dict, answer: str | None) -> None:
         if answer is not None:
             self._answer_pub.publish(String(data=answer))
@@ -276,12 +287,38 @@ class AgentNode(LifecycleNode):
             self.trigger_activate()
 
 
-def spin_until_shutdown(executor, node: AgentNode) -> None:
-    """Spin; an exception that escapes a callback (every callback catches its own, so this is the last
-    net) is counted and logged, and spinning goes on: no message may end the process."""
-    while rclpy.ok(context=node.context):
+class StopSignal:
+    """SIGINT/SIGTERM as a request to stop, handled by the node rather than by rclpy.
+
+    rclpy's own handlers invalidate the context at once, so a request cancelled by the shutdown could no
+    longer publish its ``cancelled`` result.  Here the first signal only sets ``event``; the spin loop
+    returns within ``SPIN_PERIOD_S``, the running request is cancelled (it stops after its current token)
+    and answered, and then rclpy shuts down.  A second signal interrupts the shutdown itself.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.name = ""
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.name = signal.Signals(number).name
+        self.event.set()
+
+
+SPIN_PERIOD_S = 0.1
+
+
+def spin_until(executor, node: AgentNode, stop: threading.Event) -> None:
+    """Spin until ``stop`` or rclpy shutdown.  An exception that escapes a callback (every callback catches
+    its own, so this is the last net) is counted and logged, and spinning goes on: no message may end the
+    process."""
+    while not stop.is_set() and rclpy.ok(context=node.context):
         try:
-            executor.spin()
+            executor.spin_once(timeout_sec=SPIN_PERIOD_S)
         except (KeyboardInterrupt, ExternalShutdownException):
             raise
         except Exception as exc:  # noqa: BLE001
@@ -292,7 +329,8 @@ def spin_until_shutdown(executor, node: AgentNode) -> None:
 
 
 def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode) -> None:
-    rclpy.init(args=args)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = StopSignal()
     quiet_transformers()
     node = node_class()
     executor = MultiThreadedExecutor(num_threads=4)
@@ -305,15 +343,17 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
 
     startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup())
     try:
-        spin_until_shutdown(executor, node)
+        spin_until(executor, node, stop.event)
+        node.get_logger().info(f"shutting down ({stop.name or 'rclpy shutdown'})")
+        node.stop_serving(f"the node shut down ({stop.name or 'rclpy shutdown'})", shutting_down=True)
+        node.flush_results(RESULT_FLUSH_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         try:
-            node.stop_serving("the node shut down", shutting_down=True)
-            executor.shutdown()
+            executor.shutdown(timeout_sec=RESULT_FLUSH_S)
             node.destroy_node()
-        except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        except KeyboardInterrupt:  # a second signal during shutdown
             pass
         rclpy.try_shutdown()
 

@@ -1,0 +1,289 @@
+"""Property-based fuzzing of the real agent node over DDS: generated instruction messages and camera
+frames (deep nesting, huge numbers, odd unicode, lying headers, decompression bombs, raw CDR garbage).
+
+Properties, checked after every generated batch:
+- **exactly one result** for every instruction message the node receives (counted in the results, by id
+  where the message has one, and against the node's own ``requests_received``);
+- **liveness**: the process runs, the watchdog is quiet, no exception reached the safety nets
+  (``internal_errors`` stays 0), and a good frame with a plain question is answered afterwards.
+
+Two nodes run the built-in model: one on raw ``image``, one on ``image/compressed``.  The number of
+generated examples scales with ``PTP_FUZZ_EXAMPLES`` (default: about 2 000 instruction messages and
+1 000 frames a run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from ros_helpers import NodeProcess, Probe, apply_env, ros_env
+
+rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e .[dev])")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ptp_ros.ros.conversions import ENCODINGS  # noqa: E402
+from ptp_ros.ros.requests import FIELDS  # noqa: E402
+
+SCALE = float(os.environ.get("PTP_FUZZ_EXAMPLES", "1"))
+STARTUP_S = 180.0
+PARAMS = {"mode": "fixed", "keep_ratio": 0.05, "max_new_tokens": 1, "queue_size": 2, "publish_saliency": False,
+          "calibration_keep_ratios": [0.05], "max_frame_age_ms": 0.0, "max_input_pixels": 4096 * 4096}
+FUZZ = settings(max_examples=int(60 * SCALE), deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large, HealthCheck.large_base_example])
+
+
+# -- generated instruction messages ---------------------------------------------------------------
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+field_values = {
+    "id": st.text(max_size=300) | st.integers() | json_values,
+    "text": st.text(max_size=50) | st.text(max_size=3000) | json_values,
+    "max_new_tokens": st.integers(-5, 2000) | st.floats() | json_values,
+    "latency_budget_ms": st.floats() | st.integers(-10, 10**7) | json_values,
+    "keep_ratio": st.floats() | st.integers(-2, 2) | json_values,
+}
+odd_keys = st.text(max_size=20) | st.sampled_from(["keep_raito", "x\n\x1b[31m[ERROR] forged", "\u202etext", "Text"])
+request_objects = st.fixed_dictionaries({}, optional={k: v for k, v in field_values.items()}) | st.dictionaries(
+    st.sampled_from(FIELDS) | odd_keys, json_values, max_size=6)
+
+
+def _json_text(obj, prefix: str, nan: bool) -> str:
+    return prefix + json.dumps(obj, allow_nan=nan)
+
+
+instruction_messages = st.one_of(
+    st.text(max_size=200),  # plain text, any unicode
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=1990, max_size=2100),  # around max_instruction_chars
+    st.builds(_json_text, request_objects, st.sampled_from(["", " ", "\ufeff", "\n\t"]), st.booleans()),
+    st.integers(1, 5000).map(lambda n: '{"a":' + "[" * n + "]" * n + "}"),  # deep nesting
+    st.integers(1, 5000).map(lambda n: '{"text":"q","max_new_tokens":' + "9" * n + "}"),  # huge integers
+    st.integers(1, 400).map(lambda n: '{"text":"q","keep_ratio":0.' + "1" * n + "e-" + "9" * 5 + "}"),
+    st.sampled_from(['{"text":"q","keep_ratio":NaN}', '{"text":"q","latency_budget_ms":Infinity}', "{", "{}",
+                     '{"text":"q"}garbage', '{"text":"q","text":"r"}', "\x00", "{\x00}"]),
+    st.binary(max_size=200).map(lambda b: b.decode("utf-8", "replace")),
+    st.integers(100_000, 400_000).map(lambda n: "{" + "x" * n),  # big messages
+)
+
+
+# -- generated camera frames --------------------------------------------------------------------------
+def raw_image(width: int, height: int, encoding: str, step_delta: int, data_len: int | None, big_endian: int):
+    from sensor_msgs.msg import Image
+
+    step = max(0, width * 3 + step_delta) % (1 << 32)
+    length = data_len if data_len is not None else min(step * height, 4_000_000)
+    return Image(width=width, height=height, encoding=encoding, step=step, is_bigendian=big_endian,
+                 data=bytes(length))
+
+
+def _patch_png(data: bytes, width: int, height: int) -> bytes:
+    data = bytearray(data)
+    at = data.index(b"IHDR")
+    data[at + 4:at + 12] = struct.pack(">II", width, height)
+    data[at + 17:at + 21] = struct.pack(">I", zlib.crc32(bytes(data[at:at + 17])))
+    return bytes(data)
+
+
+def _patch_jpeg(data: bytes, width: int, height: int) -> bytes:
+    data = bytearray(data)
+    at = data.index(b"\xff\xc0")
+    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def compressed_image(kind: str, width: int, height: int, cut: float, fmt: str, noise: bytes):
+    from sensor_msgs.msg import CompressedImage
+
+    small = np.full((16, 24, 3), 90, np.uint8)
+    if kind == "junk":
+        return CompressedImage(format=fmt, data=noise)
+    data = cv2.imencode(".png" if kind.startswith("png") else ".jpg", small)[1].tobytes()
+    if kind.endswith("claim"):  # a small file whose header claims another size (decompression bomb)
+        data = (_patch_png if kind.startswith("png") else _patch_jpeg)(data, width, height)
+    if cut < 1.0:
+        data = data[:max(0, int(len(data) * cut))]
+    return CompressedImage(format=fmt, data=data)
+
+
+dims = st.integers(0, 70_000) | st.integers(0, 64)
+raw_frames = st.builds(raw_image, dims, dims, st.sampled_from(list(ENCODINGS)) | st.text(max_size=12),
+                       st.integers(-8, 64), st.none() | st.integers(0, 200_000), st.integers(0, 255))
+compressed_frames = st.builds(compressed_image, st.sampled_from(["png", "jpeg", "png_claim", "jpeg_claim", "junk"]),
+                              st.integers(1, 65_535), st.integers(1, 65_535), st.sampled_from([1.0, 1.0, 0.5, 0.02]),
+                              st.sampled_from(["jpeg", "png", "rgb8; jpeg compressed bgr8", "16UC1; compressedDepth",
+                                               ""]) | st.text(max_size=10), st.binary(max_size=2000))
+
+
+# -- the nodes ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ros(tmp_path_factory):
+    saved = dict(os.environ)
+    env = ros_env(tmp_path_factory.mktemp("ros_log"))
+    apply_env(env)
+    yield env
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+class Agent:
+    """A node process and the probe that talks to it, in a namespace of their own."""
+
+    def __init__(self, ros, log_dir, namespace: str, **params):
+        self.fqn = f"/{namespace}/ptp_agent"
+        self.process = NodeProcess(ros, log_dir / f"{namespace}.log", params={**PARAMS, **params},
+                                   namespace=f"/{namespace}")
+        self.probe = Probe(namespace=f"/{namespace}")
+        self.sent = 0
+
+    def ready(self, pub) -> None:
+        deadline = time.monotonic() + STARTUP_S
+        self.probe.wait_for(lambda: pub.get_subscription_count() > 0
+                            and self.probe.instruction_pub.get_subscription_count() > 0
+                            or time.monotonic() > deadline, STARTUP_S + 5, "the agent")
+        assert pub.get_subscription_count() > 0, f"agent never subscribed:\n{self.process.log()[-3000:]}"
+
+    def ask(self, data: str) -> None:
+        from std_msgs.msg import String
+
+        self.probe.instruction_pub.publish(String(data=data))
+        self.sent += 1
+
+    def check_alive(self) -> dict:
+        """The process runs, the watchdog is quiet and no exception reached a safety net."""
+        assert self.process.proc.poll() is None, f"the agent exited:\n{self.process.log()[-3000:]}"
+        values = self.probe.wait_for(lambda: (v := self.probe.diag_values(self.fqn)) and
+                                     int(v["requests_received"]) >= self.sent and v, 30, "diagnostics")
+        assert values["_level"] != b"\x02", values
+        assert values["internal_errors"] == "0", (values, self.process.log()[-3000:])
+        assert int(values["requests_received"]) == self.sent, values
+        return values
+
+    def close(self) -> None:
+        self.probe.close()
+        assert self.process.stop() == 0, self.process.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def raw_agent(ros, tmp_path_factory):
+    agent = Agent(ros, tmp_path_factory.mktemp("fuzz"), "fuzz_raw")
+    agent.ready(agent.probe.image_pub)
+    yield agent
+    agent.close()
+
+
+@pytest.fixture(scope="module")
+def compressed_agent(ros, tmp_path_factory):
+    agent = Agent(ros, tmp_path_factory.mktemp("fuzz"), "fuzz_jpeg", image_transport="compressed")
+    agent.ready(agent.probe.compressed_pub)
+    yield agent
+    agent.close()
+
+
+@pytest.fixture(scope="module")
+def good_frame(sample_image):
+    return cv2.resize(sample_image, (320, 180), interpolation=cv2.INTER_AREA)
+
+
+def answered_after(agent: Agent, publish_frame, tag: str, timeout: float = 120.0) -> dict:
+    """Liveness: a good frame and a plain question get an answer (the frame is re-sent until one is used)."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while time.monotonic() < deadline:
+        attempt += 1
+        request_id = f"{tag}-live{attempt}"
+        publish_frame()
+        time.sleep(0.1)
+        agent.ask(json.dumps({"id": request_id, "text": "what colour is the square ?"}))
+        result = agent.probe.wait_for(lambda: agent.probe.result(request_id), 60, f"result {request_id}")
+        if result["status"] == "ok":
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"no good answer after fuzzing: {agent.probe.results[-5:]}")
+
+
+# -- properties -----------------------------------------------------------------------------------------
+@FUZZ
+@given(batch=st.lists(instruction_messages, min_size=1, max_size=40))
+def test_every_generated_instruction_gets_exactly_one_result(raw_agent, good_frame, batch):
+    agent, probe = raw_agent, raw_agent.probe
+    if agent.sent == 0:
+        probe.send_frame(good_frame, sec=int(time.time()))
+    before = len(probe.results)
+    for data in batch:
+        agent.ask(data)
+    results = probe.wait_results(before + len(batch), timeout=120)
+    assert len(results) == before + len(batch), results[before:]
+    for result in results[before:]:
+        assert result["status"] in ("ok", "busy", "rejected", "error"), result
+        assert result["status"] == "ok" or result["error"], result
+        assert "internal error" not in result.get("error", ""), result
+
+
+@FUZZ
+@given(frames=st.lists(raw_frames, min_size=1, max_size=12))
+def test_generated_raw_frames_never_stop_the_node(raw_agent, frames):
+    agent, probe = raw_agent, raw_agent.probe
+    for frame in frames:
+        probe.image_pub.publish(frame)
+    request_id = f"raw-{agent.sent}"
+    agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
+    result = probe.wait_for(lambda: probe.result(request_id), 120, f"result {request_id}")
+    assert result["status"] in ("ok", "error", "busy"), result
+    assert "internal error" not in result.get("error", ""), result
+
+
+@FUZZ
+@given(frames=st.lists(compressed_frames, min_size=1, max_size=12))
+def test_generated_compressed_frames_never_stop_the_node(compressed_agent, frames):
+    agent, probe = compressed_agent, compressed_agent.probe
+    for frame in frames:
+        probe.compressed_pub.publish(frame)
+    request_id = f"jpeg-{agent.sent}"
+    agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
+    result = probe.wait_for(lambda: probe.result(request_id), 120, f"result {request_id}")
+    assert result["status"] in ("ok", "error", "busy"), result
+    assert "internal error" not in result.get("error", ""), result
+
+
+@FUZZ
+@given(payload=st.binary(max_size=600), length=st.integers(0, 2**32 - 1))
+def test_raw_cdr_garbage_on_every_topic_is_survived(raw_agent, payload, length):
+    """Bytes that are not a valid message of the topic's type (lying lengths, invalid UTF-8) are either
+    dropped by the middleware or read with replacement characters; neither may hurt the node."""
+    probe = raw_agent.probe
+    header = b"\x00\x01\x00\x00"
+    for pub in (probe.instruction_pub, probe.image_pub):
+        pub.publish(header + payload)
+        pub.publish(header + struct.pack("<I", length) + payload)
+
+
+def test_after_fuzzing_both_nodes_are_alive_and_answer(raw_agent, compressed_agent, good_frame):
+    # raw CDR garbage that the middleware delivered counts as received instructions: count them in
+    raw_agent.probe.wait_for(lambda: (v := raw_agent.probe.diag_values(raw_agent.fqn)) and v, 30, "diagnostics")
+    time.sleep(1.5)
+    delivered = int(raw_agent.probe.diag_values(raw_agent.fqn)["requests_received"])
+    results_total = len(raw_agent.probe.results)
+    garbage = delivered - raw_agent.sent
+    assert garbage >= 0
+    assert results_total == delivered, (results_total, delivered)  # one result each, garbage included
+    raw_agent.sent = delivered
+
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(good_frame, cv2.COLOR_RGB2BGR))
+    from sensor_msgs.msg import CompressedImage
+
+    live = answered_after(raw_agent, lambda: raw_agent.probe.send_frame(good_frame, sec=int(time.time())), "raw")
+    assert live["visual_tokens_kept"] > 0
+    answered_after(compressed_agent, lambda: compressed_agent.probe.compressed_pub.publish(
+        CompressedImage(format="jpeg", data=jpeg.tobytes())), "jpeg")
+    raw_agent.check_alive()
+    compressed_agent.check_alive()
