@@ -40,7 +40,7 @@ setup(
             "ros-kilted-diagnostic-msgs==5.5.1",
         ],
         "bench": ["matplotlib>=3.7", "psutil>=5.9"],
-        "dev": ["pytest>=8", "matplotlib>=3.7", "psutil>=5.9"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "psutil>=5.9"],
     },
     zip_safe=False,
     maintainer="ptp_ros developers",
