@@ -34,3 +34,16 @@ def tiny_adapter(tiny_model_dir):
 def sample_image() -> np.ndarray:
     """The bundled 1920×1080 scene, RGB uint8."""
     return cv2.cvtColor(cv2.imread(str(DATA / "sample_scene.jpg")), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def ros(tmp_path_factory):
+    """One isolated ROS domain for a test module, also applied to the test process."""
+    from ros_helpers import apply_env, ros_env
+
+    saved = dict(os.environ)
+    env = ros_env(tmp_path_factory.mktemp("ros_log"))
+    apply_env(env)
+    yield env
+    os.environ.clear()
+    os.environ.update(saved)

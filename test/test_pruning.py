@@ -86,11 +86,19 @@ def scores(saliency, relevance, region, region_logits, global_region=0):
                        region_saliency=torch.tensor(region_logits, dtype=torch.float32), global_region=global_region)
 
 
-def test_fused_scores_are_minmax_per_region_and_mixed_by_alpha():
+def test_minmax_fusion_scales_per_region_and_mixes_by_alpha():
     s = scores([1.0, 3.0, 10.0, 30.0, 0.0], [0.2, 0.1, 0.5, 0.9, 0.0], [0, 0, 1, 1, NO_REGION], [0.0, 0.0])
-    assert fused_scores(s, 0.0).tolist() == [0.0, 1.0, 0.0, 1.0, 0.5]
-    assert fused_scores(s, 1.0).tolist() == [1.0, 0.0, 0.0, 1.0, 0.5]
-    assert fused_scores(s, 0.5).tolist() == [0.5, 0.5, 0.0, 1.0, 0.5]
+    assert fused_scores(s, 0.0, "minmax").tolist() == [0.0, 1.0, 0.0, 1.0, 0.5]
+    assert fused_scores(s, 1.0, "minmax").tolist() == [1.0, 0.0, 0.0, 1.0, 0.5]
+    assert fused_scores(s, 0.5, "minmax").tolist() == [0.5, 0.5, 0.0, 1.0, 0.5]
+
+
+def test_the_default_fusion_ranks_saliency_and_weighs_relevance_by_its_concentration():
+    s = scores([1.0, 3.0, 10.0, 30.0, 0.0], [0.0, 1.0, 0.5, 0.5, 0.0], [0, 0, 1, 1, NO_REGION], [0.0, 0.0])
+    assert fused_scores(s, 0.0).tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]  # ranks inside each region
+    # region 0: all relevance on token 1 (concentration 1); region 1: uniform (0, leaves the order alone)
+    assert fused_scores(s, 1.0).tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]
+    assert fused_scores(s, 0.5).tolist() == [0.0, 1.0, 0.0, 0.5, 0.0]
 
 
 def random_scores(n=60, regions=4, seed=0):

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ros_helpers import NodeProcess, Probe, apply_env, ros_env
+from ros_helpers import NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e .[dev])")
@@ -128,16 +128,6 @@ compressed_frames = st.builds(compressed_image, st.sampled_from(["png", "jpeg", 
 
 
 # -- the nodes ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ros(tmp_path_factory):
-    saved = dict(os.environ)
-    env = ros_env(tmp_path_factory.mktemp("ros_log"))
-    apply_env(env)
-    yield env
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 class Agent:
     """A node process and the probe that talks to it, in a namespace of their own."""
 
@@ -233,32 +223,28 @@ def test_every_generated_instruction_gets_exactly_one_result(raw_agent, good_fra
         assert "internal error" not in result.get("error", ""), result
 
 
+def publish_and_ask(agent: Agent, pub, frames: list, tag: str) -> None:
+    """Publish generated frames, then ask: the request meets the newest one that arrived."""
+    for frame in frames:
+        pub.publish(frame)
+    agent.frames += len(frames)
+    request_id = f"{tag}-{agent.sent}"
+    agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
+    result = agent.probe.wait_for(lambda: agent.probe.result(request_id), 120, f"result {request_id}")
+    assert result["status"] in ("ok", "error", "busy", "rejected"), result  # rejected: e.g. too small
+    assert "internal error" not in result.get("error", ""), result
+
+
 @fuzz(100)
 @given(frames=st.lists(raw_frames, min_size=4, max_size=20))
 def test_generated_raw_frames_never_stop_the_node(raw_agent, frames):
-    agent, probe = raw_agent, raw_agent.probe
-    for frame in frames:
-        probe.image_pub.publish(frame)
-    agent.frames += len(frames)
-    request_id = f"raw-{agent.sent}"
-    agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
-    result = probe.wait_for(lambda: probe.result(request_id), 120, f"result {request_id}")
-    assert result["status"] in ("ok", "error", "busy", "rejected"), result  # rejected: e.g. too small
-    assert "internal error" not in result.get("error", ""), result
+    publish_and_ask(raw_agent, raw_agent.probe.image_pub, frames, "raw")
 
 
 @fuzz(100)
 @given(frames=st.lists(compressed_frames, min_size=4, max_size=20))
 def test_generated_compressed_frames_never_stop_the_node(compressed_agent, frames):
-    agent, probe = compressed_agent, compressed_agent.probe
-    for frame in frames:
-        probe.compressed_pub.publish(frame)
-    agent.frames += len(frames)
-    request_id = f"jpeg-{agent.sent}"
-    agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
-    result = probe.wait_for(lambda: probe.result(request_id), 120, f"result {request_id}")
-    assert result["status"] in ("ok", "error", "busy", "rejected"), result  # rejected: e.g. too small
-    assert "internal error" not in result.get("error", ""), result
+    publish_and_ask(compressed_agent, compressed_agent.probe.compressed_pub, frames, "jpeg")
 
 
 # -- the issue's reproductions, over DDS (its numbers in brackets) ----------------------------------------

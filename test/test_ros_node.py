@@ -12,7 +12,7 @@ from collections import Counter
 import cv2
 import pytest
 
-from ros_helpers import NodeProcess, Probe, apply_env, ros_env
+from ros_helpers import NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
@@ -20,17 +20,6 @@ NODE = "/ptp_agent"
 DELAY_S = 6.0
 STARTUP_S = 180.0  # model load + calibration on a busy 2-core box
 ANSWER_S = 120.0
-
-
-@pytest.fixture(scope="module")
-def ros(tmp_path_factory):
-    """One isolated ROS domain for this module, also applied to the test process."""
-    saved = dict(os.environ)
-    env = ros_env(tmp_path_factory.mktemp("ros_log"))
-    apply_env(env)
-    yield env
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ptp_ros.pruning import PTPConfig, make_selector
+from ptp_ros.pruning.ptp import FUSIONS
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def comparison_methods() -> list[Method]:
         _ptp("ptp without token saliency (α=1)", alpha=1.0),
         _ptp("ptp without instruction (α=0)", alpha=0.0),
         _ptp("ptp mean over instruction", reduce="mean"),
+        _ptp("ptp min-max fusion (before)", fusion="minmax"),
+        _ptp("ptp min-max saliency + raw attention", fusion="minmax_raw"),
         *alphas,
         # The proxy's training supervised the answer row's attention at LLM layer 1 (docs/accuracy):
         # PTP reading that layer is partly by construction, so it is a row of its own, never the default.
@@ -82,4 +85,17 @@ def sweep_methods() -> list[Method]:
     out.extend(_ptp(f"ptp α={a:g}", alpha=a) for a in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0))
     out.extend(_ptp(f"ptp global_share={g:g}", global_share=g) for g in (0.0, 0.1, 0.25))
     out.append(_ptp("ptp without region budgets", use_region_budgets=False))
+    return out
+
+
+def fusion_methods() -> list[Method]:
+    """Candidate fusions of saliency and relevance, at the default LLM layer (where the proxy's relevance
+    is uninformative) and at layer 1 (where it is informative), run on the validation split to choose."""
+    out = [_ptp("ptp α=0", alpha=0.0)]
+    for llm_layer in (None, 1):
+        adapter = {"llm_layer": llm_layer} if llm_layer is not None else None
+        where = f" llm_layer={llm_layer}" if llm_layer is not None else ""
+        for fusion in FUSIONS:
+            out.extend(_ptp(f"ptp {fusion} α={a:g}{where}", fusion=fusion, alpha=a, adapter=adapter)
+                       for a in (0.25, 0.5, 0.75))
     return out

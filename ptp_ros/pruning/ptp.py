@@ -22,6 +22,7 @@ class PTPConfig:
     min_per_region: int = 0  # tokens every non-empty region keeps at least
     global_share: float | None = None  # fixed budget share of the global view; None = by saliency
     use_region_budgets: bool = True  # False: one global top-K over all regions (ablation)
+    fusion: str = "rank_concentration"  # how the two terms share one scale (FUSIONS; chosen on validation)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -32,6 +33,8 @@ class PTPConfig:
             raise ValueError(f"min_per_region must be >= 0, got {self.min_per_region}")
         if self.global_share is not None and not 0.0 <= self.global_share <= 1.0:
             raise ValueError(f"global_share must be in [0, 1], got {self.global_share}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
 
 
 def minmax_per_region(values: torch.Tensor, region: torch.Tensor, num_regions: int) -> torch.Tensor:
@@ -52,16 +55,74 @@ def minmax_per_region(values: torch.Tensor, region: torch.Tensor, num_regions: i
     return out.float()
 
 
-def fused_scores(scores: TokenScores, alpha: float) -> torch.Tensor:
-    """score = (1 − α)·norm(token saliency) + α·norm(instruction relevance), per token, in [0, 1].
+def rank_per_region(values: torch.Tensor, region: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """Each value's rank inside its region scaled to [0, 1] (0 = lowest, 1 = highest; ties by index).
+
+    Keeps the order and forgets the scale: a heavy-tailed saliency (one [CLS] favourite ~1 000× the
+    median) no longer squashes every other token of its tile next to zero.
+    """
+    valid = region != NO_REGION
+    idx = torch.where(valid, region, torch.full_like(region, num_regions))  # structural tokens: a bucket apart
+    order = torch.argsort(values.double(), stable=True)
+    order = order[torch.argsort(idx[order], stable=True)]  # by region, ascending value inside
+    counts = torch.bincount(idx, minlength=num_regions + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel()) - starts[idx[order]]
+    scaled = rank.double() / (counts[idx] - 1).clamp(min=1)
+    return torch.where(valid, scaled, torch.zeros_like(scaled)).float()
+
+
+def concentration_per_region(values: torch.Tensor, region: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """How far each token's share of its region's mass exceeds a uniform share, on a log scale in [0, 1]:
+    ``clamp(log(n · p) / log n, 0, 1)`` with ``p`` the token's share and ``n`` the region's size.
+
+    A uniform (uninformative) signal gives 0 everywhere; a token holding all of the region's mass gives 1.
+    """
+    v = values.double().clamp(min=0)
+    valid = region != NO_REGION
+    idx = region.clamp(min=0)
+    mass = torch.zeros(num_regions, dtype=v.dtype).scatter_add(0, idx[valid], v[valid])
+    size = torch.bincount(idx[valid], minlength=num_regions).double()
+    n, total = size[idx], mass[idx]
+    share = torch.where(total > 0, v / torch.where(total > 0, total, torch.ones_like(total)), 1.0 / n.clamp(min=1))
+    excess = torch.log((n * share).clamp(min=1e-12)) / torch.log(n.clamp(min=2))
+    return torch.where(valid, excess.clamp(0, 1), torch.zeros_like(excess)).float()
+
+
+def _minmax(scores: TokenScores, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    region, r = scores.region.cpu(), scores.num_regions
+    rel = None if scores.relevance is None else minmax_per_region(scores.relevance.cpu(), region, r)
+    return minmax_per_region(scores.saliency.cpu(), region, r), rel
+
+
+def _rank_concentration(scores: TokenScores, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    region, r = scores.region.cpu(), scores.num_regions
+    rel = None if scores.relevance is None else concentration_per_region(scores.relevance.cpu(), region, r)
+    return rank_per_region(scores.saliency.cpu(), region, r), rel
+
+
+def _minmax_raw(scores: TokenScores, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    region, r = scores.region.cpu(), scores.num_regions
+    rel = None if scores.relevance is None else scores.relevance.cpu().float()
+    return minmax_per_region(scores.saliency.cpu(), region, r), rel
+
+
+#: name → (bottom-up term, top-down term), each per token.  "minmax" scales both to [0, 1] per region;
+#: "rank_concentration" ranks the saliency and measures how much the relevance exceeds a uniform share,
+#: so an uninformative relevance leaves the saliency order as it is; "minmax_raw" adds the raw attention
+#: (the third-party reading of the paper, research notes).
+FUSIONS = {"minmax": _minmax, "rank_concentration": _rank_concentration, "minmax_raw": _minmax_raw}
+
+
+def fused_scores(scores: TokenScores, alpha: float, fusion: str = "rank_concentration") -> torch.Tensor:
+    """score = (1 − α)·bottom-up term + α·top-down term, per token, both terms as ``fusion`` scales them.
 
     Without a relevance signal (instruction stage off) the score is the bottom-up term alone.
     """
-    region = scores.region.cpu()
-    sal = minmax_per_region(scores.saliency.cpu(), region, scores.num_regions)
-    if scores.relevance is None or alpha == 0.0:
+    sal, rel = FUSIONS[fusion](scores, alpha)
+    if rel is None or alpha == 0.0:
         return sal
-    rel = minmax_per_region(scores.relevance.cpu(), region, scores.num_regions)
     if alpha == 1.0:
         return rel
     return (1.0 - alpha) * sal + alpha * rel
@@ -98,7 +159,7 @@ def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()
     sizes = scores.region_sizes()
     if not 0 <= budget <= int(sizes.sum()):
         raise ValueError(f"budget {budget} is outside [0, {int(sizes.sum())}] selectable tokens")
-    fused = fused_scores(scores, config.alpha)
+    fused = fused_scores(scores, config.alpha, config.fusion)
     if config.use_region_budgets:
         quotas = region_quotas(budget_shares(scores, config), sizes, budget, config.min_per_region)
         kept = top_k_per_region(fused, region, quotas)
