@@ -2,7 +2,8 @@
 
 Only wiring: every argument becomes a node parameter, a remapping or the node's environment, so the
 same node runs without launch as  python -m ptp_ros.ros.node --ros-args --params-file config/agent.yaml
-(docs/ros.md).  The node walks itself to active; a lifecycle manager may drive it instead.
+(docs/ros.md).  A lifecycle node: with autostart:=true (default) it walks itself to active, with
+autostart:=false it waits unconfigured for a lifecycle manager.
 """
 import os
 
@@ -10,7 +11,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode
 from launch_ros.parameter_descriptions import ParameterValue
 
 
@@ -31,10 +32,12 @@ def generate_launch_description() -> LaunchDescription:
                               description="YAML with the node's parameters (arguments here override it)"),
         DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node and its topics"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay, sim)"),
+        DeclareLaunchArgument("autostart", default_value="true", choices=["true", "false"],
+                              description="Configure and activate at start; false: a lifecycle manager drives it"),
         DeclareLaunchArgument("fastdds_profile", default_value=os.path.join(config, "fastdds_shm.xml"),
                               description="Fast DDS XML profile (large shared-memory segment for camera frames)"),
     ]
-    agent = Node(
+    agent = LifecycleNode(
         package="ptp_ros",
         executable="agent",
         name="ptp_agent",
@@ -47,11 +50,11 @@ def generate_launch_description() -> LaunchDescription:
                 "image_transport": ParameterValue(LaunchConfiguration("image_transport"), value_type=str),
                 "latency_budget_ms": ParameterValue(LaunchConfiguration("latency_budget_ms"), value_type=float),
                 "use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool),
+                "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool),
             },
         ],
-        remappings=[
+        remappings=[  # with compressed transport the node subscribes to <image_topic>/compressed itself
             ("image", LaunchConfiguration("image_topic")),
-            ("image/compressed", [LaunchConfiguration("image_topic"), "/compressed"]),
             ("instruction", LaunchConfiguration("instruction_topic")),
         ],
     )

@@ -71,9 +71,13 @@ class NodeProcess:
     """The agent node in its own process, as on a robot; output goes to ``log_path``."""
 
     def __init__(self, env: dict[str, str], log_path: Path, params: dict[str, Any], generate_delay_s: float = 0.0,
-                 node_name: str = "ptp_agent", namespace: str = "/"):
+                 node_name: str = "ptp_agent", namespace: str = "/", load_delay_s: float = 0.0,
+                 remaps: dict[str, str] | None = None):
         args = [sys.executable, str(Path(__file__).resolve()), "--generate-delay-s", str(generate_delay_s),
-                "--ros-args", "-r", f"__node:={node_name}", "-r", f"__ns:={namespace}"]
+                "--load-delay-s", str(load_delay_s), "--ros-args", "-r", f"__node:={node_name}",
+                "-r", f"__ns:={namespace}"]
+        for source, target in (remaps or {}).items():
+            args += ["-r", f"{source}:={target}"]
         for key, value in params.items():
             args += ["-p", f"{key}:={json.dumps(value) if isinstance(value, (list, bool)) else value}"]
         self.log_path = log_path
@@ -237,15 +241,18 @@ class Probe:
 def _slow_node_main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--generate-delay-s", type=float, default=0.0)
+    parser.add_argument("--load-delay-s", type=float, default=0.0)
     known, ros_args = parser.parse_known_args()
 
     from ptp_ros.ros.node import AgentNode, main
     from rclpy.lifecycle import TransitionCallbackReturn
 
     class SlowAgentNode(AgentNode):
-        """The real node whose model takes ``--generate-delay-s`` longer per answer once calibrated."""
+        """The real node whose model takes ``--load-delay-s`` longer to load (uninterruptibly, like
+        ``from_pretrained``) and ``--generate-delay-s`` longer per answer once calibrated."""
 
         def load_model(self):
+            time.sleep(known.load_delay_s)
             return SlowAdapter(super().load_model())
 
         def on_configure(self, state):

@@ -268,3 +268,52 @@ def test_stopping_cancels_a_running_generate_within_a_second(ros, tmp_path, fram
     finally:
         probe.close()
         assert node.stop() == 0, node.log()[-3000:]
+
+
+def test_sigint_during_a_long_model_load_ends_the_process_within_two_seconds(ros, tmp_path):
+    import signal
+
+    node = NodeProcess(ros, tmp_path / "loading.log", params={}, node_name="ptp_loading", namespace="/loading",
+                       load_delay_s=60.0)
+    probe = Probe(namespace="/loading")
+    try:
+        probe.wait_for(lambda: (v := probe.diag_values("/loading/ptp_loading")) and v["model_state"] == "loading",
+                       60, "the model to start loading")
+        started = time.monotonic()
+        node.proc.send_signal(signal.SIGINT)
+        assert node.proc.wait(10) == 0, node.log()[-3000:]
+        assert time.monotonic() - started < 2.0
+    finally:
+        probe.close()
+        node.stop()
+
+
+def test_without_autostart_a_lifecycle_manager_drives_the_node(ros, tmp_path):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    fqn = "/managed/ptp_managed"
+    node = NodeProcess(ros, tmp_path / "managed.log", node_name="ptp_managed", namespace="/managed",
+                       params={"autostart": False, "calibration_keep_ratios": [0.1], "image_transport": "compressed"},
+                       remaps={"image": "/managed_cam/image_raw"})
+    probe = Probe(namespace="/managed")
+    try:
+        values = probe.wait_for(lambda: probe.diag_values(fqn), 60, "diagnostics")
+        assert values["model_state"] == "unconfigured"
+        time.sleep(2.0)
+        assert probe.diag_values(fqn)["model_state"] == "unconfigured"  # it waits for the manager
+        for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+            response = probe.call(ChangeState, f"{fqn}/change_state",
+                                  ChangeState.Request(transition=Transition(id=transition)), timeout=STARTUP_S)
+            assert response.success, node.log()[-3000:]
+        assert probe.call(GetState, f"{fqn}/get_state", GetState.Request()).current_state.label == "active"
+        # image_transport naming: the remapped image topic + /compressed, without a remap of its own
+        from rclpy.qos import qos_profile_sensor_data
+        from sensor_msgs.msg import CompressedImage
+
+        camera = probe.node.create_publisher(CompressedImage, "/managed_cam/image_raw/compressed",
+                                             qos_profile_sensor_data)
+        probe.wait_for(lambda: camera.get_subscription_count() > 0, 30, "the compressed subscription")
+    finally:
+        probe.close()
+        assert node.stop() == 0, node.log()[-3000:]

@@ -1,9 +1,10 @@
 """The PTP agent: a lifecycle node that answers instructions about the newest camera frame.
 
 configure loads the model and fits the latency model, activate subscribes to the camera and starts
-the inference thread, deactivate stops both, cleanup frees the model.  ``main`` walks the node to
-active by itself, so ``python -m ptp_ros.ros.node --ros-args --params-file config/agent.yaml`` works
-without a lifecycle manager.  See docs/ros.md for the interface.
+the inference thread, deactivate stops both, cleanup frees the model.  With ``autostart`` (default)
+``main`` walks the node to active by itself, so ``python -m ptp_ros.ros.node --ros-args --params-file
+config/agent.yaml`` works without a lifecycle manager; ``-p autostart:=false`` leaves it to one.
+See docs/ros.md for the interface.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import os
 import signal
 import threading
 import time
@@ -69,6 +71,7 @@ class AgentNode(LifecycleNode):
         self._image_sub = None
         self._request_numbers = itertools.count(1)  # thread-safe: instructions arrive on a reentrant group
         self._configure_cancel = threading.Event()  # set on shutdown: calibration stops at its next token
+        self.configuring = False  # model loading cannot be interrupted: a shutdown then exits the process
         self._max_pixels = self.get_parameter("max_input_pixels").value
         # outputs and the instruction input exist in every state: a planner always gets a result,
         # an operator always gets diagnostics, even when the model failed to load
@@ -103,6 +106,13 @@ class AgentNode(LifecycleNode):
 
     # -- lifecycle --------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.configuring = True
+        try:
+            return self._configure()
+        finally:
+            self.configuring = False
+
+    def _configure(self) -> TransitionCallbackReturn:
         param = self.get_parameter
         try:
             self.model_state = "loading"
@@ -149,7 +159,10 @@ class AgentNode(LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self.get_parameter("image_transport").value == "compressed":
-            self._image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_compressed,
+            # image_transport's naming: <the resolved image topic>/compressed, so `-r image:=/cam/raw` alone
+            # subscribes to /cam/raw/compressed
+            topic = self.resolve_topic_name("image") + "/compressed"
+            self._image_sub = self.create_subscription(CompressedImage, topic, self._on_compressed,
                                                        qos_profile_sensor_data, callback_group=self._io_group)
         else:
             self._image_sub = self.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data,
@@ -341,7 +354,8 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
         startup.cancel()
         node.bring_up()
 
-    startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup())
+    if node.get_parameter("autostart").value:
+        startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup())
     try:
         spin_until(executor, node, stop.event)
         node.get_logger().info(f"shutting down ({stop.name or 'rclpy shutdown'})")
@@ -350,6 +364,9 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if node.configuring:  # a model still loading in an executor thread would hold the exit for seconds
+            node.get_logger().info("exiting during configure")
+            os._exit(0)
         try:
             executor.shutdown(timeout_sec=RESULT_FLUSH_S)
             node.destroy_node()

@@ -40,6 +40,8 @@ PARAMS: tuple[Param, ...] = (
           choices=("auto", "float32", "float16", "bfloat16")),
     Param("trust_remote_code", False, "Allow code shipped with the checkpoint to run (off: stock classes only)",
           read_only=True),
+    Param("autostart", True, "Walk to active by itself at start; false: wait for a lifecycle manager",
+          read_only=True),
     Param("image_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: CompressedImage on "
           "'image/compressed'", read_only=True, choices=("raw", "compressed")),
     Param("queue_size", 4, "Requests that may wait while one runs; more get an immediate 'busy' result",
