@@ -149,7 +149,8 @@ def run(minutes: float, out: Path, interval_s: float, burst_every_s: float, burs
 
 def summarise(planner: Planner, memory: list[tuple[float, int]], minutes: float, burst_every_s: float,
               diagnostics: dict, exit_code: int | None) -> dict:
-    report: dict = {"minutes": minutes, "agent_exit_code": exit_code}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    report: dict = {"minutes": minutes, "agent_exit_code": exit_code, "commit": commit.stdout.strip() or None}
     for kind in ("regular", "burst", "all"):
         ids = [i for i, s in planner.sent.items() if kind == "all" or s["kind"] == kind]
         statuses = Counter(planner.results[i][0]["status"] for i in ids if i in planner.results)
@@ -184,7 +185,7 @@ def markdown(report: dict) -> str:
     m = report["rss_mb"]
     lines += ["", f"Agent RSS (MB): first {m['first']}, after warm-up {m['after_warmup_first']}, last {m['last']}, "
               f"max {m['max']}; growth after warm-up {m['growth_after_warmup_pct']} %.",
-              f"Agent exit code after SIGINT: {report['agent_exit_code']}.", ""]
+              f"Agent exit code after SIGINT: {report['agent_exit_code']}. Code: commit {report['commit']}.", ""]
     return "\n".join(lines)
 
 

@@ -8,12 +8,14 @@ See docs/ros.md for the interface.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import itertools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -341,7 +343,26 @@ def spin_until(executor, node: AgentNode, stop: threading.Event) -> None:
                                     throttle_duration_sec=LOG_THROTTLE_S)
 
 
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc mallopt parameters
+
+
+def bound_allocator() -> None:
+    """Serve large buffers (a 1080p frame is 6 MB) from mmap and return them to the OS when freed, from at
+    most two arenas.  glibc otherwise raises its mmap threshold to 32 MB after the first such free and
+    serves frames from per-thread heaps that fragment: in a 32-minute soak at 10 Hz the node's RSS crept up
+    10 % after warm-up.  No effect off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        pass
+
+
 def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode) -> None:
+    bound_allocator()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = StopSignal()
     quiet_transformers()
