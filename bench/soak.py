@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                        text=True).stdout.strip() or None  # the code the soak runs, read when it starts
 QUESTIONS = ("What is on the table?", "Is the door open?", "How many chairs are there?", "What colour is the cup?")
 
 
@@ -149,8 +151,7 @@ def run(minutes: float, out: Path, interval_s: float, burst_every_s: float, burs
 
 def summarise(planner: Planner, memory: list[tuple[float, int]], minutes: float, burst_every_s: float,
               diagnostics: dict, exit_code: int | None) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    report: dict = {"minutes": minutes, "agent_exit_code": exit_code, "commit": commit.stdout.strip() or None}
+    report: dict = {"minutes": minutes, "agent_exit_code": exit_code, "commit": COMMIT}
     for kind in ("regular", "burst", "all"):
         ids = [i for i, s in planner.sent.items() if kind == "all" or s["kind"] == kind]
         statuses = Counter(planner.results[i][0]["status"] for i in ids if i in planner.results)
