@@ -8,8 +8,8 @@ Properties, checked after every generated batch:
   (``internal_errors`` stays 0), and a good frame with a plain question is answered afterwards.
 
 Two nodes run the built-in model: one on raw ``image``, one on ``image/compressed``.  The number of
-generated examples scales with ``PTP_FUZZ_EXAMPLES`` (default: about 2 000 instruction messages and
-1 000 frames a run).
+generated examples scales with ``PTP_FUZZ_EXAMPLES`` (default: about 2 500 instruction messages and
+1 600 raw and compressed frames a run).
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def answered_after(agent: Agent, publish_frame, tag: str, timeout: float = 120.0
 
 
 # -- properties -----------------------------------------------------------------------------------------
-@fuzz(150)
+@fuzz(250)
 @given(batch=st.lists(instruction_messages, min_size=5, max_size=60))
 def test_every_generated_instruction_gets_exactly_one_result(raw_agent, good_frame, batch):
     agent, probe = raw_agent, raw_agent.probe
