@@ -25,9 +25,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                        text=True).stdout.strip() or None  # the code the soak runs, read when it starts
 QUESTIONS = ("What is on the table?", "Is the door open?", "How many chairs are there?", "What colour is the cup?")
+
+
+def current_commit() -> str | None:
+    """The checkout's commit (None outside a git checkout or without git): the code a soak runs."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return found.stdout.strip() or None
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -94,6 +101,7 @@ def run(minutes: float, out: Path, interval_s: float, burst_every_s: float, burs
 
     from ptp_ros.ros.demo import demo_environment
 
+    commit = current_commit()  # read when the run starts: later commits are not what it ran
     env = demo_environment()
     out.mkdir(parents=True, exist_ok=True)
     namespace = "/soak"
@@ -146,12 +154,12 @@ def run(minutes: float, out: Path, interval_s: float, burst_every_s: float, burs
                 p.kill()
         planner.close()
         agent_log.close()
-    return summarise(planner, memory, minutes, burst_every_s, final_diagnostics, agent.returncode)
+    return summarise(planner, memory, minutes, burst_every_s, final_diagnostics, agent.returncode, commit)
 
 
 def summarise(planner: Planner, memory: list[tuple[float, int]], minutes: float, burst_every_s: float,
-              diagnostics: dict, exit_code: int | None) -> dict:
-    report: dict = {"minutes": minutes, "agent_exit_code": exit_code, "commit": COMMIT}
+              diagnostics: dict, exit_code: int | None, commit: str | None) -> dict:
+    report: dict = {"minutes": minutes, "agent_exit_code": exit_code, "commit": commit}
     for kind in ("regular", "burst", "all"):
         ids = [i for i, s in planner.sent.items() if kind == "all" or s["kind"] == kind]
         statuses = Counter(planner.results[i][0]["status"] for i in ids if i in planner.results)

@@ -90,29 +90,18 @@ def concentration_per_region(values: torch.Tensor, region: torch.Tensor, num_reg
     return torch.where(valid, excess.clamp(0, 1), torch.zeros_like(excess)).float()
 
 
-def _minmax(scores: TokenScores, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    region, r = scores.region.cpu(), scores.num_regions
-    rel = None if scores.relevance is None else minmax_per_region(scores.relevance.cpu(), region, r)
-    return minmax_per_region(scores.saliency.cpu(), region, r), rel
+def raw_values(values: torch.Tensor, region: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """``values`` as they are (the attention probabilities themselves)."""
+    return values.float()
 
 
-def _rank_concentration(scores: TokenScores, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    region, r = scores.region.cpu(), scores.num_regions
-    rel = None if scores.relevance is None else concentration_per_region(scores.relevance.cpu(), region, r)
-    return rank_per_region(scores.saliency.cpu(), region, r), rel
-
-
-def _minmax_raw(scores: TokenScores, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    region, r = scores.region.cpu(), scores.num_regions
-    rel = None if scores.relevance is None else scores.relevance.cpu().float()
-    return minmax_per_region(scores.saliency.cpu(), region, r), rel
-
-
-#: name → (bottom-up term, top-down term), each per token.  "minmax" scales both to [0, 1] per region;
-#: "rank_concentration" ranks the saliency and measures how much the relevance exceeds a uniform share,
-#: so an uninformative relevance leaves the saliency order as it is; "minmax_raw" adds the raw attention
-#: (the third-party reading of the paper, research notes).
-FUSIONS = {"minmax": _minmax, "rank_concentration": _rank_concentration, "minmax_raw": _minmax_raw}
+#: name → (bottom-up scale, top-down scale), each ``f(values, region, num_regions)`` per token.  "minmax"
+#: scales both to [0, 1] per region; "rank_concentration" ranks the saliency and measures how much the
+#: relevance exceeds a uniform share, so an uninformative relevance leaves the saliency order as it is;
+#: "minmax_raw" adds the raw attention (the third-party reading of the paper, research notes).
+FUSIONS = {"minmax": (minmax_per_region, minmax_per_region),
+           "rank_concentration": (rank_per_region, concentration_per_region),
+           "minmax_raw": (minmax_per_region, raw_values)}
 
 
 def fused_scores(scores: TokenScores, alpha: float, fusion: str = "rank_concentration") -> torch.Tensor:
@@ -120,9 +109,12 @@ def fused_scores(scores: TokenScores, alpha: float, fusion: str = "rank_concentr
 
     Without a relevance signal (instruction stage off) the score is the bottom-up term alone.
     """
-    sal, rel = FUSIONS[fusion](scores, alpha)
-    if rel is None or alpha == 0.0:
+    bottom_up, top_down = FUSIONS[fusion]
+    region, r = scores.region.cpu(), scores.num_regions
+    sal = bottom_up(scores.saliency.cpu(), region, r)
+    if scores.relevance is None or alpha == 0.0:
         return sal
+    rel = top_down(scores.relevance.cpu(), region, r)
     if alpha == 1.0:
         return rel
     return (1.0 - alpha) * sal + alpha * rel

@@ -226,11 +226,10 @@ class AgentNode(LifecycleNode):
         if error is not None:
             self.counters.error(f"invalid image: {error}")
             self.get_logger().warning(f"invalid image: {loggable(error)}", throttle_duration_sec=LOG_THROTTLE_S)
-        max_pixels = self._max_pixels
         stamp = msg.header.stamp
         worker.put_frame(Frame(stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
                                stamp={"sec": stamp.sec, "nanosec": stamp.nanosec}, frame_id=msg.header.frame_id,
-                               header=msg.header, decode=lambda: decode(msg, max_pixels), error=error,
+                               header=msg.header, decode=lambda: decode(msg, self._max_pixels), error=error,
                                arrived=arrived))
 
     def _on_instruction(self, msg: String) -> None:
@@ -379,8 +378,9 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
         startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup())
     try:
         spin_until(executor, node, stop.event)
-        node.get_logger().info(f"shutting down ({stop.name or 'rclpy shutdown'})")
-        node.stop_serving(f"the node shut down ({stop.name or 'rclpy shutdown'})", shutting_down=True)
+        why = stop.name or "rclpy shutdown"
+        node.get_logger().info(f"shutting down ({why})")
+        node.stop_serving(f"the node shut down ({why})", shutting_down=True)
         node.flush_results(RESULT_FLUSH_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

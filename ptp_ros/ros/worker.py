@@ -25,8 +25,7 @@ from ..pruning import PTPConfig
 from .requests import Request, loggable
 
 MODES = ("budget", "fixed")
-#: Every ``status`` a result can have.  ``ok`` is an answer; the rest say why there is none.
-STATUSES = ("ok", "busy", "rejected", "expired", "stale", "cancelled", "error")
+# the statuses besides "ok" (an answer), grouped as /diagnostics reports them
 REFUSED = ("busy", "rejected", "expired")  # refused before the model ran
 FAILED = ("stale", "cancelled", "error")  # the request started but has no answer
 FUTURE_STAMP_TOLERANCE_MS = 500.0  # more than clock jitter between machines: the clocks disagree
@@ -133,11 +132,16 @@ class Counters:
             if status in ("busy", "expired"):
                 self.last_overload = time.monotonic()
 
-    def rejection(self, request_id: str, text: str, reason: str, status: str = "rejected") -> dict:
-        """Count a request refused without running the model, and the result that tells the planner why."""
+    def failure(self, result: dict, reason: str, status: str) -> dict:
+        """Count a request without an answer and complete its ``result`` with why."""
         self.count(status)
         self.error(reason)
-        return {"id": request_id, "instruction": text, "status": status, "error": reason}
+        result.update(status=status, error=reason)
+        return result
+
+    def rejection(self, request_id: str, text: str, reason: str, status: str = "rejected") -> dict:
+        """Count a request refused without running the model, and the result that tells the planner why."""
+        return self.failure({"id": request_id, "instruction": text}, reason, status)
 
     def latency(self, total_ms: float, keep_ratio: float, queue_ms: float) -> None:
         with self._lock:
@@ -222,15 +226,15 @@ class RequestWorker:
         """Why ``request`` cannot start before its budget expires, even if every request ahead of it ran at
         the minimum keep ratio; None when it may.  Only requests with a latency budget have a deadline."""
         budget_ms = self._deadline_ms(request, self.settings)
-        ahead = self._queue.qsize() + int(self._running_since is not None)
+        running, queued = self._running_since, self._queue.qsize()
+        ahead = queued + int(running is not None)
         if budget_ms is None or ahead == 0 or not self.latency_model.ready or self.total_tokens is None:
             return None
         s = self.settings
         floor = max(1, round(s.keep_ratio_min * self.total_tokens))
         per_request = self.latency_model.predict_total(floor, self.total_tokens, s.max_new_tokens)
-        running = self._running_since
-        elapsed = (time.monotonic() - running) * 1e3 if running is not None else 0.0
-        wait_ms = max(0.0, per_request - elapsed) * int(running is not None) + per_request * self._queue.qsize()
+        running_left = 0.0 if running is None else max(0.0, per_request - (time.monotonic() - running) * 1e3)
+        wait_ms = running_left + per_request * queued
         if wait_ms < budget_ms:
             return None
         return (f"busy: overloaded, {ahead} request(s) ahead would take at least {wait_ms:.0f} ms, "
@@ -404,10 +408,7 @@ class RequestWorker:
         self._emit(result, answer.text)
 
     def _fail(self, result: dict, reason: str, status: str) -> None:
-        self.counters.count(status)
-        self.counters.error(reason)
-        result.update(status=status, error=reason)
-        self._emit(result, None)
+        self._emit(self.counters.failure(result, reason, status), None)
 
 
 def calibrate(worker: RequestWorker, image: np.ndarray, keep_ratios: list[float], max_new_tokens: int,
