@@ -11,7 +11,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .pruning import NO_REGION, PTPConfig, Selection, fused_scores, instruction_relevance, make_selector, resolve_budget
+from .pruning import (
+    NO_REGION,
+    BoundSelector,
+    InLLMPruning,
+    PTPConfig,
+    Selection,
+    fused_scores,
+    instruction_relevance,
+    make_selector,
+    resolve_budget,
+)
 from .vlm.base import Cancelled, VisionLanguageAdapter, VisualTokens
 
 __all__ = ["Answer", "Cancelled", "InvalidRequest", "Pipeline", "PipelineConfig", "validate_image"]
@@ -30,6 +40,9 @@ class PipelineConfig:
     selector_options: dict = field(default_factory=dict)  # for peer selectors
     instruction_reduce: str = "max"  # over instruction tokens: "max" (paper) or "mean"
     newline_policy: str = "drop"  # structural tokens when pruning: "drop", or "keep" (counted in the budget)
+    # PTP (and text_attention): rank at the adapter's LLM layer inside the LLM and drop from that layer on,
+    # instead of a separate relevance probe followed by a pruned prefill (see vlm/in_llm.py)
+    prune_in_llm: bool = False
     max_new_tokens: int = 32
     max_instruction_chars: int = 2000
 
@@ -132,25 +145,48 @@ class Pipeline:
         _check(cancel, "after encoding")
         budget = resolve_budget(visual.num_tokens, keep_ratio=keep_ratio if tokens is None else None, tokens=tokens)
         keep_all = budget >= visual.num_tokens
+        plan = None if keep_all else self.in_llm_plan()
         with _timed(timings, "score", device):
             scores = visual.scores
             if scores.features is None:  # diversity-based selectors (divprune) read the projected features
                 scores = dataclasses.replace(scores, features=visual.features)
-            if self.selector.needs_relevance and not keep_all:
+            if self.selector.needs_relevance and not keep_all and plan is None:
                 rows = self.adapter.instruction_attention(prepared, visual)
-                scores = dataclasses.replace(scores, relevance=instruction_relevance(rows, self.config.instruction_reduce))
+                scores = dataclasses.replace(scores, relevance=instruction_relevance(rows, self._reduce))
             visual.scores = scores
-        with _timed(timings, "select", device):
-            selection = self._select(visual, budget, keep_all)
-        _check(cancel, "before generating")
-        generation = self.adapter.generate(prepared, visual, None if keep_all else selection.kept,
-                                           max_new_tokens or self.config.max_new_tokens, cancel=cancel)
+        if plan is None:
+            with _timed(timings, "select", device):
+                selection = self._select(visual, budget, keep_all)
+            _check(cancel, "before generating")
+            generation = self.adapter.generate(prepared, visual, None if keep_all else selection.kept,
+                                               max_new_tokens or self.config.max_new_tokens, cancel=cancel)
+        else:  # ranked and dropped inside the prefill: its time includes scoring and selecting
+            chosen: list[Selection] = []
+
+            def choose(rows: torch.Tensor) -> torch.Tensor:
+                visual.scores = dataclasses.replace(visual.scores, relevance=instruction_relevance(rows.cpu(),
+                                                                                                   self._reduce))
+                chosen.append(self._select(visual, budget, False))
+                return chosen[-1].kept
+
+            _check(cancel, "before generating")
+            generation = self.adapter.generate(prepared, visual, None, max_new_tokens or self.config.max_new_tokens,
+                                               cancel=cancel, in_llm=(plan, choose))
+            selection = chosen[-1] if chosen else self._select(visual, budget, True)
         timings["prefill"] = generation.prefill_ms
         timings["decode"] = generation.decode_ms
         timings["total"] = sum(timings.values())
         return Answer(text=generation.text, selection=selection, visual=visual, timings_ms=timings,
                       prompt_tokens=generation.prompt_tokens, new_tokens=generation.new_tokens,
                       selector=self.selector.name)
+
+    def in_llm_plan(self) -> InLLMPruning | None:
+        """Where inside the LLM this pipeline ranks and drops visual tokens; ``None``: before the LLM."""
+        return in_llm_plan(self.selector, self.config.prune_in_llm, self.adapter.options.llm_layer)
+
+    @property
+    def _reduce(self) -> str:
+        return self.selector.reduce or self.config.instruction_reduce
 
     def _select(self, visual: VisualTokens, budget: int, keep_all: bool) -> Selection:
         """At most ``budget`` tokens; with ``newline_policy="keep"`` the kept structural tokens count in it."""
@@ -195,6 +231,16 @@ class Pipeline:
             in_rows &= kept_region != global_region
         pos = torch.searchsorted(structural, kept[in_rows])
         return torch.unique(structural[pos[pos < structural.numel()]])
+
+
+def in_llm_plan(selector: BoundSelector, prune_in_llm: bool, llm_layer: int) -> InLLMPruning | None:
+    """The selector's own in-LLM plan (FastV's), else with ``prune_in_llm`` a relevance selector ranks at
+    ``llm_layer`` (the adapter's relevance layer) from that layer's input and drops from it on."""
+    if selector.in_llm is not None:
+        return selector.in_llm
+    if prune_in_llm and selector.needs_relevance:
+        return InLLMPruning(score_layer=llm_layer, prune_layer=llm_layer, queries="instruction")
+    return None
 
 
 def _check(cancel: threading.Event | None, where: str) -> None:

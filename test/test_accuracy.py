@@ -13,7 +13,8 @@ from ptp_ros_bench.accuracy import main
 from ptp_ros_bench.accuracy.methods import Method, comparison_methods
 from ptp_ros_bench.accuracy.runner import DOWNSCALED, FULL, GLOBAL_ONLY, Evaluator, Results, summarize_ci
 
-PEERS = [Method("ptp", "ptp"), Method("uniform", "uniform_cls"), Method("fastv", "fastv", reduce="mean")]
+PEERS = [Method("ptp", "ptp"), Method("uniform", "uniform_cls"), Method("fastv", "fastv"),
+         Method("text_attention", "text_attention", reduce="mean"), Method("ptp in-LLM", "ptp", prune_in_llm=True)]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,9 @@ def test_evaluator_answers_what_the_pipeline_answers(tiny_adapter, scene_and_que
     decode = tiny_adapter.processor.tokenizer.decode
     configs = {"ptp": PipelineConfig(max_new_tokens=1),
                "uniform": PipelineConfig(selector="uniform_cls", max_new_tokens=1),
-               "fastv": PipelineConfig(selector="fastv", instruction_reduce="mean", max_new_tokens=1)}
+               "fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
+               "text_attention": PipelineConfig(selector="text_attention", max_new_tokens=1),
+               "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1)}
     for label, config in configs.items():
         pipeline = Pipeline(tiny_adapter, config)
         for i, q in enumerate(questions):
@@ -120,7 +123,7 @@ def test_wilson_interval():
 
 def test_methods_cover_the_issue():
     labels = {m.label for m in comparison_methods()}
-    assert {"ptp", "random", "HiRED", "FastV (layer 2)", "DivPrune", "GlobalCom2", "uniform [CLS] top-k",
+    assert {"ptp", "random", "HiRED", "FastV (in-LLM, K=2)", "DivPrune", "GlobalCom2", "uniform [CLS] top-k",
             "ptp without region budgets", "ptp mean over instruction"} <= labels
     assert len({m.key() for m in comparison_methods()}) == len(comparison_methods())
 

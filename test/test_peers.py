@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ptp_ros.pruning import NO_REGION, TokenScores, make_selector
-from ptp_ros.pruning.peers import divprune_select, fastv_select, globalcom2_select, hired_select
+from ptp_ros.pruning.peers import attention_top_k_select, divprune_select, globalcom2_select, hired_select
 from ptp_ros.pruning.selectors import PEER_SELECTORS, RELEVANCE_SELECTORS
 
-PEERS = ["hired", "fastv", "globalcom2", "divprune"]
+PEERS = ["hired", "text_attention", "globalcom2", "divprune"]
 
 
 def anyres_scores(seed: int = 0, tile_mass=(0.7, 0.1, 0.1, 0.1)) -> TokenScores:
@@ -56,7 +56,8 @@ def test_budget_out_of_range_is_refused(name):
 
 def test_registered_and_relevance_flags():
     assert set(PEERS) <= set(PEER_SELECTORS)
-    assert make_selector("fastv").needs_relevance and "fastv" in RELEVANCE_SELECTORS
+    assert make_selector("text_attention").needs_relevance and "text_attention" in RELEVANCE_SELECTORS
+    assert make_selector("text_attention").in_llm is None and make_selector("fastv").in_llm is not None
     assert not any(make_selector(n).needs_relevance for n in ("hired", "globalcom2", "divprune"))
 
 
@@ -80,21 +81,21 @@ def test_globalcom2_keeps_nominal_ratio_of_global_view_and_scales_crops():
     assert flat.quotas[1:].tolist() == [4, 4, 4, 4]
 
 
-def test_fastv_ignores_region_structure():
+def test_attention_top_k_ignores_region_structure():
     scores = anyres_scores()
     # all relevance on tile 2: FastV takes everything from it, whatever the region budgets say
     relevance = torch.where(scores.region == 2, 1.0 + torch.rand(scores.num_tokens), torch.zeros(scores.num_tokens))
-    selection = fastv_select(dataclasses.replace(scores, relevance=relevance), 16)
+    selection = attention_top_k_select(dataclasses.replace(scores, relevance=relevance), 16)
     assert selection.quotas.tolist() == [0, 0, 16, 0, 0]
     # and changing region saliency or [CLS] saliency does not move it
     other = dataclasses.replace(scores, relevance=relevance, saliency=torch.rand(scores.num_tokens),
                                 region_saliency=torch.zeros(5))
-    assert torch.equal(fastv_select(other, 16).kept, selection.kept)
+    assert torch.equal(attention_top_k_select(other, 16).kept, selection.kept)
 
 
-def test_fastv_needs_relevance():
+def test_attention_top_k_needs_relevance():
     with pytest.raises(ValueError, match="relevance"):
-        fastv_select(dataclasses.replace(anyres_scores(), relevance=None), 4)
+        attention_top_k_select(dataclasses.replace(anyres_scores(), relevance=None), 4)
 
 
 def test_divprune_picks_one_token_per_cluster():

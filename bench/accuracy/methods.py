@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ptp_ros.pruning import PTPConfig, make_selector
+from ptp_ros.pipeline import in_llm_plan
+from ptp_ros.pruning import InLLMPruning, PTPConfig, make_selector
 from ptp_ros.pruning.ptp import FUSIONS
 
 
@@ -22,9 +23,13 @@ class Method:
     reduce: str = "max"  # instruction tokens → one relevance per visual token
     adapter: tuple[tuple[str, object], ...] = ()  # (option, value) changes to the adapter's options
     group: str = "peer"  # "ptp", "ablation" or "peer"
+    prune_in_llm: bool = False  # PipelineConfig.prune_in_llm
 
     def bound(self):
         return make_selector(self.selector, **self.options)
+
+    def in_llm_plan(self, llm_layer: int) -> InLLMPruning | None:
+        return in_llm_plan(self.bound(), self.prune_in_llm, llm_layer)
 
     @property
     def needs_relevance(self) -> bool:
@@ -33,18 +38,18 @@ class Method:
     def key(self) -> tuple:
         """Identity of what is computed (two labels for one configuration are computed once)."""
         return (self.selector, tuple(sorted(self.options.items())), self.reduce if self.needs_relevance else None,
-                self.adapter)
+                self.adapter, self.prune_in_llm)
 
 
 def _ptp(label: str, group: str = "ablation", reduce: str = "max", adapter: dict | None = None,
-         **changes) -> Method:
+         prune_in_llm: bool = False, **changes) -> Method:
     return Method(label, "ptp", dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)), reduce,
-                  tuple(sorted((adapter or {}).items())), group)
+                  tuple(sorted((adapter or {}).items())), group, prune_in_llm)
 
 
 def comparison_methods() -> list[Method]:
-    """PTP (max over instruction tokens), the ablations the issue names, and the peers (FastV reads mean
-    attention, as FastV does)."""
+    """PTP (max over instruction tokens), the ablations the issue names, and the peers: FastV inside the LLM
+    as its code runs it, and its ranking applied before the LLM (mean attention of the instruction rows)."""
     default = PTPConfig().alpha  # α = 0 and α = 1 are the ablation rows, the default is the "ptp" row
     alphas = [_ptp(f"ptp α={a:g}", alpha=a) for a in (0.25, 0.5, 0.75) if a != default]
     return [
@@ -63,7 +68,9 @@ def comparison_methods() -> list[Method]:
         Method("uniform [CLS] top-k", "uniform_cls"),
         Method("HiRED", "hired"),
         Method("GlobalCom2", "globalcom2"),
-        Method("FastV (layer 2)", "fastv", reduce="mean"),
+        _ptp("ptp in-LLM (drop from layer 2, no separate probe)", prune_in_llm=True),
+        Method("FastV (in-LLM, K=2)", "fastv"),
+        Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean"),
         Method("DivPrune", "divprune"),
     ]
 

@@ -20,6 +20,7 @@ from ptp_ros.proxy import Question, Scene
 from ptp_ros.pruning import NO_REGION, instruction_relevance, resolve_budget
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
 from ptp_ros.vlm.common import StockModelAdapter, placeholder_positions
+from ptp_ros.vlm.in_llm import pruned_inside
 
 from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
@@ -117,7 +118,7 @@ class Evaluator:
 
         rows: dict[tuple[tuple, int], torch.Tensor] = {}
         for m in methods:
-            if m.needs_relevance:
+            if m.needs_relevance and m.in_llm_plan(self.variant(m.adapter).options.llm_layer) is None:
                 for qi, q in enumerate(questions):
                     if (m.adapter, qi) not in rows:
                         prepared = PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]),
@@ -137,7 +138,11 @@ class Evaluator:
                 visual = visuals[self._vision(m)]
                 scores = dataclasses.replace(visual.scores, features=features)
                 content = max(1, min(budget, int(scores.region_sizes().sum())))
-                if not m.needs_relevance:
+                if m.in_llm_plan(self.variant(m.adapter).options.llm_layer) is not None:
+                    pairs = [self._in_llm(m, visual, features, prefix_ids, suffixes[qi], full_positions, content)
+                             for qi in range(len(questions))]
+                    computed[key] = ([k for k, _ in pairs], torch.stack([lg for _, lg in pairs]))
+                elif not m.needs_relevance:
                     kept = m.bound()(scores, content).kept
                     computed[key] = ([kept] * len(questions), prefill([kept], suffixes))
                 else:
@@ -162,6 +167,31 @@ class Evaluator:
                 record(m.label, ratio, kept_sets, logits)
         results.qtypes.extend(q.qtype for q in questions)
         results.scenes.extend([scene.seed] * len(questions))
+
+    def _in_llm(self, m: Method, visual: VisualTokens, features: torch.Tensor, prefix_ids: torch.Tensor,
+                suffix: torch.Tensor, full_positions: torch.Tensor | None, content: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept, answer logits) of a method that ranks and drops inside the LLM: one forward over the whole
+        prompt through the library's own hooks (``pruned_inside``), as ``Pipeline.answer`` runs it."""
+        p, n = prefix_ids.shape[0], visual.num_tokens
+        embeds = torch.cat([prefix_embeddings(self.model, prefix_ids, features),
+                            self.model.get_input_embeddings()(suffix)])[None]
+        positions = None
+        if full_positions is not None:
+            prefix_pos, start = kept_positions(full_positions, p, n, torch.arange(n))
+            suffix_pos = (start + torch.arange(suffix.shape[0])).view(1, 1, -1).expand(prefix_pos.shape[0], 1, -1)
+            positions = torch.cat([prefix_pos, suffix_pos], dim=2)
+        bound = m.bound()
+
+        def choose(rows: torch.Tensor) -> torch.Tensor:
+            relevance = instruction_relevance(rows.cpu(), bound.reduce or m.reduce)
+            return bound(dataclasses.replace(visual.scores, features=features, relevance=relevance), content).kept
+
+        lm = self.model.model.language_model
+        plan = m.in_llm_plan(self.variant(m.adapter).options.llm_layer)
+        with pruned_inside(lm.layers, plan, torch.arange(p, p + n), embeds.shape[1], choose) as state:
+            hidden = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+        kept = state.get("kept", torch.arange(n))  # a plan past the last layer drops nothing
+        return kept.cpu(), self.model.lm_head(hidden[0, -1])
 
     def _downscaled(self, scene: Scene, questions: list[Question], suffixes: list[torch.Tensor], budget: int,
                     ratio: float, record) -> None:

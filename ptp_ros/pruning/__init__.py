@@ -2,9 +2,9 @@
 from .budgets import region_quotas, region_shares
 from .ptp import PTPConfig, fused_scores, instruction_relevance, ptp_select
 from .selectors import BoundSelector, make_selector, selector_names
-from .types import NO_REGION, Selection, TokenScores, resolve_budget
+from .types import NO_REGION, InLLMPruning, Selection, TokenScores, resolve_budget
 
 __all__ = [
-    "NO_REGION", "PTPConfig", "Selection", "BoundSelector", "TokenScores", "fused_scores", "instruction_relevance", "make_selector",
+    "NO_REGION", "InLLMPruning", "PTPConfig", "Selection", "BoundSelector", "TokenScores", "fused_scores", "instruction_relevance", "make_selector",
     "ptp_select", "region_quotas", "region_shares", "resolve_budget", "selector_names",
 ]

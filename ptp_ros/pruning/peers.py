@@ -5,7 +5,10 @@ port of its code.  Where a paper needs a signal we do not have, the docstring sa
 
 * ``hired_select``      HiRED (AAAI'25): fixed share for the global view, tile budgets from the global
                         view's [CLS] mass on each tile, per-tile [CLS] top-k.
-* ``fastv_select``      FastV (ECCV'24): one global top-K by text→visual attention at LLM layer 2.
+* ``attention_top_k_select``  one global top-K by text→visual attention: FastV's ranking (ECCV'24).
+                        As the "fastv" selector it runs inside the LLM as FastV's code does (last token's
+                        attention at layer K − 1, drop from layer K, see vlm/in_llm.py); as "text_attention"
+                        it ranks before the LLM by the mean instruction attention at the adapter's LLM layer.
 * ``globalcom2_select`` GlobalCom² (2501.05179): global view pruned at the nominal ratio by its own
                         [CLS]; per-crop retention ratios scaled by the thumbnail's saliency over each crop.
 * ``divprune_select``   DivPrune (CVPR'25): max–min diversity over the projected features.
@@ -99,24 +102,20 @@ def globalcom2_select(scores: TokenScores, budget: int, temperature: float = 1.0
     return dataclasses.replace(selection, method="globalcom2")
 
 
-def fastv_select(scores: TokenScores, budget: int) -> Selection:
-    """FastV-style: the K tokens that receive the most text→visual attention at the configured LLM
-    layer (2 by default), one global ranking with no region budgets.
-
-    Reads ``relevance``, which the pipeline reduces over the instruction rows with
-    ``PipelineConfig.instruction_reduce``: FastV ranks by the *average* attention a token receives, so
-    give it ``"mean"`` (the benchmark does); PTP's default is ``"max"``.
-    """
+def attention_top_k_select(scores: TokenScores, budget: int) -> Selection:
+    """The K tokens that receive the most text→visual attention (``relevance``), one global ranking with
+    no region budgets: FastV's choice.  Which attention it reads (which rows, which layer, before or
+    inside the LLM) is the selector's ``in_llm``/``reduce`` (see selectors.make_selector)."""
     _check_budget(scores, budget)
     if scores.relevance is None:
-        raise ValueError("fastv needs TokenScores.relevance (text→visual attention); the pipeline computes it "
-                         "for selectors in RELEVANCE_SELECTORS")
+        raise ValueError("attention top-k needs TokenScores.relevance (text→visual attention); the pipeline "
+                         "computes it for selectors that declare needs_relevance")
     region = scores.region.cpu()
     ranked = torch.where(region != NO_REGION, scores.relevance.cpu().double(), torch.tensor(float("-inf"),
                                                                                           dtype=torch.double))
     kept = torch.sort(torch.argsort(ranked, descending=True, stable=True)[:budget]).values
     return Selection(kept=kept, total=scores.num_tokens, region_sizes=scores.region_sizes(),
-                     quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="fastv")
+                     quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="attention_top_k")
 
 
 def divprune_select(scores: TokenScores, budget: int) -> Selection:

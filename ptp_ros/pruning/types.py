@@ -50,6 +50,42 @@ class TokenScores:
         return torch.bincount(selectable, minlength=self.num_regions)
 
 
+#: Which prompt rows rank the visual tokens: the last prompt token (FastV) or every token after the image (PTP).
+QUERIES = ("last", "instruction")
+
+@dataclass(frozen=True)
+class InLLMPruning:
+    """Where inside the LLM the visual tokens are ranked and dropped.
+
+    ``score_layer``: the decoder layer whose attention ranks them (FastV: K − 1).  ``prune_layer``: the
+    first layer that sees only the kept tokens (FastV: K); layers below it run on the whole prompt.
+    ``queries``: one of ``QUERIES``.
+    """
+
+    score_layer: int
+    prune_layer: int
+    queries: str = "last"
+
+    def __post_init__(self) -> None:
+        if self.queries not in QUERIES:
+            raise ValueError(f"queries must be one of {QUERIES}, got {self.queries!r}")
+        if not 0 <= self.score_layer <= self.prune_layer:
+            raise ValueError(f"need 0 <= score_layer <= prune_layer, got {self.score_layer} and {self.prune_layer}")
+
+    @classmethod
+    def fastv(cls, k: int) -> InLLMPruning:
+        """FastV's K: rank by layer K − 1's last-token attention, drop from layer K."""
+        if k < 1:
+            raise ValueError(f"FastV's K must be >= 1, got {k}")
+        return cls(score_layer=k - 1, prune_layer=k, queries="last")
+
+    def query_positions(self, image_positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        start = prompt_len - 1 if self.queries == "last" else int(image_positions.max()) + 1
+        if start >= prompt_len:
+            raise ValueError("the prompt has no tokens after the image to rank the visual tokens with")
+        return torch.arange(start, prompt_len, device=image_positions.device)
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which visual tokens survive: ``kept`` holds indices into the original order, ascending."""

@@ -117,7 +117,17 @@ def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tens
             language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
         except _StopForward:
             pass
-    hidden = layer.input_layernorm(store["hidden_states"])  # [1, L, D]
+    return attention_rows(layer, store["hidden_states"], store["position_embeddings"], query_positions,
+                          key_positions)
+
+
+@torch.no_grad()
+def attention_rows(layer: nn.Module, layer_input: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Head-averaged causal attention rows of one decoder layer, recomputed from its input [1, L, D] and
+    the rotary tables (cos, sin) it was called with: that layer's input norm, q/k projections (and
+    q/k norms) for the needed rows only.  → [len(query_positions), len(key_positions)] float32."""
+    hidden = layer.input_layernorm(layer_input)  # [1, L, D]
     attn = layer.self_attn
     head_dim = attn.head_dim
     q = attn.q_proj(hidden[:, query_positions]).view(1, len(query_positions), -1, head_dim).transpose(1, 2)
@@ -125,7 +135,7 @@ def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tens
     k = attn.k_proj(hidden[:, :last]).view(1, last, -1, head_dim).transpose(1, 2)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = store["position_embeddings"]
+    cos, sin = position_embeddings
     q_cos, q_sin = cos[:, query_positions], sin[:, query_positions]
     q, _ = _rotary_for(attn)(q, q, q_cos, q_sin)
     k, _ = _rotary_for(attn)(k, k, cos[:, :last], sin[:, :last])

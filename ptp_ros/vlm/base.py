@@ -58,6 +58,7 @@ class Generation:
     new_tokens: int
     prefill_ms: float
     decode_ms: float
+    in_llm_kept: torch.Tensor | None = None  # the visual indices kept inside the LLM (in-LLM pruning only)
 
 
 class Cancelled(RuntimeError):
@@ -91,8 +92,10 @@ class VisionLanguageAdapter(Protocol):
         ...
 
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int, cancel: threading.Event | None = None) -> Generation:
-        """Greedy answer from the ``kept`` visual tokens (all when None); ``Cancelled`` once ``cancel`` is set."""
+                 max_new_tokens: int, cancel: threading.Event | None = None,
+                 in_llm: tuple[Any, Any] | None = None) -> Generation:
+        """Greedy answer from the ``kept`` visual tokens (all when None); ``Cancelled`` once ``cancel`` is set.
+        ``in_llm`` = (``InLLMPruning``, chooser): prune inside the LLM instead (see vlm/in_llm.py)."""
         ...
 
     def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:

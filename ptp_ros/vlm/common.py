@@ -20,6 +20,7 @@ from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_lo
 from .attention import text_to_token_attention
 from .base import Cancelled, Generation, PreparedInput, StageClock, StopOnEvent, VisualTokens
 from .compat import hide_video_processor
+from .in_llm import Chooser, InLLMPruning, pruned_inside
 from .loading import ModelLoadError, weights_misfit
 
 #: How a tiled model's regions are weighed against each other (see ``tile_region_logits``).
@@ -197,15 +198,32 @@ class StockModelAdapter:
 
     @torch.no_grad()
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int, cancel: threading.Event | None = None) -> Generation:
+                 max_new_tokens: int, cancel: threading.Event | None = None,
+                 in_llm: tuple[InLLMPruning, Chooser] | None = None) -> Generation:
         ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
         features = visual.features
         if kept is not None and kept.numel() < visual.num_tokens:
             keep = kept_sequence_mask(ids, self.image_token_id, kept)
             ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=self.pooler_output(features))}
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel,
-                              input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded)
+        return self.run_generate(max_new_tokens, cancel, in_llm, input_ids=ids, attention_mask=mask,
+                                 mm_encoder_outputs=encoded)
+
+    def run_generate(self, max_new_tokens: int, cancel: threading.Event | None,
+                     in_llm: tuple[InLLMPruning, Chooser] | None, **inputs) -> Generation:
+        """``timed_generate`` over ``inputs``; with ``in_llm`` = (plan, choose), the visual tokens of the
+        (unpruned) prompt are ranked and dropped inside the LLM (``pruned_inside``), and the returned
+        ``Generation.in_llm_kept`` holds the visual indices ``choose`` kept."""
+        if in_llm is None:
+            return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel, **inputs)
+        plan, choose = in_llm
+        ids = inputs["input_ids"]
+        image_pos = placeholder_positions(ids, self.image_token_id)
+        with pruned_inside(self.model.model.language_model.layers, plan, image_pos, ids.shape[1], choose) as state:
+            generation = timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel,
+                                        **inputs)
+        generation.in_llm_kept = state.get("kept")
+        return generation
 
     @torch.no_grad()
     def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:

@@ -31,6 +31,8 @@ from ..pruning.region_saliency import mass_logits
 from .attention import ReceivedAttentionProbe
 from .base import Generation, PreparedInput, VisualTokens
 from .common import (
+    Chooser,
+    InLLMPruning,
     StockModelAdapter,
     kept_sequence_mask,
     paper_vision_layer,
@@ -202,7 +204,8 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
     # -- 3. pruned generation ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int, cancel: threading.Event | None = None) -> Generation:
+                 max_new_tokens: int, cancel: threading.Event | None = None,
+                 in_llm: tuple[InLLMPruning, Chooser] | None = None) -> Generation:
         """Always through explicit positions, so keep-all exercises the same path as a pruned run."""
         ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
         positions = self.rope_positions(prepared)
@@ -214,9 +217,8 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         text_positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)  # for the causal mask only
         self.model.model.rope_deltas = None  # stale deltas of an earlier prompt would shift decoding
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel,
-                              input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded,
-                              position_ids=torch.cat([text_positions, positions], dim=0))
+        return self.run_generate(max_new_tokens, cancel, in_llm, input_ids=ids, attention_mask=mask,
+                                 mm_encoder_outputs=encoded, position_ids=torch.cat([text_positions, positions], dim=0))
 
     @torch.no_grad()
     def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
