@@ -37,6 +37,8 @@ class Results:
 
     qtypes: list[str] = field(default_factory=list)
     scenes: list[int] = field(default_factory=list)
+    text_tokens: list[int] = field(default_factory=list)  # prompt tokens that are not visual, per question
+    visual_tokens: list[int] = field(default_factory=list)  # visual tokens of the unpruned prompt, per question
     correct: dict[tuple[str, float], list[int]] = field(default_factory=lambda: defaultdict(list))
     predicted: dict[tuple[str, float], list[int]] = field(default_factory=lambda: defaultdict(list))
     recall: dict[tuple[str, float], list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -167,6 +169,8 @@ class Evaluator:
                 record(m.label, ratio, kept_sets, logits)
         results.qtypes.extend(q.qtype for q in questions)
         results.scenes.extend([scene.seed] * len(questions))
+        results.text_tokens.extend(p + int(suffix.shape[0]) for suffix in suffixes)
+        results.visual_tokens.extend([n] * len(questions))
 
     def _in_llm(self, m: Method, visual: VisualTokens, features: torch.Tensor, prefix_ids: torch.Tensor,
                 suffix: torch.Tensor, full_positions: torch.Tensor | None, content: int) -> tuple[torch.Tensor, torch.Tensor]:
