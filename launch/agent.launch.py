@@ -9,10 +9,21 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode
 from launch_ros.parameter_descriptions import ParameterValue
+
+
+def check_files(context, *args, **kwargs) -> list:
+    """Refuse to start on a params_file or fastdds_profile that is not a file.  launch_ros would skip a
+    missing parameter file with a warning and Fast DDS a missing profile with an error line, and the node
+    would then run on its defaults (or with frames silently lost), ignoring what the user asked for."""
+    for name in ("params_file", "fastdds_profile"):
+        path = context.launch_configurations.get(name, "")
+        if (path or name == "params_file") and not os.path.isfile(path):
+            raise FileNotFoundError(f"launch argument {name}: {path!r} is not a file")
+    return []
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -63,6 +74,7 @@ def generate_launch_description() -> LaunchDescription:
     profile_variable = "FASTRTPS_DEFAULT_PROFILES_FILE" if fast_dds_2 else "FASTDDS_DEFAULT_PROFILES_FILE"
     return LaunchDescription([
         *arguments,
+        OpaqueFunction(function=check_files),
         SetEnvironmentVariable(profile_variable, LaunchConfiguration("fastdds_profile")),
         agent,
     ])

@@ -238,6 +238,149 @@ class Probe:
         rclpy.try_shutdown(context=self.context)
 
 
+
+# -- colcon and the real `ros2 launch` (vendored ros2/launch, ../shared/vendor/ros2-launch) -----------------
+VENDOR_LAUNCH = ROOT.parent / "shared" / "vendor" / "ros2-launch"
+
+
+def colcon_executable() -> str | None:
+    """colcon from this venv, else from PATH."""
+    import shutil
+
+    return shutil.which("colcon", path=str(Path(sys.executable).parent)) or shutil.which("colcon")
+
+
+def colcon_build(workspace: Path) -> Path:
+    """``colcon build --base-paths <repo>`` of the ``ptp_ros`` package into ``workspace`` (build/, install/,
+    log/; nothing written in the repository); returns the install base.  RuntimeError with colcon's output
+    on failure.  colcon's crawl stops at the repository root, which is the ptp_ros package; with
+    colcon-package-selection installed ``--packages-select ptp_ros`` makes sure of it."""
+    import importlib.util
+
+    colcon = colcon_executable()
+    if colcon is None:
+        raise RuntimeError("colcon is not installed")
+    env = dict(os.environ)
+    env["AMENT_PREFIX_PATH"] = os.pathsep.join(p for p in (env.get("AMENT_PREFIX_PATH"), sys.prefix) if p)
+    install = workspace / "install"
+    select = ["--packages-select", "ptp_ros"] if importlib.util.find_spec("colcon_package_selection") else []
+    done = subprocess.run([colcon, "--log-base", str(workspace / "log"), "build", "--base-paths", str(ROOT),
+                           "--build-base", str(workspace / "build"), "--install-base", str(install), *select],
+                          cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 or not (install / "ptp_ros" / "share" / "ptp_ros" / "package.xml").is_file():
+        raise RuntimeError(f"colcon build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return install
+
+
+def launch_env(env: dict[str, str], install: Path, package: str = "ptp_ros") -> dict[str, str]:
+    """``env`` plus what sourcing ``install/setup.bash`` would add for ``package``, and the vendored launch."""
+    prefix = install / package
+    site = prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    out = dict(env)
+    out["AMENT_PREFIX_PATH"] = os.pathsep.join([str(prefix), sys.prefix])
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(VENDOR_LAUNCH), str(site), env.get("PYTHONPATH")) if p)
+    return out
+
+
+class LaunchProcess:
+    """``ros2 launch TARGET name:=value ...`` (the vendored stand-in, the real LaunchService) in its own
+    process group; output goes to ``log_path``."""
+
+    def __init__(self, env: dict[str, str], install: Path, log_path: Path, target: list[str],
+                 arguments: dict[str, Any]):
+        args = [sys.executable, str(VENDOR_LAUNCH / "ros2_launch.py"), *target,
+                *(f"{key}:={value}" for key, value in arguments.items())]
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(args, env=launch_env(env, install), stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=log_path.parent, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def interrupt(self) -> None:
+        """SIGINT to the launch process (``kill -INT``), which forwards it to the node: the stand-in runs
+        non-interactive.  (A terminal's Ctrl-C reaches the whole group; an interactive ``ros2 launch`` then
+        does not forward it, a non-interactive one does, and the node gets two.)"""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
+    def wait(self, timeout: float) -> int | None:
+        """The launch's exit code, or None if it still runs after ``timeout`` s."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        """Make sure nothing of this launch is left running."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self._log.close()
+
+
+# -- bags ---------------------------------------------------------------------------------------------------
+class BagRecorder:
+    """``ros2 bag record`` for tests: subscribes to ``topics`` (name → message class), keeps every message as
+    received (serialized CDR, logged at its arrival time) and writes them into a rosbag2 bag with ``rosbags``
+    on ``close`` (sqlite3 objects stay in the thread that made them)."""
+
+    def __init__(self, path: Path, topics: dict[str, type], qos=None):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import qos_profile_sensor_data
+
+        self.path = path
+        self.topics = {topic: f"{cls.__module__.split('.')[0]}/msg/{cls.__name__}" for topic, cls in topics.items()}
+        self._lock = threading.Lock()
+        self._messages: list[tuple[str, int, bytes]] = []
+        self.counts = dict.fromkeys(topics, 0)
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("bag_recorder", context=self.context)
+        for topic, cls in topics.items():
+            self.node.create_subscription(cls, topic, lambda raw, t=topic: self._keep(t, raw),
+                                          qos or qos_profile_sensor_data, raw=True)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def _keep(self, topic: str, raw: bytes) -> None:
+        with self._lock:
+            self._messages.append((topic, time.time_ns(), bytes(raw)))
+            self.counts[topic] += 1
+
+    def close(self) -> None:
+        import rclpy
+        from rosbags.rosbag2 import StoragePlugin, Writer
+        from rosbags.typesys import Stores, get_typestore
+
+        self.executor.shutdown()
+        self._thread.join(5.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        store = get_typestore(Stores.ROS2_KILTED)
+        with Writer(self.path, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
+            connections = {topic: writer.add_connection(topic, msgtype, typestore=store)
+                           for topic, msgtype in self.topics.items()}
+            with self._lock:
+                for topic, log_ns, raw in self._messages:
+                    writer.write(connections[topic], log_ns, raw)
+
+
+def read_bag(path: Path) -> list[tuple[str, str, int, bytes]]:
+    """Every message of a bag in order: (topic, message type, log time ns, serialized bytes)."""
+    from rosbags.highlevel import AnyReader
+
+    with AnyReader([path]) as reader:
+        return [(c.topic, c.msgtype, t, bytes(raw)) for c, t, raw in reader.messages()]
+
+
 def _slow_node_main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--generate-delay-s", type=float, default=0.0)
