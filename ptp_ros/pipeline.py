@@ -20,6 +20,7 @@ from .pruning import (
     fused_scores,
     instruction_relevance,
     make_selector,
+    ptp_select,
     resolve_budget,
 )
 from .vlm.base import Cancelled, VisionLanguageAdapter, VisualTokens
@@ -43,6 +44,9 @@ class PipelineConfig:
     # PTP (and text_attention): rank at the adapter's LLM layer inside the LLM and drop from that layer on,
     # instead of a separate relevance probe followed by a pruned prefill (see vlm/in_llm.py)
     prune_in_llm: bool = False
+    # PTP only: run the relevance probe over the ⌈probe_candidates × budget⌉ tokens PTP ranks best bottom-up
+    # (α = 0) and the text, not over every visual token; the others get no relevance.  0: over all of them.
+    probe_candidates: float = 0.0
     max_new_tokens: int = 32
     max_instruction_chars: int = 2000
 
@@ -53,6 +57,11 @@ class PipelineConfig:
             raise ValueError(f"instruction_reduce must be 'max' or 'mean', got {self.instruction_reduce!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.probe_candidates and not (self.probe_candidates >= 1.0 and math.isfinite(self.probe_candidates)):
+            raise ValueError(f"probe_candidates must be 0 (off) or >= 1, got {self.probe_candidates}")
+        if self.probe_candidates and (self.selector != "ptp" or self.prune_in_llm):
+            raise ValueError("probe_candidates narrows PTP's relevance probe before the LLM: it needs "
+                             "selector='ptp' and prune_in_llm=False")
 
 
 @dataclass
@@ -151,8 +160,12 @@ class Pipeline:
             if scores.features is None:  # diversity-based selectors (divprune) read the projected features
                 scores = dataclasses.replace(scores, features=visual.features)
             if self.selector.needs_relevance and not keep_all and plan is None:
-                rows = self.adapter.instruction_attention(prepared, visual)
-                scores = dataclasses.replace(scores, relevance=instruction_relevance(rows, self._reduce))
+                if self.config.probe_candidates:
+                    relevance = candidate_relevance(self.adapter, prepared, visual, self.config.ptp, budget,
+                                                    self.config.probe_candidates, self._reduce)
+                else:
+                    relevance = instruction_relevance(self.adapter.instruction_attention(prepared, visual), self._reduce)
+                scores = dataclasses.replace(scores, relevance=relevance)
             visual.scores = scores
         if plan is None:
             with _timed(timings, "select", device):
@@ -231,6 +244,22 @@ class Pipeline:
             in_rows &= kept_region != global_region
         pos = torch.searchsorted(structural, kept[in_rows])
         return torch.unique(structural[pos[pos < structural.numel()]])
+
+
+def candidate_relevance(adapter: VisionLanguageAdapter, prepared, visual: VisualTokens, config: PTPConfig,
+                        budget: int, multiple: float, reduce: str) -> torch.Tensor:
+    """[N] relevance from a probe over PTP's ⌈multiple × budget⌉ bottom-up best tokens only (0 elsewhere).
+
+    The probe's cost scales with the tokens it reads, so at 11.1 % kept and ``multiple`` 3 it reads a third
+    of the visual tokens.  A relevance spread evenly over the candidates leaves their bottom-up order as it
+    is (the fusion's top-down term is then the same for all of them)."""
+    scores = dataclasses.replace(visual.scores, relevance=None)
+    count = min(int(scores.region_sizes().sum()), math.ceil(multiple * budget))
+    candidates = ptp_select(scores, count, dataclasses.replace(config, alpha=0.0)).kept
+    rows = adapter.instruction_attention(prepared, visual, kept=candidates)
+    relevance = torch.zeros(visual.num_tokens, dtype=torch.float32)
+    relevance[candidates] = instruction_relevance(rows, reduce).float()
+    return relevance
 
 
 def in_llm_plan(selector: BoundSelector, prune_in_llm: bool, llm_layer: int) -> InLLMPruning | None:

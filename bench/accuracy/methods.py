@@ -24,6 +24,7 @@ class Method:
     adapter: tuple[tuple[str, object], ...] = ()  # (option, value) changes to the adapter's options
     group: str = "peer"  # "ptp", "ablation" or "peer"
     prune_in_llm: bool = False  # PipelineConfig.prune_in_llm
+    probe_candidates: float = 0.0  # PipelineConfig.probe_candidates
 
     def bound(self):
         return make_selector(self.selector, **self.options)
@@ -38,13 +39,17 @@ class Method:
     def key(self) -> tuple:
         """Identity of what is computed (two labels for one configuration are computed once)."""
         return (self.selector, tuple(sorted(self.options.items())), self.reduce if self.needs_relevance else None,
-                self.adapter, self.prune_in_llm)
+                self.adapter, self.prune_in_llm, self.probe_candidates)
+
+
+#: The vision layer whose output the LLM reads (LLaVA-NeXT: the penultimate; Qwen2.5-VL: its last full-attention block).
+FEATURE_LAYER = (("vision_layer", "feature"),)
 
 
 def _ptp(label: str, group: str = "ablation", reduce: str = "max", adapter: dict | None = None,
-         prune_in_llm: bool = False, **changes) -> Method:
+         prune_in_llm: bool = False, probe_candidates: float = 0.0, **changes) -> Method:
     return Method(label, "ptp", dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)), reduce,
-                  tuple(sorted((adapter or {}).items())), group, prune_in_llm)
+                  tuple(sorted((adapter or {}).items())), group, prune_in_llm, probe_candidates)
 
 
 def comparison_methods() -> list[Method]:
@@ -65,10 +70,12 @@ def comparison_methods() -> list[Method]:
         # PTP reading that layer is partly by construction, so it is a row of its own, never the default.
         _ptp("ptp llm_layer=1", adapter={"llm_layer": 1}),
         Method("random", "random"),
-        Method("uniform [CLS] top-k", "uniform_cls"),
-        Method("HiRED", "hired"),
-        Method("GlobalCom2", "globalcom2"),
+        # the [CLS] peers read the feature layer's attention, as their code does (docs/method.md)
+        Method("uniform [CLS] top-k", "uniform_cls", adapter=FEATURE_LAYER),
+        Method("HiRED", "hired", adapter=FEATURE_LAYER),
+        Method("GlobalCom2", "globalcom2", adapter=FEATURE_LAYER),
         _ptp("ptp in-LLM (drop from layer 2, no separate probe)", prune_in_llm=True),
+        _ptp("ptp probe over 3× budget candidates", probe_candidates=3.0),
         Method("FastV (in-LLM, K=2)", "fastv"),
         Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean"),
         Method("DivPrune", "divprune"),

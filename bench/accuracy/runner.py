@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ptp_ros.proxy import Question, Scene
-from ptp_ros.pruning import NO_REGION, instruction_relevance, resolve_budget
+from ptp_ros.pipeline import candidate_relevance
+from ptp_ros.pruning import NO_REGION, PTPConfig, instruction_relevance, resolve_budget
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
 from ptp_ros.vlm.common import StockModelAdapter, placeholder_positions
 from ptp_ros.vlm.in_llm import pruned_inside
@@ -118,15 +119,16 @@ class Evaluator:
             glob = torch.nonzero(reference.scores.region == reference.scores.global_region).squeeze(1)
             record(GLOBAL_ONLY, 0.0, [glob] * len(questions), prefill([glob], suffixes))
 
+        prompts = [PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]), scene.image.shape[:2], q.text)
+                   for qi, q in enumerate(questions)]
         rows: dict[tuple[tuple, int], torch.Tensor] = {}
         for m in methods:
-            if m.needs_relevance and m.in_llm_plan(self.variant(m.adapter).options.llm_layer) is None:
-                for qi, q in enumerate(questions):
+            probes_all = not m.probe_candidates and m.in_llm_plan(self.variant(m.adapter).options.llm_layer) is None
+            if m.needs_relevance and probes_all:
+                for qi in range(len(questions)):
                     if (m.adapter, qi) not in rows:
-                        prepared = PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]),
-                                                 scene.image.shape[:2], q.text)
                         rows[(m.adapter, qi)] = self.variant(m.adapter).instruction_attention(
-                            prepared, visuals[self._vision(m)])
+                            prompts[qi], visuals[self._vision(m)])
         unique: dict[tuple, Method] = {}
         for m in methods:
             unique.setdefault(m.key(), m)
@@ -154,7 +156,11 @@ class Evaluator:
                 kept_sets = []
                 for key, m in dependent:
                     visual = visuals[self._vision(m)]
-                    relevance = instruction_relevance(rows[(m.adapter, qi)], m.reduce)
+                    if m.probe_candidates:
+                        relevance = candidate_relevance(self.variant(m.adapter), prompts[qi], visual,
+                                                        PTPConfig(**m.options), budget, m.probe_candidates, m.reduce)
+                    else:
+                        relevance = instruction_relevance(rows[(m.adapter, qi)], m.reduce)
                     scores = dataclasses.replace(visual.scores, features=features, relevance=relevance)
                     content = max(1, min(budget, int(scores.region_sizes().sum())))
                     kept_sets.append(m.bound()(scores, content).kept)

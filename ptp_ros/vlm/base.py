@@ -87,8 +87,10 @@ class VisionLanguageAdapter(Protocol):
 
     def encode(self, prepared: PreparedInput) -> VisualTokens: ...
 
-    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
-        """[instruction tokens, N] head-averaged text→visual attention at the configured LLM layer."""
+    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens,
+                              kept: torch.Tensor | None = None) -> torch.Tensor:
+        """[instruction tokens, N] head-averaged text→visual attention at the configured LLM layer (over a
+        prompt holding only the ``kept`` visual tokens, → [instruction tokens, len(kept)], when given)."""
         ...
 
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,

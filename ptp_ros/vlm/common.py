@@ -187,14 +187,23 @@ class StockModelAdapter:
         raise NotImplementedError
 
     @torch.no_grad()
-    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens) -> torch.Tensor:
+    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens,
+                              kept: torch.Tensor | None = None) -> torch.Tensor:
+        """[instruction tokens, N] (or [instruction tokens, len(kept)] over a prompt that holds only the
+        ``kept`` visual tokens, laid out as the pruned ``generate`` lays them out)."""
         ids = prepared.inputs["input_ids"]
+        positions = self.rope_positions(prepared)
+        features = visual.features
+        if kept is not None:
+            keep = kept_sequence_mask(ids, self.image_token_id, kept)
+            ids, features = ids[:, keep], features[kept.to(features.device)]
+            positions = None if positions is None else positions[..., keep]
         image_pos = placeholder_positions(ids, self.image_token_id)
         embeds = self.model.get_input_embeddings()(ids).clone()
-        embeds[0, image_pos] = visual.features.to(embeds.dtype)
+        embeds[0, image_pos] = features.to(embeds.dtype)
         return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
                                        instruction_query_positions(ids, self.image_token_id), image_pos,
-                                       position_ids=self.rope_positions(prepared)).cpu()
+                                       position_ids=positions).cpu()
 
     @torch.no_grad()
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,

@@ -79,14 +79,16 @@ def resolution_kwargs(image_processor, max_pixels: int) -> dict:
 
 @dataclass(frozen=True)
 class Qwen2_5_VLOptions:
-    vision_layer: int | str = "paper"  # "paper" (full-attention block nearest the paper's layer), "last" or an index
+    # "paper" (the full-attention block nearest the paper's layer), "last" or its alias "feature" (the last
+    # full-attention block: the nearest to the output the LLM reads), or an index
+    vision_layer: int | str = "paper"
     llm_layer: int = 2  # LLM layer whose text→visual attention gives instruction relevance
     region_grid: tuple[int, int] = (2, 2)  # rows, cols of the fixed region grid over the token grid
     max_pixels: int | None = None  # processor resolution cap (None: the checkpoint's); the down-scaling baseline
 
     def __post_init__(self) -> None:
-        if isinstance(self.vision_layer, str) and self.vision_layer not in ("paper", "last"):
-            raise ValueError(f"vision_layer must be 'paper', 'last' or an index, got {self.vision_layer!r}")
+        if isinstance(self.vision_layer, str) and self.vision_layer not in ("paper", "last", "feature"):
+            raise ValueError(f"vision_layer must be 'paper', 'last', 'feature' or an index, got {self.vision_layer!r}")
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"region_grid must be (rows >= 1, cols >= 1), got {self.region_grid!r}")
         object.__setattr__(self, "region_grid", tuple(int(v) for v in self.region_grid))
@@ -110,7 +112,7 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
     def _full_attention_block(choice: int | str, depth: int, full_blocks: list[int]) -> int:
         if not full_blocks:
             raise ValueError("the vision tower has no full-attention block to read saliency from")
-        if choice == "last":
+        if choice in ("last", "feature"):
             return full_blocks[-1]
         if choice == "paper":
             target = paper_vision_layer(depth)
