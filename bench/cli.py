@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cost_model import MODELS, cost_table
+from .cost_model import MODELS, cost_table, llm_dims_from_config
 
 #: Real-size models ptp-bench can build with random weights and time; the rest are analytic only.
 MEASURABLE = tuple(name for name, dims in MODELS.items() if dims["architecture"] == "llava_next")
 from .machine import describe, load_snapshot
 from .measure import DEFAULT_SELECTORS, measure
-from .report import markdown, plots, summarize, targets
+from .report import add_flops, markdown, plots, summarize, targets, upgrade_run
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "ptp_ros" / "data" / "sample_scene.jpg"
 INSTRUCTION = ("what is on the table to the left of the robot ? describe the colour , shape and size of every "
@@ -107,7 +107,9 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
         print(f"ptp-bench: {model} on {device} ({dtype}) ready in {build_s:.1f} s", file=log, flush=True)
         records = measure(adapter, image, args.instruction, ratios, selectors, repetitions, max_new_tokens, log=log)
         text_config = adapter.model.config.text_config
-        pixels = adapter.prepare(image, args.instruction).inputs["pixel_values"]
+        prepared = adapter.prepare(image, args.instruction)
+        pixels = prepared.inputs["pixel_values"]
+        query_tokens = _query_tokens(adapter, prepared)
         # views encoded: [1, tiles, 3, H, W] (LLaVA-NeXT), [tiles, 3, H, W] (InternVL); none for patch lists (Qwen)
         tiles = {5: int(pixels.shape[1]), 4: int(pixels.shape[0])}.get(pixels.dim())
     wall_s = time.perf_counter() - start
@@ -118,11 +120,25 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
                      "visual_tokens": unpruned["visual_tokens"],
                      "text_tokens": unpruned["prompt_tokens"] - unpruned["visual_tokens"],
                      "instruction": args.instruction, "keep_ratios": ratios, "repetitions": repetitions,
-                     "max_new_tokens": max_new_tokens, "selectors": [s.__dict__ for s in selectors],
-                     "llm_layers": text_config.num_hidden_layers, "quick": args.quick},
+                     "max_new_tokens": max_new_tokens, "selectors": [dict(s.__dict__) for s in selectors],
+                     "llm_layers": text_config.num_hidden_layers, "quick": args.quick,
+                     # for the total-FLOPs column (bench/cost_model.py): the LLM's dims, the relevance layer,
+                     # the instruction rows that rank
+                     "llm": llm_dims_from_config(text_config), "llm_layer": adapter.options.llm_layer,
+                     "query_tokens": query_tokens},
         "load": {"before": before, "after": load_snapshot()},
         "records": records,
     }
+
+
+def _query_tokens(adapter, prepared) -> int | None:
+    """The prompt tokens after the image: the rows that rank visual tokens by instruction attention."""
+    from ptp_ros.vlm.common import instruction_query_positions
+
+    try:
+        return int(instruction_query_positions(prepared.inputs["input_ids"], adapter.image_token_id).numel())
+    except (AttributeError, KeyError, ValueError):
+        return None
 
 
 def analytic(runs: list[dict], ratios: list[float]) -> dict[str, list[dict]]:
@@ -149,19 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     if args.report_only:
-        runs = json.loads(results_path.read_text())["runs"]
+        runs = [upgrade_run(r) for r in json.loads(results_path.read_text())["runs"]]
     else:
         new_run = run(args)
         (args.out / f"raw-{new_run['model']}.json").write_text(json.dumps(new_run))  # safe before any reporting
         runs = [new_run]
         if args.merge and results_path.is_file():
-            old = json.loads(results_path.read_text())["runs"]
+            old = [upgrade_run(r) for r in json.loads(results_path.read_text())["runs"]]
             runs = [r for r in old if _run_key(r) != _run_key(new_run)] + runs
     runs = sorted(runs, key=_run_key)
     ratios = sorted({r for run_ in runs for r in run_["settings"]["keep_ratios"]}, reverse=True)
-    results = {"schema": 1, "generated_by": "ptp-bench", "runs": runs, "analytic": analytic(runs, ratios)}
+    results = {"schema": 2, "generated_by": "ptp-bench", "runs": runs, "analytic": analytic(runs, ratios)}
     for r in runs:  # summaries and targets always from the raw records, so report changes apply to old runs
         r["summary"] = summarize(r["records"])
+        add_flops(r)
         r["targets"] = targets(r["records"], r["summary"], results["analytic"])
     results_path.write_text(json.dumps(results, indent=1))
     for raw in args.out.glob("raw-*.json"):  # now part of results.json

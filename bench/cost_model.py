@@ -8,6 +8,15 @@ token only (prefill produces one token's logits).  Under this convention the unp
 prefill at 2880 visual + 60 text tokens is 42.6 TFLOPs, between the published 41.7 (CDPruner,
 GlobalCom²) and 43.58 (FasterVLM) — see test/test_cost_model.py.
 
+Scoring is counted too (``total_prefill_flops``): a method's total is every LLM pass its request runs —
+the prefill over the kept tokens (or, for in-LLM pruning, the layers below the prune layer over the full
+prompt and the rest over the kept tokens), the separate relevance probe of pre-LLM methods that read
+instruction attention (layers 0..k−1 over the full prompt + layer k's attention rows), the attention rows
+an in-LLM method recomputes at its scoring layer — plus the selection's own matmuls on the projected
+visual features (DivPrune's N×N cosine distances), which are counted beside the LLM's.  What each method
+runs (``Passes``) comes from one place, ``passes_for``, which reads the library's own selector and
+in-LLM plan, so the cost tables, ``ptp-bench`` and ``ptp-eval`` cannot disagree about it.
+
 Models are data (``MODELS``): adding a family is one more entry.  ``architecture`` says which ones
 bench/models.py can also build with random weights for timing (LLaVA-NeXT); the others are analytic only.
 """
@@ -103,32 +112,209 @@ def vision_flops(model: dict, tiles: int) -> float:
 
 def prefill_flops(model: dict, tokens: int) -> float:
     """LLM prefill over ``tokens`` prompt tokens (visual + text), LM head for the last one."""
-    m = model["llm"]
+    m = _llm(model)
     layer = _layer_flops(tokens, m["hidden"], m["ffn"], m["heads"], m["kv_heads"], m["gated_mlp"], tokens)
     return m["layers"] * layer + 2 * m["hidden"] * m["vocab"]
 
 
 def decode_flops_per_token(model: dict, context: int) -> float:
     """One decoding step attending to ``context`` cached tokens (plus itself), LM head included."""
-    m = model["llm"]
+    m = _llm(model)
     layer = _layer_flops(1, m["hidden"], m["ffn"], m["heads"], m["kv_heads"], m["gated_mlp"], context + 1)
     return m["layers"] * layer + 2 * m["hidden"] * m["vocab"]
 
 
 def kv_bytes_per_token(model: dict, bytes_per_value: int = 2) -> float:
     """K and V of every layer for one token (fp16 by default, as the published tables)."""
-    m = model["llm"]
+    m = _llm(model)
     return 2 * m["layers"] * m["kv_heads"] * (m["hidden"] // m["heads"]) * bytes_per_value
+
+
+def _llm(model: dict) -> dict:
+    """The LLM dims of a ``MODELS`` entry, or an ``llm`` dict itself."""
+    return model["llm"] if "llm" in model else model
+
+
+def _llm_layer(m: dict, tokens: float) -> float:
+    return _layer_flops(tokens, m["hidden"], m["ffn"], m["heads"], m["kv_heads"], m["gated_mlp"], tokens)
+
+
+def attention_rows_flops(model: dict, tokens: int, query_tokens: int) -> float:
+    """One layer's attention rows recomputed for ranking (``ptp_ros.vlm.attention.attention_rows``): q for
+    the ``query_tokens`` rows, k for every position up to the last query (the whole prompt: the queries
+    end it), the rows of QKᵀ.  No AV and no MLP: the rows are only read."""
+    m = _llm(model)
+    d, kv_width = m["hidden"], m["kv_heads"] * m["hidden"] / m["heads"]
+    return 2 * query_tokens * d * d + 2 * tokens * d * kv_width + 2 * query_tokens * tokens * d
 
 
 def relevance_flops(model: dict, tokens: int, layer: int, query_tokens: int) -> float:
     """Instruction relevance at LLM layer ``layer``: layers 0..layer−1 over the full prompt, then that
     layer's q/k projections and the instruction rows of QKᵀ (what ``text_to_token_attention`` runs)."""
-    m = model["llm"]
-    d, kv_width = m["hidden"], m["kv_heads"] * m["hidden"] / m["heads"]
-    full = layer * _layer_flops(tokens, d, m["ffn"], m["heads"], m["kv_heads"], m["gated_mlp"], tokens)
-    rows = 2 * query_tokens * d * d + 2 * tokens * d * kv_width + 2 * query_tokens * tokens * d
-    return full + rows
+    m = _llm(model)
+    return layer * _llm_layer(m, tokens) + attention_rows_flops(m, tokens, query_tokens)
+
+
+@dataclass(frozen=True)
+class Passes:
+    """What a method runs besides the LLM prefill over the kept tokens (``passes_for`` builds it).
+
+    ``probe_layer``: a separate relevance probe before the LLM, over the full prompt, reading layer k's
+    attention (PTP with α > 0, text_attention).  ``prune_layer`` / ``score_layer``: in-LLM pruning —
+    layers below ``prune_layer`` run over the full prompt, the rest over the kept tokens, and
+    ``score_layer``'s attention rows are recomputed to rank (FastV, PTP with ``prune_in_llm``).
+    ``queries``: which rows rank — "instruction" (every prompt token after the image) or "last" (one).
+    ``diversity``: cosine distances on the projected features — "all" (one N×N matrix: DivPrune, PTP's
+    diverse pick without region budgets) or "per_region" (one per region: PTP's diverse pick).
+    """
+
+    probe_layer: int | None = None
+    score_layer: int | None = None
+    prune_layer: int | None = None
+    queries: str = "instruction"
+    diversity: str | None = None
+
+    @property
+    def in_llm(self) -> bool:
+        return self.prune_layer is not None
+
+
+#: Rows that score nothing: all tokens, the zero-cost oracle, a down-scaled image read whole.
+UNSCORED = frozenset({"unpruned", "oracle", "max_pixels", "downscaled", "all tokens", "global view only"})
+
+
+def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: bool = False,
+               llm_layer: int = 2) -> Passes:
+    """The passes of selector ``selector`` with ``options`` (``PipelineConfig.prune_in_llm``; ``llm_layer``:
+    the adapter's relevance layer, default 2), read from the library: ``make_selector`` says whether it
+    needs relevance, ``ptp_ros.pipeline.in_llm_plan`` whether and where it prunes inside the LLM.
+    ``None`` or a name in ``UNSCORED``: nothing beyond the prefill."""
+    if selector is None or selector in UNSCORED:
+        return Passes()
+    from ptp_ros.pipeline import in_llm_plan
+    from ptp_ros.pruning import make_selector
+
+    bound = make_selector(selector, **dict(options or {}))
+    diversity = "all" if selector == "divprune" else None
+    config = bound.options.get("config")
+    if selector == "ptp" and getattr(config, "within_region", "top_k") == "diverse" and config.diversity > 0:
+        diversity = "per_region" if config.use_region_budgets else "all"
+    plan = in_llm_plan(bound, prune_in_llm, llm_layer)
+    if plan is not None:
+        return Passes(score_layer=plan.score_layer, prune_layer=plan.prune_layer, queries=plan.queries,
+                      diversity=diversity)
+    return Passes(probe_layer=llm_layer if bound.needs_relevance else None, diversity=diversity)
+
+
+def passes_for_method(method, llm_layer: int = 2) -> Passes:
+    """``passes_for`` of a ``bench.accuracy.methods.Method`` (or anything with ``selector``, ``options`` and
+    optionally ``prune_in_llm`` and ``adapter`` option changes): its own ``llm_layer`` change wins over the
+    adapter's default ``llm_layer``."""
+    layer = dict(getattr(method, "adapter", ()) or ()).get("llm_layer", llm_layer)
+    return passes_for(method.selector, getattr(method, "options", None), getattr(method, "prune_in_llm", False),
+                      layer)
+
+
+def prefill_breakdown(model: dict, text_tokens: int, visual_tokens: int, kept: int, passes: Passes = Passes(),
+                      query_tokens: int | None = None, regions: int = 1) -> dict[str, float]:
+    """A request's total LLM prefill FLOPs by part: ``prefill`` (every decoder layer at the length it runs
+    at, LM head for the last token), ``scoring`` (the relevance probe or the in-LLM attention rows),
+    ``selection`` (matmuls on the projected features, counted beside the LLM) and ``total``.
+
+    ``model``: a ``MODELS`` entry or its ``llm`` dict (``llm_dims_from_config`` builds one for any
+    checkpoint).  ``text_tokens``: every prompt token that is not visual; ``query_tokens``: the ranking
+    rows for ``queries="instruction"`` (the tokens after the image; default ``text_tokens``, a slight
+    over-count by the template tokens before the image).  ``regions``: equal regions for
+    ``diversity="per_region"``.  Keeping every visual token scores nothing (as the pipeline does)."""
+    m = _llm(model)
+    layers, head = m["layers"], 2 * m["hidden"] * m["vocab"]
+    full, pruned = text_tokens + visual_tokens, text_tokens + min(kept, visual_tokens)
+    rows = 1 if passes.queries == "last" else (text_tokens if query_tokens is None else query_tokens)
+    out = {"prefill": layers * _llm_layer(m, full) + head, "scoring": 0.0, "selection": 0.0}
+    if kept >= visual_tokens:
+        out["total"] = out["prefill"]
+        return out
+    if passes.in_llm:
+        if passes.prune_layer < layers:  # else the plan installs nothing: the stock, unpruned prefill
+            k = passes.prune_layer
+            out["prefill"] = k * _llm_layer(m, full) + (layers - k) * _llm_layer(m, pruned) + head
+            out["scoring"] = attention_rows_flops(m, full, rows)
+    else:
+        out["prefill"] = layers * _llm_layer(m, pruned) + head
+        if passes.probe_layer is not None:
+            out["scoring"] = relevance_flops(m, full, passes.probe_layer, rows)
+    if passes.diversity is not None:
+        groups = max(1, regions) if passes.diversity == "per_region" else 1
+        out["selection"] = 2 * visual_tokens ** 2 * m["hidden"] / groups  # N×N cosine distances over D
+    out["total"] = out["prefill"] + out["scoring"] + out["selection"]
+    return out
+
+
+def total_prefill_flops(model: dict, text_tokens: int, visual_tokens: int, kept: int, passes: Passes = Passes(),
+                        query_tokens: int | None = None, regions: int = 1) -> float:
+    """Total LLM prefill FLOPs of one request, every scoring pass and the selection included
+    (``prefill_breakdown``'s ``total``)."""
+    return prefill_breakdown(model, text_tokens, visual_tokens, kept, passes, query_tokens, regions)["total"]
+
+
+def kv_cache_bytes(model: dict, prompt_tokens: int, pruned_tokens: int, prune_layer: int | None = None,
+                   bytes_per_value: int = 2) -> float:
+    """The KV cache after a prefill: ``pruned_tokens`` a layer, except in-LLM pruning's layers below
+    ``prune_layer``, which keep all ``prompt_tokens``."""
+    m = _llm(model)
+    per_layer = kv_bytes_per_token(m, bytes_per_value) / m["layers"]
+    full_layers = 0 if prune_layer is None else min(prune_layer, m["layers"])
+    return per_layer * (full_layers * prompt_tokens + (m["layers"] - full_layers) * pruned_tokens)
+
+
+def llm_dims_from_config(config) -> dict:
+    """The ``llm`` dict of a transformers config (a multimodal one's ``text_config``), or of the same as a
+    plain dict (config.json): hidden_size, num_hidden_layers, intermediate_size, num_attention_heads,
+    num_key_value_heads, vocab_size.  The adapters' LMs (Llama, Qwen2, Qwen2.5-VL's) have gated MLPs."""
+    def get(key, default=None):
+        return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+    text = get("text_config")
+    if text is not None:
+        return llm_dims_from_config(text)
+    heads = get("num_attention_heads")
+    return {"family": get("model_type"), "layers": get("num_hidden_layers"), "hidden": get("hidden_size"),
+            "ffn": get("intermediate_size"), "heads": heads, "kv_heads": get("num_key_value_heads") or heads,
+            "vocab": get("vocab_size"), "gated_mlp": True, "tie_embeddings": bool(get("tie_word_embeddings", False))}
+
+
+def llm_dims_from_model_path(path) -> dict:
+    """``llm_dims_from_config`` of a checkpoint directory's config.json (no transformers, no weights)."""
+    import json
+    from pathlib import Path
+
+    return llm_dims_from_config(json.loads((Path(path) / "config.json").read_text()))
+
+
+#: The methods of the analytic tables, by what they run: (key, description, selector, options, prune_in_llm).
+ANALYTIC_METHODS = (
+    ("unpruned", "unpruned (all tokens)", "unpruned", {}, False),
+    ("no_instruction", "pre-LLM, no instruction (uniform_cls, hired, globalcom2, random, ptp α=0)", "uniform_cls",
+     {}, False),
+    ("ptp", "ptp (instruction probe at layer 2, then the pruned prefill; text_attention alike)", "ptp", {}, False),
+    ("ptp_in_llm", "ptp in-LLM (ranked at layer 2, dropped from layer 2)", "ptp", {}, True),
+    ("fastv", "fastv in-LLM (K=2: last token's attention at layer 1, dropped from layer 2)", "fastv", {}, False),
+    ("divprune", "divprune (pre-LLM, N×N cosine distances on the projected features)", "divprune", {}, False),
+)
+
+
+def method_totals(model: dict, text_tokens: int, visual_tokens: int, kept: int, llm_layer: int = 2,
+                  regions: int = 1) -> dict[str, dict]:
+    """``ANALYTIC_METHODS``' total prefill FLOPs (TFLOPs, and ratio to unpruned) at one kept count."""
+    base = total_prefill_flops(model, text_tokens, visual_tokens, visual_tokens)
+    out = {}
+    for key, _, selector, options, in_llm in ANALYTIC_METHODS:
+        passes = passes_for(selector, options, in_llm, llm_layer)
+        parts = prefill_breakdown(model, text_tokens, visual_tokens, visual_tokens if key == "unpruned" else kept,
+                                  passes, regions=regions)
+        out[key] = {"total_tflops": parts["total"] / 1e12, "ratio": parts["total"] / base,
+                    "scoring_tflops": parts["scoring"] / 1e12, "selection_tflops": parts["selection"] / 1e12}
+    return out
 
 
 def tiles_for(model: dict, visual_tokens_unpruned: int) -> int:
@@ -151,7 +337,8 @@ def kept_tokens(total: int, keep_ratio: float) -> int:
 
 def cost_table(name: str, keep_ratios: list[float], text_tokens: int = 60, visual_tokens: int | None = None,
                bytes_per_value: int = 2) -> list[dict]:
-    """One row per keep ratio: absolute costs and ratios to the unpruned request."""
+    """One row per keep ratio: absolute costs and ratios to the unpruned request, and under ``totals`` each
+    of ``ANALYTIC_METHODS``' total LLM prefill FLOPs (scoring passes included) and its ratio to unpruned."""
     model = MODELS[name]
     total = visual_tokens or model["max_visual_tokens"]
     tiles = tiles_for(model, total)
@@ -166,5 +353,7 @@ def cost_table(name: str, keep_ratios: list[float], text_tokens: int = 60, visua
             "vision_plus_prefill_ratio": c.total_prefill_flops / base.total_prefill_flops,
             "kv_cache_mib": c.kv_cache_bytes / 2**20, "decode_gflops_per_token": c.decode_flops_per_token / 1e9,
             "relevance_tflops_layer2": relevance_flops(model, total + text_tokens, 2, text_tokens) / 1e12,
+            # per method: total LLM prefill FLOPs, scoring passes and selection included (ANALYTIC_METHODS)
+            "totals": method_totals(model, text_tokens, total, c.visual_tokens, regions=tiles),
         })
     return rows

@@ -1,7 +1,11 @@
 """Measured cost of every selector at every keep ratio, side by side in one process.
 
 One repetition = preprocess + vision encode once (their cost is the same for every selector), then
-every (selector, keep ratio) cell in a shuffled order: score → select → pruned generate.  Shuffling
+every (selector, keep ratio) cell in a shuffled order: score → select → pruned generate for selectors
+that prune before the LLM; for those that prune inside it (FastV, PTP with ``prune_in_llm``) one
+generate over the full prompt through the adapter's in-LLM path with the plan ``Pipeline`` uses
+(``ptp_ros.pipeline.in_llm_plan``), so its prefill includes the full-length layers below the prune
+layer and the attention rows it ranks by.  Shuffling
 per repetition interleaves ratios and selectors, so slow phases of a contended machine spread over
 all cells instead of landing on one.  The "oracle" cell keeps the same number of tokens chosen by a
 precomputed index (zero-cost selection): the floor the others' choosing overhead is measured against.
@@ -17,31 +21,50 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ptp_ros.pruning import NO_REGION, instruction_relevance, make_selector, resolve_budget
+from ptp_ros.pipeline import in_llm_plan
+from ptp_ros.pruning import NO_REGION, InLLMPruning, instruction_relevance, make_selector, resolve_budget
 from ptp_ros.vlm.llava_next import LlavaNextAdapter
 
-from .cost_model import kv_bytes_per_token
+from .cost_model import Passes, kv_cache_bytes, llm_dims_from_config, passes_for
 from .machine import PeakMemory, load_snapshot
 
 
 @dataclass(frozen=True)
 class BenchSelector:
-    """A row of the benchmark: a registered selector with its options (``selector=None``: the oracle)."""
+    """A row of the benchmark: a registered selector with its options (``selector=None``: the oracle).
+    ``prune_in_llm``: ``PipelineConfig.prune_in_llm`` (a relevance selector ranks and drops inside the LLM)."""
 
     name: str
     selector: str | None
     options: dict = field(default_factory=dict)
-    reduce: str = "max"  # over instruction rows, for selectors that read relevance
+    reduce: str = "max"  # over instruction rows, for selectors that read relevance (pre-LLM)
+    prune_in_llm: bool = False
+
+    def bound(self):
+        return make_selector(self.selector, **self.options) if self.selector else None
+
+    def plan(self, llm_layer: int) -> InLLMPruning | None:
+        """Where inside the LLM it prunes (``None``: before the LLM), as ``Pipeline`` decides it."""
+        bound = self.bound()
+        return None if bound is None else in_llm_plan(bound, self.prune_in_llm, llm_layer)
+
+    def passes(self, llm_layer: int) -> Passes:
+        """What it runs, for the cost model (bench/cost_model.py ``passes_for``)."""
+        return passes_for(self.selector, self.options, self.prune_in_llm, llm_layer)
 
 
-#: FastV ranks by the average attention a token receives, so its rows are reduced by mean; PTP's by max.
+#: "fastv" is FastV inside the LLM (K=2: the last token's attention at layer 1, dropped from layer 2);
+#: "text_attention" its ranking applied before the LLM (mean over the instruction rows, as FastV's average
+#: attention received), then a pruned prefill from scratch; PTP's rows are reduced by max.
 DEFAULT_SELECTORS = (
     BenchSelector("ptp", "ptp"),
+    BenchSelector("ptp_in_llm", "ptp", prune_in_llm=True),
     BenchSelector("ptp_no_instruction", "ptp", {"alpha": 0.0}),
     BenchSelector("uniform_cls", "uniform_cls"),
     BenchSelector("hired", "hired"),
     BenchSelector("globalcom2", "globalcom2"),
-    BenchSelector("fastv", "fastv", reduce="mean"),
+    BenchSelector("fastv", "fastv"),
+    BenchSelector("text_attention", "text_attention", reduce="mean"),
     BenchSelector("divprune", "divprune"),
     BenchSelector("random", "random"),
     BenchSelector("oracle", None),
@@ -71,45 +94,71 @@ def oracle_indices(region: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def _llm_dims(adapter: LlavaNextAdapter) -> dict:
-    text = adapter.model.config.text_config
-    return {"llm": {"layers": text.num_hidden_layers, "kv_heads": text.num_key_value_heads,
-                    "hidden": text.hidden_size, "heads": text.num_attention_heads}}
+    """The cost model's view of the adapter's LLM (``{"llm": ...}``, from its transformers text config)."""
+    return {"llm": llm_dims_from_config(adapter.model.config.text_config)}
 
 
 def run_cell(adapter: LlavaNextAdapter, prepared, visual, selector: BenchSelector | None, keep_ratio: float,
              max_new_tokens: int, clock: Clock, oracle: dict[int, torch.Tensor]) -> dict:
-    """score → select → generate for one selector at one keep ratio (``None``: unpruned); times in ms."""
+    """One selector at one keep ratio (``None``: unpruned); times in ms.  Before the LLM: score → select →
+    pruned generate.  Inside it: one generate over the full prompt that ranks and drops at the plan's
+    layers; its scoring (the attention rows) runs inside the prefill and is charged there, its selection
+    is timed apart and taken out of the prefill."""
     budget = min(resolve_budget(visual.num_tokens, keep_ratio=keep_ratio), int(visual.scores.region_sizes().sum()))
-    bound = make_selector(selector.selector, **selector.options) if selector and selector.selector else None
+    bound = selector.bound() if selector else None
+    plan = selector.plan(adapter.options.llm_layer) if selector else None
     scores = dataclasses.replace(visual.scores, features=visual.features)
     with PeakMemory(adapter.device) as memory:
-        t0 = clock.now()
-        if bound is not None and bound.needs_relevance:
-            rows = adapter.instruction_attention(prepared, visual)
-            scores = dataclasses.replace(scores, relevance=instruction_relevance(rows, selector.reduce))
-        t1 = clock.now()
-        if selector is None:
-            kept = None
-        elif bound is None:
-            kept = oracle[budget]
+        if plan is not None:
+            select_s: list[float] = []
+
+            def choose(rows: torch.Tensor) -> torch.Tensor:
+                start = clock.now()
+                relevance = instruction_relevance(rows.cpu(), bound.reduce or selector.reduce)
+                kept_ = bound(dataclasses.replace(scores, relevance=relevance), budget).kept
+                select_s.append(clock.now() - start)
+                return kept_
+
+            generation = adapter.generate(prepared, visual, None, max_new_tokens, in_llm=(plan, choose))
+            kept = generation.in_llm_kept
+            score_ms, select_ms = 0.0, sum(select_s) * 1e3
+            generation.prefill_ms = max(0.0, generation.prefill_ms - select_ms)
         else:
-            kept = bound(scores, budget).kept
-        t2 = clock.now()
-        generation = adapter.generate(prepared, visual, kept, max_new_tokens)
-    return {"kept": visual.num_tokens if kept is None else int(kept.numel()),
-            "score_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3,
-            **_generation_figures(adapter, generation), **memory.figures()}
+            t0 = clock.now()
+            if bound is not None and bound.needs_relevance:
+                rows = adapter.instruction_attention(prepared, visual)
+                scores = dataclasses.replace(scores, relevance=instruction_relevance(rows, selector.reduce))
+            t1 = clock.now()
+            if selector is None:
+                kept = None
+            elif bound is None:
+                kept = oracle[budget]
+            else:
+                kept = bound(scores, budget).kept
+            t2 = clock.now()
+            generation = adapter.generate(prepared, visual, kept, max_new_tokens)
+            score_ms, select_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+    num_kept = visual.num_tokens if kept is None else int(kept.numel())
+    # a plan past the last layer drops nothing (kept is None): the stock prefill
+    prune_layer = plan.prune_layer if plan is not None and kept is not None else None
+    return {"kept": num_kept, "score_ms": score_ms, "select_ms": select_ms, "prune_layer": prune_layer,
+            **_generation_figures(adapter, generation, visual.num_tokens - num_kept if prune_layer is not None
+                                  else 0, prune_layer),
+            **memory.figures()}
 
 
-def _generation_figures(adapter, generation) -> dict:
-    """Prompt length, prefill / decode times and the KV cache the generation left behind."""
+def _generation_figures(adapter, generation, dropped_inside: int = 0, prune_layer: int | None = None) -> dict:
+    """Prompt length, prefill / decode times and the KV cache the generation left behind.  In-LLM pruning
+    (``prune_layer``, ``dropped_inside`` visual tokens dropped from it on): the layers below it keep the
+    whole prompt's K/V, the others the kept tokens'."""
     kv_tokens = generation.prompt_tokens + generation.new_tokens - 1  # the last token's K/V is never cached
     bytes_per_value = torch.finfo(adapter.dtype).bits // 8
+    kv = kv_cache_bytes(_llm_dims(adapter), kv_tokens, kv_tokens - dropped_inside, prune_layer, bytes_per_value)
     return {
         "prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
         "prefill_ms": generation.prefill_ms, "decode_ms": generation.decode_ms,
         "decode_ms_per_token": generation.decode_ms / max(1, generation.new_tokens - 1),
-        "kv_cache_mib": kv_tokens * kv_bytes_per_token(_llm_dims(adapter), bytes_per_value) / 2**20,
+        "kv_cache_mib": kv / 2**20,
     }
 
 
@@ -183,4 +232,6 @@ def _warm_up(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, kee
     visual = adapter.encode(prepared)
     budget = resolve_budget(visual.num_tokens, keep_ratio=keep_ratio)
     adapter.instruction_attention(prepared, visual)
-    adapter.generate(prepared, visual, oracle_indices(visual.scores.region, budget), 2)
+    kept = oracle_indices(visual.scores.region, budget)
+    adapter.generate(prepared, visual, kept, 2)
+    adapter.generate(prepared, visual, None, 2, in_llm=(InLLMPruning.fastv(2), lambda rows: kept))

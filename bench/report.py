@@ -4,6 +4,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from .cost_model import ANALYTIC_METHODS, MODELS, Passes, passes_for, prefill_breakdown
+
 STAGES = ("preprocess_ms", "encode_ms", "score_ms", "select_ms", "prefill_ms", "decode_ms")
 #: score + select + prefill + decode: the part of a request that the choice of selector and ratio changes.
 AFTER_ENCODE = ("score_ms", "select_ms", "prefill_ms", "decode_ms")
@@ -33,6 +35,58 @@ def summarize(records: list[dict]) -> list[dict]:
         row["overhead_ms"] = {k: row["score_ms"][k] + row["select_ms"][k] for k in ("median", "min", "max")}
         rows.append(row)
     return rows
+
+
+def upgrade_run(run: dict) -> dict:
+    """A run measured before FastV pruned inside the LLM (its selectors carry no ``prune_in_llm``): its
+    "fastv" row ran FastV's ranking before the LLM (layer-2 instruction rows, mean, then a pruned prefill
+    from scratch), which is exactly the "text_attention" row now, so it is renamed to that."""
+    selectors = run["settings"]["selectors"]
+    if any("prune_in_llm" in s for s in selectors):
+        return run
+    for s in selectors:
+        s["prune_in_llm"] = False
+        if s["name"] == "fastv":
+            s.update(name="text_attention", selector="text_attention")
+    renamed = 0
+    for r in run["records"]:
+        if r["selector"] == "fastv":
+            r["selector"] = "text_attention"
+            renamed += 1
+    if renamed:
+        run["settings"].setdefault("notes", []).append(
+            "measured before FastV pruned inside the LLM: its pre-LLM emulation, labelled fastv then, is the "
+            "text_attention row (same computation); no in-LLM row was measured")
+    return run
+
+
+def run_llm(run: dict) -> dict | None:
+    """The cost model's LLM dims of a run: recorded with it, or (older runs) the ``MODELS`` entry it named."""
+    return run["settings"].get("llm") or (MODELS[run["model"]]["llm"] if run["model"] in MODELS else None)
+
+
+def add_flops(run: dict) -> None:
+    """Each summary row gets ``flops``: its total LLM prefill TFLOPs from the cost model (scoring passes and
+    selection included, bench/cost_model.py ``prefill_breakdown``) and the ratio to the unpruned row's."""
+    llm = run_llm(run)
+    if llm is None:
+        return
+    s = run["settings"]
+    layer = s.get("llm_layer", 2)
+    passes: dict[str, Passes] = {"unpruned": Passes(), "downscaled": Passes()}
+    for sel in s["selectors"]:
+        passes[sel["name"]] = passes_for(sel["selector"], sel["options"], sel.get("prune_in_llm", False), layer)
+    text, total = s["text_tokens"], s["visual_tokens"]
+    base = prefill_breakdown(llm, text, total, total)["total"]
+    for row in run["summary"]:
+        if row["selector"] not in passes or "kept" not in row:
+            continue
+        kept = round(row["kept"]["median"])
+        visual = kept if row["selector"] == "downscaled" else total  # a smaller image, read whole
+        parts = prefill_breakdown(llm, text, visual, kept, passes[row["selector"]], s.get("query_tokens"),
+                                  s.get("tiles") or 1)
+        row["flops"] = {"total_tflops": parts["total"] / 1e12, "ratio": parts["total"] / base,
+                        "scoring_tflops": parts["scoring"] / 1e12, "selection_tflops": parts["selection"] / 1e12}
 
 
 def summarize_encode_rss(records: list[dict]) -> dict | None:
@@ -77,7 +131,8 @@ def targets(records: list[dict], summary: list[dict], analytic: dict[str, list[d
                         "limit": TARGET_PREFILL_RATIO, "met": v <= TARGET_PREFILL_RATIO,
                         "detail": {"prefill_ms": cell["prefill_ms"]["median"],
                                    "unpruned_prefill_ms": base["prefill_ms"]["median"]}})
-    pooled = [r for r in records if abs(r["keep_ratio"] - NINTH) < 1e-9 and r["selector"] != "downscaled"]
+    pooled = [r for r in records if abs(r["keep_ratio"] - NINTH) < 1e-9 and r["selector"] != "downscaled"
+              and r.get("prune_layer") is None]  # in-LLM rows prefill full-length layers: not the same prefill
     unpruned = [r["prefill_ms"] for r in records if r["selector"] == "unpruned"]
     if pooled and unpruned:  # every selector keeps the same count at 11.1 %: more samples of one prefill
         v = statistics.median(r["prefill_ms"] for r in pooled) / statistics.median(unpruned)
@@ -92,6 +147,15 @@ def targets(records: list[dict], summary: list[dict], analytic: dict[str, list[d
                     "met": row["prefill_ratio"] <= TARGET_ANALYTIC_RATIO,
                     "detail": {"visual_tokens": row["visual_tokens"], "prefill_tflops": row["prefill_tflops"],
                                "with_vision_ratio": row["vision_plus_prefill_ratio"]}})
+        for key, what in (("ptp", "PTP, its instruction probe included"),
+                          ("ptp_in_llm", "PTP in-LLM, its layer-2 rows and full-length layers 0–1 included")):
+            total = row.get("totals", {}).get(key)
+            if total:
+                out.append({"target": f"same, total LLM FLOPs of {what}", "value": total["ratio"],
+                            "limit": TARGET_ANALYTIC_RATIO, "met": total["ratio"] <= TARGET_ANALYTIC_RATIO,
+                            "detail": {"method": key, "total_tflops": total["total_tflops"],
+                                       "scoring_tflops": total["scoring_tflops"],
+                                       "prefill_ratio": row["prefill_ratio"]}})
     return out
 
 
@@ -103,6 +167,14 @@ def _ms(stat: dict | None, scale: float = 1e3) -> str:
 
 def _short(stat: dict | None, fmt: str = "{:.0f}") -> str:
     return fmt.format(stat["median"]) if stat else "–"
+
+
+def _tf(tflops: float) -> str:
+    return f"{tflops:.2f}" if tflops >= 1 else f"{tflops:.3f}"
+
+
+def _flops(flops: dict | None) -> str:
+    return f"{1e3 * flops['total_tflops']:.4g} ({flops['ratio']:.3f})" if flops else "–"
 
 
 def markdown(results: dict) -> str:
@@ -138,17 +210,25 @@ def markdown(results: dict) -> str:
         base = _cell(run["summary"], "unpruned", 1.0)
         lines += [f"- Shared by every row (once per repetition): preprocess {_ms(base['preprocess_ms'])} s, vision "
                   f"encode {_ms(base['encode_ms'])} s, peak RSS during the encode "
-                  f"{_short(summarize_encode_rss(run['records']))} MiB.", "",
+                  f"{_short(summarize_encode_rss(run['records']))} MiB."]
+        lines += [f"- Note: {note}." for note in meta.get("notes", [])]
+        lines += ["- **total GFLOPs**: the row's total LLM prefill FLOPs from the cost model (bench/cost_model.py) "
+                  "at its measured token counts — the prefill at the lengths it runs at, the relevance probe or "
+                  "in-LLM attention rows, and selection matmuls (DivPrune's distances) — with its ratio to "
+                  "unpruned. In-LLM rows (fastv, ptp_in_llm) score inside the prefill: their score stage is 0 and "
+                  "their prefill includes it.", "",
                   "| selector | keep | kept | score ms | select ms | prefill s | decode ms/tok | after encode s | "
-                  "end-to-end s | peak RSS MiB | KV MiB |" + (" CUDA peak MiB |" if gpu else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+                  "end-to-end s | peak RSS MiB | KV MiB | total GFLOPs (× unpruned) |"
+                  + (" CUDA peak MiB |" if gpu else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
         for row in sorted(run["summary"], key=lambda r: (-r["keep_ratio"], r["selector"])):
             lines.append(
                 f"| {row['selector']} | {row['keep_ratio']:g} | {_short(row['kept'])} | "
                 f"{_short(row['score_ms'], '{:.1f}')} | {_short(row['select_ms'], '{:.2f}')} | {_ms(row['prefill_ms'])} "
                 f"| {_short(row['decode_ms_per_token'], '{:.0f}')} | {_ms(row['after_encode_ms'])} | "
                 f"{_ms(row['e2e_ms'])} | "
-                f"{_short(row.get('peak_rss_mib'))} | {_short(row['kv_cache_mib'], '{:.1f}')} |"
+                f"{_short(row.get('peak_rss_mib'))} | {_short(row['kv_cache_mib'], '{:.1f}')} | "
+                f"{_flops(row.get('flops'))} |"
                 + (f" {_short(row.get('cuda_peak_mib'))} |" if gpu else ""))
         lines += ["", "### Targets", "", "Met or not is judged on the medians; the same ratio of the minima (the "
                   "least contended samples) is shown beside it.", "",
@@ -167,17 +247,21 @@ def markdown(results: dict) -> str:
     lines += _analytic_section(results["analytic"])
     lines += ["## How the figures are taken", "",
               "- **Stages.** score = instruction relevance (LLM layers 0–1 over the full prompt, then the "
-              "instruction rows of layer 2; only for selectors that read it: PTP with α > 0, FastV); select = the "
-              "selector itself; prefill = `generate` until the first new token; decode = the remaining tokens. "
+              "instruction rows of layer 2; only for pre-LLM selectors that read it: PTP with α > 0, "
+              "text_attention); select = the selector itself; prefill = `generate` until the first new token "
+              "(for in-LLM rows: over the full prompt through the adapter's in-LLM path, the plan `Pipeline` "
+              "uses, its ranking rows included and its selection taken out); decode = the remaining tokens. "
               "The [CLS] saliency is read by a hook during the vision encode (≈7 ms a 5-view image, inside "
               "`encode`). End-to-end = preprocess + encode + score + select + prefill + decode.",
               "- **oracle** keeps the same count chosen by a precomputed index: zero-cost selection, the floor the "
               "others' overhead is measured against. **unpruned** keeps everything (one row, shared by all).",
-              "- **FastV-style** is emulated before the LLM: its layer-2 attention is the score stage, then the "
-              "pruned prompt is prefilled from scratch. Real FastV keeps layers 0–1 of the full prompt in its "
-              "prefill, so it pays the score stage but saves re-running 2 layers on the kept tokens, and keeps a "
-              "full-length KV cache in those 2 layers. Its relevance is the *mean* over instruction rows "
-              "(FastV's average attention received); PTP's is the max.",
+              "- **fastv** is FastV inside the LLM as its code runs it (K=2): layers 0–1 over the full prompt, "
+              "the visual tokens ranked by the last prompt token's attention at layer 1, dropped from layer 2 on; "
+              "**ptp_in_llm** is PTP ranking with its instruction rows at layer 2 and dropping from layer 2 "
+              "(`PipelineConfig.prune_in_llm`). Both keep a full-length KV cache in layers 0–1, which **KV MiB** "
+              "counts. **text_attention** is FastV's ranking applied before the LLM: the layer-2 instruction rows "
+              "(*mean*, FastV's average attention received; PTP's is the max) as the score stage, then the pruned "
+              "prompt prefilled from scratch.",
               "- **Peak RSS** is the high-water mark of the process during each cell (reset through "
               "`/proc/self/clear_refs`), so it includes the model weights; differences between rows are what "
               "pruning buys. **KV MiB** is computed from the measured sequence length and the model's layer / "
@@ -221,8 +305,9 @@ def _target_notes(run: dict, analytic: dict[str, list[dict]]) -> list[str]:
                 f"{run['settings']['llm_layers']} LLM layers over the full prompt: {d['score_ms']:.0f} ms = "
                 f"{d['score_ms'] / d['unpruned_prefill_ms']:.1%} of the unpruned prefill. Selection itself costs "
                 f"{d['select_ms']:.1f} ms. Without the instruction stage PTP's overhead is the selection alone (next "
-                "row of the table). Meeting 2 % with the instruction stage needs FastV-style in-LLM pruning that keeps the "
-                "layer 0–1 work of the scoring pass instead of recomputing the pruned prompt from scratch.")
+                "row of the table). The ptp_in_llm row ranks inside the LLM instead (no separate probe: layers 0–1 "
+                "run once, over the full prompt, inside its prefill), so it has no score stage; what that costs "
+                "instead is in its prefill and its total GFLOPs.")
         elif t["target"].startswith("LLM prefill at 11.1 % kept (ptp)"):
             flops = next((r["prefill_ratio"] for r in analytic.get(run["model"], [])
                           if abs(r["keep_ratio"] - NINTH) < 1e-9), None)
@@ -233,6 +318,15 @@ def _target_notes(run: dict, analytic: dict[str, list[dict]]) -> list[str]:
                 f"machine's 1-min load average was "
                 f"{run['load']['before']['load_avg_1m']}–{run['load']['after']['load_avg_1m']} on "
                 f"{run['machine']['logical_cpus']} cores. Per-sample prefill times are in results.json.")
+        elif t["target"].startswith("same, total LLM FLOPs"):
+            d = t["detail"]
+            notes.append(
+                f"**Total with scoring ({d['method']}) over 0.12:** the prefill over the kept tokens alone is "
+                f"{d['prefill_ratio']:.3f} of the unpruned FLOPs, but ranking by the LLM's own layer-2 attention needs "
+                "layers 0–1 over the whole prompt first — in a separate probe (ptp) or inside the prefill "
+                f"(ptp_in_llm) — plus the recomputed layer-2 rows (scoring passes: {d['scoring_tflops']:.3f} TFLOPs); total "
+                f"{d['total_tflops']:.2f} TFLOPs = {t['value']:.3f} of unpruned. The instruction-free selectors (and "
+                "DivPrune, whose distances cost little) stay near the prefill ratio.")
     return notes
 
 
@@ -242,7 +336,9 @@ def _analytic_section(analytic: dict[str, list[dict]]) -> list[str]:
              "attention scores over the full n×n (no causal discount); norms, softmax, activations not counted; LM "
              "head for the last prompt token only. Under it the unpruned LLaVA-NeXT-7B prefill (2880 visual + 60 text "
              "tokens) is the first row below, within 5 % of the published 41.7 TFLOPs (CDPruner, GlobalCom²) and "
-             "43.58 TFLOPs (FasterVLM); KV cache in fp16. The vision tower does not shrink with pre-LLM pruning.", "",
+             "43.58 TFLOPs (FasterVLM); KV cache in fp16. The vision tower does not shrink with pre-LLM pruning. "
+             "\"LLM prefill\" here is the prefill over the kept tokens only; the totals per method, scoring "
+             "included, follow.", "",
              "| model | keep | visual tokens | LLM prefill TFLOPs | ratio | + vision ratio | vision TFLOPs | "
              "KV MiB (fp16) | decode GFLOPs/token | relevance (layer 2) TFLOPs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -258,7 +354,30 @@ def _analytic_section(analytic: dict[str, list[dict]]) -> list[str]:
         share = full["relevance_tflops_layer2"] / (full["prefill_tflops"] + full["vision_tflops"])
         lines.append(f"- {name}: PTP's instruction stage (relevance at LLM layer 2 over the full prompt) costs "
                      f"{share:.1%} of the unpruned vision + prefill FLOPs.")
-    return lines + [""]
+    lines += ["", "### Total LLM prefill FLOPs per method, scoring passes included", "",
+              "Every LLM pass a request runs, by what the method runs (bench/cost_model.py `passes_for`, read from "
+              "the library's selectors and in-LLM plans): **pre-LLM without instruction** — the prefill over the kept "
+              "tokens only; **ptp** (α > 0; text_attention alike) — a separate probe over the full prompt (layers 0–1 "
+              "in full + layer 2's q/k and instruction rows of QKᵀ), then the pruned prefill over all layers; "
+              "**in-LLM** (ptp_in_llm, fastv K=2) — layers 0–1 over the full prompt, layers 2+ over the kept tokens, "
+              "plus the attention rows recomputed at the scoring layer (layer 2 with the instruction rows; layer 1 "
+              "with the last token's row); **divprune** — the pruned prefill plus its N×N cosine-distance matrix "
+              "over the D-wide projected features (2·N²·D, selection counted beside the LLM). Vision tower "
+              "excluded (the same for all). Cells: total TFLOPs (ratio to unpruned).", ""]
+    descriptions = {key: text for key, text, *_ in ANALYTIC_METHODS}
+    for name, rows in analytic.items():
+        rows = sorted(rows, key=lambda r: -r["keep_ratio"])
+        if not rows or "totals" not in rows[0]:
+            continue
+        head = rows[0]
+        lines += [f"**{name}** ({head['visual_tokens']} visual + {head['text_tokens']} text tokens)", "",
+                  "| method | " + " | ".join(f"keep {r['keep_ratio']:g} ({r['visual_tokens']})" for r in rows) + " |",
+                  "|---|" + "---|" * len(rows)]
+        for key in head["totals"]:
+            lines.append(f"| {descriptions.get(key, key)} | " + " | ".join(
+                f"{_tf(r['totals'][key]['total_tflops'])} ({r['totals'][key]['ratio']:.3f})" for r in rows) + " |")
+        lines.append("")
+    return lines
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -299,7 +418,7 @@ def plots(results: dict, out: Path) -> list[str]:
     plt.close(fig)
     written.append("latency_vs_keep_ratio.png")
 
-    fig, (ax_abs, ax_rel) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_abs, ax_rel, ax_tot) = plt.subplots(1, 3, figsize=(18, 4.8))
     for name, rows in results["analytic"].items():
         xs = [r["keep_ratio"] for r in rows]
         line, = ax_abs.plot(xs, [r["prefill_tflops"] for r in rows], marker="o", label=f"{name} LLM prefill")
@@ -309,7 +428,14 @@ def plots(results: dict, out: Path) -> list[str]:
         ax_rel.plot(xs, [r["vision_plus_prefill_ratio"] for r in rows], ls="--", color=line.get_color(),
                     label=f"{name} + vision")
     ax_rel.plot([0.04, 1], [0.04, 1], color="gray", lw=0.8, label="keep ratio")
-    for ax, title in ((ax_abs, "prefill TFLOPs"), (ax_rel, "fraction of unpruned")):
+    seven = results["analytic"].get("llava-next-7b", [])
+    if seven and "totals" in seven[0]:
+        xs = [r["keep_ratio"] for r in seven]
+        for key in seven[0]["totals"]:
+            ax_tot.plot(xs, [r["totals"][key]["ratio"] for r in seven], marker="o", ms=3, label=key)
+        ax_tot.plot([0.04, 1], [0.04, 1], color="gray", lw=0.8, label="keep ratio")
+    for ax, title in ((ax_abs, "prefill TFLOPs"), (ax_rel, "fraction of unpruned"),
+                      (ax_tot, "llava-next-7b: total LLM FLOPs incl. scoring, fraction of unpruned")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("keep ratio")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ptp_ros_bench import cli
-from ptp_ros_bench.cost_model import kv_bytes_per_token
+from ptp_ros_bench.cost_model import kv_bytes_per_token, kv_cache_bytes
 from ptp_ros_bench.measure import DEFAULT_SELECTORS, _llm_dims, oracle_indices
-from ptp_ros_bench.report import STAGES, summarize
+from ptp_ros_bench.report import STAGES, summarize, upgrade_run
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,57 @@ def test_quick_results_are_well_formed(quick_out):
     assert set(results["analytic"]) == {"llava-next-7b", "llava-next-13b", "cpu-proxy", "internvl2-8b"}
     readme = (quick_out / "README.md").read_text()
     assert "| ptp | 0.111 |" in readme and "Not measured — no GPU lent" in readme
+    assert "| fastv | 0.111 |" in readme and "| text_attention | 0.111 |" in readme and "total GFLOPs" in readme
+
+
+def test_in_llm_rows_prune_inside_the_prefill_and_every_row_has_its_total_flops(quick_out):
+    (run,) = json.loads((quick_out / "results.json").read_text())["runs"]
+    s = run["settings"]
+    assert s["llm"]["layers"] == s["llm_layers"] and s["llm_layer"] == 2 and 0 < s["query_tokens"] < s["text_tokens"]
+    by = {(r["selector"], r["keep_ratio"], r["rep"]): r for r in run["records"]}
+    for (name, ratio, rep), r in by.items():
+        if name in ("fastv", "ptp_in_llm"):  # one generate over the full prompt, scored inside it
+            assert r["prune_layer"] == 2 and r["score_ms"] == 0
+            assert r["prompt_tokens"] == s["text_tokens"] + s["visual_tokens"]
+            pre = by[("text_attention", ratio, rep)]  # the same kept count, pruned before the LLM
+            assert pre["prune_layer"] is None and pre["prompt_tokens"] == s["text_tokens"] + r["kept"]
+            kv = kv_cache_bytes({"llm": s["llm"]}, r["prompt_tokens"] + r["new_tokens"] - 1,
+                                pre["prompt_tokens"] + r["new_tokens"] - 1, 2, 4)
+            assert r["kv_cache_mib"] == pytest.approx(kv / 2**20) and r["kv_cache_mib"] > pre["kv_cache_mib"]
+    summary = {(r["selector"], r["keep_ratio"]): r for r in run["summary"]}
+    assert summary[("unpruned", 1.0)]["flops"]["ratio"] == 1
+    ninth = {name: summary[(name, 0.111)]["flops"] for name in ("ptp", "ptp_in_llm", "fastv", "text_attention",
+                                                                 "uniform_cls", "divprune", "oracle")}
+    assert ninth["uniform_cls"]["ratio"] == ninth["oracle"]["ratio"] < ninth["divprune"]["ratio"]
+    assert ninth["fastv"]["ratio"] < ninth["ptp_in_llm"]["ratio"] < ninth["ptp"]["ratio"] == \
+        ninth["text_attention"]["ratio"]
+    analytic = {t["target"]: t for t in run["targets"]}
+    assert analytic["same, total LLM FLOPs of PTP, its instruction probe included"]["value"] == \
+        pytest.approx(0.182, abs=0.002)
+
+
+def test_runs_measured_before_in_llm_fastv_show_its_emulation_as_text_attention():
+    old = {"settings": {"selectors": [{"name": "ptp", "selector": "ptp", "options": {}, "reduce": "max"},
+                                      {"name": "fastv", "selector": "fastv", "options": {}, "reduce": "mean"}]},
+           "records": [{"selector": "fastv"}, {"selector": "ptp"}]}
+    run = upgrade_run(old)
+    assert [r["selector"] for r in run["records"]] == ["text_attention", "ptp"]
+    assert run["settings"]["selectors"][1]["selector"] == "text_attention" and run["settings"]["notes"]
+    assert upgrade_run(run) == run  # once
+
+
+def test_in_llm_kv_cache_formula_matches_a_real_cache(tiny_adapter):
+    """Layers below the prune layer cache the whole prompt, the others only the kept tokens."""
+    from ptp_ros.pruning import InLLMPruning
+    from ptp_ros.vlm.in_llm import pruned_inside
+
+    lm = tiny_adapter.model.model.language_model
+    embeds = torch.randn(1, 37, lm.config.hidden_size)
+    image = torch.arange(5, 30)  # 25 visual tokens, 10 kept
+    with pruned_inside(lm.layers, InLLMPruning.fastv(2), image, 37, lambda rows: torch.arange(0, 20, 2)):
+        cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+    actual = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert actual == kv_cache_bytes(_llm_dims(tiny_adapter), 37, 37 - 15, 2, 4)
 
 
 def test_report_only_rebuilds_from_results(quick_out):

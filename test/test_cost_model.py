@@ -1,9 +1,25 @@
-"""The analytic cost model against the published LLaVA-NeXT figures (anchors.md, Table A2-3)."""
+"""The analytic cost model against the published LLaVA-NeXT figures (anchors.md, Table A2-3), and the totals
+per method with every scoring pass (issue 11)."""
 from __future__ import annotations
 
 import pytest
 
-from ptp_ros_bench.cost_model import MODELS, cost_table, costs, kv_bytes_per_token, prefill_flops, vision_flops
+from ptp_ros_bench.cost_model import (
+    MODELS,
+    Passes,
+    cost_table,
+    costs,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    llm_dims_from_config,
+    passes_for,
+    passes_for_method,
+    prefill_breakdown,
+    prefill_flops,
+    relevance_flops,
+    total_prefill_flops,
+    vision_flops,
+)
 
 RATIOS = [1.0, 0.5, 0.25, 0.111, 0.056]
 
@@ -58,3 +74,118 @@ def test_internvl2_8b_counts_pixel_shuffled_tiles():
     assert rows[0.111]["prefill_ratio"] < 0.13
     # grouped-query attention (8 KV heads): a quarter of the MHA cache per token
     assert kv_bytes_per_token(model) == 2 * 32 * 8 * 128 * 2
+
+
+# ---- totals: every scoring pass counted (issue 11, item 3) ----
+
+SEVEN = MODELS["llava-next-7b"]
+#: the shipped proxies' LLM (4 layers, width 128, 2 KV heads)
+FOUR_LAYERS = {"layers": 4, "hidden": 128, "ffn": 256, "heads": 4, "kv_heads": 2, "vocab": 132, "gated_mlp": True}
+
+
+def _ratio(model, kept, passes, text=60, visual=2880):
+    return total_prefill_flops(model, text, visual, kept, passes) / total_prefill_flops(model, text, visual, visual)
+
+
+def test_passes_come_from_the_library_selectors_and_plans():
+    assert passes_for("ptp") == Passes(probe_layer=2)
+    assert passes_for("ptp", {"alpha": 0.0}) == Passes()
+    assert passes_for("ptp", llm_layer=1) == Passes(probe_layer=1)
+    assert passes_for("ptp", prune_in_llm=True) == Passes(score_layer=2, prune_layer=2, queries="instruction")
+    assert passes_for("fastv") == Passes(score_layer=1, prune_layer=2, queries="last")
+    assert passes_for("fastv", {"k": 3}) == Passes(score_layer=2, prune_layer=3, queries="last")
+    assert passes_for("text_attention") == Passes(probe_layer=2)
+    assert passes_for("divprune") == Passes(diversity="all")
+    from ptp_ros.pruning import PTPConfig
+
+    if "within_region" in PTPConfig.__dataclass_fields__:  # PTP's diverse within-region pick
+        assert passes_for("ptp", {"within_region": "diverse"}) == Passes(probe_layer=2, diversity="per_region")
+    for unscored in (None, "unpruned", "oracle", "max_pixels", "uniform_cls", "hired", "globalcom2", "random"):
+        assert passes_for(unscored) == Passes()
+
+
+def test_passes_of_an_accuracy_method_follow_its_llm_layer_and_in_llm_choice():
+    from ptp_ros_bench.accuracy.methods import Method, comparison_methods
+
+    methods = {m.label: m for m in comparison_methods()}
+    assert passes_for_method(methods["ptp"]) == Passes(probe_layer=2)
+    assert passes_for_method(methods["ptp llm_layer=1"]) == Passes(probe_layer=1)
+    assert passes_for_method(methods["FastV (in-LLM, K=2)"]).prune_layer == 2
+    assert passes_for_method(next(m for m in methods.values() if m.prune_in_llm), llm_layer=3) == \
+        Passes(score_layer=3, prune_layer=3, queries="instruction")
+    assert passes_for_method(Method("down", "max_pixels")) == Passes()
+
+
+def test_ptp_with_its_instruction_probe_on_7b_at_one_ninth_is_0_18_of_unpruned():
+    """The issue's figure: the pruned prefill (0.117×) plus the probe (2.77 TFLOPs of 42.6)."""
+    parts = prefill_breakdown(SEVEN, 60, 2880, 320, passes_for("ptp"))
+    unpruned = prefill_flops(SEVEN, 2940)
+    assert parts["prefill"] / unpruned == pytest.approx(0.117, abs=0.001)
+    assert parts["scoring"] / 1e12 == pytest.approx(2.77, abs=0.01)
+    assert parts["scoring"] == relevance_flops(SEVEN, 2940, 2, 60)
+    assert parts["total"] / unpruned == pytest.approx(0.18, abs=0.005)
+
+
+def test_fastv_k2_on_a_four_layer_model_at_small_keep_costs_about_half():
+    """Layers 0–1 over the full prompt, 2–3 over a few tokens: half the layers at full length."""
+    ratio = _ratio(FOUR_LAYERS, 8, passes_for("fastv"), text=40, visual=1900)
+    assert 0.48 <= ratio <= 0.55
+    assert ratio > _ratio(FOUR_LAYERS, 8, Passes(), text=40, visual=1900) + 0.4
+
+
+def test_in_llm_ptp_is_cheaper_than_ptp_with_a_separate_probe():
+    for kept in (1440, 720, 320, 161):
+        inside = _ratio(SEVEN, kept, passes_for("ptp", prune_in_llm=True))
+        before = _ratio(SEVEN, kept, passes_for("ptp"))
+        plain = _ratio(SEVEN, kept, Passes())
+        assert plain < inside < before
+    # on 7B it saves the 2 layers the probe ran and the pruned prefill re-runs: ≈ 2/32 of the pruned prefill
+    assert _ratio(SEVEN, 320, passes_for("ptp")) - _ratio(SEVEN, 320, passes_for("ptp", prune_in_llm=True)) == \
+        pytest.approx(2 / 32 * 0.117, rel=0.1)
+
+
+def test_divprune_selection_is_counted_beside_the_llm():
+    parts = prefill_breakdown(SEVEN, 60, 2880, 320, passes_for("divprune"))
+    assert parts["selection"] == 2 * 2880**2 * 4096 and parts["scoring"] == 0
+    assert parts["total"] == parts["prefill"] + parts["selection"]
+    assert parts["total"] > total_prefill_flops(SEVEN, 60, 2880, 320, Passes())
+    per_region = prefill_breakdown(SEVEN, 60, 2880, 320, Passes(diversity="per_region"), regions=5)
+    assert per_region["selection"] == pytest.approx(parts["selection"] / 5)
+
+
+def test_keeping_everything_scores_nothing():
+    unpruned = prefill_flops(SEVEN, 2940)
+    for selector in ("ptp", "fastv", "divprune", "uniform_cls"):
+        assert total_prefill_flops(SEVEN, 60, 2880, 2880, passes_for(selector)) == unpruned
+    # a FastV K past the last layer installs nothing: the stock prefill
+    assert total_prefill_flops(FOUR_LAYERS, 40, 100, 10, passes_for("fastv", {"k": 4})) == \
+        prefill_flops(FOUR_LAYERS, 140)
+
+
+def test_cost_table_has_per_method_totals_with_scoring():
+    rows = {r["keep_ratio"]: r for r in cost_table("llava-next-7b", RATIOS)}
+    totals = rows[0.111]["totals"]
+    assert set(totals) == {"unpruned", "no_instruction", "ptp", "ptp_in_llm", "fastv", "divprune"}
+    assert totals["unpruned"]["ratio"] == 1 and totals["no_instruction"]["ratio"] == rows[0.111]["prefill_ratio"]
+    assert totals["ptp"]["ratio"] == pytest.approx(0.182, abs=0.002)
+    assert totals["ptp"]["scoring_tflops"] == pytest.approx(rows[0.111]["relevance_tflops_layer2"])
+    assert totals["no_instruction"]["ratio"] < totals["divprune"]["ratio"] < totals["fastv"]["ratio"] \
+        < totals["ptp_in_llm"]["ratio"] < totals["ptp"]["ratio"]
+    assert all(t["ratio"] == 1 for t in rows[1.0]["totals"].values())
+
+
+def test_llm_dims_from_a_transformers_config_match_the_published_ones():
+    from ptp_ros_bench.models import llava_next_config
+
+    config = llava_next_config("cpu-proxy")
+    dims = llm_dims_from_config(config)  # the multimodal config: its text_config is read
+    for key in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "gated_mlp"):
+        assert dims[key] == MODELS["cpu-proxy"]["llm"][key], key
+    assert prefill_flops(dims, 2000) == prefill_flops(MODELS["cpu-proxy"], 2000)
+    assert llm_dims_from_config(config.text_config.to_dict()) == llm_dims_from_config(config.text_config)
+
+
+def test_in_llm_kv_cache_keeps_the_full_prompt_below_the_prune_layer():
+    per_token = kv_bytes_per_token(SEVEN)
+    assert kv_cache_bytes(SEVEN, 2940, 380) == 380 * per_token
+    assert kv_cache_bytes(SEVEN, 2940, 380, prune_layer=2) == pytest.approx((2 * 2940 + 30 * 380) / 32 * per_token)

@@ -1,6 +1,8 @@
-"""Turn ``Results`` into results.json, a markdown report and a plot of accuracy against keep ratio."""
+"""Turn ``Results`` into results.json, a markdown report and two plots: accuracy against total LLM prefill
+FLOPs (the main one: every scoring pass included, from bench/cost_model.py) and against keep ratio."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -9,6 +11,7 @@ import numpy as np
 
 from ptp_ros.proxy import QUESTION_TYPES
 
+from ..cost_model import Passes, llm_dims_from_model_path, passes_for_method, prefill_breakdown
 from .methods import Method
 from .runner import FULL, GLOBAL_ONLY, Results, summarize_ci
 
@@ -24,13 +27,47 @@ def paired_difference(a: list[int], b: list[int]) -> tuple[float, float]:
     return float(d.mean()), float(1.96 * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
+def llm_dims(meta: dict) -> dict | None:
+    """The cost model's dims of the evaluated LLM: ``meta["llm"]`` when the caller passed them, else read
+    from the checkpoint's config.json at ``meta["model"]``; ``None`` when neither is there."""
+    if meta.get("llm"):
+        return meta["llm"]
+    try:
+        return llm_dims_from_model_path(meta["model"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _flops(results: Results, llm: dict | None, label: str, ratio: float, passes: Passes | None,
+           read_whole: bool = False, regions: int = 1, questions: int | None = None) -> dict | None:
+    """Mean total LLM prefill FLOPs per question of one row (scoring passes and selection included), from
+    its per-question kept counts and the prompt's text / visual token counts.  ``read_whole``: the row read
+    a smaller image whole (the down-scaling baseline), so its visual tokens are its kept ones.  ``questions``:
+    the first that many only."""
+    kept_ratio = results.kept_ratio.get((label, ratio), [])[:questions]
+    if llm is None or passes is None or not kept_ratio or len(results.text_tokens) < len(kept_ratio):
+        return None
+    parts = []
+    for share, text, visual in zip(kept_ratio, results.text_tokens, results.visual_tokens):
+        kept = round(share * visual)
+        parts.append(prefill_breakdown(llm, text, kept if read_whole else visual, kept, passes, regions=regions))
+    return {key: float(np.mean([p[key] for p in parts])) / 1e9 for key in ("total", "scoring", "selection")}
+
+
 def build(results: Results, methods: list[Method], ratios: tuple[float, ...], meta: dict) -> dict:
-    """Everything the report shows, as JSON-ready data (accuracy, CI, relative accuracy, recall, per type)."""
+    """Everything the report shows, as JSON-ready data (accuracy, CI, relative accuracy, recall, per type, and
+    the mean total LLM prefill GFLOPs per question with its ratio to all tokens).
+
+    The FLOPs need the LLM's dims (``meta["llm"]``, a ``cost_model.llm_dims_from_config`` dict, else read from
+    ``meta["model"]``'s config.json) and the adapter's relevance layer (``meta["llm_layer"]``, default 2)."""
     full = results.correct[(FULL, 1.0)]
     full_acc = float(np.mean(full))
     qtypes = np.asarray(results.qtypes)
+    llm = llm_dims(meta)
+    llm_layer = meta.get("llm_layer", 2)
+    regions = meta.get("regions", 1)  # PTP's per-region diverse pick: one region is the upper bound
 
-    def entry(label: str, ratio: float) -> dict:
+    def entry(label: str, ratio: float, passes: Passes | None = Passes(), read_whole: bool = False) -> dict:
         correct = results.correct[(label, ratio)]
         acc, lo, hi = summarize_ci(correct)
         types = qtypes[: len(correct)]
@@ -40,21 +77,34 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
         # methods run on fewer scenes (ablations) are compared on the questions both have: the first ones
         diff, half = (paired_difference(ptp[: len(correct)], correct) if ptp is not None and label != "ptp"
                       else (None, None))
+        flops = _flops(results, llm, label, ratio, passes, read_whole, regions)
+        # against all tokens on the same questions (a row run on fewer scenes has the first ones)
+        base = _flops(results, llm, FULL, 1.0, Passes(), questions=len(correct)) if flops else None
         return {"n": len(correct), "accuracy": round(acc, 4), "ci95": [round(lo, 4), round(hi, 4)],
                 "relative": round(acc / full_acc, 4) if full_acc else None, "by_type": by_type,
                 "target_recall": _nanmean(results.recall[(label, ratio)]),
                 "kept_ratio": round(float(np.mean(results.kept_ratio[(label, ratio)])), 4),
-                "ptp_minus_this": None if diff is None else [round(diff, 4), round(half, 4)]}
+                "ptp_minus_this": None if diff is None else [round(diff, 4), round(half, 4)],
+                "prefill_gflops": None if flops is None else round(flops["total"], 6),
+                "scoring_gflops": None if flops is None else round(flops["scoring"] + flops["selection"], 6),
+                "flops_ratio": None if flops is None else round(flops["total"] / base["total"], 4)}
 
     methods_out = {}
     for m in methods:
+        try:
+            passes = passes_for_method(m, llm_layer)
+        except (ValueError, TypeError):  # a row the cost model cannot describe: no FLOPs rather than wrong ones
+            passes = None
         per_ratio = {"1.0": entry(FULL, 1.0)}
-        per_ratio.update({f"{r:g}": entry(m.label, r) for r in ratios if r < 1.0})
+        per_ratio.update({f"{r:g}": entry(m.label, r, passes, m.selector == "max_pixels")
+                          for r in ratios if r < 1.0})
         methods_out[m.label] = {"group": m.group, "selector": m.selector, "options": m.options, "reduce": m.reduce,
-                                "adapter": dict(m.adapter),
+                                "adapter": dict(m.adapter), "prune_in_llm": getattr(m, "prune_in_llm", False),
+                                "passes": None if passes is None else dataclasses.asdict(passes),
                                 "ratios": per_ratio}
     return {"meta": {**meta, "questions": len(full), "scenes": len(set(results.scenes)),
-                     "question_types": {t: int(np.sum(qtypes == t)) for t in QUESTION_TYPES}},
+                     "question_types": {t: int(np.sum(qtypes == t)) for t in QUESTION_TYPES},
+                     "llm": llm, "llm_layer": llm_layer},
             "all_tokens": entry(FULL, 1.0),
             "global_only": entry(GLOBAL_ONLY, 0.0) if (GLOBAL_ONLY, 0.0) in results.correct else None,
             "methods": methods_out}
@@ -72,10 +122,12 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
              f"({', '.join(f'{k}: {v}' for k, v in meta['question_types'].items())}). "
              f"Accuracy in % with 95 % Wilson intervals; written by `{meta['command']}` "
              f"in {meta['seconds']:.0f} s.", "",
-             f"* all tokens: **{_cell(data['all_tokens'])}**"]
+             f"* all tokens: **{_cell(data['all_tokens'])}**" + _gflops_note(data["all_tokens"])]
     glob = data["global_only"]
     if glob is not None:
-        lines.append(f"* global view only (kept ratio {glob['kept_ratio']:.3f}): **{_cell(glob)}**")
+        lines.append(f"* global view only (kept ratio {glob['kept_ratio']:.3f}): **{_cell(glob)}**"
+                     + _gflops_note(glob))
+    lines += _flops_section(data, rs)
     lines += ["", "## Accuracy by keep ratio", "",
               "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
     for label, m in data["methods"].items():
@@ -108,6 +160,84 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
     for label, m in data["methods"].items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * m['ratios'][pick]['by_type'][t]:.1f}" for t in types) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _gflops_note(e: dict) -> str:
+    return "" if e.get("prefill_gflops") is None else f", total LLM prefill {e['prefill_gflops']:.4g} GFLOPs"
+
+
+def _flops_section(data: dict, rs: list[str]) -> list[str]:
+    """Total prefill GFLOPs / ratio to all tokens, per method and keep ratio."""
+    if data["all_tokens"].get("prefill_gflops") is None:
+        return []
+    llm = data["meta"]["llm"]
+    lines = ["", "## Total LLM prefill GFLOPs / ratio to all tokens", "",
+             f"Mean per question, from bench/cost_model.py with this model's own LLM ({llm['layers']} layers, width "
+             f"{llm['hidden']}) at each question's token counts: the prefill at the lengths it runs at plus every "
+             f"scoring pass — the relevance probe of pre-LLM methods that read instruction attention (LLM layers "
+             f"0..{data['meta']['llm_layer'] - 1} over the full prompt + layer {data['meta']['llm_layer']}'s rows), "
+             "the full-length layers and recomputed attention rows of in-LLM methods — and selection matmuls on the "
+             "projected features (DivPrune's N×N distances). The down-scaled row reads a smaller image whole (its "
+             "vision cost, not counted here, differs too). The main plot, `accuracy_vs_prefill_flops.png`, puts "
+             "accuracy against these totals.", "",
+             "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+    for label, m in data["methods"].items():
+        cells = []
+        for r in rs:
+            e = m["ratios"][r]
+            cells.append("–" if e.get("prefill_gflops") is None
+                         else f"{e['prefill_gflops']:.4g} / {e['flops_ratio']:.3f}")
+        n = m["ratios"][rs[0]]["n"]  # a row on fewer scenes: its GFLOPs are of those, its ratio to their all tokens
+        lines.append(f"| {label}{'' if n == data['meta']['questions'] else f' (n={n})'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_flops(data: dict, ratios: tuple[float, ...], path: Path) -> bool:
+    """Accuracy against mean total LLM prefill GFLOPs: one marker line per method across the keep ratios,
+    the all-tokens point (and the global view only); ``False`` (nothing written) without FLOPs."""
+    full = data["all_tokens"]
+    if full.get("prefill_gflops") is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rs = [f"{r:g}" for r in ratios if r < 1.0]
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    for label, m in data["methods"].items():
+        if m["group"] == "ablation":
+            continue
+        cells = [m["ratios"][r] for r in rs if m["ratios"][r].get("prefill_gflops") is not None]
+        if not cells:
+            continue
+        xs = [c["prefill_gflops"] for c in cells]
+        acc = [100 * c["accuracy"] for c in cells]
+        err = [100 * (c["ci95"][1] - c["ci95"][0]) / 2 for c in cells]
+        ax.errorbar(xs, acc, yerr=err, marker="o", ms=4, capsize=3, lw=2.5 if m["group"] == "ptp" else 1.2,
+                    label=label)
+    ax.errorbar([full["prefill_gflops"]], [100 * full["accuracy"]],
+                yerr=[[100 * (full["accuracy"] - full["ci95"][0])], [100 * (full["ci95"][1] - full["accuracy"])]],
+                marker="*", ms=14, color="k", ls="none", label="all tokens")
+    ax.axhline(100 * full["accuracy"], color="k", ls="--", lw=0.8)
+    g = data["global_only"]
+    if g is not None and g.get("prefill_gflops") is not None:
+        ax.errorbar([g["prefill_gflops"]], [100 * g["accuracy"]], yerr=[[100 * (g["accuracy"] - g["ci95"][0])],
+                    [100 * (g["ci95"][1] - g["accuracy"])]], marker="s", color="gray", ls="none",
+                    label="global view only")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel(f"total LLM prefill GFLOPs per question (scoring passes included; all tokens: "
+                  f"{full['prefill_gflops']:.3g})")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Proxy high-resolution VQA: accuracy vs total LLM prefill FLOPs")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot(data: dict, ratios: tuple[float, ...], path: Path) -> None:
@@ -147,4 +277,5 @@ def write(data: dict, ratios: tuple[float, ...], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     (out / "results.md").write_text(markdown(data, ratios))
+    plot_flops(data, ratios, out / "accuracy_vs_prefill_flops.png")  # the main plot
     plot(data, ratios, out / "accuracy_vs_keep_ratio.png")
