@@ -38,20 +38,38 @@ setup(
             "ros-kilted-sensor-msgs==5.5.1",
             "ros-kilted-std-msgs==5.5.1",
             "ros-kilted-diagnostic-msgs==5.5.1",
+            "rosbags>=0.11,<0.12",  # bag_replay and the bag tests: rosbag2 has no wheel
+            "osrf-pycommon>=2.0",  # ros2/launch needs it (test_ros_launch runs the vendored launch)
+            # to build ptp_ros_interfaces (the Ask action): bash ptp_ros_interfaces/install.sh
+            "ros-kilted-action-msgs==2.3.0",
+            "ros-kilted-ament-cmake==2.7.3",
+            "ros-kilted-ament-cmake-include-directories==2.7.3",
+            "ros-kilted-ament-cmake-ros-core==0.14.5",
+            "ros-kilted-ament-index-python==1.11.0",
+            "ros-kilted-ament-package==0.17.2",
+            "ros-kilted-rosidl-core-generators==0.3.1",
+            "ros-kilted-rosidl-default-generators==1.7.1",
+            "ros-kilted-rosidl-default-runtime==1.7.1",
         ],
         "bench": ["matplotlib>=3.7", "psutil>=5.9"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "psutil>=5.9"],
+        "test": ["pytest>=8"],  # colcon test runs pytest because of this entry
+        # colcon builds and tests both packages as on a robot (CI, test/test_colcon.py); colcon-core wants setuptools<80
+        "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "psutil>=5.9",
+                "colcon-core>=0.17", "colcon-ros>=0.5", "colcon-bash>=0.5", "colcon-package-selection>=0.2",
+                "colcon-test-result>=0.3"],
     },
     zip_safe=False,
     maintainer="ptp_ros developers",
     maintainer_email="dev@ptp-ros.invalid",
     license="Apache-2.0",
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [
             "ptp-ask = ptp_ros.cli:ask_main",
             "ptp-demo = ptp_ros.ros.demo:main",
             "agent = ptp_ros.ros.node:main",
+            "bag_replay = ptp_ros.ros.bag_replay:main",
+            "camera_replay = ptp_ros.ros.camera_replay:main",
+            "planner = ptp_ros.ros.planner:main",
             "ptp-bench = ptp_ros_bench.cli:main",
             "ptp-eval = ptp_ros_bench.accuracy:main",
         ],

@@ -47,3 +47,72 @@ def ros(tmp_path_factory):
     yield env
     os.environ.clear()
     os.environ.update(saved)
+
+
+INTERFACES = Path(__file__).resolve().parents[1] / "ptp_ros_interfaces"
+
+
+def _interface_files() -> list[Path]:
+    return sorted([*INTERFACES.glob("action/*.action"), *INTERFACES.glob("msg/*.msg")])
+
+
+def _installed_interface_is_current() -> bool:
+    """Whether the importable ptp_ros_interfaces (if any) was built from this checkout's interface files;
+    looked up without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ptp_ros_interfaces")
+    if spec is None or spec.origin is None:
+        return False
+    share = Path(spec.origin).parents[4] / "share" / "ptp_ros_interfaces"  # <prefix>/lib/pythonX.Y/site-packages/...
+    return all((share / f.relative_to(INTERFACES)).is_file()
+               and (share / f.relative_to(INTERFACES)).read_bytes() == f.read_bytes() for f in _interface_files())
+
+
+@pytest.fixture(scope="session")
+def ask_interface(tmp_path_factory):
+    """The ``Ask`` action type, importable here and in the processes the tests start.
+
+    The one installed in this environment (``bash ptp_ros_interfaces/install.sh``, which the README and CI
+    run) when it was built from this checkout's interface files; else the same script builds it once into a
+    temporary prefix (20-30 s on 2 cores) that is put on the Python and loader paths.  Skipped without cmake or
+    the ROS 2 build wheels."""
+    import ctypes
+    import importlib
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "LD_LIBRARY_PATH")}
+    if not _installed_interface_is_current():
+        if "ptp_ros_interfaces" in sys.modules:
+            pytest.skip("an out-of-date ptp_ros_interfaces is already imported: run bash ptp_ros_interfaces/install.sh")
+        if shutil.which("cmake") is None:
+            pytest.skip("cmake is not installed: cannot build ptp_ros_interfaces")
+        if not (Path(sys.prefix) / "share" / "rosidl_default_generators").is_dir():
+            pytest.skip("the ROS 2 build wheels are not installed (pip install -e .[ros]): "
+                        "cannot build ptp_ros_interfaces")
+        prefix = tmp_path_factory.mktemp("ptp_ros_interfaces")
+        done = subprocess.run(["bash", str(INTERFACES / "install.sh"), str(prefix / "install")], capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable,
+                                                           "PTP_INTERFACES_BUILD": str(prefix / "build")})
+        assert done.returncode == 0, f"building ptp_ros_interfaces failed:\n{done.stdout}\n{done.stderr}"
+        lib = prefix / "install" / "lib"
+        site = lib / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+        sys.path.insert(0, str(site))
+        for key, path in (("PYTHONPATH", site), ("LD_LIBRARY_PATH", lib)):  # for the processes tests start
+            os.environ[key] = os.pathsep.join(p for p in (str(path), os.environ.get(key)) if p)
+        for library in sorted(lib.glob("*.so")):  # this process read LD_LIBRARY_PATH at start: load them by path,
+            ctypes.CDLL(str(library))            # then rcl finds them by name among the loaded ones
+        importlib.invalidate_caches()
+    from ptp_ros.ros.ask_action import interface
+
+    Ask = interface()
+    assert Ask is not None, "ptp_ros_interfaces was built but does not import"
+    yield Ask
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

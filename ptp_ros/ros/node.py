@@ -37,7 +37,7 @@ from std_msgs.msg import Header, String
 from ..pipeline import Cancelled
 from ..vlm.defaults import default_model_path
 from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
-from . import conversions
+from . import ask_action, conversions
 from .diagnostics import Health, agent_status
 from .params import PARAMS, RUNTIME, check_choice
 from .requests import RequestError, loggable, parse_request
@@ -88,6 +88,7 @@ class AgentNode(LifecycleNode):
         self.create_subscription(String, "instruction", self._on_instruction, reliable(depth),
                                  callback_group=self._io_group)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self.ask = ask_action.serve(self)  # the typed Ask action, when ptp_ros_interfaces is importable
 
     # -- parameters -------------------------------------------------------------------------------
     def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
@@ -236,30 +237,43 @@ class AgentNode(LifecycleNode):
         """Exactly one result for every message: a queued request's comes later, any other now."""
         received = time.monotonic()
         self.counters.add(received=1)
-        default_id = f"{self.get_name()}-{next(self._request_numbers)}"
+        default_id = self.default_request_id()
         try:
             self._take_instruction(msg.data, default_id, received)
         except Exception as exc:  # noqa: BLE001 - no message may end the callback (and with it the process)
             self.counters.add(internal_errors=1)
             text = msg.data[:200] if isinstance(msg.data, str) else ""
-            self._publish_result(self.counters.rejection(default_id, text, f"internal error: {type(exc).__name__}: "
-                                                         f"{exc}", status="error"), None)
+            self.refuse(default_id, text, f"internal error: {type(exc).__name__}: {exc}", status="error")
 
     def _take_instruction(self, data: str, default_id: str, received: float) -> None:
-        worker = self.worker
         try:
             request = parse_request(data, default_id, self.get_parameter("max_instruction_chars").value)
         except RequestError as exc:
-            rejection = self.counters.rejection(exc.request_id or default_id, data[:200], f"invalid instruction: {exc}")
-            self._publish_result(rejection, None)
+            self.refuse(exc.request_id or default_id, data[:200], f"invalid instruction: {exc}")
             return
-        if worker is None or self.model_state != "serving":
-            reason = f"not serving: model {self.model_state}"
-            if self.configure_error:
-                reason += f" ({self.configure_error})"
-            self._publish_result(self.counters.rejection(request.id, request.text, reason), None)
+        worker, problem = self.serving_worker()
+        if worker is None:
+            self.refuse(request.id, request.text, problem)
             return
         worker.submit(request, received)
+
+    def default_request_id(self) -> str:
+        """``<node>-<n>``, for a request without an id of its own (thread-safe)."""
+        return f"{self.get_name()}-{next(self._request_numbers)}"
+
+    def serving_worker(self) -> tuple[RequestWorker | None, str]:
+        """(the worker, "") when the node takes requests now, else (None, why not)."""
+        worker = self.worker
+        if worker is not None and self.model_state == "serving":
+            return worker, ""
+        reason = f"not serving: model {self.model_state}"
+        if self.configure_error:
+            reason += f" ({self.configure_error})"
+        return None, reason
+
+    def refuse(self, request_id: str, text: str, reason: str, status: str = "rejected") -> None:
+        """Count and publish the result of a request refused before it reached the worker."""
+        self._publish_result(self.counters.rejection(request_id, text, reason, status=status), None)
 
     # -- outputs (called from the worker thread) -----------------------------------------------
     def flush_results(self, timeout_s: float) -> None:
@@ -270,6 +284,8 @@ class AgentNode(LifecycleNode):
             self.get_logger().warning(f"results may be unsent at shutdown: {exc}")
 
     def _publish_result(self, result: dict, answer: str | None) -> None:
+        if self.ask is not None:
+            self.ask.route(result)  # an action goal's: ends the goal, and gets the goal's request id back
         if answer is not None:
             self._answer_pub.publish(String(data=answer))
         elif result.get("status") != "busy":
@@ -381,6 +397,8 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
         why = stop.name or "rclpy shutdown"
         node.get_logger().info(f"shutting down ({why})")
         node.stop_serving(f"the node shut down ({why})", shutting_down=True)
+        if node.ask is not None:
+            node.ask.drain(executor, RESULT_FLUSH_S)
         node.flush_results(RESULT_FLUSH_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -1,5 +1,6 @@
 """A scripted planner: waits for the agent to serve and to hold a camera frame, asks its questions one at a time, prints each answer
-with its latency and keep ratio, and saves the saliency images it receives.
+with its latency and keep ratio, and saves the saliency images it receives.  It asks over the agent's ``ask``
+action when ptp_ros_interfaces is importable and the agent serves it, else on the JSON ``instruction`` topic.
 
     python -m ptp_ros.ros.planner --out saliency/ --ros-args -r __ns:=/robot
 """
@@ -20,6 +21,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
+from . import ask_action
 from .conversions import imgmsg_to_array
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -54,6 +56,19 @@ class Planner:
         node.create_subscription(String, "result", self._on_result, RELIABLE)
         node.create_subscription(Image, "saliency", self._on_saliency, RELIABLE)
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, RELIABLE)
+        self.Ask = ask_action.interface()
+        self._action = None
+        if self.Ask is not None:
+            from rclpy.action import ActionClient
+
+            self._action = ActionClient(node, self.Ask, ask_action.ACTION_NAME)
+
+    def use_action(self, timeout: float) -> bool:
+        """Whether questions go over the ask action: the interface is importable and the agent serves it."""
+        if self._action is not None and not self._action.wait_for_server(timeout_sec=timeout):
+            self._action.destroy()
+            self._action = None
+        return self._action is not None
 
     def _notify(self, update) -> None:
         with self._cond:
@@ -83,10 +98,29 @@ class Planner:
             return self._cond.wait_for(predicate, timeout)
 
     def ask(self, request: dict, timeout: float) -> dict | None:
+        """The result of ``request`` (a JSON instruction with an ``id``) as a dict, or None after ``timeout``."""
+        if self._action is not None:
+            return self._ask_action(request, timeout)
         self._pub.publish(String(data=json.dumps(request)))
         if not self.wait(lambda: request["id"] in self.results, timeout):
             return None
         return self.results[request["id"]]
+
+    def _ask_action(self, request: dict, timeout: float) -> dict | None:
+        def done(future) -> bool:
+            return self.wait(lambda: future.done(), timeout)
+
+        fields = {k: v for k, v in request.items() if k != "text"}
+        sending = self._action.send_goal_async(ask_action.goal_message(self.Ask, request["text"], **fields))
+        sending.add_done_callback(lambda _: self._notify(lambda: None))
+        if not done(sending):
+            return None
+        handle = sending.result()
+        if not handle.accepted:  # the reason comes as the JSON result under the goal's id
+            return self.results[request["id"]] if self.wait(lambda: request["id"] in self.results, 10.0) else None
+        result = handle.get_result_async()
+        result.add_done_callback(lambda _: self._notify(lambda: None))
+        return ask_action.result_dict(result.result().result) if done(result) else None
 
 
 def describe(result: dict, saliency: Path | None, expected: str | None = None) -> str:
@@ -128,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print("the agent never reported serving with a camera frame on /diagnostics", file=sys.stderr)
             return 2
         script = proxy_questions(args.proxy_scene) if args.proxy_scene >= 0 else QUESTIONS
+        print("asking over the ask action" if planner.use_action(10.0) else
+              "asking on the instruction topic (the ask action is not available)", flush=True)
         for i, question in enumerate((script * args.questions)[:args.questions], 1):
             expected = question.get("expected")
             request = {"id": f"q{i}", **{k: v for k, v in question.items() if k != "expected"}}

@@ -31,6 +31,7 @@ FAILED = ("stale", "cancelled", "error")  # the request started but has no answe
 FUTURE_STAMP_TOLERANCE_MS = 500.0  # more than clock jitter between machines: the clocks disagree
 FAR_PAST_STAMP_MS = 24 * 3600e3  # older than a day: the camera's clock is not set, not a stale frame
 STOP_JOIN_S = 5.0
+CANCELLED_BY_CLIENT = "its client cancelled it"
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class Counters:
 class Job:
     request: Request
     received: float  # time.monotonic() when the instruction arrived
+    cancel: threading.Event | None = None  # the request's own (an action goal's): set, this request alone stops
 
 
 Emit = Callable[[dict, str | None], None]  # (result, answer text or None)
@@ -193,6 +195,7 @@ class RequestWorker:
         self._frame_lock = threading.Lock()
         self._accepting = False
         self._running_since: float | None = None  # time.monotonic() when the current request started
+        self._job: Job | None = None  # the running one
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._cancel_reason = ""
@@ -207,20 +210,23 @@ class RequestWorker:
         self.counters.add(frames_received=1, frames_invalid=int(frame.error is not None))
         self.counters.last_frame_arrival = frame.arrived
 
-    def submit(self, request: Request, received: float) -> None:
-        """Queue ``request``; when the queue is full, the worker is stopped or the request could not
-        start within its own latency budget, answer at once."""
+    def submit(self, request: Request, received: float, cancel: threading.Event | None = None) -> bool:
+        """Queue ``request`` (True); when the queue is full, the worker is stopped or the request could not
+        start within its own latency budget, answer at once (False).  Setting ``cancel`` cancels this request
+        alone: it is answered ``cancelled`` when its turn comes, or stops at its next stage or token."""
         if not self._accepting:
             self._emit(self.counters.rejection(request.id, request.text, "not serving: the node is not active"), None)
-            return
+            return False
         if (overload := self._overloaded(request)) is not None:
             self._emit(self.counters.rejection(request.id, request.text, overload, status="busy"), None)
-            return
+            return False
         try:
-            self._queue.put_nowait(Job(request, received))
+            self._queue.put_nowait(Job(request, received, cancel))
         except queue.Full:
             reason = f"busy: {self._queue.maxsize} request(s) already waiting"
             self._emit(self.counters.rejection(request.id, request.text, reason, status="busy"), None)
+            return False
+        return True
 
     def _overloaded(self, request: Request) -> str | None:
         """Why ``request`` cannot start before its budget expires, even if every request ahead of it ran at
@@ -281,6 +287,8 @@ class RequestWorker:
         self._accepting = False
         self._cancel_reason = reason
         self._cancel.set()
+        if (job := self._job) is not None and job.cancel is not None:
+            job.cancel.set()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(STOP_JOIN_S)
@@ -301,7 +309,7 @@ class RequestWorker:
                 job = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self._running_since = time.monotonic()
+            self._job, self._running_since = job, time.monotonic()
             try:
                 self._serve(job)
             except Exception as exc:  # noqa: BLE001 - no request may end the thread; it gets an error result
@@ -309,7 +317,7 @@ class RequestWorker:
                 self._fail({"id": job.request.id, "instruction": job.request.text},
                            f"internal error: {type(exc).__name__}: {exc}", status="error")
             finally:
-                self._running_since = None
+                self._job = self._running_since = None
 
     # -- one request ------------------------------------------------------------------------------
     def pipeline(self, alpha: float) -> Pipeline:
@@ -329,6 +337,9 @@ class RequestWorker:
         started = time.monotonic()
         settings, request = self.settings, job.request
         result: dict = {"id": request.id, "instruction": request.text}
+        cancel = job.cancel or self._cancel
+        if job.cancel is not None and (job.cancel.is_set() or self._cancel.is_set()):
+            return self._fail(result, f"cancelled: {self._cancelled_why()} before it ran", status="cancelled")
         budget_ms = request.latency_budget_ms or settings.latency_budget_ms
         deadline_ms = self._deadline_ms(request, settings)
         waited_ms = (started - job.received) * 1e3
@@ -361,9 +372,9 @@ class RequestWorker:
             result.update(predicted_ms=round(choice.predicted_ms, 3), budget_feasible=choice.feasible)
         try:
             answer = self.pipeline(settings.alpha).answer(image, request.text, keep_ratio=keep_ratio,
-                                                          max_new_tokens=max_new_tokens, cancel=self._cancel)
+                                                          max_new_tokens=max_new_tokens, cancel=cancel)
         except Cancelled as exc:
-            return self._fail(result, f"cancelled: {self._cancel_reason} ({exc})", status="cancelled")
+            return self._fail(result, f"cancelled: {self._cancelled_why()} ({exc})", status="cancelled")
         except InvalidRequest as exc:
             return self._fail(result, f"invalid request: {exc}", status="rejected")
         except Exception as exc:  # noqa: BLE001 - a model failure must not take the node down
@@ -374,6 +385,9 @@ class RequestWorker:
         if settings.publish_saliency:
             overlay = saliency_image(image, answer.visual, answer.selection, max_side=settings.saliency_max_side)
             self._emit_saliency(overlay, frame.header)
+
+    def _cancelled_why(self) -> str:
+        return self._cancel_reason if self._cancel.is_set() else CANCELLED_BY_CLIENT
 
     def _choose(self, request: Request, settings: Settings, budget_ms: float, max_new_tokens: int,
                 spent_ms: float) -> tuple[str, float, BudgetChoice | None]:

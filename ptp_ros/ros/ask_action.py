@@ -1,0 +1,296 @@
+"""The ``ask`` action (``ptp_ros_interfaces/action/Ask``): the typed way for a planner to ask the agent, beside the
+JSON ``instruction``/``result`` topics, which stay.
+
+A goal is the JSON request as typed fields and goes through the same checks (``parse_request``, the node being
+serving, the worker's queue and overload rules).  The goal callback submits it to the worker at once, so it is
+accepted exactly when the topic path would queue it; a goal the topic path would answer at once is rejected,
+and since an action's goal response carries no reason, the reason goes where the topic path puts it: the JSON
+``result`` under the goal's request id (and the log).  An accepted goal gets feedback per stage, ends exactly
+once with the worker's result (succeeded when ``ok``, canceled when its client cancelled it, aborted
+otherwise; the typed result says which status and why), and its result is published on ``result`` as JSON too.
+
+The interface package is built separately (ament_cmake + rosidl); without it the node serves the topics only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import threading
+import time
+import uuid
+from typing import Any
+
+from .requests import RequestError, parse_request
+
+ACTION_NAME = "ask"
+STAGES = ("queued", "converting", "encoding", "scoring", "prefill", "decoding")
+# JSON result keys by their typed field's kind (the typed field has the same name)
+TEXTS = ("instruction", "status", "answer", "error", "stamp_warning", "mode")
+FLOATS = ("frame_age_ms", "frame_arrival_age_ms", "keep_ratio", "latency_budget_ms", "predicted_ms")  # NaN: absent
+COUNTS = ("visual_tokens_kept", "visual_tokens_total", "new_tokens", "max_new_tokens")  # 0: absent
+FLAGS = ("budget_feasible", "budget_met")
+CANCEL_TRANSITION_S = 2.0  # how long a cancelled goal's result waits for rclpy to mark the goal canceling
+INTERFACE_HINT = "build it with `bash ptp_ros_interfaces/install.sh` (pip venv) or colcon (docs/ros.md)"
+
+
+def interface():
+    """The ``Ask`` action type, or None when ptp_ros_interfaces is not importable (looked up on each call, so
+    a package put on the path later is found)."""
+    try:
+        return importlib.import_module("ptp_ros_interfaces.action").Ask
+    except ImportError:
+        return None
+
+
+# -- messages <-> the JSON shapes ------------------------------------------------------------------------
+def goal_message(Ask, text: str, **fields: Any):
+    """An ``Ask.Goal`` from the fields of a JSON instruction (``id``, ``keep_ratio``, ...); absent ones are 0."""
+    return Ask.Goal(instruction=text, request_id=str(fields.get("id", "")),
+                    keep_ratio=float(fields.get("keep_ratio") or 0.0),
+                    latency_budget_ms=float(fields.get("latency_budget_ms") or 0.0),
+                    max_new_tokens=int(fields.get("max_new_tokens") or 0))
+
+
+def goal_request_json(goal) -> str:
+    """The JSON instruction a goal stands for: 0 or NaN fields are left out (the node's defaults)."""
+    fields: dict[str, Any] = {"text": goal.instruction}
+    if goal.request_id:
+        fields["id"] = goal.request_id
+    for name in ("keep_ratio", "latency_budget_ms"):
+        value = getattr(goal, name)
+        if value != 0.0 and not math.isnan(value):
+            fields[name] = value
+    if goal.max_new_tokens:
+        fields["max_new_tokens"] = goal.max_new_tokens
+    return json.dumps(fields)
+
+
+def result_message(Ask, result: dict):
+    """The typed ``Ask.Result`` of a JSON result (absent numbers NaN or 0, absent texts empty)."""
+    msg = Ask.Result(request_id=str(result.get("id", "")))
+    for name in TEXTS:
+        setattr(msg, name, str(result.get(name) or ""))
+    for name in FLOATS:
+        value = result.get(name)
+        setattr(msg, name, math.nan if value is None else float(value))
+    for name in COUNTS:
+        setattr(msg, name, int(result.get(name) or 0))
+    for name in FLAGS:
+        setattr(msg, name, bool(result.get(name, False)))
+    if stamp := result.get("stamp"):
+        msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp["sec"]), int(stamp["nanosec"])
+    msg.header.frame_id = str(result.get("frame_id", ""))
+    latency = result.get("latency_ms") or {}
+    for stage in msg.latency_ms.get_fields_and_field_types():
+        setattr(msg.latency_ms, stage, float(latency.get(stage, math.nan)))
+    return msg
+
+
+def result_dict(msg) -> dict:
+    """The JSON shape of a typed result (what ``describe`` and scripts read); NaN and empty fields left out."""
+    out: dict[str, Any] = {"id": msg.request_id}
+    out.update({name: getattr(msg, name) for name in TEXTS if getattr(msg, name)})
+    out.update({name: getattr(msg, name) for name in FLOATS if not math.isnan(getattr(msg, name))})
+    out.update({name: getattr(msg, name) for name in COUNTS + FLAGS})
+    if msg.header.frame_id or msg.header.stamp.sec or msg.header.stamp.nanosec:
+        out.update(stamp={"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec},
+                   frame_id=msg.header.frame_id)
+    latency = {stage: getattr(msg.latency_ms, stage) for stage in msg.latency_ms.get_fields_and_field_types()}
+    if not all(math.isnan(v) for v in latency.values()):
+        out["latency_ms"] = {k: v for k, v in latency.items() if not math.isnan(v)}
+    return out
+
+
+# -- the server --------------------------------------------------------------------------------------------
+class StageProbe(threading.Event):
+    """One goal's cancel event, handed to the worker as the request's own; setting it cancels that request.
+
+    It also reads the checks made on it as stage boundaries: the worker checks it when the request starts
+    (converting), the pipeline before encoding (encoding), after encoding (scoring: saliency, relevance,
+    selection) and before generating (prefill), and ``generate``'s stopping criterion after every token, the
+    first of which ends the prefill (decoding).  test/test_ros_action.py holds this order.
+    """
+
+    def __init__(self, reached):
+        super().__init__()
+        self._checks = 0
+        self._reached = reached
+
+    def is_set(self) -> bool:
+        self._checks += 1  # only the inference thread checks
+        if self._checks < len(STAGES):
+            self._reached(STAGES[self._checks])
+        return super().is_set()
+
+
+class Goal:
+    """One accepted goal, from the goal callback to its result."""
+
+    def __init__(self, request_id: str, received: float, message, Feedback):
+        self.request_id, self.received, self.Feedback = request_id, received, Feedback
+        self.message = message  # kept alive: the server finds the goal by id(message) until rclpy hands over its handle
+        self.lock = threading.Lock()  # orders the feedback and starts execution once
+        self.reached: list[tuple[str, float]] = [("queued", 0.0)]
+        self.sent = 0  # feedback messages published
+        self.handle = None
+        self.executing = False
+        self.cancel_requested = False
+        self.result: dict | None = None
+        self.done = threading.Event()
+        self.cancel = StageProbe(self.stage)
+
+    def stage(self, name: str) -> None:
+        with self.lock:
+            self.reached.append((name, (time.monotonic() - self.received) * 1e3))
+            self._advance()
+
+    def finish(self, result: dict) -> None:
+        with self.lock:
+            self.result = result
+            self.done.set()
+            self._advance()
+
+    def attach(self, handle) -> None:
+        with self.lock:
+            self.handle = handle
+            self._advance()
+
+    def _advance(self) -> None:
+        """Publish the stages not yet sent, and execute the goal once it left the queue or has its result
+        (while it waits in the queue it holds no executor thread)."""
+        if self.handle is None:
+            return
+        for name, elapsed in self.reached[self.sent:]:
+            self.handle.publish_feedback(self.Feedback(stage=name, elapsed_ms=elapsed))
+        self.sent = len(self.reached)
+        if not self.executing and (self.result is not None or len(self.reached) > 1):
+            self.executing = True
+            self.handle.execute()
+
+
+class AskServer:
+    """The ``ask`` action server of an ``AgentNode``."""
+
+    def __init__(self, node, Ask):
+        from rclpy.action import ActionServer
+        from rclpy.callback_groups import ReentrantCallbackGroup
+
+        self.node, self.Ask = node, Ask
+        self._lock = threading.Lock()
+        self._by_key: dict[str, Goal] = {}  # the worker's request id of each goal → the goal
+        self._by_message: dict[int, Goal] = {}  # accepted, before rclpy hands over the goal handle
+        self._by_uuid: dict[bytes, Goal] = {}
+        self.server = ActionServer(node, Ask, ACTION_NAME, self._execute, callback_group=ReentrantCallbackGroup(),
+                                   goal_callback=self._on_goal, handle_accepted_callback=self._on_accepted,
+                                   cancel_callback=self._on_cancel)
+
+    # -- callbacks ---------------------------------------------------------------------------------
+    def _on_goal(self, message):
+        """Accept exactly when the worker queues the request; otherwise the JSON result says why."""
+        from rclpy.action import GoalResponse
+
+        received = time.monotonic()
+        node = self.node
+        default_id = node.default_request_id()
+        try:
+            request = parse_request(goal_request_json(message), default_id,
+                                    node.get_parameter("max_instruction_chars").value)
+        except RequestError as exc:
+            node.refuse(exc.request_id or default_id, message.instruction[:200], f"invalid instruction: {exc}")
+            return GoalResponse.REJECT
+        except Exception as exc:  # noqa: BLE001 - no goal may end the callback
+            node.counters.add(internal_errors=1)
+            node.refuse(default_id, message.instruction[:200], f"internal error: {type(exc).__name__}: {exc}",
+                        status="error")
+            return GoalResponse.REJECT
+        worker, problem = node.serving_worker()
+        if worker is None:
+            node.refuse(request.id, request.text, problem)
+            return GoalResponse.REJECT
+        goal = Goal(request.id, received, message, self.Ask.Feedback)
+        key = f"{ACTION_NAME}-goal-{uuid.uuid4().hex}"  # unique, so that a topic request cannot take its result
+        with self._lock:
+            self._by_key[key] = goal
+            self._by_message[id(message)] = goal
+        if worker.submit(dataclasses.replace(request, id=key), received, cancel=goal.cancel):
+            return GoalResponse.ACCEPT
+        with self._lock:  # refused at once: its result went out (see route) with the reason
+            self._by_key.pop(key, None)
+            self._by_message.pop(id(message), None)
+        return GoalResponse.REJECT
+
+    def _on_accepted(self, handle) -> None:
+        with self._lock:
+            goal = self._by_message.pop(id(handle.request))
+            self._by_uuid[bytes(handle.goal_id.uuid)] = goal
+        goal.attach(handle)
+
+    def _on_cancel(self, handle):
+        from rclpy.action import CancelResponse
+
+        goal = self._by_uuid.get(bytes(handle.goal_id.uuid))
+        if goal is None or goal.done.is_set():
+            return CancelResponse.REJECT
+        goal.cancel_requested = True
+        goal.cancel.set()  # queued: answered when its turn comes; running: stops at its next stage or token
+        return CancelResponse.ACCEPT
+
+    def _execute(self, handle):
+        """Runs once the goal left the queue (or has its result); waits for the worker's result."""
+        with self._lock:
+            goal = self._by_uuid[bytes(handle.goal_id.uuid)]
+        goal.done.wait()
+        result = goal.result
+        if result["status"] == "cancelled" and goal.cancel_requested:
+            deadline = time.monotonic() + CANCEL_TRANSITION_S  # rclpy marks it canceling after _on_cancel returns
+            while not handle.is_cancel_requested and time.monotonic() < deadline:
+                time.sleep(0.005)
+        if result["status"] == "ok":
+            handle.succeed()
+        elif result["status"] == "cancelled" and handle.is_cancel_requested:
+            handle.canceled()
+        else:
+            handle.abort()
+        with self._lock:
+            self._by_uuid.pop(bytes(handle.goal_id.uuid), None)
+        return result_message(self.Ask, result)
+
+    # -- from the node ---------------------------------------------------------------------------------
+    def route(self, result: dict) -> None:
+        """Called with every result the node publishes: a goal's gets the goal's request id back and ends
+        the goal."""
+        with self._lock:
+            goal = self._by_key.pop(result.get("id"), None)
+        if goal is not None:
+            result["id"] = goal.request_id
+            goal.finish(result)
+
+    def open_goals(self) -> int:
+        """Accepted goals whose result has not been handed to rclpy yet."""
+        with self._lock:
+            return len(self._by_uuid) + len(self._by_message)
+
+    def drain(self, executor, timeout_s: float) -> None:
+        """After the worker stopped (every goal has its result): spin until rclpy sent the goals' results."""
+        deadline = time.monotonic() + timeout_s
+        while self.open_goals() and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        end = min(deadline, time.monotonic() + 0.2)  # the result responses go out as tasks of their own
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+
+
+def serve(node) -> AskServer | None:
+    """The ask action server of ``node``, or None (logged) when ptp_ros_interfaces is not importable."""
+    Ask = interface()
+    if Ask is None:
+        node.get_logger().info(f"the ask action is off: ptp_ros_interfaces is not importable; {INTERFACE_HINT}. "
+                               "The instruction/result topics work without it.")
+        return None
+    try:
+        return AskServer(node, Ask)
+    except Exception as exc:  # noqa: BLE001 - e.g. a build whose type support libraries cannot be loaded
+        node.get_logger().error(f"the ask action is off: {type(exc).__name__}: {exc}; {INTERFACE_HINT}")
+        return None
