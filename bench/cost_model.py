@@ -22,6 +22,7 @@ bench/models.py can also build with random weights for timing (LLaVA-NeXT); the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 #: CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-NeXT (24 layers, all run; 577 tokens a tile).
@@ -166,9 +167,12 @@ class Passes:
     ``queries``: which rows rank — "instruction" (every prompt token after the image) or "last" (one).
     ``diversity``: cosine distances on the projected features — "all" (one N×N matrix: DivPrune, PTP's
     diverse pick without region budgets) or "per_region" (one per region: PTP's diverse pick).
+    ``probe_candidates``: m > 0 when the probe reads only ⌈m × kept⌉ visual tokens and the text
+    (``PipelineConfig.probe_candidates``).
     """
 
     probe_layer: int | None = None
+    probe_candidates: float = 0.0
     score_layer: int | None = None
     prune_layer: int | None = None
     queries: str = "instruction"
@@ -184,7 +188,7 @@ UNSCORED = frozenset({"unpruned", "oracle", "max_pixels", "downscaled", "all tok
 
 
 def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: bool = False,
-               llm_layer: int = 2) -> Passes:
+               llm_layer: int = 2, probe_candidates: float = 0.0) -> Passes:
     """The passes of selector ``selector`` with ``options`` (``PipelineConfig.prune_in_llm``; ``llm_layer``:
     the adapter's relevance layer, default 2), read from the library: ``make_selector`` says whether it
     needs relevance, ``ptp_ros.pipeline.in_llm_plan`` whether and where it prunes inside the LLM.
@@ -203,7 +207,8 @@ def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: 
     if plan is not None:
         return Passes(score_layer=plan.score_layer, prune_layer=plan.prune_layer, queries=plan.queries,
                       diversity=diversity)
-    return Passes(probe_layer=llm_layer if bound.needs_relevance else None, diversity=diversity)
+    probe = llm_layer if bound.needs_relevance else None
+    return Passes(probe_layer=probe, diversity=diversity, probe_candidates=probe_candidates if probe is not None else 0.0)
 
 
 def passes_for_method(method, llm_layer: int = 2) -> Passes:
@@ -212,7 +217,7 @@ def passes_for_method(method, llm_layer: int = 2) -> Passes:
     adapter's default ``llm_layer``."""
     layer = dict(getattr(method, "adapter", ()) or ()).get("llm_layer", llm_layer)
     return passes_for(method.selector, getattr(method, "options", None), getattr(method, "prune_in_llm", False),
-                      layer)
+                      layer, getattr(method, "probe_candidates", 0.0))
 
 
 def prefill_breakdown(model: dict, text_tokens: int, visual_tokens: int, kept: int, passes: Passes = Passes(),
@@ -242,7 +247,9 @@ def prefill_breakdown(model: dict, text_tokens: int, visual_tokens: int, kept: i
     else:
         out["prefill"] = layers * _llm_layer(m, pruned) + head
         if passes.probe_layer is not None:
-            out["scoring"] = relevance_flops(m, full, passes.probe_layer, rows)
+            probed = (text_tokens + min(visual_tokens, math.ceil(passes.probe_candidates * kept))
+                      if passes.probe_candidates else full)
+            out["scoring"] = relevance_flops(m, probed, passes.probe_layer, rows)
     if passes.diversity is not None:
         groups = max(1, regions) if passes.diversity == "per_region" else 1
         out["selection"] = 2 * visual_tokens ** 2 * m["hidden"] / groups  # N×N cosine distances over D

@@ -189,3 +189,14 @@ def test_in_llm_kv_cache_keeps_the_full_prompt_below_the_prune_layer():
     per_token = kv_bytes_per_token(SEVEN)
     assert kv_cache_bytes(SEVEN, 2940, 380) == 380 * per_token
     assert kv_cache_bytes(SEVEN, 2940, 380, prune_layer=2) == pytest.approx((2 * 2940 + 30 * 380) / 32 * per_token)
+
+
+def test_a_probe_over_candidates_costs_a_fraction_of_the_full_probe():
+    from ptp_ros_bench.cost_model import MODELS, passes_for, prefill_breakdown
+
+    model = MODELS["llava-next-7b"]
+    full = prefill_breakdown(model, 60, 2880, 320, passes_for("ptp"))
+    narrow = prefill_breakdown(model, 60, 2880, 320, passes_for("ptp", probe_candidates=3.0))
+    assert narrow["prefill"] == full["prefill"]
+    assert 0.25 < narrow["scoring"] / full["scoring"] < 0.40  # 960 + 60 of 2940 tokens, attention quadratic
+    assert passes_for("hired", probe_candidates=3.0).probe_candidates == 0.0  # no probe, nothing to narrow
