@@ -306,3 +306,25 @@ def test_a_dead_inference_thread_is_reported(tiny_adapter):
     worker._stop.set()  # the loop ends while the node still accepts requests: what a crash would look like
     worker._thread.join(5)
     assert worker.health(60.0) == "the inference thread is not running"
+
+
+def test_an_echoed_stop_signal_does_not_kill_the_clean_shutdown(monkeypatch):
+    """A non-interactive ``ros2 launch`` delivers Ctrl-C twice within milliseconds: the echo is ignored, a
+    later second signal still interrupts a shutdown that hangs."""
+    import signal
+
+    from ptp_ros.ros import node as node_module
+
+    saved = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = node_module.StopSignal()
+        clock = iter([100.0, 100.1, 101.0])
+        monkeypatch.setattr(node_module.time, "monotonic", lambda: next(clock))
+        stop._handle(signal.SIGINT, None)
+        assert stop.event.is_set() and stop.name == "SIGINT"
+        stop._handle(signal.SIGINT, None)  # the echo, 0.1 s later
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)  # a deliberate second Ctrl-C
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)

@@ -25,6 +25,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -87,7 +88,10 @@ class AgentNode(LifecycleNode):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
         self.create_subscription(String, "instruction", self._on_instruction, reliable(depth),
                                  callback_group=self._io_group)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self.steady_clock = Clock(clock_type=ClockType.STEADY_TIME)
+        # wall-clock timers: under use_sim_time a ROS-time timer would stay silent until a bag publishes /clock
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup(),
+                          clock=self.steady_clock)
         self.ask = ask_action.serve(self)  # the typed Ask action, when ptp_ros_interfaces is importable
 
     # -- parameters -------------------------------------------------------------------------------
@@ -323,18 +327,26 @@ class StopSignal:
     rclpy's own handlers invalidate the context at once, so a request cancelled by the shutdown could no
     longer publish its ``cancelled`` result.  Here the first signal only sets ``event``; the spin loop
     returns within ``SPIN_PERIOD_S``, the running request is cancelled (it stops after its current token)
-    and answered, and then rclpy shuts down.  A second signal interrupts the shutdown itself.
+    and answered, and then rclpy shuts down.  A second signal interrupts the shutdown itself, unless it
+    comes within ``REPEAT_S`` of the first: a non-interactive ``ros2 launch`` delivers Ctrl-C twice (the
+    terminal's process group, then launch itself), and that echo must not kill the clean shutdown.
     """
+
+    REPEAT_S = 0.5
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.name = ""
+        self._first = 0.0
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, self._handle)
 
     def _handle(self, number: int, frame) -> None:
         if self.event.is_set():
+            if time.monotonic() - self._first < self.REPEAT_S:
+                return
             raise KeyboardInterrupt
+        self._first = time.monotonic()
         self.name = signal.Signals(number).name
         self.event.set()
 
@@ -391,7 +403,8 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
         node.bring_up()
 
     if node.get_parameter("autostart").value:
-        startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup())
+        startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup(),
+                                    clock=node.steady_clock)
     try:
         spin_until(executor, node, stop.event)
         why = stop.name or "rclpy shutdown"
