@@ -59,6 +59,23 @@ def qwen_adapter(qwen_model_dir):
     return load_adapter(qwen_model_dir, LoadOptions(device="cpu"))
 
 
+def test_in_llm_rows_answer_what_the_pipeline_answers_with_3d_positions(qwen_adapter, scene_and_questions):
+    """The evaluator's batched in-LLM continuation (layers < K once, kept rows at their M-RoPE positions)
+    gives the answers of the library's hooked generate on Qwen2.5-VL."""
+    scene, questions = scene_and_questions
+    methods = [Method("fastv", "fastv"), Method("ptp in-LLM", "ptp", prune_in_llm=True)]
+    results = Results()
+    Evaluator(qwen_adapter, methods, (1.0, 0.25)).scene(scene, questions, results)
+    decode = qwen_adapter.processor.tokenizer.decode
+    configs = {"fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
+               "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1)}
+    for label, config in configs.items():
+        pipeline = Pipeline(qwen_adapter, config)
+        for i, q in enumerate(questions):
+            expected = pipeline.answer(scene.image, q.text, keep_ratio=0.25).text
+            assert decode([results.predicted[(label, 0.25)][i]], skip_special_tokens=True).strip() == expected
+
+
 def test_shared_prefix_logits_equal_the_models_own_pruned_forward(qwen_adapter, scene_and_questions):
     """The evaluator's prefix/suffix split gives the logits of the stock forward the adapter's pruned
     generation runs: kept tokens at their original 3-D positions, text after them where it was."""

@@ -113,3 +113,41 @@ def fusion_methods() -> list[Method]:
             out.extend(_ptp(f"ptp {fusion} α={a:g}{where}", fusion=fusion, alpha=a, adapter=adapter)
                        for a in (0.25, 0.5, 0.75))
     return out
+
+
+def stage_methods() -> list[Method]:
+    """Where and over what PTP's instruction stage runs (full pre-LLM probe, in-LLM, a probe over the
+    bottom-up candidates only) beside FastV in and before the LLM, on the validation split to choose the
+    default (issue 11, items 2 and 4)."""
+    return [
+        _ptp("ptp", group="ptp"),
+        _ptp("ptp α=0", alpha=0.0),
+        _ptp("ptp in-LLM", prune_in_llm=True),
+        *(_ptp(f"ptp probe over {m:g}× budget candidates", probe_candidates=m) for m in (2.0, 3.0, 5.0)),
+        Method("FastV (in-LLM, K=2)", "fastv"),
+        Method("FastV (in-LLM, K=1)", "fastv", {"k": 1}),
+        Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean"),
+        Method("HiRED", "hired", adapter=FEATURE_LAYER),
+        Method("DivPrune", "divprune"),
+    ]
+
+
+def diversity_methods() -> list[Method]:
+    """PTP's diverse within-region selection (``within_region="diverse"``: relevance-weighted max–min
+    diversity inside each region's quota) against top-k and DivPrune, at the default LLM layer and at
+    layer 1, run on the validation split to choose (never on test).  Rows "candidate" are plotted."""
+    def diverse(label: str, diversity: float, group: str = "candidate", **changes) -> Method:
+        return _ptp(f"ptp diverse λ={diversity:g}{label}", group=group, within_region="diverse",
+                    diversity=diversity, **changes)
+
+    return [
+        _ptp("ptp α=0", alpha=0.0),
+        _ptp("ptp", group="ptp"),
+        Method("DivPrune", "divprune"),
+        diverse("", 0.5),
+        diverse("", 0.75),
+        diverse(" α=0", 0.5, group="ablation", alpha=0.0),
+        diverse(" without region budgets", 0.75, group="ablation", use_region_budgets=False),
+        _ptp("ptp llm_layer=1", adapter={"llm_layer": 1}),
+        diverse(" llm_layer=1", 0.5, group="ablation", adapter={"llm_layer": 1}),
+    ]

@@ -18,10 +18,10 @@ import torch
 
 from ptp_ros.proxy import Question, Scene
 from ptp_ros.pipeline import candidate_relevance
-from ptp_ros.pruning import NO_REGION, PTPConfig, instruction_relevance, resolve_budget
+from ptp_ros.pruning import NO_REGION, InLLMPruning, PTPConfig, instruction_relevance, resolve_budget
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
 from ptp_ros.vlm.common import StockModelAdapter, placeholder_positions
-from ptp_ros.vlm.in_llm import pruned_inside
+from ptp_ros.vlm.attention import attention_rows, layer_inputs
 
 from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
@@ -132,6 +132,11 @@ class Evaluator:
         unique: dict[tuple, Method] = {}
         for m in methods:
             unique.setdefault(m.key(), m)
+        plans = {key: plan for key, m in unique.items()
+                 if (plan := m.in_llm_plan(self.variant(m.adapter).options.llm_layer)) is not None}
+        in_llm_keys = set(plans)
+        in_llm = [self._in_llm_question([(key, unique[key], plans[key]) for key in plans], visuals, features,
+                                        prefix_ids, suffix, full_positions) for suffix in suffixes] if plans else []
         for ratio in self.ratios:
             budget = resolve_budget(n, keep_ratio=ratio)
             if self.downscales:
@@ -142,9 +147,8 @@ class Evaluator:
                 visual = visuals[self._vision(m)]
                 scores = dataclasses.replace(visual.scores, features=features)
                 content = max(1, min(budget, int(scores.region_sizes().sum())))
-                if m.in_llm_plan(self.variant(m.adapter).options.llm_layer) is not None:
-                    pairs = [self._in_llm(m, visual, features, prefix_ids, suffixes[qi], full_positions, content)
-                             for qi in range(len(questions))]
+                if key in in_llm_keys:
+                    pairs = [in_llm[qi][(key, ratio)] for qi in range(len(questions))]
                     computed[key] = ([k for k, _ in pairs], torch.stack([lg for _, lg in pairs]))
                 elif not m.needs_relevance:
                     kept = m.bound()(scores, content).kept
@@ -178,30 +182,64 @@ class Evaluator:
         results.text_tokens.extend(p + int(suffix.shape[0]) for suffix in suffixes)
         results.visual_tokens.extend([n] * len(questions))
 
-    def _in_llm(self, m: Method, visual: VisualTokens, features: torch.Tensor, prefix_ids: torch.Tensor,
-                suffix: torch.Tensor, full_positions: torch.Tensor | None, content: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept, answer logits) of a method that ranks and drops inside the LLM: one forward over the whole
-        prompt through the library's own hooks (``pruned_inside``), as ``Pipeline.answer`` runs it."""
-        p, n = prefix_ids.shape[0], visual.num_tokens
+    def _in_llm_question(self, entries: list[tuple[tuple, Method, InLLMPruning]], visuals: dict,
+                         features: torch.Tensor, prefix_ids: torch.Tensor, suffix: torch.Tensor,
+                         full_positions: torch.Tensor | None) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+        """{(method key, ratio): (kept, answer logits)} for the methods that rank and drop inside the LLM,
+        for one question at every ratio.  The layers below the prune layer run once, over the whole prompt
+        (one forward that stops there); each method's ranking rows are read once from its scoring layer's
+        input with the library's ``attention_rows``; then, per ratio, the kept rows of every method run
+        through the remaining layers as one batch, at their original positions.  What ``Pipeline.answer``
+        computes through its hooks (a test holds that)."""
+        p = prefix_ids.shape[0]
+        n = features.shape[0]
         embeds = torch.cat([prefix_embeddings(self.model, prefix_ids, features),
                             self.model.get_input_embeddings()(suffix)])[None]
-        positions = None
+        length = embeds.shape[1]
+        positions = torch.arange(length)[None]  # [1, L]; [3, 1, L] for 3-D M-RoPE
         if full_positions is not None:
             prefix_pos, start = kept_positions(full_positions, p, n, torch.arange(n))
             suffix_pos = (start + torch.arange(suffix.shape[0])).view(1, 1, -1).expand(prefix_pos.shape[0], 1, -1)
             positions = torch.cat([prefix_pos, suffix_pos], dim=2)
-        bound = m.bound()
-
-        def choose(rows: torch.Tensor) -> torch.Tensor:
-            relevance = instruction_relevance(rows.cpu(), bound.reduce or m.reduce)
-            return bound(dataclasses.replace(visual.scores, features=features, relevance=relevance), content).kept
-
         lm = self.model.model.language_model
-        plan = m.in_llm_plan(self.variant(m.adapter).options.llm_layer)
-        with pruned_inside(lm.layers, plan, torch.arange(p, p + n), embeds.shape[1], choose) as state:
-            hidden = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
-        kept = state.get("kept", torch.arange(n))  # a plan past the last layer drops nothing
-        return kept.cpu(), self.model.lm_head(hidden[0, -1])
+        image_pos = torch.arange(p, p + n)
+        depth = len(lm.layers)
+        wanted = sorted({i for _, _, plan in entries for i in (plan.score_layer, plan.prune_layer) if i < depth})
+        inputs, rotary = layer_inputs(lm, embeds, wanted, None if full_positions is None else positions)
+        relevance = {}
+        for key, m, plan in entries:
+            rows = attention_rows(lm.layers[plan.score_layer], inputs[plan.score_layer], rotary,
+                                  plan.query_positions(image_pos, length), image_pos)
+            relevance[key] = instruction_relevance(rows.cpu(), m.bound().reduce or m.reduce)
+        out = {}
+        for ratio in self.ratios:
+            budget = resolve_budget(n, keep_ratio=ratio)
+            batches: dict[int, list[tuple[tuple, torch.Tensor]]] = defaultdict(list)
+            for key, m, plan in entries:
+                visual = visuals[self._vision(m)]
+                scores = dataclasses.replace(visual.scores, features=features, relevance=relevance[key])
+                kept = m.bound()(scores, max(1, min(budget, int(scores.region_sizes().sum())))).kept
+                batches[plan.prune_layer].append((key, kept))
+            for layer, members in batches.items():
+                keep = torch.ones(len(members), length, dtype=torch.bool)
+                keep[:, image_pos] = False
+                for row, (_, kept) in enumerate(members):
+                    keep[row, image_pos[kept]] = True
+                index = torch.stack([torch.nonzero(row).squeeze(1) for row in keep])  # [B, L'] (equal budgets)
+                hidden = inputs[layer][0, index] if layer < depth else None
+                row_positions = positions[..., 0, :][..., index] if positions.dim() == 3 else index
+                if hidden is None:  # a plan past the last layer drops nothing: the unpruned answer
+                    hidden = lm(inputs_embeds=embeds, position_ids=positions if full_positions is not None else None,
+                                use_cache=False).last_hidden_state.expand(len(members), -1, -1)
+                else:
+                    table = lm.rotary_emb(hidden, row_positions)
+                    for decoder_layer in lm.layers[layer:]:
+                        hidden = decoder_layer(hidden, attention_mask=None, position_embeddings=table)
+                    hidden = lm.norm(hidden)
+                logits = self.model.lm_head(hidden[:, -1])
+                for row, (key, kept) in enumerate(members):
+                    out[(key, ratio)] = (kept.cpu(), logits[row])
+        return out
 
     def _downscaled(self, scene: Scene, questions: list[Question], suffixes: list[torch.Tensor], budget: int,
                     ratio: float, record) -> None:

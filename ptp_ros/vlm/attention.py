@@ -7,7 +7,6 @@ the LLM) from the layer's own projections, so the model keeps running on SDPA / 
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -80,18 +79,34 @@ def _rotary_for(attention: nn.Module):
     return fn
 
 
-@contextmanager
-def _capture_layer_input(layer: nn.Module, store: dict):
-    def grab(module, args, kwargs):
-        store["hidden_states"] = args[0] if args else kwargs["hidden_states"]
-        store["position_embeddings"] = kwargs.get("position_embeddings")
-        raise _StopForward
+@torch.no_grad()
+def layer_inputs(language_model: nn.Module, inputs_embeds: torch.Tensor, layer_indices: list[int],
+                 position_ids: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], tuple]:
+    """The inputs of decoder layers ``layer_indices`` ({index: [B, L, D]}) and the rotary tables (cos, sin)
+    the decoder hands its layers, from one forward that stops before the deepest of them runs."""
+    layers = language_model.layers
+    if not layer_indices or not all(0 <= i < len(layers) for i in layer_indices):
+        raise ValueError(f"LLM layers {layer_indices} do not all exist (the model has {len(layers)})")
+    last = max(layer_indices)
+    store: dict = {}
 
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab(index: int):
+        def hook(module, args, kwargs):
+            store[index] = args[0] if args else kwargs["hidden_states"]
+            store["position_embeddings"] = kwargs.get("position_embeddings")
+            if index == last:
+                raise _StopForward
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in set(layer_indices)]
     try:
-        yield
+        language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
+    except _StopForward:
+        pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    return {i: store[i] for i in layer_indices}, store["position_embeddings"]
 
 
 @torch.no_grad()
@@ -107,18 +122,11 @@ def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tens
     rotary scheme whose ``apply_rotary_pos_emb`` has the Llama signature works unchanged.
     Returns [len(query_positions), len(key_positions)] float32.
     """
-    layers = language_model.layers
-    if not 0 <= layer_index < len(layers):
-        raise ValueError(f"LLM layer {layer_index} does not exist (the model has {len(layers)})")
-    layer = layers[layer_index]
-    store: dict = {}
-    with _capture_layer_input(layer, store):
-        try:
-            language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
-        except _StopForward:
-            pass
-    return attention_rows(layer, store["hidden_states"], store["position_embeddings"], query_positions,
-                          key_positions)
+    if not 0 <= layer_index < len(language_model.layers):
+        raise ValueError(f"LLM layer {layer_index} does not exist (the model has {len(language_model.layers)})")
+    inputs, position_embeddings = layer_inputs(language_model, inputs_embeds, [layer_index], position_ids)
+    return attention_rows(language_model.layers[layer_index], inputs[layer_index], position_embeddings,
+                          query_positions, key_positions)
 
 
 @torch.no_grad()
