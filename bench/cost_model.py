@@ -187,7 +187,7 @@ class Passes:
 UNSCORED = frozenset({"unpruned", "oracle", "max_pixels", "downscaled", "all tokens", "global view only"})
 
 
-def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: bool = False,
+def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: bool | None = None,
                llm_layer: int = 2, probe_candidates: float = 0.0) -> Passes:
     """The passes of selector ``selector`` with ``options`` (``PipelineConfig.prune_in_llm``; ``llm_layer``:
     the adapter's relevance layer, default 2), read from the library: ``make_selector`` says whether it
@@ -198,6 +198,10 @@ def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: 
     from ptp_ros.pipeline import in_llm_plan
     from ptp_ros.pruning import make_selector
 
+    from ptp_ros.pipeline import PipelineConfig
+
+    if prune_in_llm is None:  # the library's default
+        prune_in_llm = PipelineConfig.prune_in_llm
     bound = make_selector(selector, **dict(options or {}))
     diversity = "all" if selector == "divprune" else None
     config = bound.options.get("config")
@@ -216,7 +220,7 @@ def passes_for_method(method, llm_layer: int = 2) -> Passes:
     optionally ``prune_in_llm`` and ``adapter`` option changes): its own ``llm_layer`` change wins over the
     adapter's default ``llm_layer``."""
     layer = dict(getattr(method, "adapter", ()) or ()).get("llm_layer", llm_layer)
-    return passes_for(method.selector, getattr(method, "options", None), getattr(method, "prune_in_llm", False),
+    return passes_for(method.selector, getattr(method, "options", None), getattr(method, "prune_in_llm", None),
                       layer, getattr(method, "probe_candidates", 0.0))
 
 

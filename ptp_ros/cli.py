@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--tokens", type=_positive_int, help="number of visual tokens to keep")
     p.add_argument("--selector", default="ptp", help="token selector (default: ptp)")
     p.add_argument("--alpha", type=_unit_interval, default=None, help="PTP weight of instruction relevance (default 0.5)")
+    p.add_argument("--prune-in-llm", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank and drop inside the LLM at its relevance layer (default) or, with --no-prune-in-llm, "
+                        "before it after a separate relevance probe")
+    p.add_argument("--probe-candidates", type=float, default=0.0, metavar="M",
+                   help="with --no-prune-in-llm: probe only PTP's ⌈M × budget⌉ bottom-up best tokens (M >= 1)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
@@ -93,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     image = _read_image(args.image)
     try:
         ptp = PTPConfig() if args.alpha is None else PTPConfig(alpha=args.alpha)
-        config = PipelineConfig(selector=args.selector, ptp=ptp, max_new_tokens=args.max_new_tokens)
+        stage = {} if args.prune_in_llm is None else {"prune_in_llm": args.prune_in_llm}
+        config = PipelineConfig(selector=args.selector, ptp=ptp, max_new_tokens=args.max_new_tokens,
+                                probe_candidates=args.probe_candidates, **stage)
         adapter = load_adapter(args.model or default_model_path(), LoadOptions(device=args.device, dtype=args.dtype))
         pipeline = Pipeline(adapter, config)
         answer = pipeline.answer(image, args.instruction, keep_ratio=args.keep_ratio, tokens=args.tokens)

@@ -39,14 +39,15 @@ class SlowAdapter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def generate(self, prepared, visual, kept, max_new_tokens, cancel=None):
-        n = visual.num_tokens if kept is None else int(kept.numel())
+    def generate(self, prepared, visual, kept, max_new_tokens, cancel=None, in_llm=None):
+        out = self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel, in_llm=in_llm)
+        chosen = kept if out.in_llm_kept is None else out.in_llm_kept  # pruned inside the LLM: known only now
+        n = visual.num_tokens if chosen is None else int(chosen.numel())
         extra_s = self.delay_s + self.ms_per_token * n / 1e3
         if cancel is None:
             time.sleep(extra_s)
-        elif cancel.wait(extra_s):  # a slow model that still honours cancellation between tokens
+        elif cancel.wait(extra_s):  # a slow model that still honours cancellation
             raise Cancelled("cancelled during the injected slow stage")
-        out = self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel)
         return dataclasses.replace(out, prefill_ms=out.prefill_ms + extra_s * 1e3)
 
 

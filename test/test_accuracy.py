@@ -15,7 +15,8 @@ from ptp_ros_bench.accuracy.runner import DOWNSCALED, FULL, GLOBAL_ONLY, Evaluat
 
 PEERS = [Method("ptp", "ptp"), Method("uniform", "uniform_cls"), Method("fastv", "fastv"),
          Method("text_attention", "text_attention", reduce="mean"), Method("ptp in-LLM", "ptp", prune_in_llm=True),
-         Method("ptp candidates", "ptp", probe_candidates=3.0)]
+         Method("ptp candidates", "ptp", prune_in_llm=False, probe_candidates=3.0),
+         Method("ptp before the LLM", "ptp", prune_in_llm=False)]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def test_evaluator_answers_what_the_pipeline_answers(tiny_adapter, scene_and_que
                "fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
                "text_attention": PipelineConfig(selector="text_attention", max_new_tokens=1),
                "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1),
-               "ptp candidates": PipelineConfig(probe_candidates=3.0, max_new_tokens=1)}
+               "ptp candidates": PipelineConfig(prune_in_llm=False, probe_candidates=3.0, max_new_tokens=1),
+               "ptp before the LLM": PipelineConfig(prune_in_llm=False, max_new_tokens=1)}
     for label, config in configs.items():
         pipeline = Pipeline(tiny_adapter, config)
         for i, q in enumerate(questions):

@@ -102,7 +102,7 @@ def test_any_token_budget_is_respected(pipelines, visual, tokens, policy, name):
 
 def test_reported_case_end_to_end(tiny_adapter, sample_image):
     """The issue's case: keep + tokens=10 returned 29 tokens; now ≤ 10, and the prompt shrinks to match."""
-    pipeline = Pipeline(tiny_adapter, PipelineConfig(newline_policy="keep", max_new_tokens=1))
+    pipeline = Pipeline(tiny_adapter, PipelineConfig(newline_policy="keep", prune_in_llm=False, max_new_tokens=1))
     full = pipeline.answer(sample_image, INSTRUCTION, tokens=TOTAL)
     answer = pipeline.answer(sample_image, INSTRUCTION, tokens=10)
     data = answer.to_dict()

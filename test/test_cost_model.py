@@ -88,10 +88,12 @@ def _ratio(model, kept, passes, text=60, visual=2880):
 
 
 def test_passes_come_from_the_library_selectors_and_plans():
-    assert passes_for("ptp") == Passes(probe_layer=2)
-    assert passes_for("ptp", {"alpha": 0.0}) == Passes()
-    assert passes_for("ptp", llm_layer=1) == Passes(probe_layer=1)
-    assert passes_for("ptp", prune_in_llm=True) == Passes(score_layer=2, prune_layer=2, queries="instruction")
+    top_k = {"within_region": "top_k"}
+    assert passes_for("ptp", top_k, prune_in_llm=False) == Passes(probe_layer=2)
+    assert passes_for("ptp", {"alpha": 0.0, **top_k}) == Passes()
+    assert passes_for("ptp", top_k, prune_in_llm=False, llm_layer=1) == Passes(probe_layer=1)
+    assert passes_for("ptp", top_k, prune_in_llm=True) == Passes(score_layer=2, prune_layer=2, queries="instruction")
+    assert passes_for("ptp").prune_layer == 2  # the library's default prunes inside the LLM
     assert passes_for("fastv") == Passes(score_layer=1, prune_layer=2, queries="last")
     assert passes_for("fastv", {"k": 3}) == Passes(score_layer=2, prune_layer=3, queries="last")
     assert passes_for("text_attention") == Passes(probe_layer=2)
@@ -99,7 +101,8 @@ def test_passes_come_from_the_library_selectors_and_plans():
     from ptp_ros.pruning import PTPConfig
 
     if "within_region" in PTPConfig.__dataclass_fields__:  # PTP's diverse within-region pick
-        assert passes_for("ptp", {"within_region": "diverse"}) == Passes(probe_layer=2, diversity="per_region")
+        assert passes_for("ptp", {"within_region": "diverse"}, prune_in_llm=False) == \
+            Passes(probe_layer=2, diversity="per_region")
     for unscored in (None, "unpruned", "oracle", "max_pixels", "uniform_cls", "hired", "globalcom2", "random"):
         assert passes_for(unscored) == Passes()
 
@@ -108,17 +111,19 @@ def test_passes_of_an_accuracy_method_follow_its_llm_layer_and_in_llm_choice():
     from ptp_ros_bench.accuracy.methods import Method, comparison_methods
 
     methods = {m.label: m for m in comparison_methods()}
-    assert passes_for_method(methods["ptp"]) == Passes(probe_layer=2)
-    assert passes_for_method(methods["ptp llm_layer=1"]) == Passes(probe_layer=1)
+    assert passes_for_method(methods["ptp"]).prune_layer == 2
+    assert passes_for_method(methods["ptp llm_layer=1"]).prune_layer == 1
+    before = methods["ptp before the LLM (separate probe; the default before)"]
+    assert passes_for_method(before).probe_layer == 2 and passes_for_method(before).prune_layer is None
     assert passes_for_method(methods["FastV (in-LLM, K=2)"]).prune_layer == 2
-    assert passes_for_method(next(m for m in methods.values() if m.prune_in_llm), llm_layer=3) == \
-        Passes(score_layer=3, prune_layer=3, queries="instruction")
+    inside = passes_for_method(methods["ptp"], llm_layer=3)
+    assert (inside.score_layer, inside.prune_layer, inside.queries) == (3, 3, "instruction")
     assert passes_for_method(Method("down", "max_pixels")) == Passes()
 
 
 def test_ptp_with_its_instruction_probe_on_7b_at_one_ninth_is_0_18_of_unpruned():
     """The issue's figure: the pruned prefill (0.117×) plus the probe (2.77 TFLOPs of 42.6)."""
-    parts = prefill_breakdown(SEVEN, 60, 2880, 320, passes_for("ptp"))
+    parts = prefill_breakdown(SEVEN, 60, 2880, 320, passes_for("ptp", {"within_region": "top_k"}, prune_in_llm=False))
     unpruned = prefill_flops(SEVEN, 2940)
     assert parts["prefill"] / unpruned == pytest.approx(0.117, abs=0.001)
     assert parts["scoring"] / 1e12 == pytest.approx(2.77, abs=0.01)
@@ -136,11 +141,11 @@ def test_fastv_k2_on_a_four_layer_model_at_small_keep_costs_about_half():
 def test_in_llm_ptp_is_cheaper_than_ptp_with_a_separate_probe():
     for kept in (1440, 720, 320, 161):
         inside = _ratio(SEVEN, kept, passes_for("ptp", prune_in_llm=True))
-        before = _ratio(SEVEN, kept, passes_for("ptp"))
+        before = _ratio(SEVEN, kept, passes_for("ptp", prune_in_llm=False))
         plain = _ratio(SEVEN, kept, Passes())
         assert plain < inside < before
     # on 7B it saves the 2 layers the probe ran and the pruned prefill re-runs: ≈ 2/32 of the pruned prefill
-    assert _ratio(SEVEN, 320, passes_for("ptp")) - _ratio(SEVEN, 320, passes_for("ptp", prune_in_llm=True)) == \
+    assert _ratio(SEVEN, 320, passes_for("ptp", prune_in_llm=False)) - _ratio(SEVEN, 320, passes_for("ptp", prune_in_llm=True)) == \
         pytest.approx(2 / 32 * 0.117, rel=0.1)
 
 
@@ -195,8 +200,8 @@ def test_a_probe_over_candidates_costs_a_fraction_of_the_full_probe():
     from ptp_ros_bench.cost_model import MODELS, passes_for, prefill_breakdown
 
     model = MODELS["llava-next-7b"]
-    full = prefill_breakdown(model, 60, 2880, 320, passes_for("ptp"))
-    narrow = prefill_breakdown(model, 60, 2880, 320, passes_for("ptp", probe_candidates=3.0))
+    full = prefill_breakdown(model, 60, 2880, 320, passes_for("ptp", prune_in_llm=False))
+    narrow = prefill_breakdown(model, 60, 2880, 320, passes_for("ptp", prune_in_llm=False, probe_candidates=3.0))
     assert narrow["prefill"] == full["prefill"]
     assert 0.25 < narrow["scoring"] / full["scoring"] < 0.40  # 960 + 60 of 2940 tokens, attention quadratic
     assert passes_for("hired", probe_candidates=3.0).probe_candidates == 0.0  # no probe, nothing to narrow

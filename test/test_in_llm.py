@@ -113,8 +113,8 @@ def test_layers_from_k_on_read_only_the_kept_tokens_at_their_own_positions(tiny_
 def test_ptp_in_llm_keeps_what_ptp_before_the_llm_keeps(tiny_adapter, sample_image):
     """Same layer, same rows, same input (layers below it over the whole prompt): the same choice; only where
     the dropping happens differs — and the in-LLM prefill skips the separate probe."""
-    before = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=2)).answer(sample_image, INSTRUCTION,
-                                                                              keep_ratio=0.111)
+    before = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=2, prune_in_llm=False)).answer(
+        sample_image, INSTRUCTION, keep_ratio=0.111)
     inside = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=2, prune_in_llm=True)).answer(
         sample_image, INSTRUCTION, keep_ratio=0.111)
     assert torch.equal(before.selection.kept, inside.selection.kept)

@@ -105,12 +105,18 @@ def test_keep_all_is_token_for_token_stock_generate(tiny_adapter, prepared, visu
 
 @pytest.mark.parametrize("ratio", [0.25, 0.111])
 def test_pruned_answers_shrink_the_prompt(tiny_adapter, sample_image, ratio):
-    pipeline = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=4))
+    pipeline = Pipeline(tiny_adapter, PipelineConfig(prune_in_llm=False, max_new_tokens=4))
     full = pipeline.answer(sample_image, INSTRUCTION, keep_ratio=1.0)
     answer = pipeline.answer(sample_image, INSTRUCTION, keep_ratio=ratio)
     kept = round(ratio * 1948)
     assert answer.selection.num_kept == kept
     assert answer.prompt_tokens == full.prompt_tokens - (1948 - kept)
+    assert answer.to_dict()["prune_layer"] is None
+    # the default prunes inside the LLM: the whole prompt goes in, layers from 2 on read the kept tokens
+    inside = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=4)).answer(sample_image, INSTRUCTION,
+                                                                             keep_ratio=ratio)
+    assert inside.selection.num_kept == kept and inside.prompt_tokens == full.prompt_tokens
+    assert inside.to_dict()["prune_layer"] == tiny_adapter.options.llm_layer
     data = answer.to_dict()
     assert {"answer", "visual_tokens_total", "visual_tokens_kept", "keep_ratio", "quotas", "timings_ms"} <= set(data)
     assert data["visual_tokens_total"] == 1948 and data["visual_tokens_kept"] == kept

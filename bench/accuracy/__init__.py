@@ -3,6 +3,7 @@
     ptp-eval                      # test split, all methods, writes docs/accuracy/
     ptp-eval --sweep              # validation split, candidate PTP defaults, writes docs/accuracy/sweep/
     ptp-eval --fusion-sweep       # validation split, candidate fusions, writes docs/accuracy/fusion_sweep/
+    ptp-eval --diversity-sweep    # validation split, within-region selection, writes docs/accuracy/diversity_sweep/
     ptp-eval --quick              # two scenes, for CI (< 2 min), writes to a temporary folder
     ptp-eval --model ptp_ros/models/proxy-qwen2_5_vl --out docs/accuracy/qwen2_5_vl
                                   # Qwen2.5-VL, with the max_pixels down-scaling baseline at every ratio
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="compare candidate PTP defaults instead of the peers")
     ap.add_argument("--fusion-sweep", action="store_true",
                     help="compare candidate fusions of saliency and relevance (validation split)")
+    ap.add_argument("--diversity-sweep", action="store_true",
+                    help="compare PTP's diverse within-region selection with top-k and DivPrune (validation split)")
+    ap.add_argument("--stage-sweep", action="store_true",
+                    help="compare where PTP's instruction stage runs (before / inside the LLM, over candidates) "
+                         "with FastV (validation split)")
     ap.add_argument("--quick", action="store_true", help="a few scenes, for CI")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -49,22 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
     from . import report
-    from .methods import Method, comparison_methods, fusion_methods, sweep_methods
+    from .methods import Method, comparison_methods, diversity_methods, fusion_methods, stage_methods, sweep_methods
     from .runner import DOWNSCALED, Evaluator, Results
 
-    sweep = args.sweep or args.fusion_sweep
+    sweep = args.sweep or args.fusion_sweep or args.diversity_sweep or args.stage_sweep
     split = args.split or ("val" if sweep else "test")
     scenes = args.scenes or (2 if args.quick else 40 if sweep else 600)
     per_type = args.per_type or (1 if args.quick else 2)
     out = args.out or (Path(tempfile.mkdtemp(prefix="ptp-eval-")) if args.quick
                        else Path("docs/accuracy/fusion_sweep") if args.fusion_sweep
+                       else Path("docs/accuracy/diversity_sweep") if args.diversity_sweep
+                       else Path("docs/accuracy/stage_sweep") if args.stage_sweep
                        else Path("docs/accuracy/sweep") if args.sweep else Path("docs/accuracy"))
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     model = Path(args.model) if args.model else default_model_path()
     adapter = load_adapter(model, LoadOptions(device="cpu"))
     if args.sweep and not hasattr(adapter.options, "region_score"):
         ap.error(f"--sweep compares the region scores of tiled models; {adapter.name} has none")
-    methods = sweep_methods() if args.sweep else fusion_methods() if args.fusion_sweep else comparison_methods()
+    methods = (sweep_methods() if args.sweep else fusion_methods() if args.fusion_sweep
+               else diversity_methods() if args.diversity_sweep else stage_methods() if args.stage_sweep
+               else comparison_methods())
     main_methods = [m for m in methods if m.group != "ablation"]
     evaluator = Evaluator(adapter, methods, ratios)
     results = Results()

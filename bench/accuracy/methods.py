@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ptp_ros.pipeline import in_llm_plan
+from ptp_ros.pipeline import PipelineConfig, in_llm_plan
 from ptp_ros.pruning import InLLMPruning, PTPConfig, make_selector
-from ptp_ros.pruning.ptp import FUSIONS
+from ptp_ros.pruning.ptp import FUSIONS, WITHIN_REGION
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Method:
     reduce: str = "max"  # instruction tokens → one relevance per visual token
     adapter: tuple[tuple[str, object], ...] = ()  # (option, value) changes to the adapter's options
     group: str = "peer"  # "ptp", "ablation" or "peer"
-    prune_in_llm: bool = False  # PipelineConfig.prune_in_llm
+    prune_in_llm: bool = PipelineConfig.prune_in_llm  # as the library's default unless a row says otherwise
     probe_candidates: float = 0.0  # PipelineConfig.probe_candidates
 
     def bound(self):
@@ -47,7 +47,7 @@ FEATURE_LAYER = (("vision_layer", "feature"),)
 
 
 def _ptp(label: str, group: str = "ablation", reduce: str = "max", adapter: dict | None = None,
-         prune_in_llm: bool = False, probe_candidates: float = 0.0, **changes) -> Method:
+         prune_in_llm: bool = PipelineConfig.prune_in_llm, probe_candidates: float = 0.0, **changes) -> Method:
     return Method(label, "ptp", dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)), reduce,
                   tuple(sorted((adapter or {}).items())), group, prune_in_llm, probe_candidates)
 
@@ -59,11 +59,13 @@ def comparison_methods() -> list[Method]:
     alphas = [_ptp(f"ptp α={a:g}", alpha=a) for a in (0.25, 0.5, 0.75) if a != default]
     return [
         _ptp("ptp", group="ptp"),
+        _ptp("ptp before the LLM (separate probe; the default before)", prune_in_llm=False),
+        _ptp("ptp probe over 3× budget candidates (before the LLM)", prune_in_llm=False, probe_candidates=3.0),
         _ptp("ptp without region budgets", use_region_budgets=False),
         _ptp("ptp without token saliency (α=1)", alpha=1.0),
-        _ptp("ptp without instruction (α=0)", alpha=0.0),
+        _ptp("ptp without instruction (α=0, before the LLM)", alpha=0.0),
         _ptp("ptp mean over instruction", reduce="mean"),
-        _ptp("ptp min-max fusion (before)", fusion="minmax"),
+        _ptp("ptp min-max fusion", fusion="minmax"),
         _ptp("ptp min-max saliency + raw attention", fusion="minmax_raw"),
         *alphas,
         # The proxy's training supervised the answer row's attention at LLM layer 1 (docs/accuracy):
@@ -74,8 +76,6 @@ def comparison_methods() -> list[Method]:
         Method("uniform [CLS] top-k", "uniform_cls", adapter=FEATURE_LAYER),
         Method("HiRED", "hired", adapter=FEATURE_LAYER),
         Method("GlobalCom2", "globalcom2", adapter=FEATURE_LAYER),
-        _ptp("ptp in-LLM (drop from layer 2, no separate probe)", prune_in_llm=True),
-        _ptp("ptp probe over 3× budget candidates", probe_candidates=3.0),
         Method("FastV (in-LLM, K=2)", "fastv"),
         Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean"),
         Method("DivPrune", "divprune"),
@@ -116,14 +116,18 @@ def fusion_methods() -> list[Method]:
 
 
 def stage_methods() -> list[Method]:
-    """Where and over what PTP's instruction stage runs (full pre-LLM probe, in-LLM, a probe over the
-    bottom-up candidates only) beside FastV in and before the LLM, on the validation split to choose the
-    default (issue 11, items 2 and 4)."""
-    return [
-        _ptp("ptp", group="ptp"),
-        _ptp("ptp α=0", alpha=0.0),
-        _ptp("ptp in-LLM", prune_in_llm=True),
-        *(_ptp(f"ptp probe over {m:g}× budget candidates", probe_candidates=m) for m in (2.0, 3.0, 5.0)),
+    """Where and over what PTP's instruction stage runs (a separate probe before the LLM, inside the LLM,
+    a probe over the bottom-up candidates only), each with top-k and diverse filling of the region
+    quotas, beside FastV in and before the LLM: run on the validation split to choose the defaults
+    (issue 11, items 2, 4 and 6)."""
+    out = [_ptp("ptp", group="ptp")]
+    for within in WITHIN_REGION:
+        out += [_ptp(f"ptp before the LLM, {within}", prune_in_llm=False, within_region=within),
+                _ptp(f"ptp in-LLM, {within}", prune_in_llm=True, within_region=within),
+                _ptp(f"ptp α=0, {within}", alpha=0.0, within_region=within)]
+    out += [_ptp(f"ptp probe over {m:g}× budget candidates", prune_in_llm=False, probe_candidates=m)
+            for m in (2.0, 3.0, 5.0)]
+    return out + [
         Method("FastV (in-LLM, K=2)", "fastv"),
         Method("FastV (in-LLM, K=1)", "fastv", {"k": 1}),
         Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean"),
@@ -133,21 +137,26 @@ def stage_methods() -> list[Method]:
 
 
 def diversity_methods() -> list[Method]:
-    """PTP's diverse within-region selection (``within_region="diverse"``: relevance-weighted max–min
-    diversity inside each region's quota) against top-k and DivPrune, at the default LLM layer and at
-    layer 1, run on the validation split to choose (never on test).  Rows "candidate" are plotted."""
+    """How PTP fills each region's quota: the diverse pick (``within_region="diverse"``: relevance-weighted
+    max–min diversity, weight λ) against plain top-k and DivPrune, at the default LLM layer and at layer 1,
+    run on the validation split to choose (never on test).  Every row names its ``within_region`` except
+    "ptp", the library's defaults; "candidate" rows are plotted."""
+    def top_k(label: str, group: str = "candidate", **changes) -> Method:
+        return _ptp(f"ptp top-k{label}", group=group, within_region="top_k", **changes)
+
     def diverse(label: str, diversity: float, group: str = "candidate", **changes) -> Method:
         return _ptp(f"ptp diverse λ={diversity:g}{label}", group=group, within_region="diverse",
                     diversity=diversity, **changes)
 
     return [
-        _ptp("ptp α=0", alpha=0.0),
         _ptp("ptp", group="ptp"),
+        top_k(""),
+        top_k(" α=0", group="ablation", alpha=0.0),
         Method("DivPrune", "divprune"),
         diverse("", 0.5),
         diverse("", 0.75),
         diverse(" α=0", 0.5, group="ablation", alpha=0.0),
         diverse(" without region budgets", 0.75, group="ablation", use_region_budgets=False),
-        _ptp("ptp llm_layer=1", adapter={"llm_layer": 1}),
+        top_k(" llm_layer=1", group="ablation", adapter={"llm_layer": 1}),
         diverse(" llm_layer=1", 0.5, group="ablation", adapter={"llm_layer": 1}),
     ]

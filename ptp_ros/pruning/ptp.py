@@ -23,6 +23,8 @@ class PTPConfig:
     global_share: float | None = None  # fixed budget share of the global view; None = by saliency
     use_region_budgets: bool = True  # False: one global top-K over all regions (ablation)
     fusion: str = "rank_concentration"  # how the two terms share one scale (FUSIONS; chosen on validation)
+    within_region: str = "diverse"  # how a region's quota is filled (WITHIN_REGION; chosen on validation)
+    diversity: float = 0.5  # "diverse": weight λ of the diversity term (0 = top-k, 1 = max–min diversity)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -35,6 +37,10 @@ class PTPConfig:
             raise ValueError(f"global_share must be in [0, 1], got {self.global_share}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.within_region not in WITHIN_REGION:
+            raise ValueError(f"within_region must be one of {', '.join(WITHIN_REGION)}, got {self.within_region!r}")
+        if not 0.0 <= self.diversity <= 1.0:
+            raise ValueError(f"diversity must be in [0, 1], got {self.diversity}")
 
 
 def minmax_per_region(values: torch.Tensor, region: torch.Tensor, num_regions: int) -> torch.Tensor:
@@ -145,22 +151,84 @@ def top_k_per_region(fused: torch.Tensor, region: torch.Tensor, quotas: torch.Te
     return torch.sort(order[rank < quotas[reg]]).values
 
 
+def diverse_per_region(fused: torch.Tensor, region: torch.Tensor, quotas: torch.Tensor, features: torch.Tensor,
+                       diversity: float = 0.5) -> torch.Tensor:
+    """Indices of ``quotas[r]`` tokens of every region, chosen greedily for relevance and diversity.
+
+    Inside each region, step by step, the token with the largest gain
+    ``(1 − λ)·fused + λ·d / max d`` joins, where ``d`` is its cosine distance (of ``features``) to the
+    nearest token already kept in the region — before the first pick, to its nearest neighbour in the
+    region, as DivPrune starts — and ``max d`` the largest ``d`` among the region's candidates (a region
+    of identical features has ``d = 0``: the fused score alone decides).  ``λ = 0`` is
+    ``top_k_per_region``; ``λ = 1`` is DivPrune's max–min selection inside each region.  All regions step
+    together ([R, n, n] distances, one argmax per region a step, ties to the lower index); returns the
+    kept indices in original order, exactly ``quotas[r]`` of region r.
+    """
+    r_count = quotas.shape[0]
+    tokens = torch.nonzero(region != NO_REGION).squeeze(1)
+    tokens = tokens[torch.argsort(region[tokens], stable=True)]  # grouped by region, original order inside
+    reg = region[tokens]
+    counts = torch.bincount(reg, minlength=r_count)
+    if tokens.numel() == 0 or int(quotas.sum()) == 0:
+        return torch.empty(0, dtype=torch.long)
+    width = int(counts.max())
+    slot = torch.arange(tokens.shape[0]) - (torch.cumsum(counts, 0) - counts)[reg]
+    table = torch.full((r_count, width), -1, dtype=torch.long)
+    table[reg, slot] = tokens
+    valid = table >= 0
+    device = features.device
+    feats = torch.nn.functional.normalize(features[table.clamp(min=0).to(device)].float(), dim=-1)
+    feats = feats * valid.to(device).unsqueeze(-1)
+    distance = (1.0 - feats @ feats.transpose(1, 2)).clamp_(min=0.0).cpu()  # [R, n, n] cosine distance
+    # a padding column or the token itself is never a neighbour; both stay +inf (a kept or padding token is
+    # never a candidate again, so its column is not read after this)
+    distance.masked_fill_(~valid.unsqueeze(1), float("inf")).diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    nearest = distance.amin(dim=2)
+    nearest = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest)).double()  # a lone token: 0
+    relevance = (1.0 - diversity) * torch.where(valid, fused.double()[table.clamp(min=0)], torch.zeros_like(nearest))
+    blocked = ~valid  # padding and kept tokens: never (again) a candidate
+    d = nearest  # step 0: distance to the nearest neighbour; then to the nearest kept token
+    rows = torch.arange(r_count)
+    for step in range(int(quotas.max())):
+        d = d.masked_fill(blocked, 0.0)
+        top = d.amax(dim=1, keepdim=True)
+        gain = relevance + diversity * d / torch.where(top > 0, top, torch.ones_like(top))
+        pick = torch.argmax(gain.masked_fill_(blocked, float("-inf")), dim=1)
+        blocked[rows, pick] |= quotas > step  # a region past its quota picks nothing
+        d = distance[rows, pick].double() if step == 0 else torch.minimum(d, distance[rows, pick].double())
+    return torch.sort(table[blocked & valid]).values
+
+
+#: name → how a region's quota is filled from the fused scores (and, for "diverse", the features).
+WITHIN_REGION = ("top_k", "diverse")
+
+
 def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()) -> Selection:
-    """Keep ``budget`` tokens: region quotas from region saliency, top-K_r by fused score inside each."""
+    """Keep ``budget`` tokens: region quotas from region saliency, then inside each region a greedy
+    relevance-weighted diversity pick (``within_region="diverse"``, ``diverse_per_region``) or the top-K_r
+    by fused score ("top_k")."""
     region = scores.region.cpu()
     sizes = scores.region_sizes()
     if not 0 <= budget <= int(sizes.sum()):
         raise ValueError(f"budget {budget} is outside [0, {int(sizes.sum())}] selectable tokens")
     fused = fused_scores(scores, config.alpha, config.fusion)
+    # "diverse" reads the projected features (the pipeline and ptp-eval pass them); scores without them
+    # have nothing to be diverse over and are ranked top-k, which the selection records in ``extras``
+    diverse = config.within_region == "diverse" and scores.features is not None
     if config.use_region_budgets:
         quotas = region_quotas(budget_shares(scores, config), sizes, budget, config.min_per_region)
-        kept = top_k_per_region(fused, region, quotas)
+        kept = (diverse_per_region(fused, region, quotas, scores.features, config.diversity) if diverse
+                else top_k_per_region(fused, region, quotas))
+    elif diverse:  # one group of every selectable token: relevance-weighted DivPrune
+        group = torch.where(region != NO_REGION, torch.zeros_like(region), region)
+        kept = diverse_per_region(fused, group, torch.tensor([budget]), scores.features, config.diversity)
+        quotas = torch.bincount(region[kept], minlength=scores.num_regions)
     else:
         masked = torch.where(region != NO_REGION, fused.double(), torch.tensor(float("-inf"), dtype=torch.double))
         kept = torch.sort(torch.argsort(masked, descending=True, stable=True)[:budget]).values
         quotas = torch.bincount(region[kept], minlength=scores.num_regions)
     return Selection(kept=kept, total=scores.num_tokens, quotas=quotas, region_sizes=sizes, fused=fused,
-                     method="ptp")
+                     method="ptp", extras={"within_region": "diverse" if diverse else "top_k"})
 
 
 def instruction_relevance(attention_rows: torch.Tensor, reduce: str = "max") -> torch.Tensor:
