@@ -307,8 +307,9 @@ ANALYTIC_METHODS = (
     ("unpruned", "unpruned (all tokens)", "unpruned", {}, False),
     ("no_instruction", "pre-LLM, no instruction (uniform_cls, hired, globalcom2, random, ptp α=0)", "uniform_cls",
      {}, False),
-    ("ptp", "ptp (instruction probe at layer 2, then the pruned prefill; text_attention alike)", "ptp", {}, False),
-    ("ptp_in_llm", "ptp in-LLM (ranked at layer 2, dropped from layer 2)", "ptp", {}, True),
+    ("ptp", "ptp before the LLM (instruction probe at layer 2, then the pruned prefill; text_attention alike)",
+     "ptp", {}, False),
+    ("ptp_in_llm", "ptp in-LLM, the library's default (ranked at layer 2, dropped from layer 2)", "ptp", {}, True),
     ("fastv", "fastv in-LLM (K=2: last token's attention at layer 1, dropped from layer 2)", "fastv", {}, False),
     ("divprune", "divprune (pre-LLM, N×N cosine distances on the projected features)", "divprune", {}, False),
 )

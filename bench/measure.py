@@ -57,8 +57,8 @@ class BenchSelector:
 #: "text_attention" its ranking applied before the LLM (mean over the instruction rows, as FastV's average
 #: attention received), then a pruned prefill from scratch; PTP's rows are reduced by max.
 DEFAULT_SELECTORS = (
-    BenchSelector("ptp", "ptp"),
-    BenchSelector("ptp_in_llm", "ptp", prune_in_llm=True),
+    BenchSelector("ptp", "ptp"),  # before the LLM, after a separate probe (prune_in_llm below defaults to False)
+    BenchSelector("ptp_in_llm", "ptp", prune_in_llm=True),  # the library's default
     BenchSelector("ptp_no_instruction", "ptp", {"alpha": 0.0}),
     BenchSelector("uniform_cls", "uniform_cls"),
     BenchSelector("hired", "hired"),

@@ -258,7 +258,7 @@ def candidate_relevance(adapter: VisionLanguageAdapter, prepared, visual: Visual
     The probe's cost scales with the tokens it reads, so at 11.1 % kept and ``multiple`` 3 it reads a third
     of the visual tokens.  A relevance spread evenly over the candidates leaves their bottom-up order as it
     is (the fusion's top-down term is then the same for all of them)."""
-    scores = dataclasses.replace(visual.scores, relevance=None)
+    scores = dataclasses.replace(visual.scores, relevance=None, features=visual.features)
     count = min(int(scores.region_sizes().sum()), math.ceil(multiple * budget))
     candidates = ptp_select(scores, count, dataclasses.replace(config, alpha=0.0)).kept
     rows = adapter.instruction_attention(prepared, visual, kept=candidates)

@@ -74,8 +74,9 @@ def test_in_llm_rows_prune_inside_the_prefill_and_every_row_has_its_total_flops(
     ninth = {name: summary[(name, 0.111)]["flops"] for name in ("ptp", "ptp_in_llm", "fastv", "text_attention",
                                                                  "uniform_cls", "divprune", "oracle")}
     assert ninth["uniform_cls"]["ratio"] == ninth["oracle"]["ratio"] < ninth["divprune"]["ratio"]
-    assert ninth["fastv"]["ratio"] < ninth["ptp_in_llm"]["ratio"] < ninth["ptp"]["ratio"] == \
-        ninth["text_attention"]["ratio"]
+    assert ninth["fastv"]["ratio"] < ninth["ptp_in_llm"]["ratio"] < ninth["ptp"]["ratio"]
+    # the same probe and prefill; PTP's diverse pick adds its per-region feature distances
+    assert ninth["ptp"]["ratio"] > ninth["text_attention"]["ratio"]
     analytic = {t["target"]: t for t in run["targets"]}
     assert analytic["same, total LLM FLOPs of PTP, its instruction probe included"]["value"] == \
         pytest.approx(0.182, abs=0.002)

@@ -33,7 +33,8 @@ def test_probe_reads_only_the_candidates_and_the_text(tiny_adapter, prepared_vis
     relevance = candidate_relevance(tiny_adapter, prepared, visual, PTPConfig(), budget, 3.0, "max")
     candidates = seen["kept"]
     assert candidates.numel() == math.ceil(3.0 * budget)
-    expected = ptp_select(dataclasses.replace(visual.scores, relevance=None), candidates.numel(),
+    expected = ptp_select(dataclasses.replace(visual.scores, relevance=None, features=visual.features),
+                          candidates.numel(),
                           PTPConfig(alpha=0.0)).kept
     assert torch.equal(candidates, expected)  # the bottom-up best, with PTP's own region budgets
     outside = torch.ones(visual.num_tokens, dtype=torch.bool)
