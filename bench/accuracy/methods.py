@@ -140,13 +140,14 @@ def diversity_methods() -> list[Method]:
     """How PTP fills each region's quota: the diverse pick (``within_region="diverse"``: relevance-weighted
     max–min diversity, weight λ) against plain top-k and DivPrune, at the default LLM layer and at layer 1,
     run on the validation split to choose (never on test).  Every row names its ``within_region`` except
-    "ptp", the library's defaults; "candidate" rows are plotted."""
+    "ptp", the library's defaults; "candidate" rows are plotted.  The rows prune before the LLM, as the
+    library did when this sweep chose the diverse pick (stage_methods compares both inside the LLM)."""
     def top_k(label: str, group: str = "candidate", **changes) -> Method:
-        return _ptp(f"ptp top-k{label}", group=group, within_region="top_k", **changes)
+        return _ptp(f"ptp top-k{label}", group=group, within_region="top_k", prune_in_llm=False, **changes)
 
     def diverse(label: str, diversity: float, group: str = "candidate", **changes) -> Method:
         return _ptp(f"ptp diverse λ={diversity:g}{label}", group=group, within_region="diverse",
-                    diversity=diversity, **changes)
+                    diversity=diversity, prune_in_llm=False, **changes)
 
     return [
         _ptp("ptp", group="ptp"),
