@@ -183,13 +183,15 @@ class Pipeline:
             def choose(rows: torch.Tensor) -> torch.Tensor:
                 visual.scores = dataclasses.replace(visual.scores, relevance=instruction_relevance(rows.cpu(),
                                                                                                    self._reduce))
-                chosen.append(self._select(visual, budget, False))
+                with _timed(timings, "select", device):
+                    chosen.append(self._select(visual, budget, False))
                 return chosen[-1].kept
 
             _check(cancel, "before generating")
             generation = self.adapter.generate(prepared, visual, None, max_new_tokens or self.config.max_new_tokens,
                                                cancel=cancel, in_llm=(plan, choose))
             selection = chosen[-1] if chosen else self._select(visual, budget, True)
+            generation.prefill_ms -= timings.setdefault("select", 0.0)  # timed inside the prefill: counted once
         timings["prefill"] = generation.prefill_ms
         timings["decode"] = generation.decode_ms
         timings["total"] = sum(timings.values())

@@ -40,15 +40,26 @@ class SlowAdapter:
         return getattr(self.inner, name)
 
     def generate(self, prepared, visual, kept, max_new_tokens, cancel=None, in_llm=None):
-        out = self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel, in_llm=in_llm)
-        chosen = kept if out.in_llm_kept is None else out.in_llm_kept  # pruned inside the LLM: known only now
-        n = visual.num_tokens if chosen is None else int(chosen.numel())
-        extra_s = self.delay_s + self.ms_per_token * n / 1e3
-        if cancel is None:
-            time.sleep(extra_s)
-        elif cancel.wait(extra_s):  # a slow model that still honours cancellation
-            raise Cancelled("cancelled during the injected slow stage")
-        return dataclasses.replace(out, prefill_ms=out.prefill_ms + extra_s * 1e3)
+        def slow_stage(n: int) -> float:
+            extra_s = self.delay_s + self.ms_per_token * n / 1e3
+            if cancel is None:
+                time.sleep(extra_s)
+            elif cancel.wait(extra_s):  # a slow model that still honours cancellation
+                raise Cancelled("cancelled during the injected slow stage")
+            return extra_s
+
+        if in_llm is None:
+            extra_s = slow_stage(visual.num_tokens if kept is None else int(kept.numel()))
+            out = self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel)
+            return dataclasses.replace(out, prefill_ms=out.prefill_ms + extra_s * 1e3)
+        plan, choose = in_llm
+
+        def slow_choose(rows):  # pruned inside the LLM: the kept count is known here, within the prefill
+            chosen = choose(rows)
+            slow_stage(int(chosen.numel()))
+            return chosen
+
+        return self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel, in_llm=(plan, slow_choose))
 
 
 def ros_env(log_dir: Path) -> dict[str, str]:

@@ -169,7 +169,7 @@ def test_pruned_run_keeps_original_mrope_positions(adapter, prepared, visual, mo
 
 
 def test_pruned_answers_shrink_the_prompt(adapter, prepared, sample_image):
-    pipeline = Pipeline(adapter, PipelineConfig(max_new_tokens=2))
+    pipeline = Pipeline(adapter, PipelineConfig(prune_in_llm=False, max_new_tokens=2))
     full_prompt = prepared.inputs["input_ids"].shape[1]
     for ratio, kept in [(0.25, 306), (0.111, 136)]:
         answer = pipeline.answer(sample_image, INSTRUCTION, keep_ratio=ratio)
