@@ -128,8 +128,8 @@ def test_evaluator_on_qwen_answers_what_the_pipeline_and_the_downscaled_model_an
     pipeline = Pipeline(adapter, PipelineConfig(max_new_tokens=1))
     answers = {label: [decode([t], skip_special_tokens=True).strip() for t in results.predicted[(label, r)]]
                for label, r in ((FULL, 1.0), ("ptp", 0.111), (DOWNSCALED, 0.111))}
-    # the comparison below can tell rows apart
-    assert len(set(answers[FULL]) | set(answers["ptp"]) | set(answers[DOWNSCALED])) > 1
+    # the comparison below can tell rows apart: the rows' answers are not all one token
+    assert len({t for key in results.predicted for t in results.predicted[key]}) > 1
     for i, q in enumerate(questions):
         assert answers[FULL][i] == pipeline.answer(scene.image, q.text, keep_ratio=1.0).text
         assert answers["ptp"][i] == pipeline.answer(scene.image, q.text, keep_ratio=0.111).text
