@@ -77,7 +77,9 @@ def comparison_methods() -> list[Method]:
         Method("HiRED", "hired", adapter=FEATURE_LAYER),
         Method("GlobalCom2", "globalcom2", adapter=FEATURE_LAYER),
         Method("FastV (in-LLM, K=2)", "fastv"),
-        Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean"),
+        # what this project called FastV before: a labelled row of its own, on the ablation scenes
+        Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean",
+               group="ablation"),
         Method("DivPrune", "divprune"),
     ]
 
