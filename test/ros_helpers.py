@@ -62,6 +62,16 @@ class SlowAdapter:
         return self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel, in_llm=(plan, slow_choose))
 
 
+def wait_future(future, timeout: float, what: str):
+    """A future's result, waited for in this thread while an executor spins in another."""
+    deadline = time.monotonic() + timeout
+    while not future.done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no answer from {what} within {timeout:.0f} s")
+        time.sleep(0.02)
+    return future.result()
+
+
 def ros_env(log_dir: Path) -> dict[str, str]:
     """Environment for one isolated test run: own domain, localhost only, logs in ``log_dir``, SHM profile."""
     env = dict(os.environ)
@@ -215,13 +225,7 @@ class Probe:
         try:
             if not client.wait_for_service(timeout_sec=timeout):
                 raise TimeoutError(f"service {name} not available")
-            future = client.call_async(request)
-            deadline = time.monotonic() + timeout
-            while not future.done():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"service {name} did not answer within {timeout} s")
-                time.sleep(0.02)
-            return future.result()
+            return wait_future(client.call_async(request), timeout, f"service {name}")
         finally:
             self.node.destroy_client(client)
 

@@ -13,8 +13,8 @@ import time
 import cv2
 import pytest
 
-from ros_helpers import NodeProcess, Probe
-from test_ros_node import NODE, STARTUP_S, deliver
+from ros_helpers import Probe, wait_future
+from test_ros_node import NODE, STARTUP_S, deliver, matched_probe, slow_agent
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
@@ -30,24 +30,13 @@ def Ask(ask_interface):
 
 
 @pytest.fixture(scope="module")
-def agent(Ask, ros, tmp_path_factory):
-    node = NodeProcess(ros, tmp_path_factory.mktemp("agent") / "agent.log", generate_delay_s=DELAY_S, params={
-        "mode": "fixed", "keep_ratio": 0.1, "max_new_tokens": 2, "queue_size": 1,
-        "calibration_keep_ratios": [0.1], "max_frame_age_ms": 0.0})
-    yield node
-    code = node.stop()
-    assert code == 0, f"agent exited with {code}:\n{node.log()[-3000:]}"
+def agent(Ask, ros, tmp_path_factory):  # after Ask: the node must find the interface package at start
+    yield from slow_agent(ros, tmp_path_factory, DELAY_S)
 
 
 @pytest.fixture(scope="module")
 def probe(ros, agent):
-    p = Probe()
-    try:
-        p.wait_matched(STARTUP_S)
-    except TimeoutError:
-        pytest.fail(f"agent never subscribed:\n{agent.log()[-3000:]}")
-    yield p
-    p.close()
+    yield from matched_probe(agent)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +58,7 @@ def frame(sample_image):
 
 
 def wait(future, timeout: float = WAIT_S, what: str = "the action server"):
-    deadline = time.monotonic() + timeout
-    while not future.done():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no answer from {what} within {timeout:.0f} s")
-        time.sleep(0.02)
-    return future.result()
+    return wait_future(future, timeout, what)
 
 
 class Sent:

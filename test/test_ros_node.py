@@ -22,9 +22,9 @@ STARTUP_S = 180.0  # model load + calibration on a busy 2-core box
 ANSWER_S = 120.0
 
 
-@pytest.fixture(scope="module")
-def agent(ros, tmp_path_factory):
-    node = NodeProcess(ros, tmp_path_factory.mktemp("agent") / "agent.log", generate_delay_s=DELAY_S, params={
+def slow_agent(ros, tmp_path_factory, delay_s: float = DELAY_S):
+    """A one-slot agent whose generate takes ``delay_s`` longer; stopped cleanly at the end."""
+    node = NodeProcess(ros, tmp_path_factory.mktemp("agent") / "agent.log", generate_delay_s=delay_s, params={
         "mode": "fixed", "keep_ratio": 0.1, "max_new_tokens": 2, "queue_size": 1,
         "calibration_keep_ratios": [0.1], "max_frame_age_ms": 0.0})  # frames wait out the slow stage here
     yield node
@@ -32,8 +32,8 @@ def agent(ros, tmp_path_factory):
     assert code == 0, f"agent exited with {code}:\n{node.log()[-3000:]}"
 
 
-@pytest.fixture(scope="module")
-def probe(ros, agent):
+def matched_probe(agent):
+    """A probe whose publishers and subscriptions have matched the agent's."""
     p = Probe()
     try:
         p.wait_matched(STARTUP_S)
@@ -41,6 +41,16 @@ def probe(ros, agent):
         pytest.fail(f"agent never subscribed:\n{agent.log()[-3000:]}")
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def agent(ros, tmp_path_factory):
+    yield from slow_agent(ros, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def probe(ros, agent):
+    yield from matched_probe(agent)
 
 
 @pytest.fixture(scope="module")

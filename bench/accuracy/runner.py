@@ -22,6 +22,7 @@ from ptp_ros.pruning import NO_REGION, InLLMPruning, PTPConfig, instruction_rele
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
 from ptp_ros.vlm.common import StockModelAdapter, placeholder_positions
 from ptp_ros.vlm.attention import attention_rows, layer_inputs
+from ptp_ros.vlm.in_llm import kept_prompt_mask
 
 from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
@@ -121,20 +122,18 @@ class Evaluator:
 
         prompts = [PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]), scene.image.shape[:2], q.text)
                    for qi, q in enumerate(questions)]
-        rows: dict[tuple[tuple, int], torch.Tensor] = {}
-        for m in methods:
-            probes_all = not m.probe_candidates and m.in_llm_plan(self.variant(m.adapter).options.llm_layer) is None
-            if m.needs_relevance and probes_all:
-                for qi in range(len(questions)):
-                    if (m.adapter, qi) not in rows:
-                        rows[(m.adapter, qi)] = self.variant(m.adapter).instruction_attention(
-                            prompts[qi], visuals[self._vision(m)])
         unique: dict[tuple, Method] = {}
         for m in methods:
             unique.setdefault(m.key(), m)
         plans = {key: plan for key, m in unique.items()
                  if (plan := m.in_llm_plan(self.variant(m.adapter).options.llm_layer)) is not None}
-        in_llm_keys = set(plans)
+        rows: dict[tuple[tuple, int], torch.Tensor] = {}
+        for m in methods:
+            if m.needs_relevance and not m.probe_candidates and m.key() not in plans:
+                for qi in range(len(questions)):
+                    if (m.adapter, qi) not in rows:
+                        rows[(m.adapter, qi)] = self.variant(m.adapter).instruction_attention(
+                            prompts[qi], visuals[self._vision(m)])
         in_llm = [self._in_llm_question([(key, unique[key], plans[key]) for key in plans], visuals, features,
                                         prefix_ids, suffix, full_positions) for suffix in suffixes] if plans else []
         for ratio in self.ratios:
@@ -147,7 +146,7 @@ class Evaluator:
                 visual = visuals[self._vision(m)]
                 scores = dataclasses.replace(visual.scores, features=features)
                 content = max(1, min(budget, int(scores.region_sizes().sum())))
-                if key in in_llm_keys:
+                if key in plans:
                     pairs = [in_llm[qi][(key, ratio)] for qi in range(len(questions))]
                     computed[key] = ([k for k, _ in pairs], torch.stack([lg for _, lg in pairs]))
                 elif not m.needs_relevance:
@@ -221,11 +220,8 @@ class Evaluator:
                 kept = m.bound()(scores, max(1, min(budget, int(scores.region_sizes().sum())))).kept
                 batches[plan.prune_layer].append((key, kept))
             for layer, members in batches.items():
-                keep = torch.ones(len(members), length, dtype=torch.bool)
-                keep[:, image_pos] = False
-                for row, (_, kept) in enumerate(members):
-                    keep[row, image_pos[kept]] = True
-                index = torch.stack([torch.nonzero(row).squeeze(1) for row in keep])  # [B, L'] (equal budgets)
+                index = torch.stack([torch.nonzero(kept_prompt_mask(length, image_pos, kept)).squeeze(1)
+                                     for _, kept in members])  # [B, L'] (equal budgets)
                 hidden = inputs[layer][0, index] if layer < depth else None
                 row_positions = positions[..., 0, :][..., index] if positions.dim() == 3 else index
                 if hidden is None:  # a plan past the last layer drops nothing: the unpruned answer

@@ -20,7 +20,7 @@ from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_lo
 from .attention import text_to_token_attention
 from .base import Cancelled, Generation, PreparedInput, StageClock, StopOnEvent, VisualTokens
 from .compat import hide_video_processor
-from .in_llm import Chooser, InLLMPruning, pruned_inside
+from .in_llm import Chooser, InLLMPruning, kept_prompt_mask, pruned_inside
 from .loading import ModelLoadError, weights_misfit
 
 #: How a tiled model's regions are weighed against each other (see ``tile_region_logits``).
@@ -70,12 +70,7 @@ def placeholder_positions(input_ids: torch.Tensor, image_token_id: int) -> torch
 def kept_sequence_mask(input_ids: torch.Tensor, image_token_id: int, kept: torch.Tensor) -> torch.Tensor:
     """[L] bool: which prompt positions survive when only visual tokens ``kept`` (indices into the
     placeholders, in order) are fed; text and every other token stay."""
-    image_pos = placeholder_positions(input_ids, image_token_id)
-    pruned = torch.ones(image_pos.shape[0], dtype=torch.bool, device=input_ids.device)
-    pruned[kept.to(input_ids.device)] = False
-    keep = torch.ones(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
-    keep[image_pos[pruned]] = False
-    return keep
+    return kept_prompt_mask(input_ids.shape[1], placeholder_positions(input_ids, image_token_id), kept)
 
 
 def instruction_query_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

@@ -32,8 +32,7 @@ def pruned_inside(layers: nn.ModuleList, plan: InLLMPruning, image_positions: to
     """Hooks ``plan`` into ``layers`` for forward passes over one unpadded prompt of ``prompt_len``
     tokens whose visual tokens sit at ``image_positions``.
 
-    Yields a dict that receives ``"kept"`` (the visual indices ``choose`` returned) and ``"rows"``
-    during the prefill.  A ``plan`` whose ``prune_layer`` is past the last layer installs nothing: the
+    Yields a dict that receives ``"kept"`` (the visual indices ``choose`` returned) during the prefill.  A ``plan`` whose ``prune_layer`` is past the last layer installs nothing: the
     forward is the stock one.  Only materialised (tensor) or absent attention masks are supported.
     """
     state: dict = {}
@@ -47,10 +46,8 @@ def pruned_inside(layers: nn.ModuleList, plan: InLLMPruning, image_positions: to
             return None
         rows = attention_rows(module, _hidden(args, kwargs), kwargs["position_embeddings"], queries, image_positions)
         kept = choose(rows).to(image_positions.device)
-        keep = torch.ones(prompt_len, dtype=torch.bool, device=image_positions.device)
-        keep[image_positions] = False
-        keep[image_positions[kept]] = True
-        state.update(rows=rows, kept=kept, positions=torch.nonzero(keep).squeeze(1))
+        positions = torch.nonzero(kept_prompt_mask(prompt_len, image_positions, kept)).squeeze(1)
+        state.update(kept=kept, positions=positions)
         return None
 
     def prune(module, args, kwargs):
@@ -80,6 +77,15 @@ def pruned_inside(layers: nn.ModuleList, plan: InLLMPruning, image_positions: to
     finally:
         for handle in handles:
             handle.remove()
+
+
+def kept_prompt_mask(prompt_len: int, image_positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[prompt_len] bool: the prompt positions that survive when only the visual tokens ``kept`` (indices
+    into ``image_positions``) stay; text and every other token stay."""
+    keep = torch.ones(prompt_len, dtype=torch.bool, device=image_positions.device)
+    keep[image_positions] = False
+    keep[image_positions[kept.to(image_positions.device)]] = True
+    return keep
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
