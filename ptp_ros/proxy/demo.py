@@ -1,5 +1,6 @@
-"""Write a few proxy-task frames with their questions, for the demo and the ROS example:
-``python -m ptp_ros.proxy.demo OUT_DIR [--count N]``."""
+"""Write proxy-task frames with their questions: for the demo and the ROS example
+(``python -m ptp_ros.proxy.demo OUT_DIR [--count N]``: JPEG + questions.json), or as a labelled frame set in
+``ptp-eval --data``'s format (``--jsonl``: lossless PNG + data.jsonl, the pixels ``ptp-eval`` scores)."""
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,39 @@ def write_demo_frames(out_dir: str | Path, count: int = 4, split: str = "test", 
     return paths
 
 
+def write_jsonl(out_dir: str | Path, count: int = 4, split: str = "test", start: int = 0,
+                per_type: int = 2) -> Path:
+    """``count`` scenes as PNG under ``images/`` plus ``data.jsonl``: one line per question, with the fields
+    ``ptp-eval --data`` reads (id, image relative to the file, question, answers, type), the questions
+    ``ptp-eval`` asks of the same scenes with the same ``per_type``.  Returns the JSONL path."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k in range(start, start + count):
+        scene = make_scene(split_seed(split, k))
+        name = f"images/proxy_{split}_{k:04d}.png"
+        cv2.imwrite(str(out / name), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
+        lines += [json.dumps({"id": f"{split}-{k:04d}-{i}", "image": name, "question": q.text, "answers": [q.answer],
+                              "type": q.qtype})
+                  for i, q in enumerate(make_questions(scene, per_type))]
+    data = out / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ap.add_argument("--start", type=int, default=0, help="first scene index of the split")
+    ap.add_argument("--jsonl", action="store_true", help="write PNG frames and data.jsonl for ptp-eval --data")
+    ap.add_argument("--per-type", type=int, default=2, help="with --jsonl: questions of each type per scene")
     args = ap.parse_args(argv)
-    for path in write_demo_frames(args.out, args.count, args.split):
+    if args.jsonl:
+        print(write_jsonl(args.out, args.count, args.split, args.start, args.per_type))
+        return
+    for path in write_demo_frames(args.out, args.count, args.split, args.start):
         print(path)
 
 
