@@ -7,10 +7,14 @@
     ptp-eval --quick              # two scenes, for CI (< 2 min), writes to a temporary folder
     ptp-eval --model ptp_ros/models/proxy-qwen2_5_vl --out docs/accuracy/qwen2_5_vl
                                   # Qwen2.5-VL, with the max_pixels down-scaling baseline at every ratio
+    ptp-eval --data frames/data.jsonl --model CHECKPOINT --device cuda --out results/
+                                  # your own labelled frames and checkpoint (bench/accuracy/dataset.py);
+                                  # resumable: answers are cached in OUT/cache.jsonl as they come
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -18,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .matching import MATCHERS
 
 RATIOS = (1.0, 0.5, 0.25, 0.111, 0.056)
 
@@ -44,11 +50,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="compare where PTP's instruction stage runs (before / inside the LLM, over candidates) "
                          "with FastV (validation split)")
     ap.add_argument("--quick", action="store_true", help="a few scenes, for CI")
+    ap.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                    help="only these rows, by label or selector name (default: all of the mode's rows; with "
+                         "--data: PTP and the peers, no ablations)")
+    ap.add_argument("--data", type=Path, default=None, metavar="FILE.jsonl",
+                    help="score your own labelled frames instead of the proxy task: one JSON object a line with "
+                         "image (relative to the file), question, answers; optional id, type")
+    ap.add_argument("--match", default="normalised", choices=MATCHERS,
+                    help="with --data: how an answer matches the references (default: normalised, VQA-style)")
+    ap.add_argument("--max-new-tokens", type=int, default=16,
+                    help="with --data: generated tokens per answer (default 16; 1 for the proxy models)")
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cpu; auto with --data)")
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data is not None:
+        return _data_main(ap, args, argv)
 
     from ptp_ros.proxy import make_questions, make_scene, split_seed
     from ptp_ros.vlm.defaults import default_model_path
@@ -69,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                        else Path("docs/accuracy/sweep") if args.sweep else Path("docs/accuracy"))
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     model = Path(args.model) if args.model else default_model_path()
-    adapter = load_adapter(model, LoadOptions(device="cpu"))
+    adapter = load_adapter(model, LoadOptions(device=args.device or "cpu", dtype=args.dtype))
     if args.sweep and not hasattr(adapter.options, "region_score"):
         ap.error(f"--sweep compares the region scores of tiled models; {adapter.name} has none")
     methods = (sweep_methods() if args.sweep else fusion_methods() if args.fusion_sweep
                else diversity_methods() if args.diversity_sweep else stage_methods() if args.stage_sweep
                else comparison_methods())
+    if args.methods:
+        methods = _picked(ap, methods, args.methods)
     main_methods = [m for m in methods if m.group != "ablation"]
     evaluator = Evaluator(adapter, methods, ratios)
     results = Results()
@@ -86,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if (k + 1) % 10 == 0 or k + 1 == scenes:
             print(f"[ptp-eval] {k + 1}/{scenes} scenes, {len(results.qtypes)} questions, "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    shown = os.path.relpath(model) if model.resolve().is_relative_to(Path.cwd()) else str(model)
-    command = "ptp-eval " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"split": split, "model": shown, "command": command.strip(), "seconds": time.perf_counter() - start,
+    meta = {"split": split, "model": _shown(model), "command": _command(argv), "seconds": time.perf_counter() - start,
             "ratios": list(ratios), "per_type": per_type,
             "ablation_scenes": args.ablation_scenes}
     rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
@@ -98,6 +118,88 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f}{glob}; wrote {out}/results.json, "
           "results.md, accuracy_vs_keep_ratio.png")
     return 0
+
+
+def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``--data``: every chosen row × ratio on the user's frames through ``Pipeline.answer``, resumable."""
+    from ptp_ros.vlm.defaults import default_model_path
+    from ptp_ros.vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers, resolve_checkpoint
+
+    from . import report
+    from .data_runner import AnswerCache, DataEvaluator, progress_printer
+    from .dataset import DataError, load_items
+    from .methods import Method, comparison_methods
+    from .runner import DOWNSCALED, Results
+
+    if args.max_new_tokens < 1:
+        ap.error("--max-new-tokens must be >= 1")
+    if any(not 0.0 < r <= 1.0 for r in args.ratios):
+        ap.error("--ratios must be in (0, 1]")
+    pool = comparison_methods()
+    methods = _picked(ap, pool, args.methods) if args.methods else [m for m in pool if m.group != "ablation"]
+    try:
+        items = load_items(args.data)
+    except DataError as exc:
+        print(f"ptp-eval: {exc}", file=sys.stderr)
+        return 2
+    device = args.device or "auto"
+    quiet_transformers()
+    try:
+        model = resolve_checkpoint(args.model) if args.model else default_model_path()
+        adapter = load_adapter(model, LoadOptions(device=device, dtype=args.dtype))
+    except ModelLoadError as exc:
+        print(f"ptp-eval: {exc}", file=sys.stderr)
+        return 2
+    ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
+    out = args.out or Path(tempfile.mkdtemp(prefix="ptp-eval-data-"))
+    settings = {"model": str(Path(model).resolve()), "device": str(adapter.device), "dtype": str(adapter.dtype),
+                "max_new_tokens": args.max_new_tokens}
+    cache = AnswerCache(out / "cache.jsonl", settings)
+    evaluator = DataEvaluator(adapter, methods, ratios, cache, args.max_new_tokens, args.match)
+    cells = len(evaluator.cells())
+    print(f"[ptp-eval] {len(items)} items × {cells} cells on {adapter.name} ({settings['device']}, "
+          f"{settings['dtype']}); {len(cache.entries)} answers already in {cache.path}", file=sys.stderr, flush=True)
+    results = Results()
+    start = time.perf_counter()
+    try:
+        fresh = evaluator.run(items, results, progress_printer())
+    except DataError as exc:
+        print(f"ptp-eval: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cache.close()
+    meta = {"split": "data", "task": f"`{_shown(args.data)}` ({len(items)} questions)", "model": _shown(model),
+            "image_word": "images", "plot_title": args.data.name, "command": _command(argv),
+            "seconds": time.perf_counter() - start, "ratios": list(ratios), "match": args.match,
+            "max_new_tokens": args.max_new_tokens, "device": settings["device"],
+            "dtype": settings["dtype"].removeprefix("torch."), "computed_answers": fresh,
+            "llm_layer": adapter.options.llm_layer}
+    rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
+    data = report.build(results, rows, ratios, meta)
+    report.write(data, ratios, out)
+    (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in evaluator.answers))
+    print(f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f} on {len(items)} questions ({fresh} answers "
+          f"computed, {len(items) * cells - fresh} from the cache); wrote {out}/results.json, results.md, "
+          "answers.jsonl")
+    return 0
+
+
+def _picked(ap: argparse.ArgumentParser, methods: list, names: list[str]) -> list:
+    from .methods import pick_methods
+
+    try:
+        return pick_methods(methods, names)
+    except ValueError as exc:
+        ap.error(str(exc))
+
+
+def _shown(path: Path | str) -> str:
+    path = Path(path)
+    return os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
+
+
+def _command(argv: list[str] | None) -> str:
+    return ("ptp-eval " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ptp_ros.pipeline import PipelineConfig, in_llm_plan
 from ptp_ros.pruning import InLLMPruning, PTPConfig, make_selector
 from ptp_ros.pruning.ptp import FUSIONS, WITHIN_REGION
+from ptp_ros.vlm.common import StockModelAdapter
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,38 @@ class Method:
     def needs_relevance(self) -> bool:
         return self.bound().needs_relevance
 
+    def pipeline_config(self, max_new_tokens: int) -> PipelineConfig:
+        """The library configuration that runs this row (``ptp-eval --data`` answers through it)."""
+        ptp = self.selector == "ptp"
+        return PipelineConfig(selector=self.selector, ptp=PTPConfig(**self.options) if ptp else PTPConfig(),
+                              selector_options={} if ptp else dict(self.options), instruction_reduce=self.reduce,
+                              prune_in_llm=self.prune_in_llm, probe_candidates=self.probe_candidates,
+                              max_new_tokens=max_new_tokens)
+
     def key(self) -> tuple:
         """Identity of what is computed (two labels for one configuration are computed once)."""
         return (self.selector, tuple(sorted(self.options.items())), self.reduce if self.needs_relevance else None,
                 self.adapter, self.prune_in_llm, self.probe_candidates)
+
+
+def adapter_variant(base: StockModelAdapter, changes: tuple[tuple[str, object], ...]) -> StockModelAdapter:
+    """``base`` with some options changed (a method's ``adapter``), over the same model: no copy of the weights."""
+    if not changes:
+        return base
+    return type(base)(base.model, base.processor, dataclasses.replace(base.options, **dict(changes)))
+
+
+def pick_methods(methods: list[Method], names: list[str]) -> list[Method]:
+    """The rows of ``methods`` named in ``names``, in ``methods``' order: a name is a row's label or, when no
+    label is that name, a selector name (every row of that selector); a ``ValueError`` names unknown ones."""
+    labels = {m.label for m in methods}
+    chosen = {n for n in names if n in labels}
+    chosen |= {m.label for m in methods if m.selector in names and m.selector not in labels}
+    unknown = [n for n in names if n not in labels and not any(m.selector == n for m in methods)]
+    if unknown:
+        known = sorted(labels | {m.selector for m in methods})
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; known: {', '.join(map(repr, known))}")
+    return [m for m in methods if m.label in chosen]
 
 
 #: The vision layer whose output the LLM reads (LLaVA-NeXT: the penultimate; Qwen2.5-VL: its last full-attention block).

@@ -63,6 +63,9 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
     full = results.correct[(FULL, 1.0)]
     full_acc = float(np.mean(full))
     qtypes = np.asarray(results.qtypes)
+    # the proxy's types in their usual order, a user's in order of appearance
+    types = [t for t in QUESTION_TYPES if t in results.qtypes] + [
+        t for t in dict.fromkeys(results.qtypes) if t not in QUESTION_TYPES]
     llm = llm_dims(meta)
     llm_layer = meta.get("llm_layer", 2)
     regions = meta.get("regions", 1)  # PTP's per-region diverse pick: one region is the upper bound
@@ -70,9 +73,8 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
     def entry(label: str, ratio: float, passes: Passes | None = Passes(), read_whole: bool = False) -> dict:
         correct = results.correct[(label, ratio)]
         acc, lo, hi = summarize_ci(correct)
-        types = qtypes[: len(correct)]
-        by_type = {t: round(float(np.mean(np.asarray(correct)[types == t])), 4) for t in QUESTION_TYPES
-                   if np.any(types == t)}
+        mine = qtypes[: len(correct)]
+        by_type = {t: round(float(np.mean(np.asarray(correct)[mine == t])), 4) for t in types if np.any(mine == t)}
         ptp = results.correct.get(("ptp", ratio)) if ratio < 1.0 else None
         # methods run on fewer scenes (ablations) are compared on the questions both have: the first ones
         diff, half = (paired_difference(ptp[: len(correct)], correct) if ptp is not None and label != "ptp"
@@ -87,7 +89,8 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
                 "ptp_minus_this": None if diff is None else [round(diff, 4), round(half, 4)],
                 "prefill_gflops": None if flops is None else round(flops["total"], 6),
                 "scoring_gflops": None if flops is None else round(flops["scoring"] + flops["selection"], 6),
-                "flops_ratio": None if flops is None else round(flops["total"] / base["total"], 4)}
+                "flops_ratio": None if flops is None else round(flops["total"] / base["total"], 4),
+                "latency_ms": _latency(results.latency_ms.get((label, ratio)))}
 
     methods_out = {}
     for m in methods:
@@ -103,11 +106,19 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
                                 "passes": None if passes is None else dataclasses.asdict(passes),
                                 "ratios": per_ratio}
     return {"meta": {**meta, "questions": len(full), "scenes": len(set(results.scenes)),
-                     "question_types": {t: int(np.sum(qtypes == t)) for t in QUESTION_TYPES},
+                     "question_types": {t: int(np.sum(qtypes == t)) for t in types},
                      "llm": llm, "llm_layer": llm_layer},
             "all_tokens": entry(FULL, 1.0),
             "global_only": entry(GLOBAL_ONLY, 0.0) if (GLOBAL_ONLY, 0.0) in results.correct else None,
             "methods": methods_out}
+
+
+def _latency(per_question: list[dict] | None) -> dict | None:
+    """Median milliseconds per stage over the questions (``None``: the run did not time answers one by one)."""
+    if not per_question:
+        return None
+    stages = dict.fromkeys(k for timings in per_question for k in timings)
+    return {k: round(float(np.median([t.get(k, 0.0) for t in per_question])), 3) for k in stages}
 
 
 def _cell(e: dict) -> str:
@@ -117,8 +128,10 @@ def _cell(e: dict) -> str:
 def markdown(data: dict, ratios: tuple[float, ...]) -> str:
     meta = data["meta"]
     rs = [f"{r:g}" for r in ratios if r < 1.0]
-    lines = [f"# Accuracy under pruning: the proxy high-resolution VQA task ({meta['split']} split)", "",
-             f"Model `{meta['model']}`; {meta['questions']} questions on {meta['scenes']} scenes "
+    task = meta.get("task") or f"the proxy high-resolution VQA task ({meta['split']} split)"
+    lines = [f"# Accuracy under pruning: {task}", "",
+             f"Model `{meta['model']}`; {meta['questions']} questions on {meta['scenes']} "
+             f"{meta.get('image_word', 'scenes')} "
              f"({', '.join(f'{k}: {v}' for k, v in meta['question_types'].items())}). "
              f"Accuracy in % with 95 % Wilson intervals; written by `{meta['command']}` "
              f"in {meta['seconds']:.0f} s.", "",
@@ -127,7 +140,11 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
     if glob is not None:
         lines.append(f"* global view only (kept ratio {glob['kept_ratio']:.3f}): **{_cell(glob)}**"
                      + _gflops_note(glob))
+    if meta.get("match"):
+        lines.append(f"* answers matched by rule `{meta['match']}` (bench/accuracy/matching.py), "
+                     f"at most {meta['max_new_tokens']} new token(s), device {meta['device']}, dtype {meta['dtype']}")
     lines += _flops_section(data, rs)
+    lines += _latency_section(data, rs)
     lines += ["", "## Accuracy by keep ratio", "",
               "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
     for label, m in data["methods"].items():
@@ -144,12 +161,13 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
             rel = "–" if e["relative"] is None else f"{100 * e['relative']:.1f} %"
             cells.append(rel + ("" if d is None else f" ({100 * d[0]:+.1f} ± {100 * d[1]:.1f})"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Target-object token recall (share of the tile tokens over the asked-about objects that are kept)",
-              "", "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
-    for label, m in data["methods"].items():
-        lines.append(f"| {label} | " + " | ".join(
-            "–" if m["ratios"][r]["target_recall"] is None else f"{100 * m['ratios'][r]['target_recall']:.1f}"
-            for r in rs) + " |")
+    if any(m["ratios"][r]["target_recall"] is not None for m in data["methods"].values() for r in rs):
+        lines += ["", "## Target-object token recall (share of the tile tokens over the asked-about objects that "
+                  "are kept)", "", "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+        for label, m in data["methods"].items():
+            lines.append(f"| {label} | " + " | ".join(
+                "–" if m["ratios"][r]["target_recall"] is None else f"{100 * m['ratios'][r]['target_recall']:.1f}"
+                for r in rs) + " |")
     pick = rs[len(rs) // 2] if "0.111" not in rs else "0.111"
     types = list(data["all_tokens"]["by_type"])
     lines += ["", f"## Accuracy by question type at keep ratio {pick}", "",
@@ -158,7 +176,9 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
     if glob is not None:
         lines.append("| global view only | " + " | ".join(f"{100 * glob['by_type'][t]:.1f}" for t in types) + " |")
     for label, m in data["methods"].items():
-        lines.append(f"| {label} | " + " | ".join(f"{100 * m['ratios'][pick]['by_type'][t]:.1f}" for t in types) + " |")
+        by_type = m["ratios"][pick]["by_type"]
+        lines.append(f"| {label} | " + " | ".join(f"{100 * by_type[t]:.1f}" if t in by_type else "–" for t in types)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +209,26 @@ def _flops_section(data: dict, rs: list[str]) -> list[str]:
                          else f"{e['prefill_gflops']:.4g} / {e['flops_ratio']:.3f}")
         n = m["ratios"][rs[0]]["n"]  # a row on fewer scenes: its GFLOPs are of those, its ratio to their all tokens
         lines.append(f"| {label}{'' if n == data['meta']['questions'] else f' (n={n})'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _latency_section(data: dict, rs: list[str]) -> list[str]:
+    """Median end-to-end milliseconds per answer and their ratio to all tokens, plus the prefill's share."""
+    full = data["all_tokens"].get("latency_ms")
+    if not full:
+        return []
+    lines = ["", f"## Latency per answer on {data['meta'].get('device', 'this device')}: median total ms / ratio "
+             "to all tokens (median prefill ms)", "",
+             f"All tokens: {full['total']:.1f} ms (prefill {full.get('prefill', 0.0):.1f} ms, encode "
+             f"{full.get('encode', 0.0):.1f} ms). Measured one answer at a time, as the node serves them; the "
+             "first answers include warm-up.", "", "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+    for label, m in data["methods"].items():
+        cells = []
+        for r in rs:
+            t = m["ratios"][r].get("latency_ms")
+            cells.append("–" if not t else f"{t['total']:.1f} / {t['total'] / full['total']:.2f} "
+                         f"({t.get('prefill', 0.0):.1f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -231,7 +271,7 @@ def plot_flops(data: dict, ratios: tuple[float, ...], path: Path) -> bool:
     ax.set_xlabel(f"total LLM prefill GFLOPs per question (scoring passes included; all tokens: "
                   f"{full['prefill_gflops']:.3g})")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Proxy high-resolution VQA: accuracy vs total LLM prefill FLOPs")
+    ax.set_title(f"{data['meta'].get('plot_title', 'Proxy high-resolution VQA')}: accuracy vs total LLM prefill FLOPs")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -265,7 +305,7 @@ def plot(data: dict, ratios: tuple[float, ...], path: Path) -> None:
     ax.set_xticks([], minor=True)  # the log axis's own minor labels would overprint the ratios
     ax.set_xlabel("keep ratio (visual tokens kept)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Proxy high-resolution VQA: accuracy vs keep ratio")
+    ax.set_title(f"{data['meta'].get('plot_title', 'Proxy high-resolution VQA')}: accuracy vs keep ratio")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -26,7 +26,7 @@ from ptp_ros.vlm.in_llm import kept_prompt_mask
 
 from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
-from .methods import Method
+from .methods import Method, adapter_variant
 
 GLOBAL_ONLY = "global view only"
 FULL = "all tokens"
@@ -45,6 +45,7 @@ class Results:
     predicted: dict[tuple[str, float], list[int]] = field(default_factory=lambda: defaultdict(list))
     recall: dict[tuple[str, float], list[float]] = field(default_factory=lambda: defaultdict(list))
     kept_ratio: dict[tuple[str, float], list[float]] = field(default_factory=lambda: defaultdict(list))
+    latency_ms: dict[tuple[str, float], list[dict]] = field(default_factory=lambda: defaultdict(list))  # per stage
 
 
 class Evaluator:
@@ -64,10 +65,10 @@ class Evaluator:
         self.downscales = hasattr(adapter, "downscaled")
 
     def variant(self, changes: tuple = ()) -> StockModelAdapter:
-        """The adapter with some options changed, over the same model (no copy of the weights)."""
+        """The adapter with some options changed, over the same model, built once per distinct options."""
         options = dataclasses.replace(self.base.options, **dict(changes))
         if options not in self._variants:
-            self._variants[options] = type(self.base)(self.model, self.processor, options)
+            self._variants[options] = adapter_variant(self.base, changes)
         return self._variants[options]
 
     def _vision(self, m: Method) -> tuple:
