@@ -22,10 +22,9 @@ from PIL import Image
 
 from .cost_model import MODELS, cost_table, llm_dims_from_config
 
-#: Real-size models ptp-bench can build with random weights and time; the rest are analytic only.
-MEASURABLE = tuple(name for name, dims in MODELS.items() if dims["architecture"] == "llava_next")
 from .machine import describe, load_snapshot
 from .measure import DEFAULT_SELECTORS, measure
+from .models import MEASURABLE, load_model
 from .report import add_flops, markdown, plots, summarize, targets, upgrade_run
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "ptp_ros" / "data" / "sample_scene.jpg"
@@ -62,26 +61,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(model: str, device: torch.device, dtype: torch.dtype, scratch: Path):
-    """The adapter to measure: the tiny checkpoint (built, saved, loaded like a user's), a random-weight
-    real-size model from ``MODELS``, or a checkpoint directory."""
-    from ptp_ros.vlm.loading import LoadOptions, load_adapter
-
-    dtype_name = str(dtype).removeprefix("torch.")
-    if model == "tiny":
-        from ptp_ros.vlm.tiny import build_tiny_llava_next
-
-        path = build_tiny_llava_next(scratch / "tiny-llava-next")
-        return load_adapter(path, LoadOptions(device=str(device), dtype=dtype_name))
-    if model in MODELS and model not in MEASURABLE:
-        raise SystemExit(f"ptp-bench: {model} is in the analytic tables only; measurable sizes: {', '.join(MEASURABLE)}")
-    if model in MODELS:
-        from .models import random_llava_next
-
-        return random_llava_next(model, device, dtype)
-    return load_adapter(model, LoadOptions(device=str(device), dtype=dtype_name))
-
-
 def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     model = args.model or ("tiny" if args.quick else "cpu-proxy")
     device = torch.device(args.device or ("cuda" if model in ("llava-next-7b", "llava-next-13b") else "cpu"))
@@ -102,7 +81,10 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     before = load_snapshot()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        adapter = _load(model, device, dtype, Path(scratch))
+        try:
+            adapter = load_model(model, device, dtype, Path(scratch))
+        except ValueError as exc:
+            raise SystemExit(f"ptp-bench: {exc}") from exc
         build_s = time.perf_counter() - start
         print(f"ptp-bench: {model} on {device} ({dtype}) ready in {build_s:.1f} s", file=log, flush=True)
         records = measure(adapter, image, args.instruction, ratios, selectors, repetitions, max_new_tokens, log=log)

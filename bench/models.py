@@ -6,6 +6,8 @@ configs come from ``cost_model.MODELS``, so the analytic and the measured figure
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, Qwen2Config
 
@@ -16,6 +18,8 @@ from ptp_ros.vlm.tokenizer import build_word_tokenizer
 from .cost_model import MODELS
 
 _TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+#: Real-size models that can be built with random weights and run; the rest of ``MODELS`` is analytic only.
+MEASURABLE = tuple(name for name, dims in MODELS.items() if dims["architecture"] == "llava_next")
 
 
 def llava_next_config(name: str, vocab_size: int | None = None) -> LlavaNextConfig:
@@ -55,3 +59,21 @@ def random_llava_next(name: str, device: torch.device, dtype: torch.dtype, seed:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return LlavaNextAdapter(model, llava_next_processor(tokenizer, config.image_grid_pinpoints))
+
+
+def load_model(model: str, device: torch.device, dtype: torch.dtype, scratch: Path) -> LlavaNextAdapter:
+    """What ``ptp-bench`` and ``ptp-eval --data`` run: "tiny" (the tiny checkpoint, built into ``scratch`` and
+    loaded like a user's), a ``MEASURABLE`` name (random weights, real size) or a checkpoint directory.
+    A ``ValueError`` for a name the cost model knows but cannot build; ``ModelLoadError`` for a bad checkpoint."""
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    options = LoadOptions(device=str(device), dtype=str(dtype).removeprefix("torch."))
+    if model == "tiny":
+        from ptp_ros.vlm.tiny import build_tiny_llava_next
+
+        return load_adapter(build_tiny_llava_next(scratch / "tiny-llava-next"), options)
+    if model in MODELS and model not in MEASURABLE:
+        raise ValueError(f"{model} is in the analytic tables only; measurable sizes: {', '.join(MEASURABLE)}")
+    if model in MODELS:
+        return random_llava_next(model, device, dtype)
+    return load_adapter(model, options)

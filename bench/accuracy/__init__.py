@@ -56,10 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None, metavar="FILE.jsonl",
                     help="score your own labelled frames instead of the proxy task: one JSON object a line with "
                          "image (relative to the file), question, answers; optional id, type")
+    ap.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="with --data: the first N items only (a smoke run before a long one; cached answers carry over)")
     ap.add_argument("--match", default="normalised", choices=MATCHERS,
                     help="with --data: how an answer matches the references (default: normalised, VQA-style)")
     ap.add_argument("--max-new-tokens", type=int, default=16,
                     help="with --data: generated tokens per answer (default 16; 1 for the proxy models)")
+    ap.add_argument("--prompt", default="{question}", metavar="TEMPLATE",
+                    help="with --data: the instruction sent for each item, e.g. \"{question} Answer the question "
+                         "using a single word or phrase.\" (default: the question alone)")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cpu; auto with --data)")
     ap.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
     ap.add_argument("--out", type=Path, default=None)
@@ -123,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     """``--data``: every chosen row × ratio on the user's frames through ``Pipeline.answer``, resumable."""
     from ptp_ros.vlm.defaults import default_model_path
-    from ptp_ros.vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers, resolve_checkpoint
+    from ptp_ros.vlm.loading import ModelLoadError, quiet_transformers, resolve_device, resolve_dtype
 
     from . import report
+    from ..cost_model import MODELS, llm_dims_from_config
+    from ..models import load_model
     from .data_runner import AnswerCache, DataEvaluator, progress_printer
     from .dataset import DataError, load_items
     from .methods import Method, comparison_methods
@@ -133,29 +140,38 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
 
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be >= 1")
     if any(not 0.0 < r <= 1.0 for r in args.ratios):
         ap.error("--ratios must be in (0, 1]")
+    try:
+        if "{question}" not in args.prompt or args.prompt.format(question="q") is None:
+            raise ValueError("it has no {question}")
+    except (ValueError, KeyError, IndexError) as exc:
+        ap.error(f"--prompt {args.prompt!r} is not a template of {{question}}: {exc}")
     pool = comparison_methods()
     methods = _picked(ap, pool, args.methods) if args.methods else [m for m in pool if m.group != "ablation"]
     try:
-        items = load_items(args.data)
+        items = load_items(args.data)[: args.limit]
     except DataError as exc:
         print(f"ptp-eval: {exc}", file=sys.stderr)
         return 2
-    device = args.device or "auto"
     quiet_transformers()
+    scratch = tempfile.TemporaryDirectory(prefix="ptp-eval-")  # for --model tiny, built like a user's checkpoint
     try:
-        model = resolve_checkpoint(args.model) if args.model else default_model_path()
-        adapter = load_adapter(model, LoadOptions(device=device, dtype=args.dtype))
-    except ModelLoadError as exc:
+        device = resolve_device(args.device or "auto")
+        model = args.model or str(default_model_path())
+        adapter = load_model(model, device, resolve_dtype(args.dtype, device), Path(scratch.name))
+    except (ModelLoadError, ValueError) as exc:
         print(f"ptp-eval: {exc}", file=sys.stderr)
         return 2
+    named = model == "tiny" or model in MODELS  # built here, not a checkpoint directory
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     out = args.out or Path(tempfile.mkdtemp(prefix="ptp-eval-data-"))
-    settings = {"model": str(Path(model).resolve()), "device": str(adapter.device), "dtype": str(adapter.dtype),
-                "max_new_tokens": args.max_new_tokens}
+    settings = {"model": model if named else str(Path(model).resolve()), "device": str(adapter.device),
+                "dtype": str(adapter.dtype), "max_new_tokens": args.max_new_tokens, "prompt": args.prompt}
     cache = AnswerCache(out / "cache.jsonl", settings)
-    evaluator = DataEvaluator(adapter, methods, ratios, cache, args.max_new_tokens, args.match)
+    evaluator = DataEvaluator(adapter, methods, ratios, cache, args.max_new_tokens, args.match, args.prompt)
     cells = len(evaluator.cells())
     print(f"[ptp-eval] {len(items)} items × {cells} cells on {adapter.name} ({settings['device']}, "
           f"{settings['dtype']}); {len(cache.entries)} answers already in {cache.path}", file=sys.stderr, flush=True)
@@ -168,12 +184,15 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         return 2
     finally:
         cache.close()
-    meta = {"split": "data", "task": f"`{_shown(args.data)}` ({len(items)} questions)", "model": _shown(model),
+    meta = {"split": "data", "task": f"`{_shown(args.data)}` ({len(items)} questions)",
+            "model": model if named else _shown(model),
             "image_word": "images", "plot_title": args.data.name, "command": _command(argv),
             "seconds": time.perf_counter() - start, "ratios": list(ratios), "match": args.match,
-            "max_new_tokens": args.max_new_tokens, "device": settings["device"],
+            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "device": settings["device"],
             "dtype": settings["dtype"].removeprefix("torch."), "computed_answers": fresh,
-            "llm_layer": adapter.options.llm_layer}
+            "llm_layer": adapter.options.llm_layer,
+            "llm": llm_dims_from_config(adapter.model.config.text_config) if named else None}
+    scratch.cleanup()
     rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
     data = report.build(results, rows, ratios, meta)
     report.write(data, ratios, out)

@@ -88,10 +88,10 @@ class DataEvaluator:
     (Qwen2.5-VL), the whole frame re-read at the resolution that yields the ratio's token count."""
 
     def __init__(self, adapter: StockModelAdapter, methods: list[Method], ratios: Iterable[float],
-                 cache: AnswerCache, max_new_tokens: int, rule: str):
+                 cache: AnswerCache, max_new_tokens: int, rule: str, prompt: str = "{question}"):
         self.adapter, self.methods, self.cache = adapter, methods, cache
         self.ratios = tuple(r for r in ratios if r < 1.0)
-        self.max_new_tokens, self.rule = max_new_tokens, rule
+        self.max_new_tokens, self.rule, self.prompt = max_new_tokens, rule, prompt
         self.downscales = hasattr(adapter, "downscaled")
         self._pipelines: dict[tuple, Pipeline] = {}
         self.answers: list[dict] = []
@@ -134,14 +134,15 @@ class DataEvaluator:
         return fresh
 
     def _answer(self, image, item: Item, cell: Cell, by_label: dict[str, Method], done: dict) -> dict:
+        instruction = self.prompt.format(question=item.question)
         if cell.key == FULL_KEY:
-            answer = self.pipeline(None).answer(image, item.question, keep_ratio=1.0)
+            answer = self.pipeline(None).answer(image, instruction, keep_ratio=1.0)
         elif cell.key == DOWNSCALED_KEY:
             total = done[Cell(FULL, 1.0, FULL_KEY)]["total"]
             small = self.adapter.downscaled(resolve_budget(total, keep_ratio=cell.ratio), image.shape[:2])
-            answer = Pipeline(small, self.pipeline(None).config).answer(image, item.question, keep_ratio=1.0)
+            answer = Pipeline(small, self.pipeline(None).config).answer(image, instruction, keep_ratio=1.0)
         else:
-            answer = self.pipeline(by_label[cell.label]).answer(image, item.question, keep_ratio=cell.ratio)
+            answer = self.pipeline(by_label[cell.label]).answer(image, instruction, keep_ratio=cell.ratio)
         return {"prediction": answer.text, "kept": answer.selection.num_kept, "total": answer.selection.total,
                 "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens,
                 "timings_ms": {k: round(v, 3) for k, v in answer.timings_ms.items()}}

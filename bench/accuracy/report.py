@@ -142,7 +142,8 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
                      + _gflops_note(glob))
     if meta.get("match"):
         lines.append(f"* answers matched by rule `{meta['match']}` (bench/accuracy/matching.py), "
-                     f"at most {meta['max_new_tokens']} new token(s), device {meta['device']}, dtype {meta['dtype']}")
+                     f"at most {meta['max_new_tokens']} new token(s), instruction `{meta.get('prompt', '{question}')}`, "
+                     f"device {meta['device']}, dtype {meta['dtype']}")
     lines += _flops_section(data, rs)
     lines += _latency_section(data, rs)
     lines += ["", "## Accuracy by keep ratio", "",

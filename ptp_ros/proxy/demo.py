@@ -33,17 +33,19 @@ def write_demo_frames(out_dir: str | Path, count: int = 4, split: str = "test", 
 
 
 def write_jsonl(out_dir: str | Path, count: int = 4, split: str = "test", start: int = 0,
-                per_type: int = 2) -> Path:
-    """``count`` scenes as PNG under ``images/`` plus ``data.jsonl``: one line per question, with the fields
+                per_type: int = 2, jpeg_quality: int | None = None) -> Path:
+    """``count`` scenes under ``images/`` plus ``data.jsonl``: one line per question, with the fields
     ``ptp-eval --data`` reads (id, image relative to the file, question, answers, type), the questions
-    ``ptp-eval`` asks of the same scenes with the same ``per_type``.  Returns the JSONL path."""
+    ``ptp-eval`` asks of the same scenes with the same ``per_type``.  PNG (the exact pixels ``ptp-eval``
+    scores) unless ``jpeg_quality`` is given (smaller files, for a bundled set).  Returns the JSONL path."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for k in range(start, start + count):
         scene = make_scene(split_seed(split, k))
-        name = f"images/proxy_{split}_{k:04d}.png"
-        cv2.imwrite(str(out / name), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
+        name = f"images/proxy_{split}_{k:04d}.{'png' if jpeg_quality is None else 'jpg'}"
+        params = [] if jpeg_quality is None else [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+        cv2.imwrite(str(out / name), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR), params)
         lines += [json.dumps({"id": f"{split}-{k:04d}-{i}", "image": name, "question": q.text, "answers": [q.answer],
                               "type": q.qtype})
                   for i, q in enumerate(make_questions(scene, per_type))]
@@ -60,9 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--start", type=int, default=0, help="first scene index of the split")
     ap.add_argument("--jsonl", action="store_true", help="write PNG frames and data.jsonl for ptp-eval --data")
     ap.add_argument("--per-type", type=int, default=2, help="with --jsonl: questions of each type per scene")
+    ap.add_argument("--jpeg-quality", type=int, default=None, help="with --jsonl: JPEG frames instead of PNG")
     args = ap.parse_args(argv)
     if args.jsonl:
-        print(write_jsonl(args.out, args.count, args.split, args.start, args.per_type))
+        print(write_jsonl(args.out, args.count, args.split, args.start, args.per_type, args.jpeg_quality))
         return
     for path in write_demo_frames(args.out, args.count, args.split, args.start):
         print(path)
