@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ptp_ros.cli import ask_main
-from ptp_ros.vlm.loading import LoadOptions, ModelLoadError, check_weight_files, load_adapter
+from ptp_ros.vlm.loading import LoadOptions, ModelLoadError, check_weight_files, load_adapter, unsupported_format
 
 MODELS = Path(__file__).resolve().parents[1] / "ptp_ros" / "models"
 SAMPLE = str(MODELS.parent / "data" / "sample_scene.jpg")
@@ -153,4 +153,71 @@ def test_cli_reports_a_broken_model_in_one_line(tmp_path, capsys):
     assert ask_main([SAMPLE, "hi", "--model", str(model), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "corrupt or truncated safetensors file" in err and str(model) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+#: config.json of checkpoints users have that no adapter loads (trimmed to the keys that identify them).
+OTHER_FORMATS = {
+    "internvl_chat": ({"model_type": "internvl_chat", "architectures": ["InternVLChatModel"],
+                       "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                                    "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+                       "llm_config": {"model_type": "internlm2"}, "vision_config": {"model_type": "intern_vit_6b"}},
+                      r"original remote-code format \(model_type 'internvl_chat'.*never runs code shipped with a "
+                      r"checkpoint.*OpenGVLab/InternVL3-8B-hf or OpenGVLab/InternVL2_5-8B-MPO-hf"),
+    "llava_original": ({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"],
+                        "mm_vision_tower": "openai/clip-vit-large-patch14-336"},
+                       r"original LLaVA repository's format \(architectures LlavaLlamaForCausalLM.*"
+                       r"llava-hf/llava-v1\.6-vicuna-7b-hf"),
+    "llava_mistral": ({"model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"]},
+                      r"original LLaVA repository's format \(architectures LlavaMistralForCausalLM.*"
+                      r"llava-hf/llava-v1\.6-mistral-7b-hf"),
+    "llava_1_5_hf": ({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]},
+                     r"LLaVA-1\.5 \(model_type 'llava': one 336-px view, no tiles\), which has no adapter"),
+    "qwen_vl": ({"model_type": "qwen", "architectures": ["QWenLMHeadModel"],
+                 "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}},
+                r"Qwen-VL in its remote-code format .*Qwen/Qwen2\.5-VL-7B-Instruct"),
+    "qwen2_vl": ({"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]},
+                 r"Qwen2-VL \(model_type 'qwen2_vl'\), which has no adapter; use Qwen2\.5-VL"),
+    "other_remote_code": ({"model_type": "minicpmv", "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"}},
+                          r"holds a 'minicpmv' model in a remote-code format \(its config\.json auto_map.*"
+                          r"Supported: llava_next, internvl, qwen2_5_vl"),
+    "other_stock": ({"model_type": "llava_onevision"},
+                    r"holds a 'llava_onevision' model; supported: llava_next, internvl, qwen2_5_vl"),
+    "no_model_type": ({}, r"holds a 'unknown' model; supported: "),
+}
+
+
+@pytest.mark.parametrize("name", OTHER_FORMATS)
+def test_formats_without_an_adapter_are_refused_naming_what_to_load(tmp_path, name):
+    """Refused from config.json alone, before any weight file is looked at or any checkpoint code could run."""
+    config, expected = OTHER_FORMATS[name]
+    model = tmp_path / name
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_internvl_chat.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    message = refused(model, expected)
+    assert message.startswith(f"{model} holds ")
+
+
+def test_remote_code_is_not_an_option():
+    """trust_remote_code used to be a LoadOptions field (and a node parameter) that changed nothing: the
+    remote-code formats were refused either way.  It is gone, so it cannot suggest otherwise."""
+    with pytest.raises(TypeError):
+        LoadOptions(trust_remote_code=True)
+
+
+def test_refusals_fit_the_nodes_log_line():
+    """The node cuts a configure error at 500 characters: the advice must survive a long path."""
+    path = Path("/home/robot/checkpoints/" + "x" * 60)
+    for config, _ in OTHER_FORMATS.values():
+        assert len(unsupported_format(path, config)) < 480
+
+
+def test_cli_refuses_a_remote_code_checkpoint_in_one_line(tmp_path, capsys):
+    model = tmp_path / "InternVL2-8B"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(OTHER_FORMATS["internvl_chat"][0]))
+    assert ask_main([SAMPLE, "hi", "--model", str(model), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "internvl_chat" in err and "-hf" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

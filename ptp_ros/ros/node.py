@@ -40,7 +40,7 @@ from ..vlm.defaults import default_model_path
 from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import ask_action, conversions
 from .diagnostics import Health, agent_status
-from .params import PARAMS, RUNTIME, check_choice
+from .params import PARAMS, RUNTIME, check_choice, removed_parameter_warnings
 from .requests import RequestError, loggable, parse_request
 from .worker import Counters, Frame, RequestWorker, Settings, calibrate
 
@@ -153,8 +153,9 @@ class AgentNode(LifecycleNode):
         param = self.get_parameter
         path = param("model_path").value or default_model_path()
         self.get_logger().info(f"loading model {path}")
-        return load_adapter(path, LoadOptions(device=param("device").value, dtype=param("dtype").value,
-                                              trust_remote_code=param("trust_remote_code").value))
+        for warning in removed_parameter_warnings(self):
+            self.get_logger().warning(warning)
+        return load_adapter(path, LoadOptions(device=param("device").value, dtype=param("dtype").value))
 
     @staticmethod
     def _calibration_image(path: str):

@@ -34,12 +34,11 @@ class Param:
 PARAMS: tuple[Param, ...] = (
     # read-only: fixed for the life of the node (model, device, wiring)
     Param("model_path", "", "Checkpoint directory or a repo id already in the local Hugging Face cache; "
-          "empty = the built-in default model", read_only=True),
+          "empty = the built-in default model. Transformers-format checkpoints only: code shipped with a "
+          "checkpoint never runs", read_only=True),
     Param("device", "auto", "auto, cpu, cuda or cuda:N", read_only=True),
     Param("dtype", "auto", "auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16 or bfloat16", read_only=True,
           choices=("auto", "float32", "float16", "bfloat16")),
-    Param("trust_remote_code", False, "Allow code shipped with the checkpoint to run (off: stock classes only)",
-          read_only=True),
     Param("autostart", True, "Walk to active by itself at start; false: wait for a lifecycle manager",
           read_only=True),
     Param("image_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: CompressedImage on "
@@ -76,6 +75,15 @@ PARAMS: tuple[Param, ...] = (
 BY_NAME = {p.name: p for p in PARAMS}
 RUNTIME = tuple(f.name for f in fields(Settings))  # the runtime-settable ones, named as in Settings
 
+#: Parameters earlier versions declared, and why they are gone.  ROS ignores a parameter nobody declares,
+#: so a params file that still sets one would otherwise do nothing without a word: the node warns instead
+#: (a "/**" params file may hold other nodes' parameters, so an unknown name is not an error).
+REMOVED: dict[str, str] = {
+    "trust_remote_code": "code shipped with a checkpoint never runs, whatever it says; a remote-code checkpoint "
+                         "(e.g. model_type internvl_chat) is refused with the transformers-format one to use instead "
+                         "(docs/models.md)",
+}
+
 
 def check_choice(name: str, value: Any) -> str | None:
     """Why ``value`` is not allowed for ``name`` (ranges and types are checked by rclpy itself)."""
@@ -83,3 +91,13 @@ def check_choice(name: str, value: Any) -> str | None:
     if choices and value not in choices:
         return f"{name} must be one of {', '.join(choices)}, got {value!r}"
     return None
+
+
+def removed_parameter_warnings(node) -> list[str]:
+    """One warning per parameter in ``REMOVED`` that ``node`` was started with (-p, a params file).
+
+    Reads rclpy's ``Node._parameter_overrides``, the only place that holds overrides nobody declared (no public
+    accessor exists); a node without it gets no warnings."""
+    overrides = getattr(node, "_parameter_overrides", None) or {}
+    return [f"parameter {name!r} is no longer used and is ignored: {why}"
+            for name, why in REMOVED.items() if name in overrides]

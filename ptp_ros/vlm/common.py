@@ -161,16 +161,17 @@ class StockModelAdapter:
         check_llm_layer(options.llm_layer, len(model.model.language_model.layers))
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
-                        **options):
+    def from_checkpoint(cls, path: Path, device: torch.device, dtype: torch.dtype, **options):
+        # trust_remote_code stays False: only transformers' own classes run (remote-code formats are refused
+        # by name in loading.unsupported_format before this is reached)
         model, loading_info = cls.model_class.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code,
+            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False,
             output_loading_info=True, ignore_mismatched_sizes=True)  # misfits are refused below, with their names
         if misfit := weights_misfit(loading_info):
             raise ModelLoadError(misfit)
         if cls.processor_needing_shim is not None:
             hide_video_processor(cls.processor_needing_shim)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         return cls(model.to(device), processor, cls.options_class(**options))
 
     def rope_positions(self, prepared: PreparedInput) -> torch.Tensor | None:

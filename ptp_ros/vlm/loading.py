@@ -1,7 +1,9 @@
 """Offline, safe model loading: a local directory or the local HF cache, safetensors only.
 
 ``load_adapter`` reads the checkpoint's config, picks the adapter of its model family and hands it the
-stock transformers model and processor.  Nothing here can reach the network.  Every way a load can fail
+stock transformers model and processor.  Nothing here can reach the network, and no code shipped with a
+checkpoint ever runs: a remote-code format (``model_type: internvl_chat``, an ``auto_map``) is refused by
+name, with the transformers-format checkpoints to use instead (docs/models.md lists them).  Every way a load can fail
 ends as a one-line ``ModelLoadError`` naming the cause, and the weight files are checked here (safetensors,
 whole, inside the checkpoint) before transformers opens any of them.
 """
@@ -29,7 +31,6 @@ class ModelLoadError(RuntimeError):
 class LoadOptions:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" | "float32" | "float16" | "bfloat16"
-    trust_remote_code: bool = False
 
 
 def quiet_transformers() -> None:
@@ -94,6 +95,69 @@ def _read_json(file: Path) -> dict:
 
 def checkpoint_family(path: Path) -> str:
     return str(_read_json(path / "config.json").get("model_type", ""))
+
+
+#: The model families an adapter handles (config.json ``model_type``), in the order messages name them.
+SUPPORTED_FAMILIES = ("llava_next", "internvl", "qwen2_5_vl")
+
+_LLAVA_NEXT_HF = ("llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf or "
+                  "llava-hf/llava-v1.6-mistral-7b-hf")
+#: model_types only the original LLaVA repository defines (its own "llava" is told from transformers' by
+#: its ``mm_vision_tower`` key and ``*ForCausalLM`` architectures).
+_LLAVA_REPOSITORY_TYPES = frozenset({"llava_llama", "llava_mistral", "llava_mpt", "llava_qwen"})
+_NO_CHECKPOINT_CODE = "ptp_ros never runs code shipped with a checkpoint"
+
+#: Formats users meet that no adapter loads, with what to load instead: the rest of "<path> holds ...",
+#: short enough that the node's 500-character log line keeps all of it.
+_OTHER_FORMATS = {
+    "internvl_chat": (
+        "InternVL in its original remote-code format (model_type 'internvl_chat', e.g. OpenGVLab/InternVL2-8B); "
+        f"{_NO_CHECKPOINT_CODE}. Use a transformers-format release, e.g. OpenGVLab/InternVL3-8B-hf or "
+        "OpenGVLab/InternVL2_5-8B-MPO-hf (docs/models.md: which checkpoints, and transformers' "
+        "convert_internvl_weights_to_hf.py)"),
+    "llava_original": (
+        "LLaVA in the original LLaVA repository's format (architectures {architectures}, as in "
+        "liuhaotian/llava-v1.6-*), which needs that repository's code; ptp_ros runs transformers' own classes "
+        f"only. Use a llava-hf conversion (model_type 'llava_next'), e.g. {_LLAVA_NEXT_HF}"),
+    "llava": (
+        "LLaVA-1.5 (model_type 'llava': one 336-px view, no tiles), which has no adapter: PTP's regions are "
+        f"LLaVA-NeXT's anyres tiles. Use a LLaVA-NeXT checkpoint (model_type 'llava_next'), e.g. {_LLAVA_NEXT_HF}"),
+    "qwen": (
+        f"Qwen-VL in its remote-code format (model_type 'qwen', e.g. Qwen/Qwen-VL-Chat); {_NO_CHECKPOINT_CODE}. "
+        "Use Qwen2.5-VL (model_type 'qwen2_5_vl'), e.g. Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct"),
+    "qwen2_vl": (
+        "Qwen2-VL (model_type 'qwen2_vl'), which has no adapter; use Qwen2.5-VL (model_type 'qwen2_5_vl'), "
+        "e.g. Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct"),
+}
+
+
+def _stock_model_types() -> frozenset[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return frozenset(CONFIG_MAPPING_NAMES)
+
+
+def unsupported_format(path: Path, config: dict) -> str | None:
+    """Why no adapter loads the checkpoint at ``path`` (its parsed config.json), in one line naming what to
+    load instead; ``None`` when its family has an adapter."""
+    family = str(config.get("model_type", ""))
+    if family in SUPPORTED_FAMILIES:
+        return None
+    architectures = config.get("architectures") or []
+    if family in _LLAVA_REPOSITORY_TYPES or (family == "llava" and (
+            "mm_vision_tower" in config or not any("ForConditionalGeneration" in str(a) for a in architectures))):
+        key = "llava_original"  # liuhaotian/*, lmms-lab/*: LlavaLlamaForCausalLM, LlavaMistralForCausalLM, ...
+    elif family in _OTHER_FORMATS:
+        key = family
+    elif config.get("auto_map") and family not in _stock_model_types():
+        return (f"{path} holds a {family or 'unknown'!r} model in a remote-code format (its config.json auto_map "
+                f"names code shipped with the checkpoint); {_NO_CHECKPOINT_CODE}. Supported: "
+                f"{', '.join(SUPPORTED_FAMILIES)} (docs/models.md lists the checkpoints)")
+    else:
+        return (f"{path} holds a {family or 'unknown'!r} model; supported: {', '.join(SUPPORTED_FAMILIES)} "
+                "(docs/models.md lists the checkpoints)")
+    names = ", ".join(str(a) for a in architectures) or "unnamed"
+    return f"{path} holds {_OTHER_FORMATS[key].format(architectures=names)}"
 
 
 def _member(path: Path, name: object, named_by: str, suffixes: tuple[str, ...] = (".safetensors",)) -> str:
@@ -185,19 +249,18 @@ def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptio
     from .llava_next import LlavaNextAdapter
     from .qwen2_5_vl import Qwen2_5_VLAdapter
 
-    families = {"llava_next": LlavaNextAdapter, "internvl": InternVLAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter}
     path = resolve_checkpoint(path_or_id)
-    family = checkpoint_family(path)
-    if family not in families:
-        raise ModelLoadError(f"{path} holds a {family or 'unknown'!r} model; supported: {', '.join(families)}")
+    config = _read_json(path / "config.json")
+    if reason := unsupported_format(path, config):
+        raise ModelLoadError(reason)
     check_weight_files(path)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    adapter_class = families[family]
+    adapters = dict(zip(SUPPORTED_FAMILIES, (LlavaNextAdapter, InternVLAdapter, Qwen2_5_VLAdapter)))
+    adapter_class = adapters[config["model_type"]]
     adapter_class.options_class(**adapter_config)  # a bad option is the caller's TypeError/ValueError, not a load fault
     try:
-        return adapter_class.from_checkpoint(path, device, dtype, trust_remote_code=options.trust_remote_code,
-                                             **adapter_config)
+        return adapter_class.from_checkpoint(path, device, dtype, **adapter_config)
     except ModelLoadError as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any transformers failure reaches the user as one named cause
