@@ -52,6 +52,11 @@ setup(
             "ros-kilted-rosidl-default-runtime==1.7.1",
         ],
         "bench": ["matplotlib>=3.7", "psutil>=5.9"],
+        # what lmms-eval 0.7.3's CLI imports on the `--model ptp_ros` path; lmms-eval itself goes in with --no-deps
+        # (its declared deps would replace torch): bash bench/lmms/install.sh installs both
+        "eval": ["accelerate>=0.29.1", "datasets>=2.19", "evaluate>=0.4", "loguru>=0.7", "sacrebleu>=1.5",
+                 "tenacity>=8.3", "pytz", "pytablewriter>=1.2",
+                 "filelock>=3.16,<4"],  # lmms-eval patches filelock._api.FileLockMeta, gone in filelock 4
         "test": ["pytest>=8"],  # colcon test runs pytest because of this entry
         # colcon builds and tests both packages as on a robot (CI, test/test_colcon.py); colcon-core wants setuptools<80
         "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "psutil>=5.9",
@@ -73,5 +78,7 @@ setup(
             "ptp-bench = ptp_ros_bench.cli:main",
             "ptp-eval = ptp_ros_bench.accuracy:main",
         ],
+        # lmms-eval >= 0.7 finds external models here: `lmms-eval --model ptp_ros` (ptp_ros/integrations/lmms.py)
+        "lmms_eval.models": ["ptp_ros = ptp_ros.integrations.lmms_manifest:manifest"],
     },
 )

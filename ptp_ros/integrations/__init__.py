@@ -1,0 +1,1 @@
+"""Bridges from ptp_ros to other tools' plugin interfaces (each imports its tool only when loaded)."""
