@@ -12,7 +12,7 @@ AFTER_ENCODE = ("score_ms", "select_ms", "prefill_ms", "decode_ms")
 METRICS = STAGES + ("after_encode_ms", "decode_ms_per_token", "e2e_ms", "peak_rss_mib", "cuda_peak_mib", "kv_cache_mib",
                     "kept",
                     "prompt_tokens", "new_tokens")
-#: Targets of issue 4 (measured, reported, never asserted in unit tests).
+#: Targets the cost report checks (measured and reported, never asserted in unit tests).
 TARGET_PTP_OVERHEAD = 0.02
 TARGET_PREFILL_RATIO = 0.15
 TARGET_ANALYTIC_RATIO = 0.12

@@ -229,7 +229,7 @@ def _presence_question(scene: Scene, rng: np.random.Generator) -> Question:
 
     Why not only hard negatives (both words present, just not bound together): with every negative
     hard, neither word alone says anything about the answer, so a model trained from scratch gets no
-    first-order signal to start from (the oracle probe sat at ln 2 for 7 200 steps).  Uniform absent
+    first-order signal to start from (docs/accuracy/training.md).  Uniform absent
     pairs keep about two thirds of the negatives hard on 5–7-object scenes anyway."""
     present = {(o.colour, o.shape) for o in scene.objects}
     if rng.random() < 0.5:
