@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens, fixed (default 8; 4 --quick)")
     p.add_argument("--keep-ratios", default=None, help=f"comma-separated (default {KEEP_RATIOS}; "
                    f"{QUICK_KEEP_RATIOS} with --quick)")
-    p.add_argument("--selectors", default=",".join(s.name for s in DEFAULT_SELECTORS))
+    p.add_argument("--selectors", default=",".join(s.name for s in DEFAULT_SELECTORS), metavar="ROW,...",
+                   help="comma-separated rows, of (default: all) PTP three ways, every other registered selector "
+                        f"and the oracle: {', '.join(s.name for s in DEFAULT_SELECTORS)}")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice). On a CPU shared with other busy processes "
                         "1 thread avoids the stalls of threads waiting for each other, which hit short prompts most")
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     ratios = [float(r) for r in args.keep_ratios.split(",")] if args.keep_ratios else \
         (QUICK_KEEP_RATIOS if args.quick else KEEP_RATIOS)
     by_name = {s.name: s for s in DEFAULT_SELECTORS}
+    unknown = [n for n in args.selectors.split(",") if n not in by_name]
+    if unknown:
+        raise SystemExit(f"ptp-bench: unknown selector row(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
     selectors = tuple(by_name[n] for n in args.selectors.split(","))
     image = np.asarray(Image.open(args.image).convert("RGB"))
 

@@ -165,8 +165,9 @@ class Passes:
     layers below ``prune_layer`` run over the full prompt, the rest over the kept tokens, and
     ``score_layer``'s attention rows are recomputed to rank (FastV, PTP with ``prune_in_llm``).
     ``queries``: which rows rank — "instruction" (every prompt token after the image) or "last" (one).
-    ``diversity``: cosine distances on the projected features — "all" (one N×N matrix: DivPrune, PTP's
-    diverse pick without region budgets) or "per_region" (one per region: PTP's diverse pick).
+    ``diversity``: cosine distances on the projected features, as the selector declares them
+    (``BoundSelector.distances``) — "all" (one N×N matrix: DivPrune, PTP's diverse pick without region
+    budgets) or "per_region" (one per region: PTP's diverse pick).
     ``probe_candidates``: m > 0 when the probe reads only ⌈m × kept⌉ visual tokens and the text
     (``PipelineConfig.probe_candidates``).
     """
@@ -190,29 +191,25 @@ UNSCORED = frozenset({"unpruned", "oracle", "max_pixels", "downscaled", "all tok
 def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: bool | None = None,
                llm_layer: int = 2, probe_candidates: float = 0.0) -> Passes:
     """The passes of selector ``selector`` with ``options`` (``PipelineConfig.prune_in_llm``; ``llm_layer``:
-    the adapter's relevance layer, default 2), read from the library: ``make_selector`` says whether it
-    needs relevance, ``ptp_ros.pipeline.in_llm_plan`` whether and where it prunes inside the LLM.
-    ``None`` or a name in ``UNSCORED``: nothing beyond the prefill."""
+    the adapter's relevance layer, default 2), read from the library's selector registry: ``make_selector``
+    says whether it needs relevance and which feature distances it computes, ``ptp_ros.pipeline.in_llm_plan``
+    whether and where it prunes inside the LLM.  ``None`` or a name in ``UNSCORED``: nothing beyond the
+    prefill."""
     if selector is None or selector in UNSCORED:
         return Passes()
-    from ptp_ros.pipeline import in_llm_plan
+    from ptp_ros.pipeline import PipelineConfig, in_llm_plan
     from ptp_ros.pruning import make_selector
-
-    from ptp_ros.pipeline import PipelineConfig
 
     if prune_in_llm is None:  # the library's default
         prune_in_llm = PipelineConfig.prune_in_llm
     bound = make_selector(selector, **dict(options or {}))
-    diversity = "all" if selector == "divprune" else None
-    config = bound.options.get("config")
-    if selector == "ptp" and getattr(config, "within_region", "top_k") == "diverse" and config.diversity > 0:
-        diversity = "per_region" if config.use_region_budgets else "all"
     plan = in_llm_plan(bound, prune_in_llm, llm_layer)
     if plan is not None:
         return Passes(score_layer=plan.score_layer, prune_layer=plan.prune_layer, queries=plan.queries,
-                      diversity=diversity)
+                      diversity=bound.distances)
     probe = llm_layer if bound.needs_relevance else None
-    return Passes(probe_layer=probe, diversity=diversity, probe_candidates=probe_candidates if probe is not None else 0.0)
+    return Passes(probe_layer=probe, diversity=bound.distances,
+                  probe_candidates=probe_candidates if probe is not None else 0.0)
 
 
 def passes_for_method(method, llm_layer: int = 2) -> Passes:

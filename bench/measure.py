@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from ptp_ros.pipeline import in_llm_plan
-from ptp_ros.pruning import NO_REGION, InLLMPruning, instruction_relevance, make_selector, resolve_budget
+from ptp_ros.pruning import (
+    NO_REGION,
+    InLLMPruning,
+    instruction_relevance,
+    make_selector,
+    resolve_budget,
+    selector_names,
+)
 from ptp_ros.vlm.llava_next import LlavaNextAdapter
 
 from .cost_model import Passes, kv_cache_bytes, llm_dims_from_config, passes_for
@@ -37,8 +44,14 @@ class BenchSelector:
     name: str
     selector: str | None
     options: dict = field(default_factory=dict)
-    reduce: str = "max"  # over instruction rows, for selectors that read relevance (pre-LLM)
+    # over the instruction rows: the selector's own reduction (FastV's "max", text_attention's "mean"), else this
+    # (default "max"); filled in, so the recorded settings say what ran
+    reduce: str | None = None
     prune_in_llm: bool = False
+
+    def __post_init__(self) -> None:
+        bound = self.bound()
+        object.__setattr__(self, "reduce", bound.relevance_reduce(self.reduce) if bound else self.reduce or "max")
 
     def bound(self):
         return make_selector(self.selector, **self.options) if self.selector else None
@@ -53,20 +66,16 @@ class BenchSelector:
         return passes_for(self.selector, self.options, self.prune_in_llm, llm_layer)
 
 
-#: "fastv" is FastV inside the LLM (K=2: the last token's attention at layer 1, dropped from layer 2);
-#: "text_attention" its ranking applied before the LLM (mean over the instruction rows, as FastV's average
-#: attention received), then a pruned prefill from scratch; PTP's rows are reduced by max.
+#: PTP three ways (before the LLM after a separate probe, inside it as the library's default, without its
+#: instruction stage), then every other registered selector with its defaults — "fastv" is FastV inside the
+#: LLM (K=2: the last token's attention at layer 1, dropped from layer 2), "text_attention" its ranking
+#: applied before the LLM (its own reduction: the mean over the instruction rows, as FastV's average
+#: attention received), then a pruned prefill from scratch — and the zero-cost oracle.
 DEFAULT_SELECTORS = (
     BenchSelector("ptp", "ptp"),  # before the LLM, after a separate probe (prune_in_llm below defaults to False)
     BenchSelector("ptp_in_llm", "ptp", prune_in_llm=True),  # the library's default
     BenchSelector("ptp_no_instruction", "ptp", {"alpha": 0.0}),
-    BenchSelector("uniform_cls", "uniform_cls"),
-    BenchSelector("hired", "hired"),
-    BenchSelector("globalcom2", "globalcom2"),
-    BenchSelector("fastv", "fastv"),
-    BenchSelector("text_attention", "text_attention", reduce="mean"),
-    BenchSelector("divprune", "divprune"),
-    BenchSelector("random", "random"),
+    *(BenchSelector(name, name) for name in selector_names() if name != "ptp"),
     BenchSelector("oracle", None),
 )
 UNPRUNED = "unpruned"
@@ -114,7 +123,7 @@ def run_cell(adapter: LlavaNextAdapter, prepared, visual, selector: BenchSelecto
 
             def choose(rows: torch.Tensor) -> torch.Tensor:
                 start = clock.now()
-                relevance = instruction_relevance(rows.cpu(), bound.reduce or selector.reduce)
+                relevance = instruction_relevance(rows.cpu(), selector.reduce)
                 kept_ = bound(dataclasses.replace(scores, relevance=relevance), budget).kept
                 select_s.append(clock.now() - start)
                 return kept_

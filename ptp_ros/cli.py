@@ -10,6 +10,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from textwrap import fill
+
+from .pruning import selector_names, selector_specs
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -40,6 +43,13 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _selector(text: str) -> str:
+    """A registered selector's name (``ptp_ros.pruning.selector_names``)."""
+    if text not in selector_names():
+        raise argparse.ArgumentTypeError(f"unknown selector {text!r}; known: {', '.join(selector_names())}")
+    return text
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (``--help`` still shows the usage)."""
 
@@ -48,9 +58,11 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="ptp-ask", description=(
+    p = _OneLineParser(prog="ptp-ask", formatter_class=argparse.RawDescriptionHelpFormatter, description=fill(
         "Answer an instruction about an image with a vision-language model, keeping only the visual tokens "
-        "Pyramid Token Pruning ranks highest."))
+        "Pyramid Token Pruning ranks highest."), epilog="selectors:\n" + "\n".join(
+        fill(spec.description, 96, initial_indent=f"  {spec.name:<16}", subsequent_indent=" " * 18)
+        for spec in selector_specs()))
     p.add_argument("image", help="image file (any format OpenCV reads)")
     p.add_argument("instruction", help="the question or task, e.g. \"what colour is the cup?\"")
     p.add_argument("--model", help="local checkpoint directory or a repo id in the local HF cache "
@@ -58,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep-ratio", type=_ratio, help="fraction of visual tokens to keep, in (0, 1] (default 1)")
     budget.add_argument("--tokens", type=_positive_int, help="number of visual tokens to keep")
-    p.add_argument("--selector", default="ptp", help="token selector (default: ptp)")
+    p.add_argument("--selector", default="ptp", type=_selector, metavar="|".join(selector_names()),
+                   help="token selector (default: ptp; each is described below)")
     p.add_argument("--alpha", type=_unit_interval, default=None, help="PTP weight of instruction relevance (default 0.5)")
     p.add_argument("--prune-in-llm", action=argparse.BooleanOptionalAction, default=None,
                    help="rank and drop inside the LLM at its relevance layer (default) or, with --no-prune-in-llm, "

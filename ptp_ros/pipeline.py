@@ -161,7 +161,7 @@ class Pipeline:
         plan = None if keep_all else self.in_llm_plan()
         with _timed(timings, "score", device):
             scores = visual.scores
-            if scores.features is None:  # diversity-based selectors (divprune) read the projected features
+            if self.selector.needs_features and scores.features is None:  # divprune, PTP's diverse pick
                 scores = dataclasses.replace(scores, features=visual.features)
             if self.selector.needs_relevance and not keep_all and plan is None:
                 if self.config.probe_candidates:
@@ -206,7 +206,7 @@ class Pipeline:
 
     @property
     def _reduce(self) -> str:
-        return self.selector.reduce or self.config.instruction_reduce
+        return self.selector.relevance_reduce(default=self.config.instruction_reduce)
 
     def _select(self, visual: VisualTokens, budget: int, keep_all: bool) -> Selection:
         """At most ``budget`` tokens; with ``newline_policy="keep"`` the kept structural tokens count in it."""
@@ -270,11 +270,12 @@ def candidate_relevance(adapter: VisionLanguageAdapter, prepared, visual: Visual
 
 
 def in_llm_plan(selector: BoundSelector, prune_in_llm: bool, llm_layer: int) -> InLLMPruning | None:
-    """The selector's own in-LLM plan (FastV's), else with ``prune_in_llm`` PTP with a relevance term ranks
-    at ``llm_layer`` (the adapter's relevance layer) from that layer's input and drops from it on."""
+    """The selector's own in-LLM plan (FastV's), else with ``prune_in_llm`` a selector that declares
+    ``relevance_in_llm`` (PTP) and needs relevance ranks at ``llm_layer`` (the adapter's relevance layer) from
+    that layer's input and drops from it on."""
     if selector.in_llm is not None:
         return selector.in_llm
-    if prune_in_llm and selector.name == "ptp" and selector.needs_relevance:
+    if prune_in_llm and selector.spec.relevance_in_llm and selector.needs_relevance:
         return InLLMPruning(score_layer=llm_layer, prune_layer=llm_layer, queries="instruction")
     return None
 

@@ -8,7 +8,8 @@ import torch
 
 from ptp_ros_bench import cli
 from ptp_ros_bench.cost_model import kv_bytes_per_token, kv_cache_bytes
-from ptp_ros_bench.measure import DEFAULT_SELECTORS, _llm_dims, oracle_indices
+from ptp_ros.pruning import selector_names
+from ptp_ros_bench.measure import DEFAULT_SELECTORS, BenchSelector, _llm_dims, oracle_indices
 from ptp_ros_bench.report import STAGES, summarize, upgrade_run
 
 
@@ -17,6 +18,17 @@ def quick_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     assert cli.main(["--out", str(out), "--quick"]) == 0
     return out
+
+
+def test_default_rows_are_every_registered_selector_with_its_own_reduction():
+    assert {s.selector for s in DEFAULT_SELECTORS} == {*selector_names(), None}  # None: the oracle
+    assert len({s.name for s in DEFAULT_SELECTORS}) == len(DEFAULT_SELECTORS)
+    by = {s.name: s for s in DEFAULT_SELECTORS}
+    assert (by["text_attention"].reduce, by["fastv"].reduce, by["ptp"].reduce, by["oracle"].reduce) == \
+        ("mean", "max", "max", "max")
+    assert BenchSelector("ptp mean", "ptp", reduce="mean").reduce == "mean"
+    with pytest.raises(ValueError, match="contradicts"):
+        BenchSelector("x", "text_attention", reduce="max")
 
 
 def test_quick_writes_results_report_and_plots(quick_out):
@@ -45,8 +57,10 @@ def test_quick_results_are_well_formed(quick_out):
         expected = record["visual_tokens"] if record["selector"] == "unpruned" else \
             round(record["keep_ratio"] * record["visual_tokens"])
         assert record["kept"] == expected
+    quiet = {s.name for s in DEFAULT_SELECTORS if s.bound() is None or not s.bound().needs_relevance}
+    assert {"hired", "divprune", "oracle", "ptp_no_instruction"} <= quiet and not {"ptp", "fastv"} & quiet
     for record in run["records"]:  # only relevance readers pay a score stage
-        if record["selector"] in ("hired", "globalcom2", "divprune", "random", "oracle", "ptp_no_instruction"):
+        if record["selector"] in quiet:
             assert record["score_ms"] == 0 or record["score_ms"] < 5
     assert {t["met"] for t in run["targets"]} <= {True, False}
     assert set(results["analytic"]) == {"llava-next-7b", "llava-next-13b", "cpu-proxy", "internvl2-8b"}

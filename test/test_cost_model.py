@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ptp_ros.pruning import make_selector, selector_names
 from ptp_ros_bench.cost_model import (
     MODELS,
     Passes,
@@ -103,8 +104,23 @@ def test_passes_come_from_the_library_selectors_and_plans():
     if "within_region" in PTPConfig.__dataclass_fields__:  # PTP's diverse within-region pick
         assert passes_for("ptp", {"within_region": "diverse"}, prune_in_llm=False) == \
             Passes(probe_layer=2, diversity="per_region")
-    for unscored in (None, "unpruned", "oracle", "max_pixels", "uniform_cls", "hired", "globalcom2", "random"):
+    for unscored in (None, "unpruned", "oracle", "max_pixels"):
         assert passes_for(unscored) == Passes()
+
+
+@pytest.mark.parametrize("name", selector_names())
+@pytest.mark.parametrize("prune_in_llm", [False, True])
+def test_every_registered_selector_costs_what_it_declares(name, prune_in_llm):
+    """The passes are the selector's declared needs: relevance → a probe or in-LLM rows, distances → selection
+    matmuls; a selector that declares neither costs nothing beyond the prefill (uniform_cls, hired, ...)."""
+    bound = make_selector(name)
+    passes = passes_for(name, prune_in_llm=prune_in_llm)
+    assert (passes.probe_layer is not None or passes.in_llm) == bound.needs_relevance
+    assert passes.diversity == bound.distances
+    assert passes.in_llm == (bound.in_llm is not None or (prune_in_llm and bound.spec.relevance_in_llm
+                                                           and bound.needs_relevance))
+    if not bound.needs_relevance and bound.distances is None:
+        assert passes == Passes()
 
 
 def test_passes_of_an_accuracy_method_follow_its_llm_layer_and_in_llm_choice():

@@ -1,4 +1,5 @@
-"""The peer selectors: exact K, determinism, and the behaviour that makes each one what it is."""
+"""Every registered selector under one signature (exact K, determinism, the shared budget check, the needs it
+declares), and the behaviour that makes each peer what it is."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,11 +7,22 @@ import dataclasses
 import pytest
 import torch
 
-from ptp_ros.pruning import NO_REGION, TokenScores, make_selector
+from ptp_ros.pruning import (
+    NO_REGION,
+    Selection,
+    SelectorSpec,
+    TokenScores,
+    make_selector,
+    register,
+    selector_names,
+    selector_spec,
+)
 from ptp_ros.pruning.peers import attention_top_k_select, divprune_select, globalcom2_select, hired_select
-from ptp_ros.pruning.selectors import PEER_SELECTORS, RELEVANCE_SELECTORS
 
-PEERS = ["hired", "text_attention", "globalcom2", "divprune"]
+#: every registered selector with its defaults, and the options that change what PTP and FastV need
+CONFIGURATIONS = [(name, {}) for name in selector_names()] + [
+    ("ptp", {"alpha": 0.0}), ("ptp", {"within_region": "top_k"}), ("ptp", {"alpha": 0.0, "within_region": "top_k"}),
+    ("fastv", {"k": 1})]
 
 
 def anyres_scores(seed: int = 0, tile_mass=(0.7, 0.1, 0.1, 0.1)) -> TokenScores:
@@ -28,7 +40,7 @@ def anyres_scores(seed: int = 0, tile_mass=(0.7, 0.1, 0.1, 0.1)) -> TokenScores:
                        relevance=torch.rand(n, generator=g), global_region=0, features=torch.randn(n, 8, generator=g))
 
 
-@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("name", selector_names())
 @pytest.mark.parametrize("budget", [1, 7, 32, 80])
 def test_exact_k_sorted_and_never_structural(name, budget):
     scores = anyres_scores()
@@ -41,24 +53,81 @@ def test_exact_k_sorted_and_never_structural(name, budget):
     assert selection.method == name
 
 
-@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("name", selector_names())
 def test_deterministic(name):
     a = make_selector(name)(anyres_scores(), 20)
     b = make_selector(name)(anyres_scores(), 20)
     assert torch.equal(a.kept, b.kept)
 
 
-@pytest.mark.parametrize("name", PEERS)
-def test_budget_out_of_range_is_refused(name):
-    with pytest.raises(ValueError):
-        make_selector(name)(anyres_scores(), 81)
+@pytest.mark.parametrize("name", selector_names())
+@pytest.mark.parametrize("budget", [0, -1, 81, 2.0, 20.5, True, "20", None])
+def test_one_budget_check_for_every_selector(name, budget):
+    """An integer in [1, selectable tokens] (80 here: 96 tokens, 16 row newlines), else a ValueError."""
+    with pytest.raises(ValueError, match="budget"):
+        make_selector(name)(anyres_scores(), budget)
 
 
-def test_registered_and_relevance_flags():
-    assert set(PEERS) <= set(PEER_SELECTORS)
-    assert make_selector("text_attention").needs_relevance and "text_attention" in RELEVANCE_SELECTORS
+@pytest.mark.parametrize("name, options", CONFIGURATIONS)
+def test_a_selector_reads_only_what_it_declares(name, options):
+    """Without relevance (or features) a selector that declares none chooses exactly what it chooses with them;
+    one that declares a reduction or an in-LLM plan names a valid one."""
+    selector = make_selector(name, **options)
+    full = anyres_scores()
+    bare = dataclasses.replace(full, relevance=full.relevance if selector.needs_relevance else None,
+                               features=full.features if selector.needs_features else None)
+    for budget in (1, 20, 80):
+        assert torch.equal(selector(bare, budget).kept, selector(full, budget).kept)
+    assert selector.reduce in (None, "max", "mean") and selector.distances in (None, "all", "per_region")
+    assert selector.in_llm is None or selector.needs_relevance
+    if selector.distances is not None:
+        assert selector.needs_features
+
+
+def test_declared_needs():
+    assert make_selector("text_attention").needs_relevance and make_selector("text_attention").reduce == "mean"
     assert make_selector("text_attention").in_llm is None and make_selector("fastv").in_llm is not None
-    assert not any(make_selector(n).needs_relevance for n in ("hired", "globalcom2", "divprune"))
+    assert make_selector("fastv").reduce == "max" and make_selector("fastv").relevance_reduce(default="mean") == "max"
+    assert make_selector("ptp").relevance_reduce(default="mean") == "mean"
+    assert not any(make_selector(n).needs_relevance for n in ("hired", "globalcom2", "divprune", "random", "uniform_cls"))
+    assert make_selector("divprune").needs_features and make_selector("divprune").distances == "all"
+    assert make_selector("ptp").needs_features and make_selector("ptp").distances == "per_region"
+    assert not make_selector("ptp", within_region="top_k").needs_features
+    assert make_selector("ptp", use_region_budgets=False).distances == "all"
+    assert make_selector("ptp", diversity=0.0).distances is None
+    assert not make_selector("ptp", alpha=0.0).needs_relevance
+    with pytest.raises(ValueError, match="contradicts"):
+        make_selector("text_attention").relevance_reduce("max")
+
+
+def test_registry_names_labels_and_options():
+    names = selector_names()
+    assert names[:2] == ["ptp", "fastv"] and len(set(names)) == len(names)
+    labels = [selector_spec(n).label for n in names]
+    assert len(set(labels)) == len(labels) and all(selector_spec(n).description for n in names)
+    assert make_selector("hired", temperature=2.0).options == {"global_share": 0.5, "temperature": 2.0}
+    with pytest.raises(ValueError, match="hired has no option.*nope; known: global_share, temperature"):
+        make_selector("hired", nope=1)
+    with pytest.raises(ValueError, match="unknown selector 'magic'; known: ptp, fastv"):
+        make_selector("magic")
+    with pytest.raises(ValueError, match="registered twice"):
+        register(selector_spec("random"))
+
+
+def test_a_new_selector_is_one_spec():
+    """What a new selector writes: its function and one SelectorSpec (here bound without registering it)."""
+    def first_k(scores: TokenScores, budget: int, offset: int = 0) -> Selection:
+        content = torch.nonzero(scores.region != NO_REGION).squeeze(1)
+        return Selection(kept=content[offset:offset + budget], total=scores.num_tokens, method="")
+
+    spec = SelectorSpec("first_k", first_k, label="first K", description="the first K content tokens")
+    selector = spec.bind(offset=2)
+    assert (selector.name, selector.needs_relevance, selector.needs_features, selector.in_llm) == \
+        ("first_k", False, False, None)
+    selection = selector(anyres_scores(), 3)
+    assert selection.kept.tolist() == [2, 3, 4] and selection.method == "first_k"
+    with pytest.raises(ValueError, match="outside"):
+        selector(anyres_scores(), 81)
 
 
 def test_hired_gives_the_global_view_half_and_tiles_by_mass():
@@ -116,11 +185,13 @@ def test_divprune_needs_features():
         divprune_select(dataclasses.replace(anyres_scores(), features=None), 4)
 
 
-def test_pipeline_runs_every_peer_on_the_tiny_model(tiny_adapter, sample_image):
+@pytest.mark.parametrize("name", selector_names())
+def test_pipeline_runs_every_selector_on_the_tiny_model_with_what_it_declares(tiny_adapter, sample_image, name):
     from ptp_ros.pipeline import Pipeline, PipelineConfig
 
-    for name in PEERS:
-        answer = Pipeline(tiny_adapter, PipelineConfig(selector=name)).answer(
-            sample_image, "what is on the table ?", keep_ratio=0.25, max_new_tokens=2)
-        assert answer.selection.method == name
-        assert answer.selection.num_kept == round(0.25 * answer.selection.total)
+    pipeline = Pipeline(tiny_adapter, PipelineConfig(selector=name))
+    answer = pipeline.answer(sample_image, "what is on the table ?", keep_ratio=0.25, max_new_tokens=2)
+    assert answer.selection.method == name
+    assert answer.selection.num_kept == round(0.25 * answer.selection.total)
+    assert (answer.visual.scores.features is not None) == pipeline.selector.needs_features  # attached only if read
+    assert (answer.visual.scores.relevance is not None) == pipeline.selector.needs_relevance

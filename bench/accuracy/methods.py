@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ptp_ros.pipeline import PipelineConfig, in_llm_plan
-from ptp_ros.pruning import InLLMPruning, PTPConfig, make_selector
+from ptp_ros.pruning import InLLMPruning, PTPConfig, make_selector, selector_names, selector_spec
 from ptp_ros.pruning.ptp import FUSIONS, WITHIN_REGION
 from ptp_ros.vlm.common import StockModelAdapter
 
@@ -21,11 +21,17 @@ class Method:
     label: str
     selector: str
     options: dict = field(default_factory=dict)
-    reduce: str = "max"  # instruction tokens → one relevance per visual token
+    # instruction tokens → one relevance per visual token: the selector's own reduction (FastV's "max",
+    # text_attention's "mean"), else this (default "max"); filled in, so the report says what ran
+    reduce: str | None = None
     adapter: tuple[tuple[str, object], ...] = ()  # (option, value) changes to the adapter's options
     group: str = "peer"  # "ptp", "ablation" or "peer"
     prune_in_llm: bool = PipelineConfig.prune_in_llm  # as the library's default unless a row says otherwise
     probe_candidates: float = 0.0  # PipelineConfig.probe_candidates
+
+    def __post_init__(self) -> None:
+        reduce = self.bound().relevance_reduce(self.reduce) if self.selector in selector_names() else self.reduce
+        object.__setattr__(self, "reduce", reduce or "max")
 
     def bound(self):
         return make_selector(self.selector, **self.options)
@@ -71,8 +77,20 @@ def pick_methods(methods: list[Method], names: list[str]) -> list[Method]:
     return [m for m in methods if m.label in chosen]
 
 
-#: The vision layer whose output the LLM reads (LLaVA-NeXT: the penultimate; Qwen2.5-VL: its last full-attention block).
-FEATURE_LAYER = (("vision_layer", "feature"),)
+#: Registered peers whose comparison row is an ablation (run on the ablation scenes, not plotted with the
+#: peers): text_attention is FastV's ranking moved before the LLM, what this project called FastV before.
+ABLATION_PEERS = frozenset({"text_attention"})
+
+
+def peer(selector: str, options: dict | None = None, label: str | None = None, **changes) -> Method:
+    """The row of a registered selector as its paper runs it: its label (``SelectorSpec.label``) and, for the
+    [CLS] peers, the vision layer whose [CLS] attention their code reads (``SelectorSpec.saliency_layer``;
+    "feature": the layer whose output the LLM reads, LLaVA-NeXT's penultimate, Qwen2.5-VL's last
+    full-attention block)."""
+    spec = selector_spec(selector)
+    adapter = (("vision_layer", spec.saliency_layer),) if spec.saliency_layer else ()
+    changes.setdefault("group", "ablation" if selector in ABLATION_PEERS else "peer")
+    return Method(label or spec.label, selector, dict(options or {}), adapter=adapter, **changes)
 
 
 def _ptp(label: str, group: str = "ablation", reduce: str = "max", adapter: dict | None = None,
@@ -100,16 +118,9 @@ def comparison_methods() -> list[Method]:
         # The proxy's training supervised the answer row's attention at LLM layer 1 (docs/accuracy):
         # PTP reading that layer is partly by construction, so it is a row of its own, never the default.
         _ptp("ptp llm_layer=1", adapter={"llm_layer": 1}),
-        Method("random", "random"),
-        # the [CLS] peers read the feature layer's attention, as their code does (docs/method.md)
-        Method("uniform [CLS] top-k", "uniform_cls", adapter=FEATURE_LAYER),
-        Method("HiRED", "hired", adapter=FEATURE_LAYER),
-        Method("GlobalCom2", "globalcom2", adapter=FEATURE_LAYER),
-        Method("FastV (in-LLM, K=2)", "fastv"),
-        # what this project called FastV before: a labelled row of its own, on the ablation scenes
-        Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean",
-               group="ablation"),
-        Method("DivPrune", "divprune"),
+        # every other registered selector as its paper runs it: the [CLS] peers read the feature layer's
+        # attention, as their code does (docs/method.md); FastV inside the LLM
+        *(peer(name) for name in selector_names() if name != "ptp"),
     ]
 
 
@@ -159,11 +170,11 @@ def stage_methods() -> list[Method]:
     out += [_ptp(f"ptp probe over {m:g}× budget candidates", prune_in_llm=False, probe_candidates=m)
             for m in (2.0, 3.0, 5.0)]
     return out + [
-        Method("FastV (in-LLM, K=2)", "fastv"),
-        Method("FastV (in-LLM, K=1)", "fastv", {"k": 1}),
-        Method("text attention top-k (FastV-style ranking before the LLM)", "text_attention", reduce="mean"),
-        Method("HiRED", "hired", adapter=FEATURE_LAYER),
-        Method("DivPrune", "divprune"),
+        peer("fastv"),
+        peer("fastv", {"k": 1}, "FastV (in-LLM, K=1)"),
+        peer("text_attention", group="peer"),
+        peer("hired"),
+        peer("divprune"),
     ]
 
 
@@ -184,7 +195,7 @@ def diversity_methods() -> list[Method]:
         _ptp("ptp", group="ptp"),
         top_k(""),
         top_k(" α=0", group="ablation", alpha=0.0),
-        Method("DivPrune", "divprune"),
+        peer("divprune"),
         diverse("", 0.5),
         diverse("", 0.75),
         diverse(" α=0", 0.5, group="ablation", alpha=0.0),

@@ -210,7 +210,7 @@ class Evaluator:
         for key, m, plan in entries:
             rows = attention_rows(lm.layers[plan.score_layer], inputs[plan.score_layer], rotary,
                                   plan.query_positions(image_pos, length), image_pos)
-            relevance[key] = instruction_relevance(rows.cpu(), m.bound().reduce or m.reduce)
+            relevance[key] = instruction_relevance(rows.cpu(), m.reduce)  # the selector's own reduction, if any
         out = {}
         for ratio in self.ratios:
             budget = resolve_budget(n, keep_ratio=ratio)

@@ -1,10 +1,24 @@
-"""Token selection as pure functions on tensors: no transformers, no ROS (see DESIGN.md)."""
+"""Token selection as pure functions on tensors: no transformers, no ROS (see DESIGN.md).
+
+Importing the package registers every selector: PTP (ptp.py), FastV and the peers (peers.py), then the
+baselines (selectors.py) — the order ``selector_names()`` lists them in.
+"""
+from . import peers, selectors  # noqa: F401  (register their selectors)
 from .budgets import region_quotas, region_shares
 from .ptp import PTPConfig, fused_scores, instruction_relevance, ptp_select
-from .selectors import BoundSelector, make_selector, selector_names
-from .types import NO_REGION, InLLMPruning, Selection, TokenScores, resolve_budget
+from .registry import (
+    BoundSelector,
+    SelectorSpec,
+    make_selector,
+    register,
+    selector_names,
+    selector_spec,
+    selector_specs,
+)
+from .types import NO_REGION, InLLMPruning, Selection, TokenScores, check_budget, resolve_budget
 
 __all__ = [
-    "NO_REGION", "InLLMPruning", "PTPConfig", "Selection", "BoundSelector", "TokenScores", "fused_scores", "instruction_relevance", "make_selector",
-    "ptp_select", "region_quotas", "region_shares", "resolve_budget", "selector_names",
+    "NO_REGION", "InLLMPruning", "PTPConfig", "Selection", "BoundSelector", "SelectorSpec", "TokenScores",
+    "check_budget", "fused_scores", "instruction_relevance", "make_selector", "ptp_select", "region_quotas",
+    "region_shares", "register", "resolve_budget", "selector_names", "selector_spec", "selector_specs",
 ]

@@ -1,14 +1,15 @@
-"""The peer methods PTP is compared with, each re-stated on ``TokenScores`` in a page of tensor code.
+"""FastV and the peer methods PTP is compared with, each re-stated on ``TokenScores`` in a page of tensor
+code and registered next to its function (registry.py).
 
 They are "-style" re-implementations: the idea of each paper on the signals our adapters expose, not a
 port of its code.  Where a paper needs a signal we do not have, the docstring says what stands in.
 
-* ``hired_select``      HiRED (AAAI'25): fixed share for the global view, tile budgets from the global
-                        view's [CLS] mass on each tile, per-tile [CLS] top-k.
 * ``attention_top_k_select``  one global top-K by text→visual attention: FastV's ranking (ECCV'24).
                         As the "fastv" selector it runs inside the LLM as FastV's code does (last token's
                         attention at layer K − 1, drop from layer K, see vlm/in_llm.py); as "text_attention"
                         it ranks before the LLM by the mean instruction attention at the adapter's LLM layer.
+* ``hired_select``      HiRED (AAAI'25): fixed share for the global view, tile budgets from the global
+                        view's [CLS] mass on each tile, per-tile [CLS] top-k.
 * ``globalcom2_select`` GlobalCom² (2501.05179): global view pruned at the nominal ratio by its own
                         [CLS]; per-crop retention ratios scaled by the thumbnail's saliency over each crop.
 * ``divprune_select``   DivPrune (CVPR'25): max–min diversity over the projected features.
@@ -21,7 +22,8 @@ import torch
 
 from .budgets import region_quotas, region_shares
 from .ptp import top_k_per_region
-from .types import NO_REGION, Selection, TokenScores
+from .registry import SelectorSpec, register
+from .types import NO_REGION, InLLMPruning, Selection, TokenScores, check_budget
 
 
 def _tile_mass_shares(scores: TokenScores, temperature: float) -> torch.Tensor:
@@ -53,11 +55,40 @@ def _split_global(scores: TokenScores, global_budget: int, budget: int, tile_sha
     return Selection(kept=kept, total=scores.num_tokens, quotas=quotas, region_sizes=sizes, method="")
 
 
-def _check_budget(scores: TokenScores, budget: int) -> int:
-    selectable = int(scores.region_sizes().sum())
-    if not 0 <= budget <= selectable:
-        raise ValueError(f"budget {budget} is outside [0, {selectable}] selectable tokens")
-    return selectable
+def attention_top_k_select(scores: TokenScores, budget: int) -> Selection:
+    """The K tokens that receive the most text→visual attention (``relevance``), one global ranking with
+    no region budgets: FastV's choice.  Which attention it reads (which rows, which layer, before or
+    inside the LLM) is the selector's ``in_llm``/``reduce``: "fastv" and "text_attention" below."""
+    check_budget(scores, budget, minimum=0)
+    if scores.relevance is None:
+        raise ValueError("attention top-k needs TokenScores.relevance (text→visual attention); the pipeline "
+                         "computes it for selectors that declare needs_relevance")
+    region = scores.region.cpu()
+    ranked = torch.where(region != NO_REGION, scores.relevance.cpu().double(), torch.tensor(float("-inf"),
+                                                                                          dtype=torch.double))
+    kept = torch.sort(torch.argsort(ranked, descending=True, stable=True)[:budget]).values
+    return Selection(kept=kept, total=scores.num_tokens, region_sizes=scores.region_sizes(),
+                     quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="attention_top_k")
+
+
+def fastv_select(scores: TokenScores, budget: int, k: int = 2) -> Selection:
+    """FastV: ``attention_top_k_select`` where FastV's code ranks — the last prompt token's attention at LLM
+    layer ``k`` − 1, the other tokens dropped from layer ``k`` (its in-LLM plan, ``InLLMPruning.fastv(k)``,
+    which the pipeline runs).  ``k`` says which attention ``relevance`` holds; it does not change the ranking."""
+    return attention_top_k_select(scores, budget)
+
+
+# FastV's relevance is one row (the last token's): no reduction to choose
+register(SelectorSpec(
+    "fastv", fastv_select, label="FastV (in-LLM, K=2)",
+    description="FastV inside the LLM: top-K by the last prompt token's attention at layer k-1, the rest "
+                "dropped from layer k (option k, default 2)",
+    needs_relevance=True, reduce="max", in_llm=lambda options: InLLMPruning.fastv(options["k"])))
+register(SelectorSpec(
+    "text_attention", attention_top_k_select, label="text attention top-k (FastV-style ranking before the LLM)",
+    description="FastV's ranking before the LLM: top-K by the mean instruction attention at the adapter's "
+                "LLM layer, then a pruned prefill",
+    needs_relevance=True, reduce="mean"))
 
 
 def hired_select(scores: TokenScores, budget: int, global_share: float = 0.5, temperature: float = 1.0) -> Selection:
@@ -67,7 +98,7 @@ def hired_select(scores: TokenScores, budget: int, global_share: float = 0.5, te
     HiRED takes the partition signal from ViT layer 0 and the token score from layer 22; our adapter
     probes one layer, so both read the same [CLS] attention (``saliency`` / ``region_saliency``).
     """
-    _check_budget(scores, budget)
+    check_budget(scores, budget, minimum=0)
     if not 0.0 <= global_share <= 1.0:
         raise ValueError(f"global_share must be in [0, 1], got {global_share}")
     sizes = scores.region_sizes()
@@ -78,6 +109,12 @@ def hired_select(scores: TokenScores, budget: int, global_share: float = 0.5, te
     return dataclasses.replace(selection, method="hired")
 
 
+register(SelectorSpec(
+    "hired", hired_select, label="HiRED",
+    description="HiRED-style: half the budget to the global view, the tiles' budgets by its [CLS] mass on "
+                "them, [CLS] top-k in each", saliency_layer="feature"))
+
+
 def globalcom2_select(scores: TokenScores, budget: int, temperature: float = 1.0) -> Selection:
     """GlobalCom²-style: the global view keeps the nominal ratio K/N of its tokens by its own [CLS];
     each crop's retention ratio is the nominal one scaled by its share of the thumbnail's saliency
@@ -86,7 +123,7 @@ def globalcom2_select(scores: TokenScores, budget: int, temperature: float = 1.0
     GlobalCom² also blends the thumbnail's attention, interpolated onto each crop, into the crop's
     token scores; ``TokenScores`` carries no geometry, so crops rank by their own [CLS] only.
     """
-    selectable = _check_budget(scores, budget)
+    selectable = check_budget(scores, budget, minimum=0)
     sizes = scores.region_sizes()
     g = scores.global_region
     global_budget = 0 if g is None or selectable == 0 else round(budget * int(sizes[g]) / selectable)
@@ -102,20 +139,10 @@ def globalcom2_select(scores: TokenScores, budget: int, temperature: float = 1.0
     return dataclasses.replace(selection, method="globalcom2")
 
 
-def attention_top_k_select(scores: TokenScores, budget: int) -> Selection:
-    """The K tokens that receive the most text→visual attention (``relevance``), one global ranking with
-    no region budgets: FastV's choice.  Which attention it reads (which rows, which layer, before or
-    inside the LLM) is the selector's ``in_llm``/``reduce`` (see selectors.make_selector)."""
-    _check_budget(scores, budget)
-    if scores.relevance is None:
-        raise ValueError("attention top-k needs TokenScores.relevance (text→visual attention); the pipeline "
-                         "computes it for selectors that declare needs_relevance")
-    region = scores.region.cpu()
-    ranked = torch.where(region != NO_REGION, scores.relevance.cpu().double(), torch.tensor(float("-inf"),
-                                                                                          dtype=torch.double))
-    kept = torch.sort(torch.argsort(ranked, descending=True, stable=True)[:budget]).values
-    return Selection(kept=kept, total=scores.num_tokens, region_sizes=scores.region_sizes(),
-                     quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="attention_top_k")
+register(SelectorSpec(
+    "globalcom2", globalcom2_select, label="GlobalCom2",
+    description="GlobalCom2-style: the global view at the nominal ratio, each crop's ratio scaled by the "
+                "thumbnail's saliency on it, [CLS] top-k in each", saliency_layer="feature"))
 
 
 def divprune_select(scores: TokenScores, budget: int) -> Selection:
@@ -124,7 +151,7 @@ def divprune_select(scores: TokenScores, budget: int) -> Selection:
     First the token whose nearest neighbour is farthest, then repeatedly the token farthest from
     everything kept so far.  Runs on the features' device; O(N²·D) for the distance matrix.
     """
-    _check_budget(scores, budget)
+    check_budget(scores, budget, minimum=0)
     if scores.features is None:
         raise ValueError("divprune needs TokenScores.features (the projected visual features); the LLaVA-NeXT "
                          "adapter fills them from VisualTokens.features")
@@ -147,3 +174,9 @@ def divprune_select(scores: TokenScores, budget: int) -> Selection:
     kept = torch.sort(candidates[chosen.cpu()]).values
     return Selection(kept=kept, total=scores.num_tokens, region_sizes=scores.region_sizes(),
                      quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="divprune")
+
+
+register(SelectorSpec(
+    "divprune", divprune_select, label="DivPrune",
+    description="DivPrune: greedy max-min cosine diversity over the projected features",
+    needs_features=True, distances="all"))

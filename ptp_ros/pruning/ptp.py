@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from .budgets import region_quotas, region_shares
-from .types import NO_REGION, Selection, TokenScores
+from .registry import SelectorSpec, register
+from .types import NO_REGION, Selection, TokenScores, check_budget
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,7 @@ def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()
     by fused score ("top_k")."""
     region = scores.region.cpu()
     sizes = scores.region_sizes()
-    if not 0 <= budget <= int(sizes.sum()):
-        raise ValueError(f"budget {budget} is outside [0, {int(sizes.sum())}] selectable tokens")
+    check_budget(scores, budget, minimum=0)
     fused = fused_scores(scores, config.alpha, config.fusion)
     # "diverse" reads the projected features (the pipeline and ptp-eval pass them); scores without them
     # have nothing to be diverse over and are ranked top-k, which the selection records in ``extras``
@@ -229,6 +229,25 @@ def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()
         quotas = torch.bincount(region[kept], minlength=scores.num_regions)
     return Selection(kept=kept, total=scores.num_tokens, quotas=quotas, region_sizes=sizes, fused=fused,
                      method="ptp", extras={"within_region": "diverse" if diverse else "top_k"})
+
+
+def _ptp_distances(options: dict) -> str | None:
+    """The diverse pick's cosine distances: one matrix per region, or one over all tokens without region
+    budgets; none for top-k or λ = 0."""
+    config = options["config"]
+    if config.within_region != "diverse" or config.diversity == 0:
+        return None
+    return "per_region" if config.use_region_budgets else "all"
+
+
+register(SelectorSpec(
+    "ptp", ptp_select, label="ptp",
+    description="Pyramid Token Pruning: region budgets by region saliency, then in each region the tokens best "
+                "by [CLS] saliency fused with instruction relevance (alpha), picked for diversity",
+    options=lambda **options: {"config": PTPConfig(**options)},
+    needs_relevance=lambda options: options["config"].alpha > 0,
+    needs_features=lambda options: options["config"].within_region == "diverse",
+    relevance_in_llm=True, distances=_ptp_distances))
 
 
 def instruction_relevance(attention_rows: torch.Tensor, reduce: str = "max") -> torch.Tensor:

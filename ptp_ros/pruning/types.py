@@ -1,6 +1,7 @@
 """The data every selector reads and writes: plain tensors, no model or ROS types."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -124,3 +125,14 @@ def resolve_budget(total: int, keep_ratio: float | None = None, tokens: int | No
     if tokens < 1:
         raise ValueError(f"tokens must be at least 1, got {tokens}")
     return min(total, int(tokens))
+
+
+def check_budget(scores: TokenScores, budget: int, minimum: int = 1) -> int:
+    """The selectable token count (structural tokens are not selectable), or a ``ValueError`` when ``budget``
+    is not an integer in [``minimum``, selectable]: the one budget check every selector shares."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise ValueError(f"budget must be an integer token count, got {budget!r}")
+    selectable = int(scores.region_sizes().sum())
+    if not minimum <= budget <= selectable:
+        raise ValueError(f"budget {budget} is outside [{minimum}, {selectable}] selectable tokens")
+    return selectable
