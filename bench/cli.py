@@ -24,7 +24,7 @@ from .cost_model import MODELS, cost_table, llm_dims_from_config
 
 from .machine import describe, load_snapshot
 from .measure import DEFAULT_SELECTORS, measure
-from .models import MEASURABLE, load_model
+from .models import MEASURABLE, TINY_MODELS, load_model
 from .report import add_flops, markdown, plots, summarize, targets, upgrade_run
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "ptp_ros" / "data" / "sample_scene.jpg"
@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny model, 2 repetitions, 3 ratios, 4 new tokens: checks the benchmark")
     p.add_argument("--model", default=None,
-                   help=f"'tiny', one of {', '.join(MEASURABLE)} (random weights, real size) or a checkpoint directory "
+                   help=f"a tiny checkpoint ({', '.join(TINY_MODELS)}: 'tiny' is LLaVA-NeXT's), one of "
+                        f"{', '.join(MEASURABLE)} (random weights, real size) or a checkpoint directory "
                         "(default: cpu-proxy; tiny with --quick)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda for the 7B/13B sizes, else cpu)")
     p.add_argument("--repetitions", type=int, default=None, help="runs per cell (default 3; 2 with --quick)")
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     wall_s = time.perf_counter() - start
     unpruned = next(r for r in records if r["selector"] == "unpruned")
     return {
-        "model": model if model == "tiny" or model in MODELS else Path(model).name, "machine": describe(device), "build_s": build_s, "wall_s": wall_s,
+        "model": model if model in TINY_MODELS or model in MODELS else Path(model).name, "machine": describe(device), "build_s": build_s, "wall_s": wall_s,
         "settings": {"dtype": str(dtype).removeprefix("torch."), "image": args.image.name, "tiles": tiles,
                      "visual_tokens": unpruned["visual_tokens"],
                      "text_tokens": unpruned["prompt_tokens"] - unpruned["visual_tokens"],

@@ -12,25 +12,17 @@ precomputed index (zero-cost selection): the floor the others' choosing overhead
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ptp_ros.pipeline import in_llm_plan
-from ptp_ros.pruning import (
-    NO_REGION,
-    InLLMPruning,
-    instruction_relevance,
-    make_selector,
-    resolve_budget,
-    selector_names,
-)
-from ptp_ros.vlm.llava_next import LlavaNextAdapter
+from ptp_ros.pipeline import Pipeline, PipelineConfig, in_llm_plan
+from ptp_ros.pruning import NO_REGION, InLLMPruning, make_selector, resolve_budget, selectable_budget, selector_names
+from ptp_ros.timing import STAGES, timed
+from ptp_ros.vlm.common import StockModelAdapter
 
 from .cost_model import Passes, kv_cache_bytes, llm_dims_from_config, passes_for
 from .machine import PeakMemory, load_snapshot
@@ -55,6 +47,11 @@ class BenchSelector:
 
     def bound(self):
         return make_selector(self.selector, **self.options) if self.selector else None
+
+    def pipeline_config(self, max_new_tokens: int) -> PipelineConfig:
+        """What the library runs for this row (not for the oracle, which has no selector)."""
+        return PipelineConfig.for_selector(self.selector, self.options, instruction_reduce=self.reduce,
+                                           prune_in_llm=self.prune_in_llm, max_new_tokens=max_new_tokens)
 
     def plan(self, llm_layer: int) -> InLLMPruning | None:
         """Where inside the LLM it prunes (``None``: before the LLM), as ``Pipeline`` decides it."""
@@ -84,75 +81,45 @@ UNPRUNED = "unpruned"
 DOWNSCALED = "downscaled"
 
 
-class Clock:
-    """Wall time that waits for queued GPU work, so each stage is charged for what it launched."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-
 def oracle_indices(region: torch.Tensor, budget: int) -> torch.Tensor:
     """``budget`` content tokens evenly spread: a fixed answer that costs nothing to compute."""
     content = torch.nonzero(region != NO_REGION).squeeze(1)
     return content[torch.arange(budget) * content.shape[0] // budget]
 
 
-def _llm_dims(adapter: LlavaNextAdapter) -> dict:
+def _llm_dims(adapter: StockModelAdapter) -> dict:
     """The cost model's view of the adapter's LLM (``{"llm": ...}``, from its transformers text config)."""
     return {"llm": llm_dims_from_config(adapter.model.config.text_config)}
 
 
-def run_cell(adapter: LlavaNextAdapter, prepared, visual, selector: BenchSelector | None, keep_ratio: float,
-             max_new_tokens: int, clock: Clock, oracle: dict[int, torch.Tensor]) -> dict:
-    """One selector at one keep ratio (``None``: unpruned); times in ms.  Before the LLM: score → select →
-    pruned generate.  Inside it: one generate over the full prompt that ranks and drops at the plan's
-    layers; its scoring (the attention rows) runs inside the prefill and is charged there, its selection
-    is timed apart and taken out of the prefill."""
-    budget = min(resolve_budget(visual.num_tokens, keep_ratio=keep_ratio), int(visual.scores.region_sizes().sum()))
-    bound = selector.bound() if selector else None
-    plan = selector.plan(adapter.options.llm_layer) if selector else None
-    scores = dataclasses.replace(visual.scores, features=visual.features)
+def run_cell(adapter: StockModelAdapter, prepared, visual, selector: BenchSelector | None, keep_ratio: float,
+             max_new_tokens: int, oracle: dict[int, torch.Tensor]) -> dict:
+    """One selector at one keep ratio (``None``: unpruned); times in ms.  Runs the library's own stages
+    (``Pipeline.score`` → ``select`` → ``generate``) on the shared encode: before the LLM, scoring (the
+    relevance probe) and selection are timed apart from the pruned generate; inside it, one generate over the
+    full prompt ranks and drops at the plan's layers, its scoring (the attention rows) is charged to the
+    prefill and its selection is timed apart and taken out of it.  The oracle keeps precomputed indices."""
+    config = selector.pipeline_config(max_new_tokens) if selector and selector.selector else PipelineConfig(
+        max_new_tokens=max_new_tokens)
+    pipeline = Pipeline(adapter, config)
+    budget = pipeline.budget(visual, keep_ratio=keep_ratio)
+    timings: dict[str, float] = {}
     with PeakMemory(adapter.device) as memory:
-        if plan is not None:
-            select_s: list[float] = []
-
-            def choose(rows: torch.Tensor) -> torch.Tensor:
-                start = clock.now()
-                relevance = instruction_relevance(rows.cpu(), selector.reduce)
-                kept_ = bound(dataclasses.replace(scores, relevance=relevance), budget).kept
-                select_s.append(clock.now() - start)
-                return kept_
-
-            generation = adapter.generate(prepared, visual, None, max_new_tokens, in_llm=(plan, choose))
-            kept = generation.in_llm_kept
-            score_ms, select_ms = 0.0, sum(select_s) * 1e3
-            generation.prefill_ms = max(0.0, generation.prefill_ms - select_ms)
+        if selector is not None and selector.selector is None:  # the oracle: no scoring, no choosing
+            indices = oracle[selectable_budget(visual.scores, tokens=budget)]
+            generation = adapter.generate(prepared, visual, indices, max_new_tokens)
+            kept, prune_layer = int(indices.numel()), None
         else:
-            t0 = clock.now()
-            if bound is not None and bound.needs_relevance:
-                rows = adapter.instruction_attention(prepared, visual)
-                scores = dataclasses.replace(scores, relevance=instruction_relevance(rows, selector.reduce))
-            t1 = clock.now()
-            if selector is None:
-                kept = None
-            elif bound is None:
-                kept = oracle[budget]
-            else:
-                kept = bound(scores, budget).kept
-            t2 = clock.now()
-            generation = adapter.generate(prepared, visual, kept, max_new_tokens)
-            score_ms, select_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-    num_kept = visual.num_tokens if kept is None else int(kept.numel())
-    # a plan past the last layer drops nothing (kept is None): the stock prefill
-    prune_layer = plan.prune_layer if plan is not None and kept is not None else None
-    return {"kept": num_kept, "score_ms": score_ms, "select_ms": select_ms, "prune_layer": prune_layer,
-            **_generation_figures(adapter, generation, visual.num_tokens - num_kept if prune_layer is not None
-                                  else 0, prune_layer),
+            with timed(timings, "score", adapter.device):
+                scores = pipeline.score(prepared, visual, budget)
+            pruned = pipeline.generate(prepared, visual, scores, budget, timings=timings)
+            generation, kept, prune_layer = pruned.generation, pruned.selection.num_kept, pruned.prune_layer
+    if prune_layer is not None:  # ranked inside the prefill: no score stage of its own
+        timings["score"] = 0.0
+    return {"kept": kept, "score_ms": timings.get("score", 0.0), "select_ms": timings.get("select", 0.0),
+            "prune_layer": prune_layer,
+            **_generation_figures(adapter, generation, visual.num_tokens - kept if prune_layer is not None else 0,
+                                  prune_layer),
             **memory.figures()}
 
 
@@ -171,45 +138,52 @@ def _generation_figures(adapter, generation, dropped_inside: int = 0, prune_laye
     }
 
 
-def run_downscaled_cell(adapter, image: np.ndarray, instruction: str, tokens: int, max_new_tokens: int,
-                        clock: Clock) -> dict:
+def run_downscaled_cell(adapter, image: np.ndarray, instruction: str, tokens: int, max_new_tokens: int) -> dict:
     """The down-scaling baseline at ``tokens``: preprocess + encode at the lower resolution, then generate
     with everything kept.  Its own preprocess / encode times replace the shared ones."""
     low = adapter.downscaled(tokens)
+    timings: dict[str, float] = {}
     with PeakMemory(adapter.device) as memory:
-        t0 = clock.now()
-        prepared = low.prepare(image, instruction)
-        t1 = clock.now()
-        visual = low.encode(prepared)
-        t2 = clock.now()
+        with timed(timings, "preprocess", adapter.device):
+            prepared = low.prepare(image, instruction)
+        with timed(timings, "encode", adapter.device):
+            visual = low.encode(prepared)
         generation = low.generate(prepared, visual, None, max_new_tokens)
-    return {"kept": visual.num_tokens, "preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3,
+    return {"kept": visual.num_tokens, "preprocess_ms": timings["preprocess"], "encode_ms": timings["encode"],
             "score_ms": 0.0, "select_ms": 0.0, **_generation_figures(adapter, generation), **memory.figures()}
 
 
-def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep_ratios: list[float],
+def measure(adapter: StockModelAdapter, image: np.ndarray, instruction: str, keep_ratios: list[float],
             selectors: tuple[BenchSelector, ...] = DEFAULT_SELECTORS, repetitions: int = 3,
             max_new_tokens: int = 8, seed: int = 0, log=sys.stderr) -> list[dict]:
     """Every raw figure: one record per (repetition, selector, keep ratio), plus the unpruned cell."""
-    clock = Clock(adapter.device)
     pruned_ratios = [r for r in keep_ratios if r < 1.0]
     cells = [(UNPRUNED, 1.0)] + [(s.name, r) for s in selectors for r in pruned_ratios]
-    if hasattr(adapter, "downscaled"):
+    if adapter.supports_downscaling:
         cells += [(DOWNSCALED, r) for r in pruned_ratios]
-    by_name = {s.name: s for s in selectors}
     _warm_up(adapter, image, instruction, min(keep_ratios))
-    # exactly max_new_tokens every time: a random-weight model may otherwise stop early at EOS
-    adapter.model.generation_config.min_new_tokens = max_new_tokens
+    # exactly max_new_tokens every time (a random-weight model may otherwise stop early at EOS); restored after
+    config = adapter.model.generation_config
+    before, config.min_new_tokens = config.min_new_tokens, max_new_tokens
+    try:
+        return _repetitions(adapter, image, instruction, pruned_ratios, cells, {s.name: s for s in selectors},
+                            repetitions, max_new_tokens, seed, log)
+    finally:
+        config.min_new_tokens = before
+
+
+def _repetitions(adapter: StockModelAdapter, image: np.ndarray, instruction: str, pruned_ratios: list[float],
+                 cells: list[tuple[str, float]], by_name: dict[str, BenchSelector], repetitions: int,
+                 max_new_tokens: int, seed: int, log) -> list[dict]:
     records = []
     for rep in range(repetitions):
+        shared: dict[str, float] = {}
         with PeakMemory(adapter.device) as encode_memory:
-            t0 = clock.now()
-            prepared = adapter.prepare(image, instruction)
-            t1 = clock.now()
-            visual = adapter.encode(prepared)
-            t2 = clock.now()
-        content = int(visual.scores.region_sizes().sum())
-        budgets = {min(resolve_budget(visual.num_tokens, keep_ratio=r), content) for r in pruned_ratios}
+            with timed(shared, "preprocess", adapter.device):
+                prepared = adapter.prepare(image, instruction)
+            with timed(shared, "encode", adapter.device):
+                visual = adapter.encode(prepared)
+        budgets = {selectable_budget(visual.scores, keep_ratio=r) for r in pruned_ratios}
         oracle = {b: oracle_indices(visual.scores.region, b) for b in budgets}  # computed before any timing
         order = cells[:]
         random.Random(seed + rep).shuffle(order)
@@ -217,15 +191,14 @@ def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep
         for name, ratio in order:
             if name == DOWNSCALED:
                 tokens = resolve_budget(visual.num_tokens, keep_ratio=ratio)
-                cell = run_downscaled_cell(adapter, image, instruction, tokens, max_new_tokens, clock)
+                cell = run_downscaled_cell(adapter, image, instruction, tokens, max_new_tokens)
             else:
                 cell = run_cell(adapter, prepared, visual, None if name == UNPRUNED else by_name[name], ratio,
-                                max_new_tokens, clock, oracle)
+                                max_new_tokens, oracle)
             record = {"rep": rep, "selector": name, "keep_ratio": ratio, "visual_tokens": visual.num_tokens,
-                      "preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3,
+                      "preprocess_ms": shared["preprocess"], "encode_ms": shared["encode"],
                       "encode_peak_rss_mib": encode_memory.figures()["peak_rss_mib"], **cell}
-            record["e2e_ms"] = sum(record[k] for k in ("preprocess_ms", "encode_ms", "score_ms", "select_ms",
-                                                       "prefill_ms", "decode_ms"))
+            record["e2e_ms"] = sum(record[f"{stage}_ms"] for stage in STAGES)
             record["load_avg_1m"] = rep_load["load_avg_1m"]
             records.append(record)
             print(f"rep {rep} {name:>18} r={ratio:<6} kept={record['kept']:>5} score={record['score_ms']:8.1f} "
@@ -235,12 +208,11 @@ def measure(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep
     return records
 
 
-def _warm_up(adapter: LlavaNextAdapter, image: np.ndarray, instruction: str, keep_ratio: float) -> None:
+def _warm_up(adapter: StockModelAdapter, image: np.ndarray, instruction: str, keep_ratio: float) -> None:
     """One untimed request: first-call costs (allocator, kernel selection, lazy init) are not charged."""
     prepared = adapter.prepare(image, instruction)
     visual = adapter.encode(prepared)
-    budget = resolve_budget(visual.num_tokens, keep_ratio=keep_ratio)
     adapter.instruction_attention(prepared, visual)
-    kept = oracle_indices(visual.scores.region, budget)
+    kept = oracle_indices(visual.scores.region, selectable_budget(visual.scores, keep_ratio=keep_ratio))
     adapter.generate(prepared, visual, kept, 2)
     adapter.generate(prepared, visual, None, 2, in_llm=(InLLMPruning.fastv(2), lambda rows: kept))

@@ -11,15 +11,21 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, Qwen2Config
 
+from ptp_ros.testing import DEFAULT_PINPOINTS, TEXT_TOKEN_IDS
+from ptp_ros.testing.common import FIXTURES, random_model
+from ptp_ros.testing.llava_next import anyres_pinpoints, llava_next_processor
+from ptp_ros.testing.tokenizer import build_word_tokenizer
+from ptp_ros.vlm.common import StockModelAdapter
+from ptp_ros.vlm.families import FAMILIES
 from ptp_ros.vlm.llava_next import LlavaNextAdapter
-from ptp_ros.vlm.tiny import DEFAULT_PINPOINTS, llava_next_processor
-from ptp_ros.vlm.tokenizer import build_word_tokenizer
 
 from .cost_model import MODELS
 
 _TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 #: Real-size models that can be built with random weights and run; the rest of ``MODELS`` is analytic only.
 MEASURABLE = tuple(name for name, dims in MODELS.items() if dims["architecture"] == "llava_next")
+#: The tiny checkpoint of each family: "tiny" (LLaVA-NeXT, the default) and "tiny-<model_type>".
+TINY_MODELS = {"tiny": "llava_next", **{f"tiny-{family}": family for family in FAMILIES}}
 
 
 def llava_next_config(name: str, vocab_size: int | None = None) -> LlavaNextConfig:
@@ -33,9 +39,10 @@ def llava_next_config(name: str, vocab_size: int | None = None) -> LlavaNextConf
         vocab_size=vocab_size or m["vocab"], hidden_size=m["hidden"], intermediate_size=m["ffn"],
         num_hidden_layers=m["layers"], num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
         max_position_embeddings=8192, rope_theta=m.get("rope_theta", 10000.0),
-        tie_word_embeddings=m["tie_embeddings"], bos_token_id=2, eos_token_id=3, pad_token_id=0)
+        tie_word_embeddings=m["tie_embeddings"], **TEXT_TOKEN_IDS)
     return LlavaNextConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                           vision_feature_select_strategy="default", image_grid_pinpoints=DEFAULT_PINPOINTS,
+                           vision_feature_select_strategy="default",
+                           image_grid_pinpoints=anyres_pinpoints(DEFAULT_PINPOINTS),
                            tie_word_embeddings=m["tie_embeddings"])
 
 
@@ -48,30 +55,21 @@ def random_llava_next(name: str, device: torch.device, dtype: torch.dtype, seed:
     tokenizer = build_word_tokenizer()
     config = llava_next_config(name)
     config.image_token_id = tokenizer.image_token_id
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaNextForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return LlavaNextAdapter(model, llava_next_processor(tokenizer, config.image_grid_pinpoints))
+    model = random_model(LlavaNextForConditionalGeneration, config, tokenizer, seed, device=device, dtype=dtype)
+    return LlavaNextAdapter(model.eval(), llava_next_processor(tokenizer, config.image_grid_pinpoints))
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype, scratch: Path) -> LlavaNextAdapter:
-    """What ``ptp-bench`` and ``ptp-eval --data`` run: "tiny" (the tiny checkpoint, built into ``scratch`` and
-    loaded like a user's), a ``MEASURABLE`` name (random weights, real size) or a checkpoint directory.
-    A ``ValueError`` for a name the cost model knows but cannot build; ``ModelLoadError`` for a bad checkpoint."""
+def load_model(model: str, device: torch.device, dtype: torch.dtype, scratch: Path) -> StockModelAdapter:
+    """What ``ptp-bench`` and ``ptp-eval --data`` run: a ``TINY_MODELS`` name (that family's tiny checkpoint,
+    built into ``scratch`` and loaded like a user's), a ``MEASURABLE`` name (random weights, real size) or a
+    checkpoint directory.  A ``ValueError`` for a name the cost model knows but cannot build; ``ModelLoadError``
+    for a bad checkpoint."""
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
     options = LoadOptions(device=str(device), dtype=str(dtype).removeprefix("torch."))
-    if model == "tiny":
-        from ptp_ros.vlm.tiny import build_tiny_llava_next
-
-        return load_adapter(build_tiny_llava_next(scratch / "tiny-llava-next"), options)
+    if model in TINY_MODELS:
+        family = TINY_MODELS[model]
+        return load_adapter(FIXTURES[family].build(scratch / f"tiny-{family.replace('_', '-')}"), options)
     if model in MODELS and model not in MEASURABLE:
         raise ValueError(f"{model} is in the analytic tables only; measurable sizes: {', '.join(MEASURABLE)}")
     if model in MODELS:

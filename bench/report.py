@@ -4,9 +4,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ptp_ros.timing import STAGES as PIPELINE_STAGES
+
 from .cost_model import ANALYTIC_METHODS, MODELS, Passes, passes_for, prefill_breakdown
 
-STAGES = ("preprocess_ms", "encode_ms", "score_ms", "select_ms", "prefill_ms", "decode_ms")
+STAGES = tuple(f"{stage}_ms" for stage in PIPELINE_STAGES)  # the records' field names
 #: score + select + prefill + decode: the part of a request that the choice of selector and ratio changes.
 AFTER_ENCODE = ("score_ms", "select_ms", "prefill_ms", "decode_ms")
 METRICS = STAGES + ("after_encode_ms", "decode_ms_per_token", "e2e_ms", "peak_rss_mib", "cuda_peak_mib", "kv_cache_mib",

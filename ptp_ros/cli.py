@@ -23,10 +23,12 @@ class CliError(Exception):
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {text}")
-    return value
+    from .pruning import check_keep_ratio
+
+    try:
+        return check_keep_ratio(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local checkpoint directory or a repo id in the local HF cache "
                                    "(default: the built-in model)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--keep-ratio", type=_ratio, help="fraction of visual tokens to keep, in (0, 1] (default 1)")
+    budget.add_argument("--keep-ratio", type=_ratio, help="fraction of visual tokens to keep, in (0, 1] (default 1: all)")
     budget.add_argument("--tokens", type=_positive_int, help="number of visual tokens to keep")
     p.add_argument("--selector", default="ptp", type=_selector, metavar="|".join(selector_names()),
                    help="token selector (default: ptp; each is described below)")

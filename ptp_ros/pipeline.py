@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,13 +15,17 @@ from .pruning import (
     InLLMPruning,
     PTPConfig,
     Selection,
+    TokenScores,
+    check_keep_ratio,
+    check_tokens,
     fused_scores,
     instruction_relevance,
     make_selector,
     ptp_select,
     resolve_budget,
 )
-from .vlm.base import Cancelled, VisionLanguageAdapter, VisualTokens
+from .timing import timed
+from .vlm.base import Cancelled, Generation, PreparedInput, VisionLanguageAdapter, VisualTokens
 
 __all__ = ["Answer", "Cancelled", "InvalidRequest", "Pipeline", "PipelineConfig", "validate_image"]
 
@@ -64,6 +66,19 @@ class PipelineConfig:
         if self.probe_candidates and (self.selector != "ptp" or self.prune_in_llm):
             raise ValueError("probe_candidates narrows PTP's relevance probe before the LLM: it needs "
                              "selector='ptp' and prune_in_llm=False")
+        if self.selector != "ptp" and self.ptp != PTPConfig():
+            raise ValueError(f"PTP's options (alpha, ...) do not apply to selector {self.selector!r}")
+        if self.selector == "ptp" and self.selector_options:
+            raise ValueError("selector 'ptp' takes its options as ptp=PTPConfig(...), not selector_options")
+
+    @classmethod
+    def for_selector(cls, selector: str, options: dict | None = None, **fields) -> PipelineConfig:
+        """The configuration that runs ``selector`` with ``options`` (PTPConfig fields for "ptp", the selector's
+        own otherwise): how the benchmarks turn a row into what the library runs."""
+        options = dict(options or {})
+        if selector == "ptp":
+            return cls(selector=selector, ptp=PTPConfig(**options), **fields)
+        return cls(selector=selector, selector_options=options, **fields)
 
 
 @dataclass
@@ -78,7 +93,8 @@ class Answer:
     prune_layer: int | None = None  # the first LLM layer that read only the kept tokens; None: pruned before the LLM
 
     def to_dict(self) -> dict:
-        """The JSON view: what ``ptp-ask --json`` prints and the node publishes."""
+        """The JSON view of an answer: what ``ptp-ask --json`` prints, and the fields the node's ``result`` shares
+        (the node adds its own: status, id, mode, and queue / convert / end-to-end times in ``latency_ms``)."""
         sizes = self.selection.region_sizes if self.selection.region_sizes is not None else self.visual.scores.region_sizes()
         # counted from the kept indices, so sum(quotas.kept) + structural_kept == visual_tokens_kept
         region = self.visual.scores.region.cpu()
@@ -97,7 +113,7 @@ class Answer:
             "prompt_tokens": self.prompt_tokens,  # as fed to the LLM (in-LLM pruning: the whole prompt)
             "prune_layer": self.prune_layer,
             "new_tokens": self.new_tokens,
-            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "latency_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},  # per stage (timing.STAGES) + total
         }
 
 
@@ -114,13 +130,29 @@ def validate_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
+@dataclass
+class Pruned:
+    """What ``Pipeline.generate`` returns: the generation, the tokens kept (chosen before or inside the LLM), the
+    scores they were chosen on, and where inside the LLM they were dropped (``None``: before it, or nothing)."""
+
+    generation: Generation
+    selection: Selection
+    scores: TokenScores
+    prune_layer: int | None
+
+
 class Pipeline:
-    """Adapter + selector: the library's one entry point, used by the CLI, the node and the benchmarks."""
+    """Adapter + selector: the library's one entry point, used by the CLI, the node and the benchmarks.
+
+    ``answer`` runs the stages in order; each is public so that the benchmarks time and reuse them
+    (``ptp-bench`` runs score → select → generate per cell on one encode, ``ptp-eval`` selects through it):
+    ``prepare`` → ``encode`` → ``budget`` → ``score`` → ``select`` → ``generate``.
+    """
 
     def __init__(self, adapter: VisionLanguageAdapter, config: PipelineConfig = PipelineConfig()):
         self.adapter = adapter
         self.config = config
-        options = dataclasses.asdict(config.ptp) if config.selector == "ptp" else config.selector_options
+        options = {"config": config.ptp} if config.selector == "ptp" else config.selector_options
         self.selector = make_selector(config.selector, **options)
 
     def validate_instruction(self, instruction: str) -> str:
@@ -141,64 +173,89 @@ class Pipeline:
         """
         image = validate_image(image)
         instruction = self.validate_instruction(instruction)
-        if keep_ratio is None and tokens is None:
-            keep_ratio = 1.0
-        if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
-            raise InvalidRequest(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        if tokens is not None and not (math.isfinite(tokens) and tokens >= 1):
-            raise InvalidRequest(f"tokens must be >= 1, got {tokens}")
+        keep_ratio, tokens = budget_request(keep_ratio, tokens)
         timings: dict[str, float] = {}
         device = self.adapter.device
-
-        with _timed(timings, "preprocess", device):
+        with timed(timings, "preprocess", device):
             prepared = self.adapter.prepare(image, instruction)
         _check(cancel, "before encoding")
-        with _timed(timings, "encode", device):
-            visual = self.adapter.encode(prepared)
+        with timed(timings, "encode", device):
+            visual = self.encode(prepared)
         _check(cancel, "after encoding")
-        budget = resolve_budget(visual.num_tokens, keep_ratio=keep_ratio if tokens is None else None, tokens=tokens)
+        budget = self.budget(visual, keep_ratio=keep_ratio, tokens=tokens)
+        with timed(timings, "score", device):
+            scores = self.score(prepared, visual, budget)
+        pruned = self.generate(prepared, visual, scores, budget, max_new_tokens, cancel=cancel, timings=timings)
+        visual.scores = pruned.scores
+        timings["prefill"] = pruned.generation.prefill_ms
+        timings["decode"] = pruned.generation.decode_ms
+        timings["total"] = sum(timings.values())
+        return Answer(text=pruned.generation.text, selection=pruned.selection, visual=visual, timings_ms=timings,
+                      prompt_tokens=pruned.generation.prompt_tokens, new_tokens=pruned.generation.new_tokens,
+                      selector=self.selector.name, prune_layer=pruned.prune_layer)
+
+    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
+        """The checked image and instruction through the model's processor."""
+        return self.adapter.prepare(validate_image(image), self.validate_instruction(instruction))
+
+    def encode(self, prepared: PreparedInput) -> VisualTokens:
+        return self.adapter.encode(prepared)
+
+    def budget(self, visual: VisualTokens, keep_ratio: float | None = None, tokens: int | None = None) -> int:
+        """The token budget over all ``visual`` tokens (``budget_request``'s rules; keep-all when it reaches
+        them all); ``select`` caps it at the selectable tokens."""
+        keep_ratio, tokens = budget_request(keep_ratio, tokens)
+        return resolve_budget(visual.num_tokens, keep_ratio=keep_ratio, tokens=tokens)
+
+    def score(self, prepared: PreparedInput, visual: VisualTokens, budget: int) -> TokenScores:
+        """``visual``'s scores with what the selector needs: the features (DivPrune, PTP's diverse pick) and,
+        when it ranks before the LLM, the instruction relevance (a probe); ``visual`` is left as it is."""
+        scores = visual.scores
+        if self.selector.needs_features and scores.features is None:
+            scores = dataclasses.replace(scores, features=visual.features)
+        if self.selector.needs_relevance and budget < visual.num_tokens and self.in_llm_plan() is None:
+            if self.config.probe_candidates:
+                relevance = candidate_relevance(self.adapter, prepared, visual, self.config.ptp, budget,
+                                                self.config.probe_candidates, self._reduce)
+            else:
+                relevance = instruction_relevance(self.adapter.instruction_attention(prepared, visual), self._reduce)
+            scores = dataclasses.replace(scores, relevance=relevance)
+        return scores
+
+    def generate(self, prepared: PreparedInput, visual: VisualTokens, scores: TokenScores, budget: int,
+                 max_new_tokens: int | None = None, *, cancel: threading.Event | None = None,
+                 timings: dict[str, float] | None = None) -> Pruned:
+        """Select and generate.  Before the LLM: ``select`` (timed as "select"), then a generate over the kept
+        tokens.  Inside it: one generate over the whole prompt that ranks at the plan's layer from the
+        instruction's attention there and drops from it on; its selection is timed apart and taken out of
+        the prefill, so each is counted once."""
+        timings = {} if timings is None else timings
+        device = self.adapter.device
+        max_new_tokens = max_new_tokens or self.config.max_new_tokens
         keep_all = budget >= visual.num_tokens
         plan = None if keep_all else self.in_llm_plan()
-        with _timed(timings, "score", device):
-            scores = visual.scores
-            if self.selector.needs_features and scores.features is None:  # divprune, PTP's diverse pick
-                scores = dataclasses.replace(scores, features=visual.features)
-            if self.selector.needs_relevance and not keep_all and plan is None:
-                if self.config.probe_candidates:
-                    relevance = candidate_relevance(self.adapter, prepared, visual, self.config.ptp, budget,
-                                                    self.config.probe_candidates, self._reduce)
-                else:
-                    relevance = instruction_relevance(self.adapter.instruction_attention(prepared, visual), self._reduce)
-                scores = dataclasses.replace(scores, relevance=relevance)
-            visual.scores = scores
         if plan is None:
-            with _timed(timings, "select", device):
-                selection = self._select(visual, budget, keep_all)
+            with timed(timings, "select", device):
+                selection = self.select(visual.num_tokens, scores, budget)
             _check(cancel, "before generating")
             generation = self.adapter.generate(prepared, visual, None if keep_all else selection.kept,
-                                               max_new_tokens or self.config.max_new_tokens, cancel=cancel)
-        else:  # ranked and dropped inside the prefill: its time includes scoring and selecting
-            chosen: list[Selection] = []
+                                               max_new_tokens, cancel=cancel)
+            return Pruned(generation, selection, scores, None)
+        chosen: list[tuple[TokenScores, Selection]] = []
 
-            def choose(rows: torch.Tensor) -> torch.Tensor:
-                visual.scores = dataclasses.replace(visual.scores, relevance=instruction_relevance(rows.cpu(),
-                                                                                                   self._reduce))
-                with _timed(timings, "select", device):
-                    chosen.append(self._select(visual, budget, False))
-                return chosen[-1].kept
+        def choose(rows: torch.Tensor) -> torch.Tensor:
+            with timed(timings, "select", device):
+                ranked = dataclasses.replace(scores, relevance=instruction_relevance(rows.cpu(), self._reduce))
+                chosen.append((ranked, self.select(visual.num_tokens, ranked, budget)))
+            return chosen[-1][1].kept
 
-            _check(cancel, "before generating")
-            generation = self.adapter.generate(prepared, visual, None, max_new_tokens or self.config.max_new_tokens,
-                                               cancel=cancel, in_llm=(plan, choose))
-            selection = chosen[-1] if chosen else self._select(visual, budget, True)
-            generation.prefill_ms -= timings.setdefault("select", 0.0)  # timed inside the prefill: counted once
-        timings["prefill"] = generation.prefill_ms
-        timings["decode"] = generation.decode_ms
-        timings["total"] = sum(timings.values())
-        return Answer(text=generation.text, selection=selection, visual=visual, timings_ms=timings,
-                      prompt_tokens=generation.prompt_tokens, new_tokens=generation.new_tokens,
-                      selector=self.selector.name,
-                      prune_layer=plan.prune_layer if plan is not None and generation.in_llm_kept is not None else None)
+        _check(cancel, "before generating")
+        generation = self.adapter.generate(prepared, visual, None, max_new_tokens, cancel=cancel,
+                                           in_llm=(plan, choose))
+        generation.prefill_ms -= timings.setdefault("select", 0.0)  # timed inside the prefill: counted once
+        if not chosen or generation.in_llm_kept is None:  # a plan past the last layer drops nothing
+            return Pruned(generation, self.select(visual.num_tokens, scores, visual.num_tokens), scores, None)
+        return Pruned(generation, chosen[-1][1], chosen[-1][0], plan.prune_layer)
 
     def in_llm_plan(self) -> InLLMPruning | None:
         """Where inside the LLM this pipeline ranks and drops visual tokens; ``None``: before the LLM."""
@@ -208,11 +265,11 @@ class Pipeline:
     def _reduce(self) -> str:
         return self.selector.relevance_reduce(default=self.config.instruction_reduce)
 
-    def _select(self, visual: VisualTokens, budget: int, keep_all: bool) -> Selection:
-        """At most ``budget`` tokens; with ``newline_policy="keep"`` the kept structural tokens count in it."""
-        scores = visual.scores
-        if keep_all:
-            return Selection(kept=torch.arange(visual.num_tokens), total=visual.num_tokens,
+    def select(self, total: int, scores: TokenScores, budget: int) -> Selection:
+        """At most ``budget`` of the ``total`` visual tokens (all of them when ``budget`` reaches ``total``), capped
+        at the selectable ones; with ``newline_policy="keep"`` the kept structural tokens count in it."""
+        if budget >= total:
+            return Selection(kept=torch.arange(total), total=total,
                              quotas=scores.region_sizes(), region_sizes=scores.region_sizes(),
                              fused=fused_scores(scores, 0.0), method="keep_all")
         structural = torch.nonzero(scores.region.cpu() == NO_REGION).squeeze(1)
@@ -280,19 +337,17 @@ def in_llm_plan(selector: BoundSelector, prune_in_llm: bool, llm_layer: int) -> 
     return None
 
 
+def budget_request(keep_ratio: float | None, tokens: int | None) -> tuple[float | None, int | None]:
+    """A request's budget checked at the edge, before any model runs: a keep ratio in ``KEEP_RATIO_RANGE`` or a
+    token count >= 1 (keep-all when neither is given); the token count wins when both are."""
+    if keep_ratio is None and tokens is None:
+        return 1.0, None
+    try:
+        return (None, check_tokens(tokens)) if tokens is not None else (check_keep_ratio(keep_ratio), None)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
 def _check(cancel: threading.Event | None, where: str) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled(f"cancelled {where}")
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":  # so that queued GPU work is charged to the stage that queued it
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str, device: torch.device):
-    start = _now(device)
-    yield
-    timings[stage] = (_now(device) - start) * 1e3

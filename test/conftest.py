@@ -1,4 +1,6 @@
-"""Shared fixtures: offline hub, the tiny LLaVA-NeXT on disk, the bundled sample image."""
+"""Shared fixtures: offline hub, the tiny checkpoint of every model family on disk (the tiny LLaVA-NeXT as
+``tiny_model_dir`` / ``tiny_adapter``), one family's adapter and its encoded sample for the modules of that
+family (``FAMILY``) or of every family (``family`` parametrized indirectly), the bundled sample image."""
 from __future__ import annotations
 
 import os
@@ -15,12 +17,32 @@ import pytest  # noqa: E402
 DATA = Path(__file__).resolve().parents[1] / "ptp_ros" / "data"
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random-weight LLaVA-NeXT saved to disk, as a user's checkpoint would be."""
-    from ptp_ros.vlm.tiny import build_tiny_llava_next
+#: The request the family fixtures ``prepared``/``visual`` encode.
+INSTRUCTION = "what colour is the circle?"
 
-    return build_tiny_llava_next(tmp_path_factory.mktemp("models") / "tiny-llava-next")
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(model_type)``: that family's tiny random-weight checkpoint saved to disk, as a user's
+    would be (built once a session, with its fixture's ``test_overrides``)."""
+    from ptp_ros.testing.common import FIXTURES
+
+    built: dict[str, Path] = {}
+
+    def checkpoint(model_type: str) -> Path:
+        if model_type not in built:
+            fixture = FIXTURES[model_type]
+            built[model_type] = fixture.build(tmp_path_factory.mktemp("models") / f"tiny-{model_type}",
+                                              **fixture.test_overrides)
+        return built[model_type]
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoint) -> Path:
+    """The tiny random-weight LLaVA-NeXT on disk."""
+    return tiny_checkpoint("llava_next")
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +50,46 @@ def tiny_adapter(tiny_model_dir):
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
     return load_adapter(tiny_model_dir, LoadOptions(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def family(request) -> str:
+    """The model family a module's tests run on: its ``FAMILY``, or each registered one in turn where the module
+    parametrizes this fixture (``pytest.mark.parametrize("family", FAMILIES, indirect=True)``)."""
+    return getattr(request, "param", None) or request.module.FAMILY
+
+
+@pytest.fixture(scope="module")
+def model_dir(family, tiny_checkpoint) -> Path:
+    return tiny_checkpoint(family)
+
+
+@pytest.fixture(scope="module")
+def adapter(request, family, model_dir):
+    """The family's tiny checkpoint through ``load_adapter`` (LLaVA-NeXT's is the session's ``tiny_adapter``)."""
+    if family == "llava_next":
+        return request.getfixturevalue("tiny_adapter")
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    return load_adapter(model_dir, LoadOptions(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def prepared(adapter, sample_image):
+    return adapter.prepare(sample_image, INSTRUCTION)
+
+
+@pytest.fixture(scope="module")
+def visual(adapter, prepared):
+    return adapter.encode(prepared)
+
+
+@pytest.fixture(scope="module")
+def eager_model(family, model_dir):
+    """The same checkpoint with eager attention everywhere: the reference the probes must match."""
+    from ptp_ros.vlm.families import ADAPTERS
+
+    return ADAPTERS[family].model_class.from_pretrained(model_dir, attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="session")

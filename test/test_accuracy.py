@@ -49,7 +49,7 @@ def test_evaluator_answers_what_the_pipeline_answers(tiny_adapter, scene_and_que
 
 @pytest.fixture(scope="module")
 def qwen_model_dir(tmp_path_factory):
-    from ptp_ros.vlm.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
+    from ptp_ros.testing.qwen2_5_vl import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "m", seed=3)
 

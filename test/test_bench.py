@@ -163,7 +163,7 @@ def test_random_models_have_the_published_size(name, billions):
 
 def test_downscaling_baseline_for_models_that_can_read_fewer_pixels(tmp_path):
     """Qwen2.5-VL can simply be given fewer pixels: ptp-bench measures that beside pruning, at each budget."""
-    from ptp_ros.vlm.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
+    from ptp_ros.testing.qwen2_5_vl import build_tiny_qwen2_5_vl
 
     model = build_tiny_qwen2_5_vl(tmp_path / "tiny-qwen2_5_vl")
     out = tmp_path / "bench"

@@ -38,7 +38,7 @@ def pipelines(tiny_adapter):
 def check(pipeline: Pipeline, visual, tokens: int) -> dict:
     budget = resolve_budget(visual.num_tokens, tokens=tokens)
     assert budget == min(tokens, visual.num_tokens)
-    selection = pipeline._select(visual, budget, budget >= visual.num_tokens)
+    selection = pipeline.select(visual.num_tokens, visual.scores, budget)
     kept = selection.kept
     assert 1 <= selection.num_kept <= budget <= tokens
     assert selection.total == visual.num_tokens
@@ -82,7 +82,7 @@ def test_small_keep_budgets_keep_only_the_newlines_of_kept_rows(pipelines, visua
     region = visual.scores.region
     structural = torch.nonzero(region == NO_REGION).squeeze(1)
     for budget in (1, 2, 5, 10, NEWLINES - 1, NEWLINES):
-        kept = pipeline._select(visual, budget, False).kept
+        kept = pipeline.select(visual.num_tokens, visual.scores, budget).kept
         assert kept.numel() <= budget
         newlines = kept[region[kept] == NO_REGION]
         rows_with_content = set()

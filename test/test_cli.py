@@ -26,7 +26,7 @@ def test_json_answer_and_saliency(tiny_model_dir, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["visual_tokens_total"] == 1948 and data["visual_tokens_kept"] == 487
     assert data["keep_ratio"] == 0.25 and sum(q["kept"] for q in data["quotas"]) == 487
-    assert set(data["timings_ms"]) >= {"encode", "score", "select", "prefill", "decode"}
+    assert set(data["latency_ms"]) >= {"encode", "score", "select", "prefill", "decode"}
     image = cv2.imread(str(out))
     assert image.shape == (1080, 1920, 3)
 
@@ -44,10 +44,11 @@ def test_token_budget_and_plain_answer(tiny_model_dir, capsys):
     (["missing.jpg", "hi"], "image not found"),
     (["setup.py", "hi"], "cannot read image"),
     ([SAMPLE, "   "], "instruction is empty"),
-    ([SAMPLE, "hi", "--keep-ratio", "1.5"], "keep ratio must be in (0, 1]"),
+    ([SAMPLE, "hi", "--keep-ratio", "1.5"], "keep_ratio must be in (0, 1]"),
     ([SAMPLE, "hi", "--keep-ratio", "0.5", "--tokens", "3"], "not allowed with"),
     ([SAMPLE, "hi", "--model", "/no/such/model"], "not found"),
     ([SAMPLE, "hi", "--selector", "magic"], "unknown selector"),
+    ([SAMPLE, "hi", "--selector", "fastv", "--alpha", "0.3"], "PTP's options (alpha, ...) do not apply to selector 'fastv'"),
     ([SAMPLE, "hi", "--saliency", "/no/such/dir/x.png"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, capsys, args, message):

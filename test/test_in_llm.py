@@ -8,8 +8,8 @@ from transformers import LlavaNextForConditionalGeneration
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.pruning import NO_REGION, InLLMPruning, make_selector
 from ptp_ros.vlm.common import placeholder_positions
+from ptp_ros.vlm.families import FAMILIES
 from ptp_ros.vlm.loading import LoadOptions, load_adapter
-from ptp_ros.vlm.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
 
 INSTRUCTION = "what colour is the circle?"
 
@@ -23,21 +23,18 @@ def top(count: int):
 
 
 @pytest.fixture(scope="module")
-def qwen_adapter(tmp_path_factory):
-    return load_adapter(build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("models") / "tiny-qwen"), LoadOptions(device="cpu"))
-
-
-@pytest.fixture(scope="module")
 def eager_adapter(tiny_adapter, tiny_model_dir):
     """The tiny LLaVA-NeXT with eager attention: materialised masks, and the attention maps to compare with."""
     model = LlavaNextForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
     return type(tiny_adapter)(model, tiny_adapter.processor, tiny_adapter.options)
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_next_eager", "qwen2_5_vl"])
-def test_in_llm_path_is_stock_generate_when_nothing_is_dropped(family, tiny_adapter, eager_adapter, qwen_adapter,
-                                                                sample_image):
-    adapter = {"llava_next": tiny_adapter, "llava_next_eager": eager_adapter, "qwen2_5_vl": qwen_adapter}[family]
+@pytest.mark.parametrize("family", [*FAMILIES, "llava_next_eager"])
+def test_in_llm_path_is_stock_generate_when_nothing_is_dropped(family, request, tiny_checkpoint, sample_image):
+    if family in ("llava_next", "llava_next_eager"):
+        adapter = request.getfixturevalue("tiny_adapter" if family == "llava_next" else "eager_adapter")
+    else:
+        adapter = load_adapter(tiny_checkpoint(family), LoadOptions(device="cpu"))
     prepared = adapter.prepare(sample_image, INSTRUCTION)
     visual = adapter.encode(prepared)
     reference = adapter.generate_reference(prepared, max_new_tokens=10)

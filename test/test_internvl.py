@@ -4,44 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import InternVLForConditionalGeneration, InternVLVisionConfig, InternVLVisionModel
+from transformers import InternVLVisionConfig, InternVLVisionModel
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.vlm.attention import ClsAttentionProbe, text_to_token_attention
 from ptp_ros.vlm.common import paper_vision_layer
 from ptp_ros.vlm.internvl import InternVLAdapter
-from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
+FAMILY = "internvl"  # conftest's model_dir / adapter / prepared / visual / eager_model: the tiny InternVL
 INSTRUCTION = "what colour is the circle?"
 TOTAL = 2304  # 1920×1080 → 2×4 tiles of 448 px + thumbnail, 256 tokens each
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from ptp_ros.vlm.tiny_internvl import build_tiny_internvl
-
-    # shallow, so that nine 1025-token tiles stay cheap on a CPU
-    return build_tiny_internvl(tmp_path_factory.mktemp("models") / "tiny-internvl", vision_layers=3, text_layers=3)
-
-
-@pytest.fixture(scope="module")
-def adapter(model_dir):
-    return load_adapter(model_dir, LoadOptions(device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def prepared(adapter, sample_image):
-    return adapter.prepare(sample_image, INSTRUCTION)
-
-
-@pytest.fixture(scope="module")
-def visual(adapter, prepared):
-    return adapter.encode(prepared)
-
-
-@pytest.fixture(scope="module")
-def eager_model(model_dir):
-    return InternVLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval()
 
 
 def test_loader_dispatches_on_model_type(adapter):
@@ -141,13 +113,8 @@ def test_instruction_attention_matches_eager_llm(adapter, prepared, visual, eage
     assert torch.equal(again, rows)
 
 
-def test_keep_all_is_stock_generate(adapter, prepared, visual):
-    reference = adapter.generate_reference(prepared, max_new_tokens=6)
-    pruned_path = adapter.generate(prepared, visual, None, max_new_tokens=6)
-    assert reference.new_tokens == 6
-    assert pruned_path.token_ids == reference.token_ids
-    assert pruned_path.prompt_tokens == reference.prompt_tokens
-    # and the prefill logits themselves agree: the features fed back are the model's own
+def test_features_fed_back_give_the_models_own_prefill(adapter, prepared, visual):
+    """(Keep-all = stock ``generate`` token for token: test_families.py.)"""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     inputs = prepared.inputs
@@ -169,16 +136,6 @@ def test_pruned_answers_shrink_the_prompt(adapter, prepared, sample_image):
         data = answer.to_dict()
         assert data["visual_tokens_total"] == TOTAL and data["visual_tokens_kept"] == kept
         assert sum(q["kept"] for q in data["quotas"]) == kept and len(data["quotas"]) == 9
-
-
-def test_pruned_features_reach_the_llm_in_order(adapter, prepared, visual, monkeypatch):
-    seen = {}
-    original = adapter.model.generate
-    monkeypatch.setattr(adapter.model, "generate", lambda **kw: seen.update(kw) or original(**kw))
-    kept = torch.tensor([3, 10, 600, 1500, 2300])
-    adapter.generate(prepared, visual, kept, max_new_tokens=1)
-    assert torch.equal(seen["mm_encoder_outputs"]["image"].pooler_output[0], visual.features[kept])
-    assert int((seen["input_ids"] == adapter.image_token_id).sum()) == 5
 
 
 def test_single_tile_image_has_no_thumbnail(adapter):

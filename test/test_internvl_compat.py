@@ -11,13 +11,15 @@ from transformers import AutoProcessor, InternVLProcessor, LlavaNextProcessor, Q
 
 from transformers.processing_utils import ProcessorMixin
 
+from ptp_ros.testing.common import FIXTURES
 from ptp_ros.vlm.compat import hide_video_processor, video_processors_unavailable
+from ptp_ros.vlm.families import ADAPTERS, FAMILIES
 
 STOCK_BUILD = textwrap.dedent("""
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
-    from ptp_ros.vlm.tokenizer import build_word_tokenizer
-    from ptp_ros.vlm.tiny_internvl import INTERNVL_SPECIAL_TOKENS
-    from ptp_ros.vlm.tiny_qwen2_5_vl import QWEN_SPECIAL_TOKENS
+    from ptp_ros.testing.internvl import INTERNVL_SPECIAL_TOKENS
+    from ptp_ros.testing.qwen2_5_vl import QWEN_SPECIAL_TOKENS
+    from ptp_ros.testing.tokenizer import build_word_tokenizer
     failures = 0
     for cls, ip, special in [(InternVLProcessor, GotOcr2ImageProcessorPil(), INTERNVL_SPECIAL_TOKENS),
                              (Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil(), QWEN_SPECIAL_TOKENS)]:
@@ -40,19 +42,11 @@ def test_stock_processor_still_needs_the_shim():
     assert "VIDEO_PROCESSOR_MAPPING" in result.stdout
 
 
-@pytest.mark.parametrize("builder", ["internvl", "qwen2_5_vl"])
-def test_shimmed_processor_saves_loads_and_processes(tmp_path, builder):
-    if builder == "internvl":
-        from ptp_ros.vlm.tiny_internvl import INTERNVL_SPECIAL_TOKENS as special
-        from ptp_ros.vlm.tiny_internvl import internvl_processor as make
-    else:
-        from ptp_ros.vlm.tiny_qwen2_5_vl import QWEN_SPECIAL_TOKENS as special
-        from ptp_ros.vlm.tiny_qwen2_5_vl import qwen2_5_vl_processor as make
+@pytest.mark.parametrize("family", [f for f in FAMILIES if ADAPTERS[f].processor_needing_shim is not None])
+def test_shimmed_processor_saves_loads_and_processes(tmp_path, family):
     from PIL import Image
 
-    from ptp_ros.vlm.tokenizer import build_word_tokenizer
-
-    built = make(build_word_tokenizer(extra_special=special))
+    _, _, built = FIXTURES[family].parts()
     built.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is type(built)

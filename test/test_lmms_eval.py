@@ -137,7 +137,7 @@ def plugin():
     ({"keep_ratio": 1.5}, "keep_ratio must be in (0, 1], got 1.5"),
     ({"keep_ratio": "half"}, "keep_ratio must be a number, got 'half'"),
     ({"keep_ratio": 0.5, "tokens": 64}, "give keep_ratio or tokens, not both"),
-    ({"tokens": 0}, "tokens must be >= 1, got 0"),
+    ({"tokens": 0}, "tokens must be a whole number >= 1, got 0"),
     ({"alpha": 2.0}, "alpha must be in [0, 1], got 2.0"),
     ({"alpha": 0.5, "selector": "divprune"}, "alpha is PTP's option; selector 'divprune' has none"),
     ({"prune_in_llm": "maybe"}, "prune_in_llm must be true or false, got 'maybe'"),

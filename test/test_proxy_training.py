@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptp_ros.proxy import make_questions, make_scene, proxy_words, split_seed
-from ptp_ros.vlm.tokenizer import BASE_WORDS
+from ptp_ros.testing import BASE_WORDS
 from ptp_ros_bench.proxy.attention_aux import COUNT_SHARE, RETRIEVAL_HEAD, AnswerAttentionTap, wanted_attention
 from ptp_ros_bench.proxy.data import answer_logits, encode_scene, kept_positions, pad_suffixes, prefix_embeddings
 from ptp_ros_bench.proxy.train import (

@@ -7,44 +7,16 @@ import dataclasses
 import cv2
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.vision_utils import get_vision_window_index
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.vlm.attention import ReceivedAttentionProbe
-from ptp_ros.vlm.loading import LoadOptions, load_adapter
 from ptp_ros.vlm.qwen2_5_vl import Qwen2_5_VLAdapter, max_pixels_for_tokens
 
+FAMILY = "qwen2_5_vl"  # conftest's model_dir / adapter / prepared / visual / eager_model: the tiny Qwen2.5-VL
 INSTRUCTION = "what colour is the circle?"
 TOTAL = 1222  # 1920×1080 at max_pixels 1280·28² → 52×94 patches → 26×47 tokens
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from ptp_ros.vlm.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
-
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
-def adapter(model_dir):
-    return load_adapter(model_dir, LoadOptions(device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def prepared(adapter, sample_image):
-    return adapter.prepare(sample_image, INSTRUCTION)
-
-
-@pytest.fixture(scope="module")
-def visual(adapter, prepared):
-    return adapter.encode(prepared)
-
-
-@pytest.fixture(scope="module")
-def eager_model(model_dir):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval()
 
 
 def test_loader_dispatches_and_reads_a_full_attention_block(adapter):
@@ -139,15 +111,6 @@ def test_instruction_attention_matches_eager_llm_with_mrope(adapter, prepared, v
     ref = attn[adapter.options.llm_layer][0].mean(0)[query_pos][:, image_pos]
     assert rows.shape == (len(query_pos), TOTAL)
     assert torch.allclose(rows, ref, atol=1e-5)
-
-
-def test_keep_all_is_stock_generate_even_after_a_pruned_run(adapter, prepared, visual):
-    reference = adapter.generate_reference(prepared, max_new_tokens=6)
-    adapter.generate(prepared, visual, torch.arange(0, TOTAL, 7), max_new_tokens=2)  # leaves rope_deltas behind
-    ours = adapter.generate(prepared, visual, None, max_new_tokens=6)
-    assert reference.new_tokens == 6
-    assert ours.token_ids == reference.token_ids and ours.prompt_tokens == reference.prompt_tokens
-    assert adapter.generate_reference(prepared, max_new_tokens=6).token_ids == reference.token_ids
 
 
 def test_pruned_run_keeps_original_mrope_positions(adapter, prepared, visual, monkeypatch):

@@ -37,12 +37,12 @@ from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerFast
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
+from ptp_ros.testing import BASE_WORDS
 from ptp_ros.vlm.compat import hide_video_processor
 from ptp_ros.vlm.internvl import InternVLAdapter
 from ptp_ros.vlm.llava_next import LlavaNextAdapter
 from ptp_ros.vlm.loading import unsupported_format
 from ptp_ros.vlm.qwen2_5_vl import Qwen2_5_VLAdapter
-from ptp_ros.vlm.tokenizer import BASE_WORDS
 from ptp_ros_bench.cost_model import CLIP_VIT_L_336, INTERNVIT_300M_448, MODELS
 
 FRAMES = {"1080p": (1080, 1920), "4K": (2160, 3840)}
@@ -465,8 +465,8 @@ def test_an_untied_lm_head_is_loaded_untied(tmp_path):
     A tied head would answer nonsense without an error, so it is checked through ``load_adapter``."""
     from safetensors.torch import load_file
 
+    from ptp_ros.testing.internvl import build_tiny_internvl
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
-    from ptp_ros.vlm.tiny_internvl import build_tiny_internvl
 
     path = build_tiny_internvl(tmp_path / "tiny-internvl")
     config = json.loads((path / "config.json").read_text())

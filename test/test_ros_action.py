@@ -154,7 +154,7 @@ def test_cancelling_a_running_goal_frees_the_worker_for_the_next(Ask, client, pr
 @pytest.mark.parametrize("request_id, goal, reason", [
     ("bad-empty", {"text": "   "}, "invalid instruction: instruction text is empty"),
     ("bad-ratio", {"text": "Is it red?", "keep_ratio": 1.5},
-     "invalid instruction: keep_ratio must be in (0.0, 1.0], got 1.5"),
+     "invalid instruction: keep_ratio must be in (0, 1], got 1.5"),
     ("bad-tokens", {"text": "Is it red?", "max_new_tokens": 5000}, "max_new_tokens must be in [1, 1024], got 5000"),
 ])
 def test_invalid_goals_are_rejected_with_the_reason_on_the_result_topic(Ask, client, probe, request_id, goal, reason):

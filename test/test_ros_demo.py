@@ -9,6 +9,8 @@ import pytest
 
 from ros_helpers import ros_env
 
+from ptp_ros.vlm.families import FAMILIES
+
 pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
 
@@ -16,18 +18,17 @@ def _tiny_checkpoint(family: str, root) -> list[str]:
     """``--model-path`` arguments for a tiny checkpoint of ``family`` (none: the built-in default)."""
     if family == "built-in":
         return []
-    if family == "internvl":
-        from ptp_ros.vlm.tiny_internvl import build_tiny_internvl
+    from ptp_ros.testing.common import FIXTURES
 
-        path = build_tiny_internvl(root / family, vision_layers=3, text_layers=3)
-    else:
-        from ptp_ros.vlm.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl
-
-        path = build_tiny_qwen2_5_vl(root / family)
-    return ["--model-path", str(path)]
+    fixture = FIXTURES[family]
+    return ["--model-path", str(fixture.build(root / family, **fixture.test_overrides))]
 
 
-@pytest.mark.parametrize("family", ["built-in", "internvl", "qwen2_5_vl"])
+#: The built-in model, then every other registered family (the built-in one is a trained LLaVA-NeXT).
+DEMO_MODELS = ["built-in", *(family for family in FAMILIES if family != "llava_next")]
+
+
+@pytest.mark.parametrize("family", DEMO_MODELS)
 def test_demo_runs_to_completion(tmp_path, family):
     """The same node serves every model family; only its ``model_path`` parameter changes."""
     env = ros_env(tmp_path / "ros_log")

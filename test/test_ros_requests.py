@@ -29,7 +29,7 @@ def test_json_with_every_field():
     ("[1, 2]", None, None),  # not JSON-looking: plain text
     ('{"id": "a", "text": "hi", "keep_raito": 0.5}', "unknown field(s) keep_raito", "a"),
     ('{"id": "b"}', "string field 'text'", "b"),
-    ('{"id": "c", "text": "hi", "keep_ratio": 0}', "keep_ratio must be in (0.0, 1.0]", "c"),
+    ('{"id": "c", "text": "hi", "keep_ratio": 0}', "keep_ratio must be in (0, 1]", "c"),
     ('{"id": "d", "text": "hi", "keep_ratio": 1.5}', "keep_ratio", "d"),
     ('{"id": "e", "text": "hi", "max_new_tokens": 2.5}', "integer", "e"),
     ('{"id": "f", "text": "hi", "max_new_tokens": true}', "integer", "f"),

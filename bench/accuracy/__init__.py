@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     model = Path(args.model) if args.model else default_model_path()
     adapter = load_adapter(model, LoadOptions(device=args.device or "cpu", dtype=args.dtype))
-    if args.sweep and not hasattr(adapter.options, "region_score"):
+    if args.sweep and not adapter.region_scores:
         ap.error(f"--sweep compares the region scores of tiled models; {adapter.name} has none")
     methods = (sweep_methods() if args.sweep else fusion_methods() if args.fusion_sweep
                else diversity_methods() if args.diversity_sweep else stage_methods() if args.stage_sweep

@@ -92,7 +92,7 @@ class DataEvaluator:
         self.adapter, self.methods, self.cache = adapter, methods, cache
         self.ratios = tuple(r for r in ratios if r < 1.0)
         self.max_new_tokens, self.rule, self.prompt = max_new_tokens, rule, prompt
-        self.downscales = hasattr(adapter, "downscaled")
+        self.downscales = adapter.supports_downscaling
         self._pipelines: dict[tuple, Pipeline] = {}
         self.answers: list[dict] = []
 

@@ -45,11 +45,9 @@ class Method:
 
     def pipeline_config(self, max_new_tokens: int) -> PipelineConfig:
         """The library configuration that runs this row (``ptp-eval --data`` answers through it)."""
-        ptp = self.selector == "ptp"
-        return PipelineConfig(selector=self.selector, ptp=PTPConfig(**self.options) if ptp else PTPConfig(),
-                              selector_options={} if ptp else dict(self.options), instruction_reduce=self.reduce,
-                              prune_in_llm=self.prune_in_llm, probe_candidates=self.probe_candidates,
-                              max_new_tokens=max_new_tokens)
+        return PipelineConfig.for_selector(self.selector, self.options, instruction_reduce=self.reduce,
+                                           prune_in_llm=self.prune_in_llm, probe_candidates=self.probe_candidates,
+                                           max_new_tokens=max_new_tokens)
 
     def key(self) -> tuple:
         """Identity of what is computed (two labels for one configuration are computed once)."""

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ptp_ros.pipeline import Pipeline, candidate_relevance
 from ptp_ros.proxy import Question, Scene
-from ptp_ros.pipeline import candidate_relevance
 from ptp_ros.pruning import NO_REGION, InLLMPruning, PTPConfig, instruction_relevance, resolve_budget
+from ptp_ros.vlm.attention import attention_rows, layer_inputs
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
 from ptp_ros.vlm.common import StockModelAdapter, placeholder_positions
-from ptp_ros.vlm.attention import attention_rows, layer_inputs
 from ptp_ros.vlm.in_llm import kept_prompt_mask
 
 from ..proxy.auxiliary import overlapping
@@ -62,7 +62,8 @@ class Evaluator:
         self.methods, self.ratios = methods, tuple(r for r in ratios if r < 1.0)
         self.base = adapter
         self._variants: dict[object, StockModelAdapter] = {adapter.options: adapter}
-        self.downscales = hasattr(adapter, "downscaled")
+        self._pipelines: dict[tuple, Pipeline] = {}
+        self.downscales = adapter.supports_downscaling
 
     def variant(self, changes: tuple = ()) -> StockModelAdapter:
         """The adapter with some options changed, over the same model, built once per distinct options."""
@@ -70,6 +71,12 @@ class Evaluator:
         if options not in self._variants:
             self._variants[options] = adapter_variant(self.base, changes)
         return self._variants[options]
+
+    def pipeline(self, m: Method) -> Pipeline:
+        """The library's pipeline for a method (its selection is the one ``Pipeline.answer`` makes), built once."""
+        if m.key() not in self._pipelines:
+            self._pipelines[m.key()] = Pipeline(self.variant(m.adapter), m.pipeline_config(max_new_tokens=1))
+        return self._pipelines[m.key()]
 
     def _vision(self, m: Method) -> tuple:
         """The option changes that matter to encoding (all but the LLM layer)."""
@@ -146,12 +153,11 @@ class Evaluator:
             for key, m in unique.items():
                 visual = visuals[self._vision(m)]
                 scores = dataclasses.replace(visual.scores, features=features)
-                content = max(1, min(budget, int(scores.region_sizes().sum())))
                 if key in plans:
                     pairs = [in_llm[qi][(key, ratio)] for qi in range(len(questions))]
                     computed[key] = ([k for k, _ in pairs], torch.stack([lg for _, lg in pairs]))
                 elif not m.needs_relevance:
-                    kept = m.bound()(scores, content).kept
+                    kept = self.pipeline(m).select(n, scores, budget).kept
                     computed[key] = ([kept] * len(questions), prefill([kept], suffixes))
                 else:
                     dependent.append((key, m))
@@ -166,8 +172,7 @@ class Evaluator:
                     else:
                         relevance = instruction_relevance(rows[(m.adapter, qi)], m.reduce)
                     scores = dataclasses.replace(visual.scores, features=features, relevance=relevance)
-                    content = max(1, min(budget, int(scores.region_sizes().sum())))
-                    kept_sets.append(m.bound()(scores, content).kept)
+                    kept_sets.append(self.pipeline(m).select(n, scores, budget).kept)
                 for group in _same_length(kept_sets):
                     logits = prefill([kept_sets[j] for j in group], [suffixes[qi]] * len(group))
                     for row, j in enumerate(group):
@@ -218,7 +223,7 @@ class Evaluator:
             for key, m, plan in entries:
                 visual = visuals[self._vision(m)]
                 scores = dataclasses.replace(visual.scores, features=features, relevance=relevance[key])
-                kept = m.bound()(scores, max(1, min(budget, int(scores.region_sizes().sum())))).kept
+                kept = self.pipeline(m).select(n, scores, budget).kept
                 batches[plan.prune_layer].append((key, kept))
             for layer, members in batches.items():
                 index = torch.stack([torch.nonzero(kept_prompt_mask(length, image_pos, kept)).squeeze(1)

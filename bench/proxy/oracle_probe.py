@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ptp_ros.proxy import COLOURS, proxy_words
+from ptp_ros.testing import BASE_WORDS
 from ptp_ros.vlm.llava_next import LlavaNextAdapter, LlavaNextOptions
-from ptp_ros.vlm.tokenizer import BASE_WORDS
 
 from .auxiliary import CLASSES
 from .train import LanguageStage, SceneLayout, SceneStream, build_model, shown_tokens

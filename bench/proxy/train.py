@@ -31,21 +31,18 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 from ptp_ros.proxy import COLOURS, SHAPES, make_questions, make_scene, proxy_words, split_seed
 from ptp_ros.proxy.scenes import PLURALS
 from ptp_ros.pruning import NO_REGION
+from ptp_ros.testing import BASE_WORDS
+from ptp_ros.testing.common import FIXTURES, random_model
 from ptp_ros.vlm.base import PreparedInput
-from ptp_ros.vlm.llava_next import LlavaNextAdapter
-from ptp_ros.vlm.qwen2_5_vl import Qwen2_5_VLAdapter, max_pixels_for_tokens, resolution_kwargs
-from ptp_ros.vlm.tiny import llava_next_processor, random_model, tiny_llava_next_config
-from ptp_ros.vlm.tiny_qwen2_5_vl import QWEN_SPECIAL_TOKENS, qwen2_5_vl_processor, tiny_qwen2_5_vl_config
-from ptp_ros.vlm.tokenizer import BASE_WORDS, build_word_tokenizer
+from ptp_ros.vlm.families import ADAPTERS
+from ptp_ros.vlm.qwen2_5_vl import max_pixels_for_tokens, resolution_kwargs
 
 from .attention_aux import AnswerAttentionTap, retrieval_loss, wanted_attention
 from .auxiliary import AuxiliaryHeads, auxiliary_loss, object_tokens, side_targets, tile_targets, token_targets
@@ -56,31 +53,27 @@ SUPERVISED_HEADS = 3  # retrieval heads supervised (colour/location, count, pres
 LOW_RES_TOKENS = (48, 64, 96, 128, 160, 192, 256, 384, 512, 640)
 
 
-def _llava_next(words: list[str], widths: dict):
-    tokenizer = build_word_tokenizer(words)
-    config = tiny_llava_next_config(len(tokenizer), tokenizer.image_token_id, **widths)
-    return LlavaNextForConditionalGeneration, config, llava_next_processor(tokenizer, config.image_grid_pinpoints)
-
-
-def _qwen2_5_vl(words: list[str], widths: dict):
-    tokenizer = build_word_tokenizer(words, extra_special=QWEN_SPECIAL_TOKENS)
-    config = tiny_qwen2_5_vl_config(tokenizer, vision_width=widths["vision_width"],
-                                    vision_depth=widths["vision_layers"], text_width=widths["text_width"],
-                                    text_layers=widths["text_layers"])
-    return Qwen2_5_VLForConditionalGeneration, config, qwen2_5_vl_processor(tokenizer)
-
-
 @dataclass(frozen=True)
 class Family:
-    """What training needs to know of a model family beyond the adapter."""
+    """What training needs to know of a model family beyond its adapter and its tiny fixture (both from
+    the shared registries: ``ptp_ros.vlm.families.ADAPTERS``, ``ptp_ros.testing.common.FIXTURES``)."""
 
-    configure: Callable  # (words, widths) -> (model class, config, processor)
-    adapter_class: type
+    model_type: str
     has_cls: bool  # [CLS] states for the [CLS] head (and a global view)
 
+    def configure(self, words: list[str], widths: dict) -> tuple:
+        """(model class, config, processor) at ``widths`` (vision_width, vision_layers, text_width, text_layers)."""
+        return FIXTURES[self.model_type].parts(words, **widths)
 
-FAMILIES = {"llava_next": Family(_llava_next, LlavaNextAdapter, True),
-            "qwen2_5_vl": Family(_qwen2_5_vl, Qwen2_5_VLAdapter, False)}
+    @property
+    def adapter_class(self) -> type:
+        return ADAPTERS[self.model_type]
+
+
+#: The families the proxy task trains (``FeatureLayerTap`` and ``features`` read LLaVA-NeXT's and Qwen2.5-VL's
+#: towers; another family joins with its own ``has_cls`` here once they read its tower too).
+FAMILIES = {family.model_type: family for family in (Family("llava_next", has_cls=True),
+                                                     Family("qwen2_5_vl", has_cls=False))}
 
 
 class SceneStream(IterableDataset):
@@ -275,7 +268,7 @@ def main(argv=None) -> None:
     widths = dict(vision_width=args.vision_width, vision_layers=args.vision_layers, text_width=args.text_width,
                   text_layers=args.text_layers)
     family = FAMILIES[args.family]
-    low_res = args.low_res if args.low_res is not None else 0.0 if family.has_cls else 0.3
+    low_res = args.low_res if args.low_res is not None else 0.3 if family.adapter_class.supports_downscaling else 0.0
     global_only = args.global_only if family.has_cls else 0.0
     model, processor = build_model(words, args.seed, widths, args.family)
     adapter = family.adapter_class(model, processor)

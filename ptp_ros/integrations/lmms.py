@@ -158,19 +158,19 @@ class PTPRos(lmms):
         super().__init__()
         if unknown:
             raise PTPRosError(f"unknown model_args {', '.join(sorted(unknown))}; known: {', '.join(KNOWN_ARGS)}")
-        from ptp_ros.pipeline import Pipeline, PipelineConfig
+        from ptp_ros.pipeline import InvalidRequest, Pipeline, PipelineConfig, budget_request
         from ptp_ros.pruning import PTPConfig, make_selector
         from ptp_ros.vlm.defaults import default_model_path
         from ptp_ros.vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 
         if keep_ratio is not None and tokens is not None:
             raise PTPRosError("give keep_ratio or tokens, not both")
-        self.keep_ratio = None if keep_ratio is None else _number("keep_ratio", keep_ratio)
-        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
-            raise PTPRosError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-        self.tokens = None if tokens is None else _positive_int("tokens", tokens)
-        if self.keep_ratio is None and self.tokens is None:
-            self.keep_ratio = 1.0
+        try:  # the library's own check of a budget (keep-all when neither is given)
+            self.keep_ratio, self.tokens = budget_request(
+                None if keep_ratio is None else _number("keep_ratio", keep_ratio),
+                None if tokens is None else _number("tokens", tokens))
+        except InvalidRequest as exc:
+            raise PTPRosError(str(exc)) from None
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.skip_unsupported = _flag("skip_unsupported", skip_unsupported)
         if str(batch_size).strip() not in ("1", "auto") and not str(batch_size).startswith("auto"):
@@ -270,7 +270,7 @@ class PTPRos(lmms):
             counts = PruningCounts(input_tokens=answer.prompt_tokens, output_tokens=answer.new_tokens,
                                    visual_tokens_kept=record["visual_tokens_kept"],
                                    visual_tokens_total=record["visual_tokens_total"],
-                                   keep_ratio=record["keep_ratio"], timings_ms=record["timings_ms"])
+                                   keep_ratio=record["keep_ratio"], timings_ms=record["latency_ms"])
             stats.append(record)
             self._write_stats({"task": task, "split": split, "doc_id": doc_id, "answer": text,
                                **{k: v for k, v in record.items() if k != "answer"}})

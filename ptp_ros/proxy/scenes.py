@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..testing import DEFAULT_PINPOINTS  # the pinpoints the tiny and proxy LLaVA-NeXT read
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings"}
 COLOURS = {"red": (220, 35, 35), "green": (35, 175, 45), "blue": (45, 80, 235), "yellow": (240, 215, 25),
@@ -36,7 +38,6 @@ ANSWER_WORDS = (*COLOURS, "yes", "no", *COUNT_WORDS, *SIDES)
 SCENE_SIZES = ((1008, 1344), (1344, 1008), (1344, 1344),  # 2×2 tiles
                (1008, 2016), (2016, 1008),  # 1×2, 2×1
                (672, 2016), (2016, 672))  # 1×3, 3×1
-DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 PATCH = 14  # CLIP-336/14: a tile is 24×24 patches of 14 px
 TILE_OBJECT_PX = (10.0, 12.5)  # object size in tile pixels: each object fills one patch, centred on it
 MAX_PER_SHAPE = 3

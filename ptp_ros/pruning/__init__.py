@@ -15,10 +15,21 @@ from .registry import (
     selector_spec,
     selector_specs,
 )
-from .types import NO_REGION, InLLMPruning, Selection, TokenScores, check_budget, resolve_budget
+from .types import (
+    KEEP_RATIO_RANGE,
+    NO_REGION,
+    InLLMPruning,
+    Selection,
+    TokenScores,
+    check_budget,
+    check_keep_ratio,
+    check_tokens,
+    resolve_budget,
+    selectable_budget,
+)
 
 __all__ = [
-    "NO_REGION", "InLLMPruning", "PTPConfig", "Selection", "BoundSelector", "SelectorSpec", "TokenScores",
-    "check_budget", "fused_scores", "instruction_relevance", "make_selector", "ptp_select", "region_quotas",
-    "region_shares", "register", "resolve_budget", "selector_names", "selector_spec", "selector_specs",
+    "KEEP_RATIO_RANGE", "NO_REGION", "InLLMPruning", "PTPConfig", "Selection", "BoundSelector", "SelectorSpec",
+    "TokenScores", "check_budget", "check_keep_ratio", "check_tokens", "fused_scores", "instruction_relevance", "make_selector", "ptp_select", "region_quotas",
+    "region_shares", "register", "resolve_budget", "selectable_budget", "selector_names", "selector_spec", "selector_specs",
 ]

@@ -231,6 +231,15 @@ def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()
                      method="ptp", extras={"within_region": "diverse" if diverse else "top_k"})
 
 
+def _ptp_options(config: PTPConfig | None = None, **fields) -> dict:
+    """PTP's configuration as a ``PTPConfig`` (``config=``, as the pipeline passes it) or as its fields."""
+    if config is None:
+        return {"config": PTPConfig(**fields)}
+    if fields or not isinstance(config, PTPConfig):
+        raise ValueError("ptp takes a PTPConfig as config= or its fields, not both")
+    return {"config": config}
+
+
 def _ptp_distances(options: dict) -> str | None:
     """The diverse pick's cosine distances: one matrix per region, or one over all tokens without region
     budgets; none for top-k or λ = 0."""
@@ -244,7 +253,7 @@ register(SelectorSpec(
     "ptp", ptp_select, label="ptp",
     description="Pyramid Token Pruning: region budgets by region saliency, then in each region the tokens best "
                 "by [CLS] saliency fused with instruction relevance (alpha), picked for diversity",
-    options=lambda **options: {"config": PTPConfig(**options)},
+    options=_ptp_options,
     needs_relevance=lambda options: options["config"].alpha > 0,
     needs_features=lambda options: options["config"].within_region == "diverse",
     relevance_in_llm=True, distances=_ptp_distances))

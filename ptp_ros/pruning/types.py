@@ -1,6 +1,7 @@
 """The data every selector reads and writes: plain tensors, no model or ROS types."""
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -114,17 +115,42 @@ class Selection:
         return m
 
 
+#: The one range of a keep ratio, wherever one enters (CLI, node parameters and requests, the library):
+#: above 0 (at least one token is kept anyway), at most 1 (everything).
+KEEP_RATIO_RANGE = "(0, 1]"
+
+
+def check_keep_ratio(keep_ratio: float, name: str = "keep_ratio") -> float:
+    """``keep_ratio`` as a float in ``KEEP_RATIO_RANGE``, or a ``ValueError`` naming ``name``: the one check every
+    entry point runs."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"{name} must be in {KEEP_RATIO_RANGE}, got {keep_ratio!r}")
+    return float(keep_ratio)
+
+
+def check_tokens(tokens: int, name: str = "tokens") -> int:
+    """``tokens`` as an int >= 1 (a whole number), or a ``ValueError`` naming ``name``."""
+    if (isinstance(tokens, bool) or not isinstance(tokens, numbers.Real) or not math.isfinite(tokens) or tokens < 1
+            or int(tokens) != tokens):
+        raise ValueError(f"{name} must be a whole number >= 1, got {tokens!r}")
+    return int(tokens)
+
+
 def resolve_budget(total: int, keep_ratio: float | None = None, tokens: int | None = None) -> int:
-    """Turn a budget given as a ratio in (0, 1] or as a token count into a token count in [1, total]."""
+    """Turn a budget given as a ratio in (0, 1] or as a token count into a token count in [1, total]: the one
+    ratio → tokens conversion (``selectable_budget`` caps it at the tokens a selector may pick)."""
     if (keep_ratio is None) == (tokens is None):
         raise ValueError("give exactly one of keep_ratio and tokens")
     if keep_ratio is not None:
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        return max(1, min(total, round(keep_ratio * total)))
-    if tokens < 1:
-        raise ValueError(f"tokens must be at least 1, got {tokens}")
-    return min(total, int(tokens))
+        return max(1, min(total, round(check_keep_ratio(keep_ratio) * total)))
+    return min(total, check_tokens(tokens))
+
+
+def selectable_budget(scores: TokenScores, keep_ratio: float | None = None, tokens: int | None = None) -> int:
+    """The budget a selector gets: ``resolve_budget`` over all the visual tokens, capped at the selectable ones
+    (structural tokens such as row newlines are never selected)."""
+    return min(resolve_budget(scores.num_tokens, keep_ratio=keep_ratio, tokens=tokens),
+               max(1, int(scores.region_sizes().sum())))
 
 
 def check_budget(scores: TokenScores, budget: int, minimum: int = 1) -> int:

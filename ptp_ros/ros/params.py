@@ -31,6 +31,8 @@ class Param:
         return d
 
 
+_DEFAULT = Settings()
+
 PARAMS: tuple[Param, ...] = (
     # read-only: fixed for the life of the node (model, device, wiring)
     Param("model_path", "", "Checkpoint directory or a repo id already in the local Hugging Face cache; "
@@ -58,18 +60,24 @@ PARAMS: tuple[Param, ...] = (
     Param("calibration_image", "", "Image used for calibration; empty = the bundled 1920x1080 sample scene",
           read_only=True),
     # runtime-settable: validated, a bad value is rejected with a reason and the old one kept
-    Param("mode", "budget", "budget: largest keep ratio predicted to fit latency_budget_ms; fixed: keep_ratio",
+    # (their defaults are Settings' own; a keep ratio must be in (0, 1]: the descriptor's inclusive range admits
+    # 0, which Settings.problems refuses with the library's check)
+    Param("mode", _DEFAULT.mode, "budget: largest keep ratio predicted to fit latency_budget_ms; fixed: keep_ratio",
           choices=MODES),
-    Param("latency_budget_ms", 2000.0, "Time allowed from instruction to answer (ms)", range=(1.0, 3_600_000.0)),
-    Param("keep_ratio", 0.25, "Fraction of visual tokens kept in fixed mode", range=(0.001, 1.0)),
-    Param("keep_ratio_min", 0.05, "Lowest keep ratio budget mode may choose", range=(0.001, 1.0)),
-    Param("keep_ratio_max", 1.0, "Highest keep ratio budget mode may choose", range=(0.001, 1.0)),
-    Param("alpha", 0.5, "Weight of instruction relevance in PTP's fused token score", range=(0.0, 1.0)),
-    Param("max_new_tokens", 32, "Longest answer in tokens", range=(1, MAX_NEW_TOKENS_LIMIT)),
-    Param("publish_saliency", True, "Publish the saliency image for every answer"),
-    Param("saliency_max_side", 1280, "Longer side of the published saliency image in pixels (smaller frames "
+    Param("latency_budget_ms", _DEFAULT.latency_budget_ms, "Time allowed from instruction to answer (ms)",
+          range=(1.0, 3_600_000.0)),
+    Param("keep_ratio", _DEFAULT.keep_ratio, "Fraction of visual tokens kept in fixed mode, in (0, 1]",
+          range=(0.0, 1.0)),
+    Param("keep_ratio_min", _DEFAULT.keep_ratio_min, "Lowest keep ratio budget mode may choose, in (0, 1]",
+          range=(0.0, 1.0)),
+    Param("keep_ratio_max", _DEFAULT.keep_ratio_max, "Highest keep ratio budget mode may choose, in (0, 1]",
+          range=(0.0, 1.0)),
+    Param("alpha", _DEFAULT.alpha, "Weight of instruction relevance in PTP's fused token score", range=(0.0, 1.0)),
+    Param("max_new_tokens", _DEFAULT.max_new_tokens, "Longest answer in tokens", range=(1, MAX_NEW_TOKENS_LIMIT)),
+    Param("publish_saliency", _DEFAULT.publish_saliency, "Publish the saliency image for every answer"),
+    Param("saliency_max_side", _DEFAULT.saliency_max_side, "Longer side of the published saliency image in pixels (smaller frames "
           "keep their size)", range=(64, 16_384)),
-    Param("max_frame_age_ms", 1000.0, "Frames older than this get a 'stale' result instead of an answer; "
+    Param("max_frame_age_ms", _DEFAULT.max_frame_age_ms, "Frames older than this get a 'stale' result instead of an answer; "
           "0 = never stale", range=(0.0, 3_600_000.0)),
 )
 BY_NAME = {p.name: p for p in PARAMS}

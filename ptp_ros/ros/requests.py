@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from itertools import accumulate
 
+from ..pruning import check_keep_ratio
+
 FIELDS = ("id", "text", "max_new_tokens", "latency_budget_ms", "keep_ratio")
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_JSON_DEPTH = 4  # every field is a scalar, so a valid request nests one level; deeper is refused unparsed
@@ -54,6 +56,15 @@ def _number(obj: dict, key: str, kind: type, lo: float, hi: float, lo_open: bool
     return kind(value)
 
 
+def _keep_ratio(obj: dict) -> float | None:
+    """The request's keep ratio, checked as the library checks every keep ratio."""
+    value = obj.get("keep_ratio")
+    try:
+        return None if value is None else check_keep_ratio(value)
+    except ValueError as exc:
+        raise RequestError(loggable(str(exc))) from None
+
+
 def message_limit(max_chars: int) -> int:
     """Longest instruction message read at all: room for the longest text, fully JSON-escaped, and the fields."""
     return 6 * max_chars + 1024
@@ -92,7 +103,7 @@ def parse_request(data: str, default_id: str, max_chars: int) -> Request:
             text=_check_text(text.strip(), max_chars),
             max_new_tokens=_number(obj, "max_new_tokens", int, 1, MAX_NEW_TOKENS_LIMIT),
             latency_budget_ms=_number(obj, "latency_budget_ms", float, 0.0, 3.6e6, lo_open=True),
-            keep_ratio=_number(obj, "keep_ratio", float, 0.0, 1.0, lo_open=True),
+            keep_ratio=_keep_ratio(obj),
         )
     except RequestError as exc:
         raise RequestError(str(exc), request_id) from None

@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..budget import BudgetChoice, LatencyModel, choose_keep_ratio
+from ..latency_budget import BudgetChoice, LatencyModel, choose_keep_ratio
 from ..overlay import saliency_image
 from ..pipeline import Answer, Cancelled, InvalidRequest, Pipeline, PipelineConfig
-from ..pruning import PTPConfig
+from ..pruning import PTPConfig, check_keep_ratio
 from .requests import Request, loggable
 
 MODES = ("budget", "fixed")
@@ -54,6 +54,11 @@ class Settings:
         out = []
         if self.mode not in MODES:
             out.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("keep_ratio", "keep_ratio_min", "keep_ratio_max"):
+            try:
+                check_keep_ratio(getattr(self, name), name)
+            except ValueError as exc:
+                out.append(str(exc))
         if self.keep_ratio_min > self.keep_ratio_max:
             out.append(f"keep_ratio_min {self.keep_ratio_min} exceeds keep_ratio_max {self.keep_ratio_max}")
         return out
@@ -365,13 +370,13 @@ class RequestWorker:
         converted = time.monotonic()
 
         max_new_tokens = request.max_new_tokens or settings.max_new_tokens
-        mode, keep_ratio, choice = self._choose(request, settings, budget_ms, max_new_tokens,
-                                                spent_ms=(converted - job.received) * 1e3)
+        mode, budget, choice = self._choose(request, settings, budget_ms, max_new_tokens,
+                                            spent_ms=(converted - job.received) * 1e3)
         result.update(mode=mode, latency_budget_ms=budget_ms, max_new_tokens=max_new_tokens)
         if choice is not None:
             result.update(predicted_ms=round(choice.predicted_ms, 3), budget_feasible=choice.feasible)
         try:
-            answer = self.pipeline(settings.alpha).answer(image, request.text, keep_ratio=keep_ratio,
+            answer = self.pipeline(settings.alpha).answer(image, request.text, **budget,
                                                           max_new_tokens=max_new_tokens, cancel=cancel)
         except Cancelled as exc:
             return self._fail(result, f"cancelled: {self._cancelled_why()} ({exc})", status="cancelled")
@@ -390,17 +395,19 @@ class RequestWorker:
         return self._cancel_reason if self._cancel.is_set() else CANCELLED_BY_CLIENT
 
     def _choose(self, request: Request, settings: Settings, budget_ms: float, max_new_tokens: int,
-                spent_ms: float) -> tuple[str, float, BudgetChoice | None]:
-        """(mode used, keep ratio, the budget choice when the budget decided).  A request's own keep_ratio wins; a
-        request's own latency budget asks for budget mode even when the node runs fixed."""
+                spent_ms: float) -> tuple[str, dict, BudgetChoice | None]:
+        """(mode used, the budget as ``Pipeline.answer``'s keep_ratio= or tokens=, the budget choice when the
+        latency budget decided).  A request's own keep_ratio wins; a request's own latency budget asks for budget
+        mode even when the node runs fixed.  Budget mode passes the token count it chose, so nothing is
+        rounded twice."""
         if request.keep_ratio is not None:
-            return "request", request.keep_ratio, None
+            return "request", {"keep_ratio": request.keep_ratio}, None
         budget_mode = settings.mode == "budget" or request.latency_budget_ms is not None
         if not budget_mode or not self.latency_model.ready or self.total_tokens is None:
-            return "fixed", settings.keep_ratio, None
+            return "fixed", {"keep_ratio": settings.keep_ratio}, None
         choice = choose_keep_ratio(self.latency_model, budget_ms - spent_ms, self.total_tokens, max_new_tokens,
                                    settings.keep_ratio_min, settings.keep_ratio_max)
-        return "budget", choice.keep_ratio, choice
+        return "budget", {"tokens": choice.tokens}, choice
 
     def learn(self, answer: Answer) -> None:
         self.total_tokens = answer.selection.total
@@ -411,12 +418,11 @@ class RequestWorker:
                  budget_ms: float) -> None:
         total_ms = (done - job.received) * 1e3
         queue_ms = (started - job.received) * 1e3
-        stages = {k: round(v, 3) for k, v in answer.timings_ms.items() if k != "total"}
+        view = answer.to_dict()  # the library's fields, under the library's names
+        stages = {k: v for k, v in view.pop("latency_ms").items() if k != "total"}
         latency = {"queue": round(queue_ms, 3), "convert": round((converted - started) * 1e3, 3),
                    **stages, "pipeline": round(answer.timings_ms["total"], 3), "total": round(total_ms, 3)}
-        result.update(status="ok", answer=answer.text, keep_ratio=round(answer.selection.keep_ratio, 6),
-                      visual_tokens_kept=answer.selection.num_kept, visual_tokens_total=answer.selection.total,
-                      new_tokens=answer.new_tokens, latency_ms=latency, budget_met=total_ms <= budget_ms)
+        result.update(status="ok", **view, latency_ms=latency, budget_met=total_ms <= budget_ms)
         self.counters.count("ok")
         self.counters.latency(total_ms, answer.selection.keep_ratio, queue_ms)
         self._emit(result, answer.text)

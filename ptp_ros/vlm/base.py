@@ -7,7 +7,6 @@ of ROS or of how tokens are chosen.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,6 +16,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from ..pruning import TokenScores
+from ..timing import now
 
 
 @dataclass
@@ -77,11 +77,19 @@ class StopOnEvent(StoppingCriteria):
 
 
 class VisionLanguageAdapter(Protocol):
-    """Encode → score → (select outside) → generate, for one model family."""
+    """Encode → score → (select outside) → generate, for one model family.
 
-    name: str
+    What a family can do beyond that is declared, not probed: ``supports_downscaling`` (``downscaled``
+    works: its processor reads any resolution) and ``region_scores`` (the ``region_score`` options it
+    offers; empty when its options have none).
+    """
+
+    name: str  # the config.json ``model_type`` it loads: its key in ``families.ADAPTERS``
+    supports_downscaling: bool
+    region_scores: tuple[str, ...]
     device: torch.device
     dtype: torch.dtype
+    options: Any  # the family's frozen options dataclass
 
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput: ...
 
@@ -104,21 +112,24 @@ class VisionLanguageAdapter(Protocol):
         """Stock ``generate(**inputs)``, no pruning: the baseline the pruned path must match at keep-all."""
         ...
 
+    def downscaled(self, tokens: int, image_size: tuple[int, int] | None = None) -> VisionLanguageAdapter:
+        """The same model reading the image at a resolution of at most ``tokens`` visual tokens (fitted to
+        ``image_size`` when given): the baseline pruning must beat.  Only where ``supports_downscaling``."""
+        ...
+
 
 class StageClock(BaseStreamer):
     """A ``generate`` streamer that timestamps the end of prefill (first new token) and of decoding."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.start = time.perf_counter()
+        self.start = now(device)
         self.first_token: float | None = None
         self.end_time: float | None = None
         self._calls = 0
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return now(self.device)
 
     def put(self, value) -> None:
         self._calls += 1

@@ -1,14 +1,17 @@
-"""Pieces every adapter shares: prompt building, placeholder pruning, timed ``generate``, layer choice and
-the region logits of tiled models with a global view.
+"""Pieces every adapter shares: prompt building, placeholder pruning, timed ``generate``, layer choice, the
+``encode`` tail (``StockModelAdapter.visual_tokens``), the pruned ``generate`` path and the region logits of
+tiled models with a global view (``TiledClsAdapter``).
 
 They live here so that a model family's file holds only what is particular to that family (how its
-tokens are laid out, where its saliency comes from).
+tokens are laid out, where its saliency comes from); docs/models.md, "Adding a model family", walks
+through what that is.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -16,6 +19,7 @@ from PIL import Image
 from transformers import AutoProcessor, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..pruning import TokenScores
 from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_logits
 from .attention import text_to_token_attention
 from .base import Cancelled, Generation, PreparedInput, StageClock, StopOnEvent, VisualTokens
@@ -82,6 +86,22 @@ def instruction_query_positions(input_ids: torch.Tensor, image_token_id: int) ->
     return query_pos
 
 
+def raster_grid(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) [rows·cols] long of every cell of a rows×cols grid, in raster (row-major) order."""
+    return torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)
+
+
+def grid_names(kind: str, rows: int, cols: int) -> list[str]:
+    """Region names of a rows×cols grid in raster order: ``"<kind> r<row> c<col>"``."""
+    return [f"{kind} r{r} c{c}" for r in range(rows) for c in range(cols)]
+
+
+def normalised_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel boxes [.., 4] (x0, y0, x1, y1) of an image of (height, width) → fractions of its sides."""
+    height, width = image_size
+    return boxes / torch.tensor([width, height, width, height], dtype=boxes.dtype)
+
+
 def timed_generate(model, tokenizer, device: torch.device, max_new_tokens: int,
                    cancel: threading.Event | None = None, **inputs) -> Generation:
     """Greedy stock ``model.generate(**inputs)`` with prefill / decode timed by a ``StageClock``; setting
@@ -142,14 +162,24 @@ class StockModelAdapter:
     """Loading, instruction relevance and pruned generation as every family over a stock
     ``*ForConditionalGeneration`` with ``mm_encoder_outputs`` does them.
 
-    A family sets ``model_class``/``options_class`` (and ``processor_needing_shim`` when its processor
-    cannot be built without torchvision), implements ``prepare``/``encode`` and says how its
-    ``pooler_output`` is shaped (``pooler_output``); one with 3-D positions overrides ``rope_positions``.
+    A family sets ``name`` (its ``model_type``), ``model_class``/``options_class`` (and
+    ``processor_needing_shim`` when its processor cannot be built without torchvision), declares its
+    capabilities (``supports_downscaling``, ``region_scores``), implements ``prepare``/``encode`` (ending in
+    ``visual_tokens``) and says how its ``pooler_output`` is shaped (``pooler_output``).  One whose LLM
+    reads other positions than 0..L-1 overrides ``rope_positions`` (and ``generation_positions``,
+    ``reset_generation_state`` where ``generate`` needs them); the pruned and the reference ``generate``
+    are then this class's.
     """
 
-    model_class: type
-    options_class: type
-    processor_needing_shim: type | None = None
+    name: ClassVar[str]
+    model_class: ClassVar[type]
+    options_class: ClassVar[type]
+    processor_needing_shim: ClassVar[type | None] = None
+    #: ``downscaled`` works: the processor reads the image at any resolution (the baseline pruning must beat)
+    supports_downscaling: ClassVar[bool] = False
+    #: the ``region_score`` options the family's options offer (empty: it has no such option)
+    region_scores: ClassVar[tuple[str, ...]] = ()
+    vision_layer: int  # the vision layer saliency is read from (set by the family's ``__init__``)
 
     def __init__(self, model, processor, options) -> None:
         self.model = model.eval()
@@ -174,9 +204,36 @@ class StockModelAdapter:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         return cls(model.to(device), processor, cls.options_class(**options))
 
+    def downscaled(self, tokens: int, image_size: tuple[int, int] | None = None) -> StockModelAdapter:
+        raise NotImplementedError(f"{self.name} reads images at the resolutions its processor fixes: "
+                                  "no down-scaling baseline (supports_downscaling is False)")
+
     def rope_positions(self, prepared: PreparedInput) -> torch.Tensor | None:
         """Position ids of the full prompt for the LLM; ``None``: its default 0..L-1."""
         return None
+
+    def generation_positions(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The ``position_ids`` ``generate`` gets for the (pruned) prompt ``input_ids`` whose tokens keep
+        their ``rope_positions`` columns ``positions``; by default those positions themselves."""
+        return positions
+
+    def reset_generation_state(self) -> None:
+        """Drop what an earlier ``generate`` left in the model that would shift the next one (none by default)."""
+
+    def visual_tokens(self, prepared: PreparedInput, features: torch.Tensor, *, region: torch.Tensor,
+                      saliency: torch.Tensor, region_saliency: torch.Tensor, global_region: int | None,
+                      token_boxes: torch.Tensor, region_boxes: torch.Tensor, region_names: list[str],
+                      **extras) -> VisualTokens:
+        """The end of every ``encode``: the family's token layout (``region`` [N] per token, bottom-up
+        ``saliency`` [N], ``region_saliency`` logits [R], boxes, names) checked against the ``features``
+        [N, D] the model produced, as ``VisualTokens`` (``extras`` plus the ``vision_layer``)."""
+        if region.shape[0] != features.shape[0]:
+            raise RuntimeError(f"token layout ({region.shape[0]}) and features ({features.shape[0]}) disagree")
+        scores = TokenScores(region=region.long(), saliency=saliency.float(), region_saliency=region_saliency.float(),
+                             global_region=global_region)
+        return VisualTokens(features=features, scores=scores, token_boxes=token_boxes, region_boxes=region_boxes,
+                            region_names=region_names, image_size=prepared.image_size,
+                            extras={**extras, "vision_layer": self.vision_layer})
 
     def pooler_output(self, features: torch.Tensor):
         """``features`` [N, D] in the container the model's ``mm_encoder_outputs`` expects."""
@@ -205,14 +262,21 @@ class StockModelAdapter:
     def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
                  max_new_tokens: int, cancel: threading.Event | None = None,
                  in_llm: tuple[InLLMPruning, Chooser] | None = None) -> Generation:
+        """Stock ``generate`` over the prompt without the pruned placeholders, fed the kept ``features``
+        through ``mm_encoder_outputs`` (and, where ``rope_positions`` gives them, the kept tokens' original
+        positions); keep-all runs the same path, with every placeholder."""
         ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
+        positions = self.rope_positions(prepared)
         features = visual.features
         if kept is not None and kept.numel() < visual.num_tokens:
             keep = kept_sequence_mask(ids, self.image_token_id, kept)
             ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
+            positions = None if positions is None else positions[..., keep]
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=self.pooler_output(features))}
+        extra = {} if positions is None else {"position_ids": self.generation_positions(ids, positions)}
+        self.reset_generation_state()
         return self.run_generate(max_new_tokens, cancel, in_llm, input_ids=ids, attention_mask=mask,
-                                 mm_encoder_outputs=encoded)
+                                 mm_encoder_outputs=encoded, **extra)
 
     def run_generate(self, max_new_tokens: int, cancel: threading.Event | None,
                      in_llm: tuple[InLLMPruning, Chooser] | None, **inputs) -> Generation:
@@ -232,4 +296,40 @@ class StockModelAdapter:
 
     @torch.no_grad()
     def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
+        self.reset_generation_state()
         return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, **prepared.inputs)
+
+
+class TiledClsAdapter(StockModelAdapter):
+    """A tiled model whose vision tower has a [CLS] token and whose global view shows the whole image
+    (LLaVA-NeXT, InternVL): ``TiledModelOptions``, regions weighed by ``tile_region_logits``.
+
+    ``vision_layers`` are the tower's layers, ``attention`` the name of the attention module in each;
+    ``tile_px``/``patch_px`` the tile and patch sizes.
+    """
+
+    options_class = TiledModelOptions
+    region_scores = TILE_REGION_SCORES
+
+    def __init__(self, model, processor, options: TiledModelOptions, *, vision_layers, attention: str,
+                 tile_px: int, patch_px: int):
+        super().__init__(model, processor, options)
+        self.vision_layer = vision_layer_index(options.vision_layer, len(vision_layers),
+                                               model.config.vision_feature_layer)
+        self._vision_attention = getattr(vision_layers[self.vision_layer], attention)
+        self._tile_px = int(tile_px)
+        self._patches_per_side = self._tile_px // int(patch_px)
+
+    def patch_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, col) [side²] float of a tile's patches, in the tower's (raster) order."""
+        rows, cols = raster_grid(self._patches_per_side, self._patches_per_side)
+        return rows.float(), cols.float()
+
+    def tile_logits(self, cls_attention: torch.Tensor, cls_states: torch.Tensor, tile_boxes: torch.Tensor,
+                    image_size: tuple[int, int], tiles, glob: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-tile logits, global-view logit) by the ``region_score`` option, from the [CLS] attention
+        [views, side²] and [CLS] states of the encoded views (``tiles``: the tiles' rows, ``glob``: the
+        global view's) and the tiles' pixel boxes [T, 4]."""
+        side = self._patches_per_side
+        return tile_region_logits(self.options.region_score, cls_attention[glob].view(side, side),
+                                  normalised_boxes(tile_boxes, image_size), cls_states[tiles], cls_states[glob])

@@ -6,7 +6,9 @@ about coloured shapes in cluttered scenes (see ``ptp_ros.proxy``); on other imag
 nothing, but its whole path (anyres tiles, [CLS] and instruction saliency, pruned generation) is real.
 
 ``tiny_model_path`` builds the untrained tiny LLaVA-NeXT into the user's cache instead: deterministic,
-~2 MB, for tests that need a model but no trained behaviour.
+~2 MB, for tests that need a model but no trained behaviour.  It is the test fixture of
+``ptp_ros.testing.llava_next``: this module is the one place the library depends on ``ptp_ros.testing``
+(which ships with the package), and only when the package lacks its proxy checkpoint.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def tiny_model_path() -> Path:
     target = cache_dir() / TINY_NAME
     if (target / "config.json").is_file():
         return target
-    from .tiny import build_tiny_llava_next
+    from ..testing.llava_next import build_tiny_llava_next
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=TINY_NAME + ".", dir=target.parent))

@@ -14,40 +14,29 @@ stock ``generate(mm_encoder_outputs=...)``.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from transformers import InternVLForConditionalGeneration, InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from ..pruning import TokenScores
 from .attention import ClsAttentionProbe
 from .base import PreparedInput, VisualTokens
-from .common import (
-    StockModelAdapter,
-    TiledModelOptions,
-    prepare_image_prompt,
-    tile_region_logits,
-    vision_layer_index,
-)
+from .common import TiledClsAdapter, TiledModelOptions, grid_names, prepare_image_prompt
+from .families import register_adapter
 
 InternVLOptions = TiledModelOptions
 
 
-class InternVLAdapter(StockModelAdapter):
+@register_adapter
+class InternVLAdapter(TiledClsAdapter):
     name = "internvl"
     model_class = InternVLForConditionalGeneration
-    options_class = InternVLOptions
     processor_needing_shim = InternVLProcessor
 
     def __init__(self, model: InternVLForConditionalGeneration, processor, options: InternVLOptions = InternVLOptions()):
-        super().__init__(model, processor, options)
-        config = model.config
-        layers = model.model.vision_tower.encoder.layer
-        self.vision_layer = vision_layer_index(options.vision_layer, len(layers), config.vision_feature_layer)
-        self._vision_attention = layers[self.vision_layer].attention
-        self._tile_px = int(config.vision_config.image_size[0])
-        self._patches_per_side = self._tile_px // int(config.vision_config.patch_size[0])
+        vision = model.config.vision_config
+        super().__init__(model, processor, options, vision_layers=model.model.vision_tower.encoder.layer,
+                         attention="attention", tile_px=vision.image_size[0], patch_px=vision.patch_size[0])
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
@@ -69,27 +58,19 @@ class InternVLAdapter(StockModelAdapter):
             raise RuntimeError(f"{cls_attention.shape[0]} tiles encoded, the {rows}×{cols} canvas implies "
                                f"{num_grid + int(num_grid > 1)}")
         saliency, token_rc = self.pooled_patch_scores(cls_attention)  # [tiles, 256], [tiles, 256, 2]
-        if saliency.numel() != features.shape[0]:
-            raise RuntimeError(f"token layout ({saliency.numel()}) and features ({features.shape[0]}) disagree")
-        num_regions = cls_attention.shape[0]
-        region = torch.arange(num_regions).repeat_interleave(saliency.shape[1])
+        region = torch.arange(cls_attention.shape[0]).repeat_interleave(saliency.shape[1])
         token_boxes, region_boxes = self._boxes(token_rc, (rows, cols), prepared.image_size)
         if has_thumbnail:
-            height, width = prepared.image_size
-            side = self._patches_per_side
-            norm = region_boxes[:num_grid] / torch.tensor([width, height, width, height], dtype=region_boxes.dtype)
-            states = probe.cls_query_states().cpu()
-            tiles, glob = tile_region_logits(self.options.region_score, cls_attention[num_grid].view(side, side),
-                                             norm, states[:num_grid], states[num_grid])
-            logits = torch.cat([tiles, glob.reshape(1)]).float()
+            tiles, glob = self.tile_logits(cls_attention, probe.cls_query_states().cpu(), region_boxes[:num_grid],
+                                           prepared.image_size, slice(0, num_grid), num_grid)
+            logits = torch.cat([tiles, glob.reshape(1)])
         else:
             logits = torch.zeros(1)
-        scores = TokenScores(region=region, saliency=saliency.reshape(-1).float(), region_saliency=logits,
-                             global_region=num_grid if has_thumbnail else None)
-        names = [f"tile r{t // cols} c{t % cols}" for t in range(num_grid)] + (["thumbnail"] if has_thumbnail else [])
-        return VisualTokens(features=features, scores=scores, token_boxes=token_boxes, region_boxes=region_boxes,
-                            region_names=names, image_size=prepared.image_size,
-                            extras={"grid": (rows, cols), "vision_layer": self.vision_layer})
+        names = grid_names("tile", rows, cols) + (["thumbnail"] if has_thumbnail else [])
+        return self.visual_tokens(prepared, features, region=region, saliency=saliency.reshape(-1),
+                                  region_saliency=logits, global_region=num_grid if has_thumbnail else None,
+                                  token_boxes=token_boxes, region_boxes=region_boxes, region_names=names,
+                                  grid=(rows, cols))
 
     def tile_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(rows, cols) of the processor's tile canvas for an image of (height, width)."""
@@ -103,8 +84,7 @@ class InternVLAdapter(StockModelAdapter):
         grid [tiles, tokens, 2]), grouped by the model's own ``pixel_shuffle``."""
         tiles = patch_scores.shape[0]
         side = self._patches_per_side
-        rows = torch.arange(side).repeat_interleave(side).float()
-        cols = torch.arange(side).repeat(side).float()
+        rows, cols = self.patch_grid()
         channels = torch.stack([patch_scores.float(), rows[None].expand(tiles, -1), cols[None].expand(tiles, -1)],
                                dim=-1).view(tiles, side, side, 3)
         shuffled = self.model.model.pixel_shuffle(channels, scale_factor=self.model.config.downsample_ratio)

@@ -13,18 +13,18 @@ import torch
 from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-from ..pruning import NO_REGION, TokenScores
+from ..pruning import NO_REGION
 from .attention import ClsAttentionProbe
 from .base import PreparedInput, VisualTokens
 from .common import TILE_REGION_SCORES as REGION_SCORES  # noqa: F401  (kept importable from here)
 from .common import (
-    StockModelAdapter,
+    TiledClsAdapter,
     TiledModelOptions,
+    grid_names,
     paper_vision_layer,  # noqa: F401  (kept importable from here)
     prepare_image_prompt,
-    tile_region_logits,
-    vision_layer_index,
 )
+from .families import register_adapter
 
 _FALLBACK_PROMPT = "USER: <image>\n{instruction} ASSISTANT:"
 
@@ -32,19 +32,15 @@ _FALLBACK_PROMPT = "USER: <image>\n{instruction} ASSISTANT:"
 LlavaNextOptions = TiledModelOptions
 
 
-class LlavaNextAdapter(StockModelAdapter):
+@register_adapter
+class LlavaNextAdapter(TiledClsAdapter):
     name = "llava_next"
     model_class = LlavaNextForConditionalGeneration
-    options_class = LlavaNextOptions
 
     def __init__(self, model: LlavaNextForConditionalGeneration, processor, options: LlavaNextOptions = LlavaNextOptions()):
-        super().__init__(model, processor, options)
-        config = model.config
-        layers = model.model.vision_tower.encoder.layers
-        self.vision_layer = vision_layer_index(options.vision_layer, len(layers), config.vision_feature_layer)
-        self._vision_attention = layers[self.vision_layer].self_attn
-        self._tile_px = config.vision_config.image_size
-        self._patches_per_side = config.vision_config.image_size // config.vision_config.patch_size
+        vision = model.config.vision_config
+        super().__init__(model, processor, options, vision_layers=model.model.vision_tower.encoder.layers,
+                         attention="self_attn", tile_px=vision.image_size, patch_px=vision.patch_size)
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
@@ -61,17 +57,14 @@ class LlavaNextAdapter(StockModelAdapter):
         features = out.pooler_output[0]
         cls_attention = probe.cls_attention().cpu()  # [tiles, 576], tile 0 = global view
         layout = self._packed_layout(cls_attention, inputs["image_sizes"][0].cpu())
-        if layout.shape[0] != features.shape[0]:
-            raise RuntimeError(f"token layout ({layout.shape[0]}) and features ({features.shape[0]}) disagree")
-        region = layout[:, 0].long()
         grid = self._grid_shape(inputs["image_sizes"][0])
         token_boxes, region_boxes = self._boxes(layout, grid, prepared.image_size)
-        logits = self._region_logits(cls_attention, probe.cls_query_states().cpu(), region_boxes, prepared.image_size)
-        scores = TokenScores(region=region, saliency=layout[:, 3].float(), region_saliency=logits, global_region=0)
-        names = ["global view"] + [f"tile r{t // grid[1]} c{t % grid[1]}" for t in range(grid[0] * grid[1])]
-        return VisualTokens(features=features, scores=scores, token_boxes=token_boxes, region_boxes=region_boxes,
-                            region_names=names, image_size=prepared.image_size,
-                            extras={"grid": grid, "vision_layer": self.vision_layer})
+        tiles, global_logit = self.tile_logits(cls_attention, probe.cls_query_states().cpu(), region_boxes[1:],
+                                               prepared.image_size, slice(1, None), 0)
+        return self.visual_tokens(prepared, features, region=layout[:, 0], saliency=layout[:, 3],
+                                  region_saliency=torch.cat([global_logit.reshape(1), tiles]), global_region=0,
+                                  token_boxes=token_boxes, region_boxes=region_boxes,
+                                  region_names=["global view", *grid_names("tile", *grid)], grid=grid)
 
     def _grid_shape(self, image_size: torch.Tensor) -> tuple[int, int]:
         rows, cols = get_anyres_image_grid_shape(image_size.tolist(), self.model.config.image_grid_pinpoints,
@@ -85,9 +78,7 @@ class LlavaNextAdapter(StockModelAdapter):
         placement are exactly the model's.
         """
         tiles, patches = cls_attention.shape
-        side = self._patches_per_side
-        rows = torch.arange(side).repeat_interleave(side).float()
-        cols = torch.arange(side).repeat(side).float()
+        rows, cols = self.patch_grid()
         channels = torch.stack([
             torch.arange(tiles).float()[:, None].expand(tiles, patches),
             rows[None].expand(tiles, patches), cols[None].expand(tiles, patches), cls_attention.float()], dim=-1)
@@ -125,14 +116,6 @@ class LlavaNextAdapter(StockModelAdapter):
         region_boxes = torch.cat([torch.tensor([[0.0, 0.0, width, height]]),
                                   to_image(tx, ty, tx + tile_px, ty + tile_px)])
         return boxes, region_boxes
-
-    def _region_logits(self, cls_attention, cls_states, region_boxes, image_size) -> torch.Tensor:
-        side = self._patches_per_side
-        height, width = image_size
-        norm = region_boxes[1:] / torch.tensor([width, height, width, height], dtype=region_boxes.dtype)
-        tiles, global_logit = tile_region_logits(self.options.region_score, cls_attention[0].view(side, side), norm,
-                                                 cls_states[1:], cls_states[0])
-        return torch.cat([global_logit.reshape(1), tiles]).float()
 
     def pooler_output(self, features: torch.Tensor) -> list[torch.Tensor]:
         return [features]  # one packed tensor per image

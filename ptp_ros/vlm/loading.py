@@ -16,6 +16,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from .families import ADAPTERS, FAMILIES
+
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json")
@@ -98,7 +100,7 @@ def checkpoint_family(path: Path) -> str:
 
 
 #: The model families an adapter handles (config.json ``model_type``), in the order messages name them.
-SUPPORTED_FAMILIES = ("llava_next", "internvl", "qwen2_5_vl")
+SUPPORTED_FAMILIES = FAMILIES
 
 _LLAVA_NEXT_HF = ("llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf or "
                   "llava-hf/llava-v1.6-mistral-7b-hf")
@@ -245,10 +247,6 @@ def weights_misfit(loading_info: dict) -> str | None:
 
 def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptions(), **adapter_config):
     """The adapter for the checkpoint's model family, loaded on the chosen device and dtype."""
-    from .internvl import InternVLAdapter
-    from .llava_next import LlavaNextAdapter
-    from .qwen2_5_vl import Qwen2_5_VLAdapter
-
     path = resolve_checkpoint(path_or_id)
     config = _read_json(path / "config.json")
     if reason := unsupported_format(path, config):
@@ -256,8 +254,7 @@ def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptio
     check_weight_files(path)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    adapters = dict(zip(SUPPORTED_FAMILIES, (LlavaNextAdapter, InternVLAdapter, Qwen2_5_VLAdapter)))
-    adapter_class = adapters[config["model_type"]]
+    adapter_class = ADAPTERS[config["model_type"]]
     adapter_class.options_class(**adapter_config)  # a bad option is the caller's TypeError/ValueError, not a load fault
     try:
         return adapter_class.from_checkpoint(path, device, dtype, **adapter_config)

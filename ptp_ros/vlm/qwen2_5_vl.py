@@ -16,29 +16,19 @@ Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_f
 from __future__ import annotations
 
 import dataclasses
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from ..pruning import TokenScores
 from ..pruning.region_saliency import mass_logits
 from .attention import ReceivedAttentionProbe
-from .base import Generation, PreparedInput, VisualTokens
-from .common import (
-    Chooser,
-    InLLMPruning,
-    StockModelAdapter,
-    kept_sequence_mask,
-    paper_vision_layer,
-    prepare_image_prompt,
-    timed_generate,
-)
+from .base import PreparedInput, VisualTokens
+from .common import StockModelAdapter, grid_names, paper_vision_layer, prepare_image_prompt, raster_grid
+from .families import register_adapter
 
 _FALLBACK_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>{instruction}"
 
@@ -94,11 +84,13 @@ class Qwen2_5_VLOptions:
         object.__setattr__(self, "region_grid", tuple(int(v) for v in self.region_grid))
 
 
+@register_adapter
 class Qwen2_5_VLAdapter(StockModelAdapter):
     name = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
     options_class = Qwen2_5_VLOptions
     processor_needing_shim = Qwen2_5_VLProcessor
+    supports_downscaling = True
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor,
                  options: Qwen2_5_VLOptions = Qwen2_5_VLOptions()):
@@ -147,19 +139,16 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
                                                       image_grid_thw=grid_thw, return_dict=True)
         features = out.pooler_output[0]  # [N, D], raster order over the merged grid
         saliency = self.token_saliency(probe.received().cpu(), grid_thw.cpu())
-        if saliency.shape[0] != features.shape[0]:
-            raise RuntimeError(f"token layout ({saliency.shape[0]}) and features ({features.shape[0]}) disagree")
         rows, cols = self.token_grid(grid_thw)
         region, names, region_rc = self._regions(rows, cols)
         token_boxes = self._token_boxes(rows, cols, prepared.image_size)
         region_boxes = torch.stack([torch.cat([token_boxes[region == r, :2].amin(0), token_boxes[region == r, 2:].amax(0)])
                                     for r in range(len(names))])
         mass = torch.zeros(len(names), dtype=torch.float64).index_add_(0, region, saliency.double())
-        scores = TokenScores(region=region, saliency=saliency.float(), region_saliency=mass_logits(mass).float(),
-                             global_region=None)
-        return VisualTokens(features=features, scores=scores, token_boxes=token_boxes, region_boxes=region_boxes,
-                            region_names=names, image_size=prepared.image_size,
-                            extras={"grid": region_rc, "token_grid": (rows, cols), "vision_layer": self.vision_layer})
+        return self.visual_tokens(prepared, features, region=region, saliency=saliency,
+                                  region_saliency=mass_logits(mass), global_region=None, token_boxes=token_boxes,
+                                  region_boxes=region_boxes, region_names=names, grid=region_rc,
+                                  token_grid=(rows, cols))
 
     def token_grid(self, grid_thw: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the merged token grid of the one image in ``grid_thw`` [1, 3]."""
@@ -180,18 +169,16 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
     def _regions(self, rows: int, cols: int) -> tuple[torch.Tensor, list[str], tuple[int, int]]:
         """Region of every token for the fixed grid (capped at the token grid, so none is empty)."""
         grid_r, grid_c = min(self.options.region_grid[0], rows), min(self.options.region_grid[1], cols)
-        r = torch.arange(rows).repeat_interleave(cols) * grid_r // rows
-        c = torch.arange(cols).repeat(rows) * grid_c // cols
-        names = [f"cell r{i} c{j}" for i in range(grid_r) for j in range(grid_c)]
-        return r * grid_c + c, names, (grid_r, grid_c)
+        r, c = raster_grid(rows, cols)
+        region = (r * grid_r // rows) * grid_c + c * grid_c // cols
+        return region, grid_names("cell", grid_r, grid_c), (grid_r, grid_c)
 
     @staticmethod
     def _token_boxes(rows: int, cols: int, image_size: tuple[int, int]) -> torch.Tensor:
         """The processor resizes the whole image to the patch canvas, so token (r, c) covers the same
         fraction of the original image."""
         height, width = image_size
-        r = torch.arange(rows).repeat_interleave(cols).float()
-        c = torch.arange(cols).repeat(rows).float()
+        r, c = (v.float() for v in raster_grid(rows, cols))
         return torch.stack([c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows], -1)
 
     # -- 2. top-down relevance -----------------------------------------------------------------------
@@ -203,26 +190,14 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
                                                        attention_mask=inputs["attention_mask"])
         return positions
 
-    # -- 3. pruned generation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int, cancel: threading.Event | None = None,
-                 in_llm: tuple[InLLMPruning, Chooser] | None = None) -> Generation:
-        """Always through explicit positions, so keep-all exercises the same path as a pruned run."""
-        ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]
-        positions = self.rope_positions(prepared)
-        features = visual.features
-        if kept is not None and kept.numel() < visual.num_tokens:
-            keep = kept_sequence_mask(ids, self.image_token_id, kept)
-            ids, mask, positions = ids[:, keep], mask[:, keep], positions[:, :, keep]
-            features = features[kept.to(features.device)]
-        text_positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)  # for the causal mask only
-        self.model.model.rope_deltas = None  # stale deltas of an earlier prompt would shift decoding
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
-        return self.run_generate(max_new_tokens, cancel, in_llm, input_ids=ids, attention_mask=mask,
-                                 mm_encoder_outputs=encoded, position_ids=torch.cat([text_positions, positions], dim=0))
+    # -- 3. pruned generation (StockModelAdapter.generate, always through explicit positions) -------------
+    def generation_positions(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[4, 1, L']: a text row 0..L'-1 (for the causal mask only) over the kept tokens' original M-RoPE rows."""
+        text_positions = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
+        return torch.cat([text_positions, positions], dim=0)
 
-    @torch.no_grad()
-    def generate_reference(self, prepared: PreparedInput, max_new_tokens: int) -> Generation:
-        self.model.model.rope_deltas = None
-        return timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, **prepared.inputs)
+    def reset_generation_state(self) -> None:
+        self.model.model.rope_deltas = None  # stale deltas of an earlier prompt would shift decoding
+
+    def pooler_output(self, features: torch.Tensor) -> tuple[torch.Tensor]:
+        return (features,)

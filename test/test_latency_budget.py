@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ptp_ros.budget import LatencyModel, choose_keep_ratio, fit_line
+from ptp_ros.latency_budget import LatencyModel, choose_keep_ratio, fit_line
 from ros_helpers import SlowAdapter
 
 N = 2000

@@ -6,17 +6,9 @@ from collections.abc import Iterable, Mapping
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+from . import BASE_WORDS, SPECIAL_TOKENS
 
-#: Words every built-in tokenizer knows: the chat template and a small everyday vocabulary.
-BASE_WORDS = (
-    "user assistant : ? . , ! ' - a an the is are was what which where how many any there this that of in on "
-    "at to and or no yes not it its do does see can you me my i object objects thing things colour color shape "
-    "size count left right top bottom middle center centre up down near far front behind big small large tiny "
-    "red green blue yellow orange purple white black gray grey pink brown cyan circle square triangle star "
-    "cross ring box cup bottle door person robot table chair floor wall zero one two three four five six seven "
-    "eight nine ten pick place move go stop look find describe image picture scene camera"
-).split()
+__all__ = ["BASE_WORDS", "SPECIAL_TOKENS", "build_word_tokenizer"]
 
 
 def build_word_tokenizer(words: Iterable[str] = BASE_WORDS, model_max_length: int = 8192,

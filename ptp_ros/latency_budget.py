@@ -63,9 +63,6 @@ class LatencyModel:
         self._fits: dict[tuple[str, bool], tuple[float, float]] = {}
         self._sigma = 0.0
 
-    def __len__(self) -> int:
-        return len(self._observations)
-
     @property
     def ready(self) -> bool:
         return len(self._observations) > 0
