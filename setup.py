@@ -1,4 +1,5 @@
 """ptp_ros: an ament_python ROS 2 package that is also a pip-installable library."""
+
 from glob import glob
 
 from setuptools import find_packages, setup
@@ -54,14 +55,30 @@ setup(
         "bench": ["matplotlib>=3.7", "psutil>=5.9"],
         # what lmms-eval 0.7.3's CLI imports on the `--model ptp_ros` path; lmms-eval itself goes in with --no-deps
         # (its declared deps would replace torch): bash bench/lmms/install.sh installs both
-        "eval": ["accelerate>=0.29.1", "datasets>=2.19", "evaluate>=0.4", "loguru>=0.7", "sacrebleu>=1.5",
-                 "tenacity>=8.3", "pytz", "pytablewriter>=1.2",
-                 "filelock>=3.16,<4"],  # lmms-eval patches filelock._api.FileLockMeta, gone in filelock 4
+        "eval": [
+            "accelerate>=0.29.1",
+            "datasets>=2.19",
+            "evaluate>=0.4",
+            "loguru>=0.7",
+            "sacrebleu>=1.5",
+            "tenacity>=8.3",
+            "pytz",
+            "pytablewriter>=1.2",
+            "filelock>=3.16,<4",
+        ],  # lmms-eval patches filelock._api.FileLockMeta, gone in filelock 4
         "test": ["pytest>=8"],  # colcon test runs pytest because of this entry
         # colcon builds and tests both packages as on a robot (CI, test/test_colcon.py); colcon-core wants setuptools<80
-        "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "psutil>=5.9",
-                "colcon-core>=0.17", "colcon-ros>=0.5", "colcon-bash>=0.5", "colcon-package-selection>=0.2",
-                "colcon-test-result>=0.3"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "matplotlib>=3.7",
+            "psutil>=5.9",
+            "colcon-core>=0.17",
+            "colcon-ros>=0.5",
+            "colcon-bash>=0.5",
+            "colcon-package-selection>=0.2",
+            "colcon-test-result>=0.3",
+        ],
     },
     zip_safe=False,
     maintainer="ptp_ros developers",

@@ -6,6 +6,7 @@
 
 Writes ``results.json`` (every raw figure, machine, versions), ``README.md`` (tables, targets) and PNG plots.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,15 +22,16 @@ import torch
 from PIL import Image
 
 from .cost_model import MODELS, cost_table, llm_dims_from_config
-
 from .machine import describe, load_snapshot
 from .measure import DEFAULT_SELECTORS, measure
 from .models import MEASURABLE, TINY_MODELS, load_model
 from .report import add_flops, markdown, plots, summarize, targets, upgrade_run
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "ptp_ros" / "data" / "sample_scene.jpg"
-INSTRUCTION = ("what is on the table to the left of the robot ? describe the colour , shape and size of every "
-               "object you can see in the scene , and count the objects near the door .")
+INSTRUCTION = (
+    "what is on the table to the left of the robot ? describe the colour , shape and size of every "
+    "object you can see in the scene , and count the objects near the door ."
+)
 KEEP_RATIOS = [1.0, 0.5, 0.25, 0.111, 0.056]
 QUICK_KEEP_RATIOS = [1.0, 0.25, 0.111]
 ANALYTIC_MODELS = ("llava-next-7b", "llava-next-13b", "cpu-proxy", "internvl2-8b")
@@ -38,29 +40,48 @@ ANALYTIC_MODELS = ("llava-next-7b", "llava-next-13b", "cpu-proxy", "internvl2-8b
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptp-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="folder for results.json, README.md and the plots")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny model, 2 repetitions, 3 ratios, 4 new tokens: checks the benchmark")
-    p.add_argument("--model", default=None,
-                   help=f"a tiny checkpoint ({', '.join(TINY_MODELS)}: 'tiny' is LLaVA-NeXT's), one of "
-                        f"{', '.join(MEASURABLE)} (random weights, real size) or a checkpoint directory "
-                        "(default: cpu-proxy; tiny with --quick)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny model, 2 repetitions, 3 ratios, 4 new tokens: checks the benchmark"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"a tiny checkpoint ({', '.join(TINY_MODELS)}: 'tiny' is LLaVA-NeXT's), one of "
+        f"{', '.join(MEASURABLE)} (random weights, real size) or a checkpoint directory "
+        "(default: cpu-proxy; tiny with --quick)",
+    )
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda for the 7B/13B sizes, else cpu)")
     p.add_argument("--repetitions", type=int, default=None, help="runs per cell (default 3; 2 with --quick)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens, fixed (default 8; 4 --quick)")
-    p.add_argument("--keep-ratios", default=None, help=f"comma-separated (default {KEEP_RATIOS}; "
-                   f"{QUICK_KEEP_RATIOS} with --quick)")
-    p.add_argument("--selectors", default=",".join(s.name for s in DEFAULT_SELECTORS), metavar="ROW,...",
-                   help="comma-separated rows, of (default: all) PTP three ways, every other registered selector "
-                        f"and the oracle: {', '.join(s.name for s in DEFAULT_SELECTORS)}")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice). On a CPU shared with other busy processes "
-                        "1 thread avoids the stalls of threads waiting for each other, which hit short prompts most")
+    p.add_argument(
+        "--keep-ratios", default=None, help=f"comma-separated (default {KEEP_RATIOS}; {QUICK_KEEP_RATIOS} with --quick)"
+    )
+    p.add_argument(
+        "--selectors",
+        default=",".join(s.name for s in DEFAULT_SELECTORS),
+        metavar="ROW,...",
+        help="comma-separated rows, of (default: all) PTP three ways, every other registered selector "
+        f"and the oracle: {', '.join(s.name for s in DEFAULT_SELECTORS)}",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice). On a CPU shared with other busy processes "
+        "1 thread avoids the stalls of threads waiting for each other, which hit short prompts most",
+    )
     p.add_argument("--image", type=Path, default=SAMPLE_IMAGE)
     p.add_argument("--instruction", default=INSTRUCTION)
-    p.add_argument("--report-only", action="store_true",
-                   help="measure nothing: rebuild README.md and the plots from OUT/results.json")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the runs of other models/devices already in OUT/results.json (e.g. add a GPU run)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rebuild README.md and the plots from OUT/results.json",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs of other models/devices already in OUT/results.json (e.g. add a GPU run)",
+    )
     return p
 
 
@@ -68,13 +89,18 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     model = args.model or ("tiny" if args.quick else "cpu-proxy")
     device = torch.device(args.device or ("cuda" if model in ("llava-next-7b", "llava-next-13b") else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"ptp-bench: {model} on {device} needs a GPU and none is available here "
-                         "(the 7B size needs ~27 GB in fp32 and bf16/fp16 are slow on CPUs)")
+        raise SystemExit(
+            f"ptp-bench: {model} on {device} needs a GPU and none is available here "
+            "(the 7B size needs ~27 GB in fp32 and bf16/fp16 are slow on CPUs)"
+        )
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     repetitions = args.repetitions or (2 if args.quick else 3)
     max_new_tokens = args.max_new_tokens or (4 if args.quick else 8)
-    ratios = [float(r) for r in args.keep_ratios.split(",")] if args.keep_ratios else \
-        (QUICK_KEEP_RATIOS if args.quick else KEEP_RATIOS)
+    ratios = (
+        [float(r) for r in args.keep_ratios.split(",")]
+        if args.keep_ratios
+        else (QUICK_KEEP_RATIOS if args.quick else KEEP_RATIOS)
+    )
     by_name = {s.name: s for s in DEFAULT_SELECTORS}
     unknown = [n for n in args.selectors.split(",") if n not in by_name]
     if unknown:
@@ -103,17 +129,29 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     wall_s = time.perf_counter() - start
     unpruned = next(r for r in records if r["selector"] == "unpruned")
     return {
-        "model": model if model in TINY_MODELS or model in MODELS else Path(model).name, "machine": describe(device), "build_s": build_s, "wall_s": wall_s,
-        "settings": {"dtype": str(dtype).removeprefix("torch."), "image": args.image.name, "tiles": tiles,
-                     "visual_tokens": unpruned["visual_tokens"],
-                     "text_tokens": unpruned["prompt_tokens"] - unpruned["visual_tokens"],
-                     "instruction": args.instruction, "keep_ratios": ratios, "repetitions": repetitions,
-                     "max_new_tokens": max_new_tokens, "selectors": [dict(s.__dict__) for s in selectors],
-                     "llm_layers": text_config.num_hidden_layers, "quick": args.quick,
-                     # for the total-FLOPs column (bench/cost_model.py): the LLM's dims, the relevance layer,
-                     # the instruction rows that rank
-                     "llm": llm_dims_from_config(text_config), "llm_layer": adapter.options.llm_layer,
-                     "query_tokens": query_tokens},
+        "model": model if model in TINY_MODELS or model in MODELS else Path(model).name,
+        "machine": describe(device),
+        "build_s": build_s,
+        "wall_s": wall_s,
+        "settings": {
+            "dtype": str(dtype).removeprefix("torch."),
+            "image": args.image.name,
+            "tiles": tiles,
+            "visual_tokens": unpruned["visual_tokens"],
+            "text_tokens": unpruned["prompt_tokens"] - unpruned["visual_tokens"],
+            "instruction": args.instruction,
+            "keep_ratios": ratios,
+            "repetitions": repetitions,
+            "max_new_tokens": max_new_tokens,
+            "selectors": [dict(s.__dict__) for s in selectors],
+            "llm_layers": text_config.num_hidden_layers,
+            "quick": args.quick,
+            # for the total-FLOPs column (bench/cost_model.py): the LLM's dims, the relevance layer,
+            # the instruction rows that rank
+            "llm": llm_dims_from_config(text_config),
+            "llm_layer": adapter.options.llm_layer,
+            "query_tokens": query_tokens,
+        },
         "load": {"before": before, "after": load_snapshot()},
         "records": records,
     }

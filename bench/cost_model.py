@@ -20,47 +20,104 @@ in-LLM plan, so the cost tables, ``ptp-bench`` and ``ptp-eval`` cannot disagree 
 Models are data (``MODELS``): adding a family is one more entry.  ``architecture`` says which ones
 bench/models.py can also build with random weights for timing (LLaVA-NeXT); the others are analytic only.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 #: CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-NeXT (24 layers, all run; 577 tokens a tile).
-CLIP_VIT_L_336 = {"layers": 24, "hidden": 1024, "ffn": 4096, "heads": 16, "kv_heads": 16, "gated_mlp": False,
-                  "image_size": 336, "patch_size": 14, "cls_tokens": 1}
+CLIP_VIT_L_336 = {
+    "layers": 24,
+    "hidden": 1024,
+    "ffn": 4096,
+    "heads": 16,
+    "kv_heads": 16,
+    "gated_mlp": False,
+    "image_size": 336,
+    "patch_size": 14,
+    "cls_tokens": 1,
+}
 
 #: InternViT-300M at 448 px, InternVL2's tower: 1025 tokens a tile, 2×2 pixel-shuffle → 256 LLM tokens.
-INTERNVIT_300M_448 = {"layers": 24, "hidden": 1024, "ffn": 4096, "heads": 16, "kv_heads": 16, "gated_mlp": False,
-                      "image_size": 448, "patch_size": 14, "cls_tokens": 1, "merge": 2}
+INTERNVIT_300M_448 = {
+    "layers": 24,
+    "hidden": 1024,
+    "ffn": 4096,
+    "heads": 16,
+    "kv_heads": 16,
+    "gated_mlp": False,
+    "image_size": 448,
+    "patch_size": 14,
+    "cls_tokens": 1,
+    "merge": 2,
+}
 
 #: Published dimensions.  ``llm.family`` tells bench/models.py which transformers config to build.
 MODELS: dict[str, dict] = {
     "llava-next-7b": {  # llava-hf/llava-v1.6-vicuna-7b-hf: Vicuna-7B (Llama-2 7B)
         "architecture": "llava_next",
         "vision": CLIP_VIT_L_336,
-        "llm": {"family": "llama", "layers": 32, "hidden": 4096, "ffn": 11008, "heads": 32, "kv_heads": 32,
-                "vocab": 32000, "gated_mlp": True, "tie_embeddings": False},
+        "llm": {
+            "family": "llama",
+            "layers": 32,
+            "hidden": 4096,
+            "ffn": 11008,
+            "heads": 32,
+            "kv_heads": 32,
+            "vocab": 32000,
+            "gated_mlp": True,
+            "tie_embeddings": False,
+        },
         "max_visual_tokens": 2880,  # 5 tiles × 576, the count the published tables use
     },
     "llava-next-13b": {  # llava-hf/llava-v1.6-vicuna-13b-hf: Vicuna-13B (Llama-2 13B)
         "architecture": "llava_next",
         "vision": CLIP_VIT_L_336,
-        "llm": {"family": "llama", "layers": 40, "hidden": 5120, "ffn": 13824, "heads": 40, "kv_heads": 40,
-                "vocab": 32000, "gated_mlp": True, "tie_embeddings": False},
+        "llm": {
+            "family": "llama",
+            "layers": 40,
+            "hidden": 5120,
+            "ffn": 13824,
+            "heads": 40,
+            "kv_heads": 40,
+            "vocab": 32000,
+            "gated_mlp": True,
+            "tie_embeddings": False,
+        },
         "max_visual_tokens": 2880,
     },
     "cpu-proxy": {  # the real-size CPU proxy: CLIP ViT-L/14-336 + an LM with Qwen2-0.5B dimensions
         "architecture": "llava_next",
         "vision": CLIP_VIT_L_336,
-        "llm": {"family": "qwen2", "layers": 24, "hidden": 896, "ffn": 4864, "heads": 14, "kv_heads": 2,
-                "vocab": 151936, "gated_mlp": True, "tie_embeddings": False, "rope_theta": 1e6},
+        "llm": {
+            "family": "qwen2",
+            "layers": 24,
+            "hidden": 896,
+            "ffn": 4864,
+            "heads": 14,
+            "kv_heads": 2,
+            "vocab": 151936,
+            "gated_mlp": True,
+            "tie_embeddings": False,
+            "rope_theta": 1e6,
+        },
         "max_visual_tokens": 2880,
     },
     "internvl2-8b": {  # OpenGVLab/InternVL2-8B: InternViT-300M-448px + InternLM2.5-7B-chat (analytic only)
         "architecture": "internvl",
         "vision": INTERNVIT_300M_448,
-        "llm": {"family": "internlm2", "layers": 32, "hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8,
-                "vocab": 92553, "gated_mlp": True, "tie_embeddings": False},
+        "llm": {
+            "family": "internlm2",
+            "layers": 32,
+            "hidden": 4096,
+            "ffn": 14336,
+            "heads": 32,
+            "kv_heads": 8,
+            "vocab": 92553,
+            "gated_mlp": True,
+            "tie_embeddings": False,
+        },
         "max_visual_tokens": 3328,  # 12 tiles + the thumbnail, 256 tokens each
     },
 }
@@ -188,8 +245,13 @@ class Passes:
 UNSCORED = frozenset({"unpruned", "oracle", "max_pixels", "downscaled", "all tokens", "global view only"})
 
 
-def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: bool | None = None,
-               llm_layer: int = 2, probe_candidates: float = 0.0) -> Passes:
+def passes_for(
+    selector: str | None,
+    options: dict | None = None,
+    prune_in_llm: bool | None = None,
+    llm_layer: int = 2,
+    probe_candidates: float = 0.0,
+) -> Passes:
     """The passes of selector ``selector`` with ``options`` (``PipelineConfig.prune_in_llm``; ``llm_layer``:
     the adapter's relevance layer, default 2), read from the library's selector registry: ``make_selector``
     says whether it needs relevance and which feature distances it computes, ``ptp_ros.pipeline.in_llm_plan``
@@ -205,11 +267,13 @@ def passes_for(selector: str | None, options: dict | None = None, prune_in_llm: 
     bound = make_selector(selector, **dict(options or {}))
     plan = in_llm_plan(bound, prune_in_llm, llm_layer)
     if plan is not None:
-        return Passes(score_layer=plan.score_layer, prune_layer=plan.prune_layer, queries=plan.queries,
-                      diversity=bound.distances)
+        return Passes(
+            score_layer=plan.score_layer, prune_layer=plan.prune_layer, queries=plan.queries, diversity=bound.distances
+        )
     probe = llm_layer if bound.needs_relevance else None
-    return Passes(probe_layer=probe, diversity=bound.distances,
-                  probe_candidates=probe_candidates if probe is not None else 0.0)
+    return Passes(
+        probe_layer=probe, diversity=bound.distances, probe_candidates=probe_candidates if probe is not None else 0.0
+    )
 
 
 def passes_for_method(method, llm_layer: int = 2) -> Passes:
@@ -217,12 +281,24 @@ def passes_for_method(method, llm_layer: int = 2) -> Passes:
     optionally ``prune_in_llm`` and ``adapter`` option changes): its own ``llm_layer`` change wins over the
     adapter's default ``llm_layer``."""
     layer = dict(getattr(method, "adapter", ()) or ()).get("llm_layer", llm_layer)
-    return passes_for(method.selector, getattr(method, "options", None), getattr(method, "prune_in_llm", None),
-                      layer, getattr(method, "probe_candidates", 0.0))
+    return passes_for(
+        method.selector,
+        getattr(method, "options", None),
+        getattr(method, "prune_in_llm", None),
+        layer,
+        getattr(method, "probe_candidates", 0.0),
+    )
 
 
-def prefill_breakdown(model: dict, text_tokens: int, visual_tokens: int, kept: int, passes: Passes = Passes(),
-                      query_tokens: int | None = None, regions: int = 1) -> dict[str, float]:
+def prefill_breakdown(
+    model: dict,
+    text_tokens: int,
+    visual_tokens: int,
+    kept: int,
+    passes: Passes = Passes(),
+    query_tokens: int | None = None,
+    regions: int = 1,
+) -> dict[str, float]:
     """A request's total LLM prefill FLOPs by part: ``prefill`` (every decoder layer at the length it runs
     at, LM head for the last token), ``scoring`` (the relevance probe or the in-LLM attention rows),
     ``selection`` (matmuls on the projected features, counted beside the LLM) and ``total``.
@@ -248,25 +324,36 @@ def prefill_breakdown(model: dict, text_tokens: int, visual_tokens: int, kept: i
     else:
         out["prefill"] = layers * _llm_layer(m, pruned) + head
         if passes.probe_layer is not None:
-            probed = (text_tokens + min(visual_tokens, math.ceil(passes.probe_candidates * kept))
-                      if passes.probe_candidates else full)
+            probed = (
+                text_tokens + min(visual_tokens, math.ceil(passes.probe_candidates * kept))
+                if passes.probe_candidates
+                else full
+            )
             out["scoring"] = relevance_flops(m, probed, passes.probe_layer, rows)
     if passes.diversity is not None:
         groups = max(1, regions) if passes.diversity == "per_region" else 1
-        out["selection"] = 2 * visual_tokens ** 2 * m["hidden"] / groups  # N×N cosine distances over D
+        out["selection"] = 2 * visual_tokens**2 * m["hidden"] / groups  # N×N cosine distances over D
     out["total"] = out["prefill"] + out["scoring"] + out["selection"]
     return out
 
 
-def total_prefill_flops(model: dict, text_tokens: int, visual_tokens: int, kept: int, passes: Passes = Passes(),
-                        query_tokens: int | None = None, regions: int = 1) -> float:
+def total_prefill_flops(
+    model: dict,
+    text_tokens: int,
+    visual_tokens: int,
+    kept: int,
+    passes: Passes = Passes(),
+    query_tokens: int | None = None,
+    regions: int = 1,
+) -> float:
     """Total LLM prefill FLOPs of one request, every scoring pass and the selection included
     (``prefill_breakdown``'s ``total``)."""
     return prefill_breakdown(model, text_tokens, visual_tokens, kept, passes, query_tokens, regions)["total"]
 
 
-def kv_cache_bytes(model: dict, prompt_tokens: int, pruned_tokens: int, prune_layer: int | None = None,
-                   bytes_per_value: int = 2) -> float:
+def kv_cache_bytes(
+    model: dict, prompt_tokens: int, pruned_tokens: int, prune_layer: int | None = None, bytes_per_value: int = 2
+) -> float:
     """The KV cache after a prefill: ``pruned_tokens`` a layer, except in-LLM pruning's layers below
     ``prune_layer``, which keep all ``prompt_tokens``."""
     m = _llm(model)
@@ -279,6 +366,7 @@ def llm_dims_from_config(config) -> dict:
     """The ``llm`` dict of a transformers config (a multimodal one's ``text_config``), or of the same as a
     plain dict (config.json): hidden_size, num_hidden_layers, intermediate_size, num_attention_heads,
     num_key_value_heads, vocab_size.  The adapters' LMs (Llama, Qwen2, Qwen2.5-VL's) have gated MLPs."""
+
     def get(key, default=None):
         return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
@@ -286,9 +374,17 @@ def llm_dims_from_config(config) -> dict:
     if text is not None:
         return llm_dims_from_config(text)
     heads = get("num_attention_heads")
-    return {"family": get("model_type"), "layers": get("num_hidden_layers"), "hidden": get("hidden_size"),
-            "ffn": get("intermediate_size"), "heads": heads, "kv_heads": get("num_key_value_heads") or heads,
-            "vocab": get("vocab_size"), "gated_mlp": True, "tie_embeddings": bool(get("tie_word_embeddings", False))}
+    return {
+        "family": get("model_type"),
+        "layers": get("num_hidden_layers"),
+        "hidden": get("hidden_size"),
+        "ffn": get("intermediate_size"),
+        "heads": heads,
+        "kv_heads": get("num_key_value_heads") or heads,
+        "vocab": get("vocab_size"),
+        "gated_mlp": True,
+        "tie_embeddings": bool(get("tie_word_embeddings", False)),
+    }
 
 
 def llm_dims_from_model_path(path) -> dict:
@@ -302,27 +398,43 @@ def llm_dims_from_model_path(path) -> dict:
 #: The methods of the analytic tables, by what they run: (key, description, selector, options, prune_in_llm).
 ANALYTIC_METHODS = (
     ("unpruned", "unpruned (all tokens)", "unpruned", {}, False),
-    ("no_instruction", "pre-LLM, no instruction (uniform_cls, hired, globalcom2, random, ptp α=0)", "uniform_cls",
-     {}, False),
-    ("ptp", "ptp before the LLM (instruction probe at layer 2, then the pruned prefill; text_attention alike)",
-     "ptp", {}, False),
+    (
+        "no_instruction",
+        "pre-LLM, no instruction (uniform_cls, hired, globalcom2, random, ptp α=0)",
+        "uniform_cls",
+        {},
+        False,
+    ),
+    (
+        "ptp",
+        "ptp before the LLM (instruction probe at layer 2, then the pruned prefill; text_attention alike)",
+        "ptp",
+        {},
+        False,
+    ),
     ("ptp_in_llm", "ptp in-LLM, the library's default (ranked at layer 2, dropped from layer 2)", "ptp", {}, True),
     ("fastv", "fastv in-LLM (K=2: last token's attention at layer 1, dropped from layer 2)", "fastv", {}, False),
     ("divprune", "divprune (pre-LLM, N×N cosine distances on the projected features)", "divprune", {}, False),
 )
 
 
-def method_totals(model: dict, text_tokens: int, visual_tokens: int, kept: int, llm_layer: int = 2,
-                  regions: int = 1) -> dict[str, dict]:
+def method_totals(
+    model: dict, text_tokens: int, visual_tokens: int, kept: int, llm_layer: int = 2, regions: int = 1
+) -> dict[str, dict]:
     """``ANALYTIC_METHODS``' total prefill FLOPs (TFLOPs, and ratio to unpruned) at one kept count."""
     base = total_prefill_flops(model, text_tokens, visual_tokens, visual_tokens)
     out = {}
     for key, _, selector, options, in_llm in ANALYTIC_METHODS:
         passes = passes_for(selector, options, in_llm, llm_layer)
-        parts = prefill_breakdown(model, text_tokens, visual_tokens, visual_tokens if key == "unpruned" else kept,
-                                  passes, regions=regions)
-        out[key] = {"total_tflops": parts["total"] / 1e12, "ratio": parts["total"] / base,
-                    "scoring_tflops": parts["scoring"] / 1e12, "selection_tflops": parts["selection"] / 1e12}
+        parts = prefill_breakdown(
+            model, text_tokens, visual_tokens, visual_tokens if key == "unpruned" else kept, passes, regions=regions
+        )
+        out[key] = {
+            "total_tflops": parts["total"] / 1e12,
+            "ratio": parts["total"] / base,
+            "scoring_tflops": parts["scoring"] / 1e12,
+            "selection_tflops": parts["selection"] / 1e12,
+        }
     return out
 
 
@@ -334,9 +446,14 @@ def tiles_for(model: dict, visual_tokens_unpruned: int) -> int:
 
 def costs(model: dict, visual_tokens: int, text_tokens: int, tiles: int, bytes_per_value: int = 2) -> Costs:
     n = visual_tokens + text_tokens
-    return Costs(visual_tokens=visual_tokens, text_tokens=text_tokens, vision_flops=vision_flops(model, tiles),
-                 prefill_flops=prefill_flops(model, n), kv_cache_bytes=n * kv_bytes_per_token(model, bytes_per_value),
-                 decode_flops_per_token=decode_flops_per_token(model, n))
+    return Costs(
+        visual_tokens=visual_tokens,
+        text_tokens=text_tokens,
+        vision_flops=vision_flops(model, tiles),
+        prefill_flops=prefill_flops(model, n),
+        kv_cache_bytes=n * kv_bytes_per_token(model, bytes_per_value),
+        decode_flops_per_token=decode_flops_per_token(model, n),
+    )
 
 
 def kept_tokens(total: int, keep_ratio: float) -> int:
@@ -344,8 +461,13 @@ def kept_tokens(total: int, keep_ratio: float) -> int:
     return max(1, min(total, round(keep_ratio * total)))
 
 
-def cost_table(name: str, keep_ratios: list[float], text_tokens: int = 60, visual_tokens: int | None = None,
-               bytes_per_value: int = 2) -> list[dict]:
+def cost_table(
+    name: str,
+    keep_ratios: list[float],
+    text_tokens: int = 60,
+    visual_tokens: int | None = None,
+    bytes_per_value: int = 2,
+) -> list[dict]:
     """One row per keep ratio: absolute costs and ratios to the unpruned request, and under ``totals`` each
     of ``ANALYTIC_METHODS``' total LLM prefill FLOPs (scoring passes included) and its ratio to unpruned."""
     model = MODELS[name]
@@ -355,14 +477,22 @@ def cost_table(name: str, keep_ratios: list[float], text_tokens: int = 60, visua
     rows = []
     for r in keep_ratios:
         c = costs(model, kept_tokens(total, r), text_tokens, tiles, bytes_per_value)
-        rows.append({
-            "model": name, "keep_ratio": r, "visual_tokens": c.visual_tokens, "text_tokens": text_tokens,
-            "tiles": tiles, "vision_tflops": c.vision_flops / 1e12, "prefill_tflops": c.prefill_flops / 1e12,
-            "prefill_ratio": c.prefill_flops / base.prefill_flops,
-            "vision_plus_prefill_ratio": c.total_prefill_flops / base.total_prefill_flops,
-            "kv_cache_mib": c.kv_cache_bytes / 2**20, "decode_gflops_per_token": c.decode_flops_per_token / 1e9,
-            "relevance_tflops_layer2": relevance_flops(model, total + text_tokens, 2, text_tokens) / 1e12,
-            # per method: total LLM prefill FLOPs, scoring passes and selection included (ANALYTIC_METHODS)
-            "totals": method_totals(model, text_tokens, total, c.visual_tokens, regions=tiles),
-        })
+        rows.append(
+            {
+                "model": name,
+                "keep_ratio": r,
+                "visual_tokens": c.visual_tokens,
+                "text_tokens": text_tokens,
+                "tiles": tiles,
+                "vision_tflops": c.vision_flops / 1e12,
+                "prefill_tflops": c.prefill_flops / 1e12,
+                "prefill_ratio": c.prefill_flops / base.prefill_flops,
+                "vision_plus_prefill_ratio": c.total_prefill_flops / base.total_prefill_flops,
+                "kv_cache_mib": c.kv_cache_bytes / 2**20,
+                "decode_gflops_per_token": c.decode_flops_per_token / 1e9,
+                "relevance_tflops_layer2": relevance_flops(model, total + text_tokens, 2, text_tokens) / 1e12,
+                # per method: total LLM prefill FLOPs, scoring passes and selection included (ANALYTIC_METHODS)
+                "totals": method_totals(model, text_tokens, total, c.visual_tokens, regions=tiles),
+            }
+        )
     return rows

@@ -1,4 +1,5 @@
 """What machine produced the figures, how busy it was, and how much memory a block of work peaked at."""
+
 from __future__ import annotations
 
 import os
@@ -34,16 +35,22 @@ def _version(package: str) -> str | None:
 def describe(device: torch.device) -> dict:
     """Hardware and software of this run (goes into results.json and the report header)."""
     info = {
-        "platform": platform.platform(), "python": sys.version.split()[0], "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "versions": {p: _version(p) for p in ("torch", "transformers", "tokenizers", "numpy", "ptp_ros")},
         "device": str(device),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                       "cuda": torch.version.cuda}
+        info["gpu"] = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+        }
     return info
 
 
@@ -67,9 +74,13 @@ def load_snapshot(interval_s: float = 0.5) -> dict:
         if pct >= 5.0:
             busy.append({"name": p.info["name"], "cpu_percent": round(pct, 1)})
     one, five, fifteen = os.getloadavg()
-    return {"load_avg_1m": round(one, 2), "load_avg_5m": round(five, 2), "load_avg_15m": round(fifteen, 2),
-            "machine_cpu_percent": psutil.cpu_percent(None),
-            "other_busy_processes": sorted(busy, key=lambda b: -b["cpu_percent"])}
+    return {
+        "load_avg_1m": round(one, 2),
+        "load_avg_5m": round(five, 2),
+        "load_avg_15m": round(fifteen, 2),
+        "machine_cpu_percent": psutil.cpu_percent(None),
+        "other_busy_processes": sorted(busy, key=lambda b: -b["cpu_percent"]),
+    }
 
 
 def _vm_hwm_mib() -> float | None:

@@ -10,6 +10,7 @@ per repetition interleaves ratios and selectors, so slow phases of a contended m
 all cells instead of landing on one.  The "oracle" cell keeps the same number of tokens chosen by a
 precomputed index (zero-cost selection): the floor the others' choosing overhead is measured against.
 """
+
 from __future__ import annotations
 
 import random
@@ -50,8 +51,13 @@ class BenchSelector:
 
     def pipeline_config(self, max_new_tokens: int) -> PipelineConfig:
         """What the library runs for this row (not for the oracle, which has no selector)."""
-        return PipelineConfig.for_selector(self.selector, self.options, instruction_reduce=self.reduce,
-                                           prune_in_llm=self.prune_in_llm, max_new_tokens=max_new_tokens)
+        return PipelineConfig.for_selector(
+            self.selector,
+            self.options,
+            instruction_reduce=self.reduce,
+            prune_in_llm=self.prune_in_llm,
+            max_new_tokens=max_new_tokens,
+        )
 
     def plan(self, llm_layer: int) -> InLLMPruning | None:
         """Where inside the LLM it prunes (``None``: before the LLM), as ``Pipeline`` decides it."""
@@ -92,15 +98,25 @@ def _llm_dims(adapter: StockModelAdapter) -> dict:
     return {"llm": llm_dims_from_config(adapter.model.config.text_config)}
 
 
-def run_cell(adapter: StockModelAdapter, prepared, visual, selector: BenchSelector | None, keep_ratio: float,
-             max_new_tokens: int, oracle: dict[int, torch.Tensor]) -> dict:
+def run_cell(
+    adapter: StockModelAdapter,
+    prepared,
+    visual,
+    selector: BenchSelector | None,
+    keep_ratio: float,
+    max_new_tokens: int,
+    oracle: dict[int, torch.Tensor],
+) -> dict:
     """One selector at one keep ratio (``None``: unpruned); times in ms.  Runs the library's own stages
     (``Pipeline.score`` → ``select`` → ``generate``) on the shared encode: before the LLM, scoring (the
     relevance probe) and selection are timed apart from the pruned generate; inside it, one generate over the
     full prompt ranks and drops at the plan's layers, its scoring (the attention rows) is charged to the
     prefill and its selection is timed apart and taken out of it.  The oracle keeps precomputed indices."""
-    config = selector.pipeline_config(max_new_tokens) if selector and selector.selector else PipelineConfig(
-        max_new_tokens=max_new_tokens)
+    config = (
+        selector.pipeline_config(max_new_tokens)
+        if selector and selector.selector
+        else PipelineConfig(max_new_tokens=max_new_tokens)
+    )
     pipeline = Pipeline(adapter, config)
     budget = pipeline.budget(visual, keep_ratio=keep_ratio)
     timings: dict[str, float] = {}
@@ -116,11 +132,16 @@ def run_cell(adapter: StockModelAdapter, prepared, visual, selector: BenchSelect
             generation, kept, prune_layer = pruned.generation, pruned.selection.num_kept, pruned.prune_layer
     if prune_layer is not None:  # ranked inside the prefill: no score stage of its own
         timings["score"] = 0.0
-    return {"kept": kept, "score_ms": timings.get("score", 0.0), "select_ms": timings.get("select", 0.0),
-            "prune_layer": prune_layer,
-            **_generation_figures(adapter, generation, visual.num_tokens - kept if prune_layer is not None else 0,
-                                  prune_layer),
-            **memory.figures()}
+    return {
+        "kept": kept,
+        "score_ms": timings.get("score", 0.0),
+        "select_ms": timings.get("select", 0.0),
+        "prune_layer": prune_layer,
+        **_generation_figures(
+            adapter, generation, visual.num_tokens - kept if prune_layer is not None else 0, prune_layer
+        ),
+        **memory.figures(),
+    }
 
 
 def _generation_figures(adapter, generation, dropped_inside: int = 0, prune_layer: int | None = None) -> dict:
@@ -131,8 +152,10 @@ def _generation_figures(adapter, generation, dropped_inside: int = 0, prune_laye
     bytes_per_value = torch.finfo(adapter.dtype).bits // 8
     kv = kv_cache_bytes(_llm_dims(adapter), kv_tokens, kv_tokens - dropped_inside, prune_layer, bytes_per_value)
     return {
-        "prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
-        "prefill_ms": generation.prefill_ms, "decode_ms": generation.decode_ms,
+        "prompt_tokens": generation.prompt_tokens,
+        "new_tokens": generation.new_tokens,
+        "prefill_ms": generation.prefill_ms,
+        "decode_ms": generation.decode_ms,
         "decode_ms_per_token": generation.decode_ms / max(1, generation.new_tokens - 1),
         "kv_cache_mib": kv / 2**20,
     }
@@ -149,13 +172,28 @@ def run_downscaled_cell(adapter, image: np.ndarray, instruction: str, tokens: in
         with timed(timings, "encode", adapter.device):
             visual = low.encode(prepared)
         generation = low.generate(prepared, visual, None, max_new_tokens)
-    return {"kept": visual.num_tokens, "preprocess_ms": timings["preprocess"], "encode_ms": timings["encode"],
-            "score_ms": 0.0, "select_ms": 0.0, **_generation_figures(adapter, generation), **memory.figures()}
+    return {
+        "kept": visual.num_tokens,
+        "preprocess_ms": timings["preprocess"],
+        "encode_ms": timings["encode"],
+        "score_ms": 0.0,
+        "select_ms": 0.0,
+        **_generation_figures(adapter, generation),
+        **memory.figures(),
+    }
 
 
-def measure(adapter: StockModelAdapter, image: np.ndarray, instruction: str, keep_ratios: list[float],
-            selectors: tuple[BenchSelector, ...] = DEFAULT_SELECTORS, repetitions: int = 3,
-            max_new_tokens: int = 8, seed: int = 0, log=sys.stderr) -> list[dict]:
+def measure(
+    adapter: StockModelAdapter,
+    image: np.ndarray,
+    instruction: str,
+    keep_ratios: list[float],
+    selectors: tuple[BenchSelector, ...] = DEFAULT_SELECTORS,
+    repetitions: int = 3,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    log=sys.stderr,
+) -> list[dict]:
     """Every raw figure: one record per (repetition, selector, keep ratio), plus the unpruned cell."""
     pruned_ratios = [r for r in keep_ratios if r < 1.0]
     cells = [(UNPRUNED, 1.0)] + [(s.name, r) for s in selectors for r in pruned_ratios]
@@ -166,15 +204,34 @@ def measure(adapter: StockModelAdapter, image: np.ndarray, instruction: str, kee
     config = adapter.model.generation_config
     before, config.min_new_tokens = config.min_new_tokens, max_new_tokens
     try:
-        return _repetitions(adapter, image, instruction, pruned_ratios, cells, {s.name: s for s in selectors},
-                            repetitions, max_new_tokens, seed, log)
+        return _repetitions(
+            adapter,
+            image,
+            instruction,
+            pruned_ratios,
+            cells,
+            {s.name: s for s in selectors},
+            repetitions,
+            max_new_tokens,
+            seed,
+            log,
+        )
     finally:
         config.min_new_tokens = before
 
 
-def _repetitions(adapter: StockModelAdapter, image: np.ndarray, instruction: str, pruned_ratios: list[float],
-                 cells: list[tuple[str, float]], by_name: dict[str, BenchSelector], repetitions: int,
-                 max_new_tokens: int, seed: int, log) -> list[dict]:
+def _repetitions(
+    adapter: StockModelAdapter,
+    image: np.ndarray,
+    instruction: str,
+    pruned_ratios: list[float],
+    cells: list[tuple[str, float]],
+    by_name: dict[str, BenchSelector],
+    repetitions: int,
+    max_new_tokens: int,
+    seed: int,
+    log,
+) -> list[dict]:
     records = []
     for rep in range(repetitions):
         shared: dict[str, float] = {}
@@ -193,18 +250,35 @@ def _repetitions(adapter: StockModelAdapter, image: np.ndarray, instruction: str
                 tokens = resolve_budget(visual.num_tokens, keep_ratio=ratio)
                 cell = run_downscaled_cell(adapter, image, instruction, tokens, max_new_tokens)
             else:
-                cell = run_cell(adapter, prepared, visual, None if name == UNPRUNED else by_name[name], ratio,
-                                max_new_tokens, oracle)
-            record = {"rep": rep, "selector": name, "keep_ratio": ratio, "visual_tokens": visual.num_tokens,
-                      "preprocess_ms": shared["preprocess"], "encode_ms": shared["encode"],
-                      "encode_peak_rss_mib": encode_memory.figures()["peak_rss_mib"], **cell}
+                cell = run_cell(
+                    adapter,
+                    prepared,
+                    visual,
+                    None if name == UNPRUNED else by_name[name],
+                    ratio,
+                    max_new_tokens,
+                    oracle,
+                )
+            record = {
+                "rep": rep,
+                "selector": name,
+                "keep_ratio": ratio,
+                "visual_tokens": visual.num_tokens,
+                "preprocess_ms": shared["preprocess"],
+                "encode_ms": shared["encode"],
+                "encode_peak_rss_mib": encode_memory.figures()["peak_rss_mib"],
+                **cell,
+            }
             record["e2e_ms"] = sum(record[f"{stage}_ms"] for stage in STAGES)
             record["load_avg_1m"] = rep_load["load_avg_1m"]
             records.append(record)
-            print(f"rep {rep} {name:>18} r={ratio:<6} kept={record['kept']:>5} score={record['score_ms']:8.1f} "
-                  f"select={record['select_ms']:7.1f} prefill={record['prefill_ms']:9.1f} "
-                  f"decode/tok={record['decode_ms_per_token']:7.1f} e2e={record['e2e_ms']:9.1f} ms",
-                  file=log, flush=True)
+            print(
+                f"rep {rep} {name:>18} r={ratio:<6} kept={record['kept']:>5} score={record['score_ms']:8.1f} "
+                f"select={record['select_ms']:7.1f} prefill={record['prefill_ms']:9.1f} "
+                f"decode/tok={record['decode_ms_per_token']:7.1f} e2e={record['e2e_ms']:9.1f} ms",
+                file=log,
+                flush=True,
+            )
     return records
 
 

@@ -4,6 +4,7 @@ Random weights do not change timings or memory (same shapes, same kernels), so a
 published dimensions is an honest stand-in for timing when the weights cannot be downloaded.  The
 configs come from ``cost_model.MODELS``, so the analytic and the measured figures describe one model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,18 +33,36 @@ def llava_next_config(name: str, vocab_size: int | None = None) -> LlavaNextConf
     """The transformers config of ``MODELS[name]`` (``vocab_size`` overrides the published one)."""
     dims = MODELS[name]
     v, m = dims["vision"], dims["llm"]
-    vision = CLIPVisionConfig(hidden_size=v["hidden"], intermediate_size=v["ffn"], num_hidden_layers=v["layers"],
-                              num_attention_heads=v["heads"], image_size=v["image_size"], patch_size=v["patch_size"],
-                              projection_dim=768, hidden_act="quick_gelu")
+    vision = CLIPVisionConfig(
+        hidden_size=v["hidden"],
+        intermediate_size=v["ffn"],
+        num_hidden_layers=v["layers"],
+        num_attention_heads=v["heads"],
+        image_size=v["image_size"],
+        patch_size=v["patch_size"],
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
     text = _TEXT_CONFIGS[m["family"]](
-        vocab_size=vocab_size or m["vocab"], hidden_size=m["hidden"], intermediate_size=m["ffn"],
-        num_hidden_layers=m["layers"], num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
-        max_position_embeddings=8192, rope_theta=m.get("rope_theta", 10000.0),
-        tie_word_embeddings=m["tie_embeddings"], **TEXT_TOKEN_IDS)
-    return LlavaNextConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                           vision_feature_select_strategy="default",
-                           image_grid_pinpoints=anyres_pinpoints(DEFAULT_PINPOINTS),
-                           tie_word_embeddings=m["tie_embeddings"])
+        vocab_size=vocab_size or m["vocab"],
+        hidden_size=m["hidden"],
+        intermediate_size=m["ffn"],
+        num_hidden_layers=m["layers"],
+        num_attention_heads=m["heads"],
+        num_key_value_heads=m["kv_heads"],
+        max_position_embeddings=8192,
+        rope_theta=m.get("rope_theta", 10000.0),
+        tie_word_embeddings=m["tie_embeddings"],
+        **TEXT_TOKEN_IDS,
+    )
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=anyres_pinpoints(DEFAULT_PINPOINTS),
+        tie_word_embeddings=m["tie_embeddings"],
+    )
 
 
 def random_llava_next(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LlavaNextAdapter:

@@ -9,6 +9,7 @@ The agent and the camera are separate processes over DDS (localhost, shared memo
 end; "duplicated", one with more than one.  RSS growth is measured from the end of the warm-up (the first
 burst has passed and the allocator has seen its largest frames) to the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def _percentiles(values: list[float]) -> dict:
     if not values:
         return {"count": 0}
     arr = np.asarray(values, float)
-    return {"count": len(values), "p50": round(float(np.percentile(arr, 50)), 1),
-            "p95": round(float(np.percentile(arr, 95)), 1), "max": round(float(arr.max()), 1)}
+    return {
+        "count": len(values),
+        "p50": round(float(np.percentile(arr, 50)), 1),
+        "p95": round(float(np.percentile(arr, 95)), 1),
+        "max": round(float(arr.max()), 1),
+    }
 
 
 class Planner:
@@ -81,7 +86,9 @@ class Planner:
         for status in msg.status:
             if status.name.endswith(": ptp agent"):
                 self.diagnostics = {kv.key: kv.value for kv in status.values} | {
-                    "_message": status.message, "_level": int.from_bytes(status.level, "little")}
+                    "_message": status.message,
+                    "_level": int.from_bytes(status.level, "little"),
+                }
 
     def ask(self, request_id: str, kind: str, text: str) -> None:
         with self._lock:
@@ -106,12 +113,31 @@ def run(minutes: float, out: Path, interval_s: float, burst_every_s: float, burs
     out.mkdir(parents=True, exist_ok=True)
     namespace = "/soak"
     agent_log = open(out / "agent.log", "wb")
-    agent = subprocess.Popen([sys.executable, "-m", "ptp_ros.ros.node", "--ros-args", "-r", f"__ns:={namespace}",
-                              "--params-file", str(ROOT / "config" / "agent.yaml"), "-p", "max_new_tokens:=1"],
-                             env=env, stdout=agent_log, stderr=subprocess.STDOUT, cwd=ROOT)
-    camera = subprocess.Popen([sys.executable, "-m", "ptp_ros.ros.camera_replay", "--rate", "10", "--ros-args",
-                               "-r", f"__ns:={namespace}"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT, cwd=ROOT)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ptp_ros.ros.node",
+            "--ros-args",
+            "-r",
+            f"__ns:={namespace}",
+            "--params-file",
+            str(ROOT / "config" / "agent.yaml"),
+            "-p",
+            "max_new_tokens:=1",
+        ],
+        env=env,
+        stdout=agent_log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    camera = subprocess.Popen(
+        [sys.executable, "-m", "ptp_ros.ros.camera_replay", "--rate", "10", "--ros-args", "-r", f"__ns:={namespace}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
     os.environ.update({k: v for k, v in env.items() if k.startswith(("ROS_", "FASTDDS", "FASTRTPS"))})
     planner = Planner(namespace)
     questions = QUESTIONS
@@ -119,8 +145,10 @@ def run(minutes: float, out: Path, interval_s: float, burst_every_s: float, burs
     memory: list[tuple[float, int]] = []
     try:
         deadline = time.monotonic() + 600
-        while planner.diagnostics.get("model_state") != "serving" or int(
-                planner.diagnostics.get("frames_received") or 0) == 0:
+        while (
+            planner.diagnostics.get("model_state") != "serving"
+            or int(planner.diagnostics.get("frames_received") or 0) == 0
+        ):
             if time.monotonic() > deadline or agent.poll() is not None:
                 raise RuntimeError(f"the agent never served; see {out / 'agent.log'}")
             time.sleep(0.5)
@@ -157,44 +185,74 @@ def run(minutes: float, out: Path, interval_s: float, burst_every_s: float, burs
     return summarise(planner, memory, minutes, burst_every_s, final_diagnostics, agent.returncode, commit)
 
 
-def summarise(planner: Planner, memory: list[tuple[float, int]], minutes: float, burst_every_s: float,
-              diagnostics: dict, exit_code: int | None, commit: str | None) -> dict:
+def summarise(
+    planner: Planner,
+    memory: list[tuple[float, int]],
+    minutes: float,
+    burst_every_s: float,
+    diagnostics: dict,
+    exit_code: int | None,
+    commit: str | None,
+) -> dict:
     report: dict = {"minutes": minutes, "agent_exit_code": exit_code, "commit": commit}
     for kind in ("regular", "burst", "all"):
         ids = [i for i, s in planner.sent.items() if kind == "all" or s["kind"] == kind]
         statuses = Counter(planner.results[i][0]["status"] for i in ids if i in planner.results)
-        ok_latency = [planner.results[i][0]["latency_ms"]["total"] for i in ids
-                      if i in planner.results and planner.results[i][0]["status"] == "ok"]
-        report[kind] = {"sent": len(ids), "results": sum(1 for i in ids if i in planner.results),
-                        "lost": sum(1 for i in ids if i not in planner.results),
-                        "duplicated": sum(1 for i in ids if len(planner.results.get(i, [])) > 1),
-                        "statuses": dict(statuses), "latency_ms_ok": _percentiles(ok_latency)}
+        ok_latency = [
+            planner.results[i][0]["latency_ms"]["total"]
+            for i in ids
+            if i in planner.results and planner.results[i][0]["status"] == "ok"
+        ]
+        report[kind] = {
+            "sent": len(ids),
+            "results": sum(1 for i in ids if i in planner.results),
+            "lost": sum(1 for i in ids if i not in planner.results),
+            "duplicated": sum(1 for i in ids if len(planner.results.get(i, [])) > 1),
+            "statuses": dict(statuses),
+            "latency_ms_ok": _percentiles(ok_latency),
+        }
     rss = [r for _, r in memory]
     warm = [r for t, r in memory if t >= min(burst_every_s + 60, minutes * 30)]  # after the first burst
-    report["rss_mb"] = {"first": round(rss[0] / 1e6, 1), "last": round(rss[-1] / 1e6, 1),
-                        "max": round(max(rss) / 1e6, 1), "after_warmup_first": round(warm[0] / 1e6, 1),
-                        "growth_after_warmup_pct": round(100 * (warm[-1] - warm[0]) / warm[0], 2)} if rss else {}
+    report["rss_mb"] = (
+        {
+            "first": round(rss[0] / 1e6, 1),
+            "last": round(rss[-1] / 1e6, 1),
+            "max": round(max(rss) / 1e6, 1),
+            "after_warmup_first": round(warm[0] / 1e6, 1),
+            "growth_after_warmup_pct": round(100 * (warm[-1] - warm[0]) / warm[0], 2),
+        }
+        if rss
+        else {}
+    )
     report["memory_samples"] = memory
     report["final_diagnostics"] = diagnostics
     return report
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Soak: {report['minutes']:g} minutes, 10 Hz 1080p camera, an instruction every 2 s, "
-             "a burst of 200 every 5 minutes", "",
-             "| instructions | sent | results | lost | duplicated | statuses | ok latency p50 / p95 / max (ms) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Soak: {report['minutes']:g} minutes, 10 Hz 1080p camera, an instruction every 2 s, "
+        "a burst of 200 every 5 minutes",
+        "",
+        "| instructions | sent | results | lost | duplicated | statuses | ok latency p50 / p95 / max (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind in ("regular", "burst", "all"):
         r = report[kind]
         lat = r["latency_ms_ok"]
         lat_text = f"{lat['p50']} / {lat['p95']} / {lat['max']}" if lat["count"] else "-"
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(r["statuses"].items()))
-        lines.append(f"| {kind} | {r['sent']} | {r['results']} | {r['lost']} | {r['duplicated']} | {statuses} | "
-                     f"{lat_text} |")
+        lines.append(
+            f"| {kind} | {r['sent']} | {r['results']} | {r['lost']} | {r['duplicated']} | {statuses} | {lat_text} |"
+        )
     m = report["rss_mb"]
-    lines += ["", f"Agent RSS (MB): first {m['first']}, after warm-up {m['after_warmup_first']}, last {m['last']}, "
-              f"max {m['max']}; growth after warm-up {m['growth_after_warmup_pct']} %.",
-              f"Agent exit code after SIGINT: {report['agent_exit_code']}. Code: commit {report['commit']}.", ""]
+    lines += [
+        "",
+        f"Agent RSS (MB): first {m['first']}, after warm-up {m['after_warmup_first']}, last {m['last']}, "
+        f"max {m['max']}; growth after warm-up {m['growth_after_warmup_pct']} %.",
+        f"Agent exit code after SIGINT: {report['agent_exit_code']}. Code: commit {report['commit']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -5,14 +5,16 @@ same node runs without launch as  python -m ptp_ros.ros.node --ros-args --params
 (docs/ros.md).  A lifecycle node: with autostart:=true (default) it walks itself to active, with
 autostart:=false it waits unconfigured for a lifecycle manager.
 """
+
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode
 from launch_ros.parameter_descriptions import ParameterValue
+
+from launch import LaunchDescription
 
 
 def check_files(context, *args, **kwargs) -> list:
@@ -29,24 +31,46 @@ def check_files(context, *args, **kwargs) -> list:
 def generate_launch_description() -> LaunchDescription:
     config = os.path.join(get_package_share_directory("ptp_ros"), "config")
     arguments = [
-        DeclareLaunchArgument("model_path", default_value="",
-                              description="Checkpoint directory or cached repo id; empty = built-in default model"),
-        DeclareLaunchArgument("image_topic", default_value="/camera/image_raw",
-                              description="Camera topic (raw Image; with compressed transport, <topic>/compressed)"),
-        DeclareLaunchArgument("image_transport", default_value="raw", choices=["raw", "compressed"],
-                              description="raw: sensor_msgs/Image; compressed: sensor_msgs/CompressedImage"),
-        DeclareLaunchArgument("instruction_topic", default_value="instruction",
-                              description="std_msgs/String instructions (text or JSON)"),
-        DeclareLaunchArgument("latency_budget_ms", default_value="2000.0",
-                              description="Time allowed from instruction to answer, in ms"),
-        DeclareLaunchArgument("params_file", default_value=os.path.join(config, "agent.yaml"),
-                              description="YAML with the node's parameters (arguments here override it)"),
+        DeclareLaunchArgument(
+            "model_path",
+            default_value="",
+            description="Checkpoint directory or cached repo id; empty = built-in default model",
+        ),
+        DeclareLaunchArgument(
+            "image_topic",
+            default_value="/camera/image_raw",
+            description="Camera topic (raw Image; with compressed transport, <topic>/compressed)",
+        ),
+        DeclareLaunchArgument(
+            "image_transport",
+            default_value="raw",
+            choices=["raw", "compressed"],
+            description="raw: sensor_msgs/Image; compressed: sensor_msgs/CompressedImage",
+        ),
+        DeclareLaunchArgument(
+            "instruction_topic", default_value="instruction", description="std_msgs/String instructions (text or JSON)"
+        ),
+        DeclareLaunchArgument(
+            "latency_budget_ms", default_value="2000.0", description="Time allowed from instruction to answer, in ms"
+        ),
+        DeclareLaunchArgument(
+            "params_file",
+            default_value=os.path.join(config, "agent.yaml"),
+            description="YAML with the node's parameters (arguments here override it)",
+        ),
         DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node and its topics"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay, sim)"),
-        DeclareLaunchArgument("autostart", default_value="true", choices=["true", "false"],
-                              description="Configure and activate at start; false: a lifecycle manager drives it"),
-        DeclareLaunchArgument("fastdds_profile", default_value=os.path.join(config, "fastdds_shm.xml"),
-                              description="Fast DDS XML profile (large shared-memory segment for camera frames)"),
+        DeclareLaunchArgument(
+            "autostart",
+            default_value="true",
+            choices=["true", "false"],
+            description="Configure and activate at start; false: a lifecycle manager drives it",
+        ),
+        DeclareLaunchArgument(
+            "fastdds_profile",
+            default_value=os.path.join(config, "fastdds_shm.xml"),
+            description="Fast DDS XML profile (large shared-memory segment for camera frames)",
+        ),
     ]
     agent = LifecycleNode(
         package="ptp_ros",
@@ -72,9 +96,11 @@ def generate_launch_description() -> LaunchDescription:
     # Fast DDS 2 (humble..jazzy) reads FASTRTPS_DEFAULT_PROFILES_FILE, Fast DDS 3 (kilted on) FASTDDS_...
     fast_dds_2 = os.environ.get("ROS_DISTRO", "") in ("humble", "iron", "jazzy")
     profile_variable = "FASTRTPS_DEFAULT_PROFILES_FILE" if fast_dds_2 else "FASTDDS_DEFAULT_PROFILES_FILE"
-    return LaunchDescription([
-        *arguments,
-        OpaqueFunction(function=check_files),
-        SetEnvironmentVariable(profile_variable, LaunchConfiguration("fastdds_profile")),
-        agent,
-    ])
+    return LaunchDescription(
+        [
+            *arguments,
+            OpaqueFunction(function=check_files),
+            SetEnvironmentVariable(profile_variable, LaunchConfiguration("fastdds_profile")),
+            agent,
+        ]
+    )

@@ -3,6 +3,7 @@
 Bad input ends with one line on stderr and exit code 2 — never a traceback (set PTP_ROS_DEBUG=1 to
 see one for unexpected failures).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,26 +61,53 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="ptp-ask", formatter_class=argparse.RawDescriptionHelpFormatter, description=fill(
-        "Answer an instruction about an image with a vision-language model, keeping only the visual tokens "
-        "Pyramid Token Pruning ranks highest."), epilog="selectors:\n" + "\n".join(
-        fill(spec.description, 96, initial_indent=f"  {spec.name:<16}", subsequent_indent=" " * 18)
-        for spec in selector_specs()))
+    p = _OneLineParser(
+        prog="ptp-ask",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=fill(
+            "Answer an instruction about an image with a vision-language model, keeping only the visual tokens "
+            "Pyramid Token Pruning ranks highest."
+        ),
+        epilog="selectors:\n"
+        + "\n".join(
+            fill(spec.description, 96, initial_indent=f"  {spec.name:<16}", subsequent_indent=" " * 18)
+            for spec in selector_specs()
+        ),
+    )
     p.add_argument("image", help="image file (any format OpenCV reads)")
-    p.add_argument("instruction", help="the question or task, e.g. \"what colour is the cup?\"")
-    p.add_argument("--model", help="local checkpoint directory or a repo id in the local HF cache "
-                                   "(default: the built-in model)")
+    p.add_argument("instruction", help='the question or task, e.g. "what colour is the cup?"')
+    p.add_argument(
+        "--model", help="local checkpoint directory or a repo id in the local HF cache (default: the built-in model)"
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--keep-ratio", type=_ratio, help="fraction of visual tokens to keep, in (0, 1] (default 1: all)")
+    budget.add_argument(
+        "--keep-ratio", type=_ratio, help="fraction of visual tokens to keep, in (0, 1] (default 1: all)"
+    )
     budget.add_argument("--tokens", type=_positive_int, help="number of visual tokens to keep")
-    p.add_argument("--selector", default="ptp", type=_selector, metavar="|".join(selector_names()),
-                   help="token selector (default: ptp; each is described below)")
-    p.add_argument("--alpha", type=_unit_interval, default=None, help="PTP weight of instruction relevance (default 0.5)")
-    p.add_argument("--prune-in-llm", action=argparse.BooleanOptionalAction, default=None,
-                   help="rank and drop inside the LLM at its relevance layer (default) or, with --no-prune-in-llm, "
-                        "before it after a separate relevance probe")
-    p.add_argument("--probe-candidates", type=float, default=0.0, metavar="M",
-                   help="with --no-prune-in-llm: probe only PTP's ⌈M × budget⌉ bottom-up best tokens (M >= 1)")
+    p.add_argument(
+        "--selector",
+        default="ptp",
+        type=_selector,
+        metavar="|".join(selector_names()),
+        help="token selector (default: ptp; each is described below)",
+    )
+    p.add_argument(
+        "--alpha", type=_unit_interval, default=None, help="PTP weight of instruction relevance (default 0.5)"
+    )
+    p.add_argument(
+        "--prune-in-llm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rank and drop inside the LLM at its relevance layer (default) or, with --no-prune-in-llm, "
+        "before it after a separate relevance probe",
+    )
+    p.add_argument(
+        "--probe-candidates",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help="with --no-prune-in-llm: probe only PTP's ⌈M × budget⌉ bottom-up best tokens (M >= 1)",
+    )
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
@@ -114,8 +142,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         ptp = PTPConfig() if args.alpha is None else PTPConfig(alpha=args.alpha)
         stage = {} if args.prune_in_llm is None else {"prune_in_llm": args.prune_in_llm}
-        config = PipelineConfig(selector=args.selector, ptp=ptp, max_new_tokens=args.max_new_tokens,
-                                probe_candidates=args.probe_candidates, **stage)
+        config = PipelineConfig(
+            selector=args.selector,
+            ptp=ptp,
+            max_new_tokens=args.max_new_tokens,
+            probe_candidates=args.probe_candidates,
+            **stage,
+        )
         adapter = load_adapter(args.model or default_model_path(), LoadOptions(device=args.device, dtype=args.dtype))
         pipeline = Pipeline(adapter, config)
         answer = pipeline.answer(image, args.instruction, keep_ratio=args.keep_ratio, tokens=args.tokens)

@@ -9,6 +9,7 @@ safety margin and picks the largest keep ratio whose predicted total still fits 
 
 numpy only: no models, no ROS (see DESIGN.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -123,8 +124,9 @@ class BudgetChoice:
     feasible: bool  # False: even the minimum keep ratio is predicted to overrun
 
 
-def choose_keep_ratio(model: LatencyModel, budget_ms: float, total: int, max_new_tokens: int,
-                      ratio_min: float, ratio_max: float) -> BudgetChoice:
+def choose_keep_ratio(
+    model: LatencyModel, budget_ms: float, total: int, max_new_tokens: int, ratio_min: float, ratio_max: float
+) -> BudgetChoice:
     """The largest keep ratio in [ratio_min, ratio_max] whose predicted time fits ``budget_ms``.
 
     When even ``ratio_min`` is predicted to overrun, the answer is ``ratio_min`` with

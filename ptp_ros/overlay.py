@@ -3,6 +3,7 @@
 Tile tokens are painted over the image where they look (pruned ones dimmed); the global view, which
 sees the whole image coarsely, is drawn as an inset in the top-left corner.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -40,8 +41,9 @@ def _label(img: np.ndarray, text: str, org: tuple[int, int], scale: float) -> No
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
-def saliency_image(image_rgb: np.ndarray, visual: VisualTokens, selection: Selection,
-                   max_side: int | None = None) -> np.ndarray:
+def saliency_image(
+    image_rgb: np.ndarray, visual: VisualTokens, selection: Selection, max_side: int | None = None
+) -> np.ndarray:
     """BGR uint8 image showing scores, regions and kept tokens: the size of ``image_rgb``, or shrunk so that
     its longer side is at most ``max_side`` (drawing and publishing an 8K overlay costs seconds)."""
     scale = min(1.0, max_side / max(image_rgb.shape[:2])) if max_side else 1.0
@@ -82,7 +84,10 @@ def saliency_image(image_rgb: np.ndarray, visual: VisualTokens, selection: Selec
         cv2.rectangle(out, (0, 0), (inset_w - 1, inset_h - 1), (255, 255, 255), max(1, width // 640))
         _label(out, f"global {counts[g]}/{sizes[g]}", (6, inset_h - 8), font * 0.8)
 
-    _label(out, f"kept {selection.num_kept}/{selection.total} ({selection.keep_ratio:.1%})",
-           ((inset_w if has_inset else 0) + 12, int(40 * font)), font)
+    _label(
+        out,
+        f"kept {selection.num_kept}/{selection.total} ({selection.keep_ratio:.1%})",
+        ((inset_w if has_inset else 0) + 12, int(40 * font)),
+        font,
+    )
     return out
-

@@ -1,4 +1,5 @@
 """One request end to end: image + instruction + budget → answer, selection and per-stage timings."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,10 @@ class PipelineConfig:
         if self.probe_candidates and not (self.probe_candidates >= 1.0 and math.isfinite(self.probe_candidates)):
             raise ValueError(f"probe_candidates must be 0 (off) or >= 1, got {self.probe_candidates}")
         if self.probe_candidates and (self.selector != "ptp" or self.prune_in_llm):
-            raise ValueError("probe_candidates narrows PTP's relevance probe before the LLM: it needs "
-                             "selector='ptp' and prune_in_llm=False")
+            raise ValueError(
+                "probe_candidates narrows PTP's relevance probe before the LLM: it needs "
+                "selector='ptp' and prune_in_llm=False"
+            )
         if self.selector != "ptp" and self.ptp != PTPConfig():
             raise ValueError(f"PTP's options (alpha, ...) do not apply to selector {self.selector!r}")
         if self.selector == "ptp" and self.selector_options:
@@ -95,7 +98,11 @@ class Answer:
     def to_dict(self) -> dict:
         """The JSON view of an answer: what ``ptp-ask --json`` prints, and the fields the node's ``result`` shares
         (the node adds its own: status, id, mode, and queue / convert / end-to-end times in ``latency_ms``)."""
-        sizes = self.selection.region_sizes if self.selection.region_sizes is not None else self.visual.scores.region_sizes()
+        sizes = (
+            self.selection.region_sizes
+            if self.selection.region_sizes is not None
+            else self.visual.scores.region_sizes()
+        )
         # counted from the kept indices, so sum(quotas.kept) + structural_kept == visual_tokens_kept
         region = self.visual.scores.region.cpu()
         kept_region = region[self.selection.kept.cpu()]
@@ -106,8 +113,10 @@ class Answer:
             "visual_tokens_kept": self.selection.num_kept,
             "keep_ratio": round(self.selection.keep_ratio, 6),
             "selector": self.selector,
-            "quotas": [{"region": r, "name": self.visual.region_names[r], "kept": int(quotas[r]), "size": int(sizes[r])}
-                       for r in range(len(self.visual.region_names))],
+            "quotas": [
+                {"region": r, "name": self.visual.region_names[r], "kept": int(quotas[r]), "size": int(sizes[r])}
+                for r in range(len(self.visual.region_names))
+            ],
             "structural_kept": int((kept_region == NO_REGION).sum()),  # row newlines: in no region's quota
             "structural_total": int((region == NO_REGION).sum()),
             "prompt_tokens": self.prompt_tokens,  # as fed to the LLM (in-LLM pruning: the whole prompt)
@@ -159,13 +168,21 @@ class Pipeline:
         if not isinstance(instruction, str) or not instruction.strip():
             raise InvalidRequest("instruction is empty")
         if len(instruction) > self.config.max_instruction_chars:
-            raise InvalidRequest(f"instruction has {len(instruction)} characters; the limit is "
-                                 f"{self.config.max_instruction_chars}")
+            raise InvalidRequest(
+                f"instruction has {len(instruction)} characters; the limit is {self.config.max_instruction_chars}"
+            )
         return instruction.strip()
 
-    def answer(self, image: np.ndarray, instruction: str, *, keep_ratio: float | None = None,
-               tokens: int | None = None, max_new_tokens: int | None = None,
-               cancel: threading.Event | None = None) -> Answer:
+    def answer(
+        self,
+        image: np.ndarray,
+        instruction: str,
+        *,
+        keep_ratio: float | None = None,
+        tokens: int | None = None,
+        max_new_tokens: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Answer:
         """Answer ``instruction`` about ``image`` keeping ``keep_ratio`` (or ``tokens``) of the visual tokens.
 
         Setting ``cancel`` (from another thread) ends the request with ``Cancelled`` at the next stage
@@ -190,9 +207,16 @@ class Pipeline:
         timings["prefill"] = pruned.generation.prefill_ms
         timings["decode"] = pruned.generation.decode_ms
         timings["total"] = sum(timings.values())
-        return Answer(text=pruned.generation.text, selection=pruned.selection, visual=visual, timings_ms=timings,
-                      prompt_tokens=pruned.generation.prompt_tokens, new_tokens=pruned.generation.new_tokens,
-                      selector=self.selector.name, prune_layer=pruned.prune_layer)
+        return Answer(
+            text=pruned.generation.text,
+            selection=pruned.selection,
+            visual=visual,
+            timings_ms=timings,
+            prompt_tokens=pruned.generation.prompt_tokens,
+            new_tokens=pruned.generation.new_tokens,
+            selector=self.selector.name,
+            prune_layer=pruned.prune_layer,
+        )
 
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
         """The checked image and instruction through the model's processor."""
@@ -215,16 +239,25 @@ class Pipeline:
             scores = dataclasses.replace(scores, features=visual.features)
         if self.selector.needs_relevance and budget < visual.num_tokens and self.in_llm_plan() is None:
             if self.config.probe_candidates:
-                relevance = candidate_relevance(self.adapter, prepared, visual, self.config.ptp, budget,
-                                                self.config.probe_candidates, self._reduce)
+                relevance = candidate_relevance(
+                    self.adapter, prepared, visual, self.config.ptp, budget, self.config.probe_candidates, self._reduce
+                )
             else:
                 relevance = instruction_relevance(self.adapter.instruction_attention(prepared, visual), self._reduce)
             scores = dataclasses.replace(scores, relevance=relevance)
         return scores
 
-    def generate(self, prepared: PreparedInput, visual: VisualTokens, scores: TokenScores, budget: int,
-                 max_new_tokens: int | None = None, *, cancel: threading.Event | None = None,
-                 timings: dict[str, float] | None = None) -> Pruned:
+    def generate(
+        self,
+        prepared: PreparedInput,
+        visual: VisualTokens,
+        scores: TokenScores,
+        budget: int,
+        max_new_tokens: int | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Pruned:
         """Select and generate.  Before the LLM: ``select`` (timed as "select"), then a generate over the kept
         tokens.  Inside it: one generate over the whole prompt that ranks at the plan's layer from the
         instruction's attention there and drops from it on; its selection is timed apart and taken out of
@@ -238,8 +271,9 @@ class Pipeline:
             with timed(timings, "select", device):
                 selection = self.select(visual.num_tokens, scores, budget)
             _check(cancel, "before generating")
-            generation = self.adapter.generate(prepared, visual, None if keep_all else selection.kept,
-                                               max_new_tokens, cancel=cancel)
+            generation = self.adapter.generate(
+                prepared, visual, None if keep_all else selection.kept, max_new_tokens, cancel=cancel
+            )
             return Pruned(generation, selection, scores, None)
         chosen: list[tuple[TokenScores, Selection]] = []
 
@@ -250,8 +284,7 @@ class Pipeline:
             return chosen[-1][1].kept
 
         _check(cancel, "before generating")
-        generation = self.adapter.generate(prepared, visual, None, max_new_tokens, cancel=cancel,
-                                           in_llm=(plan, choose))
+        generation = self.adapter.generate(prepared, visual, None, max_new_tokens, cancel=cancel, in_llm=(plan, choose))
         generation.prefill_ms -= timings.setdefault("select", 0.0)  # timed inside the prefill: counted once
         if not chosen or generation.in_llm_kept is None:  # a plan past the last layer drops nothing
             return Pruned(generation, self.select(visual.num_tokens, scores, visual.num_tokens), scores, None)
@@ -269,9 +302,14 @@ class Pipeline:
         """At most ``budget`` of the ``total`` visual tokens (all of them when ``budget`` reaches ``total``), capped
         at the selectable ones; with ``newline_policy="keep"`` the kept structural tokens count in it."""
         if budget >= total:
-            return Selection(kept=torch.arange(total), total=total,
-                             quotas=scores.region_sizes(), region_sizes=scores.region_sizes(),
-                             fused=fused_scores(scores, 0.0), method="keep_all")
+            return Selection(
+                kept=torch.arange(total),
+                total=total,
+                quotas=scores.region_sizes(),
+                region_sizes=scores.region_sizes(),
+                fused=fused_scores(scores, 0.0),
+                method="keep_all",
+            )
         structural = torch.nonzero(scores.region.cpu() == NO_REGION).squeeze(1)
         selectable = int(scores.region_sizes().sum())
         if self.config.newline_policy == "drop" or structural.numel() == 0:
@@ -290,15 +328,16 @@ class Pipeline:
                 if over <= 0:
                     break
                 if content <= 1:
-                    newlines = newlines[:max(0, budget - content)]
+                    newlines = newlines[: max(0, budget - content)]
                     break
                 content = max(1, content - over)  # strictly smaller: the loop ends
         kept = torch.sort(torch.cat([selection.kept.cpu(), newlines])).values
         return dataclasses.replace(selection, kept=kept)
 
     @staticmethod
-    def _row_newlines(region: torch.Tensor, global_region: int | None, kept: torch.Tensor,
-                      structural: torch.Tensor) -> torch.Tensor:
+    def _row_newlines(
+        region: torch.Tensor, global_region: int | None, kept: torch.Tensor, structural: torch.Tensor
+    ) -> torch.Tensor:
         """The structural tokens ending a row that holds a kept token: the first one after the token
         (the global view, packed before the tile grid without newlines, owns none)."""
         kept = kept.cpu()
@@ -310,8 +349,15 @@ class Pipeline:
         return torch.unique(structural[pos[pos < structural.numel()]])
 
 
-def candidate_relevance(adapter: VisionLanguageAdapter, prepared, visual: VisualTokens, config: PTPConfig,
-                        budget: int, multiple: float, reduce: str) -> torch.Tensor:
+def candidate_relevance(
+    adapter: VisionLanguageAdapter,
+    prepared,
+    visual: VisualTokens,
+    config: PTPConfig,
+    budget: int,
+    multiple: float,
+    reduce: str,
+) -> torch.Tensor:
     """[N] relevance from a probe over PTP's ⌈multiple × budget⌉ bottom-up best tokens only (0 elsewhere).
 
     The probe's cost scales with the tokens it reads, so at 11.1 % kept and ``multiple`` 3 it reads a third

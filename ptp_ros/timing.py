@@ -1,5 +1,6 @@
 """One clock for every stage timing (the pipeline, ``generate``'s prefill/decode split, the benchmarks), and
 the one list of the stages a request goes through."""
+
 from __future__ import annotations
 
 import time

@@ -1,6 +1,7 @@
 """Shared fixtures: offline hub, the tiny checkpoint of every model family on disk (the tiny LLaVA-NeXT as
 ``tiny_model_dir`` / ``tiny_adapter``), one family's adapter and its encoded sample for the modules of that
 family (``FAMILY``) or of every family (``family`` parametrized indirectly), the bundled sample image."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,9 @@ def tiny_checkpoint(tmp_path_factory):
     def checkpoint(model_type: str) -> Path:
         if model_type not in built:
             fixture = FIXTURES[model_type]
-            built[model_type] = fixture.build(tmp_path_factory.mktemp("models") / f"tiny-{model_type}",
-                                              **fixture.test_overrides)
+            built[model_type] = fixture.build(
+                tmp_path_factory.mktemp("models") / f"tiny-{model_type}", **fixture.test_overrides
+            )
         return built[model_type]
 
     return checkpoint
@@ -127,8 +129,11 @@ def _installed_interface_is_current() -> bool:
     if spec is None or spec.origin is None:
         return False
     share = Path(spec.origin).parents[4] / "share" / "ptp_ros_interfaces"  # <prefix>/lib/pythonX.Y/site-packages/...
-    return all((share / f.relative_to(INTERFACES)).is_file()
-               and (share / f.relative_to(INTERFACES)).read_bytes() == f.read_bytes() for f in _interface_files())
+    return all(
+        (share / f.relative_to(INTERFACES)).is_file()
+        and (share / f.relative_to(INTERFACES)).read_bytes() == f.read_bytes()
+        for f in _interface_files()
+    )
 
 
 @pytest.fixture(scope="session")
@@ -153,12 +158,17 @@ def ask_interface(tmp_path_factory):
         if shutil.which("cmake") is None:
             pytest.skip("cmake is not installed: cannot build ptp_ros_interfaces")
         if not (Path(sys.prefix) / "share" / "rosidl_default_generators").is_dir():
-            pytest.skip("the ROS 2 build wheels are not installed (pip install -e .[ros]): "
-                        "cannot build ptp_ros_interfaces")
+            pytest.skip(
+                "the ROS 2 build wheels are not installed (pip install -e .[ros]): cannot build ptp_ros_interfaces"
+            )
         prefix = tmp_path_factory.mktemp("ptp_ros_interfaces")
-        done = subprocess.run(["bash", str(INTERFACES / "install.sh"), str(prefix / "install")], capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable,
-                                                           "PTP_INTERFACES_BUILD": str(prefix / "build")})
+        done = subprocess.run(
+            ["bash", str(INTERFACES / "install.sh"), str(prefix / "install")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHON": sys.executable, "PTP_INTERFACES_BUILD": str(prefix / "build")},
+        )
         assert done.returncode == 0, f"building ptp_ros_interfaces failed:\n{done.stdout}\n{done.stderr}"
         lib = prefix / "install" / "lib"
         site = lib / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
@@ -166,7 +176,7 @@ def ask_interface(tmp_path_factory):
         for key, path in (("PYTHONPATH", site), ("LD_LIBRARY_PATH", lib)):  # for the processes tests start
             os.environ[key] = os.pathsep.join(p for p in (str(path), os.environ.get(key)) if p)
         for library in sorted(lib.glob("*.so")):  # this process read LD_LIBRARY_PATH at start: load them by path,
-            ctypes.CDLL(str(library))            # then rcl finds them by name among the loaded ones
+            ctypes.CDLL(str(library))  # then rcl finds them by name among the loaded ones
         importlib.invalidate_caches()
     from ptp_ros.ros.ask_action import interface
 

@@ -4,6 +4,7 @@ the test process, and an adapter with an injected slow stage.
 Run as a script, this file starts the agent node with the slow adapter:
     python test/ros_helpers.py --generate-delay-s 3 --ros-args -p ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,9 +79,14 @@ def ros_env(log_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RMW_IMPLEMENTATION", None)  # any RMW but the installed one kills `import rclpy`
     env[fastdds_profile_variable()] = str(SHM_PROFILE)
-    env.update(ROS_DOMAIN_ID=str(random.Random(os.getpid() ^ time.time_ns()).randint(100, 230)),
-               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOG_DIR=str(log_dir),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(
+        ROS_DOMAIN_ID=str(random.Random(os.getpid() ^ time.time_ns()).randint(100, 230)),
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        ROS_LOG_DIR=str(log_dir),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -92,12 +99,30 @@ def apply_env(env: dict[str, str]) -> None:
 class NodeProcess:
     """The agent node in its own process, as on a robot; output goes to ``log_path``."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, params: dict[str, Any], generate_delay_s: float = 0.0,
-                 node_name: str = "ptp_agent", namespace: str = "/", load_delay_s: float = 0.0,
-                 remaps: dict[str, str] | None = None):
-        args = [sys.executable, str(Path(__file__).resolve()), "--generate-delay-s", str(generate_delay_s),
-                "--load-delay-s", str(load_delay_s), "--ros-args", "-r", f"__node:={node_name}",
-                "-r", f"__ns:={namespace}"]
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        params: dict[str, Any],
+        generate_delay_s: float = 0.0,
+        node_name: str = "ptp_agent",
+        namespace: str = "/",
+        load_delay_s: float = 0.0,
+        remaps: dict[str, str] | None = None,
+    ):
+        args = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--generate-delay-s",
+            str(generate_delay_s),
+            "--load-delay-s",
+            str(load_delay_s),
+            "--ros-args",
+            "-r",
+            f"__node:={node_name}",
+            "-r",
+            f"__ns:={namespace}",
+        ]
         for source, target in (remaps or {}).items():
             args += ["-r", f"{source}:={target}"]
         for key, value in params.items():
@@ -148,8 +173,9 @@ class Probe:
         self.node.create_subscription(String, "result", lambda m: self._add(self.results, json.loads(m.data)), reliable)
         self.node.create_subscription(String, "answer", lambda m: self._add(self.answers, m.data), reliable)
         self.node.create_subscription(Image, "saliency", lambda m: self._add(self.saliency, m), reliable)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: self._add(self.diagnostics, m),
-                                      reliable)
+        self.node.create_subscription(
+            DiagnosticArray, "/diagnostics", lambda m: self._add(self.diagnostics, m), reliable
+        )
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -175,8 +201,10 @@ class Probe:
         for array in reversed(self.diagnostics):
             for status in array.status:
                 if status.name.startswith(node_fqn + ":"):
-                    return {kv.key: kv.value for kv in status.values} | {"_level": status.level,
-                                                                         "_message": status.message}
+                    return {kv.key: kv.value for kv in status.values} | {
+                        "_level": status.level,
+                        "_message": status.message,
+                    }
         return None
 
     def result(self, request_id: str) -> dict | None:
@@ -201,8 +229,14 @@ class Probe:
         with self._cond:
             return list(self.results)
 
-    def send_frame(self, rgb: np.ndarray, sec: int, frame_id: str = "camera", encoding: str = "rgb8",
-                   mutate: Callable | None = None):
+    def send_frame(
+        self,
+        rgb: np.ndarray,
+        sec: int,
+        frame_id: str = "camera",
+        encoding: str = "rgb8",
+        mutate: Callable | None = None,
+    ):
         from std_msgs.msg import Header
 
         from ptp_ros.ros.conversions import array_to_imgmsg
@@ -216,8 +250,11 @@ class Probe:
 
     def wait_matched(self, timeout: float = 30.0) -> None:
         """Discovery: wait until the agent subscribes to our image and instruction topics."""
-        self.wait_for(lambda: self.image_pub.get_subscription_count() > 0
-                      and self.instruction_pub.get_subscription_count() > 0, timeout, "the agent's subscriptions")
+        self.wait_for(
+            lambda: self.image_pub.get_subscription_count() > 0 and self.instruction_pub.get_subscription_count() > 0,
+            timeout,
+            "the agent's subscriptions",
+        )
 
     def call(self, srv_type, name: str, request, timeout: float = 20.0):
         """A service call that waits in this thread while the probe's executor spins in its own."""
@@ -235,8 +272,9 @@ class Probe:
         from rclpy.parameter import Parameter
 
         msgs = [Parameter(k, value=v).to_parameter_msg() for k, v in params.items()]
-        return self.call(SetParameters, f"{node_fqn}/set_parameters", SetParameters.Request(parameters=msgs),
-                         timeout).results
+        return self.call(
+            SetParameters, f"{node_fqn}/set_parameters", SetParameters.Request(parameters=msgs), timeout
+        ).results
 
     def get_parameter(self, node_fqn: str, name: str, timeout: float = 20.0):
         from rcl_interfaces.srv import GetParameters
@@ -252,7 +290,6 @@ class Probe:
         self._thread.join(5.0)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
-
 
 
 # -- colcon and the real `ros2 launch` (vendored ros2/launch, ../shared/vendor/ros2-launch) -----------------
@@ -280,9 +317,26 @@ def colcon_build(workspace: Path) -> Path:
     env["AMENT_PREFIX_PATH"] = os.pathsep.join(p for p in (env.get("AMENT_PREFIX_PATH"), sys.prefix) if p)
     install = workspace / "install"
     select = ["--packages-select", "ptp_ros"] if importlib.util.find_spec("colcon_package_selection") else []
-    done = subprocess.run([colcon, "--log-base", str(workspace / "log"), "build", "--base-paths", str(ROOT),
-                           "--build-base", str(workspace / "build"), "--install-base", str(install), *select],
-                          cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            colcon,
+            "--log-base",
+            str(workspace / "log"),
+            "build",
+            "--base-paths",
+            str(ROOT),
+            "--build-base",
+            str(workspace / "build"),
+            "--install-base",
+            str(install),
+            *select,
+        ],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if done.returncode != 0 or not (install / "ptp_ros" / "share" / "ptp_ros" / "package.xml").is_file():
         raise RuntimeError(f"colcon build failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return install
@@ -302,14 +356,25 @@ class LaunchProcess:
     """``ros2 launch TARGET name:=value ...`` (the vendored stand-in, the real LaunchService) in its own
     process group; output goes to ``log_path``."""
 
-    def __init__(self, env: dict[str, str], install: Path, log_path: Path, target: list[str],
-                 arguments: dict[str, Any]):
-        args = [sys.executable, str(VENDOR_LAUNCH / "ros2_launch.py"), *target,
-                *(f"{key}:={value}" for key, value in arguments.items())]
+    def __init__(
+        self, env: dict[str, str], install: Path, log_path: Path, target: list[str], arguments: dict[str, Any]
+    ):
+        args = [
+            sys.executable,
+            str(VENDOR_LAUNCH / "ros2_launch.py"),
+            *target,
+            *(f"{key}:={value}" for key, value in arguments.items()),
+        ]
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(args, env=launch_env(env, install), stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=log_path.parent, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            env=launch_env(env, install),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=log_path.parent,
+            start_new_session=True,
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -359,8 +424,9 @@ class BagRecorder:
         rclpy.init(context=self.context)
         self.node = rclpy.create_node("bag_recorder", context=self.context)
         for topic, cls in topics.items():
-            self.node.create_subscription(cls, topic, lambda raw, t=topic: self._keep(t, raw),
-                                          qos or qos_profile_sensor_data, raw=True)
+            self.node.create_subscription(
+                cls, topic, lambda raw, t=topic: self._keep(t, raw), qos or qos_profile_sensor_data, raw=True
+            )
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -382,8 +448,9 @@ class BagRecorder:
         rclpy.try_shutdown(context=self.context)
         store = get_typestore(Stores.ROS2_KILTED)
         with Writer(self.path, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
-            connections = {topic: writer.add_connection(topic, msgtype, typestore=store)
-                           for topic, msgtype in self.topics.items()}
+            connections = {
+                topic: writer.add_connection(topic, msgtype, typestore=store) for topic, msgtype in self.topics.items()
+            }
             with self._lock:
                 for topic, log_ns, raw in self._messages:
                     writer.write(connections[topic], log_ns, raw)
@@ -403,8 +470,9 @@ def _slow_node_main() -> None:
     parser.add_argument("--load-delay-s", type=float, default=0.0)
     known, ros_args = parser.parse_known_args()
 
-    from ptp_ros.ros.node import AgentNode, main
     from rclpy.lifecycle import TransitionCallbackReturn
+
+    from ptp_ros.ros.node import AgentNode, main
 
     class SlowAgentNode(AgentNode):
         """The real node whose model takes ``--load-delay-s`` longer to load (uninterruptibly, like

@@ -1,5 +1,6 @@
 """ptp-eval: its shared-prefix scoring answers exactly what the library's Pipeline answers, its report
 is well formed, and the shipped proxy model solves the task with all tokens."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,15 @@ from ptp_ros_bench.accuracy import main
 from ptp_ros_bench.accuracy.methods import Method, comparison_methods
 from ptp_ros_bench.accuracy.runner import DOWNSCALED, FULL, GLOBAL_ONLY, Evaluator, Results, summarize_ci
 
-PEERS = [Method("ptp", "ptp"), Method("uniform", "uniform_cls"), Method("fastv", "fastv"),
-         Method("text_attention", "text_attention", reduce="mean"), Method("ptp in-LLM", "ptp", prune_in_llm=True),
-         Method("ptp candidates", "ptp", prune_in_llm=False, probe_candidates=3.0),
-         Method("ptp before the LLM", "ptp", prune_in_llm=False)]
+PEERS = [
+    Method("ptp", "ptp"),
+    Method("uniform", "uniform_cls"),
+    Method("fastv", "fastv"),
+    Method("text_attention", "text_attention", reduce="mean"),
+    Method("ptp in-LLM", "ptp", prune_in_llm=True),
+    Method("ptp candidates", "ptp", prune_in_llm=False, probe_candidates=3.0),
+    Method("ptp before the LLM", "ptp", prune_in_llm=False),
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +36,15 @@ def test_evaluator_answers_what_the_pipeline_answers(tiny_adapter, scene_and_que
     results = Results()
     Evaluator(tiny_adapter, PEERS, (1.0, 0.25)).scene(scene, questions, results)
     decode = tiny_adapter.processor.tokenizer.decode
-    configs = {"ptp": PipelineConfig(max_new_tokens=1),
-               "uniform": PipelineConfig(selector="uniform_cls", max_new_tokens=1),
-               "fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
-               "text_attention": PipelineConfig(selector="text_attention", max_new_tokens=1),
-               "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1),
-               "ptp candidates": PipelineConfig(prune_in_llm=False, probe_candidates=3.0, max_new_tokens=1),
-               "ptp before the LLM": PipelineConfig(prune_in_llm=False, max_new_tokens=1)}
+    configs = {
+        "ptp": PipelineConfig(max_new_tokens=1),
+        "uniform": PipelineConfig(selector="uniform_cls", max_new_tokens=1),
+        "fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
+        "text_attention": PipelineConfig(selector="text_attention", max_new_tokens=1),
+        "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1),
+        "ptp candidates": PipelineConfig(prune_in_llm=False, probe_candidates=3.0, max_new_tokens=1),
+        "ptp before the LLM": PipelineConfig(prune_in_llm=False, max_new_tokens=1),
+    }
     for label, config in configs.items():
         pipeline = Pipeline(tiny_adapter, config)
         for i, q in enumerate(questions):
@@ -69,8 +77,10 @@ def test_in_llm_rows_answer_what_the_pipeline_answers_with_3d_positions(qwen_ada
     results = Results()
     Evaluator(qwen_adapter, methods, (1.0, 0.25)).scene(scene, questions, results)
     decode = qwen_adapter.processor.tokenizer.decode
-    configs = {"fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
-               "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1)}
+    configs = {
+        "fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
+        "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1),
+    }
     for label, config in configs.items():
         pipeline = Pipeline(qwen_adapter, config)
         for i, q in enumerate(questions):
@@ -97,20 +107,30 @@ def test_shared_prefix_logits_equal_the_models_own_pruned_forward(qwen_adapter, 
     keep = kept_sequence_mask(ids, adapter.image_token_id, kept)
     positions = adapter.rope_positions(prepared)[:, :, keep]
     with torch.no_grad():
-        stock = model(input_ids=ids[:, keep], attention_mask=prepared.inputs["attention_mask"][:, keep],
-                      mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(visual.features[kept],))},
-                      position_ids=torch.cat([torch.arange(int(keep.sum())).view(1, 1, -1), positions])).logits[0, -1]
-        ours = answer_logits(model, prefix_embeddings(model, ids[0, :p], visual.features[kept])[None],
-                             [question_suffix(adapter.processor, questions[0].text)], 0,
-                             kept_positions(adapter.rope_positions(prepared), p, n, kept))[0]
-        renumbered = answer_logits(model, prefix_embeddings(model, ids[0, :p], visual.features[kept])[None],
-                                   [question_suffix(adapter.processor, questions[0].text)], 0)[0]
+        stock = model(
+            input_ids=ids[:, keep],
+            attention_mask=prepared.inputs["attention_mask"][:, keep],
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(visual.features[kept],))},
+            position_ids=torch.cat([torch.arange(int(keep.sum())).view(1, 1, -1), positions]),
+        ).logits[0, -1]
+        ours = answer_logits(
+            model,
+            prefix_embeddings(model, ids[0, :p], visual.features[kept])[None],
+            [question_suffix(adapter.processor, questions[0].text)],
+            0,
+            kept_positions(adapter.rope_positions(prepared), p, n, kept),
+        )[0]
+        renumbered = answer_logits(
+            model,
+            prefix_embeddings(model, ids[0, :p], visual.features[kept])[None],
+            [question_suffix(adapter.processor, questions[0].text)],
+            0,
+        )[0]
     assert torch.allclose(ours, stock, atol=1e-4)
     assert not torch.allclose(renumbered, stock, atol=1e-3)  # positions matter: the check can fail
 
 
-def test_evaluator_on_qwen_answers_what_the_pipeline_and_the_downscaled_model_answer(qwen_adapter,
-                                                                                       scene_and_questions):
+def test_evaluator_on_qwen_answers_what_the_pipeline_and_the_downscaled_model_answer(qwen_adapter, scene_and_questions):
     """Qwen2.5-VL: pruned answers are the pipeline's, and the max_pixels row is the model reading the
     smaller image, at most the budget's tokens."""
     from ptp_ros.pruning import resolve_budget
@@ -123,11 +143,14 @@ def test_evaluator_on_qwen_answers_what_the_pipeline_and_the_downscaled_model_an
     assert evaluator.downscales and (GLOBAL_ONLY, 0.0) not in results.correct
     decode = adapter.processor.tokenizer.decode
     n = adapter.encode(adapter.prepare(scene.image, questions[0].text)).num_tokens
-    small = Pipeline(adapter.downscaled(resolve_budget(n, keep_ratio=0.111), scene.image.shape[:2]),
-                     PipelineConfig(max_new_tokens=1))
+    small = Pipeline(
+        adapter.downscaled(resolve_budget(n, keep_ratio=0.111), scene.image.shape[:2]), PipelineConfig(max_new_tokens=1)
+    )
     pipeline = Pipeline(adapter, PipelineConfig(max_new_tokens=1))
-    answers = {label: [decode([t], skip_special_tokens=True).strip() for t in results.predicted[(label, r)]]
-               for label, r in ((FULL, 1.0), ("ptp", 0.111), (DOWNSCALED, 0.111))}
+    answers = {
+        label: [decode([t], skip_special_tokens=True).strip() for t in results.predicted[(label, r)]]
+        for label, r in ((FULL, 1.0), ("ptp", 0.111), (DOWNSCALED, 0.111))
+    }
     # the comparison below can tell rows apart: the rows' answers are not all one token
     assert len({t for key in results.predicted for t in results.predicted[key]}) > 1
     for i, q in enumerate(questions):
@@ -145,14 +168,40 @@ def test_wilson_interval():
 
 def test_methods_cover_the_issue():
     labels = {m.label for m in comparison_methods()}
-    assert {"ptp", "random", "HiRED", "FastV (in-LLM, K=2)", "DivPrune", "GlobalCom2", "uniform [CLS] top-k",
-            "ptp without region budgets", "ptp mean over instruction"} <= labels
+    assert {
+        "ptp",
+        "random",
+        "HiRED",
+        "FastV (in-LLM, K=2)",
+        "DivPrune",
+        "GlobalCom2",
+        "uniform [CLS] top-k",
+        "ptp without region budgets",
+        "ptp mean over instruction",
+    } <= labels
     assert len({m.key() for m in comparison_methods()}) == len(comparison_methods())
 
 
 def test_quick_report(tiny_model_dir, tmp_path):
-    assert main(["--model", str(tiny_model_dir), "--quick", "--scenes", "1", "--per-type", "1",
-                 "--ratios", "1", "0.111", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--quick",
+                "--scenes",
+                "1",
+                "--per-type",
+                "1",
+                "--ratios",
+                "1",
+                "0.111",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["questions"] == 4 and (tmp_path / "accuracy_vs_keep_ratio.png").stat().st_size > 1000
     entry = data["methods"]["ptp"]["ratios"]["0.111"]
@@ -161,8 +210,25 @@ def test_quick_report(tiny_model_dir, tmp_path):
 
 
 def test_quick_report_on_qwen_has_the_downscaling_row_and_no_global_view(qwen_model_dir, tmp_path):
-    assert main(["--model", str(qwen_model_dir), "--quick", "--scenes", "1", "--per-type", "1",
-                 "--ratios", "1", "0.25", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(qwen_model_dir),
+                "--quick",
+                "--scenes",
+                "1",
+                "--per-type",
+                "1",
+                "--ratios",
+                "1",
+                "0.25",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["global_only"] is None
     row = data["methods"][DOWNSCALED]["ratios"]["0.25"]

@@ -1,4 +1,5 @@
 """ptp-bench itself: --quick runs end to end and writes well-formed output (timings are not asserted)."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,9 @@ import json
 import pytest
 import torch
 
+from ptp_ros.pruning import selector_names
 from ptp_ros_bench import cli
 from ptp_ros_bench.cost_model import kv_bytes_per_token, kv_cache_bytes
-from ptp_ros.pruning import selector_names
 from ptp_ros_bench.measure import DEFAULT_SELECTORS, BenchSelector, _llm_dims, oracle_indices
 from ptp_ros_bench.report import STAGES, summarize, upgrade_run
 
@@ -24,16 +25,25 @@ def test_default_rows_are_every_registered_selector_with_its_own_reduction():
     assert {s.selector for s in DEFAULT_SELECTORS} == {*selector_names(), None}  # None: the oracle
     assert len({s.name for s in DEFAULT_SELECTORS}) == len(DEFAULT_SELECTORS)
     by = {s.name: s for s in DEFAULT_SELECTORS}
-    assert (by["text_attention"].reduce, by["fastv"].reduce, by["ptp"].reduce, by["oracle"].reduce) == \
-        ("mean", "max", "max", "max")
+    assert (by["text_attention"].reduce, by["fastv"].reduce, by["ptp"].reduce, by["oracle"].reduce) == (
+        "mean",
+        "max",
+        "max",
+        "max",
+    )
     assert BenchSelector("ptp mean", "ptp", reduce="mean").reduce == "mean"
     with pytest.raises(ValueError, match="contradicts"):
         BenchSelector("x", "text_attention", reduce="max")
 
 
 def test_quick_writes_results_report_and_plots(quick_out):
-    for name in ("results.json", "README.md", "latency_vs_keep_ratio.png", "flops_vs_keep_ratio.png",
-                 "stage_breakdown.png"):
+    for name in (
+        "results.json",
+        "README.md",
+        "latency_vs_keep_ratio.png",
+        "flops_vs_keep_ratio.png",
+        "stage_breakdown.png",
+    ):
         assert (quick_out / name).stat().st_size > 0, name
     assert not list(quick_out.glob("raw-*.json"))
     for png in quick_out.glob("*.png"):
@@ -54,8 +64,11 @@ def test_quick_results_are_well_formed(quick_out):
         assert all(record[s] >= 0 for s in STAGES)
         assert record["e2e_ms"] == pytest.approx(sum(record[s] for s in STAGES))
         assert record["peak_rss_mib"] is None or record["peak_rss_mib"] > 0
-        expected = record["visual_tokens"] if record["selector"] == "unpruned" else \
-            round(record["keep_ratio"] * record["visual_tokens"])
+        expected = (
+            record["visual_tokens"]
+            if record["selector"] == "unpruned"
+            else round(record["keep_ratio"] * record["visual_tokens"])
+        )
         assert record["kept"] == expected
     quiet = {s.name for s in DEFAULT_SELECTORS if s.bound() is None or not s.bound().needs_relevance}
     assert {"hired", "divprune", "oracle", "ptp_no_instruction"} <= quiet and not {"ptp", "fastv"} & quiet
@@ -80,26 +93,40 @@ def test_in_llm_rows_prune_inside_the_prefill_and_every_row_has_its_total_flops(
             assert r["prompt_tokens"] == s["text_tokens"] + s["visual_tokens"]
             pre = by[("text_attention", ratio, rep)]  # the same kept count, pruned before the LLM
             assert pre["prune_layer"] is None and pre["prompt_tokens"] == s["text_tokens"] + r["kept"]
-            kv = kv_cache_bytes({"llm": s["llm"]}, r["prompt_tokens"] + r["new_tokens"] - 1,
-                                pre["prompt_tokens"] + r["new_tokens"] - 1, 2, 4)
+            kv = kv_cache_bytes(
+                {"llm": s["llm"]},
+                r["prompt_tokens"] + r["new_tokens"] - 1,
+                pre["prompt_tokens"] + r["new_tokens"] - 1,
+                2,
+                4,
+            )
             assert r["kv_cache_mib"] == pytest.approx(kv / 2**20) and r["kv_cache_mib"] > pre["kv_cache_mib"]
     summary = {(r["selector"], r["keep_ratio"]): r for r in run["summary"]}
     assert summary[("unpruned", 1.0)]["flops"]["ratio"] == 1
-    ninth = {name: summary[(name, 0.111)]["flops"] for name in ("ptp", "ptp_in_llm", "fastv", "text_attention",
-                                                                 "uniform_cls", "divprune", "oracle")}
+    ninth = {
+        name: summary[(name, 0.111)]["flops"]
+        for name in ("ptp", "ptp_in_llm", "fastv", "text_attention", "uniform_cls", "divprune", "oracle")
+    }
     assert ninth["uniform_cls"]["ratio"] == ninth["oracle"]["ratio"] < ninth["divprune"]["ratio"]
     assert ninth["fastv"]["ratio"] < ninth["ptp_in_llm"]["ratio"] < ninth["ptp"]["ratio"]
     # the same probe and prefill; PTP's diverse pick adds its per-region feature distances
     assert ninth["ptp"]["ratio"] > ninth["text_attention"]["ratio"]
     analytic = {t["target"]: t for t in run["targets"]}
-    assert analytic["same, total LLM FLOPs of PTP, its instruction probe included"]["value"] == \
-        pytest.approx(0.182, abs=0.002)
+    assert analytic["same, total LLM FLOPs of PTP, its instruction probe included"]["value"] == pytest.approx(
+        0.182, abs=0.002
+    )
 
 
 def test_runs_measured_before_in_llm_fastv_show_its_emulation_as_text_attention():
-    old = {"settings": {"selectors": [{"name": "ptp", "selector": "ptp", "options": {}, "reduce": "max"},
-                                      {"name": "fastv", "selector": "fastv", "options": {}, "reduce": "mean"}]},
-           "records": [{"selector": "fastv"}, {"selector": "ptp"}]}
+    old = {
+        "settings": {
+            "selectors": [
+                {"name": "ptp", "selector": "ptp", "options": {}, "reduce": "max"},
+                {"name": "fastv", "selector": "fastv", "options": {}, "reduce": "mean"},
+            ]
+        },
+        "records": [{"selector": "fastv"}, {"selector": "ptp"}],
+    }
     run = upgrade_run(old)
     assert [r["selector"] for r in run["records"]] == ["text_attention", "ptp"]
     assert run["settings"]["selectors"][1]["selector"] == "text_attention" and run["settings"]["notes"]
@@ -127,8 +154,9 @@ def test_report_only_rebuilds_from_results(quick_out):
 
 
 def test_summary_median_min_max():
-    records = [{"selector": "ptp", "keep_ratio": 0.5, **{s: v for s in STAGES}, "e2e_ms": 6 * v}
-               for v in (3.0, 1.0, 2.0)]
+    records = [
+        {"selector": "ptp", "keep_ratio": 0.5, **{s: v for s in STAGES}, "e2e_ms": 6 * v} for v in (3.0, 1.0, 2.0)
+    ]
     (row,) = summarize(records)
     assert row["e2e_ms"] == {"median": 12.0, "min": 6.0, "max": 18.0}
     assert row["overhead_ms"]["median"] == 4.0 and row["n"] == 3
@@ -167,8 +195,24 @@ def test_downscaling_baseline_for_models_that_can_read_fewer_pixels(tmp_path):
 
     model = build_tiny_qwen2_5_vl(tmp_path / "tiny-qwen2_5_vl")
     out = tmp_path / "bench"
-    assert cli.main(["--out", str(out), "--quick", "--model", str(model), "--selectors", "ptp,oracle",
-                     "--keep-ratios", "1,0.25", "--repetitions", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "--out",
+                str(out),
+                "--quick",
+                "--model",
+                str(model),
+                "--selectors",
+                "ptp,oracle",
+                "--keep-ratios",
+                "1,0.25",
+                "--repetitions",
+                "1",
+            ]
+        )
+        == 0
+    )
     (run,) = json.loads((out / "results.json").read_text())["runs"]
     assert run["model"] == "tiny-qwen2_5_vl" and run["settings"]["tiles"] is None
     cells = {r["selector"]: r for r in run["records"]}

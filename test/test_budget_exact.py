@@ -1,5 +1,6 @@
 """Budgets are exact: no request gets more visual tokens than it asked for, under any newline policy or
 selector, and the JSON's numbers agree with each other."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,11 @@ def visual(tiny_adapter, sample_image):
 
 @pytest.fixture(scope="module")
 def pipelines(tiny_adapter):
-    return {(name, policy): Pipeline(tiny_adapter, PipelineConfig(selector=name, newline_policy=policy))
-            for name in selector_names() for policy in NEWLINE_POLICIES}
+    return {
+        (name, policy): Pipeline(tiny_adapter, PipelineConfig(selector=name, newline_policy=policy))
+        for name in selector_names()
+        for policy in NEWLINE_POLICIES
+    }
 
 
 def check(pipeline: Pipeline, visual, tokens: int) -> dict:
@@ -48,8 +52,15 @@ def check(pipeline: Pipeline, visual, tokens: int) -> dict:
     assert bool((region != NO_REGION).any())  # never only newlines
     if pipeline.config.newline_policy == "drop" and budget < visual.num_tokens:
         assert not bool((region == NO_REGION).any())
-    data = Answer(text="", selection=selection, visual=visual, timings_ms={}, prompt_tokens=0, new_tokens=0,
-                  selector=pipeline.selector.name).to_dict()
+    data = Answer(
+        text="",
+        selection=selection,
+        visual=visual,
+        timings_ms={},
+        prompt_tokens=0,
+        new_tokens=0,
+        selector=pipeline.selector.name,
+    ).to_dict()
     assert data["visual_tokens_total"] == visual.num_tokens
     assert data["visual_tokens_kept"] == selection.num_kept
     assert sum(q["kept"] for q in data["quotas"]) + data["structural_kept"] == data["visual_tokens_kept"]
@@ -94,8 +105,11 @@ def test_small_keep_budgets_keep_only_the_newlines_of_kept_rows(pipelines, visua
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tokens=st.integers(min_value=1, max_value=TOTAL + 50), policy=st.sampled_from(NEWLINE_POLICIES),
-       name=st.sampled_from(["ptp", "random", "uniform_cls", "hired", "fastv", "text_attention", "globalcom2"]))
+@given(
+    tokens=st.integers(min_value=1, max_value=TOTAL + 50),
+    policy=st.sampled_from(NEWLINE_POLICIES),
+    name=st.sampled_from(["ptp", "random", "uniform_cls", "hired", "fastv", "text_attention", "globalcom2"]),
+)
 def test_any_token_budget_is_respected(pipelines, visual, tokens, policy, name):
     check(pipelines[name, policy], visual, tokens)
 

@@ -1,5 +1,6 @@
 """One budget path: a keep ratio is checked by one function wherever it enters (CLI, node parameters, node
 requests, the library), converted to tokens once, and options that do not apply are refused."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def test_every_entry_refuses_the_same_keep_ratios_with_the_same_words(bad):
             parse_request(json.dumps({"text": "q", "keep_ratio": bad}), "r", 100)
     if isinstance(bad, float):
         assert any(MESSAGE in p for p in Settings(keep_ratio=bad).problems())
-        assert any("keep_ratio_min must be in (0, 1]" in p
-                   for p in Settings(keep_ratio_min=bad, keep_ratio_max=1.0).problems())
+        assert any(
+            "keep_ratio_min must be in (0, 1]" in p for p in Settings(keep_ratio_min=bad, keep_ratio_max=1.0).problems()
+        )
 
 
 @pytest.mark.parametrize("good", [1e-6, 0.111, 1.0, 1])

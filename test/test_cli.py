@@ -1,4 +1,5 @@
 """``ptp-ask`` as a user runs it: answers, JSON, saliency image, and one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,21 @@ def _repo_root(monkeypatch, request):
 
 def test_json_answer_and_saliency(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "saliency.png"
-    rc = ask_main([SAMPLE, "where is the red circle?", "--model", str(tiny_model_dir), "--keep-ratio", "0.25",
-                   "--json", "--saliency", str(out), "--max-new-tokens", "3"])
+    rc = ask_main(
+        [
+            SAMPLE,
+            "where is the red circle?",
+            "--model",
+            str(tiny_model_dir),
+            "--keep-ratio",
+            "0.25",
+            "--json",
+            "--saliency",
+            str(out),
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert data["visual_tokens_total"] == 1948 and data["visual_tokens_kept"] == 487
@@ -32,25 +46,45 @@ def test_json_answer_and_saliency(tiny_model_dir, tmp_path, capsys):
 
 
 def test_token_budget_and_plain_answer(tiny_model_dir, capsys):
-    assert ask_main([SAMPLE, "what is there?", "--model", str(tiny_model_dir), "--tokens", "100", "--json",
-                     "--max-new-tokens", "2"]) == 0
+    assert (
+        ask_main(
+            [
+                SAMPLE,
+                "what is there?",
+                "--model",
+                str(tiny_model_dir),
+                "--tokens",
+                "100",
+                "--json",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["visual_tokens_kept"] == 100
     assert ask_main([SAMPLE, "what is there?", "--model", str(tiny_model_dir), "--max-new-tokens", "2"]) == 0
     text = capsys.readouterr().out
     assert text.strip() and not text.lstrip().startswith("{")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.jpg", "hi"], "image not found"),
-    (["setup.py", "hi"], "cannot read image"),
-    ([SAMPLE, "   "], "instruction is empty"),
-    ([SAMPLE, "hi", "--keep-ratio", "1.5"], "keep_ratio must be in (0, 1]"),
-    ([SAMPLE, "hi", "--keep-ratio", "0.5", "--tokens", "3"], "not allowed with"),
-    ([SAMPLE, "hi", "--model", "/no/such/model"], "not found"),
-    ([SAMPLE, "hi", "--selector", "magic"], "unknown selector"),
-    ([SAMPLE, "hi", "--selector", "fastv", "--alpha", "0.3"], "PTP's options (alpha, ...) do not apply to selector 'fastv'"),
-    ([SAMPLE, "hi", "--saliency", "/no/such/dir/x.png"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.jpg", "hi"], "image not found"),
+        (["setup.py", "hi"], "cannot read image"),
+        ([SAMPLE, "   "], "instruction is empty"),
+        ([SAMPLE, "hi", "--keep-ratio", "1.5"], "keep_ratio must be in (0, 1]"),
+        ([SAMPLE, "hi", "--keep-ratio", "0.5", "--tokens", "3"], "not allowed with"),
+        ([SAMPLE, "hi", "--model", "/no/such/model"], "not found"),
+        ([SAMPLE, "hi", "--selector", "magic"], "unknown selector"),
+        (
+            [SAMPLE, "hi", "--selector", "fastv", "--alpha", "0.3"],
+            "PTP's options (alpha, ...) do not apply to selector 'fastv'",
+        ),
+        ([SAMPLE, "hi", "--saliency", "/no/such/dir/x.png"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, capsys, args, message):
     if "--model" not in args:
         args = [*args, "--model", str(tiny_model_dir)]
@@ -71,9 +105,24 @@ def exit_code(args: list[str]) -> int:
 def test_console_script_uses_the_built_in_model(tmp_path):
     """The README's first command: no --model, the default model is built on first use."""
     env = {"PTP_ROS_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "ptp_ros.cli", SAMPLE, "what colour is the circle?",
-                           "--keep-ratio", "0.111", "--json", "--max-new-tokens", "2"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ptp_ros.cli",
+            SAMPLE,
+            "what colour is the circle?",
+            "--keep-ratio",
+            "0.111",
+            "--json",
+            "--max-new-tokens",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["visual_tokens_kept"] == round(0.111 * data["visual_tokens_total"])

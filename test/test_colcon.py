@@ -2,6 +2,7 @@
 ``src/ptp_ros_interfaces -> ptp_ros/ptp_ros_interfaces`` that lets colcon's crawl (which never descends into a
 package) find the interface package (docs/ros.md).  Here on top of the pip venv's ROS 2 wheels.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,11 @@ COLCON = shutil.which("colcon", path=str(Path(sys.executable).parent)) or shutil
 pytestmark = [
     pytest.mark.skipif(COLCON is None, reason="colcon is not installed (pip install -e .[dev])"),
     pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed"),
-    pytest.mark.skipif(not (Path(sys.prefix) / "share" / "rosidl_default_generators").is_dir()
-                       and not os.environ.get("AMENT_PREFIX_PATH"),
-                       reason="no ROS 2 build tools: neither the pip wheels (pip install -e .[ros]) nor a sourced ROS"),
+    pytest.mark.skipif(
+        not (Path(sys.prefix) / "share" / "rosidl_default_generators").is_dir()
+        and not os.environ.get("AMENT_PREFIX_PATH"),
+        reason="no ROS 2 build tools: neither the pip wheels (pip install -e .[ros]) nor a sourced ROS",
+    ),
 ]
 
 
@@ -77,10 +80,17 @@ def test_the_built_action_imports_from_the_install_space_and_serves(workspace):
         "ActionServer(node, Ask, 'ask', lambda handle: Ask.Result())\n"
         "ActionClient(node, Ask, 'ask')\n"
         "print(ptp_ros_interfaces.__file__, Ask.Feedback.STAGE_DECODING, Ask.Result().latency_ms.total)\n"
-        "rclpy.shutdown()\n")
+        "rclpy.shutdown()\n"
+    )
     env = {**os.environ, "ROS_LOG_DIR": str(workspace / "ros_log"), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-    done = subprocess.run(["bash", "-c", f". install/setup.bash && {sys.executable} -c \"$0\"", script],
-                          cwd=workspace, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["bash", "-c", f'. install/setup.bash && {sys.executable} -c "$0"', script],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     module, stage, total = done.stdout.split()
     assert Path(module).resolve().is_relative_to((workspace / "install" / "ptp_ros_interfaces").resolve())

@@ -1,5 +1,6 @@
 """The analytic cost model against the published LLaVA-NeXT figures (anchors.md, Table A2-3), and the totals
 per method with every scoring pass (issue 11)."""
+
 from __future__ import annotations
 
 import pytest
@@ -102,8 +103,9 @@ def test_passes_come_from_the_library_selectors_and_plans():
     from ptp_ros.pruning import PTPConfig
 
     if "within_region" in PTPConfig.__dataclass_fields__:  # PTP's diverse within-region pick
-        assert passes_for("ptp", {"within_region": "diverse"}, prune_in_llm=False) == \
-            Passes(probe_layer=2, diversity="per_region")
+        assert passes_for("ptp", {"within_region": "diverse"}, prune_in_llm=False) == Passes(
+            probe_layer=2, diversity="per_region"
+        )
     for unscored in (None, "unpruned", "oracle", "max_pixels"):
         assert passes_for(unscored) == Passes()
 
@@ -117,8 +119,9 @@ def test_every_registered_selector_costs_what_it_declares(name, prune_in_llm):
     passes = passes_for(name, prune_in_llm=prune_in_llm)
     assert (passes.probe_layer is not None or passes.in_llm) == bound.needs_relevance
     assert passes.diversity == bound.distances
-    assert passes.in_llm == (bound.in_llm is not None or (prune_in_llm and bound.spec.relevance_in_llm
-                                                           and bound.needs_relevance))
+    assert passes.in_llm == (
+        bound.in_llm is not None or (prune_in_llm and bound.spec.relevance_in_llm and bound.needs_relevance)
+    )
     if not bound.needs_relevance and bound.distances is None:
         assert passes == Passes()
 
@@ -161,8 +164,9 @@ def test_in_llm_ptp_is_cheaper_than_ptp_with_a_separate_probe():
         plain = _ratio(SEVEN, kept, Passes())
         assert plain < inside < before
     # on 7B it saves the 2 layers the probe ran and the pruned prefill re-runs: ≈ 2/32 of the pruned prefill
-    assert _ratio(SEVEN, 320, passes_for("ptp", prune_in_llm=False)) - _ratio(SEVEN, 320, passes_for("ptp", prune_in_llm=True)) == \
-        pytest.approx(2 / 32 * 0.117, rel=0.1)
+    assert _ratio(SEVEN, 320, passes_for("ptp", prune_in_llm=False)) - _ratio(
+        SEVEN, 320, passes_for("ptp", prune_in_llm=True)
+    ) == pytest.approx(2 / 32 * 0.117, rel=0.1)
 
 
 def test_divprune_selection_is_counted_beside_the_llm():
@@ -179,8 +183,9 @@ def test_keeping_everything_scores_nothing():
     for selector in ("ptp", "fastv", "divprune", "uniform_cls"):
         assert total_prefill_flops(SEVEN, 60, 2880, 2880, passes_for(selector)) == unpruned
     # a FastV K past the last layer installs nothing: the stock prefill
-    assert total_prefill_flops(FOUR_LAYERS, 40, 100, 10, passes_for("fastv", {"k": 4})) == \
-        prefill_flops(FOUR_LAYERS, 140)
+    assert total_prefill_flops(FOUR_LAYERS, 40, 100, 10, passes_for("fastv", {"k": 4})) == prefill_flops(
+        FOUR_LAYERS, 140
+    )
 
 
 def test_cost_table_has_per_method_totals_with_scoring():
@@ -190,8 +195,13 @@ def test_cost_table_has_per_method_totals_with_scoring():
     assert totals["unpruned"]["ratio"] == 1 and totals["no_instruction"]["ratio"] == rows[0.111]["prefill_ratio"]
     assert totals["ptp"]["ratio"] == pytest.approx(0.182, abs=0.002)
     assert totals["ptp"]["scoring_tflops"] == pytest.approx(rows[0.111]["relevance_tflops_layer2"])
-    assert totals["no_instruction"]["ratio"] < totals["divprune"]["ratio"] < totals["fastv"]["ratio"] \
-        < totals["ptp_in_llm"]["ratio"] < totals["ptp"]["ratio"]
+    assert (
+        totals["no_instruction"]["ratio"]
+        < totals["divprune"]["ratio"]
+        < totals["fastv"]["ratio"]
+        < totals["ptp_in_llm"]["ratio"]
+        < totals["ptp"]["ratio"]
+    )
     assert all(t["ratio"] == 1 for t in rows[1.0]["totals"].values())
 
 

@@ -1,6 +1,7 @@
 """``ptp-eval --data``: a user's labelled frames scored through ``Pipeline.answer`` give, question for
 question, what ``ptp-eval`` scores on the same proxy scenes; the run resumes from its cache; bad input is
 one clear line."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,7 @@ def test_cli_data_faults_are_one_line(frames, tmp_path, capsys):
     image = frames.parent / "images" / "proxy_test_0000.png"
     cases = {
         '{"image": "nope.png", "question": "q ?", "answers": ["a"]}\n': "bad.jsonl:1: image 'nope.png' not found",
-        f'{{"image": "{image}", "question": "q ?", "answers": ["a"]}}\n{{"image": \n':
-            "bad.jsonl:2: not a JSON object",
+        f'{{"image": "{image}", "question": "q ?", "answers": ["a"]}}\n{{"image": \n': "bad.jsonl:2: not a JSON object",
         f'{{"image": "{image}", "question": "", "answers": ["a"]}}\n': "bad.jsonl:1: 'question' must be",
         f'{{"image": "{image}", "question": "q ?", "answers": []}}\n': "bad.jsonl:1: 'answers' must be",
         f'{{"id": 1, "image": "{image}", "question": "q", "answers": ["a"]}}\n'
@@ -98,8 +98,23 @@ def test_cli_data_faults_are_one_line(frames, tmp_path, capsys):
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"not an image")
     bad.write_text(json.dumps({"image": "garbage.png", "question": "q ?", "answers": ["a"]}) + "\n")
-    assert main(["--data", str(bad), "--methods", "ptp", "--ratios", "0.5", "--max-new-tokens", "1",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "--data",
+                str(bad),
+                "--methods",
+                "ptp",
+                "--ratios",
+                "0.5",
+                "--max-new-tokens",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "garbage.png: not an image OpenCV can read" in capsys.readouterr().err
     assert main(["--data", str(frames), "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

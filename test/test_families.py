@@ -1,5 +1,6 @@
 """What every registered model family must do, on its tiny checkpoint: a new family (docs/models.md, "Adding a
 model family") runs these by being registered."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,7 @@ def test_keep_all_is_token_for_token_stock_generate_even_after_a_pruned_run(adap
     assert adapter.generate_reference(prepared, max_new_tokens=8).token_ids == reference.token_ids
 
 
-def test_pruned_features_reach_the_llm_in_order_without_the_pruned_placeholders(adapter, prepared, visual,
-                                                                                 monkeypatch):
+def test_pruned_features_reach_the_llm_in_order_without_the_pruned_placeholders(adapter, prepared, visual, monkeypatch):
     seen = {}
     original = adapter.model.generate
     monkeypatch.setattr(adapter.model, "generate", lambda **kw: seen.update(kw) or original(**kw))

@@ -1,5 +1,6 @@
 """How PTP puts bottom-up saliency and top-down relevance on one scale: an uninformative (diffuse)
 relevance must leave the saliency ranking alone; an informative (peaked) one must still take over."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,9 @@ def test_a_diffuse_relevance_leaves_the_saliency_ranking_unchanged(diffuse):
     rel = torch.full((scores.num_tokens,), 1e-3)
     if diffuse != "uniform":
         rel = rel * (1 + 0.01 * torch.rand(scores.num_tokens, generator=g))
-    scores = TokenScores(region=scores.region, saliency=scores.saliency, region_saliency=scores.region_saliency,
-                         relevance=rel)
+    scores = TokenScores(
+        region=scores.region, saliency=scores.saliency, region_saliency=scores.region_saliency, relevance=rel
+    )
     fused = fused_scores(scores, 0.5, "rank_concentration")
     for r in (0, 1):
         want, got = order(scores.saliency, scores.region, r), order(fused, scores.region, r)
@@ -44,8 +46,10 @@ def test_a_diffuse_relevance_leaves_the_saliency_ranking_unchanged(diffuse):
     # today's min-max fusion lets the same diffuse noise decide the order below each tile's favourite
     minmax = fused_scores(scores, 0.5, "minmax")
     if diffuse != "uniform":
-        overlap = len(set(order(scores.saliency, scores.region, 0)[:50].tolist())
-                      & set(order(minmax, scores.region, 0)[:50].tolist()))
+        overlap = len(
+            set(order(scores.saliency, scores.region, 0)[:50].tolist())
+            & set(order(minmax, scores.region, 0)[:50].tolist())
+        )
         assert overlap < 25
 
 
@@ -54,8 +58,9 @@ def test_a_peaked_relevance_still_takes_over():
     rel = torch.full((scores.num_tokens,), 1e-4)
     target = 300  # low saliency, but the instruction attends to it (a 20th of the tile's attention mass)
     rel[target] = rel[:576].sum() / 19
-    scores = TokenScores(region=scores.region, saliency=scores.saliency, region_saliency=scores.region_saliency,
-                         relevance=rel)
+    scores = TokenScores(
+        region=scores.region, saliency=scores.saliency, region_saliency=scores.region_saliency, relevance=rel
+    )
     kept = ptp_select(scores, 16, PTPConfig(alpha=0.5, fusion="rank_concentration")).kept
     assert target in kept.tolist()
     assert target not in ptp_select(scores, 16, PTPConfig(alpha=0.0)).kept.tolist()

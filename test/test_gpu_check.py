@@ -1,5 +1,6 @@
 """The prepared GPU check runs end to end (here on the CPU, on the tiny model): keep-all = stock generate,
 then ptp-eval --data on the bundled frames; a model that does not load is one line."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,23 @@ def test_bundled_frames_are_a_valid_data_file():
 
 def test_equivalence_holds_on_the_qwen_proxy_and_reports_each_frame(tmp_path, capsys):
     out = tmp_path / "eq.json"
-    assert equivalence.main(["--model", str(PROXY_QWEN_MODEL), "--frames", "1", "--max-new-tokens", "4",
-                             "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        equivalence.main(
+            [
+                "--model",
+                str(PROXY_QWEN_MODEL),
+                "--frames",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["all_equal"] and len(report["frames"][0]["stock"]) == 4
     assert "keep-all = stock generate on 1 frame(s): yes" in capsys.readouterr().out
@@ -32,10 +48,23 @@ def test_equivalence_holds_on_the_qwen_proxy_and_reports_each_frame(tmp_path, ca
 
 
 def test_gpu_check_script_runs_through_on_the_cpu(tmp_path):
-    env = {**os.environ, "DEVICE": "cpu", "DTYPE": "float32", "SKIP_BENCH": "1", "RATIOS": "0.111", "METHODS": "ptp", "LIMIT": "6",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "tiny", str(tmp_path / "out")], env=env,
-                         capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "DTYPE": "float32",
+        "SKIP_BENCH": "1",
+        "RATIOS": "0.111",
+        "METHODS": "ptp",
+        "LIMIT": "6",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    run = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "tiny", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "keep-all = stock generate: yes" in run.stdout
     assert json.loads((tmp_path / "out" / "equivalence.json").read_text())["all_equal"]

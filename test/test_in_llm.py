@@ -1,4 +1,5 @@
 """Pruning inside the LLM (FastV as its code runs it, PTP's in-LLM variant) on the stock tiny models."""
+
 from __future__ import annotations
 
 import pytest
@@ -80,8 +81,10 @@ def test_layers_from_k_on_read_only_the_kept_tokens_at_their_own_positions(tiny_
     visual = tiny_adapter.encode(prepared)
     lm = tiny_adapter.model.model.language_model
     seen = []
-    handles = [layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
-               for layer in lm.layers]
+    handles = [
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+        for layer in lm.layers
+    ]
     try:
         out = tiny_adapter.generate(prepared, visual, None, 1, in_llm=(InLLMPruning.fastv(k), top(budget)))
     finally:
@@ -111,9 +114,11 @@ def test_ptp_in_llm_keeps_what_ptp_before_the_llm_keeps(tiny_adapter, sample_ima
     """Same layer, same rows, same input (layers below it over the whole prompt): the same choice; only where
     the dropping happens differs — and the in-LLM prefill skips the separate probe."""
     before = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=2, prune_in_llm=False)).answer(
-        sample_image, INSTRUCTION, keep_ratio=0.111)
+        sample_image, INSTRUCTION, keep_ratio=0.111
+    )
     inside = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=2, prune_in_llm=True)).answer(
-        sample_image, INSTRUCTION, keep_ratio=0.111)
+        sample_image, INSTRUCTION, keep_ratio=0.111
+    )
     assert torch.equal(before.selection.kept, inside.selection.kept)
     assert before.timings_ms["score"] > 0 and inside.prompt_tokens > before.prompt_tokens
 

@@ -1,4 +1,5 @@
 """InternVL adapter on the tiny model: probe = eager attention, pooling = pixel_shuffle, pruning is exact."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,16 @@ def test_cls_probe_matches_eager_attention(adapter, prepared, eager_model):
 
 def test_probe_reads_queries_after_qk_norm():
     """InternViT-6B normalises q and k after the projections: only the q_norm/k_norm outputs are exact."""
-    config = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=56, patch_size=14, use_qk_norm=True, attn_implementation="eager")
+    config = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+        use_qk_norm=True,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     tower = InternVLVisionModel(config).eval()
     attention = tower.encoder.layer[1].attention
@@ -44,8 +53,7 @@ def test_probe_reads_queries_after_qk_norm():
     pixels = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         ref = tower(pixels, output_attentions=True).attentions[1][:, :, 0, 1:].mean(1)
-        with ClsAttentionProbe(attention, query="q_norm", key="k_norm") as normed, \
-                ClsAttentionProbe(attention) as raw:
+        with ClsAttentionProbe(attention, query="q_norm", key="k_norm") as normed, ClsAttentionProbe(attention) as raw:
             tower(pixels)
     assert torch.allclose(normed.cls_attention(), ref, atol=1e-6)
     assert not torch.allclose(raw.cls_attention(), ref, atol=1e-4)
@@ -108,8 +116,9 @@ def test_instruction_attention_matches_eager_llm(adapter, prepared, visual, eage
         attn = eager_model.model.language_model(inputs_embeds=embeds, output_attentions=True).attentions
     ref = attn[adapter.options.llm_layer][0].mean(0)[query_pos][:, image_pos]
     assert torch.allclose(rows, ref, atol=1e-5)
-    again = text_to_token_attention(adapter.model.model.language_model, embeds, adapter.options.llm_layer,
-                                    query_pos, image_pos)
+    again = text_to_token_attention(
+        adapter.model.model.language_model, embeds, adapter.options.llm_layer, query_pos, image_pos
+    )
     assert torch.equal(again, rows)
 
 
@@ -120,9 +129,11 @@ def test_features_fed_back_give_the_models_own_prefill(adapter, prepared, visual
     inputs = prepared.inputs
     with torch.no_grad():
         stock = adapter.model(**inputs).logits[:, -1]
-        ours = adapter.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                             mm_encoder_outputs={"image": BaseModelOutputWithPooling(
-                                 pooler_output=visual.features[None])}).logits[:, -1]
+        ours = adapter.model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=visual.features[None])},
+        ).logits[:, -1]
     assert torch.allclose(stock, ours, atol=1e-5)
 
 

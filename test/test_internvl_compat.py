@@ -1,4 +1,5 @@
 """The torchvision-less processor shim (ptp_ros/vlm/compat.py): it works, and it is still needed."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +9,6 @@ import textwrap
 import numpy as np
 import pytest
 from transformers import AutoProcessor, InternVLProcessor, LlavaNextProcessor, Qwen2_5_VLProcessor
-
 from transformers.processing_utils import ProcessorMixin
 
 from ptp_ros.testing.common import FIXTURES
@@ -38,7 +38,8 @@ def test_stock_processor_still_needs_the_shim():
     result = subprocess.run([sys.executable, "-c", STOCK_BUILD], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, (
         "the stock InternVL/Qwen2.5-VL processors now build without a video processor; remove "
-        f"ptp_ros/vlm/compat.py and its calls.\nstdout: {result.stdout}\nstderr: {result.stderr[-2000:]}")
+        f"ptp_ros/vlm/compat.py and its calls.\nstdout: {result.stdout}\nstderr: {result.stderr[-2000:]}"
+    )
     assert "VIDEO_PROCESSOR_MAPPING" in result.stdout
 
 
@@ -51,8 +52,9 @@ def test_shimmed_processor_saves_loads_and_processes(tmp_path, family):
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is type(built)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
-    prompt = built.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                                       add_generation_prompt=True)
+    prompt = built.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], add_generation_prompt=True
+    )
     a, b = built(images=image, text=prompt, return_tensors="pt"), loaded(images=image, text=prompt, return_tensors="pt")
     assert a["input_ids"].tolist() == b["input_ids"].tolist() and (a["pixel_values"] == b["pixel_values"]).all()
 

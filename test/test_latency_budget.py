@@ -1,5 +1,6 @@
 """The latency model and keep-ratio controller: unit tests on synthetic timings, then the real serving
 loop on the tiny model with an injected slow stage."""
+
 from __future__ import annotations
 
 import time
@@ -7,9 +8,9 @@ import time
 import cv2
 import numpy as np
 import pytest
+from ros_helpers import SlowAdapter
 
 from ptp_ros.latency_budget import LatencyModel, choose_keep_ratio, fit_line
-from ros_helpers import SlowAdapter
 
 N = 2000
 
@@ -17,8 +18,14 @@ N = 2000
 def stages(kept: int, total: int = N, new_tokens: int = 8, noise: float = 0.0) -> dict[str, float]:
     """A synthetic model: 100 ms fixed, prefill 1 ms per token, decode 10 ms per generated token;
     scoring (50 ms) is skipped when every token is kept, as the pipeline does."""
-    return {"preprocess": 40.0 + noise, "encode": 60.0, "score": 0.0 if kept >= total else 50.0, "select": 1.0,
-            "prefill": 1.0 * kept, "decode": 10.0 * (new_tokens - 1)}
+    return {
+        "preprocess": 40.0 + noise,
+        "encode": 60.0,
+        "score": 0.0 if kept >= total else 50.0,
+        "select": 1.0,
+        "prefill": 1.0 * kept,
+        "decode": 10.0 * (new_tokens - 1),
+    }
 
 
 def fitted(points=(100, 500, 1000, N), noise=()) -> LatencyModel:
@@ -74,7 +81,9 @@ def test_noise_widens_the_margin_and_the_model_follows_the_device():
     noisy = fitted(points=(100, 500, 1000, 1500, N), noise=(0, 80, -80, 80, -80))
     assert noisy.margin_ms > 30
     quiet = fitted()
-    assert choose_keep_ratio(noisy, 1200, N, 8, 0.05, 1.0).tokens < choose_keep_ratio(quiet, 1200, N, 8, 0.05, 1.0).tokens
+    assert (
+        choose_keep_ratio(noisy, 1200, N, 8, 0.05, 1.0).tokens < choose_keep_ratio(quiet, 1200, N, 8, 0.05, 1.0).tokens
+    )
     model = LatencyModel(window=4)
     for k in (100, 500, 1000, 1500):
         model.observe(k, N, stages(k), 8)
@@ -99,9 +108,14 @@ def slow_worker(tiny_adapter, sample_image):
 
     results: list[dict] = []
     worker = RequestWorker(
-        SlowAdapter(tiny_adapter, ms_per_token=MS_PER_TOKEN), Settings(mode="budget", max_new_tokens=2),
-        queue_size=1, emit=lambda result, _text: results.append(result), emit_saliency=lambda *_: None,
-        now_ns=lambda: 0, counters=Counters())
+        SlowAdapter(tiny_adapter, ms_per_token=MS_PER_TOKEN),
+        Settings(mode="budget", max_new_tokens=2),
+        queue_size=1,
+        emit=lambda result, _text: results.append(result),
+        emit_saliency=lambda *_: None,
+        now_ns=lambda: 0,
+        counters=Counters(),
+    )
     image = cv2.resize(sample_image, (960, 540), interpolation=cv2.INTER_AREA)
     calibrate(worker, image, [0.05, 0.3, 0.6, 1.0], max_new_tokens=2)
     worker.start()
@@ -114,8 +128,9 @@ def serve(worker, image, results, budget_ms: float) -> dict:
     from ptp_ros.ros.requests import Request
     from ptp_ros.ros.worker import Frame
 
-    worker.put_frame(Frame(stamp_ns=0, stamp={"sec": 0, "nanosec": 0}, frame_id="cam", header=None,
-                           decode=lambda: image))
+    worker.put_frame(
+        Frame(stamp_ns=0, stamp={"sec": 0, "nanosec": 0}, frame_id="cam", header=None, decode=lambda: image)
+    )
     before = len(results)
     worker.submit(Request(id=f"b{before}", text="Where is the cup?", latency_budget_ms=budget_ms), time.monotonic())
     deadline = time.monotonic() + 180
@@ -132,8 +147,12 @@ def test_budget_mode_trades_tokens_for_latency_on_the_tiny_model(slow_worker):
     floor_ms = worker.latency_model.predict_total(round(0.05 * total), total, 2)
     # the last: below the floor's prediction (infeasible), yet long enough for an idle worker to start it
     # (a budget that expires before the request starts gets an 'expired' result instead: test_ros_robustness)
-    budgets = [full_ms * 1.5, floor_ms + 0.6 * (full_ms - floor_ms), floor_ms + 0.25 * (full_ms - floor_ms),
-               min(150.0, floor_ms / 2)]
+    budgets = [
+        full_ms * 1.5,
+        floor_ms + 0.6 * (full_ms - floor_ms),
+        floor_ms + 0.25 * (full_ms - floor_ms),
+        min(150.0, floor_ms / 2),
+    ]
     served = [serve(worker, image, results, b) for b in budgets]
     ratios = [r["keep_ratio"] for r in served]
     assert all(r["status"] == "ok" and r["mode"] == "budget" for r in served), served

@@ -1,4 +1,5 @@
 """LLaVA-NeXT adapter end to end on the tiny model: probes match eager attention, pruning is exact."""
+
 from __future__ import annotations
 
 import copy
@@ -88,8 +89,9 @@ def test_pruned_answers_shrink_the_prompt(tiny_adapter, sample_image, ratio):
     assert answer.prompt_tokens == full.prompt_tokens - (1948 - kept)
     assert answer.to_dict()["prune_layer"] is None
     # the default prunes inside the LLM: the whole prompt goes in, layers from 2 on read the kept tokens
-    inside = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=4)).answer(sample_image, INSTRUCTION,
-                                                                             keep_ratio=ratio)
+    inside = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=4)).answer(
+        sample_image, INSTRUCTION, keep_ratio=ratio
+    )
     assert inside.selection.num_kept == kept and inside.prompt_tokens == full.prompt_tokens
     assert inside.to_dict()["prune_layer"] == tiny_adapter.options.llm_layer
     data = answer.to_dict()
@@ -112,18 +114,24 @@ def test_newline_policy_keep_counts_newlines_in_the_budget(tiny_adapter, sample_
 
 
 def test_ablations_run_through_the_pipeline(tiny_adapter, sample_image):
-    for config in (PipelineConfig(ptp=PTPConfig(alpha=0.0)), PipelineConfig(ptp=PTPConfig(alpha=1.0)),
-                   PipelineConfig(instruction_reduce="mean"), PipelineConfig(selector="uniform_cls")):
+    for config in (
+        PipelineConfig(ptp=PTPConfig(alpha=0.0)),
+        PipelineConfig(ptp=PTPConfig(alpha=1.0)),
+        PipelineConfig(instruction_reduce="mean"),
+        PipelineConfig(selector="uniform_cls"),
+    ):
         answer = Pipeline(tiny_adapter, dataclasses.replace(config, max_new_tokens=1)).answer(
-            sample_image, INSTRUCTION, keep_ratio=0.1)
+            sample_image, INSTRUCTION, keep_ratio=0.1
+        )
         assert answer.selection.num_kept == round(0.1 * 1948)
     # α = 0 skips the LLM-side scoring entirely
     assert Pipeline(tiny_adapter, PipelineConfig(ptp=PTPConfig(alpha=0.0))).selector.needs_relevance is False
 
 
 def test_global_similarity_region_score(tiny_model_dir, sample_image):
-    adapter = load_adapter(tiny_model_dir, LoadOptions(device="cpu"), region_score="global_similarity",
-                           vision_layer="feature")
+    adapter = load_adapter(
+        tiny_model_dir, LoadOptions(device="cpu"), region_score="global_similarity", vision_layer="feature"
+    )
     visual = adapter.encode(adapter.prepare(sample_image, INSTRUCTION))
     assert adapter.vision_layer == len(adapter.model.model.vision_tower.encoder.layers) - 2
     logits = visual.scores.region_saliency
@@ -168,7 +176,8 @@ def test_loading_errors_name_the_path(tmp_path, tiny_model_dir):
 
 def test_adapter_rejects_layers_the_model_lacks(tiny_adapter):
     with pytest.raises(ValueError, match="llm_layer"):
-        LlavaNextAdapter(copy.copy(tiny_adapter.model), tiny_adapter.processor,
-                         type(tiny_adapter.options)(llm_layer=99))
+        LlavaNextAdapter(
+            copy.copy(tiny_adapter.model), tiny_adapter.processor, type(tiny_adapter.options)(llm_layer=99)
+        )
     with pytest.raises(ValueError, match="vision_layer"):
         type(tiny_adapter.options)(vision_layer="middle")

@@ -4,6 +4,7 @@ timings beside the score; bad model_args and bad data are one line.
 
 lmms-eval is installed by ``bash bench/lmms/install.sh`` (CI runs it); without it these tests skip.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,8 +19,10 @@ import pytest
 from ptp_ros.proxy.demo import write_jsonl
 from ptp_ros.vlm.defaults import PROXY_MODEL, PROXY_QWEN_MODEL
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
-                                reason="lmms-eval is not installed (bash bench/lmms/install.sh; CI installs it)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("lmms_eval") is None,
+    reason="lmms-eval is not installed (bash bench/lmms/install.sh; CI installs it)",
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "bench" / "lmms_tasks"
@@ -35,24 +38,66 @@ def frames(tmp_path_factory) -> Path:
 def lmms_eval(args: list[str], cwd: Path, env: dict | None = None, tasks: Path = TASKS) -> subprocess.CompletedProcess:
     """The lmms-eval CLI as a user runs it, offline, with ``tasks`` (default: ``ptp_frames``'s folder) on the
     task path."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PTP_FRAMES_")}, "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_CACHE": str(cwd / "hf-datasets"),
-           **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "ptp_ros", "--include_path", str(tasks),
-                           "--verbosity", "INFO", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PTP_FRAMES_")},
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(cwd / "hf-datasets"),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmms_eval",
+            "--model",
+            "ptp_ros",
+            "--include_path",
+            str(tasks),
+            "--verbosity",
+            "INFO",
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def ptp_eval_data(model: Path, data: Path, out: Path) -> tuple[float, dict[str, dict]]:
     """The reference: ``ptp-eval --data``'s PTP row at RATIO, its accuracy and each item's answer."""
     from ptp_ros_bench.accuracy import main
 
-    assert main(["--data", str(data), "--model", str(model), "--methods", "ptp", "--ratios", str(RATIO),
-                 "--max-new-tokens", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                str(data),
+                "--model",
+                str(model),
+                "--methods",
+                "ptp",
+                "--ratios",
+                str(RATIO),
+                "--max-new-tokens",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    return (results["methods"]["ptp"]["ratios"][f"{RATIO:g}"]["accuracy"],
-            {a["item"]: a for a in answers if a["row"] == "ptp" and a["keep_ratio"] == RATIO})
+    return (
+        results["methods"]["ptp"]["ratios"][f"{RATIO:g}"]["accuracy"],
+        {a["item"]: a for a in answers if a["row"] == "ptp" and a["keep_ratio"] == RATIO},
+    )
 
 
 def only(pattern: str, folder: Path) -> Path:
@@ -69,23 +114,27 @@ def test_lmms_eval_scores_frames_as_ptp_eval_data(model, frames, tmp_path):
     items = [json.loads(line) for line in frames.read_text().splitlines()]
     out = tmp_path / "lmms"
     stats = tmp_path / "stats.jsonl"
-    model_args = (f"pretrained={model},selector=ptp,keep_ratio={RATIO},max_new_tokens=1,device=cpu,"
-                  f"stats_file={stats}")
+    model_args = f"pretrained={model},selector=ptp,keep_ratio={RATIO},max_new_tokens=1,device=cpu,stats_file={stats}"
     if model == PROXY_MODEL:
         own = tmp_path / "tasks"
         own.mkdir()
-        (own / "my_frames.yaml").write_text(f"include: {TASKS / 'ptp_frames' / 'ptp_frames.yaml'}\n"
-                                            f"task: my_frames\ndataset_kwargs:\n  data_files: {frames}\n")
+        (own / "my_frames.yaml").write_text(
+            f"include: {TASKS / 'ptp_frames' / 'ptp_frames.yaml'}\n"
+            f"task: my_frames\ndataset_kwargs:\n  data_files: {frames}\n"
+        )
         task, env, tasks = "my_frames", {}, own  # only the user's folder on the task path
     else:
         task, env, tasks = "ptp_frames", {"PTP_FRAMES_DATA": str(frames)}, TASKS
-    run = lmms_eval(["--model_args", model_args, "--tasks", task, "--output_path", str(out), "--log_samples"],
-                    tmp_path, env, tasks)
+    run = lmms_eval(
+        ["--model_args", model_args, "--tasks", task, "--output_path", str(out), "--log_samples"], tmp_path, env, tasks
+    )
     log = run.stdout + run.stderr
     assert run.returncode == 0 and "Error during evaluation" not in log, log[-4000:]
     results = json.loads(only("*_results.json", out).read_text())
-    samples = sorted((json.loads(line) for line in only(f"*_samples_{task}.jsonl", out).read_text().splitlines()),
-                     key=lambda s: s["doc_id"])
+    samples = sorted(
+        (json.loads(line) for line in only(f"*_samples_{task}.jsonl", out).read_text().splitlines()),
+        key=lambda s: s["doc_id"],
+    )
     assert len(samples) == len(items)
 
     accuracy, reference = ptp_eval_data(model, frames, tmp_path / "ptp-eval")
@@ -111,14 +160,26 @@ def test_lmms_eval_scores_frames_as_ptp_eval_data(model, frames, tmp_path):
     for line, sample in zip(lines, samples):
         assert line["task"] == task and sample["filtered_resps"] in (line["answer"], [line["answer"]])
         assert line["visual_tokens_total"] > line["visual_tokens_kept"] > 0 and line["timings_ms"]["encode"] > 0
-    assert any(f"ptp_ros: {len(items)} answers, ptp kept" in line and "(11.1 %)" in line and "prefill" in line
-               for line in log.splitlines()), log[-4000:]
+    assert any(
+        f"ptp_ros: {len(items)} answers, ptp kept" in line and "(11.1 %)" in line and "prefill" in line
+        for line in log.splitlines()
+    ), log[-4000:]
 
 
 def test_cli_bad_model_arg_is_one_line(frames, tmp_path):
     """lmms-eval prints the exception it caught; ours is one line, named, before any model loads."""
-    run = lmms_eval(["--model_args", f"pretrained={PROXY_MODEL},selector=ptpp", "--tasks", "ptp_frames",
-                     "--output_path", str(tmp_path / "out")], tmp_path, {"PTP_FRAMES_DATA": str(frames)})
+    run = lmms_eval(
+        [
+            "--model_args",
+            f"pretrained={PROXY_MODEL},selector=ptpp",
+            "--tasks",
+            "ptp_frames",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        tmp_path,
+        {"PTP_FRAMES_DATA": str(frames)},
+    )
     lines = [line for line in (run.stdout + run.stderr).splitlines() if "Error during evaluation" in line]
     assert len(lines) == 1 and "ptp_ros: unknown selector 'ptpp'; known: ptp, " in lines[0], run.stderr[-3000:]
     assert not list((tmp_path / "out").rglob("*_results.json"))
@@ -131,21 +192,24 @@ def plugin():
     return lmms
 
 
-@pytest.mark.parametrize("args, message", [
-    ({"selector": "nope"}, "unknown selector 'nope'; known: ptp, "),
-    ({"keep_ratio": 0}, "keep_ratio must be in (0, 1], got 0"),
-    ({"keep_ratio": 1.5}, "keep_ratio must be in (0, 1], got 1.5"),
-    ({"keep_ratio": "half"}, "keep_ratio must be a number, got 'half'"),
-    ({"keep_ratio": 0.5, "tokens": 64}, "give keep_ratio or tokens, not both"),
-    ({"tokens": 0}, "tokens must be a whole number >= 1, got 0"),
-    ({"alpha": 2.0}, "alpha must be in [0, 1], got 2.0"),
-    ({"alpha": 0.5, "selector": "divprune"}, "alpha is PTP's option; selector 'divprune' has none"),
-    ({"prune_in_llm": "maybe"}, "prune_in_llm must be true or false, got 'maybe'"),
-    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
-    ({"temperature": 0.7}, "unknown model_args temperature; known: pretrained, selector"),
-    ({"pretrained": "/nonexistent/ckpt"}, "model '/nonexistent/ckpt' not found"),
-    ({"dtype": "float13"}, "unknown dtype 'float13'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"selector": "nope"}, "unknown selector 'nope'; known: ptp, "),
+        ({"keep_ratio": 0}, "keep_ratio must be in (0, 1], got 0"),
+        ({"keep_ratio": 1.5}, "keep_ratio must be in (0, 1], got 1.5"),
+        ({"keep_ratio": "half"}, "keep_ratio must be a number, got 'half'"),
+        ({"keep_ratio": 0.5, "tokens": 64}, "give keep_ratio or tokens, not both"),
+        ({"tokens": 0}, "tokens must be a whole number >= 1, got 0"),
+        ({"alpha": 2.0}, "alpha must be in [0, 1], got 2.0"),
+        ({"alpha": 0.5, "selector": "divprune"}, "alpha is PTP's option; selector 'divprune' has none"),
+        ({"prune_in_llm": "maybe"}, "prune_in_llm must be true or false, got 'maybe'"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+        ({"temperature": 0.7}, "unknown model_args temperature; known: pretrained, selector"),
+        ({"pretrained": "/nonexistent/ckpt"}, "model '/nonexistent/ckpt' not found"),
+        ({"dtype": "float13"}, "unknown dtype 'float13'"),
+    ],
+)
 def test_bad_model_args_are_one_line(plugin, args, message):
     with pytest.raises(plugin.PTPRosError) as error:
         plugin.PTPRos(**{"pretrained": str(PROXY_MODEL), "device": "cpu", **args})
@@ -167,11 +231,13 @@ def test_requests_need_one_image(plugin):
     rgba = Image.new("RGBA", (32, 20), (10, 20, 30, 40))
     image = plugin._image([rgba], "t document 0")
     assert image.dtype == np.uint8 and image.shape == (20, 32, 3) and tuple(image[0, 0]) == (10, 20, 30)
-    for visuals, message in [([], "t document 0 has no image (a text-only document)"),
-                             (None, "t document 0 has no image"),
-                             ([rgba, rgba], "t document 0 has 2 images or frames"),
-                             (["clip.mp4"], "t document 0 gives a file path ('clip.mp4'"),
-                             ([3], "t document 0 gives a int, not an image")]:
+    for visuals, message in [
+        ([], "t document 0 has no image (a text-only document)"),
+        (None, "t document 0 has no image"),
+        ([rgba, rgba], "t document 0 has 2 images or frames"),
+        (["clip.mp4"], "t document 0 gives a file path ('clip.mp4'"),
+        ([3], "t document 0 gives a int, not an image"),
+    ]:
         with pytest.raises(plugin.PTPRosError, match=message.replace("(", r"\(").replace(")", r"\)")):
             plugin._image(visuals, "t document 0")
     assert plugin._cut_at("red\n\nblue", ["\n\n"]) == "red" and plugin._cut_at("red", None) == "red"
@@ -187,8 +253,14 @@ def test_generate_until_with_a_token_budget(plugin, frames, tmp_path):
 
     item = json.loads(frames.read_text().splitlines()[0])
     stats = tmp_path / "stats" / "s.jsonl"
-    model = plugin.PTPRos(pretrained=str(PROXY_MODEL), device="cpu", tokens=64, max_new_tokens=8,
-                          skip_unsupported="true", stats_file=str(stats))
+    model = plugin.PTPRos(
+        pretrained=str(PROXY_MODEL),
+        device="cpu",
+        tokens=64,
+        max_new_tokens=8,
+        skip_unsupported="true",
+        stats_file=str(stats),
+    )
     model.task_dict = {"t": {"test": [item, {**item, "image": [item["image"]] * 2}]}}
 
     def visual(doc):
@@ -243,7 +315,8 @@ def test_task_data_faults_are_one_line(frames, tmp_path, monkeypatch):
 
     (frames.parent / "mine.yaml").write_text(
         f"include: {TASKS / 'ptp_frames' / 'ptp_frames.yaml'}\ntask: mine\ndataset_kwargs: {{data_files: data.jsonl}}\n"
-        "lmms_eval_specific_kwargs: {default: {prompt: '{question} Answer in one word.'}}\n")
+        "lmms_eval_specific_kwargs: {default: {prompt: '{question} Answer in one word.'}}\n"
+    )
     config = load_yaml_config(str(frames.parent / "mine.yaml"))
     docs = utils.frames_dataset(config["dataset_kwargs"])["test"]  # the YAML's file wins over the variable
     assert [d["id"] for d in docs] == [json.loads(line)["id"] for line in frames.read_text().splitlines()]
@@ -256,6 +329,8 @@ def test_task_data_faults_are_one_line(frames, tmp_path, monkeypatch):
 
 
 def test_importing_ptp_ros_never_imports_lmms_eval():
-    code = ("import sys, ptp_ros, ptp_ros.pipeline, ptp_ros.integrations, ptp_ros.integrations.lmms_manifest; "
-            "assert 'lmms_eval' not in sys.modules, 'lmms_eval imported'")
+    code = (
+        "import sys, ptp_ros, ptp_ros.pipeline, ptp_ros.integrations, ptp_ros.integrations.lmms_manifest; "
+        "assert 'lmms_eval' not in sys.modules, 'lmms_eval imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

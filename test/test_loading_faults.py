@@ -1,5 +1,6 @@
 """Broken checkpoints as a user meets them: every fault is a one-line ModelLoadError naming its cause,
 and pickled weights are refused by the project's own checks before transformers could open them."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ def copy_model(tmp_path: Path, name: str = "proxy-llava-next") -> Path:
 
 def write_index(model: Path, *shards: str) -> None:
     (model / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": {f"w{i}": shard for i, shard in enumerate(shards)}}))
+        json.dumps({"metadata": {}, "weight_map": {f"w{i}": shard for i, shard in enumerate(shards)}})
+    )
 
 
 def refused(model: Path, match: str) -> str:
@@ -77,11 +79,14 @@ def test_index_naming_a_pickle_is_refused_before_it_is_opened(tmp_path, monkeypa
     refused(model, "pickled weights 'pytorch_model-00001.bin'; pickled weights are refused")
 
 
-@pytest.mark.parametrize("shard, cause", [
-    ("../outside.safetensors", "outside the checkpoint directory"),
-    ("/tmp/absolute.safetensors", "outside the checkpoint directory"),
-    ("model-00002-of-00002.safetensors", "missing from"),
-])
+@pytest.mark.parametrize(
+    "shard, cause",
+    [
+        ("../outside.safetensors", "outside the checkpoint directory"),
+        ("/tmp/absolute.safetensors", "outside the checkpoint directory"),
+        ("model-00002-of-00002.safetensors", "missing from"),
+    ],
+)
 def test_index_naming_files_out_of_reach(tmp_path, shard, cause):
     model = copy_model(tmp_path)
     (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
@@ -90,10 +95,13 @@ def test_index_naming_files_out_of_reach(tmp_path, shard, cause):
     assert "model.safetensors.index.json" in refused(model, cause)
 
 
-@pytest.mark.parametrize("index_text, cause", [
-    ("{not json", "is unreadable"),
-    ('{"metadata": {}}', "has no weight_map"),
-])
+@pytest.mark.parametrize(
+    "index_text, cause",
+    [
+        ("{not json", "is unreadable"),
+        ('{"metadata": {}}', "has no weight_map"),
+    ],
+)
 def test_unreadable_index(tmp_path, index_text, cause):
     model = copy_model(tmp_path)
     (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
@@ -105,8 +113,11 @@ def test_pickle_only_checkpoint(tmp_path):
     model = copy_model(tmp_path)
     (model / "model.safetensors").unlink()
     torch.save({"w": torch.zeros(1)}, model / "pytorch_model.bin")
-    refused(model, r"only pickled weights \(pytorch_model.bin\); pickled weights are refused \(convert them to "
-                   "safetensors")
+    refused(
+        model,
+        r"only pickled weights \(pytorch_model.bin\); pickled weights are refused \(convert them to "
+        "safetensors",
+    )
 
 
 def test_config_pointing_transformers_at_a_pickle(tmp_path):
@@ -158,31 +169,59 @@ def test_cli_reports_a_broken_model_in_one_line(tmp_path, capsys):
 
 #: config.json of checkpoints users have that no adapter loads (trimmed to the keys that identify them).
 OTHER_FORMATS = {
-    "internvl_chat": ({"model_type": "internvl_chat", "architectures": ["InternVLChatModel"],
-                       "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-                                    "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
-                       "llm_config": {"model_type": "internlm2"}, "vision_config": {"model_type": "intern_vit_6b"}},
-                      r"original remote-code format \(model_type 'internvl_chat'.*never runs code shipped with a "
-                      r"checkpoint.*OpenGVLab/InternVL3-8B-hf or OpenGVLab/InternVL2_5-8B-MPO-hf"),
-    "llava_original": ({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"],
-                        "mm_vision_tower": "openai/clip-vit-large-patch14-336"},
-                       r"original LLaVA repository's format \(architectures LlavaLlamaForCausalLM.*"
-                       r"llava-hf/llava-v1\.6-vicuna-7b-hf"),
-    "llava_mistral": ({"model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"]},
-                      r"original LLaVA repository's format \(architectures LlavaMistralForCausalLM.*"
-                      r"llava-hf/llava-v1\.6-mistral-7b-hf"),
-    "llava_1_5_hf": ({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]},
-                     r"LLaVA-1\.5 \(model_type 'llava': one 336-px view, no tiles\), which has no adapter"),
-    "qwen_vl": ({"model_type": "qwen", "architectures": ["QWenLMHeadModel"],
-                 "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}},
-                r"Qwen-VL in its remote-code format .*Qwen/Qwen2\.5-VL-7B-Instruct"),
-    "qwen2_vl": ({"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]},
-                 r"Qwen2-VL \(model_type 'qwen2_vl'\), which has no adapter; use Qwen2\.5-VL"),
-    "other_remote_code": ({"model_type": "minicpmv", "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"}},
-                          r"holds a 'minicpmv' model in a remote-code format \(its config\.json auto_map.*"
-                          r"Supported: llava_next, internvl, qwen2_5_vl"),
-    "other_stock": ({"model_type": "llava_onevision"},
-                    r"holds a 'llava_onevision' model; supported: llava_next, internvl, qwen2_5_vl"),
+    "internvl_chat": (
+        {
+            "model_type": "internvl_chat",
+            "architectures": ["InternVLChatModel"],
+            "auto_map": {
+                "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+            },
+            "llm_config": {"model_type": "internlm2"},
+            "vision_config": {"model_type": "intern_vit_6b"},
+        },
+        r"original remote-code format \(model_type 'internvl_chat'.*never runs code shipped with a "
+        r"checkpoint.*OpenGVLab/InternVL3-8B-hf or OpenGVLab/InternVL2_5-8B-MPO-hf",
+    ),
+    "llava_original": (
+        {
+            "model_type": "llava",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        },
+        r"original LLaVA repository's format \(architectures LlavaLlamaForCausalLM.*"
+        r"llava-hf/llava-v1\.6-vicuna-7b-hf",
+    ),
+    "llava_mistral": (
+        {"model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"]},
+        r"original LLaVA repository's format \(architectures LlavaMistralForCausalLM.*"
+        r"llava-hf/llava-v1\.6-mistral-7b-hf",
+    ),
+    "llava_1_5_hf": (
+        {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]},
+        r"LLaVA-1\.5 \(model_type 'llava': one 336-px view, no tiles\), which has no adapter",
+    ),
+    "qwen_vl": (
+        {
+            "model_type": "qwen",
+            "architectures": ["QWenLMHeadModel"],
+            "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        },
+        r"Qwen-VL in its remote-code format .*Qwen/Qwen2\.5-VL-7B-Instruct",
+    ),
+    "qwen2_vl": (
+        {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]},
+        r"Qwen2-VL \(model_type 'qwen2_vl'\), which has no adapter; use Qwen2\.5-VL",
+    ),
+    "other_remote_code": (
+        {"model_type": "minicpmv", "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"}},
+        r"holds a 'minicpmv' model in a remote-code format \(its config\.json auto_map.*"
+        r"Supported: llava_next, internvl, qwen2_5_vl",
+    ),
+    "other_stock": (
+        {"model_type": "llava_onevision"},
+        r"holds a 'llava_onevision' model; supported: llava_next, internvl, qwen2_5_vl",
+    ),
     "no_model_type": ({}, r"holds a 'unknown' model; supported: "),
 }
 

@@ -1,4 +1,5 @@
 """The saliency image: same size as the frame, pruned areas dimmed, one box per tile."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,11 +14,13 @@ from ptp_ros.pruning import NO_REGION
 
 @pytest.fixture(scope="module")
 def answer(tiny_adapter, sample_image):
-    return Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=1)).answer(sample_image, "where is it?", keep_ratio=0.25)
+    return Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=1)).answer(
+        sample_image, "where is it?", keep_ratio=0.25
+    )
 
 
 def _mean_brightness(image, boxes):
-    values = [image[int(y0):int(y1), int(x0):int(x1)].mean() for x0, y0, x1, y1 in boxes]
+    values = [image[int(y0) : int(y1), int(x0) : int(x1)].mean() for x0, y0, x1, y1 in boxes]
     return float(np.mean(values))
 
 

@@ -1,5 +1,6 @@
 """Every registered selector under one signature (exact K, determinism, the shared budget check, the needs it
 declares), and the behaviour that makes each peer what it is."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,11 @@ from ptp_ros.pruning.peers import attention_top_k_select, divprune_select, globa
 
 #: every registered selector with its defaults, and the options that change what PTP and FastV need
 CONFIGURATIONS = [(name, {}) for name in selector_names()] + [
-    ("ptp", {"alpha": 0.0}), ("ptp", {"within_region": "top_k"}), ("ptp", {"alpha": 0.0, "within_region": "top_k"}),
-    ("fastv", {"k": 1})]
+    ("ptp", {"alpha": 0.0}),
+    ("ptp", {"within_region": "top_k"}),
+    ("ptp", {"alpha": 0.0, "within_region": "top_k"}),
+    ("fastv", {"k": 1}),
+]
 
 
 def anyres_scores(seed: int = 0, tile_mass=(0.7, 0.1, 0.1, 0.1)) -> TokenScores:
@@ -30,14 +34,20 @@ def anyres_scores(seed: int = 0, tile_mass=(0.7, 0.1, 0.1, 0.1)) -> TokenScores:
     g = torch.Generator().manual_seed(seed)
     region = [0] * 16
     for tile in range(1, 5):
-        for row in range(4):
+        for _row in range(4):
             region += [tile] * 4 + [NO_REGION]
     region = torch.tensor(region)
     n = region.shape[0]
     logits = torch.log(torch.tensor(tile_mass, dtype=torch.float64))
     region_saliency = torch.cat([torch.logsumexp(logits, 0).reshape(1) - torch.log(torch.tensor(4.0)), logits]).float()
-    return TokenScores(region=region, saliency=torch.rand(n, generator=g), region_saliency=region_saliency,
-                       relevance=torch.rand(n, generator=g), global_region=0, features=torch.randn(n, 8, generator=g))
+    return TokenScores(
+        region=region,
+        saliency=torch.rand(n, generator=g),
+        region_saliency=region_saliency,
+        relevance=torch.rand(n, generator=g),
+        global_region=0,
+        features=torch.randn(n, 8, generator=g),
+    )
 
 
 @pytest.mark.parametrize("name", selector_names())
@@ -74,8 +84,11 @@ def test_a_selector_reads_only_what_it_declares(name, options):
     one that declares a reduction or an in-LLM plan names a valid one."""
     selector = make_selector(name, **options)
     full = anyres_scores()
-    bare = dataclasses.replace(full, relevance=full.relevance if selector.needs_relevance else None,
-                               features=full.features if selector.needs_features else None)
+    bare = dataclasses.replace(
+        full,
+        relevance=full.relevance if selector.needs_relevance else None,
+        features=full.features if selector.needs_features else None,
+    )
     for budget in (1, 20, 80):
         assert torch.equal(selector(bare, budget).kept, selector(full, budget).kept)
     assert selector.reduce in (None, "max", "mean") and selector.distances in (None, "all", "per_region")
@@ -89,7 +102,9 @@ def test_declared_needs():
     assert make_selector("text_attention").in_llm is None and make_selector("fastv").in_llm is not None
     assert make_selector("fastv").reduce == "max" and make_selector("fastv").relevance_reduce(default="mean") == "max"
     assert make_selector("ptp").relevance_reduce(default="mean") == "mean"
-    assert not any(make_selector(n).needs_relevance for n in ("hired", "globalcom2", "divprune", "random", "uniform_cls"))
+    assert not any(
+        make_selector(n).needs_relevance for n in ("hired", "globalcom2", "divprune", "random", "uniform_cls")
+    )
     assert make_selector("divprune").needs_features and make_selector("divprune").distances == "all"
     assert make_selector("ptp").needs_features and make_selector("ptp").distances == "per_region"
     assert not make_selector("ptp", within_region="top_k").needs_features
@@ -116,14 +131,19 @@ def test_registry_names_labels_and_options():
 
 def test_a_new_selector_is_one_spec():
     """What a new selector writes: its function and one SelectorSpec (here bound without registering it)."""
+
     def first_k(scores: TokenScores, budget: int, offset: int = 0) -> Selection:
         content = torch.nonzero(scores.region != NO_REGION).squeeze(1)
-        return Selection(kept=content[offset:offset + budget], total=scores.num_tokens, method="")
+        return Selection(kept=content[offset : offset + budget], total=scores.num_tokens, method="")
 
     spec = SelectorSpec("first_k", first_k, label="first K", description="the first K content tokens")
     selector = spec.bind(offset=2)
-    assert (selector.name, selector.needs_relevance, selector.needs_features, selector.in_llm) == \
-        ("first_k", False, False, None)
+    assert (selector.name, selector.needs_relevance, selector.needs_features, selector.in_llm) == (
+        "first_k",
+        False,
+        False,
+        None,
+    )
     selection = selector(anyres_scores(), 3)
     assert selection.kept.tolist() == [2, 3, 4] and selection.method == "first_k"
     with pytest.raises(ValueError, match="outside"):
@@ -157,8 +177,9 @@ def test_attention_top_k_ignores_region_structure():
     selection = attention_top_k_select(dataclasses.replace(scores, relevance=relevance), 16)
     assert selection.quotas.tolist() == [0, 0, 16, 0, 0]
     # and changing region saliency or [CLS] saliency does not move it
-    other = dataclasses.replace(scores, relevance=relevance, saliency=torch.rand(scores.num_tokens),
-                                region_saliency=torch.zeros(5))
+    other = dataclasses.replace(
+        scores, relevance=relevance, saliency=torch.rand(scores.num_tokens), region_saliency=torch.zeros(5)
+    )
     assert torch.equal(attention_top_k_select(other, 16).kept, selection.kept)
 
 
@@ -172,8 +193,12 @@ def test_divprune_picks_one_token_per_cluster():
     g = torch.Generator().manual_seed(1)
     centres = torch.eye(3, 6) * 10
     features = centres.repeat_interleave(10, 0) + 0.01 * torch.randn(30, 6, generator=g)
-    scores = TokenScores(region=torch.zeros(30, dtype=torch.long), saliency=torch.rand(30, generator=g),
-                         region_saliency=torch.zeros(1), features=features)
+    scores = TokenScores(
+        region=torch.zeros(30, dtype=torch.long),
+        saliency=torch.rand(30, generator=g),
+        region_saliency=torch.zeros(1),
+        features=features,
+    )
     kept = divprune_select(scores, 3).kept
     assert sorted((kept // 10).tolist()) == [0, 1, 2]
     # a saliency top-k would not: it ignores features

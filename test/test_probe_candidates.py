@@ -1,4 +1,5 @@
 """PTP's cheaper instruction stage: the relevance probe reads only the bottom-up best candidates."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,11 @@ def test_probe_reads_only_the_candidates_and_the_text(tiny_adapter, prepared_vis
     relevance = candidate_relevance(tiny_adapter, prepared, visual, PTPConfig(), budget, 3.0, "max")
     candidates = seen["kept"]
     assert candidates.numel() == math.ceil(3.0 * budget)
-    expected = ptp_select(dataclasses.replace(visual.scores, relevance=None, features=visual.features),
-                          candidates.numel(),
-                          PTPConfig(alpha=0.0)).kept
+    expected = ptp_select(
+        dataclasses.replace(visual.scores, relevance=None, features=visual.features),
+        candidates.numel(),
+        PTPConfig(alpha=0.0),
+    ).kept
     assert torch.equal(candidates, expected)  # the bottom-up best, with PTP's own region budgets
     outside = torch.ones(visual.num_tokens, dtype=torch.bool)
     outside[candidates] = False
@@ -56,10 +59,15 @@ def test_pipeline_with_candidates_keeps_the_budget(tiny_adapter, sample_image):
     assert overlap > 0.5
 
 
-@pytest.mark.parametrize("config", [dict(probe_candidates=0.5, prune_in_llm=False),
-                                    dict(probe_candidates=float("nan"), prune_in_llm=False),
-                                    dict(probe_candidates=3.0, selector="hired"),
-                                    dict(probe_candidates=3.0)])  # the default prunes inside the LLM: no probe
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(probe_candidates=0.5, prune_in_llm=False),
+        dict(probe_candidates=float("nan"), prune_in_llm=False),
+        dict(probe_candidates=3.0, selector="hired"),
+        dict(probe_candidates=3.0),
+    ],
+)  # the default prunes inside the LLM: no probe
 def test_candidate_options_are_checked(config):
     with pytest.raises(ValueError, match="probe_candidates"):
         PipelineConfig(**config)

@@ -1,5 +1,6 @@
 """The proxy task: deterministic, disjoint splits, ground truth that matches the pixels, and objects
 sized so that the tiles resolve them and the global view does not."""
+
 from __future__ import annotations
 
 import json

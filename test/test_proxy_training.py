@@ -1,5 +1,6 @@
 """The proxy's training script: its attention supervision reads the attention the model really computes,
 asks for what the questions need, and the committed script runs end to end into a loadable checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ WORDS = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
 @pytest.fixture(scope="module", params=tuple(FAMILIES))
 def model_and_item(request):
     """A small model of each family, one validation scene and its layout."""
-    model, processor = build_model(WORDS, 0, dict(vision_width=32, vision_layers=2, text_width=64, text_layers=3),
-                                   request.param)
+    model, processor = build_model(
+        WORDS, 0, dict(vision_width=32, vision_layers=2, text_width=64, text_layers=3), request.param
+    )
     scene = make_scene(split_seed("val", 5))
     item = encode_scene(processor, scene, make_questions(scene, per_type=1), keep_scene=True)
     return model, processor, item, SceneLayout(FAMILIES[request.param].adapter_class(model, processor), item)
@@ -41,8 +43,9 @@ def test_answer_attention_equals_eager_attention(model_and_item):
         shown = shown_tokens(layout, "focus", 0.05, torch.Generator().manual_seed(0))
         feats = features(model, item)[shown]
         prefix = prefix_embeddings(model, item.prefix_ids, feats)[None]
-        positions = kept_positions(layout.positions, item.prefix_ids.shape[0], shown.shape[0],
-                                   torch.nonzero(shown).squeeze(1))
+        positions = kept_positions(
+            layout.positions, item.prefix_ids.shape[0], shown.shape[0], torch.nonzero(shown).squeeze(1)
+        )
         tap = AnswerAttentionTap(lm, 1)
         answer_logits(model, prefix, item.suffix_ids, processor.tokenizer.pad_token_id, positions)
         ids, last = pad_suffixes(item.suffix_ids, processor.tokenizer.pad_token_id)
@@ -51,12 +54,18 @@ def test_answer_attention_equals_eager_attention(model_and_item):
         try:
             for r, suffix in enumerate(item.suffix_ids):
                 embeds = torch.cat([prefix[0], model.get_input_embeddings()(suffix)])[None]
-                position_ids = None if positions is None else torch.cat(
-                    [positions[0], (positions[1] + torch.arange(len(suffix))).view(1, 1, -1).expand(3, 1, -1)], 2)
-                eager = lm(inputs_embeds=embeds, position_ids=position_ids,
-                           output_attentions=True).attentions[1][0, :, -1]  # [H, L]
-                assert torch.allclose(ours[r, :, :eager.shape[-1]], eager, atol=1e-5)
-                assert ours[r, :, eager.shape[-1]:].sum() == 0  # padding after the answer is masked
+                position_ids = (
+                    None
+                    if positions is None
+                    else torch.cat(
+                        [positions[0], (positions[1] + torch.arange(len(suffix))).view(1, 1, -1).expand(3, 1, -1)], 2
+                    )
+                )
+                eager = lm(inputs_embeds=embeds, position_ids=position_ids, output_attentions=True).attentions[1][
+                    0, :, -1
+                ]  # [H, L]
+                assert torch.allclose(ours[r, :, : eager.shape[-1]], eager, atol=1e-5)
+                assert ours[r, :, eager.shape[-1] :].sum() == 0  # padding after the answer is masked
         finally:
             lm.set_attn_implementation("sdpa")
 
@@ -69,8 +78,9 @@ def test_wanted_attention_points_at_what_each_question_needs(model_and_item):
     key_ids = question_key_ids(processor.tokenizer)
     assert len(key_ids) == 15 and processor.tokenizer.unk_token_id not in key_ids  # 5 shapes, 5 plurals, 5 colours
     prefix_len = item.prefix_ids.shape[0] + int(shown.sum())
-    hop, wanted = wanted_attention(item.questions, item.scene.objects, layout.objects, position, ids, key_ids,
-                                   prefix_len, 3)
+    hop, wanted = wanted_attention(
+        item.questions, item.scene.objects, layout.objects, position, ids, key_ids, prefix_len, 3
+    )
     assert torch.allclose(hop.sum(-1), torch.ones(len(item.questions)))
     for r, q in enumerate(item.questions):
         row = wanted[r, RETRIEVAL_HEAD[q.qtype]]
@@ -93,9 +103,33 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path, family):
     from ptp_ros.pipeline import Pipeline
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
-    main([str(tmp_path), "--family", family, "--max-minutes", "0.25", "--vision-minutes", "0.08",
-          "--val-scenes", "1", "--val-every", "10", "--vision-width", "32", "--vision-layers", "2",
-          "--text-width", "64", "--text-layers", "3", "--per-type", "1", "--crowd", "30"])
+    main(
+        [
+            str(tmp_path),
+            "--family",
+            family,
+            "--max-minutes",
+            "0.25",
+            "--vision-minutes",
+            "0.08",
+            "--val-scenes",
+            "1",
+            "--val-every",
+            "10",
+            "--vision-width",
+            "32",
+            "--vision-layers",
+            "2",
+            "--text-width",
+            "64",
+            "--text-layers",
+            "3",
+            "--per-type",
+            "1",
+            "--crowd",
+            "30",
+        ]
+    )
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "vision done" for r in records)
     assert any(r.get("stage") == "vision" and 0 <= r["side_acc"] <= 1 for r in records)
@@ -114,8 +148,23 @@ def test_oracle_probe_runs_and_logs_accuracy_per_type(tmp_path):
     from ptp_ros_bench.proxy.oracle_probe import main as probe
 
     log = tmp_path / "probe.jsonl"
-    probe([str(log), "--steps", "4", "--val-every", "2", "--val-scenes", "1", "--per-type", "1",
-           "--text-width", "64", "--text-layers", "2"])
+    probe(
+        [
+            str(log),
+            "--steps",
+            "4",
+            "--val-every",
+            "2",
+            "--val-scenes",
+            "1",
+            "--per-type",
+            "1",
+            "--text-width",
+            "64",
+            "--text-layers",
+            "2",
+        ]
+    )
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert {"val_acc", "val_acc_colour", "val_acc_count", "train_acc"} <= set(records[-1])

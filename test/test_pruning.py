@@ -1,4 +1,5 @@
 """PTP's algorithm pinned with small hand-checked cases and randomised invariants (pure tensors)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,9 +82,13 @@ def test_footprint_mass_counts_patch_centres():
 
 # -- token and instruction levels -------------------------------------------------------------------
 def scores(saliency, relevance, region, region_logits, global_region=0):
-    return TokenScores(region=torch.tensor(region), saliency=torch.tensor(saliency, dtype=torch.float32),
-                       relevance=None if relevance is None else torch.tensor(relevance, dtype=torch.float32),
-                       region_saliency=torch.tensor(region_logits, dtype=torch.float32), global_region=global_region)
+    return TokenScores(
+        region=torch.tensor(region),
+        saliency=torch.tensor(saliency, dtype=torch.float32),
+        relevance=None if relevance is None else torch.tensor(relevance, dtype=torch.float32),
+        region_saliency=torch.tensor(region_logits, dtype=torch.float32),
+        global_region=global_region,
+    )
 
 
 def test_minmax_fusion_scales_per_region_and_mixes_by_alpha():
@@ -105,8 +110,13 @@ def random_scores(n=60, regions=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     region = torch.randint(0, regions, (n,), generator=g)
     region[::13] = NO_REGION  # structural tokens sprinkled in
-    return TokenScores(region=region, saliency=torch.rand(n, generator=g), relevance=torch.rand(n, generator=g),
-                       region_saliency=torch.randn(regions, generator=g), global_region=0)
+    return TokenScores(
+        region=region,
+        saliency=torch.rand(n, generator=g),
+        relevance=torch.rand(n, generator=g),
+        region_saliency=torch.randn(regions, generator=g),
+        global_region=0,
+    )
 
 
 def test_alpha_zero_ignores_instruction_and_alpha_one_ignores_saliency():
@@ -121,8 +131,9 @@ def test_alpha_zero_ignores_instruction_and_alpha_one_ignores_saliency():
         assert torch.equal(ptp_select(base, budget, a1).kept, ptp_select(other_saliency, budget, a1).kept)
         # and at 0.5 both matter
         mid = PTPConfig(alpha=0.5)
-        assert not torch.equal(ptp_select(base, budget, mid).kept, ptp_select(other_saliency, budget, mid).kept) or \
-            not torch.equal(ptp_select(base, budget, mid).kept, ptp_select(other_relevance, budget, mid).kept)
+        assert not torch.equal(
+            ptp_select(base, budget, mid).kept, ptp_select(other_saliency, budget, mid).kept
+        ) or not torch.equal(ptp_select(base, budget, mid).kept, ptp_select(other_relevance, budget, mid).kept)
 
 
 def test_selection_keeps_order_exact_budget_quotas_and_is_deterministic():
@@ -150,8 +161,9 @@ def test_global_share_and_no_region_budgets():
     fixed = ptp_select(s, 40, PTPConfig(global_share=0.5))
     assert int(fixed.quotas[0]) == min(20, int(s.region_sizes()[0]))
     flat = ptp_select(s, 40, PTPConfig(use_region_budgets=False, alpha=0.0))
-    best = torch.argsort(torch.where(s.region != NO_REGION, fused_scores(s, 0.0), torch.tensor(-1.0)),
-                         descending=True, stable=True)[:40]
+    best = torch.argsort(
+        torch.where(s.region != NO_REGION, fused_scores(s, 0.0), torch.tensor(-1.0)), descending=True, stable=True
+    )[:40]
     assert torch.equal(flat.kept, torch.sort(best).values)
 
 

@@ -1,6 +1,7 @@
 """PTP's diverse within-region selection (``within_region="diverse"``, the default): exact quotas,
 determinism, its two limits (λ → 0: top-k; λ = 1: DivPrune inside each region) and what a user sees on
 duplicated tokens."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,10 +18,13 @@ def random_scene(seed: int = 0, regions: int = 5, n: int = 120, dim: int = 16, r
     region = torch.arange(regions * n) // n
     region[::37] = NO_REGION
     total = regions * n
-    return TokenScores(region=region, saliency=torch.rand(total, generator=g),
-                       region_saliency=torch.randn(regions, generator=g),
-                       relevance=torch.rand(total, generator=g) if relevance else None,
-                       features=torch.randn(total, dim, generator=g))
+    return TokenScores(
+        region=region,
+        saliency=torch.rand(total, generator=g),
+        region_saliency=torch.randn(regions, generator=g),
+        relevance=torch.rand(total, generator=g) if relevance else None,
+        features=torch.randn(total, dim, generator=g),
+    )
 
 
 def diverse(diversity: float = 0.5, **changes) -> PTPConfig:
@@ -76,8 +80,13 @@ def test_a_region_of_identical_features_still_yields_its_quota_by_relevance():
     scores = random_scene(seed=5, regions=2, n=40)
     features = scores.features.clone()
     features[scores.region == 0] = torch.ones(features.shape[1])  # every token of region 0 alike
-    scores = TokenScores(region=scores.region, saliency=scores.saliency, region_saliency=scores.region_saliency,
-                         relevance=scores.relevance, features=features)
+    scores = TokenScores(
+        region=scores.region,
+        saliency=scores.saliency,
+        region_saliency=scores.region_saliency,
+        relevance=scores.relevance,
+        features=features,
+    )
     for diversity in (0.5, 0.9):
         selection = ptp_select(scores, 30, diverse(diversity))
         kept = selection.kept
@@ -111,8 +120,12 @@ def test_full_weight_is_divprune_inside_each_region():
     selection = ptp_select(scores, 50, diverse(1.0))
     for r in range(3):
         inside = scores.region == r
-        alone = TokenScores(region=torch.where(inside, torch.zeros_like(scores.region), NO_REGION),
-                            saliency=scores.saliency, region_saliency=torch.zeros(1), features=scores.features)
+        alone = TokenScores(
+            region=torch.where(inside, torch.zeros_like(scores.region), NO_REGION),
+            saliency=scores.saliency,
+            region_saliency=torch.zeros(1),
+            features=scores.features,
+        )
         want = divprune_select(alone, int(selection.quotas[r])).kept
         assert torch.equal(selection.kept[inside[selection.kept]], want)
 
@@ -132,8 +145,9 @@ def test_duplicated_salient_tokens_give_way_to_a_distinct_one():
     saliency = torch.rand(n, generator=g) * 0.1
     saliency[duplicates] = 1.0 + 0.01 * torch.arange(len(duplicates))
     saliency[distinct] = 0.9
-    scores = TokenScores(region=torch.zeros(n, dtype=torch.long), saliency=saliency, region_saliency=torch.zeros(1),
-                         features=features)
+    scores = TokenScores(
+        region=torch.zeros(n, dtype=torch.long), saliency=saliency, region_saliency=torch.zeros(1), features=features
+    )
     plain = ptp_select(scores, 6, top_k(alpha=0.0)).kept.tolist()
     assert plain == duplicates and distinct not in plain
     kept = ptp_select(scores, 6, diverse(0.5, alpha=0.0)).kept.tolist()
@@ -143,8 +157,12 @@ def test_duplicated_salient_tokens_give_way_to_a_distinct_one():
 
 def test_without_features_it_is_top_k_and_says_so():
     scores = random_scene(seed=9)
-    bare = TokenScores(region=scores.region, saliency=scores.saliency, region_saliency=scores.region_saliency,
-                       relevance=scores.relevance)
+    bare = TokenScores(
+        region=scores.region,
+        saliency=scores.saliency,
+        region_saliency=scores.region_saliency,
+        relevance=scores.relevance,
+    )
     selection = ptp_select(bare, 40, diverse(0.5))
     assert torch.equal(selection.kept, ptp_select(scores, 40, top_k()).kept)
     assert selection.extras["within_region"] == "top_k"

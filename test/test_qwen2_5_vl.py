@@ -1,5 +1,6 @@
 """Qwen2.5-VL adapter on the tiny model: received attention = eager, raster mapping = the model's, M-RoPE
 positions survive pruning, and the max_pixels baseline hits the same token budget."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,7 @@ def test_tokens_are_the_models_raster_order(adapter, prepared, visual):
     for t in [0, 1, 46, 47, 500, TOTAL - 1]:
         g = int(group[t])
         with torch.no_grad():
-            merged = visual_tower.merger(captured["x"][4 * g:4 * g + 4])
+            merged = visual_tower.merger(captured["x"][4 * g : 4 * g + 4])
         assert torch.allclose(merged[0], visual.features[t], atol=1e-5)
         one_hot = torch.zeros(4 * TOTAL)
         one_hot[4 * g + 1] = 1.0
@@ -106,8 +107,9 @@ def test_instruction_attention_matches_eager_llm_with_mrope(adapter, prepared, v
     embeds = eager_model.get_input_embeddings()(ids)[None].clone()
     embeds[0, image_pos] = visual.features
     with torch.no_grad():
-        attn = eager_model.model.language_model(inputs_embeds=embeds, position_ids=adapter.rope_positions(prepared),
-                                                output_attentions=True).attentions
+        attn = eager_model.model.language_model(
+            inputs_embeds=embeds, position_ids=adapter.rope_positions(prepared), output_attentions=True
+        ).attentions
     ref = attn[adapter.options.llm_layer][0].mean(0)[query_pos][:, image_pos]
     assert rows.shape == (len(query_pos), TOTAL)
     assert torch.allclose(rows, ref, atol=1e-5)
@@ -163,8 +165,8 @@ def test_fitted_baseline_reads_as_many_tokens_as_the_budget_allows(adapter, samp
 
     def count(max_pixels: int) -> int:
         h, w = smart_resize(*size, factor=28, min_pixels=min(3136, max_pixels), max_pixels=max_pixels)
-        return h * w // 28 ** 2
+        return h * w // 28**2
 
-    best = max(c for c in map(count, range(kept * 28 ** 2, 4 * kept * 28 ** 2, 49)) if c <= kept)
+    best = max(c for c in map(count, range(kept * 28**2, 4 * kept * 28**2, 49)) if c <= kept)
     fitted, plain = tokens(adapter.downscaled(kept, size)), tokens(adapter.downscaled(kept))
     assert plain <= fitted == best <= kept

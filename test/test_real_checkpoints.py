@@ -19,6 +19,7 @@ same checks at 1920×1080 with random weights at real width (vision tower and pr
 LLM at full width but 3 layers): 1-6 min and 6-13 GB each on 2 CPU cores, so not in CI.  What needs the
 weights (answers, the attention layers PTP reads, latency) needs a GPU run; docs/models.md has the table.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,74 +55,191 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 ANYRES_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 # -- the published files ---------------------------------------------------------------------------------
-CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-              "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
-              "vocab_size": 32000}
+CLIP_L_336 = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "image_size": 336,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "vocab_size": 32000,
+}
 LLAVA_NEXT_PREPROCESSOR = {
-    "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
-    "do_pad": True, "do_rescale": True, "do_resize": True, "image_grid_pinpoints": ANYRES_PINPOINTS,
-    "image_mean": CLIP_MEAN, "image_processor_type": "LlavaNextImageProcessor", "image_std": CLIP_STD,
-    "processor_class": "LlavaNextProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
-    "size": {"shortest_edge": 336}}
-LLAVA_NEXT_PROCESSOR = {"num_additional_image_tokens": 1, "patch_size": 14, "processor_class": "LlavaNextProcessor",
-                        "vision_feature_select_strategy": "default"}
+    "crop_size": {"height": 336, "width": 336},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_pad": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_grid_pinpoints": ANYRES_PINPOINTS,
+    "image_mean": CLIP_MEAN,
+    "image_processor_type": "LlavaNextImageProcessor",
+    "image_std": CLIP_STD,
+    "processor_class": "LlavaNextProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 336},
+}
+LLAVA_NEXT_PROCESSOR = {
+    "num_additional_image_tokens": 1,
+    "patch_size": 14,
+    "processor_class": "LlavaNextProcessor",
+    "vision_feature_select_strategy": "default",
+}
 
 
 def llava_next_config(text_config: dict) -> dict:
-    return {"architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
-            "image_grid_pinpoints": ANYRES_PINPOINTS, "image_token_index": 32000, "model_type": "llava_next",
-            "projector_hidden_act": "gelu", "text_config": text_config, "tie_word_embeddings": False,
-            "torch_dtype": "float16", "use_image_newline_parameter": True, "vision_config": CLIP_L_336,
-            "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
+    return {
+        "architectures": ["LlavaNextForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_grid_pinpoints": ANYRES_PINPOINTS,
+        "image_token_index": 32000,
+        "model_type": "llava_next",
+        "projector_hidden_act": "gelu",
+        "text_config": text_config,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "use_image_newline_parameter": True,
+        "vision_config": CLIP_L_336,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vocab_size": 32064,
+    }
 
 
-INTERNVIT_300M = {"model_type": "internvl_vision", "architectures": ["InternVisionModel"], "hidden_size": 1024,
-                  "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-                  "image_size": [448, 448], "patch_size": [14, 14], "attention_bias": True, "use_qk_norm": False,
-                  "hidden_act": "gelu", "norm_type": "layer_norm", "layer_norm_eps": 1e-06,
-                  "layer_scale_init_value": 0.1, "use_absolute_position_embeddings": True, "use_mean_pooling": True}
+INTERNVIT_300M = {
+    "model_type": "internvl_vision",
+    "architectures": ["InternVisionModel"],
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "image_size": [448, 448],
+    "patch_size": [14, 14],
+    "attention_bias": True,
+    "use_qk_norm": False,
+    "hidden_act": "gelu",
+    "norm_type": "layer_norm",
+    "layer_norm_eps": 1e-06,
+    "layer_scale_init_value": 0.1,
+    "use_absolute_position_embeddings": True,
+    "use_mean_pooling": True,
+}
 INTERNVL_PREPROCESSOR = {  # as convert_internvl_weights_to_hf.py writes it: crop_to_patches False here, the
     # processor's own default (True) turns tiling on
-    "crop_size": None, "crop_to_patches": False, "data_format": "channels_first", "default_to_square": True,
-    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-    "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "GotOcr2ImageProcessorFast",
-    "image_std": [0.229, 0.224, 0.225], "max_patches": 12, "min_patches": 1, "processor_class": "InternVLProcessor",
-    "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"height": 448, "width": 448}}
+    "crop_size": None,
+    "crop_to_patches": False,
+    "data_format": "channels_first",
+    "default_to_square": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_processor_type": "GotOcr2ImageProcessorFast",
+    "image_std": [0.229, 0.224, 0.225],
+    "max_patches": 12,
+    "min_patches": 1,
+    "processor_class": "InternVLProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": 448, "width": 448},
+}
 INTERNVL_PROCESSOR = {"image_seq_length": 256, "processor_class": "InternVLProcessor"}
-INTERNVL_TOKEN_ATTRIBUTES = {"start_image_token": "<img>", "end_image_token": "</img>",  # (<video>'s id: unchecked)
-                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+INTERNVL_TOKEN_ATTRIBUTES = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",  # (<video>'s id: unchecked)
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
 
 
 def internvl_config(text_config: dict, image_token_id: int) -> dict:
-    return {"architectures": ["InternVLForConditionalGeneration"], "downsample_ratio": 0.5, "image_seq_length": 256,
-            "image_token_id": image_token_id, "model_type": "internvl", "projector_hidden_act": "gelu",
-            "text_config": text_config, "torch_dtype": "bfloat16", "vision_config": INTERNVIT_300M,
-            "vision_feature_layer": -1, "vision_feature_select_strategy": "default"}
+    return {
+        "architectures": ["InternVLForConditionalGeneration"],
+        "downsample_ratio": 0.5,
+        "image_seq_length": 256,
+        "image_token_id": image_token_id,
+        "model_type": "internvl",
+        "projector_hidden_act": "gelu",
+        "text_config": text_config,
+        "torch_dtype": "bfloat16",
+        "vision_config": INTERNVIT_300M,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+    }
 
 
-QWEN_VISION = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-               "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
-               "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
-               "temporal_patch_size": 2}
-QWEN_PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-                     "merge_size": 2, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
-                     "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+QWEN_VISION = {
+    "depth": 32,
+    "hidden_act": "silu",
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_chans": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "spatial_patch_size": 14,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+    "temporal_patch_size": 2,
+}
+QWEN_PREPROCESSOR = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": CLIP_MEAN,
+    "image_std": CLIP_STD,
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
 QWEN_TOKENS = {"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
-QWEN_TOKEN_ATTRIBUTES = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                         "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+QWEN_TOKEN_ATTRIBUTES = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
 
 
 def qwen2_5_vl_config(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, tied: bool) -> dict:
-    return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
-            "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-            "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
-            "hidden_size": hidden, "initializer_range": 0.02, "intermediate_size": ffn,
-            "max_position_embeddings": 128000, "max_window_layers": 70 if tied else 28, "model_type": "qwen2_5_vl",
-            "num_attention_heads": heads, "num_hidden_layers": layers, "num_key_value_heads": kv_heads,
-            "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": tied,
-            "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
-            "vision_config": {**QWEN_VISION, "out_hidden_size": hidden},
-            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": vocab}
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": ffn,
+        "max_position_embeddings": 128000,
+        "max_window_layers": 70 if tied else 28,
+        "model_type": "qwen2_5_vl",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {**QWEN_VISION, "out_hidden_size": hidden},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vocab_size": vocab,
+    }
 
 
 @dataclass(frozen=True)
@@ -142,17 +260,30 @@ class Checkpoint:
 
 
 LLAVA_TOKENS = {"<image>": 32000, "<pad>": 32001}
-LLAVA_TOY = {"text_config": {"hidden_size": TOY_WIDTH, "intermediate_size": 2 * TOY_WIDTH, "num_attention_heads": 4,
-                             "num_key_value_heads": 2, "num_hidden_layers": 3},
-             "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                               "projection_dim": 64}}
-INTERNVL_TOY = {"text_config": LLAVA_TOY["text_config"],
-                "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}}
-QWEN_TOY = {"hidden_size": TOY_WIDTH, "intermediate_size": 2 * TOY_WIDTH, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "num_hidden_layers": 3,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # head dim 16
-            # one head of 16: the 4 full-attention blocks over every patch dominate the tower's time
-            "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_heads": 1, "out_hidden_size": TOY_WIDTH}}
+LLAVA_TOY = {
+    "text_config": {
+        "hidden_size": TOY_WIDTH,
+        "intermediate_size": 2 * TOY_WIDTH,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 3,
+    },
+    "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "projection_dim": 64},
+}
+INTERNVL_TOY = {
+    "text_config": LLAVA_TOY["text_config"],
+    "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
+}
+QWEN_TOY = {
+    "hidden_size": TOY_WIDTH,
+    "intermediate_size": 2 * TOY_WIDTH,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 3,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # head dim 16
+    # one head of 16: the 4 full-attention blocks over every patch dominate the tower's time
+    "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_heads": 1, "out_hidden_size": TOY_WIDTH},
+}
 NESTED_REAL_WIDTH = {"text_config": {"num_hidden_layers": 3}}
 QWEN_REAL_WIDTH = {"num_hidden_layers": 3}
 
@@ -172,64 +303,187 @@ QWEN_GRID = {"1080p": (39, 69), "4K": (77, 137)}
 CHECKPOINTS: dict[str, Checkpoint] = {
     "llava-hf/llava-v1.6-vicuna-7b-hf": Checkpoint(
         LlavaNextAdapter,
-        llava_next_config({"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
-                           "max_position_embeddings": 4096, "model_type": "llama", "pad_token_id": 0,
-                           "rms_norm_eps": 1e-05, "torch_dtype": "float16", "vocab_size": 32064}),
-        LLAVA_NEXT_PREPROCESSOR, LLAVA_NEXT_PROCESSOR, LLAVA_TOKENS, {"image_token": "<image>"}, 7.06,
-        LLAVA_NEXT_TOKENS, LLAVA_NEXT_GRID, LLAVA_TOY, NESTED_REAL_WIDTH, cost_model="llava-next-7b"),
+        llava_next_config(
+            {
+                "_name_or_path": "lmsys/vicuna-7b-v1.5",
+                "architectures": ["LlamaForCausalLM"],
+                "max_position_embeddings": 4096,
+                "model_type": "llama",
+                "pad_token_id": 0,
+                "rms_norm_eps": 1e-05,
+                "torch_dtype": "float16",
+                "vocab_size": 32064,
+            }
+        ),
+        LLAVA_NEXT_PREPROCESSOR,
+        LLAVA_NEXT_PROCESSOR,
+        LLAVA_TOKENS,
+        {"image_token": "<image>"},
+        7.06,
+        LLAVA_NEXT_TOKENS,
+        LLAVA_NEXT_GRID,
+        LLAVA_TOY,
+        NESTED_REAL_WIDTH,
+        cost_model="llava-next-7b",
+    ),
     "llava-hf/llava-v1.6-vicuna-13b-hf": Checkpoint(
         LlavaNextAdapter,
-        llava_next_config({"_name_or_path": "lmsys/vicuna-13b-v1.5", "architectures": ["LlamaForCausalLM"],
-                           "hidden_size": 5120, "intermediate_size": 13824, "max_position_embeddings": 4096,
-                           "model_type": "llama", "num_attention_heads": 40, "num_hidden_layers": 40,
-                           "num_key_value_heads": 40, "pad_token_id": 0, "rms_norm_eps": 1e-05,
-                           "torch_dtype": "float16", "vocab_size": 32064}),
-        LLAVA_NEXT_PREPROCESSOR, LLAVA_NEXT_PROCESSOR, LLAVA_TOKENS, {"image_token": "<image>"}, 13.35,
-        LLAVA_NEXT_TOKENS, LLAVA_NEXT_GRID, LLAVA_TOY, NESTED_REAL_WIDTH, cost_model="llava-next-13b",
-        same_geometry_as="llava-hf/llava-v1.6-vicuna-7b-hf"),
+        llava_next_config(
+            {
+                "_name_or_path": "lmsys/vicuna-13b-v1.5",
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": 5120,
+                "intermediate_size": 13824,
+                "max_position_embeddings": 4096,
+                "model_type": "llama",
+                "num_attention_heads": 40,
+                "num_hidden_layers": 40,
+                "num_key_value_heads": 40,
+                "pad_token_id": 0,
+                "rms_norm_eps": 1e-05,
+                "torch_dtype": "float16",
+                "vocab_size": 32064,
+            }
+        ),
+        LLAVA_NEXT_PREPROCESSOR,
+        LLAVA_NEXT_PROCESSOR,
+        LLAVA_TOKENS,
+        {"image_token": "<image>"},
+        13.35,
+        LLAVA_NEXT_TOKENS,
+        LLAVA_NEXT_GRID,
+        LLAVA_TOY,
+        NESTED_REAL_WIDTH,
+        cost_model="llava-next-13b",
+        same_geometry_as="llava-hf/llava-v1.6-vicuna-7b-hf",
+    ),
     "llava-hf/llava-v1.6-mistral-7b-hf": Checkpoint(
         LlavaNextAdapter,
-        llava_next_config({"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
-                           "architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
-                           "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
-                           "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
-                           "torch_dtype": "bfloat16", "vocab_size": 32064}),
-        LLAVA_NEXT_PREPROCESSOR, LLAVA_NEXT_PROCESSOR, LLAVA_TOKENS, {"image_token": "<image>"}, 7.57,
-        LLAVA_NEXT_TOKENS, LLAVA_NEXT_GRID, LLAVA_TOY, NESTED_REAL_WIDTH,
-        same_geometry_as="llava-hf/llava-v1.6-vicuna-7b-hf"),
+        llava_next_config(
+            {
+                "_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
+                "architectures": ["MistralForCausalLM"],
+                "intermediate_size": 14336,
+                "max_position_embeddings": 32768,
+                "model_type": "mistral",
+                "num_key_value_heads": 8,
+                "rms_norm_eps": 1e-05,
+                "rope_theta": 1000000.0,
+                "sliding_window": None,
+                "torch_dtype": "bfloat16",
+                "vocab_size": 32064,
+            }
+        ),
+        LLAVA_NEXT_PREPROCESSOR,
+        LLAVA_NEXT_PROCESSOR,
+        LLAVA_TOKENS,
+        {"image_token": "<image>"},
+        7.57,
+        LLAVA_NEXT_TOKENS,
+        LLAVA_NEXT_GRID,
+        LLAVA_TOY,
+        NESTED_REAL_WIDTH,
+        same_geometry_as="llava-hf/llava-v1.6-vicuna-7b-hf",
+    ),
     "OpenGVLab/InternVL2_5-8B-MPO-hf": Checkpoint(  # InternLM2.5-7B-chat, converted to Llama
         InternVLAdapter,
-        internvl_config({"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
-                         "pad_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
-                         "max_position_embeddings": 32768, "model_type": "llama", "num_attention_heads": 32,
-                         "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
-                         "rope_scaling": {"factor": 2.0, "rope_type": "dynamic"}, "rope_theta": 1000000,
-                         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 92553}, 92546),
-        INTERNVL_PREPROCESSOR, INTERNVL_PROCESSOR,
-        {"<img>": 92544, "</img>": 92545, "<IMG_CONTEXT>": 92546, "<video>": 92547}, INTERNVL_TOKEN_ATTRIBUTES, 8.08,
-        INTERNVL_TOKENS, INTERNVL_GRID, INTERNVL_TOY, NESTED_REAL_WIDTH,
-        cost_model="internvl2-8b"),  # the cost model's InternVL2-8B has this LLM
+        internvl_config(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "pad_token_id": 2,
+                "hidden_act": "silu",
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "max_position_embeddings": 32768,
+                "model_type": "llama",
+                "num_attention_heads": 32,
+                "num_hidden_layers": 32,
+                "num_key_value_heads": 8,
+                "rms_norm_eps": 1e-05,
+                "rope_scaling": {"factor": 2.0, "rope_type": "dynamic"},
+                "rope_theta": 1000000,
+                "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16",
+                "vocab_size": 92553,
+            },
+            92546,
+        ),
+        INTERNVL_PREPROCESSOR,
+        INTERNVL_PROCESSOR,
+        {"<img>": 92544, "</img>": 92545, "<IMG_CONTEXT>": 92546, "<video>": 92547},
+        INTERNVL_TOKEN_ATTRIBUTES,
+        8.08,
+        INTERNVL_TOKENS,
+        INTERNVL_GRID,
+        INTERNVL_TOY,
+        NESTED_REAL_WIDTH,
+        cost_model="internvl2-8b",
+    ),  # the cost model's InternVL2-8B has this LLM
     "OpenGVLab/InternVL3-8B-hf": Checkpoint(  # Qwen2.5-7B
         InternVLAdapter,
-        internvl_config({"architectures": ["Qwen2ForCausalLM"], "bos_token_id": 151643, "eos_token_id": 151645,
-                         "hidden_act": "silu", "hidden_size": 3584, "intermediate_size": 18944,
-                         "max_position_embeddings": 32768, "max_window_layers": 70, "model_type": "qwen2",
-                         "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
-                         "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": None,
-                         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
-                         "vocab_size": 151674}, 151667),
-        INTERNVL_PREPROCESSOR, INTERNVL_PROCESSOR,
+        internvl_config(
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "bos_token_id": 151643,
+                "eos_token_id": 151645,
+                "hidden_act": "silu",
+                "hidden_size": 3584,
+                "intermediate_size": 18944,
+                "max_position_embeddings": 32768,
+                "max_window_layers": 70,
+                "model_type": "qwen2",
+                "num_attention_heads": 28,
+                "num_hidden_layers": 28,
+                "num_key_value_heads": 4,
+                "rms_norm_eps": 1e-06,
+                "rope_theta": 1000000.0,
+                "sliding_window": None,
+                "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16",
+                "use_sliding_window": False,
+                "vocab_size": 151674,
+            },
+            151667,
+        ),
+        INTERNVL_PREPROCESSOR,
+        INTERNVL_PROCESSOR,
         {"<img>": 151665, "</img>": 151666, "<IMG_CONTEXT>": 151667, "<video>": 151668},
-        INTERNVL_TOKEN_ATTRIBUTES, 7.94, INTERNVL_TOKENS, INTERNVL_GRID, INTERNVL_TOY, NESTED_REAL_WIDTH),
+        INTERNVL_TOKEN_ATTRIBUTES,
+        7.94,
+        INTERNVL_TOKENS,
+        INTERNVL_GRID,
+        INTERNVL_TOY,
+        NESTED_REAL_WIDTH,
+    ),
     "Qwen/Qwen2.5-VL-3B-Instruct": Checkpoint(
-        Qwen2_5_VLAdapter, qwen2_5_vl_config(2048, 11008, 36, 16, 2, 151936, tied=True),
-        QWEN_PREPROCESSOR, {"processor_class": "Qwen2_5_VLProcessor"}, QWEN_TOKENS, QWEN_TOKEN_ATTRIBUTES, 3.75,
-        QWEN_TOKENS_PER_FRAME, QWEN_GRID, QWEN_TOY, QWEN_REAL_WIDTH),
+        Qwen2_5_VLAdapter,
+        qwen2_5_vl_config(2048, 11008, 36, 16, 2, 151936, tied=True),
+        QWEN_PREPROCESSOR,
+        {"processor_class": "Qwen2_5_VLProcessor"},
+        QWEN_TOKENS,
+        QWEN_TOKEN_ATTRIBUTES,
+        3.75,
+        QWEN_TOKENS_PER_FRAME,
+        QWEN_GRID,
+        QWEN_TOY,
+        QWEN_REAL_WIDTH,
+    ),
     "Qwen/Qwen2.5-VL-7B-Instruct": Checkpoint(
-        Qwen2_5_VLAdapter, qwen2_5_vl_config(3584, 18944, 28, 28, 4, 152064, tied=False),
-        QWEN_PREPROCESSOR, {"processor_class": "Qwen2_5_VLProcessor"}, QWEN_TOKENS, QWEN_TOKEN_ATTRIBUTES, 8.29,
-        QWEN_TOKENS_PER_FRAME, QWEN_GRID, QWEN_TOY, QWEN_REAL_WIDTH,
-        same_geometry_as="Qwen/Qwen2.5-VL-3B-Instruct"),
+        Qwen2_5_VLAdapter,
+        qwen2_5_vl_config(3584, 18944, 28, 28, 4, 152064, tied=False),
+        QWEN_PREPROCESSOR,
+        {"processor_class": "Qwen2_5_VLProcessor"},
+        QWEN_TOKENS,
+        QWEN_TOKEN_ATTRIBUTES,
+        8.29,
+        QWEN_TOKENS_PER_FRAME,
+        QWEN_GRID,
+        QWEN_TOY,
+        QWEN_REAL_WIDTH,
+        same_geometry_as="Qwen/Qwen2.5-VL-3B-Instruct",
+    ),
 }
 
 
@@ -241,8 +495,15 @@ def tokenizer_with_ids(tokens: dict[str, int], attributes: dict[str, str]) -> Pr
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", model_max_length=131072, extra_special_tokens=attributes)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=131072,
+        extra_special_tokens=attributes,
+    )
     tok.add_special_tokens({"additional_special_tokens": list(tokens)})
     return tok
 
@@ -275,8 +536,10 @@ def load_processor(directory: Path, adapter: type):
 def in_float32(config: dict) -> dict:
     """``config`` saying float32 throughout, as ``load_adapter`` loads on a CPU (a random model built
     from a float16 config would make some parameters, e.g. LLaVA-NeXT's image_newline, float16)."""
-    return {key: in_float32(value) if isinstance(value, dict) else "float32" if key == "torch_dtype" else value
-            for key, value in config.items()}
+    return {
+        key: in_float32(value) if isinstance(value, dict) else "float32" if key == "torch_dtype" else value
+        for key, value in config.items()
+    }
 
 
 def random_adapter(directory: Path, checkpoint: Checkpoint, overrides: dict):
@@ -353,16 +616,32 @@ def test_cost_model_dimensions_are_the_checkpoints(name):
     text_config = AutoConfig.for_model(text.pop("model_type"), **text)
     llm = entry["llm"]
     assert (llm["layers"], llm["hidden"], llm["ffn"], llm["heads"], llm["kv_heads"]) == (
-        text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size,
-        text_config.num_attention_heads, text_config.num_key_value_heads)
+        text_config.num_hidden_layers,
+        text_config.hidden_size,
+        text_config.intermediate_size,
+        text_config.num_attention_heads,
+        text_config.num_key_value_heads,
+    )
     # the LM head counts for one token per prefill: the 64 padding rows the llava-hf checkpoints add change nothing
     assert llm["vocab"] == pytest.approx(text_config.vocab_size, rel=0.01)
     vision = checkpoint.config["vision_config"]
     tower = CLIP_VIT_L_336 if checkpoint.adapter is LlavaNextAdapter else INTERNVIT_300M_448
     size, patch = (v[0] if isinstance(v, list) else v for v in (vision["image_size"], vision["patch_size"]))
-    assert (tower["layers"], tower["hidden"], tower["ffn"], tower["heads"], tower["image_size"],
-            tower["patch_size"]) == (vision["num_hidden_layers"], vision["hidden_size"], vision["intermediate_size"],
-                                     vision["num_attention_heads"], size, patch)
+    assert (
+        tower["layers"],
+        tower["hidden"],
+        tower["ffn"],
+        tower["heads"],
+        tower["image_size"],
+        tower["patch_size"],
+    ) == (
+        vision["num_hidden_layers"],
+        vision["hidden_size"],
+        vision["intermediate_size"],
+        vision["num_attention_heads"],
+        size,
+        patch,
+    )
 
 
 @pytest.mark.parametrize("name", [n for n, c in CHECKPOINTS.items() if c.same_geometry_as])
@@ -370,15 +649,25 @@ def test_checkpoints_sharing_a_geometry_share_every_input_of_it(name):
     """What lets one geometry model stand for several checkpoints in the layout tests."""
     checkpoint, other = CHECKPOINTS[name], CHECKPOINTS[CHECKPOINTS[name].same_geometry_as]
     assert checkpoint.adapter is other.adapter
-    geometry_keys = ("vision_config", "image_grid_pinpoints", "vision_feature_layer", "vision_feature_select_strategy",
-                     "downsample_ratio", "image_token_index", "image_token_id")
+    geometry_keys = (
+        "vision_config",
+        "image_grid_pinpoints",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "downsample_ratio",
+        "image_token_index",
+        "image_token_id",
+    )
     for key in geometry_keys:
         mine, theirs = checkpoint.config.get(key), other.config.get(key)
         if key == "vision_config" and checkpoint.adapter is Qwen2_5_VLAdapter:  # its projector ends at the LLM width
             mine, theirs = ({k: v for k, v in c.items() if k != "out_hidden_size"} for c in (mine, theirs))
         assert mine == theirs, key
     assert (checkpoint.preprocessor, checkpoint.processor, checkpoint.tokens) == (
-        other.preprocessor, other.processor, other.tokens)
+        other.preprocessor,
+        other.processor,
+        other.tokens,
+    )
 
 
 # -- processor geometry ------------------------------------------------------------------------------------
@@ -395,9 +684,14 @@ def test_published_processor_geometry(published, name, frame_name):
 
 
 # -- the adapter over the real geometry --------------------------------------------------------------------
-GEOMETRY_RUNS = [pytest.param(name, frame_name, marks=slow) if CHECKPOINTS[name].adapter is Qwen2_5_VLAdapter
-                 and frame_name == "4K" else (name, frame_name)
-                 for name, c in CHECKPOINTS.items() if not c.same_geometry_as for frame_name in FRAMES]
+GEOMETRY_RUNS = [
+    pytest.param(name, frame_name, marks=slow)
+    if CHECKPOINTS[name].adapter is Qwen2_5_VLAdapter and frame_name == "4K"
+    else (name, frame_name)
+    for name, c in CHECKPOINTS.items()
+    if not c.same_geometry_as
+    for frame_name in FRAMES
+]
 
 
 @pytest.fixture(scope="module")
@@ -424,8 +718,11 @@ def check_layout_and_pruning(adapter, checkpoint: Checkpoint, frame_name: str, p
     visual = adapter.encode(prepared)
     assert visual.num_tokens == total and visual.features.shape[0] == total
     assert visual.token_boxes.shape == (total, 4) and torch.isfinite(visual.scores.saliency).all()
-    grid = adapter.token_grid(prepared.inputs["image_grid_thw"]) if isinstance(adapter, Qwen2_5_VLAdapter) \
+    grid = (
+        adapter.token_grid(prepared.inputs["image_grid_thw"])
+        if isinstance(adapter, Qwen2_5_VLAdapter)
         else tuple(visual.extras["grid"])
+    )
     assert grid == checkpoint.grid[frame_name]
     if prune:
         kept = torch.arange(0, total, 4)
@@ -454,7 +751,10 @@ def test_random_weights_at_real_width(tmp_path, name):
     text = adapter.model.config.get_text_config()
     published = AutoConfig.from_pretrained(write_checkpoint(tmp_path / "published", checkpoint)).get_text_config()
     assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (
-        published.hidden_size, published.num_attention_heads, published.num_key_value_heads)
+        published.hidden_size,
+        published.num_attention_heads,
+        published.num_key_value_heads,
+    )
     check_layout_and_pruning(adapter, checkpoint, "1080p", prune=True)
 
 

@@ -5,6 +5,7 @@ Goal → feedback per stage → a typed result equal to the JSON result; cancel 
 goal; goals the topic path would refuse (empty, out of range, queue full) rejected with the reason on
 ``result``; every accepted goal ends exactly once.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,6 @@ import time
 
 import cv2
 import pytest
-
 from ros_helpers import Probe, wait_future
 from test_ros_node import NODE, STARTUP_S, deliver, matched_probe, slow_agent
 
@@ -66,8 +66,11 @@ class Sent:
 
     def __init__(self, client, goal):
         self.feedback: list[tuple[str, float]] = []
-        self.handle = wait(client.send_goal_async(
-            goal, feedback_callback=lambda m: self.feedback.append((m.feedback.stage, m.feedback.elapsed_ms))))
+        self.handle = wait(
+            client.send_goal_async(
+                goal, feedback_callback=lambda m: self.feedback.append((m.feedback.stage, m.feedback.elapsed_ms))
+            )
+        )
         self._result = self.handle.get_result_async() if self.handle.accepted else None
 
     def stages(self) -> list[str]:
@@ -100,8 +103,11 @@ def assert_typed_equals_json(typed, result: dict) -> None:
             assert typed.header.frame_id == value
         elif key == "latency_ms":
             assert {k: getattr(typed.latency_ms, k) for k in value} == value
-            assert all(math.isnan(getattr(typed.latency_ms, k))
-                       for k in typed.latency_ms.get_fields_and_field_types() if k not in value)
+            assert all(
+                math.isnan(getattr(typed.latency_ms, k))
+                for k in typed.latency_ms.get_fields_and_field_types()
+                if k not in value
+            )
         elif value is None:
             assert math.isnan(getattr(typed, key)), key
         else:
@@ -151,12 +157,18 @@ def test_cancelling_a_running_goal_frees_the_worker_for_the_next(Ask, client, pr
     assert typed.mode == "request" and typed.keep_ratio == pytest.approx(0.2, abs=0.01)
 
 
-@pytest.mark.parametrize("request_id, goal, reason", [
-    ("bad-empty", {"text": "   "}, "invalid instruction: instruction text is empty"),
-    ("bad-ratio", {"text": "Is it red?", "keep_ratio": 1.5},
-     "invalid instruction: keep_ratio must be in (0, 1], got 1.5"),
-    ("bad-tokens", {"text": "Is it red?", "max_new_tokens": 5000}, "max_new_tokens must be in [1, 1024], got 5000"),
-])
+@pytest.mark.parametrize(
+    "request_id, goal, reason",
+    [
+        ("bad-empty", {"text": "   "}, "invalid instruction: instruction text is empty"),
+        (
+            "bad-ratio",
+            {"text": "Is it red?", "keep_ratio": 1.5},
+            "invalid instruction: keep_ratio must be in (0, 1], got 1.5",
+        ),
+        ("bad-tokens", {"text": "Is it red?", "max_new_tokens": 5000}, "max_new_tokens must be in [1, 1024], got 5000"),
+    ],
+)
 def test_invalid_goals_are_rejected_with_the_reason_on_the_result_topic(Ask, client, probe, request_id, goal, reason):
     text = goal.pop("text")
     sent = Sent(client, goal_message(Ask, text, id=request_id, **goal))

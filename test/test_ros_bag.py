@@ -3,6 +3,7 @@ replayed with ``python -m ptp_ros.ros.bag_replay`` at the recorded timing, with 
 running on ``use_sim_time``.  Answers must carry the stamp of a recorded frame and count its age on the
 bag's clock.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -13,7 +14,6 @@ import time
 import cv2
 import numpy as np
 import pytest
-
 from ros_helpers import BagRecorder, NodeProcess, Probe, read_bag
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
@@ -27,8 +27,13 @@ ANSWER_S = 120.0
 
 
 def replay(bag, *args: str, env, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ptp_ros.ros.bag_replay", str(bag), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ptp_ros.ros.bag_replay", str(bag), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,9 @@ def bag(ros, tmp_path_factory, frame):
     jpeg_pub = camera.node.create_publisher(CompressedImage, COMPRESSED, rclpy.qos.qos_profile_sensor_data)
     sent = {RAW: [], COMPRESSED: []}
     try:
-        camera.wait_for(lambda: raw_pub.get_subscription_count() and jpeg_pub.get_subscription_count(), 30,
-                        "the recorder")
+        camera.wait_for(
+            lambda: raw_pub.get_subscription_count() and jpeg_pub.get_subscription_count(), 30, "the recorder"
+        )
         time.sleep(0.5)  # both ends matched: let discovery settle before the first frame
         jpeg = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
         start = time.monotonic()
@@ -63,8 +69,9 @@ def bag(ros, tmp_path_factory, frame):
             view = frame if i % 2 == 0 else np.ascontiguousarray(frame[:, ::-1])
             raw = array_to_imgmsg(view, "rgb8", Header(stamp=stamp, frame_id="bag_camera"))
             raw_pub.publish(raw)
-            jpeg_pub.publish(CompressedImage(header=Header(stamp=stamp, frame_id="bag_camera"), format="jpeg",
-                                             data=jpeg))
+            jpeg_pub.publish(
+                CompressedImage(header=Header(stamp=stamp, frame_id="bag_camera"), format="jpeg", data=jpeg)
+            )
             sent[RAW].append((stamp.sec, stamp.nanosec))
             sent[COMPRESSED].append((stamp.sec, stamp.nanosec))
         camera.wait_for(lambda: min(recorder.counts.values()) >= FRAMES, 5, "the recorder to get every frame")
@@ -81,8 +88,11 @@ def stamps_in(messages, topic: str) -> list[tuple[int, int]]:
     from sensor_msgs.msg import CompressedImage, Image
 
     cls = Image if topic == RAW else CompressedImage
-    return [((m := deserialize_message(raw, cls)).header.stamp.sec, m.header.stamp.nanosec)
-            for t, _, _, raw in messages if t == topic]
+    return [
+        ((m := deserialize_message(raw, cls)).header.stamp.sec, m.header.stamp.nanosec)
+        for t, _, _, raw in messages
+        if t == topic
+    ]
 
 
 def test_the_bag_holds_the_recorded_raw_and_compressed_frames(bag, frame):
@@ -94,8 +104,10 @@ def test_the_bag_holds_the_recorded_raw_and_compressed_frames(bag, frame):
     path, sent = bag
     assert (path / "metadata.yaml").exists()
     messages = read_bag(path)
-    assert {(t, msgtype) for t, msgtype, _, _ in messages} == {(RAW, "sensor_msgs/msg/Image"),
-                                                               (COMPRESSED, "sensor_msgs/msg/CompressedImage")}
+    assert {(t, msgtype) for t, msgtype, _, _ in messages} == {
+        (RAW, "sensor_msgs/msg/Image"),
+        (COMPRESSED, "sensor_msgs/msg/CompressedImage"),
+    }
     for topic in (RAW, COMPRESSED):
         recorded = stamps_in(messages, topic)
         assert len(recorded) >= FRAMES - 1, f"{topic}: {len(recorded)} of {FRAMES} frames recorded"
@@ -127,8 +139,10 @@ def test_replay_errors_are_one_clear_line(ros, bag, tmp_path):
     cases = {
         "missing bag": ((tmp_path / "nowhere",), f"no bag at {tmp_path / 'nowhere'}"),
         "not a bag": ((tmp_path / "not_a_bag",), "is not a rosbag2 bag: no metadata.yaml"),
-        "unknown topic": ((path, "--topic", "/elsewhere"), "topic /elsewhere is not in the bag; it has: "
-                          f"{RAW} (sensor_msgs/msg/Image, "),
+        "unknown topic": (
+            (path, "--topic", "/elsewhere"),
+            f"topic /elsewhere is not in the bag; it has: {RAW} (sensor_msgs/msg/Image, ",
+        ),
         "unsupported type": ((odd, "--topic", "/blob"), "unsupported message type ptp_test_nowhere_msgs/msg/Blob"),
         "nothing replayable": ((odd,), "nothing to replay: no topic of a supported message type"),
         "bad rate": ((path, "--rate", "0"), "--rate must be > 0"),
@@ -172,7 +186,7 @@ def test_replay_keeps_the_recorded_timing_and_publishes_the_bag_clock(ros, bag):
     (first_t, first_stamp), (last_t, last_stamp) = arrivals[0], arrivals[-1]
     stamps = [s for _, s in arrivals]
     recorded_stamps = stamps_in([(RAW, "", t, raw) for t, raw in recorded], RAW)
-    recorded_span = (recorded[recorded_stamps.index(last_stamp)][0] - recorded[recorded_stamps.index(first_stamp)][0])
+    recorded_span = recorded[recorded_stamps.index(last_stamp)][0] - recorded[recorded_stamps.index(first_stamp)][0]
     assert last_t - first_t == pytest.approx(recorded_span / 1e9 / 2, abs=0.15), (arrivals, recorded_span)
     assert stamps == sorted(stamps) and set(stamps) <= set(recorded_stamps)
     # the clock: the bag's log times, monotonic, ending at the last message's, about 40 Hz of wall time
@@ -192,10 +206,22 @@ def test_the_node_answers_from_a_replayed_bag_on_the_bag_clock(ros, bag, tmp_pat
     path, sent = bag
     topic = RAW if transport == "raw" else COMPRESSED
     ns = f"/bag_{transport}"
-    node = NodeProcess(ros, tmp_path / "agent.log", node_name="ptp_agent", namespace=ns,
-                       remaps={"image": RAW}, params={
-                           "use_sim_time": True, "image_transport": transport, "mode": "fixed", "keep_ratio": 0.1,
-                           "max_new_tokens": 2, "calibration_keep_ratios": [0.1], "max_frame_age_ms": 1000.0})
+    node = NodeProcess(
+        ros,
+        tmp_path / "agent.log",
+        node_name="ptp_agent",
+        namespace=ns,
+        remaps={"image": RAW},
+        params={
+            "use_sim_time": True,
+            "image_transport": transport,
+            "mode": "fixed",
+            "keep_ratio": 0.1,
+            "max_new_tokens": 2,
+            "calibration_keep_ratios": [0.1],
+            "max_frame_age_ms": 1000.0,
+        },
+    )
     probe = Probe(namespace=ns)
     asked: list[str] = []
     try:
@@ -206,9 +232,23 @@ def test_the_node_answers_from_a_replayed_bag_on_the_bag_clock(ros, bag, tmp_pat
             pytest.fail(f"the agent never subscribed to {topic}:\n{node.log()[-3000:]}")
         assert probe.get_parameter(f"{ns}/ptp_agent", "use_sim_time") is True
         probe.wait_for(lambda: probe.instruction_pub.get_subscription_count() > 0, 30, "the agent's instructions")
-        player = subprocess.Popen([sys.executable, "-m", "ptp_ros.ros.bag_replay", str(path), "--topic", topic,
-                                   "--rate", "1.0", "--wait-for-subscribers", "30"], env=ros,
-                                  stderr=subprocess.PIPE, text=True)
+        player = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ptp_ros.ros.bag_replay",
+                str(path),
+                "--topic",
+                topic,
+                "--rate",
+                "1.0",
+                "--wait-for-subscribers",
+                "30",
+            ],
+            env=ros,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # ask while the bag plays (the first questions may come before its first frame: "no frame yet")
         while player.poll() is None and not probe.count("ok"):
             asked.append(f"bag-{transport}-{len(asked)}")
@@ -216,16 +256,21 @@ def test_the_node_answers_from_a_replayed_bag_on_the_bag_clock(ros, bag, tmp_pat
             time.sleep(0.25)
         _, replay_log = player.communicate(timeout=60)
         assert player.returncode == 0, replay_log
-        results = probe.wait_for(lambda: all(probe.result(r) for r in asked) and [probe.result(r) for r in asked],
-                                 ANSWER_S, "a result for every question")
+        results = probe.wait_for(
+            lambda: all(probe.result(r) for r in asked) and [probe.result(r) for r in asked],
+            ANSWER_S,
+            "a result for every question",
+        )
         answered = [r for r in results if r["status"] == "ok"]
         assert answered, f"no answer while the bag played: {results}\n{replay_log}\n{node.log()[-3000:]}"
         result = answered[0]
         stamp = (result["stamp"]["sec"], result["stamp"]["nanosec"])
         wall_age_s = time.time() - (stamp[0] + stamp[1] / 1e9)
-        saliency = probe.wait_for(lambda: [m for m in probe.saliency
-                                           if (m.header.stamp.sec, m.header.stamp.nanosec) == stamp],
-                                  30, "the saliency image of the answer")
+        saliency = probe.wait_for(
+            lambda: [m for m in probe.saliency if (m.header.stamp.sec, m.header.stamp.nanosec) == stamp],
+            30,
+            "the saliency image of the answer",
+        )
     finally:
         probe.close()
         code = node.stop()

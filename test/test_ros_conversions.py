@@ -1,4 +1,5 @@
 """Image messages ⇄ numpy: every supported encoding, row padding, big-endian data, bad messages."""
+
 from __future__ import annotations
 
 import sys
@@ -24,14 +25,25 @@ def message(arr: np.ndarray, encoding: str, pad: int = 0, big_endian: bool = Fal
         arr = arr.astype(arr.dtype.newbyteorder(">" if big_endian else "<"))
     rows = arr.reshape(arr.shape[0], -1).view(np.uint8)
     padded = np.concatenate([rows, np.full((arr.shape[0], pad), 0xEE, np.uint8)], axis=1)
-    return Image(height=arr.shape[0], width=arr.shape[1], encoding=encoding, is_bigendian=int(big_endian),
-                 step=padded.shape[1], data=padded.tobytes())
+    return Image(
+        height=arr.shape[0],
+        width=arr.shape[1],
+        encoding=encoding,
+        is_bigendian=int(big_endian),
+        step=padded.shape[1],
+        data=padded.tobytes(),
+    )
 
 
-@pytest.mark.parametrize("encoding, pixels", [
-    ("rgb8", RGB), ("bgr8", RGB[..., ::-1]), ("rgba8", np.dstack([RGB, np.full(RGB.shape[:2], 9, np.uint8)])),
-    ("bgra8", np.dstack([RGB[..., ::-1], np.full(RGB.shape[:2], 9, np.uint8)])),
-])
+@pytest.mark.parametrize(
+    "encoding, pixels",
+    [
+        ("rgb8", RGB),
+        ("bgr8", RGB[..., ::-1]),
+        ("rgba8", np.dstack([RGB, np.full(RGB.shape[:2], 9, np.uint8)])),
+        ("bgra8", np.dstack([RGB[..., ::-1], np.full(RGB.shape[:2], 9, np.uint8)])),
+    ],
+)
 @pytest.mark.parametrize("pad", [0, 3])
 def test_colour_encodings_become_the_same_rgb(encoding, pixels, pad):
     assert np.array_equal(conv.image_to_rgb(message(pixels, encoding, pad)), RGB)
@@ -59,12 +71,15 @@ def test_mono8_with_padding():
     assert np.array_equal(rgb, np.repeat(grey[..., None], 3, axis=2))
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda m: setattr(m, "encoding", "yuv422"), "unsupported encoding"),
-    (lambda m: setattr(m, "data", bytes(m.data[:10])), "needs"),
-    (lambda m: setattr(m, "step", 3), "step"),
-    (lambda m: setattr(m, "height", 0), "empty"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda m: setattr(m, "encoding", "yuv422"), "unsupported encoding"),
+        (lambda m: setattr(m, "data", bytes(m.data[:10])), "needs"),
+        (lambda m: setattr(m, "step", 3), "step"),
+        (lambda m: setattr(m, "height", 0), "empty"),
+    ],
+)
 def test_malformed_messages_say_why(mutate, reason):
     msg = message(RGB, "rgb8")
     mutate(msg)

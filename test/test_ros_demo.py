@@ -1,4 +1,5 @@
 """ptp-demo end to end: agent, camera and planner as three processes over DDS, as the README runs it."""
+
 from __future__ import annotations
 
 import re
@@ -6,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from ros_helpers import ros_env
 
 from ptp_ros.vlm.families import FAMILIES
@@ -33,10 +33,25 @@ def test_demo_runs_to_completion(tmp_path, family):
     """The same node serves every model family; only its ``model_path`` parameter changes."""
     env = ros_env(tmp_path / "ros_log")
     out = tmp_path / "saliency"
-    proc = subprocess.run([sys.executable, "-m", "ptp_ros.ros.demo", "--questions", "2", "--out", str(out),
-                           "--agent-log", str(tmp_path / "agent.log"), *_tiny_checkpoint(family, tmp_path)],
-                          env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ptp_ros.ros.demo",
+            "--questions",
+            "2",
+            "--out",
+            str(out),
+            "--agent-log",
+            str(tmp_path / "agent.log"),
+            *_tiny_checkpoint(family, tmp_path),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     log = (tmp_path / "agent.log").read_text(errors="replace")
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{log[-3000:]}"
     answered = re.findall(r"^\[q(\d)\] ([\d.]+) s \(budget .*\) keep ([\d.]+)%", proc.stdout, re.M)
@@ -51,10 +66,26 @@ def test_demo_runs_to_completion(tmp_path, family):
 
 def test_demo_on_a_proxy_scene_prints_the_expected_answers(tmp_path):
     """``--scene proxy``: the camera shows a proxy test scene and the planner asks its questions."""
-    proc = subprocess.run([sys.executable, "-m", "ptp_ros.ros.demo", "--questions", "2", "--scene", "proxy",
-                           "--out", str(tmp_path / "saliency"), "--agent-log", str(tmp_path / "agent.log")],
-                          env=ros_env(tmp_path / "ros_log"), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=420)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ptp_ros.ros.demo",
+            "--questions",
+            "2",
+            "--scene",
+            "proxy",
+            "--out",
+            str(tmp_path / "saliency"),
+            "--agent-log",
+            str(tmp_path / "agent.log"),
+        ],
+        env=ros_env(tmp_path / "ros_log"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from ptp_ros.ros.planner import proxy_questions
 

@@ -11,6 +11,7 @@ Two nodes run the built-in model: one on raw ``image``, one on ``image/compresse
 generated examples scales with ``PTP_FUZZ_EXAMPLES`` (default: about 2 500 instruction messages and
 1 600 raw and compressed frames a run).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,6 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-
 from ros_helpers import NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
@@ -35,20 +35,40 @@ from ptp_ros.ros.requests import FIELDS  # noqa: E402
 
 SCALE = float(os.environ.get("PTP_FUZZ_EXAMPLES", "1"))
 STARTUP_S = 180.0
-PARAMS = {"mode": "fixed", "keep_ratio": 0.05, "max_new_tokens": 1, "queue_size": 2, "publish_saliency": False,
-          "calibration_keep_ratios": [0.05], "max_frame_age_ms": 0.0, "max_input_pixels": 4096 * 4096}
+PARAMS = {
+    "mode": "fixed",
+    "keep_ratio": 0.05,
+    "max_new_tokens": 1,
+    "queue_size": 2,
+    "publish_saliency": False,
+    "calibration_keep_ratios": [0.05],
+    "max_frame_age_ms": 0.0,
+    "max_input_pixels": 4096 * 4096,
+}
 
 
 def fuzz(examples: int):
-    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large, HealthCheck.large_base_example])
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )
 
 
 # -- generated instruction messages ---------------------------------------------------------------
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 field_values = {
     "id": st.text(max_size=300) | st.integers() | json_values,
     "text": st.text(max_size=50) | st.text(max_size=3000) | json_values,
@@ -58,7 +78,8 @@ field_values = {
 }
 odd_keys = st.text(max_size=20) | st.sampled_from(["keep_raito", "x\n\x1b[31m[ERROR] forged", "\u202etext", "Text"])
 request_objects = st.fixed_dictionaries({}, optional={k: v for k, v in field_values.items()}) | st.dictionaries(
-    st.sampled_from(FIELDS) | odd_keys, json_values, max_size=6)
+    st.sampled_from(FIELDS) | odd_keys, json_values, max_size=6
+)
 
 
 def _json_text(obj, prefix: str, ascii_only: bool) -> str:
@@ -72,8 +93,18 @@ instruction_messages = st.one_of(
     st.integers(1, 5000).map(lambda n: '{"a":' + "[" * n + "]" * n + "}"),  # deep nesting
     st.integers(1, 5000).map(lambda n: '{"text":"q","max_new_tokens":' + "9" * n + "}"),  # huge integers
     st.integers(1, 400).map(lambda n: '{"text":"q","keep_ratio":0.' + "1" * n + "e-" + "9" * 5 + "}"),
-    st.sampled_from(['{"text":"q","keep_ratio":NaN}', '{"text":"q","latency_budget_ms":Infinity}', "{", "{}",
-                     '{"text":"q"}garbage', '{"text":"q","text":"r"}', "\x00", "{\x00}"]),
+    st.sampled_from(
+        [
+            '{"text":"q","keep_ratio":NaN}',
+            '{"text":"q","latency_budget_ms":Infinity}',
+            "{",
+            "{}",
+            '{"text":"q"}garbage',
+            '{"text":"q","text":"r"}',
+            "\x00",
+            "{\x00}",
+        ]
+    ),
     st.binary(max_size=200).map(lambda b: b.decode("utf-8", "replace")),
     st.integers(100_000, 400_000).map(lambda n: "{" + "x" * n),  # big messages
 )
@@ -85,22 +116,21 @@ def raw_image(width: int, height: int, encoding: str, step_delta: int, data_len:
 
     step = max(0, width * 3 + step_delta) % (1 << 32)
     length = data_len if data_len is not None else min(step * height, 4_000_000)
-    return Image(width=width, height=height, encoding=encoding, step=step, is_bigendian=big_endian,
-                 data=bytes(length))
+    return Image(width=width, height=height, encoding=encoding, step=step, is_bigendian=big_endian, data=bytes(length))
 
 
 def _patch_png(data: bytes, width: int, height: int) -> bytes:
     data = bytearray(data)
     at = data.index(b"IHDR")
-    data[at + 4:at + 12] = struct.pack(">II", width, height)
-    data[at + 17:at + 21] = struct.pack(">I", zlib.crc32(bytes(data[at:at + 17])))
+    data[at + 4 : at + 12] = struct.pack(">II", width, height)
+    data[at + 17 : at + 21] = struct.pack(">I", zlib.crc32(bytes(data[at : at + 17])))
     return bytes(data)
 
 
 def _patch_jpeg(data: bytes, width: int, height: int) -> bytes:
     data = bytearray(data)
     at = data.index(b"\xff\xc0")
-    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -114,17 +144,29 @@ def compressed_image(kind: str, width: int, height: int, cut: float, fmt: str, n
     if kind.endswith("claim"):  # a small file whose header claims another size (decompression bomb)
         data = (_patch_png if kind.startswith("png") else _patch_jpeg)(data, width, height)
     if cut < 1.0:
-        data = data[:max(0, int(len(data) * cut))]
+        data = data[: max(0, int(len(data) * cut))]
     return CompressedImage(format=fmt, data=data)
 
 
 dims = st.integers(0, 70_000) | st.integers(0, 64)
-raw_frames = st.builds(raw_image, dims, dims, st.sampled_from(list(ENCODINGS)) | st.text(max_size=12),
-                       st.integers(-8, 64), st.none() | st.integers(0, 200_000), st.integers(0, 255))
-compressed_frames = st.builds(compressed_image, st.sampled_from(["png", "jpeg", "png_claim", "jpeg_claim", "junk"]),
-                              st.integers(1, 65_535), st.integers(1, 65_535), st.sampled_from([1.0, 1.0, 0.5, 0.02]),
-                              st.sampled_from(["jpeg", "png", "rgb8; jpeg compressed bgr8", "16UC1; compressedDepth",
-                                               ""]) | st.text(max_size=10), st.binary(max_size=2000))
+raw_frames = st.builds(
+    raw_image,
+    dims,
+    dims,
+    st.sampled_from(list(ENCODINGS)) | st.text(max_size=12),
+    st.integers(-8, 64),
+    st.none() | st.integers(0, 200_000),
+    st.integers(0, 255),
+)
+compressed_frames = st.builds(
+    compressed_image,
+    st.sampled_from(["png", "jpeg", "png_claim", "jpeg_claim", "junk"]),
+    st.integers(1, 65_535),
+    st.integers(1, 65_535),
+    st.sampled_from([1.0, 1.0, 0.5, 0.02]),
+    st.sampled_from(["jpeg", "png", "rgb8; jpeg compressed bgr8", "16UC1; compressedDepth", ""]) | st.text(max_size=10),
+    st.binary(max_size=2000),
+)
 
 
 # -- the nodes ------------------------------------------------------------------------------------------
@@ -133,17 +175,24 @@ class Agent:
 
     def __init__(self, ros, log_dir, namespace: str, **params):
         self.fqn = f"/{namespace}/ptp_agent"
-        self.process = NodeProcess(ros, log_dir / f"{namespace}.log", params={**PARAMS, **params},
-                                   namespace=f"/{namespace}")
+        self.process = NodeProcess(
+            ros, log_dir / f"{namespace}.log", params={**PARAMS, **params}, namespace=f"/{namespace}"
+        )
         self.probe = Probe(namespace=f"/{namespace}")
         self.sent = 0
         self.frames = 0
 
     def ready(self, pub) -> None:
         deadline = time.monotonic() + STARTUP_S
-        self.probe.wait_for(lambda: pub.get_subscription_count() > 0
-                            and self.probe.instruction_pub.get_subscription_count() > 0
-                            or time.monotonic() > deadline, STARTUP_S + 5, "the agent")
+        self.probe.wait_for(
+            lambda: (
+                pub.get_subscription_count() > 0
+                and self.probe.instruction_pub.get_subscription_count() > 0
+                or time.monotonic() > deadline
+            ),
+            STARTUP_S + 5,
+            "the agent",
+        )
         assert pub.get_subscription_count() > 0, f"agent never subscribed:\n{self.process.log()[-3000:]}"
 
     def ask(self, data: str) -> None:
@@ -155,8 +204,11 @@ class Agent:
     def check_alive(self) -> dict:
         """The process runs, the watchdog is quiet and no exception reached a safety net."""
         assert self.process.proc.poll() is None, f"the agent exited:\n{self.process.log()[-3000:]}"
-        values = self.probe.wait_for(lambda: (v := self.probe.diag_values(self.fqn)) and
-                                     int(v["requests_received"]) >= self.sent and v, 30, "diagnostics")
+        values = self.probe.wait_for(
+            lambda: (v := self.probe.diag_values(self.fqn)) and int(v["requests_received"]) >= self.sent and v,
+            30,
+            "diagnostics",
+        )
         assert values["_level"] != b"\x02", values
         assert values["internal_errors"] == "0", (values, self.process.log()[-3000:])
         assert int(values["requests_received"]) == self.sent, values
@@ -198,7 +250,7 @@ def answered_after(agent: Agent, publish_frame, tag: str, timeout: float = 120.0
         publish_frame()
         time.sleep(0.1)
         agent.ask(json.dumps({"id": request_id, "text": "what colour is the square ?"}))
-        result = agent.probe.wait_for(lambda: agent.probe.result(request_id), 60, f"result {request_id}")
+        result = agent.probe.wait_for(lambda rid=request_id: agent.probe.result(rid), 60, f"result {request_id}")
         if result["status"] == "ok":
             return result
         time.sleep(0.2)
@@ -271,8 +323,9 @@ def test_a_burst_of_200_instructions_gets_200_results_and_overload_shows(raw_age
     assert set(counts.values()) == {1}, counts
     statuses = [probe.result(i)["status"] for i in ids]
     assert statuses.count("busy") >= 150 and set(statuses) <= {"ok", "busy"}, statuses
-    values = probe.wait_for(lambda: (v := probe.diag_values(raw_agent.fqn)) and int(v["requests_busy"]) >= 150
-                            and v, 10, "busy counted")
+    values = probe.wait_for(
+        lambda: (v := probe.diag_values(raw_agent.fqn)) and int(v["requests_busy"]) >= 150 and v, 10, "busy counted"
+    )
     assert values["_message"].startswith("overloaded") or "camera" in values["_message"], values
 
 
@@ -281,21 +334,26 @@ def test_a_decompression_bomb_is_refused_from_its_header_and_the_next_frame_serv
 
     probe = compressed_agent.probe
     jpeg = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].tobytes()
-    for i, bomb in enumerate((_patch_jpeg(jpeg, 65_500, 65_500), _patch_png(
-            cv2.imencode(".png", np.zeros((16, 16, 3), np.uint8))[1].tobytes(), 20_000, 20_000))):
+    for i, bomb in enumerate(
+        (
+            _patch_jpeg(jpeg, 65_500, 65_500),
+            _patch_png(cv2.imencode(".png", np.zeros((16, 16, 3), np.uint8))[1].tobytes(), 20_000, 20_000),
+        )
+    ):
         deadline = time.monotonic() + 60
         while True:  # best-effort frames: resend until the node has it
             probe.compressed_pub.publish(CompressedImage(format="jpeg", data=bomb))
             time.sleep(0.2)
             request_id = f"bomb{i}-{compressed_agent.sent}"
             compressed_agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
-            result = probe.wait_for(lambda: probe.result(request_id), 60, request_id)
+            result = probe.wait_for(lambda rid=request_id: probe.result(rid), 60, request_id)
             if "exceeds max_input_pixels" in result.get("error", "") or time.monotonic() > deadline:
                 break
         assert result["status"] == "error" and "exceeds max_input_pixels" in result["error"], result
     ok = cv2.imencode(".jpg", cv2.cvtColor(good_frame, cv2.COLOR_RGB2BGR))[1].tobytes()
-    answered_after(compressed_agent, lambda: probe.compressed_pub.publish(CompressedImage(format="jpeg", data=ok)),
-                   "after-bomb")
+    answered_after(
+        compressed_agent, lambda: probe.compressed_pub.publish(CompressedImage(format="jpeg", data=ok)), "after-bomb"
+    )
     compressed_agent.check_alive()
 
 
@@ -306,8 +364,9 @@ def test_a_huge_raw_frame_is_refused_without_the_memory_it_claims(raw_agent):  #
     node = psutil.Process(raw_agent.process.proc.pid)
     before = node.memory_info().rss
     request_id = f"huge-{raw_agent.sent}"
-    raw_agent.probe.image_pub.publish(Image(width=20_000, height=20_000, encoding="rgb8", step=60_000,
-                                            data=bytes(1_000_000)))
+    raw_agent.probe.image_pub.publish(
+        Image(width=20_000, height=20_000, encoding="rgb8", step=60_000, data=bytes(1_000_000))
+    )
     time.sleep(0.3)
     raw_agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
     result = raw_agent.probe.wait_for(lambda: raw_agent.probe.result(request_id), 60, request_id)
@@ -324,8 +383,16 @@ def test_a_stale_frame_is_not_answered_and_a_silent_camera_warns(raw_agent, good
         raw_agent.ask(json.dumps({"id": "stale-1", "text": "what colour is the square ?"}))
         result = probe.wait_for(lambda: probe.result("stale-1"), 60, "stale-1")
         assert result["status"] == "stale" and "max_frame_age_ms 400" in result["error"], result
-        values = probe.wait_for(lambda: (v := probe.diag_values(raw_agent.fqn)) and "no camera frame for" in
-                                v["_message"] and int(v["requests_stale"]) >= 1 and v, 10, "the silent-camera warning")
+        values = probe.wait_for(
+            lambda: (
+                (v := probe.diag_values(raw_agent.fqn))
+                and "no camera frame for" in v["_message"]
+                and int(v["requests_stale"]) >= 1
+                and v
+            ),
+            10,
+            "the silent-camera warning",
+        )
         assert values["_level"] == b"\x01"
     finally:
         assert probe.set_parameters(raw_agent.fqn, {"max_frame_age_ms": 0.0})[0].successful
@@ -371,9 +438,14 @@ def test_after_fuzzing_both_nodes_are_alive_and_answer(raw_agent, compressed_age
 
     live = answered_after(raw_agent, lambda: raw_agent.probe.send_frame(good_frame, sec=int(time.time())), "raw")
     assert live["visual_tokens_kept"] > 0
-    answered_after(compressed_agent, lambda: compressed_agent.probe.compressed_pub.publish(
-        CompressedImage(format="jpeg", data=jpeg.tobytes())), "jpeg")
+    answered_after(
+        compressed_agent,
+        lambda: compressed_agent.probe.compressed_pub.publish(CompressedImage(format="jpeg", data=jpeg.tobytes())),
+        "jpeg",
+    )
     raw_agent.check_alive()
     compressed_agent.check_alive()
-    print(f"\nfuzzed: {raw_agent.sent} instruction messages ({garbage} of them raw CDR garbage), "
-          f"{raw_agent.frames} raw and {compressed_agent.frames} compressed frames; every instruction answered once")
+    print(
+        f"\nfuzzed: {raw_agent.sent} instruction messages ({garbage} of them raw CDR garbage), "
+        f"{raw_agent.frames} raw and {compressed_agent.frames} compressed frames; every instruction answered once"
+    )

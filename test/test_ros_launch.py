@@ -5,6 +5,7 @@ starts ``ros2 launch ptp_ros agent.launch.py ...`` through the vendored ros2/lau
 ros2-launch, the real LaunchService); it skips where that folder is absent (a user's clone).  The same
 check run on broken copies of the launch file or a missing params file must fail: that proves it checks.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,8 +17,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "agent.launch.py"
-REQUIRED = {"model_path", "image_topic", "instruction_topic", "latency_budget_ms", "params_file", "namespace",
-            "use_sim_time", "autostart"}
+REQUIRED = {
+    "model_path",
+    "image_topic",
+    "instruction_topic",
+    "latency_budget_ms",
+    "params_file",
+    "namespace",
+    "use_sim_time",
+    "autostart",
+}
 
 
 def calls(tree: ast.AST, name: str) -> list[ast.Call]:
@@ -47,7 +56,9 @@ def test_every_argument_reaches_a_parameter_remapping_or_the_environment(tree):
     keywords = {k.arg: k.value for k in node.keywords}
     (set_env,) = calls(tree, "SetEnvironmentVariable")
     profile_args = configs_in(set_env.args[1])
-    reached = configs_in(keywords["parameters"]) | configs_in(keywords["remappings"]) | configs_in(keywords["namespace"])
+    reached = (
+        configs_in(keywords["parameters"]) | configs_in(keywords["remappings"]) | configs_in(keywords["namespace"])
+    )
     assert declared - reached == {"fastdds_profile"} and "fastdds_profile" in profile_args
 
     overrides = next(d for d in keywords["parameters"].elts if isinstance(d, ast.Dict))
@@ -56,8 +67,10 @@ def test_every_argument_reaches_a_parameter_remapping_or_the_environment(tree):
         assert configs_in(value) == {key.value}, f"{key.value} must come from the argument of the same name"
     remapped = {pair.elts[0].value: configs_in(pair.elts[1]) for pair in keywords["remappings"].elts}
     assert remapped == {"image": {"image_topic"}, "instruction": {"instruction_topic"}}
-    assert {k.arg: getattr(k.value, "value", None) for k in node.keywords if k.arg in ("package", "executable")} \
-        == {"package": "ptp_ros", "executable": "agent"}
+    assert {k.arg: getattr(k.value, "value", None) for k in node.keywords if k.arg in ("package", "executable")} == {
+        "package": "ptp_ros",
+        "executable": "agent",
+    }
 
 
 def test_launch_description_builds_where_launch_ros_exists(monkeypatch):
@@ -66,9 +79,10 @@ def test_launch_description_builds_where_launch_ros_exists(monkeypatch):
     if VENDOR_LAUNCH.is_dir():  # the vendored ros2/launch sources, where no ROS install provides them
         monkeypatch.syspath_prepend(str(VENDOR_LAUNCH))
     pytest.importorskip("launch_ros", reason="launch_ros has no PyPI wheel; this runs on a ROS 2 install (colcon)")
-    import launch
     from launch.actions import DeclareLaunchArgument
     from launch_ros.actions import LifecycleNode
+
+    import launch
 
     monkeypatch.setattr("ament_index_python.packages.get_package_share_directory", lambda _pkg: str(ROOT))
     spec = importlib.util.spec_from_file_location("agent_launch", LAUNCH)
@@ -79,7 +93,6 @@ def test_launch_description_builds_where_launch_ros_exists(monkeypatch):
     names = {e.name for e in description.entities if isinstance(e, DeclareLaunchArgument)}
     assert REQUIRED <= names
     assert sum(isinstance(e, LifecycleNode) for e in description.entities) == 1
-
 
 
 # -- the real launch ---------------------------------------------------------------------------------------
@@ -100,8 +113,9 @@ def installed(tmp_path_factory):
     if not VENDOR_LAUNCH.is_dir():
         pytest.skip(f"{VENDOR_LAUNCH} is absent (a user's clone): no ros2/launch sources to run the launch file")
     pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
-    pytest.importorskip("osrf_pycommon", reason="osrf-pycommon (needed by ros2/launch) is not installed: "
-                                                "pip install -e .[ros]")
+    pytest.importorskip(
+        "osrf_pycommon", reason="osrf-pycommon (needed by ros2/launch) is not installed: pip install -e .[ros]"
+    )
     if colcon_executable() is None:
         pytest.skip("colcon is not installed (pip install colcon-core colcon-ros colcon-package-selection)")
     return colcon_build(tmp_path_factory.mktemp("colcon_ws"))
@@ -113,8 +127,9 @@ def params_file(installed, tmp_path_factory) -> Path:
     import yaml
 
     config = yaml.safe_load((installed / "ptp_ros" / "share" / "ptp_ros" / "config" / "agent.yaml").read_text())
-    config["/**"]["ros__parameters"].update(mode="fixed", keep_ratio=0.1, max_new_tokens=2,
-                                            calibration_keep_ratios=[0.1], max_frame_age_ms=0.0)
+    config["/**"]["ros__parameters"].update(
+        mode="fixed", keep_ratio=0.1, max_new_tokens=2, calibration_keep_ratios=[0.1], max_frame_age_ms=0.0
+    )
     path = tmp_path_factory.mktemp("params") / "agent_test.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -127,8 +142,9 @@ def small_frame(sample_image):
     return cv2.resize(sample_image, (640, 360), interpolation=cv2.INTER_AREA)
 
 
-def launch_and_ask(ros, installed: Path, workdir: Path, target: list[str], arguments: dict, namespace: str,
-                   frame) -> dict:
+def launch_and_ask(
+    ros, installed: Path, workdir: Path, target: list[str], arguments: dict, namespace: str, frame
+) -> dict:
     """Start the launch, wait until the node serves, ask one question over the JSON topics, SIGINT the launch
     and check that launch and node exit cleanly.  Returns the result; LaunchCheckFailed names the first
     step that went wrong, with the launch's output."""
@@ -155,8 +171,11 @@ def launch_and_ask(ros, installed: Path, workdir: Path, target: list[str], argum
 
     try:
         wait(lambda: (v := probe.diag_values(fqn)) and v["model_state"] == "serving", STARTUP_S, "serving")
-        wait(lambda: probe.image_pub.get_subscription_count() and probe.instruction_pub.get_subscription_count(),
-             30, "the node's image and instruction subscriptions")
+        wait(
+            lambda: probe.image_pub.get_subscription_count() and probe.instruction_pub.get_subscription_count(),
+            30,
+            "the node's image and instruction subscriptions",
+        )
         budget = probe.get_parameter(fqn, "latency_budget_ms")
         if not (isinstance(budget, float) and budget == float(arguments["latency_budget_ms"])):
             fail(f"latency_budget_ms is {budget!r}, the launch argument said {arguments['latency_budget_ms']}")
@@ -173,8 +192,12 @@ def launch_and_ask(ros, installed: Path, workdir: Path, target: list[str], argum
             fail("the node never received a camera frame")
         probe.ask(id="launch-1", text="What is on the table?")
         result = wait(lambda: probe.result("launch-1"), ANSWER_S, "the result")
-        expected = {"status": "ok", "stamp": {"sec": header.stamp.sec, "nanosec": header.stamp.nanosec},
-                    "frame_id": "launch_camera", "mode": "fixed"}  # the stamp of the frame sent, the params file's mode
+        expected = {
+            "status": "ok",
+            "stamp": {"sec": header.stamp.sec, "nanosec": header.stamp.nanosec},
+            "frame_id": "launch_camera",
+            "mode": "fixed",
+        }  # the stamp of the frame sent, the params file's mode
         if {k: result.get(k) for k in expected} != expected or abs(result["keep_ratio"] - 0.1) > 0.01:
             fail(f"unexpected result {result}")
 
@@ -193,12 +216,25 @@ def launch_and_ask(ros, installed: Path, workdir: Path, target: list[str], argum
         launch.close()
 
 
-def test_ros2_launch_serves_an_answer_and_exits_cleanly_on_sigint(ros, installed, params_file, tiny_model_dir,
-                                                                   small_frame, tmp_path):
+def test_ros2_launch_serves_an_answer_and_exits_cleanly_on_sigint(
+    ros, installed, params_file, tiny_model_dir, small_frame, tmp_path
+):
     started = time.monotonic()
-    result = launch_and_ask(ros, installed, tmp_path, ["ptp_ros", "agent.launch.py"], {
-        "model_path": tiny_model_dir, "params_file": params_file, "namespace": "/launch_ok",
-        "image_topic": "/launch_ok/image", "latency_budget_ms": "1500.0"}, "/launch_ok", small_frame)
+    result = launch_and_ask(
+        ros,
+        installed,
+        tmp_path,
+        ["ptp_ros", "agent.launch.py"],
+        {
+            "model_path": tiny_model_dir,
+            "params_file": params_file,
+            "namespace": "/launch_ok",
+            "image_topic": "/launch_ok/image",
+            "latency_budget_ms": "1500.0",
+        },
+        "/launch_ok",
+        small_frame,
+    )
     assert isinstance(result["answer"], str) and result["visual_tokens_kept"] > 0
     log = (tmp_path / "launch.log").read_text()
     assert f"loading model {tiny_model_dir}" in log  # model_path reached the node
@@ -212,31 +248,52 @@ def _mutate(text: str, old: str, new: str) -> str:
 
 MUTANTS = {
     # a float parameter's argument coerced to int
-    "value_type_int_for_a_float": (lambda t: _mutate(
-        t, 'LaunchConfiguration("latency_budget_ms"), value_type=float', 'LaunchConfiguration("latency_budget_ms"), '
-        'value_type=int'), {}, "invalid literal for int()"),
+    "value_type_int_for_a_float": (
+        lambda t: _mutate(
+            t,
+            'LaunchConfiguration("latency_budget_ms"), value_type=float',
+            'LaunchConfiguration("latency_budget_ms"), value_type=int',
+        ),
+        {},
+        "invalid literal for int()",
+    ),
     # an argument's default outside its choices
-    "default_not_in_choices": (lambda t: _mutate(t, 'default_value="raw", choices=', 'default_value="jpeg", choices='),
-                               {}, 'default_value "jpeg" is not in provided choices'),
+    "default_not_in_choices": (
+        lambda t: _mutate(t, 'default_value="raw", choices=', 'default_value="jpeg", choices='),
+        {},
+        'default_value "jpeg" is not in provided choices',
+    ),
     # an import error in the launch file
-    "import_error": (lambda t: "import ptp_ros_launch_no_such_module\n" + t, {},
-                     "No module named 'ptp_ros_launch_no_such_module'"),
+    "import_error": (
+        lambda t: "import ptp_ros_launch_no_such_module\n" + t,
+        {},
+        "No module named 'ptp_ros_launch_no_such_module'",
+    ),
     # a params file that does not exist
-    "missing_params_file": (lambda t: t, {"params_file": "/nonexistent/ptp_agent.yaml"},
-                            "params_file: '/nonexistent/ptp_agent.yaml' is not a file"),
+    "missing_params_file": (
+        lambda t: t,
+        {"params_file": "/nonexistent/ptp_agent.yaml"},
+        "params_file: '/nonexistent/ptp_agent.yaml' is not a file",
+    ),
 }
 
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))
-def test_the_launch_check_fails_for_a_broken_launch(ros, installed, params_file, tiny_model_dir, small_frame,
-                                                    tmp_path, mutant):
+def test_the_launch_check_fails_for_a_broken_launch(
+    ros, installed, params_file, tiny_model_dir, small_frame, tmp_path, mutant
+):
     mutate, overrides, cause = MUTANTS[mutant]
     launch_file = installed / "ptp_ros" / "share" / "ptp_ros" / "launch" / "agent.launch.py"
     broken = tmp_path / "agent.launch.py"
     broken.write_text(mutate(launch_file.read_text()))
     namespace = f"/launch_{mutant}"
-    arguments = {"model_path": tiny_model_dir, "params_file": params_file, "namespace": namespace,
-                 "image_topic": f"{namespace}/image", "latency_budget_ms": "1500.0"} | overrides
+    arguments = {
+        "model_path": tiny_model_dir,
+        "params_file": params_file,
+        "namespace": namespace,
+        "image_topic": f"{namespace}/image",
+        "latency_budget_ms": "1500.0",
+    } | overrides
     started = time.monotonic()
     with pytest.raises(LaunchCheckFailed) as failure:
         launch_and_ask(ros, installed, tmp_path, [str(broken)], arguments, namespace, small_frame)

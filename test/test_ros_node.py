@@ -3,6 +3,7 @@
 The node's model answers 6 s late (an injected slow stage, after calibration), so that the tests can
 act while it is generating: send frames, change parameters, overflow the queue.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ from collections import Counter
 
 import cv2
 import pytest
-
 from ros_helpers import NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
@@ -24,9 +24,19 @@ ANSWER_S = 120.0
 
 def slow_agent(ros, tmp_path_factory, delay_s: float = DELAY_S):
     """A one-slot agent whose generate takes ``delay_s`` longer; stopped cleanly at the end."""
-    node = NodeProcess(ros, tmp_path_factory.mktemp("agent") / "agent.log", generate_delay_s=delay_s, params={
-        "mode": "fixed", "keep_ratio": 0.1, "max_new_tokens": 2, "queue_size": 1,
-        "calibration_keep_ratios": [0.1], "max_frame_age_ms": 0.0})  # frames wait out the slow stage here
+    node = NodeProcess(
+        ros,
+        tmp_path_factory.mktemp("agent") / "agent.log",
+        generate_delay_s=delay_s,
+        params={
+            "mode": "fixed",
+            "keep_ratio": 0.1,
+            "max_new_tokens": 2,
+            "queue_size": 1,
+            "calibration_keep_ratios": [0.1],
+            "max_frame_age_ms": 0.0,
+        },
+    )  # frames wait out the slow stage here
     yield node
     code = node.stop()
     assert code == 0, f"agent exited with {code}:\n{node.log()[-3000:]}"
@@ -84,10 +94,22 @@ def answer_of(probe: Probe, request_id: str, timeout: float = ANSWER_S) -> dict:
 
 
 def test_diagnostics_report_the_serving_node(probe):
-    values = probe.wait_for(lambda: (v := probe.diag_values(NODE)) and v["model_state"] == "serving" and v,
-                            30, "serving diagnostics")
-    for key in ("device", "last_latency_ms", "p95_latency_ms", "latency_budget_ms", "keep_ratio", "frames_received",
-                "frames_dropped", "requests_served", "requests_rejected", "requests_failed", "last_error"):
+    values = probe.wait_for(
+        lambda: (v := probe.diag_values(NODE)) and v["model_state"] == "serving" and v, 30, "serving diagnostics"
+    )
+    for key in (
+        "device",
+        "last_latency_ms",
+        "p95_latency_ms",
+        "latency_budget_ms",
+        "keep_ratio",
+        "frames_received",
+        "frames_dropped",
+        "requests_served",
+        "requests_rejected",
+        "requests_failed",
+        "last_error",
+    ):
         assert key in values
     assert values["device"] == "cpu"
     assert values["_level"] == b"\x01" and values["_message"] == "no camera frame received yet"
@@ -120,7 +142,16 @@ def test_requests_use_the_newest_frame_and_callbacks_stay_live_during_generate(p
         assert r["keep_ratio"] == pytest.approx(r["visual_tokens_kept"] / r["visual_tokens_total"], abs=1e-5)
         assert r["keep_ratio"] == pytest.approx(0.1, abs=0.01) and r["mode"] == "fixed"
         assert r["latency_ms"]["total"] >= DELAY_S * 1e3
-        assert set(r["latency_ms"]) >= {"queue", "preprocess", "encode", "score", "select", "prefill", "decode", "total"}
+        assert set(r["latency_ms"]) >= {
+            "queue",
+            "preprocess",
+            "encode",
+            "score",
+            "select",
+            "prefill",
+            "decode",
+            "total",
+        }
         assert r["budget_met"] is False  # 2 s budget, 6 s injected
     assert r2["latency_ms"]["queue"] > 1000  # it waited for r1
     assert probe.get_parameter(NODE, "alpha") == pytest.approx(0.3)
@@ -132,8 +163,12 @@ def test_requests_use_the_newest_frame_and_callbacks_stay_live_during_generate(p
 
 
 def test_bad_parameters_are_rejected_and_the_old_value_kept(probe):
-    for params, why in (({"mode": "fast"}, "mode must be one of"), ({"keep_ratio": 1.5}, ""),
-                        ({"max_new_tokens": 0}, ""), ({"model_path": "/elsewhere"}, "read-only")):
+    for params, why in (
+        ({"mode": "fast"}, "mode must be one of"),
+        ({"keep_ratio": 1.5}, ""),
+        ({"max_new_tokens": 0}, ""),
+        ({"model_path": "/elsewhere"}, "read-only"),
+    ):
         outcome = probe.set_parameters(NODE, params)[0]
         assert not outcome.successful, params
         assert why in outcome.reason and outcome.reason
@@ -200,12 +235,20 @@ def test_every_request_got_exactly_one_result(probe):
 
 
 def test_a_missing_model_is_reported_and_instructions_rejected(ros, tmp_path):
-    node = NodeProcess(ros, tmp_path / "broken.log", params={"model_path": "/nonexistent/model"},
-                       node_name="ptp_broken", namespace="/broken")
+    node = NodeProcess(
+        ros,
+        tmp_path / "broken.log",
+        params={"model_path": "/nonexistent/model"},
+        node_name="ptp_broken",
+        namespace="/broken",
+    )
     probe = Probe(namespace="/broken")
     try:
-        values = probe.wait_for(lambda: (v := probe.diag_values("/broken/ptp_broken")) and v["model_state"] == "error"
-                                and v, 60, "error diagnostics")
+        values = probe.wait_for(
+            lambda: (v := probe.diag_values("/broken/ptp_broken")) and v["model_state"] == "error" and v,
+            60,
+            "error diagnostics",
+        )
         assert values["_level"] == b"\x02" and "not found" in values["_message"]
         probe.wait_for(lambda: probe.instruction_pub.get_subscription_count() > 0, 30, "the broken agent")
         probe.ask(id="m1", text="Are you there?")
@@ -225,12 +268,16 @@ def test_a_corrupt_model_is_named_in_diagnostics_and_rejections(ros, tmp_path):
     broken = tmp_path / "broken-model"
     shutil.copytree(default_model_path(), broken)
     os.truncate(broken / "model.safetensors", 1000)
-    node = NodeProcess(ros, tmp_path / "corrupt.log", params={"model_path": str(broken)},
-                       node_name="ptp_corrupt", namespace="/corrupt")
+    node = NodeProcess(
+        ros, tmp_path / "corrupt.log", params={"model_path": str(broken)}, node_name="ptp_corrupt", namespace="/corrupt"
+    )
     probe = Probe(namespace="/corrupt")
     try:
-        values = probe.wait_for(lambda: (v := probe.diag_values("/corrupt/ptp_corrupt")) and v["model_state"] == "error"
-                                and v, 60, "error diagnostics")
+        values = probe.wait_for(
+            lambda: (v := probe.diag_values("/corrupt/ptp_corrupt")) and v["model_state"] == "error" and v,
+            60,
+            "error diagnostics",
+        )
         assert values["_level"] == b"\x02" and "corrupt or truncated safetensors" in values["_message"], values
         assert "corrupt or truncated safetensors" in values["last_error"]
         probe.wait_for(lambda: probe.instruction_pub.get_subscription_count() > 0, 30, "the broken agent")
@@ -250,22 +297,37 @@ def test_stopping_cancels_a_running_generate_within_a_second(ros, tmp_path, fram
     from lifecycle_msgs.srv import ChangeState
 
     ns = f"/stop_{how.lower()}"
-    node = NodeProcess(ros, tmp_path / "stop.log", generate_delay_s=60.0, node_name="ptp_stop", namespace=ns,
-                       params={"mode": "fixed", "keep_ratio": 0.1, "max_new_tokens": 2,
-                               "calibration_keep_ratios": [0.1], "max_frame_age_ms": 0.0})
+    node = NodeProcess(
+        ros,
+        tmp_path / "stop.log",
+        generate_delay_s=60.0,
+        node_name="ptp_stop",
+        namespace=ns,
+        params={
+            "mode": "fixed",
+            "keep_ratio": 0.1,
+            "max_new_tokens": 2,
+            "calibration_keep_ratios": [0.1],
+            "max_frame_age_ms": 0.0,
+        },
+    )
     probe = Probe(namespace=ns)
     fqn = f"{ns}/ptp_stop"
     try:
         probe.wait_matched(STARTUP_S)
         probe.wait_for(lambda: (v := probe.diag_values(fqn)) and v["model_state"] == "serving", 30, "serving")
-        probe.wait_for(lambda: probe.send_frame(frame, sec=5) and int(probe.diag_values(fqn)["frames_received"]) > 0,
-                       30, "a frame")
+        probe.wait_for(
+            lambda: probe.send_frame(frame, sec=5) and int(probe.diag_values(fqn)["frames_received"]) > 0, 30, "a frame"
+        )
         probe.ask(id="long", text="What is on the table?")
         probe.wait_for(lambda: probe.diag_values(fqn)["busy"] == "True", 30, "the request to start")
         started = time.monotonic()
         if how == "deactivate":
-            response = probe.call(ChangeState, f"{fqn}/change_state",
-                                  ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+            response = probe.call(
+                ChangeState,
+                f"{fqn}/change_state",
+                ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)),
+            )
             assert response.success
         else:
             node.proc.send_signal(getattr(signal, how))
@@ -283,12 +345,16 @@ def test_stopping_cancels_a_running_generate_within_a_second(ros, tmp_path, fram
 def test_sigint_during_a_long_model_load_ends_the_process_within_two_seconds(ros, tmp_path):
     import signal
 
-    node = NodeProcess(ros, tmp_path / "loading.log", params={}, node_name="ptp_loading", namespace="/loading",
-                       load_delay_s=60.0)
+    node = NodeProcess(
+        ros, tmp_path / "loading.log", params={}, node_name="ptp_loading", namespace="/loading", load_delay_s=60.0
+    )
     probe = Probe(namespace="/loading")
     try:
-        probe.wait_for(lambda: (v := probe.diag_values("/loading/ptp_loading")) and v["model_state"] == "loading",
-                       60, "the model to start loading")
+        probe.wait_for(
+            lambda: (v := probe.diag_values("/loading/ptp_loading")) and v["model_state"] == "loading",
+            60,
+            "the model to start loading",
+        )
         started = time.monotonic()
         node.proc.send_signal(signal.SIGINT)
         assert node.proc.wait(10) == 0, node.log()[-3000:]
@@ -303,9 +369,14 @@ def test_without_autostart_a_lifecycle_manager_drives_the_node(ros, tmp_path):
     from lifecycle_msgs.srv import ChangeState, GetState
 
     fqn = "/managed/ptp_managed"
-    node = NodeProcess(ros, tmp_path / "managed.log", node_name="ptp_managed", namespace="/managed",
-                       params={"autostart": False, "calibration_keep_ratios": [0.1], "image_transport": "compressed"},
-                       remaps={"image": "/managed_cam/image_raw"})
+    node = NodeProcess(
+        ros,
+        tmp_path / "managed.log",
+        node_name="ptp_managed",
+        namespace="/managed",
+        params={"autostart": False, "calibration_keep_ratios": [0.1], "image_transport": "compressed"},
+        remaps={"image": "/managed_cam/image_raw"},
+    )
     probe = Probe(namespace="/managed")
     try:
         values = probe.wait_for(lambda: probe.diag_values(fqn), 60, "diagnostics")
@@ -313,16 +384,21 @@ def test_without_autostart_a_lifecycle_manager_drives_the_node(ros, tmp_path):
         time.sleep(2.0)
         assert probe.diag_values(fqn)["model_state"] == "unconfigured"  # it waits for the manager
         for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            response = probe.call(ChangeState, f"{fqn}/change_state",
-                                  ChangeState.Request(transition=Transition(id=transition)), timeout=STARTUP_S)
+            response = probe.call(
+                ChangeState,
+                f"{fqn}/change_state",
+                ChangeState.Request(transition=Transition(id=transition)),
+                timeout=STARTUP_S,
+            )
             assert response.success, node.log()[-3000:]
         assert probe.call(GetState, f"{fqn}/get_state", GetState.Request()).current_state.label == "active"
         # image_transport naming: the remapped image topic + /compressed, without a remap of its own
         from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import CompressedImage
 
-        camera = probe.node.create_publisher(CompressedImage, "/managed_cam/image_raw/compressed",
-                                             qos_profile_sensor_data)
+        camera = probe.node.create_publisher(
+            CompressedImage, "/managed_cam/image_raw/compressed", qos_profile_sensor_data
+        )
         probe.wait_for(lambda: camera.get_subscription_count() > 0, 30, "the compressed subscription")
     finally:
         probe.close()

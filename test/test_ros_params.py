@@ -1,5 +1,6 @@
 """The parameter table, config/agent.yaml and the node agree; runtime-settable ones are the Settings; a
 removed parameter still set by an old params file is named in a warning, not silently ignored."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,13 @@ import yaml
 pytest.importorskip("rcl_interfaces", reason="ROS 2 is not installed (pip install -e .[ros])")
 
 from ptp_ros.ros.params import (  # noqa: E402
-    BY_NAME, PARAMS, REMOVED, RUNTIME, check_choice, removed_parameter_warnings)
+    BY_NAME,
+    PARAMS,
+    REMOVED,
+    RUNTIME,
+    check_choice,
+    removed_parameter_warnings,
+)
 from ptp_ros.ros.worker import Settings  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "agent.yaml"

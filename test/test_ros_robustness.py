@@ -3,6 +3,7 @@ no input ends the inference thread, frames are bounded and fresh, a running requ
 
 Each numbered item of the robustness issue has its regression test here or in test_ros_fuzz.py (over DDS).
 """
+
 from __future__ import annotations
 
 import struct
@@ -13,12 +14,12 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from ros_helpers import SlowAdapter
 
 from ptp_ros.overlay import saliency_image
 from ptp_ros.pipeline import Cancelled, Pipeline, PipelineConfig
 from ptp_ros.ros.requests import Request, RequestError, loggable, parse_request
 from ptp_ros.ros.worker import Counters, Frame, RequestWorker, Settings, calibrate, frame_freshness
-from ros_helpers import SlowAdapter
 
 conversions = pytest.importorskip("ptp_ros.ros.conversions", reason="ROS 2 message packages are not installed")
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
@@ -30,7 +31,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     ok, data = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))
     data = bytearray(data.tobytes())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -39,20 +40,23 @@ def png_claiming(width: int, height: int) -> bytes:
     ok, data = cv2.imencode(".png", np.zeros((16, 16, 3), np.uint8))
     data = bytearray(data.tobytes())
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
     return bytes(data)
 
 
 # -- 1, 8: instruction messages ------------------------------------------------------------------------
-@pytest.mark.parametrize("data, reason", [
-    ('{"a":' + "[" * 1100 + "]" * 1100 + "}", "nested 1101 levels deep"),
-    ('{"text":"q","max_new_tokens":' + "9" * 4301 + "}", "a number with 4301 characters"),
-    ('{"text":"q","keep_ratio":NaN}', "NaN is not a number"),
-    ('{"text":"q","keep_ratio":-Infinity}', "-Infinity is not a number"),
-    ('{"text":"q","keep_ratio":1e999}', "keep_ratio must be in"),
-    ("x" * 20_000, "the limit is"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        ('{"a":' + "[" * 1100 + "]" * 1100 + "}", "nested 1101 levels deep"),
+        ('{"text":"q","max_new_tokens":' + "9" * 4301 + "}", "a number with 4301 characters"),
+        ('{"text":"q","keep_ratio":NaN}', "NaN is not a number"),
+        ('{"text":"q","keep_ratio":-Infinity}', "-Infinity is not a number"),
+        ('{"text":"q","keep_ratio":1e999}', "keep_ratio must be in"),
+        ("x" * 20_000, "the limit is"),
+    ],
+)
 def test_messages_that_killed_the_process_are_refused_with_a_reason(data, reason):
     with pytest.raises(RequestError, match=reason):
         parse_request(data, "d", 2000)
@@ -99,8 +103,14 @@ def test_the_saliency_image_is_bounded(tiny_adapter, sample_image):
 
 # -- 5: freshness ------------------------------------------------------------------------------------------
 def frame_at(stamp_ns: int, arrived: float, decode=lambda: np.zeros((64, 64, 3), np.uint8)) -> Frame:
-    return Frame(stamp_ns=stamp_ns, stamp={"sec": stamp_ns // 10**9, "nanosec": stamp_ns % 10**9}, frame_id="cam",
-                 header=None, decode=decode, arrived=arrived)
+    return Frame(
+        stamp_ns=stamp_ns,
+        stamp={"sec": stamp_ns // 10**9, "nanosec": stamp_ns % 10**9},
+        frame_id="cam",
+        header=None,
+        decode=decode,
+        arrived=arrived,
+    )
 
 
 def test_freshness_judges_plausible_stamps_and_flags_the_rest():
@@ -109,8 +119,12 @@ def test_freshness_judges_plausible_stamps_and_flags_the_rest():
     assert (warning, stale) == (None, None) and fields["frame_age_ms"] == pytest.approx(300.0)
     _, warning, stale = frame_freshness(frame_at(now_ns - 5 * 10**9, now - 0.1), now_ns, now, 1000.0)
     assert warning is None and stale.startswith("stale frame: 5000 ms old")
-    for stamp, flag in ((now_ns + 10**12, "in the future"), (1001 * 10**9, "h old"), (-5 * 10**9, "h old"),
-                        (0, "unset")):
+    for stamp, flag in (
+        (now_ns + 10**12, "in the future"),
+        (1001 * 10**9, "h old"),
+        (-5 * 10**9, "h old"),
+        (0, "unset"),
+    ):
         fields, warning, stale = frame_freshness(frame_at(stamp, now - 0.1), now_ns, now, 1000.0)
         assert flag in warning and stale is None and fields["stamp_warning"] == warning  # judged by arrival
         assert frame_freshness(frame_at(stamp, now - 3.0), now_ns, now, 1000.0)[2] is not None
@@ -143,8 +157,15 @@ def served(tiny_adapter, sample_image):
     """A calibrated worker over the tiny model with a slow stage that tests may lengthen."""
     results = Results()
     adapter = SlowAdapter(tiny_adapter)
-    worker = RequestWorker(adapter, Settings(mode="fixed", keep_ratio=0.1, max_new_tokens=1), queue_size=2,
-                           emit=results, emit_saliency=lambda *_: None, now_ns=time.time_ns, counters=Counters())
+    worker = RequestWorker(
+        adapter,
+        Settings(mode="fixed", keep_ratio=0.1, max_new_tokens=1),
+        queue_size=2,
+        emit=results,
+        emit_saliency=lambda *_: None,
+        now_ns=time.time_ns,
+        counters=Counters(),
+    )
     image = cv2.resize(sample_image, (640, 360), interpolation=cv2.INTER_AREA)
     calibrate(worker, image, [0.1, 0.5], max_new_tokens=1)
     worker.start()
@@ -224,8 +245,15 @@ def test_every_request_in_a_burst_gets_exactly_one_result(served):
 def slow_worker(adapter, image, delay_s: float, calibrated: bool) -> tuple[RequestWorker, Results]:
     results = Results()
     slow = SlowAdapter(adapter, delay_s=delay_s)
-    worker = RequestWorker(slow, Settings(mode="budget", max_new_tokens=1), queue_size=4, emit=results,
-                           emit_saliency=lambda *_: None, now_ns=time.time_ns, counters=Counters())
+    worker = RequestWorker(
+        slow,
+        Settings(mode="budget", max_new_tokens=1),
+        queue_size=4,
+        emit=results,
+        emit_saliency=lambda *_: None,
+        now_ns=time.time_ns,
+        counters=Counters(),
+    )
     if calibrated:
         calibrate(worker, image, [0.1], max_new_tokens=1)
     worker.start()
@@ -300,8 +328,15 @@ def test_generate_stops_after_the_current_token_when_cancelled(tiny_adapter, sam
 
 
 def test_a_dead_inference_thread_is_reported(tiny_adapter):
-    worker = RequestWorker(tiny_adapter, Settings(), queue_size=1, emit=lambda *_: None,
-                           emit_saliency=lambda *_: None, now_ns=time.time_ns, counters=Counters())
+    worker = RequestWorker(
+        tiny_adapter,
+        Settings(),
+        queue_size=1,
+        emit=lambda *_: None,
+        emit_saliency=lambda *_: None,
+        now_ns=time.time_ns,
+        counters=Counters(),
+    )
     worker.start()
     worker._stop.set()  # the loop ends while the node still accepts requests: what a crash would look like
     worker._thread.join(5)

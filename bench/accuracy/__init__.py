@@ -1,16 +1,17 @@
 """``ptp-eval``: accuracy of PTP, its ablations and peer selectors on the proxy high-resolution VQA task.
 
-    ptp-eval                      # test split, all methods, writes docs/accuracy/
-    ptp-eval --sweep              # validation split, candidate PTP defaults, writes docs/accuracy/sweep/
-    ptp-eval --fusion-sweep       # validation split, candidate fusions, writes docs/accuracy/fusion_sweep/
-    ptp-eval --diversity-sweep    # validation split, within-region selection, writes docs/accuracy/diversity_sweep/
-    ptp-eval --quick              # two scenes, for CI (< 2 min), writes to a temporary folder
-    ptp-eval --model ptp_ros/models/proxy-qwen2_5_vl --out docs/accuracy/qwen2_5_vl
-                                  # Qwen2.5-VL, with the max_pixels down-scaling baseline at every ratio
-    ptp-eval --data frames/data.jsonl --model CHECKPOINT --device cuda --out results/
-                                  # your own labelled frames and checkpoint (bench/accuracy/dataset.py);
-                                  # resumable: answers are cached in OUT/cache.jsonl as they come
+ptp-eval                      # test split, all methods, writes docs/accuracy/
+ptp-eval --sweep              # validation split, candidate PTP defaults, writes docs/accuracy/sweep/
+ptp-eval --fusion-sweep       # validation split, candidate fusions, writes docs/accuracy/fusion_sweep/
+ptp-eval --diversity-sweep    # validation split, within-region selection, writes docs/accuracy/diversity_sweep/
+ptp-eval --quick              # two scenes, for CI (< 2 min), writes to a temporary folder
+ptp-eval --model ptp_ros/models/proxy-qwen2_5_vl --out docs/accuracy/qwen2_5_vl
+                              # Qwen2.5-VL, with the max_pixels down-scaling baseline at every ratio
+ptp-eval --data frames/data.jsonl --model CHECKPOINT --device cuda --out results/
+                              # your own labelled frames and checkpoint (bench/accuracy/dataset.py);
+                              # resumable: answers are cached in OUT/cache.jsonl as they come
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,39 +33,84 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="ptp-eval", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in proxy model)")
-    ap.add_argument("--split", default=None, choices=("train", "val", "test"),
-                    help="default: test (val with --sweep)")
-    ap.add_argument("--scenes", type=int, default=None, help="default: 600, ~4 300 questions, so that a 95 %% interval is under ±1.5 "
-                    "points even at 50 %% accuracy (40 with --sweep, 2 with --quick)")
-    ap.add_argument("--per-type", type=int, default=None, help="questions of each type per scene (default: 2, "
-                    "1 with --quick)")
-    ap.add_argument("--ablation-scenes", type=int, default=100,
-                    help="run the PTP ablations on the first N scenes only (default: 100; 0: all)")
+    ap.add_argument("--split", default=None, choices=("train", "val", "test"), help="default: test (val with --sweep)")
+    ap.add_argument(
+        "--scenes",
+        type=int,
+        default=None,
+        help="default: 600, ~4 300 questions, so that a 95 %% interval is under ±1.5 "
+        "points even at 50 %% accuracy (40 with --sweep, 2 with --quick)",
+    )
+    ap.add_argument(
+        "--per-type", type=int, default=None, help="questions of each type per scene (default: 2, 1 with --quick)"
+    )
+    ap.add_argument(
+        "--ablation-scenes",
+        type=int,
+        default=100,
+        help="run the PTP ablations on the first N scenes only (default: 100; 0: all)",
+    )
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--sweep", action="store_true", help="compare candidate PTP defaults instead of the peers")
-    ap.add_argument("--fusion-sweep", action="store_true",
-                    help="compare candidate fusions of saliency and relevance (validation split)")
-    ap.add_argument("--diversity-sweep", action="store_true",
-                    help="compare PTP's diverse within-region selection with top-k and DivPrune (validation split)")
-    ap.add_argument("--stage-sweep", action="store_true",
-                    help="compare where PTP's instruction stage runs (before / inside the LLM, over candidates) "
-                         "with FastV (validation split)")
+    ap.add_argument(
+        "--fusion-sweep",
+        action="store_true",
+        help="compare candidate fusions of saliency and relevance (validation split)",
+    )
+    ap.add_argument(
+        "--diversity-sweep",
+        action="store_true",
+        help="compare PTP's diverse within-region selection with top-k and DivPrune (validation split)",
+    )
+    ap.add_argument(
+        "--stage-sweep",
+        action="store_true",
+        help="compare where PTP's instruction stage runs (before / inside the LLM, over candidates) "
+        "with FastV (validation split)",
+    )
     ap.add_argument("--quick", action="store_true", help="a few scenes, for CI")
-    ap.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                    help="only these rows, by label or selector name (default: all of the mode's rows; with "
-                         "--data: PTP and the peers, no ablations)")
-    ap.add_argument("--data", type=Path, default=None, metavar="FILE.jsonl",
-                    help="score your own labelled frames instead of the proxy task: one JSON object a line with "
-                         "image (relative to the file), question, answers; optional id, type")
-    ap.add_argument("--limit", type=int, default=None, metavar="N",
-                    help="with --data: the first N items only (a smoke run before a long one; cached answers carry over)")
-    ap.add_argument("--match", default="normalised", choices=MATCHERS,
-                    help="with --data: how an answer matches the references (default: normalised, VQA-style)")
-    ap.add_argument("--max-new-tokens", type=int, default=16,
-                    help="with --data: generated tokens per answer (default 16; 1 for the proxy models)")
-    ap.add_argument("--prompt", default="{question}", metavar="TEMPLATE",
-                    help="with --data: the instruction sent for each item, e.g. \"{question} Answer the question "
-                         "using a single word or phrase.\" (default: the question alone)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only these rows, by label or selector name (default: all of the mode's rows; with "
+        "--data: PTP and the peers, no ablations)",
+    )
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="FILE.jsonl",
+        help="score your own labelled frames instead of the proxy task: one JSON object a line with "
+        "image (relative to the file), question, answers; optional id, type",
+    )
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --data: the first N items only (a smoke run before a long one; cached answers carry over)",
+    )
+    ap.add_argument(
+        "--match",
+        default="normalised",
+        choices=MATCHERS,
+        help="with --data: how an answer matches the references (default: normalised, VQA-style)",
+    )
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="with --data: generated tokens per answer (default 16; 1 for the proxy models)",
+    )
+    ap.add_argument(
+        "--prompt",
+        default="{question}",
+        metavar="TEMPLATE",
+        help='with --data: the instruction sent for each item, e.g. "{question} Answer the question '
+        'using a single word or phrase." (default: the question alone)',
+    )
     ap.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: cpu; auto with --data)")
     ap.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
     ap.add_argument("--out", type=Path, default=None)
@@ -87,19 +133,35 @@ def main(argv: list[str] | None = None) -> int:
     split = args.split or ("val" if sweep else "test")
     scenes = args.scenes or (2 if args.quick else 40 if sweep else 600)
     per_type = args.per_type or (1 if args.quick else 2)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="ptp-eval-")) if args.quick
-                       else Path("docs/accuracy/fusion_sweep") if args.fusion_sweep
-                       else Path("docs/accuracy/diversity_sweep") if args.diversity_sweep
-                       else Path("docs/accuracy/stage_sweep") if args.stage_sweep
-                       else Path("docs/accuracy/sweep") if args.sweep else Path("docs/accuracy"))
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="ptp-eval-"))
+        if args.quick
+        else Path("docs/accuracy/fusion_sweep")
+        if args.fusion_sweep
+        else Path("docs/accuracy/diversity_sweep")
+        if args.diversity_sweep
+        else Path("docs/accuracy/stage_sweep")
+        if args.stage_sweep
+        else Path("docs/accuracy/sweep")
+        if args.sweep
+        else Path("docs/accuracy")
+    )
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     model = Path(args.model) if args.model else default_model_path()
     adapter = load_adapter(model, LoadOptions(device=args.device or "cpu", dtype=args.dtype))
     if args.sweep and not adapter.region_scores:
         ap.error(f"--sweep compares the region scores of tiled models; {adapter.name} has none")
-    methods = (sweep_methods() if args.sweep else fusion_methods() if args.fusion_sweep
-               else diversity_methods() if args.diversity_sweep else stage_methods() if args.stage_sweep
-               else comparison_methods())
+    methods = (
+        sweep_methods()
+        if args.sweep
+        else fusion_methods()
+        if args.fusion_sweep
+        else diversity_methods()
+        if args.diversity_sweep
+        else stage_methods()
+        if args.stage_sweep
+        else comparison_methods()
+    )
     if args.methods:
         methods = _picked(ap, methods, args.methods)
     main_methods = [m for m in methods if m.group != "ablation"]
@@ -111,17 +173,29 @@ def main(argv: list[str] | None = None) -> int:
         chosen = methods if args.ablation_scenes == 0 or k < args.ablation_scenes else main_methods
         evaluator.scene(scene, make_questions(scene, per_type), results, chosen)
         if (k + 1) % 10 == 0 or k + 1 == scenes:
-            print(f"[ptp-eval] {k + 1}/{scenes} scenes, {len(results.qtypes)} questions, "
-                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    meta = {"split": split, "model": _shown(model), "command": _command(argv), "seconds": time.perf_counter() - start,
-            "ratios": list(ratios), "per_type": per_type,
-            "ablation_scenes": args.ablation_scenes}
+            print(
+                f"[ptp-eval] {k + 1}/{scenes} scenes, {len(results.qtypes)} questions, "
+                f"{time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    meta = {
+        "split": split,
+        "model": _shown(model),
+        "command": _command(argv),
+        "seconds": time.perf_counter() - start,
+        "ratios": list(ratios),
+        "per_type": per_type,
+        "ablation_scenes": args.ablation_scenes,
+    }
     rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
     data = report.build(results, rows, ratios, meta)
     report.write(data, ratios, out)
     glob = "" if data["global_only"] is None else f", global only {data['global_only']['accuracy']:.3f}"
-    print(f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f}{glob}; wrote {out}/results.json, "
-          "results.md, accuracy_vs_keep_ratio.png")
+    print(
+        f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f}{glob}; wrote {out}/results.json, "
+        "results.md, accuracy_vs_keep_ratio.png"
+    )
     return 0
 
 
@@ -130,9 +204,9 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     from ptp_ros.vlm.defaults import default_model_path
     from ptp_ros.vlm.loading import ModelLoadError, quiet_transformers, resolve_device, resolve_dtype
 
-    from . import report
     from ..cost_model import MODELS, llm_dims_from_config
     from ..models import load_model
+    from . import report
     from .data_runner import AnswerCache, DataEvaluator, progress_printer
     from .dataset import DataError, load_items
     from .methods import Method, comparison_methods
@@ -168,13 +242,22 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     named = model == "tiny" or model in MODELS  # built here, not a checkpoint directory
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     out = args.out or Path(tempfile.mkdtemp(prefix="ptp-eval-data-"))
-    settings = {"model": model if named else str(Path(model).resolve()), "device": str(adapter.device),
-                "dtype": str(adapter.dtype), "max_new_tokens": args.max_new_tokens, "prompt": args.prompt}
+    settings = {
+        "model": model if named else str(Path(model).resolve()),
+        "device": str(adapter.device),
+        "dtype": str(adapter.dtype),
+        "max_new_tokens": args.max_new_tokens,
+        "prompt": args.prompt,
+    }
     cache = AnswerCache(out / "cache.jsonl", settings)
     evaluator = DataEvaluator(adapter, methods, ratios, cache, args.max_new_tokens, args.match, args.prompt)
     cells = len(evaluator.cells())
-    print(f"[ptp-eval] {len(items)} items × {cells} cells on {adapter.name} ({settings['device']}, "
-          f"{settings['dtype']}); {len(cache.entries)} answers already in {cache.path}", file=sys.stderr, flush=True)
+    print(
+        f"[ptp-eval] {len(items)} items × {cells} cells on {adapter.name} ({settings['device']}, "
+        f"{settings['dtype']}); {len(cache.entries)} answers already in {cache.path}",
+        file=sys.stderr,
+        flush=True,
+    )
     results = Results()
     start = time.perf_counter()
     try:
@@ -184,22 +267,34 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         return 2
     finally:
         cache.close()
-    meta = {"split": "data", "task": f"`{_shown(args.data)}` ({len(items)} questions)",
-            "model": model if named else _shown(model),
-            "image_word": "images", "plot_title": args.data.name, "command": _command(argv),
-            "seconds": time.perf_counter() - start, "ratios": list(ratios), "match": args.match,
-            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "device": settings["device"],
-            "dtype": settings["dtype"].removeprefix("torch."), "computed_answers": fresh,
-            "llm_layer": adapter.options.llm_layer,
-            "llm": llm_dims_from_config(adapter.model.config.text_config) if named else None}
+    meta = {
+        "split": "data",
+        "task": f"`{_shown(args.data)}` ({len(items)} questions)",
+        "model": model if named else _shown(model),
+        "image_word": "images",
+        "plot_title": args.data.name,
+        "command": _command(argv),
+        "seconds": time.perf_counter() - start,
+        "ratios": list(ratios),
+        "match": args.match,
+        "max_new_tokens": args.max_new_tokens,
+        "prompt": args.prompt,
+        "device": settings["device"],
+        "dtype": settings["dtype"].removeprefix("torch."),
+        "computed_answers": fresh,
+        "llm_layer": adapter.options.llm_layer,
+        "llm": llm_dims_from_config(adapter.model.config.text_config) if named else None,
+    }
     scratch.cleanup()
     rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
     data = report.build(results, rows, ratios, meta)
     report.write(data, ratios, out)
     (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in evaluator.answers))
-    print(f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f} on {len(items)} questions ({fresh} answers "
-          f"computed, {len(items) * cells - fresh} from the cache); wrote {out}/results.json, results.md, "
-          "answers.jsonl")
+    print(
+        f"[ptp-eval] all tokens {data['all_tokens']['accuracy']:.3f} on {len(items)} questions ({fresh} answers "
+        f"computed, {len(items) * cells - fresh} from the cache); wrote {out}/results.json, results.md, "
+        "answers.jsonl"
+    )
     return 0
 
 

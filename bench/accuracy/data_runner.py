@@ -6,6 +6,7 @@ A real 7B evaluation takes hours, so every answer is appended to ``OUT/cache.jso
 what is already there and scores only the rest.  Answers are stored as text and matched when the report is
 built, so changing ``--match`` needs no rerun.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,14 @@ class AnswerCache:
         return entry if entry is not None and entry.get("fingerprint") == item.fingerprint() else None
 
     def put(self, cell: Cell, item: Item, record: dict) -> dict:
-        entry = {"settings": self.settings, "cell": self.cell_id(cell), "item": item.id,
-                 "fingerprint": item.fingerprint(), "label": cell.label, **record}
+        entry = {
+            "settings": self.settings,
+            "cell": self.cell_id(cell),
+            "item": item.id,
+            "fingerprint": item.fingerprint(),
+            "label": cell.label,
+            **record,
+        }
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
@@ -87,8 +94,16 @@ class DataEvaluator:
     Rows: all tokens, each method at each ratio < 1 and, for a model whose processor takes any resolution
     (Qwen2.5-VL), the whole frame re-read at the resolution that yields the ratio's token count."""
 
-    def __init__(self, adapter: StockModelAdapter, methods: list[Method], ratios: Iterable[float],
-                 cache: AnswerCache, max_new_tokens: int, rule: str, prompt: str = "{question}"):
+    def __init__(
+        self,
+        adapter: StockModelAdapter,
+        methods: list[Method],
+        ratios: Iterable[float],
+        cache: AnswerCache,
+        max_new_tokens: int,
+        rule: str,
+        prompt: str = "{question}",
+    ):
         self.adapter, self.methods, self.cache = adapter, methods, cache
         self.ratios = tuple(r for r in ratios if r < 1.0)
         self.max_new_tokens, self.rule, self.prompt = max_new_tokens, rule, prompt
@@ -108,10 +123,13 @@ class DataEvaluator:
         """The method's pipeline (``None``: the unpruned one), built once."""
         key = FULL_KEY if method is None else method.key()
         if key not in self._pipelines:
-            self._pipelines[key] = (Pipeline(self.adapter, PipelineConfig(max_new_tokens=self.max_new_tokens))
-                                    if method is None else
-                                    Pipeline(adapter_variant(self.adapter, method.adapter),
-                                             method.pipeline_config(self.max_new_tokens)))
+            self._pipelines[key] = (
+                Pipeline(self.adapter, PipelineConfig(max_new_tokens=self.max_new_tokens))
+                if method is None
+                else Pipeline(
+                    adapter_variant(self.adapter, method.adapter), method.pipeline_config(self.max_new_tokens)
+                )
+            )
         return self._pipelines[key]
 
     def run(self, items: list[Item], results: Results, progress: Callable[[int, int, int], None]) -> int:
@@ -143,9 +161,14 @@ class DataEvaluator:
             answer = Pipeline(small, self.pipeline(None).config).answer(image, instruction, keep_ratio=1.0)
         else:
             answer = self.pipeline(by_label[cell.label]).answer(image, instruction, keep_ratio=cell.ratio)
-        return {"prediction": answer.text, "kept": answer.selection.num_kept, "total": answer.selection.total,
-                "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens,
-                "timings_ms": {k: round(v, 3) for k, v in answer.timings_ms.items()}}
+        return {
+            "prediction": answer.text,
+            "kept": answer.selection.num_kept,
+            "total": answer.selection.total,
+            "prompt_tokens": answer.prompt_tokens,
+            "new_tokens": answer.new_tokens,
+            "timings_ms": {k: round(v, 3) for k, v in answer.timings_ms.items()},
+        }
 
     def _record(self, item: Item, entries: dict[Cell, dict], results: Results) -> None:
         full = entries[Cell(FULL, 1.0, FULL_KEY)]
@@ -157,9 +180,17 @@ class DataEvaluator:
             results.recall[key].append(float("nan"))  # no object boxes in user data
             results.kept_ratio[key].append(entry["kept"] / visual)
             results.latency_ms[key].append(entry["timings_ms"])
-            self.answers.append({"item": item.id, "row": cell.label, "keep_ratio": cell.ratio,
-                                 "prediction": entry["prediction"], "answers": list(item.answers),
-                                 "correct": correct, "kept": entry["kept"]})
+            self.answers.append(
+                {
+                    "item": item.id,
+                    "row": cell.label,
+                    "keep_ratio": cell.ratio,
+                    "prediction": entry["prediction"],
+                    "answers": list(item.answers),
+                    "correct": correct,
+                    "kept": entry["kept"],
+                }
+            )
         results.qtypes.append(item.qtype)
         results.scenes.append(str(item.image))  # counted as distinct images
         results.text_tokens.append(full["prompt_tokens"] - visual)
@@ -177,7 +208,11 @@ def progress_printer(every_s: float = 10.0) -> Callable[[int, int, int], None]:
             return
         last = now
         rest = (now - start) / done * (total - done)
-        print(f"[ptp-eval] {done}/{total} items ({fresh} answers computed, the rest cached), {now - start:.0f} s, "
-              f"about {rest:.0f} s left", file=sys.stderr, flush=True)
+        print(
+            f"[ptp-eval] {done}/{total} items ({fresh} answers computed, the rest cached), {now - start:.0f} s, "
+            f"about {rest:.0f} s left",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return show

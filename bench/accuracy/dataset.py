@@ -6,6 +6,7 @@
 strings (any one of them counts as right); ``id`` (default: the line number) and ``type`` (default: "all") are
 optional.  Every fault is reported as one ``DataError`` line naming the file and line, before any model runs.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -10,14 +10,27 @@ matches any of them:
 * ``contains``: the normalised reference occurs in the normalised prediction as whole words (for models
   that answer in a sentence, "the circle is red" for "red").
 """
+
 from __future__ import annotations
 
 import re
 
 MATCHERS = ("exact", "normalised", "contains")
 
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]")
 

@@ -5,6 +5,7 @@ how instruction attention is reduced over instruction tokens and which adapter o
 scores (``adapter``: changes to the evaluated adapter's own options, e.g. the LLM layer; any family
 takes them as long as its options have those fields).  "ptp" always means the library's current defaults.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,14 +46,25 @@ class Method:
 
     def pipeline_config(self, max_new_tokens: int) -> PipelineConfig:
         """The library configuration that runs this row (``ptp-eval --data`` answers through it)."""
-        return PipelineConfig.for_selector(self.selector, self.options, instruction_reduce=self.reduce,
-                                           prune_in_llm=self.prune_in_llm, probe_candidates=self.probe_candidates,
-                                           max_new_tokens=max_new_tokens)
+        return PipelineConfig.for_selector(
+            self.selector,
+            self.options,
+            instruction_reduce=self.reduce,
+            prune_in_llm=self.prune_in_llm,
+            probe_candidates=self.probe_candidates,
+            max_new_tokens=max_new_tokens,
+        )
 
     def key(self) -> tuple:
         """Identity of what is computed (two labels for one configuration are computed once)."""
-        return (self.selector, tuple(sorted(self.options.items())), self.reduce if self.needs_relevance else None,
-                self.adapter, self.prune_in_llm, self.probe_candidates)
+        return (
+            self.selector,
+            tuple(sorted(self.options.items())),
+            self.reduce if self.needs_relevance else None,
+            self.adapter,
+            self.prune_in_llm,
+            self.probe_candidates,
+        )
 
 
 def adapter_variant(base: StockModelAdapter, changes: tuple[tuple[str, object], ...]) -> StockModelAdapter:
@@ -91,10 +103,25 @@ def peer(selector: str, options: dict | None = None, label: str | None = None, *
     return Method(label or spec.label, selector, dict(options or {}), adapter=adapter, **changes)
 
 
-def _ptp(label: str, group: str = "ablation", reduce: str = "max", adapter: dict | None = None,
-         prune_in_llm: bool = PipelineConfig.prune_in_llm, probe_candidates: float = 0.0, **changes) -> Method:
-    return Method(label, "ptp", dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)), reduce,
-                  tuple(sorted((adapter or {}).items())), group, prune_in_llm, probe_candidates)
+def _ptp(
+    label: str,
+    group: str = "ablation",
+    reduce: str = "max",
+    adapter: dict | None = None,
+    prune_in_llm: bool = PipelineConfig.prune_in_llm,
+    probe_candidates: float = 0.0,
+    **changes,
+) -> Method:
+    return Method(
+        label,
+        "ptp",
+        dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)),
+        reduce,
+        tuple(sorted((adapter or {}).items())),
+        group,
+        prune_in_llm,
+        probe_candidates,
+    )
 
 
 def comparison_methods() -> list[Method]:
@@ -132,8 +159,7 @@ def sweep_methods() -> list[Method]:
             out.append(_ptp(f"ptp region={region_score} vision_layer={vision_layer}", adapter=adapter))
     for llm_layer in (0, 1, 2, 3):
         for reduce in ("max", "mean"):
-            out.append(_ptp(f"ptp llm_layer={llm_layer} {reduce}", reduce=reduce,
-                            adapter={"llm_layer": llm_layer}))
+            out.append(_ptp(f"ptp llm_layer={llm_layer} {reduce}", reduce=reduce, adapter={"llm_layer": llm_layer}))
     for temperature in (0.5, 1.0, 2.0, 4.0):
         out.append(_ptp(f"ptp temperature={temperature:g}", temperature=temperature))
     out.extend(_ptp(f"ptp α={a:g}", alpha=a) for a in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0))
@@ -150,8 +176,9 @@ def fusion_methods() -> list[Method]:
         adapter = {"llm_layer": llm_layer} if llm_layer is not None else None
         where = f" llm_layer={llm_layer}" if llm_layer is not None else ""
         for fusion in FUSIONS:
-            out.extend(_ptp(f"ptp {fusion} α={a:g}{where}", fusion=fusion, alpha=a, adapter=adapter)
-                       for a in (0.25, 0.5, 0.75))
+            out.extend(
+                _ptp(f"ptp {fusion} α={a:g}{where}", fusion=fusion, alpha=a, adapter=adapter) for a in (0.25, 0.5, 0.75)
+            )
     return out
 
 
@@ -162,11 +189,15 @@ def stage_methods() -> list[Method]:
     (issue 11, items 2, 4 and 6)."""
     out = [_ptp("ptp", group="ptp")]
     for within in WITHIN_REGION:
-        out += [_ptp(f"ptp before the LLM, {within}", prune_in_llm=False, within_region=within),
-                _ptp(f"ptp in-LLM, {within}", prune_in_llm=True, within_region=within),
-                _ptp(f"ptp α=0, {within}", alpha=0.0, within_region=within)]
-    out += [_ptp(f"ptp probe over {m:g}× budget candidates", prune_in_llm=False, probe_candidates=m)
-            for m in (2.0, 3.0, 5.0)]
+        out += [
+            _ptp(f"ptp before the LLM, {within}", prune_in_llm=False, within_region=within),
+            _ptp(f"ptp in-LLM, {within}", prune_in_llm=True, within_region=within),
+            _ptp(f"ptp α=0, {within}", alpha=0.0, within_region=within),
+        ]
+    out += [
+        _ptp(f"ptp probe over {m:g}× budget candidates", prune_in_llm=False, probe_candidates=m)
+        for m in (2.0, 3.0, 5.0)
+    ]
     return out + [
         peer("fastv"),
         peer("fastv", {"k": 1}, "FastV (in-LLM, K=1)"),
@@ -182,12 +213,19 @@ def diversity_methods() -> list[Method]:
     run on the validation split to choose (never on test).  Every row names its ``within_region`` except
     "ptp", the library's defaults; "candidate" rows are plotted.  The rows prune before the LLM, as the
     library did when this sweep chose the diverse pick (stage_methods compares both inside the LLM)."""
+
     def top_k(label: str, group: str = "candidate", **changes) -> Method:
         return _ptp(f"ptp top-k{label}", group=group, within_region="top_k", prune_in_llm=False, **changes)
 
     def diverse(label: str, diversity: float, group: str = "candidate", **changes) -> Method:
-        return _ptp(f"ptp diverse λ={diversity:g}{label}", group=group, within_region="diverse",
-                    diversity=diversity, prune_in_llm=False, **changes)
+        return _ptp(
+            f"ptp diverse λ={diversity:g}{label}",
+            group=group,
+            within_region="diverse",
+            diversity=diversity,
+            prune_in_llm=False,
+            **changes,
+        )
 
     return [
         _ptp("ptp", group="ptp"),

@@ -1,5 +1,6 @@
 """Turn ``Results`` into results.json, a markdown report and two plots: accuracy against total LLM prefill
 FLOPs (the main one: every scoring pass included, from bench/cost_model.py) and against keep ratio."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,16 @@ def llm_dims(meta: dict) -> dict | None:
         return None
 
 
-def _flops(results: Results, llm: dict | None, label: str, ratio: float, passes: Passes | None,
-           read_whole: bool = False, regions: int = 1, questions: int | None = None) -> dict | None:
+def _flops(
+    results: Results,
+    llm: dict | None,
+    label: str,
+    ratio: float,
+    passes: Passes | None,
+    read_whole: bool = False,
+    regions: int = 1,
+    questions: int | None = None,
+) -> dict | None:
     """Mean total LLM prefill FLOPs per question of one row (scoring passes and selection included), from
     its per-question kept counts and the prompt's text / visual token counts.  ``read_whole``: the row read
     a smaller image whole (the down-scaling baseline), so its visual tokens are its kept ones.  ``questions``:
@@ -65,7 +74,8 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
     qtypes = np.asarray(results.qtypes)
     # the proxy's types in their usual order, a user's in order of appearance
     types = [t for t in QUESTION_TYPES if t in results.qtypes] + [
-        t for t in dict.fromkeys(results.qtypes) if t not in QUESTION_TYPES]
+        t for t in dict.fromkeys(results.qtypes) if t not in QUESTION_TYPES
+    ]
     llm = llm_dims(meta)
     llm_layer = meta.get("llm_layer", 2)
     regions = meta.get("regions", 1)  # PTP's per-region diverse pick: one region is the upper bound
@@ -77,20 +87,26 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
         by_type = {t: round(float(np.mean(np.asarray(correct)[mine == t])), 4) for t in types if np.any(mine == t)}
         ptp = results.correct.get(("ptp", ratio)) if ratio < 1.0 else None
         # methods run on fewer scenes (ablations) are compared on the questions both have: the first ones
-        diff, half = (paired_difference(ptp[: len(correct)], correct) if ptp is not None and label != "ptp"
-                      else (None, None))
+        diff, half = (
+            paired_difference(ptp[: len(correct)], correct) if ptp is not None and label != "ptp" else (None, None)
+        )
         flops = _flops(results, llm, label, ratio, passes, read_whole, regions)
         # against all tokens on the same questions (a row run on fewer scenes has the first ones)
         base = _flops(results, llm, FULL, 1.0, Passes(), questions=len(correct)) if flops else None
-        return {"n": len(correct), "accuracy": round(acc, 4), "ci95": [round(lo, 4), round(hi, 4)],
-                "relative": round(acc / full_acc, 4) if full_acc else None, "by_type": by_type,
-                "target_recall": _nanmean(results.recall[(label, ratio)]),
-                "kept_ratio": round(float(np.mean(results.kept_ratio[(label, ratio)])), 4),
-                "ptp_minus_this": None if diff is None else [round(diff, 4), round(half, 4)],
-                "prefill_gflops": None if flops is None else round(flops["total"], 6),
-                "scoring_gflops": None if flops is None else round(flops["scoring"] + flops["selection"], 6),
-                "flops_ratio": None if flops is None else round(flops["total"] / base["total"], 4),
-                "latency_ms": _latency(results.latency_ms.get((label, ratio)))}
+        return {
+            "n": len(correct),
+            "accuracy": round(acc, 4),
+            "ci95": [round(lo, 4), round(hi, 4)],
+            "relative": round(acc / full_acc, 4) if full_acc else None,
+            "by_type": by_type,
+            "target_recall": _nanmean(results.recall[(label, ratio)]),
+            "kept_ratio": round(float(np.mean(results.kept_ratio[(label, ratio)])), 4),
+            "ptp_minus_this": None if diff is None else [round(diff, 4), round(half, 4)],
+            "prefill_gflops": None if flops is None else round(flops["total"], 6),
+            "scoring_gflops": None if flops is None else round(flops["scoring"] + flops["selection"], 6),
+            "flops_ratio": None if flops is None else round(flops["total"] / base["total"], 4),
+            "latency_ms": _latency(results.latency_ms.get((label, ratio))),
+        }
 
     methods_out = {}
     for m in methods:
@@ -99,18 +115,30 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
         except (ValueError, TypeError):  # a row the cost model cannot describe: no FLOPs rather than wrong ones
             passes = None
         per_ratio = {"1.0": entry(FULL, 1.0)}
-        per_ratio.update({f"{r:g}": entry(m.label, r, passes, m.selector == "max_pixels")
-                          for r in ratios if r < 1.0})
-        methods_out[m.label] = {"group": m.group, "selector": m.selector, "options": m.options, "reduce": m.reduce,
-                                "adapter": dict(m.adapter), "prune_in_llm": getattr(m, "prune_in_llm", False),
-                                "passes": None if passes is None else dataclasses.asdict(passes),
-                                "ratios": per_ratio}
-    return {"meta": {**meta, "questions": len(full), "scenes": len(set(results.scenes)),
-                     "question_types": {t: int(np.sum(qtypes == t)) for t in types},
-                     "llm": llm, "llm_layer": llm_layer},
-            "all_tokens": entry(FULL, 1.0),
-            "global_only": entry(GLOBAL_ONLY, 0.0) if (GLOBAL_ONLY, 0.0) in results.correct else None,
-            "methods": methods_out}
+        per_ratio.update({f"{r:g}": entry(m.label, r, passes, m.selector == "max_pixels") for r in ratios if r < 1.0})
+        methods_out[m.label] = {
+            "group": m.group,
+            "selector": m.selector,
+            "options": m.options,
+            "reduce": m.reduce,
+            "adapter": dict(m.adapter),
+            "prune_in_llm": getattr(m, "prune_in_llm", False),
+            "passes": None if passes is None else dataclasses.asdict(passes),
+            "ratios": per_ratio,
+        }
+    return {
+        "meta": {
+            **meta,
+            "questions": len(full),
+            "scenes": len(set(results.scenes)),
+            "question_types": {t: int(np.sum(qtypes == t)) for t in types},
+            "llm": llm,
+            "llm_layer": llm_layer,
+        },
+        "all_tokens": entry(FULL, 1.0),
+        "global_only": entry(GLOBAL_ONLY, 0.0) if (GLOBAL_ONLY, 0.0) in results.correct else None,
+        "methods": methods_out,
+    }
 
 
 def _latency(per_question: list[dict] | None) -> dict | None:
@@ -129,31 +157,45 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
     meta = data["meta"]
     rs = [f"{r:g}" for r in ratios if r < 1.0]
     task = meta.get("task") or f"the proxy high-resolution VQA task ({meta['split']} split)"
-    lines = [f"# Accuracy under pruning: {task}", "",
-             f"Model `{meta['model']}`; {meta['questions']} questions on {meta['scenes']} "
-             f"{meta.get('image_word', 'scenes')} "
-             f"({', '.join(f'{k}: {v}' for k, v in meta['question_types'].items())}). "
-             f"Accuracy in % with 95 % Wilson intervals; written by `{meta['command']}` "
-             f"in {meta['seconds']:.0f} s.", "",
-             f"* all tokens: **{_cell(data['all_tokens'])}**" + _gflops_note(data["all_tokens"])]
+    lines = [
+        f"# Accuracy under pruning: {task}",
+        "",
+        f"Model `{meta['model']}`; {meta['questions']} questions on {meta['scenes']} "
+        f"{meta.get('image_word', 'scenes')} "
+        f"({', '.join(f'{k}: {v}' for k, v in meta['question_types'].items())}). "
+        f"Accuracy in % with 95 % Wilson intervals; written by `{meta['command']}` "
+        f"in {meta['seconds']:.0f} s.",
+        "",
+        f"* all tokens: **{_cell(data['all_tokens'])}**" + _gflops_note(data["all_tokens"]),
+    ]
     glob = data["global_only"]
     if glob is not None:
-        lines.append(f"* global view only (kept ratio {glob['kept_ratio']:.3f}): **{_cell(glob)}**"
-                     + _gflops_note(glob))
+        lines.append(
+            f"* global view only (kept ratio {glob['kept_ratio']:.3f}): **{_cell(glob)}**" + _gflops_note(glob)
+        )
     if meta.get("match"):
-        lines.append(f"* answers matched by rule `{meta['match']}` (bench/accuracy/matching.py), "
-                     f"at most {meta['max_new_tokens']} new token(s), instruction `{meta.get('prompt', '{question}')}`, "
-                     f"device {meta['device']}, dtype {meta['dtype']}")
+        lines.append(
+            f"* answers matched by rule `{meta['match']}` (bench/accuracy/matching.py), "
+            f"at most {meta['max_new_tokens']} new token(s), instruction `{meta.get('prompt', '{question}')}`, "
+            f"device {meta['device']}, dtype {meta['dtype']}"
+        )
     lines += _flops_section(data, rs)
     lines += _latency_section(data, rs)
-    lines += ["", "## Accuracy by keep ratio", "",
-              "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+    lines += ["", "## Accuracy by keep ratio", "", "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
     for label, m in data["methods"].items():
         n = m["ratios"][rs[0]]["n"]
-        lines.append(f"| {label}{'' if n == meta['questions'] else f' (n={n})'} | "
-                     + " | ".join(_cell(m["ratios"][r]) for r in rs) + " |")
-    lines += ["", "## Relative accuracy (pruned / all tokens) and PTP − method (paired, 95 %)", "",
-              "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+        lines.append(
+            f"| {label}{'' if n == meta['questions'] else f' (n={n})'} | "
+            + " | ".join(_cell(m["ratios"][r]) for r in rs)
+            + " |"
+        )
+    lines += [
+        "",
+        "## Relative accuracy (pruned / all tokens) and PTP − method (paired, 95 %)",
+        "",
+        "| method | " + " | ".join(rs) + " |",
+        "|---|" + "---|" * len(rs),
+    ]
     for label, m in data["methods"].items():
         cells = []
         for r in rs:
@@ -163,23 +205,39 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
             cells.append(rel + ("" if d is None else f" ({100 * d[0]:+.1f} ± {100 * d[1]:.1f})"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if any(m["ratios"][r]["target_recall"] is not None for m in data["methods"].values() for r in rs):
-        lines += ["", "## Target-object token recall (share of the tile tokens over the asked-about objects that "
-                  "are kept)", "", "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+        lines += [
+            "",
+            "## Target-object token recall (share of the tile tokens over the asked-about objects that are kept)",
+            "",
+            "| method | " + " | ".join(rs) + " |",
+            "|---|" + "---|" * len(rs),
+        ]
         for label, m in data["methods"].items():
-            lines.append(f"| {label} | " + " | ".join(
-                "–" if m["ratios"][r]["target_recall"] is None else f"{100 * m['ratios'][r]['target_recall']:.1f}"
-                for r in rs) + " |")
+            lines.append(
+                f"| {label} | "
+                + " | ".join(
+                    "–" if m["ratios"][r]["target_recall"] is None else f"{100 * m['ratios'][r]['target_recall']:.1f}"
+                    for r in rs
+                )
+                + " |"
+            )
     pick = rs[len(rs) // 2] if "0.111" not in rs else "0.111"
     types = list(data["all_tokens"]["by_type"])
-    lines += ["", f"## Accuracy by question type at keep ratio {pick}", "",
-              "| method | " + " | ".join(types) + " |", "|---|" + "---|" * len(types),
-              "| all tokens | " + " | ".join(f"{100 * data['all_tokens']['by_type'][t]:.1f}" for t in types) + " |"]
+    lines += [
+        "",
+        f"## Accuracy by question type at keep ratio {pick}",
+        "",
+        "| method | " + " | ".join(types) + " |",
+        "|---|" + "---|" * len(types),
+        "| all tokens | " + " | ".join(f"{100 * data['all_tokens']['by_type'][t]:.1f}" for t in types) + " |",
+    ]
     if glob is not None:
         lines.append("| global view only | " + " | ".join(f"{100 * glob['by_type'][t]:.1f}" for t in types) + " |")
     for label, m in data["methods"].items():
         by_type = m["ratios"][pick]["by_type"]
-        lines.append(f"| {label} | " + " | ".join(f"{100 * by_type[t]:.1f}" if t in by_type else "–" for t in types)
-                     + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"{100 * by_type[t]:.1f}" if t in by_type else "–" for t in types) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -192,22 +250,29 @@ def _flops_section(data: dict, rs: list[str]) -> list[str]:
     if data["all_tokens"].get("prefill_gflops") is None:
         return []
     llm = data["meta"]["llm"]
-    lines = ["", "## Total LLM prefill GFLOPs / ratio to all tokens", "",
-             f"Mean per question, from bench/cost_model.py with this model's own LLM ({llm['layers']} layers, width "
-             f"{llm['hidden']}) at each question's token counts: the prefill at the lengths it runs at plus every "
-             f"scoring pass — the relevance probe of pre-LLM methods that read instruction attention (LLM layers "
-             f"0..{data['meta']['llm_layer'] - 1} over the full prompt + layer {data['meta']['llm_layer']}'s rows), "
-             "the full-length layers and recomputed attention rows of in-LLM methods — and selection matmuls on the "
-             "projected features (DivPrune's N×N distances). The down-scaled row reads a smaller image whole (its "
-             "vision cost, not counted here, differs too). The main plot, `accuracy_vs_prefill_flops.png`, puts "
-             "accuracy against these totals.", "",
-             "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+    lines = [
+        "",
+        "## Total LLM prefill GFLOPs / ratio to all tokens",
+        "",
+        f"Mean per question, from bench/cost_model.py with this model's own LLM ({llm['layers']} layers, width "
+        f"{llm['hidden']}) at each question's token counts: the prefill at the lengths it runs at plus every "
+        f"scoring pass — the relevance probe of pre-LLM methods that read instruction attention (LLM layers "
+        f"0..{data['meta']['llm_layer'] - 1} over the full prompt + layer {data['meta']['llm_layer']}'s rows), "
+        "the full-length layers and recomputed attention rows of in-LLM methods — and selection matmuls on the "
+        "projected features (DivPrune's N×N distances). The down-scaled row reads a smaller image whole (its "
+        "vision cost, not counted here, differs too). The main plot, `accuracy_vs_prefill_flops.png`, puts "
+        "accuracy against these totals.",
+        "",
+        "| method | " + " | ".join(rs) + " |",
+        "|---|" + "---|" * len(rs),
+    ]
     for label, m in data["methods"].items():
         cells = []
         for r in rs:
             e = m["ratios"][r]
-            cells.append("–" if e.get("prefill_gflops") is None
-                         else f"{e['prefill_gflops']:.4g} / {e['flops_ratio']:.3f}")
+            cells.append(
+                "–" if e.get("prefill_gflops") is None else f"{e['prefill_gflops']:.4g} / {e['flops_ratio']:.3f}"
+            )
         n = m["ratios"][rs[0]]["n"]  # a row on fewer scenes: its GFLOPs are of those, its ratio to their all tokens
         lines.append(f"| {label}{'' if n == data['meta']['questions'] else f' (n={n})'} | " + " | ".join(cells) + " |")
     return lines
@@ -218,17 +283,25 @@ def _latency_section(data: dict, rs: list[str]) -> list[str]:
     full = data["all_tokens"].get("latency_ms")
     if not full:
         return []
-    lines = ["", f"## Latency per answer on {data['meta'].get('device', 'this device')}: median total ms / ratio "
-             "to all tokens (median prefill ms)", "",
-             f"All tokens: {full['total']:.1f} ms (prefill {full.get('prefill', 0.0):.1f} ms, encode "
-             f"{full.get('encode', 0.0):.1f} ms). Measured one answer at a time, as the node serves them; the "
-             "first answers include warm-up.", "", "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+    lines = [
+        "",
+        f"## Latency per answer on {data['meta'].get('device', 'this device')}: median total ms / ratio "
+        "to all tokens (median prefill ms)",
+        "",
+        f"All tokens: {full['total']:.1f} ms (prefill {full.get('prefill', 0.0):.1f} ms, encode "
+        f"{full.get('encode', 0.0):.1f} ms). Measured one answer at a time, as the node serves them; the "
+        "first answers include warm-up.",
+        "",
+        "| method | " + " | ".join(rs) + " |",
+        "|---|" + "---|" * len(rs),
+    ]
     for label, m in data["methods"].items():
         cells = []
         for r in rs:
             t = m["ratios"][r].get("latency_ms")
-            cells.append("–" if not t else f"{t['total']:.1f} / {t['total'] / full['total']:.2f} "
-                         f"({t.get('prefill', 0.0):.1f})")
+            cells.append(
+                "–" if not t else f"{t['total']:.1f} / {t['total'] / full['total']:.2f} ({t.get('prefill', 0.0):.1f})"
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -256,21 +329,34 @@ def plot_flops(data: dict, ratios: tuple[float, ...], path: Path) -> bool:
         xs = [c["prefill_gflops"] for c in cells]
         acc = [100 * c["accuracy"] for c in cells]
         err = [100 * (c["ci95"][1] - c["ci95"][0]) / 2 for c in cells]
-        ax.errorbar(xs, acc, yerr=err, marker="o", ms=4, capsize=3, lw=2.5 if m["group"] == "ptp" else 1.2,
-                    label=label)
-    ax.errorbar([full["prefill_gflops"]], [100 * full["accuracy"]],
-                yerr=[[100 * (full["accuracy"] - full["ci95"][0])], [100 * (full["ci95"][1] - full["accuracy"])]],
-                marker="*", ms=14, color="k", ls="none", label="all tokens")
+        ax.errorbar(xs, acc, yerr=err, marker="o", ms=4, capsize=3, lw=2.5 if m["group"] == "ptp" else 1.2, label=label)
+    ax.errorbar(
+        [full["prefill_gflops"]],
+        [100 * full["accuracy"]],
+        yerr=[[100 * (full["accuracy"] - full["ci95"][0])], [100 * (full["ci95"][1] - full["accuracy"])]],
+        marker="*",
+        ms=14,
+        color="k",
+        ls="none",
+        label="all tokens",
+    )
     ax.axhline(100 * full["accuracy"], color="k", ls="--", lw=0.8)
     g = data["global_only"]
     if g is not None and g.get("prefill_gflops") is not None:
-        ax.errorbar([g["prefill_gflops"]], [100 * g["accuracy"]], yerr=[[100 * (g["accuracy"] - g["ci95"][0])],
-                    [100 * (g["ci95"][1] - g["accuracy"])]], marker="s", color="gray", ls="none",
-                    label="global view only")
+        ax.errorbar(
+            [g["prefill_gflops"]],
+            [100 * g["accuracy"]],
+            yerr=[[100 * (g["accuracy"] - g["ci95"][0])], [100 * (g["ci95"][1] - g["accuracy"])]],
+            marker="s",
+            color="gray",
+            ls="none",
+            label="global view only",
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_xlabel(f"total LLM prefill GFLOPs per question (scoring passes included; all tokens: "
-                  f"{full['prefill_gflops']:.3g})")
+    ax.set_xlabel(
+        f"total LLM prefill GFLOPs per question (scoring passes included; all tokens: {full['prefill_gflops']:.3g})"
+    )
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{data['meta'].get('plot_title', 'Proxy high-resolution VQA')}: accuracy vs total LLM prefill FLOPs")
     ax.grid(alpha=0.3, which="both")
@@ -298,9 +384,15 @@ def plot(data: dict, ratios: tuple[float, ...], path: Path) -> None:
     ax.axhline(100 * data["all_tokens"]["accuracy"], color="k", ls="--", lw=1, label="all tokens")
     g = data["global_only"]
     if g is not None:
-        ax.errorbar([g["kept_ratio"]], [100 * g["accuracy"]], yerr=[[100 * (g["accuracy"] - g["ci95"][0])],
-                    [100 * (g["ci95"][1] - g["accuracy"])]], marker="s", color="gray", ls="none",
-                    label="global view only")
+        ax.errorbar(
+            [g["kept_ratio"]],
+            [100 * g["accuracy"]],
+            yerr=[[100 * (g["accuracy"] - g["ci95"][0])], [100 * (g["ci95"][1] - g["accuracy"])]],
+            marker="s",
+            color="gray",
+            ls="none",
+            label="global view only",
+        )
     ax.set_xscale("log")
     ax.set_xticks(rs, [f"{r:g}" for r in rs])
     ax.set_xticks([], minor=True)  # the log axis's own minor labels would overprint the ratios

@@ -7,6 +7,7 @@ tokens; question-dependent selectors (PTP with α > 0, FastV) keep K tokens each
 one question run as one batch.  Answers are the greedy first token, exactly what
 ``adapter.generate(..., max_new_tokens=1)`` returns (a test holds that).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,8 +84,9 @@ class Evaluator:
         return tuple((k, v) for k, v in m.adapter if k != "llm_layer")
 
     @torch.no_grad()
-    def scene(self, scene: Scene, questions: list[Question], results: Results,
-              methods: list[Method] | None = None) -> None:
+    def scene(
+        self, scene: Scene, questions: list[Question], results: Results, methods: list[Method] | None = None
+    ) -> None:
         """Score ``methods`` (default: all) on one scene's questions, appending to ``results``."""
         methods = self.methods if methods is None else methods
         base = self.base.prepare(scene.image, questions[0].text)
@@ -92,7 +94,7 @@ class Evaluator:
         p, n = _image_span(self.base, base)
         prefix_ids = ids0[:p]
         suffixes = [question_suffix(self.processor, q.text) for q in questions]
-        if not torch.equal(suffixes[0], ids0[p + n:]):
+        if not torch.equal(suffixes[0], ids0[p + n :]):
             raise RuntimeError("prompt split disagrees with the processor's tokenization")
         full_positions = self.base.rope_positions(base)
         answers = torch.tensor([answer_token(self.tokenizer, q.answer) for q in questions])
@@ -104,8 +106,7 @@ class Evaluator:
         features = reference.features
         cover = [_covering(reference, scene, q) for q in questions]
 
-        def record(label: str, ratio: float, kept_sets: list[torch.Tensor], logits: torch.Tensor,
-                   of: int = n) -> None:
+        def record(label: str, ratio: float, kept_sets: list[torch.Tensor], logits: torch.Tensor, of: int = n) -> None:
             """``of``: the token count the kept sets index (another than ``n``: a re-read image, whose
             tokens are not the ones the target recall is counted on)."""
             predicted = logits.argmax(-1)
@@ -128,22 +129,41 @@ class Evaluator:
             glob = torch.nonzero(reference.scores.region == reference.scores.global_region).squeeze(1)
             record(GLOBAL_ONLY, 0.0, [glob] * len(questions), prefill([glob], suffixes))
 
-        prompts = [PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]), scene.image.shape[:2], q.text)
-                   for qi, q in enumerate(questions)]
+        prompts = [
+            PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]), scene.image.shape[:2], q.text)
+            for qi, q in enumerate(questions)
+        ]
         unique: dict[tuple, Method] = {}
         for m in methods:
             unique.setdefault(m.key(), m)
-        plans = {key: plan for key, m in unique.items()
-                 if (plan := m.in_llm_plan(self.variant(m.adapter).options.llm_layer)) is not None}
+        plans = {
+            key: plan
+            for key, m in unique.items()
+            if (plan := m.in_llm_plan(self.variant(m.adapter).options.llm_layer)) is not None
+        }
         rows: dict[tuple[tuple, int], torch.Tensor] = {}
         for m in methods:
             if m.needs_relevance and not m.probe_candidates and m.key() not in plans:
                 for qi in range(len(questions)):
                     if (m.adapter, qi) not in rows:
                         rows[(m.adapter, qi)] = self.variant(m.adapter).instruction_attention(
-                            prompts[qi], visuals[self._vision(m)])
-        in_llm = [self._in_llm_question([(key, unique[key], plans[key]) for key in plans], visuals, features,
-                                        prefix_ids, suffix, full_positions) for suffix in suffixes] if plans else []
+                            prompts[qi], visuals[self._vision(m)]
+                        )
+        in_llm = (
+            [
+                self._in_llm_question(
+                    [(key, unique[key], plans[key]) for key in plans],
+                    visuals,
+                    features,
+                    prefix_ids,
+                    suffix,
+                    full_positions,
+                )
+                for suffix in suffixes
+            ]
+            if plans
+            else []
+        )
         for ratio in self.ratios:
             budget = resolve_budget(n, keep_ratio=ratio)
             if self.downscales:
@@ -164,11 +184,18 @@ class Evaluator:
             per_question: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
             for qi in range(len(questions)):
                 kept_sets = []
-                for key, m in dependent:
+                for _key, m in dependent:
                     visual = visuals[self._vision(m)]
                     if m.probe_candidates:
-                        relevance = candidate_relevance(self.variant(m.adapter), prompts[qi], visual,
-                                                        PTPConfig(**m.options), budget, m.probe_candidates, m.reduce)
+                        relevance = candidate_relevance(
+                            self.variant(m.adapter),
+                            prompts[qi],
+                            visual,
+                            PTPConfig(**m.options),
+                            budget,
+                            m.probe_candidates,
+                            m.reduce,
+                        )
                     else:
                         relevance = instruction_relevance(rows[(m.adapter, qi)], m.reduce)
                     scores = dataclasses.replace(visual.scores, features=features, relevance=relevance)
@@ -187,9 +214,15 @@ class Evaluator:
         results.text_tokens.extend(p + int(suffix.shape[0]) for suffix in suffixes)
         results.visual_tokens.extend([n] * len(questions))
 
-    def _in_llm_question(self, entries: list[tuple[tuple, Method, InLLMPruning]], visuals: dict,
-                         features: torch.Tensor, prefix_ids: torch.Tensor, suffix: torch.Tensor,
-                         full_positions: torch.Tensor | None) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+    def _in_llm_question(
+        self,
+        entries: list[tuple[tuple, Method, InLLMPruning]],
+        visuals: dict,
+        features: torch.Tensor,
+        prefix_ids: torch.Tensor,
+        suffix: torch.Tensor,
+        full_positions: torch.Tensor | None,
+    ) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
         """{(method key, ratio): (kept, answer logits)} for the methods that rank and drop inside the LLM,
         for one question at every ratio.  The layers below the prune layer run once, over the whole prompt
         (one forward that stops there); each method's ranking rows are read once from its scoring layer's
@@ -198,8 +231,9 @@ class Evaluator:
         computes through its hooks (a test holds that)."""
         p = prefix_ids.shape[0]
         n = features.shape[0]
-        embeds = torch.cat([prefix_embeddings(self.model, prefix_ids, features),
-                            self.model.get_input_embeddings()(suffix)])[None]
+        embeds = torch.cat(
+            [prefix_embeddings(self.model, prefix_ids, features), self.model.get_input_embeddings()(suffix)]
+        )[None]
         length = embeds.shape[1]
         positions = torch.arange(length)[None]  # [1, L]; [3, 1, L] for 3-D M-RoPE
         if full_positions is not None:
@@ -213,8 +247,13 @@ class Evaluator:
         inputs, rotary = layer_inputs(lm, embeds, wanted, None if full_positions is None else positions)
         relevance = {}
         for key, m, plan in entries:
-            rows = attention_rows(lm.layers[plan.score_layer], inputs[plan.score_layer], rotary,
-                                  plan.query_positions(image_pos, length), image_pos)
+            rows = attention_rows(
+                lm.layers[plan.score_layer],
+                inputs[plan.score_layer],
+                rotary,
+                plan.query_positions(image_pos, length),
+                image_pos,
+            )
             relevance[key] = instruction_relevance(rows.cpu(), m.reduce)  # the selector's own reduction, if any
         out = {}
         for ratio in self.ratios:
@@ -226,13 +265,17 @@ class Evaluator:
                 kept = self.pipeline(m).select(n, scores, budget).kept
                 batches[plan.prune_layer].append((key, kept))
             for layer, members in batches.items():
-                index = torch.stack([torch.nonzero(kept_prompt_mask(length, image_pos, kept)).squeeze(1)
-                                     for _, kept in members])  # [B, L'] (equal budgets)
+                index = torch.stack(
+                    [torch.nonzero(kept_prompt_mask(length, image_pos, kept)).squeeze(1) for _, kept in members]
+                )  # [B, L'] (equal budgets)
                 hidden = inputs[layer][0, index] if layer < depth else None
                 row_positions = positions[..., 0, :][..., index] if positions.dim() == 3 else index
                 if hidden is None:  # a plan past the last layer drops nothing: the unpruned answer
-                    hidden = lm(inputs_embeds=embeds, position_ids=positions if full_positions is not None else None,
-                                use_cache=False).last_hidden_state.expand(len(members), -1, -1)
+                    hidden = lm(
+                        inputs_embeds=embeds,
+                        position_ids=positions if full_positions is not None else None,
+                        use_cache=False,
+                    ).last_hidden_state.expand(len(members), -1, -1)
                 else:
                     table = lm.rotary_emb(hidden, row_positions)
                     for decoder_layer in lm.layers[layer:]:
@@ -243,8 +286,9 @@ class Evaluator:
                     out[(key, ratio)] = (kept.cpu(), logits[row])
         return out
 
-    def _downscaled(self, scene: Scene, questions: list[Question], suffixes: list[torch.Tensor], budget: int,
-                    ratio: float, record) -> None:
+    def _downscaled(
+        self, scene: Scene, questions: list[Question], suffixes: list[torch.Tensor], budget: int, ratio: float, record
+    ) -> None:
         """The whole image re-read at the highest resolution that yields at most ``budget`` tokens, no pruning."""
         small = self.base.downscaled(budget, scene.image.shape[:2])
         prepared = small.prepare(scene.image, questions[0].text)

@@ -7,6 +7,7 @@ heads: nothing of it is saved, and the layer it supervises is recorded so that t
 which attention rows were shaped by it (PTP and FastV read the *instruction* rows, not the answer row
 supervised here).
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,7 +26,7 @@ class AnswerAttentionTap:
         self.attention = language_model.layers[layer].self_attn
         self.calls: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
         self._handle = self.attention.register_forward_pre_hook(self._keep, with_kwargs=True)
-        self._rotary = getattr(sys.modules[type(self.attention).__module__], "apply_rotary_pos_emb")
+        self._rotary = sys.modules[type(self.attention).__module__].apply_rotary_pos_emb
 
     def _keep(self, module, args, kwargs) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -44,8 +45,12 @@ class AnswerAttentionTap:
         q = attn.q_proj(hs[q_rows, last]).view(hs.shape[0], 1, -1, hd).transpose(1, 2)  # [Q, H, 1, hd]
         kp = attn.k_proj(hp).view(1, hp.shape[1], -1, hd).transpose(1, 2)  # [1, KV, P, hd]
         ks = attn.k_proj(hs).view(hs.shape[0], hs.shape[1], -1, hd).transpose(1, 2)  # [Q, KV, S, hd]
-        q, _ = self._rotary(q, q, cs[q_rows if cs.shape[0] > 1 else 0, last][:, None],
-                            ss[q_rows if ss.shape[0] > 1 else 0, last][:, None])
+        q, _ = self._rotary(
+            q,
+            q,
+            cs[q_rows if cs.shape[0] > 1 else 0, last][:, None],
+            ss[q_rows if ss.shape[0] > 1 else 0, last][:, None],
+        )
         kp, _ = self._rotary(kp, kp, cp, sp)
         ks, _ = self._rotary(ks, ks, cs, ss)
         keys = torch.cat([kp.expand(hs.shape[0], -1, -1, -1), ks], dim=2)
@@ -71,9 +76,16 @@ RETRIEVAL_HEAD = {"colour": 0, "location": 0, "count": 1, "presence": 2}
 COUNT_SHARE = 0.2
 
 
-def wanted_attention(questions: list[Question], objects: list[SceneObject], object_index: torch.Tensor,
-                     position: torch.Tensor, suffix_ids: torch.Tensor, key_ids: set[int], prefix_len: int,
-                     heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def wanted_attention(
+    questions: list[Question],
+    objects: list[SceneObject],
+    object_index: torch.Tensor,
+    position: torch.Tensor,
+    suffix_ids: torch.Tensor,
+    key_ids: set[int],
+    prefix_len: int,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Target attention rows of every question's answer position over prefix + padded suffix.
 
     ``object_index`` [objects, 2] packed index of each object's tile and global token (−1: none);

@@ -15,13 +15,13 @@ pre-training would, from the ground truth the scenes carry:
 No head is saved; the checkpoint is the stock model.  The [CLS] head (LLaVA-NeXT only: Qwen2.5-VL has
 no [CLS]) is why [CLS] attention may become object-centred here, as it is in CLIP; the report says so.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ptp_ros.proxy import COLOURS, SHAPES, SceneObject
-from ptp_ros.pruning import NO_REGION
 
 CLASSES = [(s, c) for s in SHAPES for c in COLOURS]
 
@@ -51,8 +51,9 @@ def overlapping(boxes: torch.Tensor, o: SceneObject) -> torch.Tensor:
     return (boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0)
 
 
-def object_tokens(token_boxes: torch.Tensor, detail: torch.Tensor, overview: torch.Tensor,
-                  objects: list[SceneObject]) -> torch.Tensor:
+def object_tokens(
+    token_boxes: torch.Tensor, detail: torch.Tensor, overview: torch.Tensor, objects: list[SceneObject]
+) -> torch.Tensor:
     """[objects, 2] packed index of the detail token (a tile's) and of the global-view token holding each
     object's centre (−1 where none does: an object cut off by unpadding, or a model without a global
     view); ``detail`` / ``overview`` [N] bool say which tokens are which."""
@@ -66,8 +67,9 @@ def object_tokens(token_boxes: torch.Tensor, detail: torch.Tensor, overview: tor
     return index
 
 
-def token_targets(object_index: torch.Tensor, region: torch.Tensor, objects: list[SceneObject],
-                  token_boxes: torch.Tensor) -> torch.Tensor:
+def token_targets(
+    object_index: torch.Tensor, region: torch.Tensor, objects: list[SceneObject], token_boxes: torch.Tensor
+) -> torch.Tensor:
     """[N] class per packed token: 1 + class of the object whose centre it holds (``object_index`` from
     ``object_tokens``), 0 background, −100 structural or unlabelled.  Unlabelled: a token that shows part
     of an object but not its centre (neither that class nor background is true of it; Qwen2.5-VL's
@@ -98,8 +100,14 @@ def tile_targets(region_boxes: torch.Tensor, objects: list[SceneObject]) -> torc
     return target
 
 
-def auxiliary_loss(heads: AuxiliaryHeads, feats: torch.Tensor, cls_states: torch.Tensor | None,
-                   token_target: torch.Tensor, tile_target: torch.Tensor, side_target: torch.Tensor) -> torch.Tensor:
+def auxiliary_loss(
+    heads: AuxiliaryHeads,
+    feats: torch.Tensor,
+    cls_states: torch.Tensor | None,
+    token_target: torch.Tensor,
+    tile_target: torch.Tensor,
+    side_target: torch.Tensor,
+) -> torch.Tensor:
     """Token CE (object and background tokens weighted equally as groups) + [CLS] multi-label BCE (when the
     model has [CLS] states) + side CE."""
     logits = heads.token(feats)

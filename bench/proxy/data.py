@@ -4,6 +4,7 @@ A prompt is "USER: <image>\\n{question} ASSISTANT:"; everything up to the last i
 *prefix*) is the same for every question about an image, so a causal LM computes it once and each
 question only adds its few *suffix* tokens on top of the cached prefix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,17 +50,23 @@ def answer_token(tokenizer, answer: str) -> int:
 
 def question_suffix(processor, question: str) -> torch.Tensor:
     """[S] ids of the prompt after the image tokens."""
-    return processor.tokenizer(prompt_parts(processor, question)[1], add_special_tokens=False,
-                               return_tensors="pt")["input_ids"][0]
+    return processor.tokenizer(prompt_parts(processor, question)[1], add_special_tokens=False, return_tensors="pt")[
+        "input_ids"
+    ][0]
 
 
-def encode_scene(processor, scene: Scene, questions: list[Question], keep_scene: bool = False,
-                 **processor_kwargs) -> EncodedScene:
+def encode_scene(
+    processor, scene: Scene, questions: list[Question], keep_scene: bool = False, **processor_kwargs
+) -> EncodedScene:
     """The processor's own tensors for the first question's prompt (``processor_kwargs``: e.g. a
     resolution), then every question's suffix on the shared prefix."""
     before, after = prompt_parts(processor, questions[0].text if questions else "")
-    inputs = processor(images=Image.fromarray(scene.image), text=before + processor.tokenizer.image_token + after,
-                       return_tensors="pt", **processor_kwargs)
+    inputs = processor(
+        images=Image.fromarray(scene.image),
+        text=before + processor.tokenizer.image_token + after,
+        return_tensors="pt",
+        **processor_kwargs,
+    )
     ids = inputs["input_ids"][0]
     first = int(placeholder_positions(inputs["input_ids"], processor.tokenizer.image_token_id)[0])
     suffixes = [question_suffix(processor, q.text) for q in questions]
@@ -67,8 +74,9 @@ def encode_scene(processor, scene: Scene, questions: list[Question], keep_scene:
     return EncodedScene(dict(inputs), ids[:first], suffixes, answers, questions, scene if keep_scene else None)
 
 
-def kept_positions(full: torch.Tensor | None, prefix_len: int, num_visual: int,
-                   kept: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+def kept_positions(
+    full: torch.Tensor | None, prefix_len: int, num_visual: int, kept: torch.Tensor
+) -> tuple[torch.Tensor, int] | None:
     """LLM positions of the prefix text plus the ``kept`` visual tokens, [3, 1, P + K], and the position
     the suffix starts at, for a model with 3-D M-RoPE (``full`` [3, 1, L] of the whole prompt: a kept
     token keeps its original position, as the Qwen2.5-VL adapter feeds it).  ``None`` for a model with
@@ -89,8 +97,13 @@ def pad_suffixes(suffixes: list[torch.Tensor], pad_id: int) -> tuple[torch.Tenso
     return ids, torch.tensor([int(s.shape[0]) - 1 for s in suffixes])
 
 
-def answer_logits(model, prefix_embeds: torch.Tensor, suffix_ids: list[torch.Tensor], pad_id: int,
-                  positions: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+def answer_logits(
+    model,
+    prefix_embeds: torch.Tensor,
+    suffix_ids: list[torch.Tensor],
+    pad_id: int,
+    positions: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
     """[Q, vocab] next-token logits after each question, from one prefix pass shared by all of them.
 
     ``prefix_embeds`` is [B, P, D] with B = 1 (shared by every question) or B = Q (one per question);
@@ -107,8 +120,9 @@ def answer_logits(model, prefix_embeds: torch.Tensor, suffix_ids: list[torch.Ten
     cache = out.past_key_values
     if prefix_embeds.shape[0] == 1 and q > 1:
         cache.batch_repeat_interleave(q)
-    hidden = lm(inputs_embeds=model.get_input_embeddings()(ids), position_ids=suffix_pos,
-                past_key_values=cache).last_hidden_state
+    hidden = lm(
+        inputs_embeds=model.get_input_embeddings()(ids), position_ids=suffix_pos, past_key_values=cache
+    ).last_hidden_state
     return model.lm_head(hidden[torch.arange(q), last])
 
 

@@ -12,6 +12,7 @@ Finding (docs/accuracy/README.md, attempt 4): in 1 500 steps validation accuracy
 the attention supervision and 0.455 without it (``--attention 0``, answer loss only: near the prior).
 That is what made the end-to-end recipe work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,7 @@ class Oracle(nn.Module):
         classes = layout.tokens.clamp(min=0)
         glob = layout.overview
         colour = torch.where(classes > 0, (classes - 1) % len(COLOURS) + 1, 0)
-        feats = torch.where(glob[:, None], self.glob(colour) + self.side(layout.sides.clamp(min=0)),
-                            self.tile(classes))
+        feats = torch.where(glob[:, None], self.glob(colour) + self.side(layout.sides.clamp(min=0)), self.tile(classes))
         return torch.where((layout.region < 0)[:, None], self.newline.expand_as(feats), feats)
 
 
@@ -66,8 +66,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
-    model, processor = build_model(words, 0, dict(vision_width=32, vision_layers=1, text_width=args.text_width,
-                                                  text_layers=args.text_layers))
+    model, processor = build_model(
+        words, 0, dict(vision_width=32, vision_layers=1, text_width=args.text_width, text_layers=args.text_layers)
+    )
     adapter = LlavaNextAdapter(model, processor, LlavaNextOptions(llm_layer=0))  # token layout only
     oracle = Oracle(args.text_width)
     stage = LanguageStage(model, processor, hop_layer=0, retrieval_layer=1, weight=args.attention)
@@ -92,14 +93,17 @@ def main(argv=None) -> None:
             hits = defaultdict(list)
             with torch.no_grad():
                 for v, v_layout in val:
-                    _, ok = stage(v, v_layout, oracle(v_layout), shown_tokens(v_layout, "focus", args.keep, gen),
-                                  False)
+                    _, ok = stage(v, v_layout, oracle(v_layout), shown_tokens(v_layout, "focus", args.keep, gen), False)
                     for q, o in zip(v.questions, ok.tolist()):
                         hits["val_acc"].append(o)
                         hits[f"val_acc_{q.qtype}"].append(o)
             model.train()
-            record = {"step": step + 1, "attention": args.attention, **{k: round(sum(v) / len(v), 4)
-                      for k, v in {**window, **hits}.items()}, "elapsed_s": round(time.perf_counter() - start, 1)}
+            record = {
+                "step": step + 1,
+                "attention": args.attention,
+                **{k: round(sum(v) / len(v), 4) for k, v in {**window, **hits}.items()},
+                "elapsed_s": round(time.perf_counter() - start, 1),
+            }
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(json.dumps(record), flush=True)

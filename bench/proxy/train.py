@@ -20,6 +20,7 @@ the object tokens plus a random ``--focus-keep`` of the rest (short sequences, f
 
 Only the stock ``*ForConditionalGeneration`` and its processor are saved.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,9 @@ class Family:
 
 #: The families the proxy task trains (``FeatureLayerTap`` and ``features`` read LLaVA-NeXT's and Qwen2.5-VL's
 #: towers; another family joins with its own ``has_cls`` here once they read its tower too).
-FAMILIES = {family.model_type: family for family in (Family("llava_next", has_cls=True),
-                                                     Family("qwen2_5_vl", has_cls=False))}
+FAMILIES = {
+    family.model_type: family for family in (Family("llava_next", has_cls=True), Family("qwen2_5_vl", has_cls=False))
+}
 
 
 class SceneStream(IterableDataset):
@@ -81,8 +83,17 @@ class SceneStream(IterableDataset):
     crowded vision pre-training scenes without questions; ``low_res``: the share read at a random lower
     resolution from ``LOW_RES_TOKENS``, ``max_pixels``: every scene at that resolution)."""
 
-    def __init__(self, processor, split: str, start: int, count: int, per_type: int, crowd: int = 0,
-                 low_res: float = 0.0, max_pixels: int | None = None):
+    def __init__(
+        self,
+        processor,
+        split: str,
+        start: int,
+        count: int,
+        per_type: int,
+        crowd: int = 0,
+        low_res: float = 0.0,
+        max_pixels: int | None = None,
+    ):
         self.processor, self.split, self.start, self.count = processor, split, start, count
         self.per_type, self.crowd, self.low_res, self.max_pixels = per_type, crowd, low_res, max_pixels
 
@@ -128,13 +139,20 @@ def token_geometry(adapter, item) -> tuple:
     """(region [N], token boxes [N, 4], region boxes [R, 4], global-view mask [N]) of an encoded scene,
     from the adapter itself (one encode per distinct image geometry, then cached)."""
     size = tuple(item.scene.image.shape[:2])
-    key = (type(adapter).__name__, size, *(tuple(v.shape) for v in item.pixel_inputs.values()),
-           *(tuple(v.flatten().tolist()) for k, v in item.pixel_inputs.items() if k != "pixel_values"))
+    key = (
+        type(adapter).__name__,
+        size,
+        *(tuple(v.shape) for v in item.pixel_inputs.values()),
+        *(tuple(v.flatten().tolist()) for k, v in item.pixel_inputs.items() if k != "pixel_values"),
+    )
     if key not in _GEOMETRY:
         visual = adapter.encode(PreparedInput(item.inputs, size, ""))
         region = visual.scores.region
-        overview = (region == visual.scores.global_region if visual.scores.global_region is not None
-                    else torch.zeros_like(region, dtype=torch.bool))
+        overview = (
+            region == visual.scores.global_region
+            if visual.scores.global_region is not None
+            else torch.zeros_like(region, dtype=torch.bool)
+        )
         _GEOMETRY[key] = (region, visual.token_boxes, visual.region_boxes, overview)
     return _GEOMETRY[key]
 
@@ -188,21 +206,31 @@ class LanguageStage:
         self.hop.reset()
         self.retrieval.reset()
         prefix = prefix_embeddings(self.model, item.prefix_ids, feats[shown])[None]
-        positions = kept_positions(layout.positions, item.prefix_ids.shape[0], shown.shape[0],
-                                   torch.nonzero(shown).squeeze(1))
+        positions = kept_positions(
+            layout.positions, item.prefix_ids.shape[0], shown.shape[0], torch.nonzero(shown).squeeze(1)
+        )
         logits = answer_logits(self.model, prefix, item.suffix_ids, self.pad_id, positions)
         loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
-        correct = (logits.argmax(-1) == item.answer_ids)
+        correct = logits.argmax(-1) == item.answer_ids
         if not supervise or self.weight <= 0:
             return loss, correct
         ids, last = pad_suffixes(item.suffix_ids, self.pad_id)
         position = torch.full_like(layout.region, -1)
         position[shown] = item.prefix_ids.shape[0] + torch.arange(int(shown.sum()))
-        hop, wanted = wanted_attention(item.questions, item.scene.objects, layout.objects, position, ids,
-                                       self.key_ids, prefix.shape[1], SUPERVISED_HEADS)
+        hop, wanted = wanted_attention(
+            item.questions,
+            item.scene.objects,
+            layout.objects,
+            position,
+            ids,
+            self.key_ids,
+            prefix.shape[1],
+            SUPERVISED_HEADS,
+        )
         attention = self.retrieval.answer_attention(last)
         supervision = retrieval_loss(self.hop.answer_attention(last)[:, 0], hop) + sum(
-            retrieval_loss(attention[:, h], wanted[:, h]) for h in range(SUPERVISED_HEADS))
+            retrieval_loss(attention[:, h], wanted[:, h]) for h in range(SUPERVISED_HEADS)
+        )
         return loss + self.weight * supervision, correct
 
 
@@ -240,14 +268,26 @@ def main(argv=None) -> None:
     ap.add_argument("--vision-minutes", type=float, default=12.0)
     ap.add_argument("--vision-lr", type=float, default=1e-3)
     ap.add_argument("--crowd", type=int, default=120, help="objects per vision pre-training scene")
-    ap.add_argument("--lr", type=float, default=3e-4,
-                    help="LLM learning rate (2e-3, the first attempts' rate, keeps it on the answer prior)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=3e-4,
+        help="LLM learning rate (2e-3, the first attempts' rate, keeps it on the answer prior)",
+    )
     ap.add_argument("--per-type", type=int, default=8, help="questions of each type per training scene")
-    ap.add_argument("--global-only", type=float, default=0.1,
-                    help="share of stage-2 steps with the global view only (a family without one: none)")
-    ap.add_argument("--low-res", type=float, default=None,
-                    help="share of scenes read at a random lower resolution (default: 0.3 for qwen2_5_vl, "
-                    "whose processor takes any resolution; 0 for llava_next)")
+    ap.add_argument(
+        "--global-only",
+        type=float,
+        default=0.1,
+        help="share of stage-2 steps with the global view only (a family without one: none)",
+    )
+    ap.add_argument(
+        "--low-res",
+        type=float,
+        default=None,
+        help="share of scenes read at a random lower resolution (default: 0.3 for qwen2_5_vl, "
+        "whose processor takes any resolution; 0 for llava_next)",
+    )
     ap.add_argument("--focus", type=float, default=0.3, help="share of stage 2 reading object tokens + --focus-keep")
     ap.add_argument("--focus-keep", type=float, default=0.1)
     ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision (0: off)")
@@ -265,8 +305,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
-    widths = dict(vision_width=args.vision_width, vision_layers=args.vision_layers, text_width=args.text_width,
-                  text_layers=args.text_layers)
+    widths = dict(
+        vision_width=args.vision_width,
+        vision_layers=args.vision_layers,
+        text_width=args.text_width,
+        text_layers=args.text_layers,
+    )
     family = FAMILIES[args.family]
     low_res = args.low_res if args.low_res is not None else 0.3 if family.adapter_class.supports_downscaling else 0.0
     global_only = args.global_only if family.has_cls else 0.0
@@ -290,30 +334,43 @@ def main(argv=None) -> None:
         processor.save_pretrained(args.out)
         model.train()
 
-    write({"event": "start", "params": sum(p.numel() for p in model.parameters()),
-           "args": {k: str(v) for k, v in vars(args).items()}, "low_res": low_res, "global_only": global_only,
-           "cpu_threads": torch.get_num_threads(),
-           "cpus": os.cpu_count()})
+    write(
+        {
+            "event": "start",
+            "params": sum(p.numel() for p in model.parameters()),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "low_res": low_res,
+            "global_only": global_only,
+            "cpu_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+        }
+    )
     model.train()
 
     # Stage 1: vision.
     heads = AuxiliaryHeads(args.text_width, args.vision_width)
     tap = FeatureLayerTap(model) if family.has_cls else None
-    vision_params = [p for name, p in model.named_parameters()
-                     if not name.startswith(("model.language_model.", "lm_head."))] + [*heads.parameters()]
+    vision_params = [
+        p for name, p in model.named_parameters() if not name.startswith(("model.language_model.", "lm_head."))
+    ] + [*heads.parameters()]
     opt = torch.optim.AdamW(vision_params, lr=args.vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = 60 * args.vision_minutes
     # half as many low-resolution scenes as stage 2: crowded and small, most of their tokens hold two objects
-    stream = DataLoader(SceneStream(processor, "train", 5_000_000, 10**6, 0, crowd=args.crowd, low_res=low_res / 2),
-                        batch_size=None, num_workers=1, prefetch_factor=4)
+    stream = DataLoader(
+        SceneStream(processor, "train", 5_000_000, 10**6, 0, crowd=args.crowd, low_res=low_res / 2),
+        batch_size=None,
+        num_workers=1,
+        prefetch_factor=4,
+    )
     window: dict[str, list] = defaultdict(list)
     for step, item in enumerate(stream):
         for group in opt.param_groups:
             group["lr"] = args.vision_lr * cosine(elapsed() / budget, 0.05)
         layout = SceneLayout(adapter, item)
         feats = features(model, item)
-        loss = auxiliary_loss(heads, feats, tap.hidden[:, 0] if tap else None, layout.tokens, layout.tiles,
-                              layout.sides)
+        loss = auxiliary_loss(
+            heads, feats, tap.hidden[:, 0] if tap else None, layout.tokens, layout.tiles, layout.sides
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
@@ -343,10 +400,22 @@ def main(argv=None) -> None:
     lm_start, lm_budget = elapsed(), 60 * args.max_minutes - elapsed()
     val = [(item, SceneLayout(adapter, item)) for item in SceneStream(processor, "val", 0, args.val_scenes, 2)]
     # a model read at any resolution is also validated at 128 tokens (~1/10 of its ~1 250, near the benchmark's 11.1 %)
-    val_low = [] if not low_res else [(item, SceneLayout(adapter, item)) for item in SceneStream(
-        processor, "val", 0, args.val_scenes, 2, max_pixels=max_pixels_for_tokens(LOW_RES_TOKENS[3]))]
-    stream = DataLoader(SceneStream(processor, "train", 0, 10**6, args.per_type, low_res=low_res), batch_size=None,
-                        num_workers=1, prefetch_factor=4)
+    val_low = (
+        []
+        if not low_res
+        else [
+            (item, SceneLayout(adapter, item))
+            for item in SceneStream(
+                processor, "val", 0, args.val_scenes, 2, max_pixels=max_pixels_for_tokens(LOW_RES_TOKENS[3])
+            )
+        ]
+    )
+    stream = DataLoader(
+        SceneStream(processor, "train", 0, 10**6, args.per_type, low_res=low_res),
+        batch_size=None,
+        num_workers=1,
+        prefetch_factor=4,
+    )
     gen = torch.Generator().manual_seed(args.seed)
     window = defaultdict(list)
     for step, item in enumerate(stream):
@@ -368,14 +437,26 @@ def main(argv=None) -> None:
             window["loss"].append(loss.item())
             window["train_acc"] += correct.tolist()
         if (step + 1) % 25 == 0:
-            write({"stage": "language", "step": step + 1, "tokens": tokens,
-                   **{k: round(sum(v) / len(v), 4) for k, v in window.items()},
-                   "lr": round(opt.param_groups[0]["lr"], 6)})
+            write(
+                {
+                    "stage": "language",
+                    "step": step + 1,
+                    "tokens": tokens,
+                    **{k: round(sum(v) / len(v), 4) for k, v in window.items()},
+                    "lr": round(opt.param_groups[0]["lr"], 6),
+                }
+            )
             window = defaultdict(list)
         done = elapsed() >= 60 * args.max_minutes
         if (step + 1) % args.val_every == 0 or done:
-            write({"stage": "language", "step": step + 1, **evaluate(stage, val),
-                   **(evaluate(stage, val_low, "val_low_res_acc") if val_low else {})})
+            write(
+                {
+                    "stage": "language",
+                    "step": step + 1,
+                    **evaluate(stage, val),
+                    **(evaluate(stage, val_low, "val_low_res_acc") if val_low else {}),
+                }
+            )
             save()
         if done:
             break

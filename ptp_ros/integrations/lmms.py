@@ -38,6 +38,7 @@ answer after generation; one process (no multi-GPU data parallelism); no ``logli
 choice by likelihood) and no multi-round generation.  A bad model_arg or a model that does not load ends
 the run at construction with one line (``ptp_ros: ...``), before any task runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,23 @@ from loguru import logger as eval_logger
 
 __all__ = ["PTPRos", "PTPRosError", "PruningCounts"]
 
-KNOWN_ARGS = ("pretrained", "selector", "keep_ratio", "tokens", "alpha", "prune_in_llm", "probe_candidates",
-              "device", "dtype", "max_new_tokens", "max_instruction_chars", "stats_file", "skip_unsupported",
-              "batch_size", "max_batch_size")
+KNOWN_ARGS = (
+    "pretrained",
+    "selector",
+    "keep_ratio",
+    "tokens",
+    "alpha",
+    "prune_in_llm",
+    "probe_candidates",
+    "device",
+    "dtype",
+    "max_new_tokens",
+    "max_instruction_chars",
+    "stats_file",
+    "skip_unsupported",
+    "batch_size",
+    "max_batch_size",
+)
 
 
 class PTPRosError(ValueError):
@@ -74,9 +89,13 @@ class PruningCounts(TokenCounts):
     timings_ms: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "visual_tokens_kept": self.visual_tokens_kept,
-                "visual_tokens_total": self.visual_tokens_total, "keep_ratio": self.keep_ratio,
-                "timings_ms": dict(self.timings_ms)}
+        return {
+            **super().to_dict(),
+            "visual_tokens_kept": self.visual_tokens_kept,
+            "visual_tokens_total": self.visual_tokens_total,
+            "keep_ratio": self.keep_ratio,
+            "timings_ms": dict(self.timings_ms),
+        }
 
 
 def _number(name: str, value, kind=float):
@@ -126,14 +145,17 @@ def _image(visuals, where: str):
     if isinstance(visual, np.ndarray):
         return visual
     if isinstance(visual, (str, Path)):
-        raise PTPRosError(f"{where} gives a file path ({str(visual)!r}, e.g. a video); ptp_ros answers about "
-                          "one decoded image per request")
+        raise PTPRosError(
+            f"{where} gives a file path ({str(visual)!r}, e.g. a video); ptp_ros answers about "
+            "one decoded image per request"
+        )
     from PIL import Image
 
     if isinstance(visual, Image.Image):
         return np.array(visual.convert("RGB"), dtype=np.uint8)
-    raise PTPRosError(f"{where} gives a {type(visual).__name__}, not an image; ptp_ros answers about one image "
-                      "per request")
+    raise PTPRosError(
+        f"{where} gives a {type(visual).__name__}, not an image; ptp_ros answers about one image per request"
+    )
 
 
 def _cut_at(text: str, until) -> str:
@@ -151,10 +173,25 @@ class PTPRos(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str | None = None, selector: str = "ptp", keep_ratio=None, tokens=None,
-                 alpha=None, prune_in_llm=None, probe_candidates=0.0, device: str = "auto", dtype: str = "auto",
-                 max_new_tokens=16, max_instruction_chars=8000, stats_file: str | None = None,
-                 skip_unsupported=False, batch_size=1, max_batch_size=None, **unknown) -> None:
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        selector: str = "ptp",
+        keep_ratio=None,
+        tokens=None,
+        alpha=None,
+        prune_in_llm=None,
+        probe_candidates=0.0,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_new_tokens=16,
+        max_instruction_chars=8000,
+        stats_file: str | None = None,
+        skip_unsupported=False,
+        batch_size=1,
+        max_batch_size=None,
+        **unknown,
+    ) -> None:
         super().__init__()
         if unknown:
             raise PTPRosError(f"unknown model_args {', '.join(sorted(unknown))}; known: {', '.join(KNOWN_ARGS)}")
@@ -168,7 +205,8 @@ class PTPRos(lmms):
         try:  # the library's own check of a budget (keep-all when neither is given)
             self.keep_ratio, self.tokens = budget_request(
                 None if keep_ratio is None else _number("keep_ratio", keep_ratio),
-                None if tokens is None else _number("tokens", tokens))
+                None if tokens is None else _number("tokens", tokens),
+            )
         except InvalidRequest as exc:
             raise PTPRosError(str(exc)) from None
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
@@ -182,9 +220,13 @@ class PTPRos(lmms):
                 raise PTPRosError(f"alpha is PTP's option; selector {selector!r} has none")
             ptp = PTPConfig() if alpha is None else PTPConfig(alpha=_number("alpha", alpha))
             self.config = PipelineConfig(
-                selector=selector, ptp=ptp, max_new_tokens=self.max_new_tokens,
+                selector=selector,
+                ptp=ptp,
+                max_new_tokens=self.max_new_tokens,
                 probe_candidates=_number("probe_candidates", probe_candidates),
-                max_instruction_chars=_positive_int("max_instruction_chars", max_instruction_chars), **stage)
+                max_instruction_chars=_positive_int("max_instruction_chars", max_instruction_chars),
+                **stage,
+            )
             make_selector(selector, **({"alpha": ptp.alpha} if selector == "ptp" else {}))  # unknown name: here
         except PTPRosError:
             raise
@@ -208,8 +250,10 @@ class PTPRos(lmms):
         self.pretrained = str(model)
         self._warned: set[str] = set()
         budget = f"keep_ratio={self.keep_ratio:g}" if self.tokens is None else f"tokens={self.tokens}"
-        eval_logger.info(f"ptp_ros: {type(adapter).__name__} from {self.pretrained} on {adapter.device}, "
-                         f"selector={selector}, {budget}")
+        eval_logger.info(
+            f"ptp_ros: {type(adapter).__name__} from {self.pretrained} on {adapter.device}, "
+            f"selector={selector}, {budget}"
+        )
 
     @property
     def batch_size(self) -> int:
@@ -252,33 +296,52 @@ class PTPRos(lmms):
             except PTPRosError as exc:
                 if not self.skip_unsupported:
                     raise
-                self._warn_once("skip", f"{exc}: answered with an empty string (skip_unsupported), and so are the "
-                                        "other such documents")
+                self._warn_once(
+                    "skip",
+                    f"{exc}: answered with an empty string (skip_unsupported), and so are the other such documents",
+                )
                 skipped += 1
-                self._write_stats({"task": task, "split": split, "doc_id": doc_id, "answer": "",
-                                   "skipped": str(exc)})
+                self._write_stats({"task": task, "split": split, "doc_id": doc_id, "answer": "", "skipped": str(exc)})
                 out.append(GenerationResult(text=""))
                 continue
             self._check_decoding(gen_kwargs)
             try:
-                answer = self.pipeline.answer(image, context, keep_ratio=None if self.tokens else self.keep_ratio,
-                                              tokens=self.tokens, max_new_tokens=self._max_new_tokens(gen_kwargs))
+                answer = self.pipeline.answer(
+                    image,
+                    context,
+                    keep_ratio=None if self.tokens else self.keep_ratio,
+                    tokens=self.tokens,
+                    max_new_tokens=self._max_new_tokens(gen_kwargs),
+                )
             except InvalidRequest as exc:
                 raise PTPRosError(f"{where}: {exc}") from None
             text = _cut_at(answer.text, gen_kwargs.get("until"))
             record = answer.to_dict()
-            counts = PruningCounts(input_tokens=answer.prompt_tokens, output_tokens=answer.new_tokens,
-                                   visual_tokens_kept=record["visual_tokens_kept"],
-                                   visual_tokens_total=record["visual_tokens_total"],
-                                   keep_ratio=record["keep_ratio"], timings_ms=record["latency_ms"])
+            counts = PruningCounts(
+                input_tokens=answer.prompt_tokens,
+                output_tokens=answer.new_tokens,
+                visual_tokens_kept=record["visual_tokens_kept"],
+                visual_tokens_total=record["visual_tokens_total"],
+                keep_ratio=record["keep_ratio"],
+                timings_ms=record["latency_ms"],
+            )
             stats.append(record)
-            self._write_stats({"task": task, "split": split, "doc_id": doc_id, "answer": text,
-                               **{k: v for k, v in record.items() if k != "answer"}})
+            self._write_stats(
+                {
+                    "task": task,
+                    "split": split,
+                    "doc_id": doc_id,
+                    "answer": text,
+                    **{k: v for k, v in record.items() if k != "answer"},
+                }
+            )
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(GenerationResult(text=text, token_counts=counts))
         if skipped:
-            eval_logger.warning(f"ptp_ros: {skipped} of {len(requests)} documents were not one image and got an "
-                                "empty answer (skip_unsupported)")
+            eval_logger.warning(
+                f"ptp_ros: {skipped} of {len(requests)} documents were not one image and got an "
+                "empty answer (skip_unsupported)"
+            )
         if stats:
             self._report(stats)
         return out
@@ -302,22 +365,35 @@ class PTPRos(lmms):
         ratio = mean(s["keep_ratio"] for s in stats)
         new_tokens = sum(s["new_tokens"] for s in stats)
         seconds = sum(s["timings_ms"].get("total", 0.0) for s in stats) / 1e3
-        eval_logger.info(f"ptp_ros: {n} answers, {self.config.selector} kept {kept:.1f} of {total:.1f} visual tokens "
-                         f"on average ({100 * ratio:.1f} %); mean ms per answer: "
-                         + ", ".join(f"{stage} {ms:.1f}" for stage, ms in stage_ms.items()))
+        eval_logger.info(
+            f"ptp_ros: {n} answers, {self.config.selector} kept {kept:.1f} of {total:.1f} visual tokens "
+            f"on average ({100 * ratio:.1f} %); mean ms per answer: "
+            + ", ".join(f"{stage} {ms:.1f}" for stage, ms in stage_ms.items())
+        )
         try:
             from lmms_eval.models.model_utils.gen_metrics import log_metrics
         except ImportError:  # another lmms-eval layout: the log line and the samples still carry it
             return
-        log_metrics(total_elapsed_time=seconds, total_gen_tokens=new_tokens,
-                    avg_speed=new_tokens / seconds if seconds > 0 else 0.0,
-                    additional_metrics={"total_requests": n, "visual_tokens_kept": kept, "visual_tokens_total": total,
-                                        "keep_ratio": ratio, **{f"{stage}_ms": ms for stage, ms in stage_ms.items()}})
+        log_metrics(
+            total_elapsed_time=seconds,
+            total_gen_tokens=new_tokens,
+            avg_speed=new_tokens / seconds if seconds > 0 else 0.0,
+            additional_metrics={
+                "total_requests": n,
+                "visual_tokens_kept": kept,
+                "visual_tokens_total": total,
+                "keep_ratio": ratio,
+                **{f"{stage}_ms": ms for stage, ms in stage_ms.items()},
+            },
+        )
 
     def loglikelihood(self, requests) -> list:
-        raise PTPRosError("loglikelihood (multiple choice scored by likelihood) is not supported: ptp_ros generates "
-                          "answers; use the task's generate_until variant")
+        raise PTPRosError(
+            "loglikelihood (multiple choice scored by likelihood) is not supported: ptp_ros generates "
+            "answers; use the task's generate_until variant"
+        )
 
     def generate_until_multi_round(self, requests) -> list:
-        raise PTPRosError("multi-round generation is not supported: ptp_ros answers one question about one image "
-                          "per request")
+        raise PTPRosError(
+            "multi-round generation is not supported: ptp_ros answers one question about one image per request"
+        )

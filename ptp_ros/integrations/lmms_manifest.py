@@ -5,6 +5,7 @@ lmms-eval loads every entry point of the group each time it starts, whatever mod
 module imports nothing heavy: the model class (and torch, transformers, the adapters) is imported only
 when ``--model ptp_ros`` is used.
 """
+
 from __future__ import annotations
 
 MODEL_ID = "ptp_ros"

@@ -4,8 +4,31 @@ Scenes hold several small coloured shapes on textured clutter; questions name a 
 colour, its presence in a given colour, its count or its side of the image.  The objects are sized so
 that the anyres tiles resolve their shape while the 336-px global view does not.
 """
-from .scenes import (ANSWER_WORDS, COLOURS, QUESTION_TYPES, SHAPES, Question, Scene, SceneObject, make_questions,
-                     make_scene, proxy_words, split_seed)
 
-__all__ = ["ANSWER_WORDS", "COLOURS", "QUESTION_TYPES", "SHAPES", "Question", "Scene", "SceneObject",
-           "make_questions", "make_scene", "proxy_words", "split_seed"]
+from .scenes import (
+    ANSWER_WORDS,
+    COLOURS,
+    QUESTION_TYPES,
+    SHAPES,
+    Question,
+    Scene,
+    SceneObject,
+    make_questions,
+    make_scene,
+    proxy_words,
+    split_seed,
+)
+
+__all__ = [
+    "ANSWER_WORDS",
+    "COLOURS",
+    "QUESTION_TYPES",
+    "SHAPES",
+    "Question",
+    "Scene",
+    "SceneObject",
+    "make_questions",
+    "make_scene",
+    "proxy_words",
+    "split_seed",
+]

@@ -1,6 +1,7 @@
 """Write proxy-task frames with their questions: for the demo and the ROS example
 (``python -m ptp_ros.proxy.demo OUT_DIR [--count N]``: JPEG + questions.json), or as a labelled frame set in
 ``ptp-eval --data``'s format (``--jsonl``: lossless PNG + data.jsonl, the pixels ``ptp-eval`` scores)."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,28 @@ def write_demo_frames(out_dir: str | Path, count: int = 4, split: str = "test", 
         path = out / f"proxy_{split}_{k:04d}.jpg"
         cv2.imwrite(str(path), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
         paths.append(path)
-        manifest.append({"image": path.name, "seed": scene.seed,
-                         "objects": [{"shape": o.shape, "colour": o.colour, "box": [round(v, 1) for v in o.box]}
-                                     for o in scene.objects],
-                         "questions": [{"text": q.text, "answer": q.answer, "type": q.qtype}
-                                       for q in make_questions(scene)]})
+        manifest.append(
+            {
+                "image": path.name,
+                "seed": scene.seed,
+                "objects": [
+                    {"shape": o.shape, "colour": o.colour, "box": [round(v, 1) for v in o.box]} for o in scene.objects
+                ],
+                "questions": [{"text": q.text, "answer": q.answer, "type": q.qtype} for q in make_questions(scene)],
+            }
+        )
     (out / "questions.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return paths
 
 
-def write_jsonl(out_dir: str | Path, count: int = 4, split: str = "test", start: int = 0,
-                per_type: int = 2, jpeg_quality: int | None = None) -> Path:
+def write_jsonl(
+    out_dir: str | Path,
+    count: int = 4,
+    split: str = "test",
+    start: int = 0,
+    per_type: int = 2,
+    jpeg_quality: int | None = None,
+) -> Path:
     """``count`` scenes under ``images/`` plus ``data.jsonl``: one line per question, with the fields
     ``ptp-eval --data`` reads (id, image relative to the file, question, answers, type), the questions
     ``ptp-eval`` asks of the same scenes with the same ``per_type``.  PNG (the exact pixels ``ptp-eval``
@@ -46,9 +58,18 @@ def write_jsonl(out_dir: str | Path, count: int = 4, split: str = "test", start:
         name = f"images/proxy_{split}_{k:04d}.{'png' if jpeg_quality is None else 'jpg'}"
         params = [] if jpeg_quality is None else [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
         cv2.imwrite(str(out / name), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR), params)
-        lines += [json.dumps({"id": f"{split}-{k:04d}-{i}", "image": name, "question": q.text, "answers": [q.answer],
-                              "type": q.qtype})
-                  for i, q in enumerate(make_questions(scene, per_type))]
+        lines += [
+            json.dumps(
+                {
+                    "id": f"{split}-{k:04d}-{i}",
+                    "image": name,
+                    "question": q.text,
+                    "answers": [q.answer],
+                    "type": q.qtype,
+                }
+            )
+            for i, q in enumerate(make_questions(scene, per_type))
+        ]
     data = out / "data.jsonl"
     data.write_text("\n".join(lines) + "\n")
     return data

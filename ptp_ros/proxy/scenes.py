@@ -16,6 +16,7 @@ Why these choices:
 - The background is coloured only weakly (low-saturation noise, grey strokes and grey decoy shapes),
   so the objects' saturated colours are the signal and the clutter is texture.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,17 +28,28 @@ from ..testing import DEFAULT_PINPOINTS  # the pinpoints the tiny and proxy LLaV
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings"}
-COLOURS = {"red": (220, 35, 35), "green": (35, 175, 45), "blue": (45, 80, 235), "yellow": (240, 215, 25),
-           "purple": (155, 45, 205)}
+COLOURS = {
+    "red": (220, 35, 35),
+    "green": (35, 175, 45),
+    "blue": (45, 80, 235),
+    "yellow": (240, 215, 25),
+    "purple": (155, 45, 205),
+}
 COUNT_WORDS = ("zero", "one", "two", "three")
 SIDES = ("left", "right")
 QUESTION_TYPES = ("colour", "presence", "count", "location")
 ANSWER_WORDS = (*COLOURS, "yes", "no", *COUNT_WORDS, *SIDES)
 
 #: (height, width) of the scenes; the anyres grid each gets on the default pinpoints is noted.
-SCENE_SIZES = ((1008, 1344), (1344, 1008), (1344, 1344),  # 2×2 tiles
-               (1008, 2016), (2016, 1008),  # 1×2, 2×1
-               (672, 2016), (2016, 672))  # 1×3, 3×1
+SCENE_SIZES = (
+    (1008, 1344),
+    (1344, 1008),
+    (1344, 1344),  # 2×2 tiles
+    (1008, 2016),
+    (2016, 1008),  # 1×2, 2×1
+    (672, 2016),
+    (2016, 672),
+)  # 1×3, 3×1
 PATCH = 14  # CLIP-336/14: a tile is 24×24 patches of 14 px
 TILE_OBJECT_PX = (10.0, 12.5)  # object size in tile pixels: each object fills one patch, centred on it
 MAX_PER_SHAPE = 3
@@ -102,8 +114,11 @@ def _background(rng: np.random.Generator, height: int, width: int, scale: float)
     base = rng.uniform(90, 170, size=(rng.integers(6, 12), rng.integers(6, 12), 1))
     tint = rng.uniform(-18, 18, size=base.shape[:2] + (3,))  # weak colour: clutter is texture, not signal
     image = cv2.resize((base + tint).astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
-    fine = cv2.resize(rng.normal(0, 14, size=(height // 6, width // 6, 1)).astype(np.float32), (width, height),
-                      interpolation=cv2.INTER_LINEAR)
+    fine = cv2.resize(
+        rng.normal(0, 14, size=(height // 6, width // 6, 1)).astype(np.float32),
+        (width, height),
+        interpolation=cv2.INTER_LINEAR,
+    )
     image += fine[..., None] if fine.ndim == 2 else fine
     canvas = np.clip(image, 0, 255).astype(np.uint8)
     for _ in range(int(rng.integers(25, 45))):  # grey strokes
@@ -135,8 +150,9 @@ def _draw_shape(canvas: np.ndarray, shape: str, centre, size: float, colour, ang
     if shape == "circle":
         cv2.circle(canvas, (round(cx * f), round(cy * f)), round(r * f), c, -1, cv2.LINE_AA, shift)
     elif shape == "ring":
-        cv2.circle(canvas, (round(cx * f), round(cy * f)), round(r * 0.78 * f), c, max(2, round(r * 0.42)),
-                   cv2.LINE_AA, shift)
+        cv2.circle(
+            canvas, (round(cx * f), round(cy * f)), round(r * 0.78 * f), c, max(2, round(r * 0.42)), cv2.LINE_AA, shift
+        )
     elif shape == "square":
         s = r * 0.85
         cv2.fillPoly(canvas, [pts([(-s, -s), (s, -s), (s, s), (-s, s)])], c, cv2.LINE_AA, shift)
@@ -144,8 +160,20 @@ def _draw_shape(canvas: np.ndarray, shape: str, centre, size: float, colour, ang
         cv2.fillPoly(canvas, [pts([(0, -r), (r * 0.95, r * 0.75), (-r * 0.95, r * 0.75)])], c, cv2.LINE_AA, shift)
     elif shape == "cross":
         a, b = r, r * 0.32
-        arm = [(-a, -b), (-b, -b), (-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b),
-               (-a, b)]
+        arm = [
+            (-a, -b),
+            (-b, -b),
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+        ]
         cv2.fillPoly(canvas, [pts(arm)], c, cv2.LINE_AA, shift)
     else:
         raise ValueError(f"unknown shape {shape!r}")
@@ -272,8 +300,12 @@ def _location_question(scene: Scene, rng: np.random.Generator) -> Question | Non
     return Question(f"is the {o.colour} {o.shape} on the left or right ?", side, "location", (i,))
 
 
-_MAKERS = {"colour": _colour_question, "presence": _presence_question, "count": _count_question,
-           "location": _location_question}
+_MAKERS = {
+    "colour": _colour_question,
+    "presence": _presence_question,
+    "count": _count_question,
+    "location": _location_question,
+}
 
 
 def make_questions(scene: Scene, per_type: int = 2, seed: int | None = None) -> list[Question]:

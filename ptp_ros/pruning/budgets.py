@@ -1,4 +1,5 @@
 """Region level of the pyramid: how many of the K kept tokens each region (tile / global view) gets."""
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ port of its code.  Where a paper needs a signal we do not have, the docstring sa
                         [CLS]; per-crop retention ratios scaled by the thumbnail's saliency over each crop.
 * ``divprune_select``   DivPrune (CVPR'25): max–min diversity over the projected features.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,14 +62,22 @@ def attention_top_k_select(scores: TokenScores, budget: int) -> Selection:
     inside the LLM) is the selector's ``in_llm``/``reduce``: "fastv" and "text_attention" below."""
     check_budget(scores, budget, minimum=0)
     if scores.relevance is None:
-        raise ValueError("attention top-k needs TokenScores.relevance (text→visual attention); the pipeline "
-                         "computes it for selectors that declare needs_relevance")
+        raise ValueError(
+            "attention top-k needs TokenScores.relevance (text→visual attention); the pipeline "
+            "computes it for selectors that declare needs_relevance"
+        )
     region = scores.region.cpu()
-    ranked = torch.where(region != NO_REGION, scores.relevance.cpu().double(), torch.tensor(float("-inf"),
-                                                                                          dtype=torch.double))
+    ranked = torch.where(
+        region != NO_REGION, scores.relevance.cpu().double(), torch.tensor(float("-inf"), dtype=torch.double)
+    )
     kept = torch.sort(torch.argsort(ranked, descending=True, stable=True)[:budget]).values
-    return Selection(kept=kept, total=scores.num_tokens, region_sizes=scores.region_sizes(),
-                     quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="attention_top_k")
+    return Selection(
+        kept=kept,
+        total=scores.num_tokens,
+        region_sizes=scores.region_sizes(),
+        quotas=torch.bincount(region[kept], minlength=scores.num_regions),
+        method="attention_top_k",
+    )
 
 
 def fastv_select(scores: TokenScores, budget: int, k: int = 2) -> Selection:
@@ -79,16 +88,29 @@ def fastv_select(scores: TokenScores, budget: int, k: int = 2) -> Selection:
 
 
 # FastV's relevance is one row (the last token's): no reduction to choose
-register(SelectorSpec(
-    "fastv", fastv_select, label="FastV (in-LLM, K=2)",
-    description="FastV inside the LLM: top-K by the last prompt token's attention at layer k-1, the rest "
-                "dropped from layer k (option k, default 2)",
-    needs_relevance=True, reduce="max", in_llm=lambda options: InLLMPruning.fastv(options["k"])))
-register(SelectorSpec(
-    "text_attention", attention_top_k_select, label="text attention top-k (FastV-style ranking before the LLM)",
-    description="FastV's ranking before the LLM: top-K by the mean instruction attention at the adapter's "
-                "LLM layer, then a pruned prefill",
-    needs_relevance=True, reduce="mean"))
+register(
+    SelectorSpec(
+        "fastv",
+        fastv_select,
+        label="FastV (in-LLM, K=2)",
+        description="FastV inside the LLM: top-K by the last prompt token's attention at layer k-1, the rest "
+        "dropped from layer k (option k, default 2)",
+        needs_relevance=True,
+        reduce="max",
+        in_llm=lambda options: InLLMPruning.fastv(options["k"]),
+    )
+)
+register(
+    SelectorSpec(
+        "text_attention",
+        attention_top_k_select,
+        label="text attention top-k (FastV-style ranking before the LLM)",
+        description="FastV's ranking before the LLM: top-K by the mean instruction attention at the adapter's "
+        "LLM layer, then a pruned prefill",
+        needs_relevance=True,
+        reduce="mean",
+    )
+)
 
 
 def hired_select(scores: TokenScores, budget: int, global_share: float = 0.5, temperature: float = 1.0) -> Selection:
@@ -109,10 +131,16 @@ def hired_select(scores: TokenScores, budget: int, global_share: float = 0.5, te
     return dataclasses.replace(selection, method="hired")
 
 
-register(SelectorSpec(
-    "hired", hired_select, label="HiRED",
-    description="HiRED-style: half the budget to the global view, the tiles' budgets by its [CLS] mass on "
-                "them, [CLS] top-k in each", saliency_layer="feature"))
+register(
+    SelectorSpec(
+        "hired",
+        hired_select,
+        label="HiRED",
+        description="HiRED-style: half the budget to the global view, the tiles' budgets by its [CLS] mass on "
+        "them, [CLS] top-k in each",
+        saliency_layer="feature",
+    )
+)
 
 
 def globalcom2_select(scores: TokenScores, budget: int, temperature: float = 1.0) -> Selection:
@@ -139,10 +167,16 @@ def globalcom2_select(scores: TokenScores, budget: int, temperature: float = 1.0
     return dataclasses.replace(selection, method="globalcom2")
 
 
-register(SelectorSpec(
-    "globalcom2", globalcom2_select, label="GlobalCom2",
-    description="GlobalCom2-style: the global view at the nominal ratio, each crop's ratio scaled by the "
-                "thumbnail's saliency on it, [CLS] top-k in each", saliency_layer="feature"))
+register(
+    SelectorSpec(
+        "globalcom2",
+        globalcom2_select,
+        label="GlobalCom2",
+        description="GlobalCom2-style: the global view at the nominal ratio, each crop's ratio scaled by the "
+        "thumbnail's saliency on it, [CLS] top-k in each",
+        saliency_layer="feature",
+    )
+)
 
 
 def divprune_select(scores: TokenScores, budget: int) -> Selection:
@@ -153,8 +187,10 @@ def divprune_select(scores: TokenScores, budget: int) -> Selection:
     """
     check_budget(scores, budget, minimum=0)
     if scores.features is None:
-        raise ValueError("divprune needs TokenScores.features (the projected visual features); the LLaVA-NeXT "
-                         "adapter fills them from VisualTokens.features")
+        raise ValueError(
+            "divprune needs TokenScores.features (the projected visual features); the LLaVA-NeXT "
+            "adapter fills them from VisualTokens.features"
+        )
     region = scores.region.cpu()
     candidates = torch.nonzero(region != NO_REGION).squeeze(1)
     feats = torch.nn.functional.normalize(scores.features[candidates.to(scores.features.device)].float(), dim=-1)
@@ -172,11 +208,22 @@ def divprune_select(scores: TokenScores, budget: int) -> Selection:
             chosen[i] = nxt
             min_dist = torch.minimum(min_dist, distance[nxt])
     kept = torch.sort(candidates[chosen.cpu()]).values
-    return Selection(kept=kept, total=scores.num_tokens, region_sizes=scores.region_sizes(),
-                     quotas=torch.bincount(region[kept], minlength=scores.num_regions), method="divprune")
+    return Selection(
+        kept=kept,
+        total=scores.num_tokens,
+        region_sizes=scores.region_sizes(),
+        quotas=torch.bincount(region[kept], minlength=scores.num_regions),
+        method="divprune",
+    )
 
 
-register(SelectorSpec(
-    "divprune", divprune_select, label="DivPrune",
-    description="DivPrune: greedy max-min cosine diversity over the projected features",
-    needs_features=True, distances="all"))
+register(
+    SelectorSpec(
+        "divprune",
+        divprune_select,
+        label="DivPrune",
+        description="DivPrune: greedy max-min cosine diversity over the projected features",
+        needs_features=True,
+        distances="all",
+    )
+)

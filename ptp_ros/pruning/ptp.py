@@ -3,6 +3,7 @@
 The whole method, as pure tensor code: the adapters supply ``TokenScores``, this file decides.
 See docs/method.md for which choices are the paper's and which are ours.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -106,9 +107,11 @@ def raw_values(values: torch.Tensor, region: torch.Tensor, num_regions: int) -> 
 #: scales both to [0, 1] per region; "rank_concentration" ranks the saliency and measures how much the
 #: relevance exceeds a uniform share, so an uninformative relevance leaves the saliency order as it is;
 #: "minmax_raw" adds the raw attention (the third-party reading of the paper, research notes).
-FUSIONS = {"minmax": (minmax_per_region, minmax_per_region),
-           "rank_concentration": (rank_per_region, concentration_per_region),
-           "minmax_raw": (minmax_per_region, raw_values)}
+FUSIONS = {
+    "minmax": (minmax_per_region, minmax_per_region),
+    "rank_concentration": (rank_per_region, concentration_per_region),
+    "minmax_raw": (minmax_per_region, raw_values),
+}
 
 
 def fused_scores(scores: TokenScores, alpha: float, fusion: str = "rank_concentration") -> torch.Tensor:
@@ -147,13 +150,15 @@ def top_k_per_region(fused: torch.Tensor, region: torch.Tensor, quotas: torch.Te
     order = order[torch.argsort(region[order], stable=True)]  # grouped by region, best first
     reg = region[order]
     group_start = torch.cumsum(torch.bincount(reg, minlength=quotas.shape[0]), 0) - torch.bincount(
-        reg, minlength=quotas.shape[0])
+        reg, minlength=quotas.shape[0]
+    )
     rank = torch.arange(order.shape[0]) - group_start[reg]
     return torch.sort(order[rank < quotas[reg]]).values
 
 
-def diverse_per_region(fused: torch.Tensor, region: torch.Tensor, quotas: torch.Tensor, features: torch.Tensor,
-                       diversity: float = 0.5) -> torch.Tensor:
+def diverse_per_region(
+    fused: torch.Tensor, region: torch.Tensor, quotas: torch.Tensor, features: torch.Tensor, diversity: float = 0.5
+) -> torch.Tensor:
     """Indices of ``quotas[r]`` tokens of every region, chosen greedily for relevance and diversity.
 
     Inside each region, step by step, the token with the largest gain
@@ -217,8 +222,11 @@ def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()
     diverse = config.within_region == "diverse" and scores.features is not None
     if config.use_region_budgets:
         quotas = region_quotas(budget_shares(scores, config), sizes, budget, config.min_per_region)
-        kept = (diverse_per_region(fused, region, quotas, scores.features, config.diversity) if diverse
-                else top_k_per_region(fused, region, quotas))
+        kept = (
+            diverse_per_region(fused, region, quotas, scores.features, config.diversity)
+            if diverse
+            else top_k_per_region(fused, region, quotas)
+        )
     elif diverse:  # one group of every selectable token: relevance-weighted DivPrune
         group = torch.where(region != NO_REGION, torch.zeros_like(region), region)
         kept = diverse_per_region(fused, group, torch.tensor([budget]), scores.features, config.diversity)
@@ -227,8 +235,15 @@ def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()
         masked = torch.where(region != NO_REGION, fused.double(), torch.tensor(float("-inf"), dtype=torch.double))
         kept = torch.sort(torch.argsort(masked, descending=True, stable=True)[:budget]).values
         quotas = torch.bincount(region[kept], minlength=scores.num_regions)
-    return Selection(kept=kept, total=scores.num_tokens, quotas=quotas, region_sizes=sizes, fused=fused,
-                     method="ptp", extras={"within_region": "diverse" if diverse else "top_k"})
+    return Selection(
+        kept=kept,
+        total=scores.num_tokens,
+        quotas=quotas,
+        region_sizes=sizes,
+        fused=fused,
+        method="ptp",
+        extras={"within_region": "diverse" if diverse else "top_k"},
+    )
 
 
 def _ptp_options(config: PTPConfig | None = None, **fields) -> dict:
@@ -249,14 +264,20 @@ def _ptp_distances(options: dict) -> str | None:
     return "per_region" if config.use_region_budgets else "all"
 
 
-register(SelectorSpec(
-    "ptp", ptp_select, label="ptp",
-    description="Pyramid Token Pruning: region budgets by region saliency, then in each region the tokens best "
-                "by [CLS] saliency fused with instruction relevance (alpha), picked for diversity",
-    options=_ptp_options,
-    needs_relevance=lambda options: options["config"].alpha > 0,
-    needs_features=lambda options: options["config"].within_region == "diverse",
-    relevance_in_llm=True, distances=_ptp_distances))
+register(
+    SelectorSpec(
+        "ptp",
+        ptp_select,
+        label="ptp",
+        description="Pyramid Token Pruning: region budgets by region saliency, then in each region the tokens best "
+        "by [CLS] saliency fused with instruction relevance (alpha), picked for diversity",
+        options=_ptp_options,
+        needs_relevance=lambda options: options["config"].alpha > 0,
+        needs_features=lambda options: options["config"].within_region == "diverse",
+        relevance_in_llm=True,
+        distances=_ptp_distances,
+    )
+)
 
 
 def instruction_relevance(attention_rows: torch.Tensor, reduce: str = "max") -> torch.Tensor:

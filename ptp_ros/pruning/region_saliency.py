@@ -3,6 +3,7 @@
 Both are bottom-up and computed before any token is chosen.  Tiles' own [CLS] attention sums to one
 inside every tile, so it cannot rank tiles against each other; these signals can.
 """
+
 from __future__ import annotations
 
 import torch

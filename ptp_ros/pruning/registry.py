@@ -7,6 +7,7 @@ to compute relevance, how to reduce it, whether to attach features, the in-LLM p
 ``ptp-bench``'s rows, ``ptp-eval``'s comparison, the cost model's passes and the tests.  Adding a selector:
 docs/method.md, "Adding a selector".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,9 +70,14 @@ class SelectorSpec:
         distances = _resolve(self.distances, bound)
         if distances not in (None, *DISTANCES):
             raise ValueError(f"{self.name}: distances must be None or one of {DISTANCES}, got {distances!r}")
-        return BoundSelector(self, bound, needs_relevance=bool(_resolve(self.needs_relevance, bound)),
-                             needs_features=bool(_resolve(self.needs_features, bound)),
-                             in_llm=None if self.in_llm is None else self.in_llm(bound), distances=distances)
+        return BoundSelector(
+            self,
+            bound,
+            needs_relevance=bool(_resolve(self.needs_relevance, bound)),
+            needs_features=bool(_resolve(self.needs_features, bound)),
+            in_llm=None if self.in_llm is None else self.in_llm(bound),
+            distances=distances,
+        )
 
 
 def _resolve(need, options: dict):
@@ -84,8 +90,9 @@ def _keyword_options(spec: SelectorSpec, options: dict) -> dict:
     known = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"{spec.name} has no option(s) {', '.join(unknown)}"
-                         f"{'; known: ' + ', '.join(known) if known else ''}")
+        raise ValueError(
+            f"{spec.name} has no option(s) {', '.join(unknown)}{'; known: ' + ', '.join(known) if known else ''}"
+        )
     return {**known, **options}
 
 
@@ -159,4 +166,3 @@ def make_selector(name: str, **options) -> BoundSelector:
     """A selector by name; ``options`` are its configuration (for "ptp": PTPConfig fields; for "fastv":
     ``k``, the layer from which it drops tokens, FastV's default 2; for the others their keyword options)."""
     return selector_spec(name).bind(**options)
-

@@ -1,4 +1,5 @@
 """The data every selector reads and writes: plain tensors, no model or ROS types."""
+
 from __future__ import annotations
 
 import math
@@ -54,6 +55,7 @@ class TokenScores:
 
 #: Which prompt rows rank the visual tokens: the last prompt token (FastV) or every token after the image (PTP).
 QUERIES = ("last", "instruction")
+
 
 @dataclass(frozen=True)
 class InLLMPruning:
@@ -130,8 +132,13 @@ def check_keep_ratio(keep_ratio: float, name: str = "keep_ratio") -> float:
 
 def check_tokens(tokens: int, name: str = "tokens") -> int:
     """``tokens`` as an int >= 1 (a whole number), or a ``ValueError`` naming ``name``."""
-    if (isinstance(tokens, bool) or not isinstance(tokens, numbers.Real) or not math.isfinite(tokens) or tokens < 1
-            or int(tokens) != tokens):
+    if (
+        isinstance(tokens, bool)
+        or not isinstance(tokens, numbers.Real)
+        or not math.isfinite(tokens)
+        or tokens < 1
+        or int(tokens) != tokens
+    ):
         raise ValueError(f"{name} must be a whole number >= 1, got {tokens!r}")
     return int(tokens)
 
@@ -149,8 +156,10 @@ def resolve_budget(total: int, keep_ratio: float | None = None, tokens: int | No
 def selectable_budget(scores: TokenScores, keep_ratio: float | None = None, tokens: int | None = None) -> int:
     """The budget a selector gets: ``resolve_budget`` over all the visual tokens, capped at the selectable ones
     (structural tokens such as row newlines are never selected)."""
-    return min(resolve_budget(scores.num_tokens, keep_ratio=keep_ratio, tokens=tokens),
-               max(1, int(scores.region_sizes().sum())))
+    return min(
+        resolve_budget(scores.num_tokens, keep_ratio=keep_ratio, tokens=tokens),
+        max(1, int(scores.region_sizes().sum())),
+    )
 
 
 def check_budget(scores: TokenScores, budget: int, minimum: int = 1) -> int:

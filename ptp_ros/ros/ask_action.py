@@ -11,6 +11,7 @@ otherwise; the typed result says which status and why), and its result is publis
 
 The interface package is built separately (ament_cmake + rosidl); without it the node serves the topics only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,10 +48,13 @@ def interface():
 # -- messages <-> the JSON shapes ------------------------------------------------------------------------
 def goal_message(Ask, text: str, **fields: Any):
     """An ``Ask.Goal`` from the fields of a JSON instruction (``id``, ``keep_ratio``, ...); absent ones are 0."""
-    return Ask.Goal(instruction=text, request_id=str(fields.get("id", "")),
-                    keep_ratio=float(fields.get("keep_ratio") or 0.0),
-                    latency_budget_ms=float(fields.get("latency_budget_ms") or 0.0),
-                    max_new_tokens=int(fields.get("max_new_tokens") or 0))
+    return Ask.Goal(
+        instruction=text,
+        request_id=str(fields.get("id", "")),
+        keep_ratio=float(fields.get("keep_ratio") or 0.0),
+        latency_budget_ms=float(fields.get("latency_budget_ms") or 0.0),
+        max_new_tokens=int(fields.get("max_new_tokens") or 0),
+    )
 
 
 def goal_request_json(goal) -> str:
@@ -95,8 +99,9 @@ def result_dict(msg) -> dict:
     out.update({name: getattr(msg, name) for name in FLOATS if not math.isnan(getattr(msg, name))})
     out.update({name: getattr(msg, name) for name in COUNTS + FLAGS})
     if msg.header.frame_id or msg.header.stamp.sec or msg.header.stamp.nanosec:
-        out.update(stamp={"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec},
-                   frame_id=msg.header.frame_id)
+        out.update(
+            stamp={"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec}, frame_id=msg.header.frame_id
+        )
     latency = {stage: getattr(msg.latency_ms, stage) for stage in msg.latency_ms.get_fields_and_field_types()}
     if not all(math.isnan(v) for v in latency.values()):
         out["latency_ms"] = {k: v for k, v in latency.items() if not math.isnan(v)}
@@ -162,7 +167,7 @@ class Goal:
         (while it waits in the queue it holds no executor thread)."""
         if self.handle is None:
             return
-        for name, elapsed in self.reached[self.sent:]:
+        for name, elapsed in self.reached[self.sent :]:
             self.handle.publish_feedback(self.Feedback(stage=name, elapsed_ms=elapsed))
         self.sent = len(self.reached)
         if not self.executing and (self.result is not None or len(self.reached) > 1):
@@ -182,9 +187,16 @@ class AskServer:
         self._by_key: dict[str, Goal] = {}  # the worker's request id of each goal → the goal
         self._by_message: dict[int, Goal] = {}  # accepted, before rclpy hands over the goal handle
         self._by_uuid: dict[bytes, Goal] = {}
-        self.server = ActionServer(node, Ask, ACTION_NAME, self._execute, callback_group=ReentrantCallbackGroup(),
-                                   goal_callback=self._on_goal, handle_accepted_callback=self._on_accepted,
-                                   cancel_callback=self._on_cancel)
+        self.server = ActionServer(
+            node,
+            Ask,
+            ACTION_NAME,
+            self._execute,
+            callback_group=ReentrantCallbackGroup(),
+            goal_callback=self._on_goal,
+            handle_accepted_callback=self._on_accepted,
+            cancel_callback=self._on_cancel,
+        )
 
     # -- callbacks ---------------------------------------------------------------------------------
     def _on_goal(self, message):
@@ -195,15 +207,17 @@ class AskServer:
         node = self.node
         default_id = node.default_request_id()
         try:
-            request = parse_request(goal_request_json(message), default_id,
-                                    node.get_parameter("max_instruction_chars").value)
+            request = parse_request(
+                goal_request_json(message), default_id, node.get_parameter("max_instruction_chars").value
+            )
         except RequestError as exc:
             node.refuse(exc.request_id or default_id, message.instruction[:200], f"invalid instruction: {exc}")
             return GoalResponse.REJECT
         except Exception as exc:  # noqa: BLE001 - no goal may end the callback
             node.counters.add(internal_errors=1)
-            node.refuse(default_id, message.instruction[:200], f"internal error: {type(exc).__name__}: {exc}",
-                        status="error")
+            node.refuse(
+                default_id, message.instruction[:200], f"internal error: {type(exc).__name__}: {exc}", status="error"
+            )
             return GoalResponse.REJECT
         worker, problem = node.serving_worker()
         if worker is None:
@@ -286,8 +300,10 @@ def serve(node) -> AskServer | None:
     """The ask action server of ``node``, or None (logged) when ptp_ros_interfaces is not importable."""
     Ask = interface()
     if Ask is None:
-        node.get_logger().info(f"the ask action is off: ptp_ros_interfaces is not importable; {INTERFACE_HINT}. "
-                               "The instruction/result topics work without it.")
+        node.get_logger().info(
+            f"the ask action is off: ptp_ros_interfaces is not importable; {INTERFACE_HINT}. "
+            "The instruction/result topics work without it."
+        )
         return None
     try:
         return AskServer(node, Ask)

@@ -14,6 +14,7 @@ speed; /clock carries the bag's recording time (the time each message was logged
 every message and ``--clock-hz`` times a second in between, like ``ros2 bag play --clock``.
 ``--ros-args -r /from:=/to`` remaps topics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def message_class(msgtype: str):
     try:
         return getattr(importlib.import_module(f"{package}.msg"), name)
     except (ImportError, AttributeError) as exc:
-        raise ReplayError(f"unsupported message type {msgtype}: no Python message class for it here ({exc}); "
-                          f"install its interface package, or leave its topic out with --topic") from None
+        raise ReplayError(
+            f"unsupported message type {msgtype}: no Python message class for it here ({exc}); "
+            f"install its interface package, or leave its topic out with --topic"
+        ) from None
 
 
 def open_bag(path: Path):
@@ -59,8 +62,9 @@ def open_bag(path: Path):
     try:
         from rosbags.highlevel import AnyReader
     except ImportError:
-        raise ReplayError("the rosbags package is not installed: pip install rosbags "
-                          "(or pip install -e .[ros])") from None
+        raise ReplayError(
+            "the rosbags package is not installed: pip install rosbags (or pip install -e .[ros])"
+        ) from None
     if not path.exists():
         raise ReplayError(f"no bag at {path}")
     if path.suffix == ".bag":
@@ -85,8 +89,12 @@ def select_tracks(reader, topics: list[str] | None) -> tuple[list[Track], list[s
         by_topic.setdefault(connection.topic, []).append(connection)
 
     def describe() -> str:
-        return ", ".join(f"{t} ({cs[0].msgtype}, {sum(c.msgcount for c in cs)} messages)"
-                         for t, cs in sorted(by_topic.items())) or "no topics"
+        return (
+            ", ".join(
+                f"{t} ({cs[0].msgtype}, {sum(c.msgcount for c in cs)} messages)" for t, cs in sorted(by_topic.items())
+            )
+            or "no topics"
+        )
 
     if topics:
         unknown = [t for t in topics if t not in by_topic]
@@ -115,20 +123,34 @@ def select_tracks(reader, topics: list[str] | None) -> tuple[list[Track], list[s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                     epilog="Remap topics with --ros-args -r /recorded:=/wanted.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.splitlines()[0], epilog="Remap topics with --ros-args -r /recorded:=/wanted."
+    )
     parser.add_argument("bag", type=Path, help="rosbag2 directory or .mcap file")
-    parser.add_argument("--topic", action="append", dest="topics", metavar="TOPIC",
-                        help="topic to replay (repeatable); default: every topic of an installed message type")
+    parser.add_argument(
+        "--topic",
+        action="append",
+        dest="topics",
+        metavar="TOPIC",
+        help="topic to replay (repeatable); default: every topic of an installed message type",
+    )
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed, 1.0 = as recorded (default)")
-    parser.add_argument("--clock-hz", type=float, default=40.0,
-                        help="/clock messages per second between the bag's messages (default 40; 0: only with "
-                             "each message)")
+    parser.add_argument(
+        "--clock-hz",
+        type=float,
+        default=40.0,
+        help="/clock messages per second between the bag's messages (default 40; 0: only with each message)",
+    )
     parser.add_argument("--no-clock", action="store_true", help="do not publish /clock")
     parser.add_argument("--loop", action="store_true", help="start over at the end (the clock jumps back)")
-    parser.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SECONDS",
-                        help="before playing, wait up to this long until every replayed topic has a subscriber "
-                             "(default 0: play at once; frames sent before discovery completes are lost)")
+    parser.add_argument(
+        "--wait-for-subscribers",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before playing, wait up to this long until every replayed topic has a subscriber "
+        "(default 0: play at once; frames sent before discovery completes are lost)",
+    )
     return parser
 
 
@@ -184,10 +206,14 @@ def _replay(reader, tracks: list[Track], warnings: list[str], args, argv: list[s
         if args.wait_for_subscribers > 0:
             _wait_for_subscribers(node, list(dict.fromkeys(publishers.values())), args.wait_for_subscribers)
         duration_s = reader.duration / 1e9
-        log.info(f"replaying {sum(t.count for t in tracks)} messages over {duration_s:.2f} s from {args.bag} "
-                 f"at rate {args.rate:g}: " + ", ".join(f"{p.topic_name} ({t.msgtype})" for t, p in
-                                                      ((t, publishers[t.connections[0].id]) for t in tracks))
-                 + ("" if clock_pub is None else f"; /clock at {args.clock_hz:g} Hz"))
+        log.info(
+            f"replaying {sum(t.count for t in tracks)} messages over {duration_s:.2f} s from {args.bag} "
+            f"at rate {args.rate:g}: "
+            + ", ".join(
+                f"{p.topic_name} ({t.msgtype})" for t, p in ((t, publishers[t.connections[0].id]) for t in tracks)
+            )
+            + ("" if clock_pub is None else f"; /clock at {args.clock_hz:g} Hz")
+        )
         started = time.monotonic()
         while True:
             played += _play_once(reader, connections, publishers, clock_pub, args.rate, args.clock_hz)

@@ -3,6 +3,7 @@ or holds still on one scene of the proxy task (``--proxy-scene``: what the built
 
     python -m ptp_ros.ros.camera_replay --rate 10 --ros-args -r image:=/camera/image_raw
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def bundled_frames() -> list[np.ndarray]:
     for shift in (0.0, 0.05, 0.1):  # zoomed 1.25x, panning right
         crop_w, crop_h = int(width / 1.25), int(height / 1.25)
         x0, y0 = int(shift * width), (height - crop_h) // 2
-        pans.append(cv2.resize(scene[y0:y0 + crop_h, x0:x0 + crop_w], (width, height), interpolation=cv2.INTER_LINEAR))
+        pans.append(
+            cv2.resize(scene[y0 : y0 + crop_h, x0 : x0 + crop_w], (width, height), interpolation=cv2.INTER_LINEAR)
+        )
     return [scene, *pans, np.ascontiguousarray(scene[:, ::-1])]
 
 
@@ -65,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         count += 1
 
     node.create_timer(1.0 / args.rate, tick)
-    node.get_logger().info(f"replaying {len(messages)} frames of {messages[0].width}x{messages[0].height} "
-                           f"at {args.rate:g} Hz on {publisher.topic_name}")
+    node.get_logger().info(
+        f"replaying {len(messages)} frames of {messages[0].width}x{messages[0].height} "
+        f"at {args.rate:g} Hz on {publisher.topic_name}"
+    )
     try:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):

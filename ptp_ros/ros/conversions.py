@@ -6,6 +6,7 @@ is installed; otherwise a small numpy decoder does, honouring ``step`` row paddi
 model sees the same image on a robot and in CI.  Outgoing images are built with ``bytes`` data:
 assigning a numpy array to ``msg.data`` copies element by element (~0.7 s for one 1080p frame).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,12 +21,22 @@ from std_msgs.msg import Header
 
 # encoding → (numpy dtype of one channel, channels)
 ENCODINGS: dict[str, tuple[str, int]] = {
-    "rgb8": ("u1", 3), "bgr8": ("u1", 3), "rgba8": ("u1", 4), "bgra8": ("u1", 4),
-    "mono8": ("u1", 1), "8UC1": ("u1", 1), "8UC3": ("u1", 3),
-    "mono16": ("u2", 1), "16UC1": ("u2", 1),
+    "rgb8": ("u1", 3),
+    "bgr8": ("u1", 3),
+    "rgba8": ("u1", 4),
+    "bgra8": ("u1", 4),
+    "mono8": ("u1", 1),
+    "8UC1": ("u1", 1),
+    "8UC3": ("u1", 3),
+    "mono16": ("u2", 1),
+    "16UC1": ("u2", 1),
 }
-_TO_RGB = {"bgr8": cv2.COLOR_BGR2RGB, "8UC3": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB,
-           "bgra8": cv2.COLOR_BGRA2RGB}
+_TO_RGB = {
+    "bgr8": cv2.COLOR_BGR2RGB,
+    "8UC3": cv2.COLOR_BGR2RGB,
+    "rgba8": cv2.COLOR_RGBA2RGB,
+    "bgra8": cv2.COLOR_BGRA2RGB,
+}
 
 
 class ImageConversionError(ValueError):
@@ -51,8 +62,9 @@ def check_size(width: int, height: int, max_pixels: int | None) -> None:
     if width <= 0 or height <= 0:
         raise ImageConversionError(f"empty image ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageConversionError(f"image of {width}x{height} px ({width * height} px) exceeds max_input_pixels "
-                                   f"{max_pixels}")
+        raise ImageConversionError(
+            f"image of {width}x{height} px ({width * height} px) exceeds max_input_pixels {max_pixels}"
+        )
 
 
 def check_image(msg: Image, max_pixels: int | None = None) -> None:
@@ -63,10 +75,13 @@ def check_image(msg: Image, max_pixels: int | None = None) -> None:
     base, channels = ENCODINGS[msg.encoding]
     row = msg.width * channels * np.dtype(base).itemsize
     if msg.step < row:
-        raise ImageConversionError(f"step {msg.step} is smaller than a {msg.encoding} row of {msg.width} px ({row} bytes)")
+        raise ImageConversionError(
+            f"step {msg.step} is smaller than a {msg.encoding} row of {msg.width} px ({row} bytes)"
+        )
     if len(msg.data) < msg.step * msg.height:
-        raise ImageConversionError(f"data has {len(msg.data)} bytes; step {msg.step} x height {msg.height} "
-                                   f"needs {msg.step * msg.height}")
+        raise ImageConversionError(
+            f"data has {len(msg.data)} bytes; step {msg.step} x height {msg.height} needs {msg.step * msg.height}"
+        )
 
 
 def imgmsg_to_array(msg: Image, max_pixels: int | None = None) -> np.ndarray:
@@ -124,7 +139,9 @@ def compressed_size(data: bytes) -> tuple[int, int]:
     except PILImage.UnidentifiedImageError:
         raise ImageConversionError(f"cannot decode {len(data)} bytes: not a JPEG or PNG image") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a broken header; all mean "unusable"
-        raise ImageConversionError(f"cannot decode {len(data)} bytes: broken header ({type(exc).__name__}: {exc})") from None
+        raise ImageConversionError(
+            f"cannot decode {len(data)} bytes: broken header ({type(exc).__name__}: {exc})"
+        ) from None
     if kind not in COMPRESSED_FORMATS:
         raise ImageConversionError(f"compressed image is {kind}; supported: {', '.join(COMPRESSED_FORMATS)}")
     return size
@@ -136,7 +153,9 @@ def check_compressed(msg: CompressedImage, max_pixels: int | None = None) -> Non
     if len(msg.data) == 0:
         raise ImageConversionError("compressed image has no data")
     if "compresseddepth" in msg.format.lower().replace(" ", ""):
-        raise ImageConversionError(f"format {msg.format[:64]!r} (compressedDepth) is not supported; send a colour image")
+        raise ImageConversionError(
+            f"format {msg.format[:64]!r} (compressedDepth) is not supported; send a colour image"
+        )
     check_size(*compressed_size(bytes(msg.data)), max_pixels)
 
 
@@ -153,9 +172,13 @@ def compressed_to_rgb(msg: CompressedImage, max_pixels: int | None = None) -> np
     channels = 1 if decoded.ndim == 2 else decoded.shape[2]
     if decoded.dtype == np.uint16 and channels == 1:
         return to_rgb8(decoded, "mono16")
-    encoding = {(np.uint8, 1): "mono8", (np.uint8, 3): "bgr8", (np.uint8, 4): "bgra8"}.get((decoded.dtype.type, channels))
+    encoding = {(np.uint8, 1): "mono8", (np.uint8, 3): "bgr8", (np.uint8, 4): "bgra8"}.get(
+        (decoded.dtype.type, channels)
+    )
     if encoding is None:
-        raise ImageConversionError(f"decoded image is {decoded.dtype} with {channels} channels; expected 8-bit grey/colour")
+        raise ImageConversionError(
+            f"decoded image is {decoded.dtype} with {channels} channels; expected 8-bit grey/colour"
+        )
     return to_rgb8(decoded, encoding)
 
 

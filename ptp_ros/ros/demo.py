@@ -10,6 +10,7 @@ whose questions only a real LVLM answers).  DDS stays on this machine
 (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) and large frames go through shared memory
 (config/fastdds_shm.xml), unless the environment already says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,11 @@ PACKAGE = "ptp_ros"
 
 def config_file(name: str) -> Path:
     """A file of config/: from the source tree (editable install), else from the installed share folder."""
-    candidates = [Path(__file__).resolve().parents[2] / "config" / name,
-                  Path(sysconfig.get_path("data")) / "share" / PACKAGE / "config" / name,
-                  Path(sys.prefix) / "share" / PACKAGE / "config" / name]
+    candidates = [
+        Path(__file__).resolve().parents[2] / "config" / name,
+        Path(sysconfig.get_path("data")) / "share" / PACKAGE / "config" / name,
+        Path(sys.prefix) / "share" / PACKAGE / "config" / name,
+    ]
     for path in candidates:
         if path.is_file():
             return path
@@ -81,11 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=10.0, help="camera frames per second")
     parser.add_argument("--model-path", default="", help="checkpoint directory (default: the built-in model)")
     parser.add_argument("--latency-budget-ms", type=float, default=3000.0)
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="default: 1 with the proxy scene (the proxy answers in one word), else 8")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: 1 with the proxy scene (the proxy answers in one word), else 8",
+    )
     parser.add_argument("--agent-log", type=Path, default=None, help="write the agent's log here (default: stderr)")
-    parser.add_argument("--scene", choices=("auto", "proxy", "sample"), default="auto",
-                        help="auto: a proxy-task scene for the built-in proxy model, the sample clip otherwise")
+    parser.add_argument(
+        "--scene",
+        choices=("auto", "proxy", "sample"),
+        default="auto",
+        help="auto: a proxy-task scene for the built-in proxy model, the sample clip otherwise",
+    )
     parser.add_argument("--proxy-scene", type=int, default=0, help="which proxy test scene")
     args = parser.parse_args(argv)
     proxy = args.scene == "proxy" or (args.scene == "auto" and not args.model_path and built_in_is_proxy())
@@ -95,18 +106,44 @@ def main(argv: list[str] | None = None) -> int:
     env = demo_environment()
     print(f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}; saliency images go to {args.out}/", flush=True)
     python = sys.executable
-    agent_cmd = [python, "-m", "ptp_ros.ros.node", "--ros-args", "--params-file", str(config_file("agent.yaml")),
-                 "-p", f"latency_budget_ms:={args.latency_budget_ms}", "-p", f"max_new_tokens:={max_new_tokens}"]
+    agent_cmd = [
+        python,
+        "-m",
+        "ptp_ros.ros.node",
+        "--ros-args",
+        "--params-file",
+        str(config_file("agent.yaml")),
+        "-p",
+        f"latency_budget_ms:={args.latency_budget_ms}",
+        "-p",
+        f"max_new_tokens:={max_new_tokens}",
+    ]
     if args.model_path:
         agent_cmd += ["-p", f"model_path:={args.model_path}"]
     agent_out = open(args.agent_log, "wb") if args.agent_log else None
     started = time.monotonic()
-    processes = [subprocess.Popen(agent_cmd, env=env, stdout=agent_out, stderr=subprocess.STDOUT if agent_out else None)]
+    processes = [
+        subprocess.Popen(agent_cmd, env=env, stdout=agent_out, stderr=subprocess.STDOUT if agent_out else None)
+    ]
     try:
-        processes.append(subprocess.Popen([python, "-m", "ptp_ros.ros.camera_replay", "--rate", str(args.rate),
-                                           *scene_args], env=env))
-        planner = subprocess.Popen([python, "-m", "ptp_ros.ros.planner", "--out", str(args.out),
-                                    "--questions", str(args.questions), *scene_args], env=env)
+        processes.append(
+            subprocess.Popen(
+                [python, "-m", "ptp_ros.ros.camera_replay", "--rate", str(args.rate), *scene_args], env=env
+            )
+        )
+        planner = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "ptp_ros.ros.planner",
+                "--out",
+                str(args.out),
+                "--questions",
+                str(args.questions),
+                *scene_args,
+            ],
+            env=env,
+        )
         processes.append(planner)
         while planner.poll() is None:
             crashed = [p for p in processes[:2] if p.poll() is not None]

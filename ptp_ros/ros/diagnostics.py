@@ -1,5 +1,6 @@
 """The ``/diagnostics`` status an operator reads: is the model up, is the worker alive, is the camera
 publishing, is the budget met, what went wrong."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ def agent_status(name: str, health: Health, settings: Settings, counters: Counte
     elif health.model_state != "serving":
         level, message = DiagnosticStatus.WARN, f"not serving: model {health.model_state}"
     elif silence is None or silence > camera_timeout_s:
-        level, message = DiagnosticStatus.WARN, ("no camera frame received yet" if silence is None else
-                                                 f"no camera frame for {silence:.1f} s")
+        level, message = (
+            DiagnosticStatus.WARN,
+            ("no camera frame received yet" if silence is None else f"no camera frame for {silence:.1f} s"),
+        )
     elif health.overload_age_s is not None and health.overload_age_s < OVERLOAD_WARN_S:
         level, message = DiagnosticStatus.WARN, "overloaded: requests refused (busy) or expired in the queue"
     elif p95 is not None and p95 > budget:
@@ -55,16 +58,33 @@ def agent_status(name: str, health: Health, settings: Settings, counters: Counte
         level, message = DiagnosticStatus.OK, "serving"
     results = counters.results
     values = {
-        "model_state": health.model_state, "device": health.device, "mode": settings.mode, "busy": health.busy,
-        "latency_budget_ms": budget, "last_latency_ms": counters.last_latency_ms, "p95_latency_ms": p95,
-        "p95_queue_ms": counters.p95_queue_ms(), "keep_ratio": counters.last_keep_ratio,
-        "frames_received": counters.frames_received, "frames_dropped": counters.frames_dropped,
-        "frames_invalid": counters.frames_invalid, "frames_bad_stamp": counters.frames_bad_stamp,
-        "last_frame_age_s": silence, "requests_received": counters.received, "requests_served": results["ok"],
-        "requests_rejected": counters.refused(), "requests_failed": counters.failed(),
+        "model_state": health.model_state,
+        "device": health.device,
+        "mode": settings.mode,
+        "busy": health.busy,
+        "latency_budget_ms": budget,
+        "last_latency_ms": counters.last_latency_ms,
+        "p95_latency_ms": p95,
+        "p95_queue_ms": counters.p95_queue_ms(),
+        "keep_ratio": counters.last_keep_ratio,
+        "frames_received": counters.frames_received,
+        "frames_dropped": counters.frames_dropped,
+        "frames_invalid": counters.frames_invalid,
+        "frames_bad_stamp": counters.frames_bad_stamp,
+        "last_frame_age_s": silence,
+        "requests_received": counters.received,
+        "requests_served": results["ok"],
+        "requests_rejected": counters.refused(),
+        "requests_failed": counters.failed(),
         **{f"requests_{status}": results[status] for status in ("busy", "expired", "stale", "cancelled")},
-        "internal_errors": counters.internal_errors, "queue_depth": health.queue_depth,
+        "internal_errors": counters.internal_errors,
+        "queue_depth": health.queue_depth,
         "last_error": counters.last_error,
     }
-    return DiagnosticStatus(level=level, name=name, message=message, hardware_id=health.device,
-                            values=[KeyValue(key=k, value=_fmt(v)) for k, v in values.items()])
+    return DiagnosticStatus(
+        level=level,
+        name=name,
+        message=message,
+        hardware_id=health.device,
+        values=[KeyValue(key=k, value=_fmt(v)) for k, v in values.items()],
+    )

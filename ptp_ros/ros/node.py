@@ -6,6 +6,7 @@ the inference thread, deactivate stops both, cleanup frees the model.  With ``au
 config/agent.yaml`` works without a lifecycle manager; ``-p autostart:=false`` leaves it to one.
 See docs/ros.md for the interface.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -86,12 +87,14 @@ class AgentNode(LifecycleNode):
         self._result_pub = self.create_publisher(String, "result", reliable(depth))
         self._saliency_pub = self.create_publisher(Image, "saliency", QoSProfile(depth=2))
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
-        self.create_subscription(String, "instruction", self._on_instruction, reliable(depth),
-                                 callback_group=self._io_group)
+        self.create_subscription(
+            String, "instruction", self._on_instruction, reliable(depth), callback_group=self._io_group
+        )
         self.steady_clock = Clock(clock_type=ClockType.STEADY_TIME)
         # wall-clock timers: under use_sim_time a ROS-time timer would stay silent until a bag publishes /clock
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup(),
-                          clock=self.steady_clock)
+        self.create_timer(
+            1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup(), clock=self.steady_clock
+        )
         self.ask = ask_action.serve(self)  # the typed Ask action, when ptp_ros_interfaces is importable
 
     # -- parameters -------------------------------------------------------------------------------
@@ -126,14 +129,25 @@ class AgentNode(LifecycleNode):
             adapter = self.load_model()
             self.device = str(adapter.device)
             self.worker = RequestWorker(
-                adapter, self.settings, queue_size=param("queue_size").value, emit=self._publish_result,
-                emit_saliency=self._publish_saliency, now_ns=lambda: self.get_clock().now().nanoseconds,
-                counters=self.counters, max_instruction_chars=param("max_instruction_chars").value)
+                adapter,
+                self.settings,
+                queue_size=param("queue_size").value,
+                emit=self._publish_result,
+                emit_saliency=self._publish_saliency,
+                now_ns=lambda: self.get_clock().now().nanoseconds,
+                counters=self.counters,
+                max_instruction_chars=param("max_instruction_chars").value,
+            )
             self.model_state = "calibrating"
             image = self._calibration_image(param("calibration_image").value)
             started = time.monotonic()
-            runs = calibrate(self.worker, image, list(param("calibration_keep_ratios").value),
-                             self.settings.max_new_tokens, cancel=self._configure_cancel)
+            runs = calibrate(
+                self.worker,
+                image,
+                list(param("calibration_keep_ratios").value),
+                self.settings.max_new_tokens,
+                cancel=self._configure_cancel,
+            )
             self.get_logger().info(f"calibrated in {time.monotonic() - started:.1f} s on {self.device}: {runs}")
         except Exception as exc:  # noqa: BLE001 - any load fault (corrupt file, wrong architecture) is named
             cause = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
@@ -170,11 +184,13 @@ class AgentNode(LifecycleNode):
             # image_transport's naming: <the resolved image topic>/compressed, so `-r image:=/cam/raw` alone
             # subscribes to /cam/raw/compressed
             topic = self.resolve_topic_name("image") + "/compressed"
-            self._image_sub = self.create_subscription(CompressedImage, topic, self._on_compressed,
-                                                       qos_profile_sensor_data, callback_group=self._io_group)
+            self._image_sub = self.create_subscription(
+                CompressedImage, topic, self._on_compressed, qos_profile_sensor_data, callback_group=self._io_group
+            )
         else:
-            self._image_sub = self.create_subscription(Image, "image", self._on_image, qos_profile_sensor_data,
-                                                       callback_group=self._io_group)
+            self._image_sub = self.create_subscription(
+                Image, "image", self._on_image, qos_profile_sensor_data, callback_group=self._io_group
+            )
         self.worker.start()
         self.model_state = "serving"
         self.get_logger().info(f"serving: images on {self._image_sub.topic_name}, conversion by {conversions.BACKEND}")
@@ -233,10 +249,17 @@ class AgentNode(LifecycleNode):
             self.counters.error(f"invalid image: {error}")
             self.get_logger().warning(f"invalid image: {loggable(error)}", throttle_duration_sec=LOG_THROTTLE_S)
         stamp = msg.header.stamp
-        worker.put_frame(Frame(stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
-                               stamp={"sec": stamp.sec, "nanosec": stamp.nanosec}, frame_id=msg.header.frame_id,
-                               header=msg.header, decode=lambda: decode(msg, self._max_pixels), error=error,
-                               arrived=arrived))
+        worker.put_frame(
+            Frame(
+                stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
+                stamp={"sec": stamp.sec, "nanosec": stamp.nanosec},
+                frame_id=msg.header.frame_id,
+                header=msg.header,
+                decode=lambda: decode(msg, self._max_pixels),
+                error=error,
+                arrived=arrived,
+            )
+        )
 
     def _on_instruction(self, msg: String) -> None:
         """Exactly one result for every message: a queued request's comes later, any other now."""
@@ -294,8 +317,10 @@ class AgentNode(LifecycleNode):
         if answer is not None:
             self._answer_pub.publish(String(data=answer))
         elif result.get("status") != "busy":
-            self.get_logger().warning(f"request {loggable(str(result['id']), 80)}: {loggable(result['error'])}",
-                                      throttle_duration_sec=LOG_THROTTLE_S)
+            self.get_logger().warning(
+                f"request {loggable(str(result['id']), 80)}: {loggable(result['error'])}",
+                throttle_duration_sec=LOG_THROTTLE_S,
+            )
         self._result_pub.publish(String(data=json.dumps(result)))
 
     def _publish_saliency(self, bgr, header) -> None:
@@ -307,10 +332,16 @@ class AgentNode(LifecycleNode):
         if problem:
             self.get_logger().error(f"watchdog: {problem}", throttle_duration_sec=LOG_THROTTLE_S)
         last_frame, last_overload = counters.last_frame_arrival, counters.last_overload
-        health = Health(model_state=self.model_state, configure_error=self.configure_error, device=self.device,
-                        queue_depth=worker.queue_depth if worker else 0, busy=bool(worker and worker.busy),
-                        worker_problem=problem, frame_silence_s=None if last_frame is None else now - last_frame,
-                        overload_age_s=None if last_overload is None else now - last_overload)
+        health = Health(
+            model_state=self.model_state,
+            configure_error=self.configure_error,
+            device=self.device,
+            queue_depth=worker.queue_depth if worker else 0,
+            busy=bool(worker and worker.busy),
+            worker_problem=problem,
+            frame_silence_s=None if last_frame is None else now - last_frame,
+            overload_age_s=None if last_overload is None else now - last_overload,
+        )
         status = agent_status(f"{self.get_fully_qualified_name()}: ptp agent", health, self.settings, counters)
         self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
@@ -367,8 +398,9 @@ def spin_until(executor, node: AgentNode, stop: threading.Event) -> None:
         except Exception as exc:  # noqa: BLE001
             node.counters.add(internal_errors=1)
             node.counters.error(f"callback failed: {type(exc).__name__}: {exc}")
-            node.get_logger().error(f"callback failed: {loggable(f'{type(exc).__name__}: {exc}')}",
-                                    throttle_duration_sec=LOG_THROTTLE_S)
+            node.get_logger().error(
+                f"callback failed: {loggable(f'{type(exc).__name__}: {exc}')}", throttle_duration_sec=LOG_THROTTLE_S
+            )
 
 
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc mallopt parameters
@@ -404,8 +436,9 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
         node.bring_up()
 
     if node.get_parameter("autostart").value:
-        startup = node.create_timer(0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup(),
-                                    clock=node.steady_clock)
+        startup = node.create_timer(
+            0.0, start_once, callback_group=MutuallyExclusiveCallbackGroup(), clock=node.steady_clock
+        )
     try:
         spin_until(executor, node, stop.event)
         why = stop.name or "rclpy shutdown"

@@ -1,4 +1,5 @@
 """Every parameter of the agent node, declared from one table (config/agent.yaml documents the same list)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -24,8 +25,9 @@ class Param:
         if self.range is not None and isinstance(self.default, int) and not isinstance(self.default, bool):
             d.integer_range = [IntegerRange(from_value=int(self.range[0]), to_value=int(self.range[1]), step=1)]
         elif self.range is not None:
-            d.floating_point_range = [FloatingPointRange(from_value=float(self.range[0]), to_value=float(self.range[1]),
-                                                         step=0.0)]
+            d.floating_point_range = [
+                FloatingPointRange(from_value=float(self.range[0]), to_value=float(self.range[1]), step=0.0)
+            ]
         if self.choices:
             d.additional_constraints = f"one of: {', '.join(self.choices)}"
         return d
@@ -35,50 +37,118 @@ _DEFAULT = Settings()
 
 PARAMS: tuple[Param, ...] = (
     # read-only: fixed for the life of the node (model, device, wiring)
-    Param("model_path", "", "Checkpoint directory or a repo id already in the local Hugging Face cache; "
-          "empty = the built-in default model. Transformers-format checkpoints only: code shipped with a "
-          "checkpoint never runs", read_only=True),
+    Param(
+        "model_path",
+        "",
+        "Checkpoint directory or a repo id already in the local Hugging Face cache; "
+        "empty = the built-in default model. Transformers-format checkpoints only: code shipped with a "
+        "checkpoint never runs",
+        read_only=True,
+    ),
     Param("device", "auto", "auto, cpu, cuda or cuda:N", read_only=True),
-    Param("dtype", "auto", "auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16 or bfloat16", read_only=True,
-          choices=("auto", "float32", "float16", "bfloat16")),
-    Param("autostart", True, "Walk to active by itself at start; false: wait for a lifecycle manager",
-          read_only=True),
-    Param("image_transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: CompressedImage on "
-          "'image/compressed'", read_only=True, choices=("raw", "compressed")),
-    Param("queue_size", 4, "Requests that may wait while one runs; more get an immediate 'busy' result",
-          read_only=True, range=(1, 64)),
-    Param("instruction_history_depth", 1000, "Instruction messages DDS may hold for the node (reliable, keep "
-          "last); a burst larger than this can be lost below the node. Also the depth of 'result'",
-          read_only=True, range=(10, 100_000)),
-    Param("max_input_pixels", 16_777_216, "Largest camera frame accepted (width x height), checked from the "
-          "header before decoding; larger frames get an error result", read_only=True, range=(1, 1 << 31)),
-    Param("watchdog_timeout_s", 120.0, "One request running longer than this turns /diagnostics to ERROR",
-          read_only=True, range=(1.0, 86_400.0)),
+    Param(
+        "dtype",
+        "auto",
+        "auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16 or bfloat16",
+        read_only=True,
+        choices=("auto", "float32", "float16", "bfloat16"),
+    ),
+    Param("autostart", True, "Walk to active by itself at start; false: wait for a lifecycle manager", read_only=True),
+    Param(
+        "image_transport",
+        "raw",
+        "raw: sensor_msgs/Image on 'image'; compressed: CompressedImage on 'image/compressed'",
+        read_only=True,
+        choices=("raw", "compressed"),
+    ),
+    Param(
+        "queue_size",
+        4,
+        "Requests that may wait while one runs; more get an immediate 'busy' result",
+        read_only=True,
+        range=(1, 64),
+    ),
+    Param(
+        "instruction_history_depth",
+        1000,
+        "Instruction messages DDS may hold for the node (reliable, keep "
+        "last); a burst larger than this can be lost below the node. Also the depth of 'result'",
+        read_only=True,
+        range=(10, 100_000),
+    ),
+    Param(
+        "max_input_pixels",
+        16_777_216,
+        "Largest camera frame accepted (width x height), checked from the "
+        "header before decoding; larger frames get an error result",
+        read_only=True,
+        range=(1, 1 << 31),
+    ),
+    Param(
+        "watchdog_timeout_s",
+        120.0,
+        "One request running longer than this turns /diagnostics to ERROR",
+        read_only=True,
+        range=(1.0, 86_400.0),
+    ),
     Param("max_instruction_chars", 2000, "Longest instruction text accepted", read_only=True, range=(1, 100_000)),
-    Param("calibration_keep_ratios", [0.05, 0.25, 1.0], "Keep ratios run at configure time to fit the latency "
-          "model (one warm-up run first)", read_only=True),
-    Param("calibration_image", "", "Image used for calibration; empty = the bundled 1920x1080 sample scene",
-          read_only=True),
+    Param(
+        "calibration_keep_ratios",
+        [0.05, 0.25, 1.0],
+        "Keep ratios run at configure time to fit the latency model (one warm-up run first)",
+        read_only=True,
+    ),
+    Param(
+        "calibration_image",
+        "",
+        "Image used for calibration; empty = the bundled 1920x1080 sample scene",
+        read_only=True,
+    ),
     # runtime-settable: validated, a bad value is rejected with a reason and the old one kept
     # (their defaults are Settings' own; a keep ratio must be in (0, 1]: the descriptor's inclusive range admits
     # 0, which Settings.problems refuses with the library's check)
-    Param("mode", _DEFAULT.mode, "budget: largest keep ratio predicted to fit latency_budget_ms; fixed: keep_ratio",
-          choices=MODES),
-    Param("latency_budget_ms", _DEFAULT.latency_budget_ms, "Time allowed from instruction to answer (ms)",
-          range=(1.0, 3_600_000.0)),
-    Param("keep_ratio", _DEFAULT.keep_ratio, "Fraction of visual tokens kept in fixed mode, in (0, 1]",
-          range=(0.0, 1.0)),
-    Param("keep_ratio_min", _DEFAULT.keep_ratio_min, "Lowest keep ratio budget mode may choose, in (0, 1]",
-          range=(0.0, 1.0)),
-    Param("keep_ratio_max", _DEFAULT.keep_ratio_max, "Highest keep ratio budget mode may choose, in (0, 1]",
-          range=(0.0, 1.0)),
+    Param(
+        "mode",
+        _DEFAULT.mode,
+        "budget: largest keep ratio predicted to fit latency_budget_ms; fixed: keep_ratio",
+        choices=MODES,
+    ),
+    Param(
+        "latency_budget_ms",
+        _DEFAULT.latency_budget_ms,
+        "Time allowed from instruction to answer (ms)",
+        range=(1.0, 3_600_000.0),
+    ),
+    Param(
+        "keep_ratio", _DEFAULT.keep_ratio, "Fraction of visual tokens kept in fixed mode, in (0, 1]", range=(0.0, 1.0)
+    ),
+    Param(
+        "keep_ratio_min",
+        _DEFAULT.keep_ratio_min,
+        "Lowest keep ratio budget mode may choose, in (0, 1]",
+        range=(0.0, 1.0),
+    ),
+    Param(
+        "keep_ratio_max",
+        _DEFAULT.keep_ratio_max,
+        "Highest keep ratio budget mode may choose, in (0, 1]",
+        range=(0.0, 1.0),
+    ),
     Param("alpha", _DEFAULT.alpha, "Weight of instruction relevance in PTP's fused token score", range=(0.0, 1.0)),
     Param("max_new_tokens", _DEFAULT.max_new_tokens, "Longest answer in tokens", range=(1, MAX_NEW_TOKENS_LIMIT)),
     Param("publish_saliency", _DEFAULT.publish_saliency, "Publish the saliency image for every answer"),
-    Param("saliency_max_side", _DEFAULT.saliency_max_side, "Longer side of the published saliency image in pixels (smaller frames "
-          "keep their size)", range=(64, 16_384)),
-    Param("max_frame_age_ms", _DEFAULT.max_frame_age_ms, "Frames older than this get a 'stale' result instead of an answer; "
-          "0 = never stale", range=(0.0, 3_600_000.0)),
+    Param(
+        "saliency_max_side",
+        _DEFAULT.saliency_max_side,
+        "Longer side of the published saliency image in pixels (smaller frames keep their size)",
+        range=(64, 16_384),
+    ),
+    Param(
+        "max_frame_age_ms",
+        _DEFAULT.max_frame_age_ms,
+        "Frames older than this get a 'stale' result instead of an answer; 0 = never stale",
+        range=(0.0, 3_600_000.0),
+    ),
 )
 BY_NAME = {p.name: p for p in PARAMS}
 RUNTIME = tuple(f.name for f in fields(Settings))  # the runtime-settable ones, named as in Settings
@@ -88,8 +158,8 @@ RUNTIME = tuple(f.name for f in fields(Settings))  # the runtime-settable ones, 
 #: (a "/**" params file may hold other nodes' parameters, so an unknown name is not an error).
 REMOVED: dict[str, str] = {
     "trust_remote_code": "code shipped with a checkpoint never runs, whatever it says; a remote-code checkpoint "
-                         "(e.g. model_type internvl_chat) is refused with the transformers-format one to use instead "
-                         "(docs/models.md)",
+    "(e.g. model_type internvl_chat) is refused with the transformers-format one to use instead "
+    "(docs/models.md)",
 }
 
 
@@ -107,5 +177,8 @@ def removed_parameter_warnings(node) -> list[str]:
     Reads rclpy's ``Node._parameter_overrides``, the only place that holds overrides nobody declared (no public
     accessor exists); a node without it gets no warnings."""
     overrides = getattr(node, "_parameter_overrides", None) or {}
-    return [f"parameter {name!r} is no longer used and is ignored: {why}"
-            for name, why in REMOVED.items() if name in overrides]
+    return [
+        f"parameter {name!r} is no longer used and is ignored: {why}"
+        for name, why in REMOVED.items()
+        if name in overrides
+    ]

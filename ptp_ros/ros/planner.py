@@ -1,9 +1,11 @@
-"""A scripted planner: waits for the agent to serve and to hold a camera frame, asks its questions one at a time, prints each answer
-with its latency and keep ratio, and saves the saliency images it receives.  It asks over the agent's ``ask``
-action when ptp_ros_interfaces is importable and the agent serves it, else on the JSON ``instruction`` topic.
+"""A scripted planner: waits for the agent to serve and to hold a camera frame, asks its questions one at a
+time, prints each answer with its latency and keep ratio, and saves the saliency images it receives.  It asks
+over the agent's ``ask`` action when ptp_ros_interfaces is importable and the agent serves it, else on the JSON
+``instruction`` topic.
 
     python -m ptp_ros.ros.planner --out saliency/ --ros-args -r __ns:=/robot
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +43,10 @@ def proxy_questions(index: int) -> list[dict[str, Any]]:
 
     scene = make_scene(split_seed("test", index))
     options = [{k: v for k, v in q.items() if k != "text"} for q in QUESTIONS]
-    return [{"text": q.text, "expected": q.answer, **options[i % len(options)]}
-            for i, q in enumerate(make_questions(scene, per_type=1))]
+    return [
+        {"text": q.text, "expected": q.answer, **options[i % len(options)]}
+        for i, q in enumerate(make_questions(scene, per_type=1))
+    ]
 
 
 class Planner:
@@ -128,11 +132,13 @@ def describe(result: dict, saliency: Path | None, expected: str | None = None) -
         return f"[{result['id']}] {result.get('status')}: {result.get('error')}"
     latency = result["latency_ms"]["total"] / 1e3
     budget = result["latency_budget_ms"] / 1e3
-    line = (f"[{result['id']}] {latency:.2f} s (budget {budget:.1f} s, {'met' if result['budget_met'] else 'missed'}, "
-            f"{result['mode']}) keep {result['keep_ratio']:.1%} ({result['visual_tokens_kept']}/"
-            f"{result['visual_tokens_total']} tokens), frame age {result['frame_age_ms']:.0f} ms\n"
-            f"    Q: {result['instruction']}\n    A: {result['answer']!r}"
-            + (f" (expected {expected!r})" if expected else ""))
+    line = (
+        f"[{result['id']}] {latency:.2f} s (budget {budget:.1f} s, {'met' if result['budget_met'] else 'missed'}, "
+        f"{result['mode']}) keep {result['keep_ratio']:.1%} ({result['visual_tokens_kept']}/"
+        f"{result['visual_tokens_total']} tokens), frame age {result['frame_age_ms']:.0f} ms\n"
+        f"    Q: {result['instruction']}\n    A: {result['answer']!r}"
+        + (f" (expected {expected!r})" if expected else "")
+    )
     return line + (f"\n    saliency: {saliency}" if saliency else "")
 
 
@@ -141,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("ptp_demo_saliency"), help="folder for saliency images")
     parser.add_argument("--questions", type=int, default=len(QUESTIONS), help="how many of the scripted questions")
-    parser.add_argument("--proxy-scene", type=int, default=-1,
-                        help="ask the questions of this proxy test scene (the camera must show it)")
+    parser.add_argument(
+        "--proxy-scene",
+        type=int,
+        default=-1,
+        help="ask the questions of this proxy test scene (the camera must show it)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the agent to serve")
     parser.add_argument("--answer-timeout", type=float, default=300.0)
     args = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
@@ -156,15 +166,22 @@ def main(argv: list[str] | None = None) -> int:
     spinner.start()
     failures = 0
     try:
-        print(f"waiting for the agent (up to {args.startup_timeout:.0f} s: model load, calibration, first camera "
-              "frame)...", flush=True)
+        print(
+            f"waiting for the agent (up to {args.startup_timeout:.0f} s: model load, calibration, first camera "
+            "frame)...",
+            flush=True,
+        )
         if not planner.wait(lambda: planner.ready, args.startup_timeout):
             print("the agent never reported serving with a camera frame on /diagnostics", file=sys.stderr)
             return 2
         script = proxy_questions(args.proxy_scene) if args.proxy_scene >= 0 else QUESTIONS
-        print("asking over the ask action" if planner.use_action(10.0) else
-              "asking on the instruction topic (the ask action is not available)", flush=True)
-        for i, question in enumerate((script * args.questions)[:args.questions], 1):
+        print(
+            "asking over the ask action"
+            if planner.use_action(10.0)
+            else "asking on the instruction topic (the ask action is not available)",
+            flush=True,
+        )
+        for i, question in enumerate((script * args.questions)[: args.questions], 1):
             expected = question.get("expected")
             request = {"id": f"q{i}", **{k: v for k, v in question.items() if k != "expected"}}
             result = planner.ask(request, args.answer_timeout)
@@ -174,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             stamp = (result["stamp"]["sec"], result["stamp"]["nanosec"]) if "stamp" in result else None
             if result.get("status") == "ok":
-                planner.wait(lambda: stamp in planner.saliency_files, 10.0)
+                planner.wait(lambda stamp=stamp: stamp in planner.saliency_files, 10.0)
             else:
                 failures += 1
             print(describe(result, planner.saliency_files.get(stamp), expected), flush=True)
-        print(f"{args.questions - failures}/{args.questions} answered; {len(planner.saliency_files)} saliency "
-              f"image(s) in {args.out}/", flush=True)
+        print(
+            f"{args.questions - failures}/{args.questions} answered; {len(planner.saliency_files)} saliency "
+            f"image(s) in {args.out}/",
+            flush=True,
+        )
     except KeyboardInterrupt:
         return 130
     finally:

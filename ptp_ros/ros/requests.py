@@ -1,4 +1,5 @@
 """What a planner sends on ``instruction``: plain text, or a JSON object with per-request overrides."""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,11 @@ def _number(obj: dict, key: str, kind: type, lo: float, hi: float, lo_open: bool
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
         raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {loggable(repr(value))}")
     if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
         bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
@@ -92,8 +97,7 @@ def parse_request(data: str, default_id: str, max_chars: int) -> Request:
         raise RequestError(f"id must have 1 to {MAX_ID_CHARS} characters, got {len(request_id)}")
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
-        raise RequestError(f"unknown field(s) {loggable(', '.join(unknown))}; allowed: {', '.join(FIELDS)}",
-                           request_id)
+        raise RequestError(f"unknown field(s) {loggable(', '.join(unknown))}; allowed: {', '.join(FIELDS)}", request_id)
     try:
         text = obj.get("text")
         if not isinstance(text, str):
@@ -120,6 +124,7 @@ def _bounded_number(kind: type):
         if len(literal) > MAX_NUMBER_CHARS:
             raise RequestError(f"a number with {len(literal)} characters; the limit is {MAX_NUMBER_CHARS}")
         return kind(literal)
+
     return convert
 
 
@@ -131,8 +136,9 @@ def _load_object(text: str) -> dict:
     if (depth := _json_depth(text)) > MAX_JSON_DEPTH:
         raise RequestError(f"JSON nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
     try:
-        obj = json.loads(text, parse_int=_bounded_number(int), parse_float=_bounded_number(float),
-                         parse_constant=_refuse_constant)
+        obj = json.loads(
+            text, parse_int=_bounded_number(int), parse_float=_bounded_number(float), parse_constant=_refuse_constant
+        )
     except (json.JSONDecodeError, RecursionError) as exc:
         raise RequestError(f"instruction starts with '{{' but is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -7,14 +7,16 @@ keep ratio (fixed, or from the latency budget) and runs the pipeline.  Every req
 request could not start within its budget, ``stale``, ``expired``, ``cancelled`` or an error saying why.
 No exception escapes the thread: a failure becomes the result of the request it belongs to.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +80,9 @@ class Frame:
     used: bool = False
 
 
-def frame_freshness(frame: Frame, now_ns: int, now_monotonic: float, max_age_ms: float) -> tuple[dict, str | None, str | None]:
+def frame_freshness(
+    frame: Frame, now_ns: int, now_monotonic: float, max_age_ms: float
+) -> tuple[dict, str | None, str | None]:
     """(fields for the result, a warning about the stamp, why the frame is stale) for ``frame`` now.
 
     The age is the stamp's when the stamp is plausible.  A stamp that is unset, from the future or more
@@ -95,8 +99,10 @@ def frame_freshness(frame: Frame, now_ns: int, now_monotonic: float, max_age_ms:
     elif stamp_age > FAR_PAST_STAMP_MS:
         warning = f"the frame's stamp is {stamp_age / 3.6e6:.1f} h old: the camera's clock is not synchronised"
     age = arrival_age if warning else max(stamp_age, arrival_age)
-    fields = {"frame_age_ms": round(stamp_age, 3) if stamp_age is not None else None,
-              "frame_arrival_age_ms": round(arrival_age, 3)}
+    fields = {
+        "frame_age_ms": round(stamp_age, 3) if stamp_age is not None else None,
+        "frame_arrival_age_ms": round(arrival_age, 3),
+    }
     if warning:
         fields["stamp_warning"] = warning
     stale = None
@@ -184,9 +190,19 @@ EmitSaliency = Callable[[np.ndarray, Any], None]  # (BGR image, frame header)
 class RequestWorker:
     """Bounded request queue + one inference thread over a ``Pipeline``."""
 
-    def __init__(self, adapter, settings: Settings, *, queue_size: int, emit: Emit,
-                 emit_saliency: EmitSaliency, now_ns: Callable[[], int], counters: Counters,
-                 latency_model: LatencyModel | None = None, max_instruction_chars: int = 2000):
+    def __init__(
+        self,
+        adapter,
+        settings: Settings,
+        *,
+        queue_size: int,
+        emit: Emit,
+        emit_saliency: EmitSaliency,
+        now_ns: Callable[[], int],
+        counters: Counters,
+        latency_model: LatencyModel | None = None,
+        max_instruction_chars: int = 2000,
+    ):
         self.adapter = adapter
         self.settings = settings
         self.counters = counters
@@ -248,8 +264,10 @@ class RequestWorker:
         wait_ms = running_left + per_request * queued
         if wait_ms < budget_ms:
             return None
-        return (f"busy: overloaded, {ahead} request(s) ahead would take at least {wait_ms:.0f} ms, "
-                f"past this request's {budget_ms:.0f} ms latency budget")
+        return (
+            f"busy: overloaded, {ahead} request(s) ahead would take at least {wait_ms:.0f} ms, "
+            f"past this request's {budget_ms:.0f} ms latency budget"
+        )
 
     @staticmethod
     def _deadline_ms(request: Request, settings: Settings) -> float | None:
@@ -319,16 +337,23 @@ class RequestWorker:
                 self._serve(job)
             except Exception as exc:  # noqa: BLE001 - no request may end the thread; it gets an error result
                 self.counters.add(internal_errors=1)
-                self._fail({"id": job.request.id, "instruction": job.request.text},
-                           f"internal error: {type(exc).__name__}: {exc}", status="error")
+                self._fail(
+                    {"id": job.request.id, "instruction": job.request.text},
+                    f"internal error: {type(exc).__name__}: {exc}",
+                    status="error",
+                )
             finally:
                 self._job = self._running_since = None
 
     # -- one request ------------------------------------------------------------------------------
     def pipeline(self, alpha: float) -> Pipeline:
         if alpha not in self._pipelines:
-            self._pipelines = {alpha: Pipeline(self.adapter, PipelineConfig(
-                selector="ptp", ptp=PTPConfig(alpha=alpha), max_instruction_chars=self._max_chars))}
+            self._pipelines = {
+                alpha: Pipeline(
+                    self.adapter,
+                    PipelineConfig(selector="ptp", ptp=PTPConfig(alpha=alpha), max_instruction_chars=self._max_chars),
+                )
+            }
         return self._pipelines[alpha]
 
     def _take_frame(self) -> Frame | None:
@@ -349,8 +374,11 @@ class RequestWorker:
         deadline_ms = self._deadline_ms(request, settings)
         waited_ms = (started - job.received) * 1e3
         if deadline_ms is not None and waited_ms >= deadline_ms:
-            return self._fail(result, f"expired: waited {waited_ms:.0f} ms in the queue, past its "
-                                      f"{deadline_ms:.0f} ms latency budget", status="expired")
+            return self._fail(
+                result,
+                f"expired: waited {waited_ms:.0f} ms in the queue, past its {deadline_ms:.0f} ms latency budget",
+                status="expired",
+            )
         frame = self._take_frame()
         if frame is None:
             return self._fail(result, "no image received yet", status="error")
@@ -370,14 +398,16 @@ class RequestWorker:
         converted = time.monotonic()
 
         max_new_tokens = request.max_new_tokens or settings.max_new_tokens
-        mode, budget, choice = self._choose(request, settings, budget_ms, max_new_tokens,
-                                            spent_ms=(converted - job.received) * 1e3)
+        mode, budget, choice = self._choose(
+            request, settings, budget_ms, max_new_tokens, spent_ms=(converted - job.received) * 1e3
+        )
         result.update(mode=mode, latency_budget_ms=budget_ms, max_new_tokens=max_new_tokens)
         if choice is not None:
             result.update(predicted_ms=round(choice.predicted_ms, 3), budget_feasible=choice.feasible)
         try:
-            answer = self.pipeline(settings.alpha).answer(image, request.text, **budget,
-                                                          max_new_tokens=max_new_tokens, cancel=cancel)
+            answer = self.pipeline(settings.alpha).answer(
+                image, request.text, **budget, max_new_tokens=max_new_tokens, cancel=cancel
+            )
         except Cancelled as exc:
             return self._fail(result, f"cancelled: {self._cancelled_why()} ({exc})", status="cancelled")
         except InvalidRequest as exc:
@@ -394,8 +424,9 @@ class RequestWorker:
     def _cancelled_why(self) -> str:
         return self._cancel_reason if self._cancel.is_set() else CANCELLED_BY_CLIENT
 
-    def _choose(self, request: Request, settings: Settings, budget_ms: float, max_new_tokens: int,
-                spent_ms: float) -> tuple[str, dict, BudgetChoice | None]:
+    def _choose(
+        self, request: Request, settings: Settings, budget_ms: float, max_new_tokens: int, spent_ms: float
+    ) -> tuple[str, dict, BudgetChoice | None]:
         """(mode used, the budget as ``Pipeline.answer``'s keep_ratio= or tokens=, the budget choice when the
         latency budget decided).  A request's own keep_ratio wins; a request's own latency budget asks for budget
         mode even when the node runs fixed.  Budget mode passes the token count it chose, so nothing is
@@ -405,23 +436,36 @@ class RequestWorker:
         budget_mode = settings.mode == "budget" or request.latency_budget_ms is not None
         if not budget_mode or not self.latency_model.ready or self.total_tokens is None:
             return "fixed", {"keep_ratio": settings.keep_ratio}, None
-        choice = choose_keep_ratio(self.latency_model, budget_ms - spent_ms, self.total_tokens, max_new_tokens,
-                                   settings.keep_ratio_min, settings.keep_ratio_max)
+        choice = choose_keep_ratio(
+            self.latency_model,
+            budget_ms - spent_ms,
+            self.total_tokens,
+            max_new_tokens,
+            settings.keep_ratio_min,
+            settings.keep_ratio_max,
+        )
         return "budget", {"tokens": choice.tokens}, choice
 
     def learn(self, answer: Answer) -> None:
         self.total_tokens = answer.selection.total
-        self.latency_model.observe(answer.selection.num_kept, answer.selection.total, answer.timings_ms,
-                                   answer.new_tokens)
+        self.latency_model.observe(
+            answer.selection.num_kept, answer.selection.total, answer.timings_ms, answer.new_tokens
+        )
 
-    def _succeed(self, result: dict, answer: Answer, job: Job, started: float, converted: float, done: float,
-                 budget_ms: float) -> None:
+    def _succeed(
+        self, result: dict, answer: Answer, job: Job, started: float, converted: float, done: float, budget_ms: float
+    ) -> None:
         total_ms = (done - job.received) * 1e3
         queue_ms = (started - job.received) * 1e3
         view = answer.to_dict()  # the library's fields, under the library's names
         stages = {k: v for k, v in view.pop("latency_ms").items() if k != "total"}
-        latency = {"queue": round(queue_ms, 3), "convert": round((converted - started) * 1e3, 3),
-                   **stages, "pipeline": round(answer.timings_ms["total"], 3), "total": round(total_ms, 3)}
+        latency = {
+            "queue": round(queue_ms, 3),
+            "convert": round((converted - started) * 1e3, 3),
+            **stages,
+            "pipeline": round(answer.timings_ms["total"], 3),
+            "total": round(total_ms, 3),
+        }
         result.update(status="ok", **view, latency_ms=latency, budget_met=total_ms <= budget_ms)
         self.counters.count("ok")
         self.counters.latency(total_ms, answer.selection.keep_ratio, queue_ms)
@@ -431,8 +475,14 @@ class RequestWorker:
         self._emit(self.counters.failure(result, reason, status), None)
 
 
-def calibrate(worker: RequestWorker, image: np.ndarray, keep_ratios: list[float], max_new_tokens: int,
-              instruction: str = "Describe the scene.", cancel: threading.Event | None = None) -> list[dict]:
+def calibrate(
+    worker: RequestWorker,
+    image: np.ndarray,
+    keep_ratios: list[float],
+    max_new_tokens: int,
+    instruction: str = "Describe the scene.",
+    cancel: threading.Event | None = None,
+) -> list[dict]:
     """Fit the worker's latency model from a few runs at different keep ratios (after one warm-up run,
     which pays one-off costs such as allocator growth and is not recorded).  ``cancel`` ends it early
     (``Cancelled``), so that a shutdown during configure does not wait for the model."""
@@ -442,6 +492,7 @@ def calibrate(worker: RequestWorker, image: np.ndarray, keep_ratios: list[float]
     for ratio in sorted(keep_ratios):
         answer = pipeline.answer(image, instruction, keep_ratio=ratio, max_new_tokens=max_new_tokens, cancel=cancel)
         worker.learn(answer)
-        runs.append({"keep_ratio": ratio, "kept": answer.selection.num_kept,
-                     "total_ms": round(answer.timings_ms["total"], 1)})
+        runs.append(
+            {"keep_ratio": ratio, "kept": answer.selection.num_kept, "total_ms": round(answer.timings_ms["total"], 1)}
+        )
     return runs

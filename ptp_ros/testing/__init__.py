@@ -10,13 +10,17 @@ tokenizer in ``tokenizer.py``, the random initialisation and the toy text config
 The library itself uses one fixture: ``ptp_ros.vlm.defaults.tiny_model_path`` falls back to the tiny
 LLaVA-NeXT when the package ships without its proxy checkpoint.
 """
+
 from __future__ import annotations
 
 #: The special tokens every built-in tokenizer starts with, in id order.
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 #: Their ids as a text config names them (pad 0, bos 2, eos 3).
-TEXT_TOKEN_IDS = {"pad_token_id": SPECIAL_TOKENS.index("<pad>"), "bos_token_id": SPECIAL_TOKENS.index("<s>"),
-                  "eos_token_id": SPECIAL_TOKENS.index("</s>")}
+TEXT_TOKEN_IDS = {
+    "pad_token_id": SPECIAL_TOKENS.index("<pad>"),
+    "bos_token_id": SPECIAL_TOKENS.index("<s>"),
+    "eos_token_id": SPECIAL_TOKENS.index("</s>"),
+}
 
 #: LLaVA-NeXT's default anyres pinpoints, (height, width): 2, 3 or 4 tiles of 336 px plus the global view.
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))

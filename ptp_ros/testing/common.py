@@ -1,5 +1,6 @@
 """What every tiny fixture shares: the family registry, the random initialisation, the toy text config and
 the chat template."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -28,12 +29,27 @@ VICUNA_STYLE_TEMPLATE = (
 
 def toy_text_config(vocab_size: int, width: int, layers: int) -> dict:
     """The toy LLM every tiny family uses (Qwen2-style: 4 heads, 2 KV heads, FFN 2× wide), as config kwargs."""
-    return dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, **TEXT_TOKEN_IDS)
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        **TEXT_TOKEN_IDS,
+    )
 
 
-def random_model(model_class: type, config, tokenizer, seed: int, *, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None):
+def random_model(
+    model_class: type,
+    config,
+    tokenizer,
+    seed: int,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+):
     """``model_class(config)`` initialised deterministically from ``seed`` (built directly on ``device`` in
     ``dtype`` when given), generating with the tokenizer's pad and end tokens: what the tiny builders
     save, the proxy trainer trains and the benchmark times."""

@@ -1,6 +1,7 @@
 """The tiny Qwen2.5-VL: the real patch / merge / window geometry (14-px patches, 2×2 merge, 112-px attention
 windows with some full-attention blocks, 3-D M-RoPE in the LLM, the stock ``Qwen2_5_VLProcessor`` with its
 default 1280·28² max_pixels) with toy widths."""
+
 from __future__ import annotations
 
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
@@ -10,36 +11,75 @@ from ..vlm.compat import hide_video_processor
 from .common import VICUNA_STYLE_TEMPLATE, TinyFamily, register_fixture, toy_text_config
 
 #: The tokens ``Qwen2_5_VLProcessor`` and the model's config refer to.
-QWEN_SPECIAL_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                       "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+QWEN_SPECIAL_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
 
 
-def tiny_qwen2_5_vl_config(tokenizer, *, vision_width: int = 32, vision_layers: int = 4, full_attention=(1, 3),
-                           text_width: int = 64, text_layers: int = 3) -> Qwen2_5_VLConfig:
+def tiny_qwen2_5_vl_config(
+    tokenizer,
+    *,
+    vision_width: int = 32,
+    vision_layers: int = 4,
+    full_attention=(1, 3),
+    text_width: int = 64,
+    text_layers: int = 3,
+) -> Qwen2_5_VLConfig:
     """A Qwen2.5-VL with the real patch / merge / window geometry and toy widths (head dims 8 and 16)."""
     heads = 4
     text_head_dim = text_width // heads
     section = [text_head_dim // 2 - 2 * (text_head_dim // 6), text_head_dim // 6, text_head_dim // 6]  # t, h, w
-    vision = dict(depth=vision_layers, hidden_size=vision_width, intermediate_size=2 * vision_width, num_heads=heads,
-                  out_hidden_size=text_width, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                  window_size=112, fullatt_block_indexes=list(full_attention))
-    text = dict(**toy_text_config(len(tokenizer), text_width, text_layers),
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section})
+    vision = dict(
+        depth=vision_layers,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_heads=heads,
+        out_hidden_size=text_width,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=list(full_attention),
+    )
+    text = dict(
+        **toy_text_config(len(tokenizer), text_width, text_layers),
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+    )
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in QWEN_SPECIAL_TOKENS.items()}
-    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image_token"],
-                            video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
-                            vision_end_token_id=ids["vision_end_token"], tie_word_embeddings=False)
+    return Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["image_token"],
+        video_token_id=ids["video_token"],
+        vision_start_token_id=ids["vision_start_token"],
+        vision_end_token_id=ids["vision_end_token"],
+        tie_word_embeddings=False,
+    )
 
 
 def qwen2_5_vl_processor(tokenizer, config=None) -> Qwen2_5_VLProcessor:
-    placeholder = QWEN_SPECIAL_TOKENS["vision_start_token"] + QWEN_SPECIAL_TOKENS["image_token"] + \
-        QWEN_SPECIAL_TOKENS["vision_end_token"]
+    placeholder = (
+        QWEN_SPECIAL_TOKENS["vision_start_token"]
+        + QWEN_SPECIAL_TOKENS["image_token"]
+        + QWEN_SPECIAL_TOKENS["vision_end_token"]
+    )
     return hide_video_processor(Qwen2_5_VLProcessor)(
-        image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
-        chat_template=VICUNA_STYLE_TEMPLATE.replace("<image>", placeholder))
+        image_processor=Qwen2VLImageProcessorPil(),
+        tokenizer=tokenizer,
+        chat_template=VICUNA_STYLE_TEMPLATE.replace("<image>", placeholder),
+    )
 
 
-TINY_QWEN2_5_VL = register_fixture(TinyFamily(
-    "qwen2_5_vl", Qwen2_5_VLForConditionalGeneration, tiny_qwen2_5_vl_config, qwen2_5_vl_processor,
-    special_tokens=QWEN_SPECIAL_TOKENS))
+TINY_QWEN2_5_VL = register_fixture(
+    TinyFamily(
+        "qwen2_5_vl",
+        Qwen2_5_VLForConditionalGeneration,
+        tiny_qwen2_5_vl_config,
+        qwen2_5_vl_processor,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+    )
+)
 build_tiny_qwen2_5_vl = TINY_QWEN2_5_VL.build

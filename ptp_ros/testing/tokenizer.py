@@ -1,4 +1,5 @@
 """Offline word-level tokenizers for the models this project builds itself (no hub downloads)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -11,8 +12,9 @@ from . import BASE_WORDS, SPECIAL_TOKENS
 __all__ = ["BASE_WORDS", "SPECIAL_TOKENS", "build_word_tokenizer"]
 
 
-def build_word_tokenizer(words: Iterable[str] = BASE_WORDS, model_max_length: int = 8192,
-                         extra_special: Mapping[str, str] | None = None) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(
+    words: Iterable[str] = BASE_WORDS, model_max_length: int = 8192, extra_special: Mapping[str, str] | None = None
+) -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer whose ids are: the special tokens, ``extra_special``'s tokens, then
     ``words`` in order.
 
@@ -26,10 +28,17 @@ def build_word_tokenizer(words: Iterable[str] = BASE_WORDS, model_max_length: in
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Split("<image>", "isolated")])
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Split("<image>", "isolated")]
+    )
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        model_max_length=model_max_length, extra_special_tokens={"image_token": "<image>", **extra})
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=model_max_length,
+        extra_special_tokens={"image_token": "<image>", **extra},
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<image>", *extra.values()]})
     return tok

@@ -4,6 +4,7 @@ Both probes recompute only the few rows PTP needs ([CLS] in the vision tower, th
 the LLM) from the layer's own projections, so the model keeps running on SDPA / FlashAttention and
 ``output_attentions`` is never switched on.
 """
+
 from __future__ import annotations
 
 import sys
@@ -41,8 +42,11 @@ class ClsAttentionProbe:
         def keep_k(module, args, output):
             self._k = output.detach()
 
-        self._handles = [self.attention.q_proj.register_forward_pre_hook(keep_x),
-                         self._query.register_forward_hook(keep_q), self._key.register_forward_hook(keep_k)]
+        self._handles = [
+            self.attention.q_proj.register_forward_pre_hook(keep_x),
+            self._query.register_forward_hook(keep_q),
+            self._key.register_forward_hook(keep_k),
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -80,8 +84,12 @@ def _rotary_for(attention: nn.Module):
 
 
 @torch.no_grad()
-def layer_inputs(language_model: nn.Module, inputs_embeds: torch.Tensor, layer_indices: list[int],
-                 position_ids: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], tuple]:
+def layer_inputs(
+    language_model: nn.Module,
+    inputs_embeds: torch.Tensor,
+    layer_indices: list[int],
+    position_ids: torch.Tensor | None = None,
+) -> tuple[dict[int, torch.Tensor], tuple]:
     """The inputs of decoder layers ``layer_indices`` ({index: [B, L, D]}) and the rotary tables (cos, sin)
     the decoder hands its layers, from one forward that stops before the deepest of them runs."""
     layers = language_model.layers
@@ -96,6 +104,7 @@ def layer_inputs(language_model: nn.Module, inputs_embeds: torch.Tensor, layer_i
             store["position_embeddings"] = kwargs.get("position_embeddings")
             if index == last:
                 raise _StopForward
+
         return hook
 
     handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in set(layer_indices)]
@@ -110,9 +119,14 @@ def layer_inputs(language_model: nn.Module, inputs_embeds: torch.Tensor, layer_i
 
 
 @torch.no_grad()
-def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tensor, layer_index: int,
-                            query_positions: torch.Tensor, key_positions: torch.Tensor,
-                            position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def text_to_token_attention(
+    language_model: nn.Module,
+    inputs_embeds: torch.Tensor,
+    layer_index: int,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Head-averaged causal attention of ``query_positions`` onto ``key_positions`` at one LLM layer.
 
     Runs the decoder only up to ``layer_index`` (layers before it in full, that layer's input norm and
@@ -125,13 +139,19 @@ def text_to_token_attention(language_model: nn.Module, inputs_embeds: torch.Tens
     if not 0 <= layer_index < len(language_model.layers):
         raise ValueError(f"LLM layer {layer_index} does not exist (the model has {len(language_model.layers)})")
     inputs, position_embeddings = layer_inputs(language_model, inputs_embeds, [layer_index], position_ids)
-    return attention_rows(language_model.layers[layer_index], inputs[layer_index], position_embeddings,
-                          query_positions, key_positions)
+    return attention_rows(
+        language_model.layers[layer_index], inputs[layer_index], position_embeddings, query_positions, key_positions
+    )
 
 
 @torch.no_grad()
-def attention_rows(layer: nn.Module, layer_input: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                   query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+def attention_rows(
+    layer: nn.Module,
+    layer_input: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+) -> torch.Tensor:
     """Head-averaged causal attention rows of one decoder layer, recomputed from its input [1, L, D] and
     the rotary tables (cos, sin) it was called with: that layer's input norm, q/k projections (and
     q/k norms) for the needed rows only.  → [len(query_positions), len(key_positions)] float32."""
@@ -178,8 +198,10 @@ class ReceivedAttentionProbe:
         def keep_qkv(module, args, output):
             self._qkv = output.detach()
 
-        self._handles = [self.attention.register_forward_pre_hook(keep_call, with_kwargs=True),
-                         self.attention.qkv.register_forward_hook(keep_qkv)]
+        self._handles = [
+            self.attention.register_forward_pre_hook(keep_call, with_kwargs=True),
+            self.attention.qkv.register_forward_hook(keep_qkv),
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -192,7 +214,7 @@ class ReceivedAttentionProbe:
         if self._qkv is None:
             raise RuntimeError("the probed block did not run")
         attn = self.attention
-        rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision")
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         tokens = self._qkv.shape[0]
         q, k, _ = self._qkv.float().reshape(tokens, 3, attn.num_heads, -1).unbind(1)  # [N, H, hd] each
         cos, sin = self._call["position_embeddings"]
@@ -202,7 +224,7 @@ class ReceivedAttentionProbe:
         for start, end in zip(bounds[:-1], bounds[1:]):
             keys = k[start:end].transpose(0, 1)  # [H, n, hd]
             for first in range(start, end, self.chunk):
-                queries = q[first:min(first + self.chunk, end)].transpose(0, 1)  # [H, c, hd]
+                queries = q[first : min(first + self.chunk, end)].transpose(0, 1)  # [H, c, hd]
                 probs = torch.softmax((queries @ keys.transpose(-1, -2)) * attn.scaling, dim=-1)
                 out[start:end] += probs.sum(dim=(0, 1))
             out[start:end] /= attn.num_heads * (end - start)

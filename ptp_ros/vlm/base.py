@@ -4,6 +4,7 @@ An adapter wraps one stock transformers model family.  It knows the model's inte
 [CLS] attention is, how tiles map to tokens, how to feed pruned features to ``generate``) and nothing
 of ROS or of how tokens are chosen.
 """
+
 from __future__ import annotations
 
 import threading
@@ -95,15 +96,22 @@ class VisionLanguageAdapter(Protocol):
 
     def encode(self, prepared: PreparedInput) -> VisualTokens: ...
 
-    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens,
-                              kept: torch.Tensor | None = None) -> torch.Tensor:
+    def instruction_attention(
+        self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[instruction tokens, N] head-averaged text→visual attention at the configured LLM layer (over a
         prompt holding only the ``kept`` visual tokens, → [instruction tokens, len(kept)], when given)."""
         ...
 
-    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int, cancel: threading.Event | None = None,
-                 in_llm: tuple[Any, Any] | None = None) -> Generation:
+    def generate(
+        self,
+        prepared: PreparedInput,
+        visual: VisualTokens,
+        kept: torch.Tensor | None,
+        max_new_tokens: int,
+        cancel: threading.Event | None = None,
+        in_llm: tuple[Any, Any] | None = None,
+    ) -> Generation:
         """Greedy answer from the ``kept`` visual tokens (all when None); ``Cancelled`` once ``cancel`` is set.
         ``in_llm`` = (``InLLMPruning``, chooser): prune inside the LLM instead (see vlm/in_llm.py)."""
         ...

@@ -6,6 +6,7 @@ They live here so that a model family's file holds only what is particular to th
 tokens are laid out, where its saliency comes from); docs/models.md, "Adding a model family", walks
 through what that is.
 """
+
 from __future__ import annotations
 
 import threading
@@ -49,8 +50,15 @@ def vision_layer_index(choice: int | str, num_layers: int, feature_layer: int) -
     return index % num_layers
 
 
-def prepare_image_prompt(processor, image: np.ndarray, instruction: str, fallback_prompt: str,
-                         device: torch.device, dtype: torch.dtype, **processor_kwargs) -> PreparedInput:
+def prepare_image_prompt(
+    processor,
+    image: np.ndarray,
+    instruction: str,
+    fallback_prompt: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    **processor_kwargs,
+) -> PreparedInput:
     """RGB uint8 [H, W, 3] + instruction → the processor's tensors on ``device``, pixels in ``dtype``.
 
     Uses the processor's chat template when it has one, else ``fallback_prompt`` (``{instruction}``).
@@ -62,8 +70,7 @@ def prepare_image_prompt(processor, image: np.ndarray, instruction: str, fallbac
         prompt = fallback_prompt.format(instruction=instruction)
     inputs = processor(images=Image.fromarray(image), text=prompt, return_tensors="pt", **processor_kwargs).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return PreparedInput(inputs=inputs, image_size=(int(image.shape[0]), int(image.shape[1])),
-                         instruction=instruction)
+    return PreparedInput(inputs=inputs, image_size=(int(image.shape[0]), int(image.shape[1])), instruction=instruction)
 
 
 def placeholder_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -102,26 +109,44 @@ def normalised_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.
     return boxes / torch.tensor([width, height, width, height], dtype=boxes.dtype)
 
 
-def timed_generate(model, tokenizer, device: torch.device, max_new_tokens: int,
-                   cancel: threading.Event | None = None, **inputs) -> Generation:
+def timed_generate(
+    model, tokenizer, device: torch.device, max_new_tokens: int, cancel: threading.Event | None = None, **inputs
+) -> Generation:
     """Greedy stock ``model.generate(**inputs)`` with prefill / decode timed by a ``StageClock``; setting
     ``cancel`` stops it after the current token and raises ``Cancelled``."""
     clock = StageClock(device)
     prompt_len = inputs["input_ids"].shape[1]
     stopping = StoppingCriteriaList([StopOnEvent(cancel)]) if cancel is not None else None
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
-                         pad_token_id=tokenizer.pad_token_id, stopping_criteria=stopping)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        streamer=clock,
+        pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=stopping,
+    )
     if cancel is not None and cancel.is_set():
         raise Cancelled(f"cancelled after {out.shape[1] - prompt_len} generated token(s)")
     prefill_ms, decode_ms = clock.stages_ms()
     new = out[0, prompt_len:]
     text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return Generation(text=text, token_ids=new.tolist(), prompt_tokens=prompt_len, new_tokens=int(new.shape[0]),
-                      prefill_ms=prefill_ms, decode_ms=decode_ms)
+    return Generation(
+        text=text,
+        token_ids=new.tolist(),
+        prompt_tokens=prompt_len,
+        new_tokens=int(new.shape[0]),
+        prefill_ms=prefill_ms,
+        decode_ms=decode_ms,
+    )
 
 
-def tile_region_logits(region_score: str, global_attention: torch.Tensor, tile_boxes: torch.Tensor,
-                       tile_cls: torch.Tensor, global_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_region_logits(
+    region_score: str,
+    global_attention: torch.Tensor,
+    tile_boxes: torch.Tensor,
+    tile_cls: torch.Tensor,
+    global_cls: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-tile logits [T], global-view logit []) for a tiled model whose global view shows the whole image.
 
     ``cls_mass``: the global view's [CLS] attention (``global_attention``, an [h, w] map over the image)
@@ -195,8 +220,14 @@ class StockModelAdapter:
         # trust_remote_code stays False: only transformers' own classes run (remote-code formats are refused
         # by name in loading.unsupported_format before this is reached)
         model, loading_info = cls.model_class.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False,
-            output_loading_info=True, ignore_mismatched_sizes=True)  # misfits are refused below, with their names
+            path,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )  # misfits are refused below, with their names
         if misfit := weights_misfit(loading_info):
             raise ModelLoadError(misfit)
         if cls.processor_needing_shim is not None:
@@ -205,8 +236,10 @@ class StockModelAdapter:
         return cls(model.to(device), processor, cls.options_class(**options))
 
     def downscaled(self, tokens: int, image_size: tuple[int, int] | None = None) -> StockModelAdapter:
-        raise NotImplementedError(f"{self.name} reads images at the resolutions its processor fixes: "
-                                  "no down-scaling baseline (supports_downscaling is False)")
+        raise NotImplementedError(
+            f"{self.name} reads images at the resolutions its processor fixes: "
+            "no down-scaling baseline (supports_downscaling is False)"
+        )
 
     def rope_positions(self, prepared: PreparedInput) -> torch.Tensor | None:
         """Position ids of the full prompt for the LLM; ``None``: its default 0..L-1."""
@@ -220,28 +253,49 @@ class StockModelAdapter:
     def reset_generation_state(self) -> None:
         """Drop what an earlier ``generate`` left in the model that would shift the next one (none by default)."""
 
-    def visual_tokens(self, prepared: PreparedInput, features: torch.Tensor, *, region: torch.Tensor,
-                      saliency: torch.Tensor, region_saliency: torch.Tensor, global_region: int | None,
-                      token_boxes: torch.Tensor, region_boxes: torch.Tensor, region_names: list[str],
-                      **extras) -> VisualTokens:
+    def visual_tokens(
+        self,
+        prepared: PreparedInput,
+        features: torch.Tensor,
+        *,
+        region: torch.Tensor,
+        saliency: torch.Tensor,
+        region_saliency: torch.Tensor,
+        global_region: int | None,
+        token_boxes: torch.Tensor,
+        region_boxes: torch.Tensor,
+        region_names: list[str],
+        **extras,
+    ) -> VisualTokens:
         """The end of every ``encode``: the family's token layout (``region`` [N] per token, bottom-up
         ``saliency`` [N], ``region_saliency`` logits [R], boxes, names) checked against the ``features``
         [N, D] the model produced, as ``VisualTokens`` (``extras`` plus the ``vision_layer``)."""
         if region.shape[0] != features.shape[0]:
             raise RuntimeError(f"token layout ({region.shape[0]}) and features ({features.shape[0]}) disagree")
-        scores = TokenScores(region=region.long(), saliency=saliency.float(), region_saliency=region_saliency.float(),
-                             global_region=global_region)
-        return VisualTokens(features=features, scores=scores, token_boxes=token_boxes, region_boxes=region_boxes,
-                            region_names=region_names, image_size=prepared.image_size,
-                            extras={**extras, "vision_layer": self.vision_layer})
+        scores = TokenScores(
+            region=region.long(),
+            saliency=saliency.float(),
+            region_saliency=region_saliency.float(),
+            global_region=global_region,
+        )
+        return VisualTokens(
+            features=features,
+            scores=scores,
+            token_boxes=token_boxes,
+            region_boxes=region_boxes,
+            region_names=region_names,
+            image_size=prepared.image_size,
+            extras={**extras, "vision_layer": self.vision_layer},
+        )
 
     def pooler_output(self, features: torch.Tensor):
         """``features`` [N, D] in the container the model's ``mm_encoder_outputs`` expects."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def instruction_attention(self, prepared: PreparedInput, visual: VisualTokens,
-                              kept: torch.Tensor | None = None) -> torch.Tensor:
+    def instruction_attention(
+        self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[instruction tokens, N] (or [instruction tokens, len(kept)] over a prompt that holds only the
         ``kept`` visual tokens, laid out as the pruned ``generate`` lays them out)."""
         ids = prepared.inputs["input_ids"]
@@ -254,14 +308,25 @@ class StockModelAdapter:
         image_pos = placeholder_positions(ids, self.image_token_id)
         embeds = self.model.get_input_embeddings()(ids).clone()
         embeds[0, image_pos] = features.to(embeds.dtype)
-        return text_to_token_attention(self.model.model.language_model, embeds, self.options.llm_layer,
-                                       instruction_query_positions(ids, self.image_token_id), image_pos,
-                                       position_ids=positions).cpu()
+        return text_to_token_attention(
+            self.model.model.language_model,
+            embeds,
+            self.options.llm_layer,
+            instruction_query_positions(ids, self.image_token_id),
+            image_pos,
+            position_ids=positions,
+        ).cpu()
 
     @torch.no_grad()
-    def generate(self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None,
-                 max_new_tokens: int, cancel: threading.Event | None = None,
-                 in_llm: tuple[InLLMPruning, Chooser] | None = None) -> Generation:
+    def generate(
+        self,
+        prepared: PreparedInput,
+        visual: VisualTokens,
+        kept: torch.Tensor | None,
+        max_new_tokens: int,
+        cancel: threading.Event | None = None,
+        in_llm: tuple[InLLMPruning, Chooser] | None = None,
+    ) -> Generation:
         """Stock ``generate`` over the prompt without the pruned placeholders, fed the kept ``features``
         through ``mm_encoder_outputs`` (and, where ``rope_positions`` gives them, the kept tokens' original
         positions); keep-all runs the same path, with every placeholder."""
@@ -275,11 +340,13 @@ class StockModelAdapter:
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=self.pooler_output(features))}
         extra = {} if positions is None else {"position_ids": self.generation_positions(ids, positions)}
         self.reset_generation_state()
-        return self.run_generate(max_new_tokens, cancel, in_llm, input_ids=ids, attention_mask=mask,
-                                 mm_encoder_outputs=encoded, **extra)
+        return self.run_generate(
+            max_new_tokens, cancel, in_llm, input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **extra
+        )
 
-    def run_generate(self, max_new_tokens: int, cancel: threading.Event | None,
-                     in_llm: tuple[InLLMPruning, Chooser] | None, **inputs) -> Generation:
+    def run_generate(
+        self, max_new_tokens: int, cancel: threading.Event | None, in_llm: tuple[InLLMPruning, Chooser] | None, **inputs
+    ) -> Generation:
         """``timed_generate`` over ``inputs``; with ``in_llm`` = (plan, choose), the visual tokens of the
         (unpruned) prompt are ranked and dropped inside the LLM (``pruned_inside``), and the returned
         ``Generation.in_llm_kept`` holds the visual indices ``choose`` kept."""
@@ -289,8 +356,9 @@ class StockModelAdapter:
         ids = inputs["input_ids"]
         image_pos = placeholder_positions(ids, self.image_token_id)
         with pruned_inside(self.model.model.language_model.layers, plan, image_pos, ids.shape[1], choose) as state:
-            generation = timed_generate(self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel,
-                                        **inputs)
+            generation = timed_generate(
+                self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel, **inputs
+            )
         generation.in_llm_kept = state.get("kept")
         return generation
 
@@ -311,11 +379,21 @@ class TiledClsAdapter(StockModelAdapter):
     options_class = TiledModelOptions
     region_scores = TILE_REGION_SCORES
 
-    def __init__(self, model, processor, options: TiledModelOptions, *, vision_layers, attention: str,
-                 tile_px: int, patch_px: int):
+    def __init__(
+        self,
+        model,
+        processor,
+        options: TiledModelOptions,
+        *,
+        vision_layers,
+        attention: str,
+        tile_px: int,
+        patch_px: int,
+    ):
         super().__init__(model, processor, options)
-        self.vision_layer = vision_layer_index(options.vision_layer, len(vision_layers),
-                                               model.config.vision_feature_layer)
+        self.vision_layer = vision_layer_index(
+            options.vision_layer, len(vision_layers), model.config.vision_feature_layer
+        )
         self._vision_attention = getattr(vision_layers[self.vision_layer], attention)
         self._tile_px = int(tile_px)
         self._patches_per_side = self._tile_px // int(patch_px)
@@ -325,11 +403,23 @@ class TiledClsAdapter(StockModelAdapter):
         rows, cols = raster_grid(self._patches_per_side, self._patches_per_side)
         return rows.float(), cols.float()
 
-    def tile_logits(self, cls_attention: torch.Tensor, cls_states: torch.Tensor, tile_boxes: torch.Tensor,
-                    image_size: tuple[int, int], tiles, glob: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def tile_logits(
+        self,
+        cls_attention: torch.Tensor,
+        cls_states: torch.Tensor,
+        tile_boxes: torch.Tensor,
+        image_size: tuple[int, int],
+        tiles,
+        glob: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-tile logits, global-view logit) by the ``region_score`` option, from the [CLS] attention
         [views, side²] and [CLS] states of the encoded views (``tiles``: the tiles' rows, ``glob``: the
         global view's) and the tiles' pixel boxes [T, 4]."""
         side = self._patches_per_side
-        return tile_region_logits(self.options.region_score, cls_attention[glob].view(side, side),
-                                  normalised_boxes(tile_boxes, image_size), cls_states[tiles], cls_states[glob])
+        return tile_region_logits(
+            self.options.region_score,
+            cls_attention[glob].view(side, side),
+            normalised_boxes(tile_boxes, image_size),
+            cls_states[tiles],
+            cls_states[glob],
+        )

@@ -15,6 +15,7 @@ Construction, ``save_pretrained`` and ``from_pretrained`` then handle image + to
 When to remove: ``test/test_internvl_compat.py::test_stock_processor_still_needs_the_shim`` fails as soon as
 the stock class builds with ``video_processor=None`` on a torchvision-less install; then delete this module.
 """
+
 from __future__ import annotations
 
 from transformers.processing_utils import ProcessorMixin

@@ -10,6 +10,7 @@ nothing, but its whole path (anyres tiles, [CLS] and instruction saliency, prune
 ``ptp_ros.testing.llava_next``: this module is the one place the library depends on ``ptp_ros.testing``
 (which ships with the package), and only when the package lacks its proxy checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,8 @@ TINY_NAME = "tiny-llava-next-v1"
 
 def cache_dir() -> Path:
     root = os.environ.get("PTP_ROS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ptp_ros")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ptp_ros"
+    )
     return Path(root)
 
 

@@ -7,6 +7,7 @@ is the one line a new family adds here; everything that handles "every family" (
 refusal messages, the benchmarks, the proxy trainer, the tests) reads the registries, which import a
 family's module the first time it is asked for.  This module imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,8 +29,10 @@ class FamilyRegistry(Generic[T]):
 
     def register(self, model_type: str, entry: T) -> T:
         if model_type not in FAMILIES:
-            raise ValueError(f"{self.kind} for {model_type!r}, which is not a family: add it to "
-                             f"ptp_ros.vlm.families.FAMILIES {FAMILIES}")
+            raise ValueError(
+                f"{self.kind} for {model_type!r}, which is not a family: add it to "
+                f"ptp_ros.vlm.families.FAMILIES {FAMILIES}"
+            )
         self._entries[model_type] = entry
         return entry
 

@@ -11,6 +11,7 @@ position ids, a materialised attention mask) down to the kept positions.  Decodi
 full-length caches below ``prune_layer`` and pruned ones above; new tokens' positions continue from the
 full prompt length, as FastV's do.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -27,13 +28,15 @@ Chooser = Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextmanager
-def pruned_inside(layers: nn.ModuleList, plan: InLLMPruning, image_positions: torch.Tensor, prompt_len: int,
-                  choose: Chooser) -> Iterator[dict]:
+def pruned_inside(
+    layers: nn.ModuleList, plan: InLLMPruning, image_positions: torch.Tensor, prompt_len: int, choose: Chooser
+) -> Iterator[dict]:
     """Hooks ``plan`` into ``layers`` for forward passes over one unpadded prompt of ``prompt_len``
     tokens whose visual tokens sit at ``image_positions``.
 
-    Yields a dict that receives ``"kept"`` (the visual indices ``choose`` returned) during the prefill.  A ``plan`` whose ``prune_layer`` is past the last layer installs nothing: the
-    forward is the stock one.  Only materialised (tensor) or absent attention masks are supported.
+    Yields a dict that receives ``"kept"`` (the visual indices ``choose`` returned) during the prefill.  A
+    ``plan`` whose ``prune_layer`` is past the last layer installs nothing: the forward is the stock one.  Only
+    materialised (tensor) or absent attention masks are supported.
     """
     state: dict = {}
     if plan.prune_layer >= len(layers):
@@ -71,7 +74,7 @@ def pruned_inside(layers: nn.ModuleList, plan: InLLMPruning, image_positions: to
         return (hidden, *args[1:]), kwargs
 
     handles = [layers[plan.score_layer].register_forward_pre_hook(score, with_kwargs=True)]
-    handles += [layer.register_forward_pre_hook(prune, with_kwargs=True) for layer in layers[plan.prune_layer:]]
+    handles += [layer.register_forward_pre_hook(prune, with_kwargs=True) for layer in layers[plan.prune_layer :]]
     try:
         yield state
     finally:

@@ -12,6 +12,7 @@ obtained by running the model's own ``pixel_shuffle`` on patch coordinates, so i
 Pruned path: ``get_image_features`` (with the probe) → select → drop the pruned ``<IMG_CONTEXT>`` ids →
 stock ``generate(mm_encoder_outputs=...)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,10 +34,19 @@ class InternVLAdapter(TiledClsAdapter):
     model_class = InternVLForConditionalGeneration
     processor_needing_shim = InternVLProcessor
 
-    def __init__(self, model: InternVLForConditionalGeneration, processor, options: InternVLOptions = InternVLOptions()):
+    def __init__(
+        self, model: InternVLForConditionalGeneration, processor, options: InternVLOptions = InternVLOptions()
+    ):
         vision = model.config.vision_config
-        super().__init__(model, processor, options, vision_layers=model.model.vision_tower.encoder.layer,
-                         attention="attention", tile_px=vision.image_size[0], patch_px=vision.patch_size[0])
+        super().__init__(
+            model,
+            processor,
+            options,
+            vision_layers=model.model.vision_tower.encoder.layer,
+            attention="attention",
+            tile_px=vision.image_size[0],
+            patch_px=vision.patch_size[0],
+        )
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
@@ -55,28 +65,45 @@ class InternVLAdapter(TiledClsAdapter):
         num_grid = rows * cols
         has_thumbnail = cls_attention.shape[0] == num_grid + 1
         if cls_attention.shape[0] != num_grid + int(num_grid > 1):
-            raise RuntimeError(f"{cls_attention.shape[0]} tiles encoded, the {rows}×{cols} canvas implies "
-                               f"{num_grid + int(num_grid > 1)}")
+            raise RuntimeError(
+                f"{cls_attention.shape[0]} tiles encoded, the {rows}×{cols} canvas implies "
+                f"{num_grid + int(num_grid > 1)}"
+            )
         saliency, token_rc = self.pooled_patch_scores(cls_attention)  # [tiles, 256], [tiles, 256, 2]
         region = torch.arange(cls_attention.shape[0]).repeat_interleave(saliency.shape[1])
         token_boxes, region_boxes = self._boxes(token_rc, (rows, cols), prepared.image_size)
         if has_thumbnail:
-            tiles, glob = self.tile_logits(cls_attention, probe.cls_query_states().cpu(), region_boxes[:num_grid],
-                                           prepared.image_size, slice(0, num_grid), num_grid)
+            tiles, glob = self.tile_logits(
+                cls_attention,
+                probe.cls_query_states().cpu(),
+                region_boxes[:num_grid],
+                prepared.image_size,
+                slice(0, num_grid),
+                num_grid,
+            )
             logits = torch.cat([tiles, glob.reshape(1)])
         else:
             logits = torch.zeros(1)
         names = grid_names("tile", rows, cols) + (["thumbnail"] if has_thumbnail else [])
-        return self.visual_tokens(prepared, features, region=region, saliency=saliency.reshape(-1),
-                                  region_saliency=logits, global_region=num_grid if has_thumbnail else None,
-                                  token_boxes=token_boxes, region_boxes=region_boxes, region_names=names,
-                                  grid=(rows, cols))
+        return self.visual_tokens(
+            prepared,
+            features,
+            region=region,
+            saliency=saliency.reshape(-1),
+            region_saliency=logits,
+            global_region=num_grid if has_thumbnail else None,
+            token_boxes=token_boxes,
+            region_boxes=region_boxes,
+            region_names=names,
+            grid=(rows, cols),
+        )
 
     def tile_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(rows, cols) of the processor's tile canvas for an image of (height, width)."""
         ip = self.processor.image_processor
-        cols, rows = get_optimal_tiled_canvas(tuple(image_size), (self._tile_px, self._tile_px),
-                                              ip.min_patches, ip.max_patches)
+        cols, rows = get_optimal_tiled_canvas(
+            tuple(image_size), (self._tile_px, self._tile_px), ip.min_patches, ip.max_patches
+        )
         return int(rows), int(cols)
 
     def pooled_patch_scores(self, patch_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,16 +112,18 @@ class InternVLAdapter(TiledClsAdapter):
         tiles = patch_scores.shape[0]
         side = self._patches_per_side
         rows, cols = self.patch_grid()
-        channels = torch.stack([patch_scores.float(), rows[None].expand(tiles, -1), cols[None].expand(tiles, -1)],
-                               dim=-1).view(tiles, side, side, 3)
+        channels = torch.stack(
+            [patch_scores.float(), rows[None].expand(tiles, -1), cols[None].expand(tiles, -1)], dim=-1
+        ).view(tiles, side, side, 3)
         shuffled = self.model.model.pixel_shuffle(channels, scale_factor=self.model.config.downsample_ratio)
         groups = shuffled.reshape(tiles, -1, shuffled.shape[-1] // 3, 3)  # [tiles, tokens, patches per token, 3]
         group_side = round(groups.shape[2] ** 0.5)
         token_rc = torch.stack([groups[..., 1].amin(-1), groups[..., 2].amin(-1)], dim=-1) / group_side
         return groups[..., 0].sum(-1), token_rc
 
-    def _boxes(self, token_rc: torch.Tensor, grid: tuple[int, int],
-               image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _boxes(
+        self, token_rc: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel boxes of every token and region in the original image: the tiles cut the image resized
         (aspect not kept) to the rows×cols canvas; a region past the grid is the thumbnail, the whole image."""
         height, width = image_size

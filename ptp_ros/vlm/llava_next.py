@@ -6,6 +6,7 @@ Regions: 0 = the global view, 1..T = the anyres tiles in the processor's row-maj
 Pruned path: ``get_image_features`` (with a [CLS] probe) → select → drop the pruned ``<image>``
 placeholders from ``input_ids`` → stock ``generate(mm_encoder_outputs=...)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,10 +38,19 @@ class LlavaNextAdapter(TiledClsAdapter):
     name = "llava_next"
     model_class = LlavaNextForConditionalGeneration
 
-    def __init__(self, model: LlavaNextForConditionalGeneration, processor, options: LlavaNextOptions = LlavaNextOptions()):
+    def __init__(
+        self, model: LlavaNextForConditionalGeneration, processor, options: LlavaNextOptions = LlavaNextOptions()
+    ):
         vision = model.config.vision_config
-        super().__init__(model, processor, options, vision_layers=model.model.vision_tower.encoder.layers,
-                         attention="self_attn", tile_px=vision.image_size, patch_px=vision.patch_size)
+        super().__init__(
+            model,
+            processor,
+            options,
+            vision_layers=model.model.vision_tower.encoder.layers,
+            attention="self_attn",
+            tile_px=vision.image_size,
+            patch_px=vision.patch_size,
+        )
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
@@ -52,23 +62,34 @@ class LlavaNextAdapter(TiledClsAdapter):
     def encode(self, prepared: PreparedInput) -> VisualTokens:
         inputs = prepared.inputs
         with ClsAttentionProbe(self._vision_attention) as probe:
-            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                      image_sizes=inputs["image_sizes"], return_dict=True)
+            out = self.model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+            )
         features = out.pooler_output[0]
         cls_attention = probe.cls_attention().cpu()  # [tiles, 576], tile 0 = global view
         layout = self._packed_layout(cls_attention, inputs["image_sizes"][0].cpu())
         grid = self._grid_shape(inputs["image_sizes"][0])
         token_boxes, region_boxes = self._boxes(layout, grid, prepared.image_size)
-        tiles, global_logit = self.tile_logits(cls_attention, probe.cls_query_states().cpu(), region_boxes[1:],
-                                               prepared.image_size, slice(1, None), 0)
-        return self.visual_tokens(prepared, features, region=layout[:, 0], saliency=layout[:, 3],
-                                  region_saliency=torch.cat([global_logit.reshape(1), tiles]), global_region=0,
-                                  token_boxes=token_boxes, region_boxes=region_boxes,
-                                  region_names=["global view", *grid_names("tile", *grid)], grid=grid)
+        tiles, global_logit = self.tile_logits(
+            cls_attention, probe.cls_query_states().cpu(), region_boxes[1:], prepared.image_size, slice(1, None), 0
+        )
+        return self.visual_tokens(
+            prepared,
+            features,
+            region=layout[:, 0],
+            saliency=layout[:, 3],
+            region_saliency=torch.cat([global_logit.reshape(1), tiles]),
+            global_region=0,
+            token_boxes=token_boxes,
+            region_boxes=region_boxes,
+            region_names=["global view", *grid_names("tile", *grid)],
+            grid=grid,
+        )
 
     def _grid_shape(self, image_size: torch.Tensor) -> tuple[int, int]:
-        rows, cols = get_anyres_image_grid_shape(image_size.tolist(), self.model.config.image_grid_pinpoints,
-                                                 self._tile_px)
+        rows, cols = get_anyres_image_grid_shape(
+            image_size.tolist(), self.model.config.image_grid_pinpoints, self._tile_px
+        )
         return int(rows), int(cols)
 
     def _packed_layout(self, cls_attention: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
@@ -79,9 +100,15 @@ class LlavaNextAdapter(TiledClsAdapter):
         """
         tiles, patches = cls_attention.shape
         rows, cols = self.patch_grid()
-        channels = torch.stack([
-            torch.arange(tiles).float()[:, None].expand(tiles, patches),
-            rows[None].expand(tiles, patches), cols[None].expand(tiles, patches), cls_attention.float()], dim=-1)
+        channels = torch.stack(
+            [
+                torch.arange(tiles).float()[:, None].expand(tiles, patches),
+                rows[None].expand(tiles, patches),
+                cols[None].expand(tiles, patches),
+                cls_attention.float(),
+            ],
+            dim=-1,
+        )
         newline = torch.tensor([float(NO_REGION), -1.0, -1.0, 0.0])
         packed, _ = self.model.model.pack_image_features([channels], image_size[None], "default", image_newline=newline)
         return packed[0]
@@ -104,8 +131,15 @@ class LlavaNextAdapter(TiledClsAdapter):
         tile, row, col = layout[:, 0].long(), layout[:, 1], layout[:, 2]
         boxes = torch.full((layout.shape[0], 4), float("nan"))
         glob = tile == 0
-        boxes[glob] = torch.stack([col[glob] * width / side, row[glob] * height / side,
-                                   (col[glob] + 1) * width / side, (row[glob] + 1) * height / side], dim=-1)
+        boxes[glob] = torch.stack(
+            [
+                col[glob] * width / side,
+                row[glob] * height / side,
+                (col[glob] + 1) * width / side,
+                (row[glob] + 1) * height / side,
+            ],
+            dim=-1,
+        )
         grid_tok = tile > 0
         t = tile[grid_tok] - 1
         cx = (t % grid[1]).float() * tile_px + col[grid_tok] * patch_px
@@ -113,8 +147,9 @@ class LlavaNextAdapter(TiledClsAdapter):
         boxes[grid_tok] = to_image(cx, cy, cx + patch_px, cy + patch_px)
         t = torch.arange(grid[0] * grid[1])
         tx, ty = (t % grid[1]).float() * tile_px, (t // grid[1]).float() * tile_px
-        region_boxes = torch.cat([torch.tensor([[0.0, 0.0, width, height]]),
-                                  to_image(tx, ty, tx + tile_px, ty + tile_px)])
+        region_boxes = torch.cat(
+            [torch.tensor([[0.0, 0.0, width, height]]), to_image(tx, ty, tx + tile_px, ty + tile_px)]
+        )
         return boxes, region_boxes
 
     def pooler_output(self, features: torch.Tensor) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ name, with the transformers-format checkpoints to use instead (docs/models.md li
 ends as a one-line ``ModelLoadError`` naming the cause, and the weight files are checked here (safetensors,
 whole, inside the checkpoint) before transformers opens any of them.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,8 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     except (LocalEntryNotFoundError, ValueError, OSError) as exc:
         raise ModelLoadError(
             f"model {str(path_or_id)!r} not found: no such directory and not in the local Hugging Face cache "
-            "(downloads are disabled; pass a local checkpoint directory)") from exc
+            "(downloads are disabled; pass a local checkpoint directory)"
+        ) from exc
 
 
 def _read_json(file: Path) -> dict:
@@ -102,8 +104,9 @@ def checkpoint_family(path: Path) -> str:
 #: The model families an adapter handles (config.json ``model_type``), in the order messages name them.
 SUPPORTED_FAMILIES = FAMILIES
 
-_LLAVA_NEXT_HF = ("llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf or "
-                  "llava-hf/llava-v1.6-mistral-7b-hf")
+_LLAVA_NEXT_HF = (
+    "llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-v1.6-vicuna-13b-hf or llava-hf/llava-v1.6-mistral-7b-hf"
+)
 #: model_types only the original LLaVA repository defines (its own "llava" is told from transformers' by
 #: its ``mm_vision_tower`` key and ``*ForCausalLM`` architectures).
 _LLAVA_REPOSITORY_TYPES = frozenset({"llava_llama", "llava_mistral", "llava_mpt", "llava_qwen"})
@@ -116,20 +119,25 @@ _OTHER_FORMATS = {
         "InternVL in its original remote-code format (model_type 'internvl_chat', e.g. OpenGVLab/InternVL2-8B); "
         f"{_NO_CHECKPOINT_CODE}. Use a transformers-format release, e.g. OpenGVLab/InternVL3-8B-hf or "
         "OpenGVLab/InternVL2_5-8B-MPO-hf (docs/models.md: which checkpoints, and transformers' "
-        "convert_internvl_weights_to_hf.py)"),
+        "convert_internvl_weights_to_hf.py)"
+    ),
     "llava_original": (
         "LLaVA in the original LLaVA repository's format (architectures {architectures}, as in "
         "liuhaotian/llava-v1.6-*), which needs that repository's code; ptp_ros runs transformers' own classes "
-        f"only. Use a llava-hf conversion (model_type 'llava_next'), e.g. {_LLAVA_NEXT_HF}"),
+        f"only. Use a llava-hf conversion (model_type 'llava_next'), e.g. {_LLAVA_NEXT_HF}"
+    ),
     "llava": (
         "LLaVA-1.5 (model_type 'llava': one 336-px view, no tiles), which has no adapter: PTP's regions are "
-        f"LLaVA-NeXT's anyres tiles. Use a LLaVA-NeXT checkpoint (model_type 'llava_next'), e.g. {_LLAVA_NEXT_HF}"),
+        f"LLaVA-NeXT's anyres tiles. Use a LLaVA-NeXT checkpoint (model_type 'llava_next'), e.g. {_LLAVA_NEXT_HF}"
+    ),
     "qwen": (
         f"Qwen-VL in its remote-code format (model_type 'qwen', e.g. Qwen/Qwen-VL-Chat); {_NO_CHECKPOINT_CODE}. "
-        "Use Qwen2.5-VL (model_type 'qwen2_5_vl'), e.g. Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct"),
+        "Use Qwen2.5-VL (model_type 'qwen2_5_vl'), e.g. Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct"
+    ),
     "qwen2_vl": (
         "Qwen2-VL (model_type 'qwen2_vl'), which has no adapter; use Qwen2.5-VL (model_type 'qwen2_5_vl'), "
-        "e.g. Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct"),
+        "e.g. Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct"
+    ),
 }
 
 
@@ -146,18 +154,24 @@ def unsupported_format(path: Path, config: dict) -> str | None:
     if family in SUPPORTED_FAMILIES:
         return None
     architectures = config.get("architectures") or []
-    if family in _LLAVA_REPOSITORY_TYPES or (family == "llava" and (
-            "mm_vision_tower" in config or not any("ForConditionalGeneration" in str(a) for a in architectures))):
+    if family in _LLAVA_REPOSITORY_TYPES or (
+        family == "llava"
+        and ("mm_vision_tower" in config or not any("ForConditionalGeneration" in str(a) for a in architectures))
+    ):
         key = "llava_original"  # liuhaotian/*, lmms-lab/*: LlavaLlamaForCausalLM, LlavaMistralForCausalLM, ...
     elif family in _OTHER_FORMATS:
         key = family
     elif config.get("auto_map") and family not in _stock_model_types():
-        return (f"{path} holds a {family or 'unknown'!r} model in a remote-code format (its config.json auto_map "
-                f"names code shipped with the checkpoint); {_NO_CHECKPOINT_CODE}. Supported: "
-                f"{', '.join(SUPPORTED_FAMILIES)} (docs/models.md lists the checkpoints)")
+        return (
+            f"{path} holds a {family or 'unknown'!r} model in a remote-code format (its config.json auto_map "
+            f"names code shipped with the checkpoint); {_NO_CHECKPOINT_CODE}. Supported: "
+            f"{', '.join(SUPPORTED_FAMILIES)} (docs/models.md lists the checkpoints)"
+        )
     else:
-        return (f"{path} holds a {family or 'unknown'!r} model; supported: {', '.join(SUPPORTED_FAMILIES)} "
-                "(docs/models.md lists the checkpoints)")
+        return (
+            f"{path} holds a {family or 'unknown'!r} model; supported: {', '.join(SUPPORTED_FAMILIES)} "
+            "(docs/models.md lists the checkpoints)"
+        )
     names = ", ".join(str(a) for a in architectures) or "unnamed"
     return f"{path} holds {_OTHER_FORMATS[key].format(architectures=names)}"
 
@@ -166,8 +180,9 @@ def _member(path: Path, name: object, named_by: str, suffixes: tuple[str, ...] =
     """``name`` as a file inside ``path`` with one of ``suffixes``: what a config or index may point to."""
     if not isinstance(name, str) or not name.endswith(suffixes):
         if isinstance(name, str) and name.endswith(PICKLE_SUFFIXES):
-            raise ModelLoadError(f"{named_by} names pickled weights {name!r}; pickled weights are refused "
-                                 "(convert them to safetensors)")
+            raise ModelLoadError(
+                f"{named_by} names pickled weights {name!r}; pickled weights are refused (convert them to safetensors)"
+            )
         raise ModelLoadError(f"{named_by} names {name!r}, which is not a safetensors file")
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or Path(name).is_absolute() or ".." in pure.parts:
@@ -207,8 +222,9 @@ def check_weight_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     explicit = _read_json(path / "config.json").get("transformers_weights")
     if explicit is not None:
-        entry = _member(path, explicit, f"{path}/config.json transformers_weights",
-                        (".safetensors", ".safetensors.index.json"))
+        entry = _member(
+            path, explicit, f"{path}/config.json transformers_weights", (".safetensors", ".safetensors.index.json")
+        )
     elif (path / SAFE_WEIGHTS).is_file():
         entry = SAFE_WEIGHTS
     elif (path / SAFE_INDEX).is_file():
@@ -216,8 +232,10 @@ def check_weight_files(path: str | os.PathLike) -> list[Path]:
     else:
         pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
         if pickles:
-            raise ModelLoadError(f"{path} holds only pickled weights ({', '.join(pickles)}); pickled weights are "
-                                 "refused (convert them to safetensors)")
+            raise ModelLoadError(
+                f"{path} holds only pickled weights ({', '.join(pickles)}); pickled weights are "
+                "refused (convert them to safetensors)"
+            )
         raise ModelLoadError(f"{path} has no safetensors weights (neither {SAFE_WEIGHTS} nor {SAFE_INDEX})")
     names = [entry]
     if entry.endswith(".index.json"):
@@ -237,11 +255,15 @@ def weights_misfit(loading_info: dict) -> str | None:
     with random weights, which would answer nonsense."""
     if mismatched := loading_info.get("mismatched_keys"):
         key, in_checkpoint, in_model = min(mismatched, key=lambda mismatch: mismatch[0])
-        return (f"weights do not fit the config: {len(mismatched)} tensors differ in shape, e.g. {key} "
-                f"is {list(in_checkpoint)} in the checkpoint, {list(in_model)} in the model")
+        return (
+            f"weights do not fit the config: {len(mismatched)} tensors differ in shape, e.g. {key} "
+            f"is {list(in_checkpoint)} in the checkpoint, {list(in_model)} in the model"
+        )
     if missing := loading_info.get("missing_keys"):
-        return (f"weights do not fit the config (wrong architecture?): {len(missing)} of the model's "
-                f"tensors are not in the checkpoint, e.g. {min(missing)}")
+        return (
+            f"weights do not fit the config (wrong architecture?): {len(missing)} of the model's "
+            f"tensors are not in the checkpoint, e.g. {min(missing)}"
+        )
     return None
 
 

@@ -13,6 +13,7 @@ Pruned path: drop pruned ``<|image_pad|>`` ids and hand ``generate`` the *origin
 of the kept tokens (``get_rope_index``), with the model's cached ``rope_deltas`` cleared.
 Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_for_tokens``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,9 @@ def max_pixels_for_tokens(tokens: int, patch_size: int = 14, merge_size: int = 2
     return int(tokens) * (patch_size * merge_size) ** 2
 
 
-def fitted_max_pixels(tokens: int, image_size: tuple[int, int], min_pixels: int, patch_size: int = 14,
-                      merge_size: int = 2) -> int:
+def fitted_max_pixels(
+    tokens: int, image_size: tuple[int, int], min_pixels: int, patch_size: int = 14, merge_size: int = 2
+) -> int:
     """The largest ``max_pixels`` at which an image of ``image_size`` (height, width) still yields at
     most ``tokens`` tokens.  ``max_pixels_for_tokens`` alone can give up to ~20 % fewer, because
     ``smart_resize`` floors each side to a multiple of 28 px: a baseline with fewer tokens than the
@@ -51,8 +53,10 @@ def fitted_max_pixels(tokens: int, image_size: tuple[int, int], min_pixels: int,
         h, w = smart_resize(*image_size, factor=factor, min_pixels=min(min_pixels, max_pixels), max_pixels=max_pixels)
         return (h // factor) * (w // factor)
 
-    lo, hi = max_pixels_for_tokens(tokens, patch_size, merge_size), max_pixels_for_tokens(4 * tokens, patch_size,
-                                                                                          merge_size)
+    lo, hi = (
+        max_pixels_for_tokens(tokens, patch_size, merge_size),
+        max_pixels_for_tokens(4 * tokens, patch_size, merge_size),
+    )
     if count(hi) <= tokens:
         return hi
     while hi - lo > 1:  # count(lo) <= tokens < count(hi); the count grows with max_pixels
@@ -92,12 +96,14 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
     processor_needing_shim = Qwen2_5_VLProcessor
     supports_downscaling = True
 
-    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor,
-                 options: Qwen2_5_VLOptions = Qwen2_5_VLOptions()):
+    def __init__(
+        self, model: Qwen2_5_VLForConditionalGeneration, processor, options: Qwen2_5_VLOptions = Qwen2_5_VLOptions()
+    ):
         super().__init__(model, processor, options)
         visual = model.model.visual
-        self.vision_layer = self._full_attention_block(options.vision_layer, len(visual.blocks),
-                                                       list(visual.fullatt_block_indexes))
+        self.vision_layer = self._full_attention_block(
+            options.vision_layer, len(visual.blocks), list(visual.fullatt_block_indexes)
+        )
         self._vision_attention = visual.blocks[self.vision_layer].attn
 
     @staticmethod
@@ -118,37 +124,58 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         """The same model reading the image at a resolution of at most ``tokens`` visual tokens: the
         plain down-scaling baseline that pruning to ``tokens`` must beat (shares weights and processor).
         With ``image_size`` the resolution is fitted to that image (the most tokens up to ``tokens``)."""
-        max_pixels = max_pixels_for_tokens(tokens) if image_size is None else fitted_max_pixels(
-            tokens, image_size, self.processor.image_processor.size["shortest_edge"])
+        max_pixels = (
+            max_pixels_for_tokens(tokens)
+            if image_size is None
+            else fitted_max_pixels(tokens, image_size, self.processor.image_processor.size["shortest_edge"])
+        )
         options = dataclasses.replace(self.options, max_pixels=max_pixels)
         return type(self)(self.model, self.processor, options)
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
-        kwargs = {} if self.options.max_pixels is None else resolution_kwargs(self.processor.image_processor,
-                                                                             self.options.max_pixels)
-        return prepare_image_prompt(self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype,
-                                    **kwargs)
+        kwargs = (
+            {}
+            if self.options.max_pixels is None
+            else resolution_kwargs(self.processor.image_processor, self.options.max_pixels)
+        )
+        return prepare_image_prompt(
+            self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype, **kwargs
+        )
 
     # -- 1. encode, with bottom-up saliency --------------------------------------------------------
     @torch.no_grad()
     def encode(self, prepared: PreparedInput) -> VisualTokens:
         grid_thw = prepared.inputs["image_grid_thw"]
         with ReceivedAttentionProbe(self._vision_attention) as probe:
-            out = self.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"],
-                                                      image_grid_thw=grid_thw, return_dict=True)
+            out = self.model.model.get_image_features(
+                pixel_values=prepared.inputs["pixel_values"], image_grid_thw=grid_thw, return_dict=True
+            )
         features = out.pooler_output[0]  # [N, D], raster order over the merged grid
         saliency = self.token_saliency(probe.received().cpu(), grid_thw.cpu())
         rows, cols = self.token_grid(grid_thw)
         region, names, region_rc = self._regions(rows, cols)
         token_boxes = self._token_boxes(rows, cols, prepared.image_size)
-        region_boxes = torch.stack([torch.cat([token_boxes[region == r, :2].amin(0), token_boxes[region == r, 2:].amax(0)])
-                                    for r in range(len(names))])
+        region_boxes = torch.stack(
+            [
+                torch.cat([token_boxes[region == r, :2].amin(0), token_boxes[region == r, 2:].amax(0)])
+                for r in range(len(names))
+            ]
+        )
         mass = torch.zeros(len(names), dtype=torch.float64).index_add_(0, region, saliency.double())
-        return self.visual_tokens(prepared, features, region=region, saliency=saliency,
-                                  region_saliency=mass_logits(mass), global_region=None, token_boxes=token_boxes,
-                                  region_boxes=region_boxes, region_names=names, grid=region_rc,
-                                  token_grid=(rows, cols))
+        return self.visual_tokens(
+            prepared,
+            features,
+            region=region,
+            saliency=saliency,
+            region_saliency=mass_logits(mass),
+            global_region=None,
+            token_boxes=token_boxes,
+            region_boxes=region_boxes,
+            region_names=names,
+            grid=region_rc,
+            token_grid=(rows, cols),
+        )
 
     def token_grid(self, grid_thw: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the merged token grid of the one image in ``grid_thw`` [1, 3]."""
@@ -161,8 +188,9 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
     def token_saliency(self, received: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Per-patch received attention in the tower's window order → per-token sums in raster order."""
         visual = self.model.model.visual
-        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
-                                                  visual.patch_size)
+        window_index, _ = get_vision_window_index(
+            grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
+        )
         per_window_token = received.view(-1, visual.spatial_merge_unit).sum(dim=1)
         return per_window_token[torch.argsort(window_index)]
 
@@ -185,9 +213,12 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
     def rope_positions(self, prepared: PreparedInput) -> torch.Tensor:
         """The model's own 3-D M-RoPE positions of the full prompt, [3, 1, L]."""
         inputs = prepared.inputs
-        positions, _ = self.model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                       image_grid_thw=inputs["image_grid_thw"],
-                                                       attention_mask=inputs["attention_mask"])
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
         return positions
 
     # -- 3. pruned generation (StockModelAdapter.generate, always through explicit positions) -------------

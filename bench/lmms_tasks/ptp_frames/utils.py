@@ -2,6 +2,7 @@
 
 lmms-eval imports this file by path (``!function utils.X`` in ptp_frames.yaml), not as a package.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,9 @@ def data_file(dataset_kwargs: dict | None) -> Path:
         files = files[0]
     path = files or os.environ.get(DATA_ENV)
     if not path:
-        logger.warning(f"ptp_frames: neither data_files nor {DATA_ENV} names a data file: the bundled proxy "
-                       f"frames {BUNDLED}")
+        logger.warning(
+            f"ptp_frames: neither data_files nor {DATA_ENV} names a data file: the bundled proxy frames {BUNDLED}"
+        )
         return BUNDLED
     return Path(path).expanduser()
 
@@ -58,8 +60,16 @@ def frames_dataset(dataset_kwargs: dict | None = None, split: str = "test") -> d
         items = load_items(data_file(dataset_kwargs))
     except DataError as exc:
         raise FramesTaskError(f"ptp_frames: {exc}") from None
-    rows = [{"id": item.id, "image": str(item.image), "question": item.question, "answers": list(item.answers),
-             "type": item.qtype} for item in items]
+    rows = [
+        {
+            "id": item.id,
+            "image": str(item.image),
+            "question": item.question,
+            "answers": list(item.answers),
+            "type": item.qtype,
+        }
+        for item in items
+    ]
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
 
 
