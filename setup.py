@@ -78,6 +78,7 @@ setup(
             "colcon-bash>=0.5",
             "colcon-package-selection>=0.2",
             "colcon-test-result>=0.3",
+            "ruff==0.17.5",  # the linter and formatter .ci/run checks (ruff.toml)
         ],
     },
     zip_safe=False,
