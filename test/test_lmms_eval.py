@@ -145,7 +145,7 @@ def test_lmms_eval_scores_frames_as_ptp_eval_data(model, frames, tmp_path):
         assert sample["accuracy"] == float(ref["correct"]), (item, sample, ref)
         (counts,) = sample["token_counts"]
         assert counts["visual_tokens_kept"] == ref["kept"], (item, counts, ref)
-        assert counts["keep_ratio"] == pytest.approx(RATIO, abs=0.01) and counts["timings_ms"]["total"] > 0
+        assert counts["keep_ratio"] == pytest.approx(RATIO, abs=0.01) and counts["latency_ms"]["total"] > 0
     score = results["results"][task]["accuracy,none"]
     assert score == pytest.approx(sum(float(reference[i["id"]]["correct"]) for i in items) / len(items))
     assert score == pytest.approx(accuracy, abs=1e-4)
@@ -159,7 +159,7 @@ def test_lmms_eval_scores_frames_as_ptp_eval_data(model, frames, tmp_path):
     assert [s["doc_id"] for s in lines] == list(range(len(items)))
     for line, sample in zip(lines, samples):
         assert line["task"] == task and sample["filtered_resps"] in (line["answer"], [line["answer"]])
-        assert line["visual_tokens_total"] > line["visual_tokens_kept"] > 0 and line["timings_ms"]["encode"] > 0
+        assert line["visual_tokens_total"] > line["visual_tokens_kept"] > 0 and line["latency_ms"]["encode"] > 0
     assert any(
         f"ptp_ros: {len(items)} answers, ptp kept" in line and "(11.1 %)" in line and "prefill" in line
         for line in log.splitlines()
@@ -272,7 +272,7 @@ def test_generate_until_with_a_token_budget(plugin, frames, tmp_path):
     result, skipped = model.generate_until(requests)
     assert result.text == item["answers"][0] and result.token_counts.output_tokens == 1
     counts = result.token_counts.to_dict()
-    assert counts["visual_tokens_kept"] == 64 < counts["visual_tokens_total"] and counts["timings_ms"]["total"] > 0
+    assert counts["visual_tokens_kept"] == 64 < counts["visual_tokens_total"] and counts["latency_ms"]["total"] > 0
     assert counts["input_tokens"] > counts["visual_tokens_kept"]
     assert skipped.text == "" and skipped.token_counts is None
     assert model._warned == {"decoding", "skip"}

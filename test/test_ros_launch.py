@@ -259,7 +259,9 @@ MUTANTS = {
     ),
     # an argument's default outside its choices
     "default_not_in_choices": (
-        lambda t: _mutate(t, 'default_value="raw", choices=', 'default_value="jpeg", choices='),
+        lambda t: _mutate(
+            t, 'default_value="raw",\n            choices=', 'default_value="jpeg",\n            choices='
+        ),
         {},
         'default_value "jpeg" is not in provided choices',
     ),

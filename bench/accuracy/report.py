@@ -181,46 +181,17 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
         )
     lines += _flops_section(data, rs)
     lines += _latency_section(data, rs)
-    lines += ["", "## Accuracy by keep ratio", "", "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
-    for label, m in data["methods"].items():
-        n = m["ratios"][rs[0]]["n"]
-        lines.append(
-            f"| {label}{'' if n == meta['questions'] else f' (n={n})'} | "
-            + " | ".join(_cell(m["ratios"][r]) for r in rs)
-            + " |"
-        )
-    lines += [
-        "",
-        "## Relative accuracy (pruned / all tokens) and PTP − method (paired, 95 %)",
-        "",
-        "| method | " + " | ".join(rs) + " |",
-        "|---|" + "---|" * len(rs),
-    ]
-    for label, m in data["methods"].items():
-        cells = []
-        for r in rs:
-            e = m["ratios"][r]
-            d = e["ptp_minus_this"]
-            rel = "–" if e["relative"] is None else f"{100 * e['relative']:.1f} %"
-            cells.append(rel + ("" if d is None else f" ({100 * d[0]:+.1f} ± {100 * d[1]:.1f})"))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _method_table(data, rs, "## Accuracy by keep ratio", _cell, show_n=True)
+    lines += _method_table(
+        data, rs, "## Relative accuracy (pruned / all tokens) and PTP − method (paired, 95 %)", _relative_cell
+    )
     if any(m["ratios"][r]["target_recall"] is not None for m in data["methods"].values() for r in rs):
-        lines += [
-            "",
+        lines += _method_table(
+            data,
+            rs,
             "## Target-object token recall (share of the tile tokens over the asked-about objects that are kept)",
-            "",
-            "| method | " + " | ".join(rs) + " |",
-            "|---|" + "---|" * len(rs),
-        ]
-        for label, m in data["methods"].items():
-            lines.append(
-                f"| {label} | "
-                + " | ".join(
-                    "–" if m["ratios"][r]["target_recall"] is None else f"{100 * m['ratios'][r]['target_recall']:.1f}"
-                    for r in rs
-                )
-                + " |"
-            )
+            lambda e: "–" if e["target_recall"] is None else f"{100 * e['target_recall']:.1f}",
+        )
     pick = rs[len(rs) // 2] if "0.111" not in rs else "0.111"
     types = list(data["all_tokens"]["by_type"])
     lines += [
@@ -241,6 +212,25 @@ def markdown(data: dict, ratios: tuple[float, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _method_table(
+    data: dict, rs: list[str], heading: str, cell, intro: tuple[str, ...] = (), show_n: bool = False
+) -> list[str]:
+    """A report section: ``heading``, ``intro`` lines, then one row per method with ``cell(entry)`` per keep
+    ratio (``show_n``: a row run on fewer questions says how many)."""
+    lines = ["", heading, "", *intro, "| method | " + " | ".join(rs) + " |", "|---|" + "---|" * len(rs)]
+    for label, m in data["methods"].items():
+        n = m["ratios"][rs[0]]["n"]
+        shown = f"{label} (n={n})" if show_n and n != data["meta"]["questions"] else label
+        lines.append(f"| {shown} | " + " | ".join(cell(m["ratios"][r]) for r in rs) + " |")
+    return lines
+
+
+def _relative_cell(e: dict) -> str:
+    d = e["ptp_minus_this"]
+    rel = "–" if e["relative"] is None else f"{100 * e['relative']:.1f} %"
+    return rel + ("" if d is None else f" ({100 * d[0]:+.1f} ± {100 * d[1]:.1f})")
+
+
 def _gflops_note(e: dict) -> str:
     return "" if e.get("prefill_gflops") is None else f", total LLM prefill {e['prefill_gflops']:.4g} GFLOPs"
 
@@ -250,10 +240,7 @@ def _flops_section(data: dict, rs: list[str]) -> list[str]:
     if data["all_tokens"].get("prefill_gflops") is None:
         return []
     llm = data["meta"]["llm"]
-    lines = [
-        "",
-        "## Total LLM prefill GFLOPs / ratio to all tokens",
-        "",
+    intro = (
         f"Mean per question, from bench/cost_model.py with this model's own LLM ({llm['layers']} layers, width "
         f"{llm['hidden']}) at each question's token counts: the prefill at the lengths it runs at plus every "
         f"scoring pass — the relevance probe of pre-LLM methods that read instruction attention (LLM layers "
@@ -263,19 +250,16 @@ def _flops_section(data: dict, rs: list[str]) -> list[str]:
         "vision cost, not counted here, differs too). The main plot, `accuracy_vs_prefill_flops.png`, puts "
         "accuracy against these totals.",
         "",
-        "| method | " + " | ".join(rs) + " |",
-        "|---|" + "---|" * len(rs),
-    ]
-    for label, m in data["methods"].items():
-        cells = []
-        for r in rs:
-            e = m["ratios"][r]
-            cells.append(
-                "–" if e.get("prefill_gflops") is None else f"{e['prefill_gflops']:.4g} / {e['flops_ratio']:.3f}"
-            )
-        n = m["ratios"][rs[0]]["n"]  # a row on fewer scenes: its GFLOPs are of those, its ratio to their all tokens
-        lines.append(f"| {label}{'' if n == data['meta']['questions'] else f' (n={n})'} | " + " | ".join(cells) + " |")
-    return lines
+    )
+    # a row on fewer scenes: its GFLOPs are of those, its ratio to their all tokens
+    return _method_table(
+        data,
+        rs,
+        "## Total LLM prefill GFLOPs / ratio to all tokens",
+        lambda e: "–" if e.get("prefill_gflops") is None else f"{e['prefill_gflops']:.4g} / {e['flops_ratio']:.3f}",
+        intro,
+        show_n=True,
+    )
 
 
 def _latency_section(data: dict, rs: list[str]) -> list[str]:
@@ -283,27 +267,22 @@ def _latency_section(data: dict, rs: list[str]) -> list[str]:
     full = data["all_tokens"].get("latency_ms")
     if not full:
         return []
-    lines = [
-        "",
-        f"## Latency per answer on {data['meta'].get('device', 'this device')}: median total ms / ratio "
-        "to all tokens (median prefill ms)",
-        "",
+    intro = (
         f"All tokens: {full['total']:.1f} ms (prefill {full.get('prefill', 0.0):.1f} ms, encode "
         f"{full.get('encode', 0.0):.1f} ms). Measured one answer at a time, as the node serves them; the "
         "first answers include warm-up.",
         "",
-        "| method | " + " | ".join(rs) + " |",
-        "|---|" + "---|" * len(rs),
-    ]
-    for label, m in data["methods"].items():
-        cells = []
-        for r in rs:
-            t = m["ratios"][r].get("latency_ms")
-            cells.append(
-                "–" if not t else f"{t['total']:.1f} / {t['total'] / full['total']:.2f} ({t.get('prefill', 0.0):.1f})"
-            )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+    )
+
+    def cell(e: dict) -> str:
+        t = e.get("latency_ms")
+        return "–" if not t else f"{t['total']:.1f} / {t['total'] / full['total']:.2f} ({t.get('prefill', 0.0):.1f})"
+
+    heading = (
+        f"## Latency per answer on {data['meta'].get('device', 'this device')}: median total ms / ratio "
+        "to all tokens (median prefill ms)"
+    )
+    return _method_table(data, rs, heading, cell, intro)
 
 
 def plot_flops(data: dict, ratios: tuple[float, ...], path: Path) -> bool:

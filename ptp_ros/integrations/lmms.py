@@ -86,7 +86,7 @@ class PruningCounts(TokenCounts):
     visual_tokens_kept: int | None = None
     visual_tokens_total: int | None = None
     keep_ratio: float | None = None
-    timings_ms: dict = field(default_factory=dict)
+    latency_ms: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -94,7 +94,7 @@ class PruningCounts(TokenCounts):
             "visual_tokens_kept": self.visual_tokens_kept,
             "visual_tokens_total": self.visual_tokens_total,
             "keep_ratio": self.keep_ratio,
-            "timings_ms": dict(self.timings_ms),
+            "latency_ms": dict(self.latency_ms),
         }
 
 
@@ -323,7 +323,7 @@ class PTPRos(lmms):
                 visual_tokens_kept=record["visual_tokens_kept"],
                 visual_tokens_total=record["visual_tokens_total"],
                 keep_ratio=record["keep_ratio"],
-                timings_ms=record["latency_ms"],
+                latency_ms=record["latency_ms"],
             )
             stats.append(record)
             self._write_stats(
@@ -359,12 +359,12 @@ class PTPRos(lmms):
             values = list(values)
             return sum(values) / len(values) if values else 0.0
 
-        stages = list(dict.fromkeys(k for s in stats for k in s["timings_ms"]))
-        stage_ms = {stage: mean(s["timings_ms"][stage] for s in stats if stage in s["timings_ms"]) for stage in stages}
+        stages = list(dict.fromkeys(k for s in stats for k in s["latency_ms"]))
+        stage_ms = {stage: mean(s["latency_ms"][stage] for s in stats if stage in s["latency_ms"]) for stage in stages}
         kept, total = mean(s["visual_tokens_kept"] for s in stats), mean(s["visual_tokens_total"] for s in stats)
         ratio = mean(s["keep_ratio"] for s in stats)
         new_tokens = sum(s["new_tokens"] for s in stats)
-        seconds = sum(s["timings_ms"].get("total", 0.0) for s in stats) / 1e3
+        seconds = sum(s["latency_ms"].get("total", 0.0) for s in stats) / 1e3
         eval_logger.info(
             f"ptp_ros: {n} answers, {self.config.selector} kept {kept:.1f} of {total:.1f} visual tokens "
             f"on average ({100 * ratio:.1f} %); mean ms per answer: "

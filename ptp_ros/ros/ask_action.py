@@ -32,6 +32,9 @@ TEXTS = ("instruction", "status", "answer", "error", "stamp_warning", "mode")
 FLOATS = ("frame_age_ms", "frame_arrival_age_ms", "keep_ratio", "latency_budget_ms", "predicted_ms")  # NaN: absent
 COUNTS = ("visual_tokens_kept", "visual_tokens_total", "new_tokens", "max_new_tokens")  # 0: absent
 FLAGS = ("budget_feasible", "budget_met")
+#: The library's diagnostic fields of an answer (``Answer.to_dict``) that only the JSON ``result`` carries: how
+#: the budget was split over regions and where the tokens were dropped, for logs and rviz tools, not planners.
+JSON_ONLY = ("selector", "quotas", "structural_kept", "structural_total", "prompt_tokens", "prune_layer")
 CANCEL_TRANSITION_S = 2.0  # how long a cancelled goal's result waits for rclpy to mark the goal canceling
 INTERFACE_HINT = "build it with `bash ptp_ros_interfaces/install.sh` (pip venv) or colcon (docs/ros.md)"
 
