@@ -88,7 +88,7 @@ def pick_methods(methods: list[Method], names: list[str]) -> list[Method]:
 
 
 #: Registered peers whose comparison row is an ablation (run on the ablation scenes, not plotted with the
-#: peers): text_attention is FastV's ranking moved before the LLM, what this project called FastV before.
+#: peers): text_attention is FastV's ranking moved before the LLM (a pre-LLM emulation).
 ABLATION_PEERS = frozenset({"text_attention"})
 
 
@@ -140,7 +140,7 @@ def comparison_methods() -> list[Method]:
         _ptp("ptp min-max fusion", fusion="minmax"),
         _ptp("ptp min-max saliency + raw attention", fusion="minmax_raw"),
         *alphas,
-        # The proxy's training supervised the answer row's attention at LLM layer 1 (docs/accuracy):
+        # The proxy's training supervised the answer row's attention at LLM layer 1 (docs/accuracy/training.md):
         # PTP reading that layer is partly by construction, so it is a row of its own, never the default.
         _ptp("ptp llm_layer=1", adapter={"llm_layer": 1}),
         # every other registered selector as its paper runs it: the [CLS] peers read the feature layer's
@@ -185,8 +185,7 @@ def fusion_methods() -> list[Method]:
 def stage_methods() -> list[Method]:
     """Where and over what PTP's instruction stage runs (a separate probe before the LLM, inside the LLM,
     a probe over the bottom-up candidates only), each with top-k and diverse filling of the region
-    quotas, beside FastV in and before the LLM: run on the validation split to choose the defaults
-    (issue 11, items 2, 4 and 6)."""
+    quotas, beside FastV in and before the LLM: run on the validation split to choose the defaults."""
     out = [_ptp("ptp", group="ptp")]
     for within in WITHIN_REGION:
         out += [
@@ -211,8 +210,9 @@ def diversity_methods() -> list[Method]:
     """How PTP fills each region's quota: the diverse pick (``within_region="diverse"``: relevance-weighted
     max–min diversity, weight λ) against plain top-k and DivPrune, at the default LLM layer and at layer 1,
     run on the validation split to choose (never on test).  Every row names its ``within_region`` except
-    "ptp", the library's defaults; "candidate" rows are plotted.  The rows prune before the LLM, as the
-    library did when this sweep chose the diverse pick (stage_methods compares both inside the LLM)."""
+    "ptp", the library's defaults; "candidate" rows are plotted.  The rows prune before the LLM
+    (``prune_in_llm=False``), so only the within-region filling varies; ``stage_methods`` compares both inside
+    the LLM."""
 
     def top_k(label: str, group: str = "candidate", **changes) -> Method:
         return _ptp(f"ptp top-k{label}", group=group, within_region="top_k", prune_in_llm=False, **changes)

@@ -1,7 +1,7 @@
 """Attention supervision for the proxy LLM: the retrieval head is told where to look while it learns.
 
 Why: a from-scratch 4-layer LM learns query-dependent retrieval from one answer word per question only
-after a long plateau (docs/accuracy/README.md, attempts 1–4); telling one head of one layer which visual
+after a long plateau (docs/accuracy/training.md); telling one head of one layer which visual
 tokens hold the asked-about objects removes the plateau.  It is a training aid like the auxiliary vision
 heads: nothing of it is saved, and the layer it supervises is recorded so that the benchmark can say
 which attention rows were shaped by it (PTP and FastV read the *instruction* rows, not the answer row

@@ -2,7 +2,7 @@
 
 Why: a real LVLM's vision tower arrives pre-trained (CLIP) and already encodes objects; ours starts
 from random weights, and a one-word answer per question is too sparse a signal to learn one-patch
-shapes within 45 CPU-minutes (attempts 1–3 sat at the answer prior).  Small heads supply what
+shapes within 45 CPU-minutes (docs/accuracy/training.md).  Small heads supply what
 pre-training would, from the ground truth the scenes carry:
 
 - token head: every packed visual token (after the projector: what the LLM reads) names the object

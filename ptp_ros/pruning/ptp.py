@@ -67,7 +67,7 @@ def rank_per_region(values: torch.Tensor, region: torch.Tensor, num_regions: int
     """Each value's rank inside its region scaled to [0, 1] (0 = lowest, 1 = highest; ties by index).
 
     Keeps the order and forgets the scale: a heavy-tailed saliency (one [CLS] favourite ~1 000× the
-    median) no longer squashes every other token of its tile next to zero.
+    median) does not squash every other token of its tile next to zero.
     """
     valid = region != NO_REGION
     idx = torch.where(valid, region, torch.full_like(region, num_regions))  # structural tokens: a bucket apart
