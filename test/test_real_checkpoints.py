@@ -33,12 +33,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerFast
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from ptp_ros.testing import BASE_WORDS
+from ptp_ros.testing.tokenizer import tokenizer_from_vocab
 from ptp_ros.vlm.compat import hide_video_processor
 from ptp_ros.vlm.internvl import InternVLAdapter
 from ptp_ros.vlm.llava_next import LlavaNextAdapter
@@ -492,20 +492,7 @@ def tokenizer_with_ids(tokens: dict[str, int], attributes: dict[str, str]) -> Pr
     """A word-level tokenizer (the offline one's words) holding ``tokens`` at their published ids."""
     vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>", *BASE_WORDS])}
     vocab.update(tokens)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        model_max_length=131072,
-        extra_special_tokens=attributes,
-    )
-    tok.add_special_tokens({"additional_special_tokens": list(tokens)})
-    return tok
+    return tokenizer_from_vocab(vocab, attributes, tokens, model_max_length=131072)
 
 
 def merged(base: dict, overrides: dict) -> dict:

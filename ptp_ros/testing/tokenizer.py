@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from . import BASE_WORDS, SPECIAL_TOKENS
 
-__all__ = ["BASE_WORDS", "SPECIAL_TOKENS", "build_word_tokenizer"]
+__all__ = ["BASE_WORDS", "SPECIAL_TOKENS", "build_word_tokenizer", "tokenizer_from_vocab"]
 
 
 def build_word_tokenizer(
@@ -25,7 +25,20 @@ def build_word_tokenizer(
     vocab: dict[str, int] = {}
     for token in [*SPECIAL_TOKENS, *extra.values(), *words]:
         vocab.setdefault(token, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    return tokenizer_from_vocab(
+        vocab, {"image_token": "<image>", **extra}, ["<image>", *extra.values()], model_max_length
+    )
+
+
+def tokenizer_from_vocab(
+    vocab: Mapping[str, int],
+    attributes: Mapping[str, str],
+    special: Iterable[str],
+    model_max_length: int = 8192,
+) -> PreTrainedTokenizerFast:
+    """The lower-casing word-level tokenizer over ``vocab`` (token → id, holding ``SPECIAL_TOKENS``) with
+    ``special`` as special tokens; ``attributes`` name some of them as ``tok.<name>`` / ``tok.<name>_id``."""
+    core = Tokenizer(models.WordLevel(vocab=dict(vocab), unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Split("<image>", "isolated")]
@@ -38,7 +51,7 @@ def build_word_tokenizer(
         bos_token="<s>",
         eos_token="</s>",
         model_max_length=model_max_length,
-        extra_special_tokens={"image_token": "<image>", **extra},
+        extra_special_tokens=dict(attributes),
     )
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", *extra.values()]})
+    tok.add_special_tokens({"additional_special_tokens": list(special)})
     return tok
