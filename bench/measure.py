@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ptp_ros.pipeline import Pipeline, PipelineConfig, in_llm_plan
+from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.pruning import NO_REGION, InLLMPruning, make_selector, resolve_budget, selectable_budget, selector_names
 from ptp_ros.timing import STAGES, timed
 from ptp_ros.vlm.common import StockModelAdapter
@@ -58,11 +58,6 @@ class BenchSelector:
             prune_in_llm=self.prune_in_llm,
             max_new_tokens=max_new_tokens,
         )
-
-    def plan(self, llm_layer: int) -> InLLMPruning | None:
-        """Where inside the LLM it prunes (``None``: before the LLM), as ``Pipeline`` decides it."""
-        bound = self.bound()
-        return None if bound is None else in_llm_plan(bound, self.prune_in_llm, llm_layer)
 
     def passes(self, llm_layer: int) -> Passes:
         """What it runs, for the cost model (bench/cost_model.py ``passes_for``)."""

@@ -61,21 +61,21 @@ class AnswerCache:
 
     def get(self, cell: Cell, item: Item) -> dict | None:
         entry = self.entries.get((self.cell_id(cell), item.id))
-        return entry if entry is not None and entry.get("fingerprint") == item.fingerprint() else None
+        return entry if entry is not None and entry.get("fingerprint") == item.fingerprint else None
 
     def put(self, cell: Cell, item: Item, record: dict) -> dict:
         entry = {
             "settings": self.settings,
             "cell": self.cell_id(cell),
             "item": item.id,
-            "fingerprint": item.fingerprint(),
+            "fingerprint": item.fingerprint,
             "label": cell.label,
             **record,
         }
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
-            if self._file.tell() and not self.path.read_bytes().endswith(b"\n"):
+            if self._file.tell() and _last_byte(self.path) != b"\n":
                 self._file.write("\n")  # after a line cut by an interrupted run, start a fresh one
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._file.flush()
@@ -86,6 +86,12 @@ class AnswerCache:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1)
 
 
 class DataEvaluator:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -30,9 +31,10 @@ class Item:
     answers: tuple[str, ...]
     qtype: str = "all"
 
+    @cached_property
     def fingerprint(self) -> str:
         """What identifies the item's content in the results cache: an edited question, answer list or image
-        file gets scored anew."""
+        file gets scored anew (read once per run, not once per cell)."""
         stat = self.image.stat()
         text = json.dumps([self.id, str(self.image), stat.st_size, stat.st_mtime_ns, self.question, self.answers])
         return hashlib.sha1(text.encode()).hexdigest()[:16]

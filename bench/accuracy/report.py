@@ -285,6 +285,11 @@ def _latency_section(data: dict, rs: list[str]) -> list[str]:
     return _method_table(data, rs, heading, cell, intro)
 
 
+def _ci_bars(e: dict) -> list[list[float]]:
+    """One point's 95 % interval as ``errorbar``'s (below, above) distances, in accuracy points."""
+    return [[100 * (e["accuracy"] - e["ci95"][0])], [100 * (e["ci95"][1] - e["accuracy"])]]
+
+
 def plot_flops(data: dict, ratios: tuple[float, ...], path: Path) -> bool:
     """Accuracy against mean total LLM prefill GFLOPs: one marker line per method across the keep ratios,
     the all-tokens point (and the global view only); ``False`` (nothing written) without FLOPs."""
@@ -312,7 +317,7 @@ def plot_flops(data: dict, ratios: tuple[float, ...], path: Path) -> bool:
     ax.errorbar(
         [full["prefill_gflops"]],
         [100 * full["accuracy"]],
-        yerr=[[100 * (full["accuracy"] - full["ci95"][0])], [100 * (full["ci95"][1] - full["accuracy"])]],
+        yerr=_ci_bars(full),
         marker="*",
         ms=14,
         color="k",
@@ -325,7 +330,7 @@ def plot_flops(data: dict, ratios: tuple[float, ...], path: Path) -> bool:
         ax.errorbar(
             [g["prefill_gflops"]],
             [100 * g["accuracy"]],
-            yerr=[[100 * (g["accuracy"] - g["ci95"][0])], [100 * (g["ci95"][1] - g["accuracy"])]],
+            yerr=_ci_bars(g),
             marker="s",
             color="gray",
             ls="none",
@@ -366,7 +371,7 @@ def plot(data: dict, ratios: tuple[float, ...], path: Path) -> None:
         ax.errorbar(
             [g["kept_ratio"]],
             [100 * g["accuracy"]],
-            yerr=[[100 * (g["accuracy"] - g["ci95"][0])], [100 * (g["ci95"][1] - g["accuracy"])]],
+            yerr=_ci_bars(g),
             marker="s",
             color="gray",
             ls="none",
