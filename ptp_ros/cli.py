@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write {args.saliency}: folder {args.saliency.parent} does not exist")
     image = _read_image(args.image)
     try:
+        if args.alpha is not None and args.selector != "ptp":  # given at all, even at PTP's default value
+            raise ValueError(f"PTP's options (alpha, ...) do not apply to selector {args.selector!r}")
         ptp = PTPConfig() if args.alpha is None else PTPConfig(alpha=args.alpha)
         stage = {} if args.prune_in_llm is None else {"prune_in_llm": args.prune_in_llm}
         config = PipelineConfig(

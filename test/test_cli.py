@@ -82,6 +82,7 @@ def test_token_budget_and_plain_answer(tiny_model_dir, capsys):
             [SAMPLE, "hi", "--selector", "fastv", "--alpha", "0.3"],
             "PTP's options (alpha, ...) do not apply to selector 'fastv'",
         ),
+        ([SAMPLE, "hi", "--selector", "divprune", "--alpha", "0.5"], "do not apply to selector 'divprune'"),
         ([SAMPLE, "hi", "--saliency", "/no/such/dir/x.png"], "does not exist"),
     ],
 )
