@@ -103,11 +103,14 @@ def answer_logits(
     suffix_ids: list[torch.Tensor],
     pad_id: int,
     positions: tuple[torch.Tensor, int] | None = None,
-) -> torch.Tensor:
+    last_two: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """[Q, vocab] next-token logits after each question, from one prefix pass shared by all of them.
 
     ``prefix_embeds`` is [B, P, D] with B = 1 (shared by every question) or B = Q (one per question);
-    ``positions`` (from ``kept_positions``, its tensor [3, B, P]) for a model with 3-D positions.
+    ``positions`` (from ``kept_positions``, its tensor [3, B, P]) for a model with 3-D positions;
+    ``last_two``: the suffixes end with the answer word, and the logits before and after it are returned
+    (the answer's and the end-of-answer's).
     """
     lm = model.model.language_model
     ids, last = pad_suffixes(suffix_ids, pad_id)
@@ -123,7 +126,10 @@ def answer_logits(
     hidden = lm(
         inputs_embeds=model.get_input_embeddings()(ids), position_ids=suffix_pos, past_key_values=cache
     ).last_hidden_state
-    return model.lm_head(hidden[torch.arange(q), last])
+    rows = torch.arange(q)
+    if last_two:
+        return model.lm_head(hidden[rows, last - 1]), model.lm_head(hidden[rows, last])
+    return model.lm_head(hidden[rows, last])
 
 
 def prefix_embeddings(model, prefix_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

@@ -192,12 +192,15 @@ def question_key_ids(tokenizer) -> set[int]:
 
 
 class LanguageStage:
-    """Stage 2's loss: answer cross-entropy + attention supervision of two LLM layers."""
+    """Stage 2's loss: answer cross-entropy, end-of-answer cross-entropy (the token after the answer word
+    is the tokenizer's end of sequence, so that generation stops by itself) + attention supervision of
+    two LLM layers."""
 
     def __init__(self, model, processor, hop_layer: int, retrieval_layer: int, weight: float):
         lm = model.model.language_model
         self.model, self.processor, self.weight = model, processor, weight
         self.pad_id = processor.tokenizer.pad_token_id
+        self.eos_id = processor.tokenizer.eos_token_id
         self.hop = AnswerAttentionTap(lm, hop_layer)
         self.retrieval = AnswerAttentionTap(lm, retrieval_layer)
         self.key_ids = question_key_ids(processor.tokenizer)
@@ -209,12 +212,15 @@ class LanguageStage:
         positions = kept_positions(
             layout.positions, item.prefix_ids.shape[0], shown.shape[0], torch.nonzero(shown).squeeze(1)
         )
-        logits = answer_logits(self.model, prefix, item.suffix_ids, self.pad_id, positions)
+        answered = [torch.cat([s, a.view(1)]) for s, a in zip(item.suffix_ids, item.answer_ids)]
+        logits, stop = answer_logits(self.model, prefix, answered, self.pad_id, positions, last_two=True)
         loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
+        loss = loss + torch.nn.functional.cross_entropy(stop, torch.full_like(item.answer_ids, self.eos_id))
         correct = logits.argmax(-1) == item.answer_ids
         if not supervise or self.weight <= 0:
             return loss, correct
-        ids, last = pad_suffixes(item.suffix_ids, self.pad_id)
+        ids, last = pad_suffixes(answered, self.pad_id)
+        last = last - 1  # the answer position, before the answer word
         position = torch.full_like(layout.region, -1)
         position[shown] = item.prefix_ids.shape[0] + torch.arange(int(shown.sum()))
         hop, wanted = wanted_attention(
@@ -291,12 +297,27 @@ def main(argv=None) -> None:
     ap.add_argument("--focus", type=float, default=0.3, help="share of stage 2 reading object tokens + --focus-keep")
     ap.add_argument("--focus-keep", type=float, default=0.1)
     ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision (0: off)")
-    ap.add_argument("--hop-layer", type=int, default=0)
-    ap.add_argument("--retrieval-layer", type=int, default=1)
+    ap.add_argument(
+        "--hop-layer",
+        type=int,
+        default=6,
+        help="LLM layer whose answer row is supervised to gather the question's words; keep it deeper than any "
+        "layer a selector of the report reads (FastV and PTP in the LLM read layer K-1)",
+    )
+    ap.add_argument("--retrieval-layer", type=int, default=7, help="LLM layer supervised to retrieve the objects")
+    ap.add_argument(
+        "--vision-from",
+        type=Path,
+        default=None,
+        help="a trained checkpoint of the same family and vision width whose vision tower and projector are "
+        "taken (frozen) instead of running stage 1",
+    )
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same arguments)")
+    ap.add_argument("--checkpoint-every", type=int, default=100, help="stage-2 steps between resumable checkpoints")
     ap.add_argument("--vision-width", type=int, default=96)
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--text-width", type=int, default=128)
-    ap.add_argument("--text-layers", type=int, default=4)
+    ap.add_argument("--text-layers", type=int, default=12)
     ap.add_argument("--val-scenes", type=int, default=24)
     ap.add_argument("--val-every", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
@@ -317,8 +338,12 @@ def main(argv=None) -> None:
     model, processor = build_model(words, args.seed, widths, args.family)
     adapter = family.adapter_class(model, processor)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.log or args.out / "train_log.jsonl").open("w")
-    start = time.perf_counter()
+    checkpoint = Checkpoint(args.out / "checkpoint.pt")
+    state = checkpoint.load() if args.resume else None
+    if args.resume and state is None:
+        ap.error(f"--resume: no {checkpoint.path}")
+    log = (args.log or args.out / "train_log.jsonl").open("a" if state else "w")
+    start = time.perf_counter() - (state["elapsed_s"] if state else 0.0)
 
     def elapsed() -> float:
         return time.perf_counter() - start
@@ -336,34 +361,84 @@ def main(argv=None) -> None:
 
     write(
         {
-            "event": "start",
+            "event": "resume" if state else "start",
             "params": sum(p.numel() for p in model.parameters()),
             "args": {k: str(v) for k, v in vars(args).items()},
             "low_res": low_res,
             "global_only": global_only,
             "cpu_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
+            **({"stage": state["stage"], "step": state["step"]} if state else {}),
         }
     )
     model.train()
 
-    # Stage 1: vision.
-    heads = AuxiliaryHeads(args.text_width, args.vision_width)
-    tap = FeatureLayerTap(model) if family.has_cls else None
     vision_params = [
         p for name, p in model.named_parameters() if not name.startswith(("model.language_model.", "lm_head."))
-    ] + [*heads.parameters()]
-    opt = torch.optim.AdamW(vision_params, lr=args.vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    ]
+    if state:
+        model.load_state_dict(state["model"])
+    elif args.vision_from:
+        taken = take_vision(model, args.vision_from)
+        write({"event": "vision taken", "from": str(args.vision_from), "tensors": taken})
+    if not args.vision_from and not (state and state["stage"] == "language"):
+        run_vision_stage(args, model, processor, adapter, family, low_res, vision_params, state, checkpoint, write, elapsed)
+        state = None
+    for p in vision_params:
+        p.requires_grad_(False)
+    run_language_stage(args, model, processor, adapter, low_res, global_only, state, checkpoint, write, elapsed, save)
+
+
+class Checkpoint:
+    """A resumable training state in one file, written atomically (a run on these machines may stop anywhere)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+
+    def save(self, stage: str, step: int, elapsed_s: float, model, opt, **extra) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        state = {"stage": stage, "step": step, "elapsed_s": elapsed_s, "model": model.state_dict()}
+        torch.save({**state, "opt": opt.state_dict(), **extra}, tmp)
+        tmp.replace(self.path)
+
+
+def take_vision(model, source: Path) -> int:
+    """Copy every non-LLM tensor (vision tower, projector, newline) of a trained checkpoint into ``model``."""
+    trained = type(model).from_pretrained(source).state_dict()
+    own = model.state_dict()
+    taken = {k: v for k, v in trained.items() if not k.startswith(("model.language_model.", "lm_head.")) and k in own}
+    missing = [k for k in own if not k.startswith(("model.language_model.", "lm_head.")) and k not in taken]
+    if missing:
+        raise SystemExit(f"--vision-from {source}: no {missing[:3]} (another family or width?)")
+    model.load_state_dict(taken, strict=False)
+    return len(taken)
+
+
+def run_vision_stage(args, model, processor, adapter, family, low_res, vision_params, state, checkpoint, write, elapsed):
+    """Stage 1: the vision tower and projector learn through the auxiliary heads on crowded scenes."""
+    heads = AuxiliaryHeads(args.text_width, args.vision_width)
+    tap = FeatureLayerTap(model) if family.has_cls else None
+    params = vision_params + [*heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    first = 0
+    if state:
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        first = state["step"]
     budget = 60 * args.vision_minutes
     # half as many low-resolution scenes as stage 2: crowded and small, most of their tokens hold two objects
     stream = DataLoader(
-        SceneStream(processor, "train", 5_000_000, 10**6, 0, crowd=args.crowd, low_res=low_res / 2),
+        SceneStream(processor, "train", 5_000_000 + first, 10**6, 0, crowd=args.crowd, low_res=low_res / 2),
         batch_size=None,
         num_workers=1,
         prefetch_factor=4,
     )
     window: dict[str, list] = defaultdict(list)
-    for step, item in enumerate(stream):
+    step = first
+    for step, item in enumerate(stream, start=first):
         for group in opt.param_groups:
             group["lr"] = args.vision_lr * cosine(elapsed() / budget, 0.05)
         layout = SceneLayout(adapter, item)
@@ -373,7 +448,7 @@ def main(argv=None) -> None:
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
             tile_obj = (layout.tokens > 0) & ~layout.overview
@@ -386,18 +461,27 @@ def main(argv=None) -> None:
         if (step + 1) % 25 == 0 or done:
             write({"stage": "vision", "step": step + 1, **{k: round(sum(v) / len(v), 4) for k, v in window.items()}})
             window = defaultdict(list)
+        if (step + 1) % args.checkpoint_every == 0 and not done:
+            checkpoint.save("vision", step + 1, elapsed(), model, opt, heads=heads.state_dict())
         if done:
             break
     write({"event": "vision done", "steps": step + 1})
-    del stream
-    for p in vision_params:
-        p.requires_grad_(False)
 
-    # Stage 2: language.
+
+def run_language_stage(args, model, processor, adapter, low_res, global_only, state, checkpoint, write, elapsed, save):
+    """Stage 2: the LLM learns the task on task scenes (vision frozen), validated every ``--val-every`` steps."""
     stage = LanguageStage(model, processor, args.hop_layer, args.retrieval_layer, args.attention)
     lm_params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(lm_params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    lm_start, lm_budget = elapsed(), 60 * args.max_minutes - elapsed()
+    gen = torch.Generator().manual_seed(args.seed)
+    first = 0
+    if state:
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["generator"])
+        first, lm_start = state["step"], state["lm_start_s"]
+    else:
+        lm_start = elapsed()
+    lm_budget = 60 * args.max_minutes - lm_start
     val = [(item, SceneLayout(adapter, item)) for item in SceneStream(processor, "val", 0, args.val_scenes, 2)]
     # a model read at any resolution is also validated at 128 tokens (~1/10 of its ~1 250, near the benchmark's 11.1 %)
     val_low = (
@@ -411,14 +495,14 @@ def main(argv=None) -> None:
         ]
     )
     stream = DataLoader(
-        SceneStream(processor, "train", 0, 10**6, args.per_type, low_res=low_res),
+        SceneStream(processor, "train", first, 10**6, args.per_type, low_res=low_res),
         batch_size=None,
         num_workers=1,
         prefetch_factor=4,
     )
-    gen = torch.Generator().manual_seed(args.seed)
     window = defaultdict(list)
-    for step, item in enumerate(stream):
+    step = first
+    for step, item in enumerate(stream, start=first):
         progress = (elapsed() - lm_start) / lm_budget
         for group in opt.param_groups:
             group["lr"] = args.lr * cosine(progress, 0.03)
@@ -458,6 +542,10 @@ def main(argv=None) -> None:
                 }
             )
             save()
+        if (step + 1) % args.checkpoint_every == 0 or done:
+            checkpoint.save(
+                "language", step + 1, elapsed(), model, opt, generator=gen.get_state(), lm_start_s=lm_start
+            )
         if done:
             break
     write({"event": "done", "language_steps": step + 1, "train_seconds": round(elapsed(), 1)})
