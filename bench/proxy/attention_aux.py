@@ -1,11 +1,14 @@
-"""Attention supervision for the proxy LLM: the retrieval head is told where to look while it learns.
+"""Attention supervision for the proxy LLM: one head of two *deep* layers is told where to look while it learns.
 
-Why: a from-scratch 4-layer LM learns query-dependent retrieval from one answer word per question only
-after a long plateau (docs/accuracy/training.md); telling one head of one layer which visual
-tokens hold the asked-about objects removes the plateau.  It is a training aid like the auxiliary vision
-heads: nothing of it is saved, and the layer it supervises is recorded so that the benchmark can say
-which attention rows were shaped by it (PTP and FastV read the *instruction* rows, not the answer row
-supervised here).
+Why: a from-scratch LM learns query-dependent retrieval from one answer word per question only after a
+long plateau (docs/accuracy/training.md); telling one head which tokens the answer position should read
+removes the plateau.  It is a training aid like the auxiliary vision heads: nothing of it is saved.
+
+What it shapes: the answer position's attention row (the last prompt token) at the hop and retrieval
+layers.  That row is exactly what FastV ranks by (the last token at layer K − 1), and it is one of the
+instruction rows PTP's instruction stage reads at layer K, so supervising a layer a selector reads would
+train that selector's ranking in.  The supervised layers must therefore lie deeper than every layer a
+row of the accuracy report reads (train.py's defaults: 6 and 7 of 12, reports read layers ≤ 5).
 """
 
 from __future__ import annotations
