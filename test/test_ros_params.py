@@ -1,8 +1,11 @@
 """The parameter table, config/agent.yaml and the node agree; runtime-settable ones are the Settings; a
-removed parameter still set by an old params file is named in a warning, not silently ignored."""
+removed parameter still set by an old params file is named in a warning, not silently ignored.  Over DDS:
+rclpy's own use_sim_time and an integer for a float parameter are answered, a burst of changes cannot
+flood the log, and a shutdown transition ends the process."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -12,11 +15,13 @@ pytest.importorskip("rcl_interfaces", reason="ROS 2 is not installed (pip instal
 
 from ptp_ros.ros.params import (  # noqa: E402
     BY_NAME,
+    FLOATS,
     PARAMS,
     REMOVED,
     RUNTIME,
     check_choice,
     removed_parameter_warnings,
+    widen_integers,
 )
 from ptp_ros.ros.worker import Settings  # noqa: E402
 
@@ -75,3 +80,127 @@ def test_an_old_params_file_setting_a_removed_parameter_gets_a_warning(ros, tmp_
         assert removed_parameter_warnings(clean) == []
     finally:
         rclpy.shutdown(context=context)
+
+
+def test_an_integer_for_a_float_parameter_becomes_that_float():
+    from rclpy.parameter import Parameter
+
+    [budget, tokens, other] = widen_integers(
+        [
+            Parameter("latency_budget_ms", value=4000),
+            Parameter("max_new_tokens", value=4),
+            Parameter("use_sim_time", value=True),
+        ]
+    )
+    assert budget.type_ == Parameter.Type.DOUBLE and budget.value == 4000.0 and isinstance(budget.value, float)
+    assert tokens.type_ == Parameter.Type.INTEGER and tokens.value == 4  # an integer parameter stays one
+    assert other.type_ == Parameter.Type.BOOL and other.value is True
+    assert FLOATS >= {"latency_budget_ms", "keep_ratio", "alpha", "max_frame_age_ms"}
+    assert not FLOATS & {"max_new_tokens", "queue_size", "mode"}
+
+
+def test_parameters_the_node_did_not_declare_are_left_to_rclpy():
+    assert check_choice("use_sim_time", True) is None
+    assert check_choice("some_plugin.param", "x") is None
+
+
+# -- over DDS: the agent in its own process, parameters set through its services as `ros2 param set` does -----
+NODE = "/params/ptp_params"
+STARTUP_S = 180.0  # model load + calibration on a busy 2-core box
+
+
+@pytest.fixture(scope="module")
+def agent(ros, tmp_path_factory):
+    from ros_helpers import NodeProcess
+
+    node = NodeProcess(
+        ros,
+        tmp_path_factory.mktemp("params") / "agent.log",
+        node_name="ptp_params",
+        namespace="/params",
+        params={"mode": "fixed", "keep_ratio": 0.1, "max_new_tokens": 1, "calibration_keep_ratios": [0.1]},
+    )
+    yield node
+    code = node.stop()
+    assert code == 0, f"agent exited with {code}:\n{node.log()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def probe(ros, agent):
+    from ros_helpers import Probe
+
+    p = Probe(namespace="/params")
+    try:
+        p.wait_for(lambda: (v := p.diag_values(NODE)) and v["model_state"] == "serving", STARTUP_S, "serving")
+    except TimeoutError:
+        pytest.fail(f"the agent never served:\n{agent.log()[-3000:]}")
+    yield p
+    p.close()
+
+
+def test_use_sim_time_is_answered_and_a_parameter_beside_it_applied(probe):
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+
+    # one call, two parameters, as `ros2 param load` sends them: one result each
+    request = SetParameters.Request(
+        parameters=[
+            Parameter("use_sim_time", value=True).to_parameter_msg(),
+            Parameter("keep_ratio", value=0.2).to_parameter_msg(),
+        ]
+    )
+    results = probe.call(SetParameters, f"{NODE}/set_parameters", request).results
+    assert [r.successful for r in results] == [True, True], [r.reason for r in results]
+    assert probe.get_parameter(NODE, "use_sim_time") is True
+    assert probe.get_parameter(NODE, "keep_ratio") == pytest.approx(0.2)
+    [back] = probe.set_parameters(NODE, {"use_sim_time": False})
+    assert back.successful, back.reason
+    assert probe.get_parameter(NODE, "use_sim_time") is False
+    assert probe.diag_values(NODE)["internal_errors"] == "0"
+
+
+def test_an_integer_latency_budget_is_accepted_as_a_float(probe):
+    [outcome] = probe.set_parameters(NODE, {"latency_budget_ms": 4000})  # what `ros2 param set ... 4000` sends
+    assert outcome.successful, outcome.reason
+    value = probe.get_parameter(NODE, "latency_budget_ms")
+    assert value == 4000.0 and isinstance(value, float)
+    probe.wait_for(lambda: probe.diag_values(NODE)["latency_budget_ms"] == "4000", 10, "the new budget in use")
+    [too_big] = probe.set_parameters(NODE, {"latency_budget_ms": 10**12})  # still range-checked
+    assert not too_big.successful
+    [wrong] = probe.set_parameters(NODE, {"max_new_tokens": 2.5})  # a float for an integer is still refused
+    assert not wrong.successful
+
+
+def test_a_burst_of_parameter_sets_writes_a_bounded_log(probe, agent):
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+    from ros_helpers import wait_future
+
+    def changed_lines() -> int:
+        return agent.log().count("parameters changed")
+
+    client = probe.node.create_client(SetParameters, f"{NODE}/set_parameters")
+    assert client.wait_for_service(timeout_sec=20)
+    before, started = changed_lines(), time.monotonic()
+    calls = 300
+    for i in range(calls):
+        msg = Parameter("alpha", value=0.3 + 0.1 * (i % 2)).to_parameter_msg()
+        response = wait_future(client.call_async(SetParameters.Request(parameters=[msg])), 20, "set_parameters")
+        assert response.results[0].successful
+    elapsed = time.monotonic() - started
+    probe.node.destroy_client(client)
+    time.sleep(0.5)  # let the last line reach the log file
+    written = changed_lines() - before
+    assert 1 <= written <= 2 + elapsed / 5.0, f"{written} lines for {calls} changes in {elapsed:.1f} s"
+
+
+def test_a_shutdown_transition_finalizes_the_node_and_ends_the_process(probe, agent):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    request = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVE_SHUTDOWN))
+    assert probe.call(ChangeState, f"{NODE}/change_state", request).success
+    probe.wait_for(lambda: probe.diag_values(NODE)["model_state"] == "finalized", 10, "finalized diagnostics")
+    assert "not serving: model finalized" in probe.diag_values(NODE)["_message"]
+    assert agent.proc.wait(20) == 0, agent.log()[-3000:]
+    assert "shutting down (the shutdown transition)" in agent.log()

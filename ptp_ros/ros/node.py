@@ -41,7 +41,7 @@ from ..vlm.defaults import default_model_path
 from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import ask_action, conversions
 from .diagnostics import Health, agent_status
-from .params import PARAMS, RUNTIME, check_choice, removed_parameter_warnings
+from .params import PARAMS, RUNTIME, check_choice, removed_parameter_warnings, widen_integers
 from .requests import RequestError, loggable, parse_request
 from .worker import Counters, Frame, RequestWorker, Settings, calibrate
 
@@ -65,6 +65,7 @@ class AgentNode(LifecycleNode):
         self.settings = Settings(**{name: self.get_parameter(name).value for name in RUNTIME})
         if problems := self.settings.problems():
             raise ValueError("; ".join(problems))
+        self.add_pre_set_parameters_callback(widen_integers)  # `ros2 param set ... latency_budget_ms 4000` works
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
         self.counters = Counters()
@@ -75,6 +76,7 @@ class AgentNode(LifecycleNode):
         self._image_sub = None
         self._request_numbers = itertools.count(1)  # thread-safe: instructions arrive on a reentrant group
         self._configure_cancel = threading.Event()  # set on shutdown: calibration stops at its next token
+        self.finalized = threading.Event()  # set by the shutdown transition: main then exits the process
         self.configuring = False  # model loading cannot be interrupted: a shutdown then exits the process
         self._max_pixels = self.get_parameter("max_input_pixels").value
         # outputs and the instruction input exist in every state: a planner always gets a result,
@@ -112,7 +114,9 @@ class AgentNode(LifecycleNode):
             self.settings = dataclasses.replace(self.settings, **changes)
             if self.worker is not None:
                 self.worker.settings = self.settings
-            self.get_logger().info(f"parameters changed: {changes}")
+            # throttled: a peer setting parameters in a loop cannot flood the log (every change is on
+            # /parameter_events)
+            self.get_logger().info(f"parameters changed: {changes}", throttle_duration_sec=LOG_THROTTLE_S)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -208,9 +212,13 @@ class AgentNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Finalized is final (no transition leads out of it), so the process exits: diagnostics say
+        ``finalized`` once more, and ``main`` stops as on SIGTERM."""
         self.stop_serving("the node shut down", shutting_down=True)
         self.worker = None
-        self.model_state = "unconfigured"
+        self.model_state = "finalized"
+        self._publish_diagnostics()
+        self.finalized.set()
         return TransitionCallbackReturn.SUCCESS
 
     def stop_serving(self, reason: str, shutting_down: bool = False) -> None:
@@ -387,10 +395,10 @@ SPIN_PERIOD_S = 0.1
 
 
 def spin_until(executor, node: AgentNode, stop: threading.Event) -> None:
-    """Spin until ``stop`` or rclpy shutdown.  An exception that escapes a callback (every callback catches
-    its own, so this is the last net) is counted and logged, and spinning goes on: no message may end the
-    process."""
-    while not stop.is_set() and rclpy.ok(context=node.context):
+    """Spin until ``stop``, the node's shutdown transition or rclpy shutdown.  An exception that escapes a
+    callback (every callback catches its own, so this is the last net) is counted and logged, and spinning
+    goes on: no message may end the process."""
+    while not stop.is_set() and not node.finalized.is_set() and rclpy.ok(context=node.context):
         try:
             executor.spin_once(timeout_sec=SPIN_PERIOD_S)
         except (KeyboardInterrupt, ExternalShutdownException):
@@ -441,7 +449,7 @@ def main(args: list[str] | None = None, node_class: type[AgentNode] = AgentNode)
         )
     try:
         spin_until(executor, node, stop.event)
-        why = stop.name or "rclpy shutdown"
+        why = stop.name or ("the shutdown transition" if node.finalized.is_set() else "rclpy shutdown")
         node.get_logger().info(f"shutting down ({why})")
         node.stop_serving(f"the node shut down ({why})", shutting_down=True)
         if node.ask is not None:

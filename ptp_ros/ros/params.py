@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.parameter import Parameter
 
 from .requests import MAX_NEW_TOKENS_LIMIT
 from .worker import MODES, Settings
@@ -152,6 +153,7 @@ PARAMS: tuple[Param, ...] = (
 )
 BY_NAME = {p.name: p for p in PARAMS}
 RUNTIME = tuple(f.name for f in fields(Settings))  # the runtime-settable ones, named as in Settings
+FLOATS = frozenset(p.name for p in PARAMS if isinstance(p.default, float))
 
 #: Parameters earlier versions declared, and why they are gone.  ROS ignores a parameter nobody declares,
 #: so a params file that still sets one would otherwise do nothing without a word: the node warns instead
@@ -164,11 +166,26 @@ REMOVED: dict[str, str] = {
 
 
 def check_choice(name: str, value: Any) -> str | None:
-    """Why ``value`` is not allowed for ``name`` (ranges and types are checked by rclpy itself)."""
-    choices = BY_NAME[name].choices
-    if choices and value not in choices:
-        return f"{name} must be one of {', '.join(choices)}, got {value!r}"
+    """Why ``value`` is not allowed for ``name`` (ranges and types are checked by rclpy itself).  A parameter
+    outside the table (rclpy's own ``use_sim_time``) is rclpy's to check: None."""
+    param = BY_NAME.get(name)
+    if param is not None and param.choices and value not in param.choices:
+        return f"{name} must be one of {', '.join(param.choices)}, got {value!r}"
     return None
+
+
+def widen_integers(params: list[Parameter]) -> list[Parameter]:
+    """``params`` with an integer given for a float parameter turned into that float.
+
+    rclpy types a parameter by its default and refuses any other type, so ``ros2 param set /ptp_agent
+    latency_budget_ms 4000`` would fail with "Wrong parameter type"; registered with rclpy's
+    ``add_pre_set_parameters_callback``, this runs before that check, and the value stays a float."""
+    return [
+        Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+        if p.type_ == Parameter.Type.INTEGER and p.name in FLOATS
+        else p
+        for p in params
+    ]
 
 
 def removed_parameter_warnings(node) -> list[str]:
