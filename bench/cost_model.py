@@ -24,6 +24,7 @@ bench/models.py can also build with random weights for timing (LLaVA-NeXT); the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-NeXT (24 layers, all run; 577 tokens a tile).
@@ -175,11 +176,19 @@ def prefill_flops(model: dict, tokens: int) -> float:
     return m["layers"] * layer + 2 * m["hidden"] * m["vocab"]
 
 
-def decode_flops_per_token(model: dict, context: int) -> float:
-    """One decoding step attending to ``context`` cached tokens (plus itself), LM head included."""
+def decode_flops_per_token(
+    model: dict, context: int, prompt_context: int | None = None, prune_layer: int | None = None
+) -> float:
+    """One decoding step attending to ``context`` cached tokens (plus itself), LM head included; with in-LLM
+    pruning the layers below ``prune_layer`` attend to their full-length cache of ``prompt_context`` tokens."""
     m = _llm(model)
-    layer = _layer_flops(1, m["hidden"], m["ffn"], m["heads"], m["kv_heads"], m["gated_mlp"], context + 1)
-    return m["layers"] * layer + 2 * m["hidden"] * m["vocab"]
+
+    def layer(keys: int) -> float:
+        return _layer_flops(1, m["hidden"], m["ffn"], m["heads"], m["kv_heads"], m["gated_mlp"], keys + 1)
+
+    full_layers = 0 if prune_layer is None else min(prune_layer, m["layers"])
+    full = layer(context if prompt_context is None else prompt_context)
+    return full_layers * full + (m["layers"] - full_layers) * layer(context) + 2 * m["hidden"] * m["vocab"]
 
 
 def kv_bytes_per_token(model: dict, bytes_per_value: int = 2) -> float:
@@ -297,7 +306,7 @@ def prefill_breakdown(
     kept: int,
     passes: Passes = Passes(),
     query_tokens: int | None = None,
-    regions: int = 1,
+    regions: int | Sequence[int] = 1,
 ) -> dict[str, float]:
     """A request's total LLM prefill FLOPs by part: ``prefill`` (every decoder layer at the length it runs
     at, LM head for the last token), ``scoring`` (the relevance probe or the in-LLM attention rows),
@@ -306,8 +315,9 @@ def prefill_breakdown(
     ``model``: a ``MODELS`` entry or its ``llm`` dict (``llm_dims_from_config`` builds one for any
     checkpoint).  ``text_tokens``: every prompt token that is not visual; ``query_tokens``: the ranking
     rows for ``queries="instruction"`` (the tokens after the image; default ``text_tokens``, a slight
-    over-count by the template tokens before the image).  ``regions``: equal regions for
-    ``diversity="per_region"``.  Keeping every visual token scores nothing (as the pipeline does)."""
+    over-count by the template tokens before the image).  ``regions``: the region sizes (or a count of
+    equal regions) the selection's distances run over (``selection_flops``).  Keeping every visual token
+    scores nothing (as the pipeline does)."""
     m = _llm(model)
     layers, head = m["layers"], 2 * m["hidden"] * m["vocab"]
     full, pruned = text_tokens + visual_tokens, text_tokens + min(kept, visual_tokens)
@@ -331,10 +341,29 @@ def prefill_breakdown(
             )
             out["scoring"] = relevance_flops(m, probed, passes.probe_layer, rows)
     if passes.diversity is not None:
-        groups = max(1, regions) if passes.diversity == "per_region" else 1
-        out["selection"] = 2 * visual_tokens**2 * m["hidden"] / groups  # N×N cosine distances over D
+        out["selection"] = selection_flops(m, passes.diversity, visual_tokens, regions)
     out["total"] = out["prefill"] + out["scoring"] + out["selection"]
     return out
+
+
+def selection_flops(model: dict, diversity: str, visual_tokens: int, regions: int | Sequence[int] = 1) -> float:
+    """The cosine-distance products a diverse selector runs on the D-wide projected features, as its code runs
+    them: ``"all"`` one [N, N] product over the selectable tokens (DivPrune; PTP's pick without region
+    budgets), 2·N²·D; ``"per_region"`` one batched [R, n, n] product padded to the largest region n
+    (``ptp.diverse_per_region``), 2·R·n²·D.  ``regions``: the selectable tokens' region sizes, or a count of
+    equal regions over ``visual_tokens``."""
+    if diversity not in ("all", "per_region"):
+        raise ValueError(f"diversity must be 'all' or 'per_region', got {diversity!r}")
+    if isinstance(regions, int):
+        sizes = [math.ceil(visual_tokens / max(1, regions))] * max(1, regions)
+        selectable = visual_tokens
+    else:
+        sizes = [int(n) for n in regions if n > 0] or [visual_tokens]
+        selectable = sum(sizes)
+    hidden = _llm(model)["hidden"]
+    if diversity == "all":
+        return 2 * selectable**2 * hidden
+    return 2 * len(sizes) * max(sizes) ** 2 * hidden
 
 
 def total_prefill_flops(
@@ -344,7 +373,7 @@ def total_prefill_flops(
     kept: int,
     passes: Passes = Passes(),
     query_tokens: int | None = None,
-    regions: int = 1,
+    regions: int | Sequence[int] = 1,
 ) -> float:
     """Total LLM prefill FLOPs of one request, every scoring pass and the selection included
     (``prefill_breakdown``'s ``total``)."""
@@ -412,7 +441,14 @@ ANALYTIC_METHODS = (
         {},
         False,
     ),
-    ("ptp_in_llm", "ptp in-LLM, the library's default (ranked at layer 2, dropped from layer 2)", "ptp", {}, True),
+    (
+        "ptp_in_llm",
+        "ptp in-LLM, the library's default (ranked at layer 2, dropped from layer 2; diverse pick: one cosine-distance "
+        "product per region)",
+        "ptp",
+        {},
+        True,
+    ),
     ("fastv", "fastv in-LLM (K=2: last token's attention at layer 1, dropped from layer 2)", "fastv", {}, False),
     ("divprune", "divprune (pre-LLM, N×N cosine distances on the projected features)", "divprune", {}, False),
 )
@@ -468,15 +504,23 @@ def cost_table(
     visual_tokens: int | None = None,
     bytes_per_value: int = 2,
 ) -> list[dict]:
-    """One row per keep ratio: absolute costs and ratios to the unpruned request, and under ``totals`` each
-    of ``ANALYTIC_METHODS``' total LLM prefill FLOPs (scoring passes included) and its ratio to unpruned."""
+    """One row per keep ratio: absolute costs and ratios to the unpruned request (the KV cache and a decoding
+    step of pre-LLM pruning, and ``*_in_llm`` those of in-LLM pruning at the library's prune layer, whose
+    lower layers keep the whole prompt), and under ``totals`` each of ``ANALYTIC_METHODS``' total LLM
+    prefill FLOPs (scoring passes included) and its ratio to unpruned."""
     model = MODELS[name]
     total = visual_tokens or model["max_visual_tokens"]
     tiles = tiles_for(model, total)
     base = costs(model, total, text_tokens, tiles, bytes_per_value)
+    prune_layer = passes_for("ptp", prune_in_llm=True).prune_layer  # the library's default in-LLM plan
+    prompt = total + text_tokens
     rows = []
     for r in keep_ratios:
         c = costs(model, kept_tokens(total, r), text_tokens, tiles, bytes_per_value)
+        pruned = c.visual_tokens + text_tokens
+        # in-LLM pruning keeps the full prompt in the cache of the layers below the prune layer (none when all
+        # tokens are kept: the unpruned path)
+        inside = prune_layer if c.visual_tokens < total else None
         rows.append(
             {
                 "model": name,
@@ -490,6 +534,9 @@ def cost_table(
                 "vision_plus_prefill_ratio": c.total_prefill_flops / base.total_prefill_flops,
                 "kv_cache_mib": c.kv_cache_bytes / 2**20,
                 "decode_gflops_per_token": c.decode_flops_per_token / 1e9,
+                "in_llm_prune_layer": prune_layer,
+                "kv_cache_mib_in_llm": kv_cache_bytes(model, prompt, pruned, inside, bytes_per_value) / 2**20,
+                "decode_gflops_per_token_in_llm": decode_flops_per_token(model, pruned, prompt, inside) / 1e9,
                 "relevance_tflops_layer2": relevance_flops(model, total + text_tokens, 2, text_tokens) / 1e12,
                 # per method: total LLM prefill FLOPs, scoring passes and selection included (ANALYTIC_METHODS)
                 "totals": method_totals(model, text_tokens, total, c.visual_tokens, regions=tiles),

@@ -457,11 +457,14 @@ def _analytic_section(analytic: dict[str, list[dict]]) -> list[str]:
         "tokens) is the first row below, within 5 % of the published 41.7 TFLOPs (CDPruner, GlobalCom²) and "
         "43.58 TFLOPs (FasterVLM); KV cache in fp16. The vision tower does not shrink with pre-LLM pruning. "
         '"LLM prefill" here is the prefill over the kept tokens only; the totals per method, scoring '
-        "included, follow.",
+        "included, follow. KV MiB and decode are those of pre-LLM pruning; in-LLM pruning (ptp_in_llm, fastv; "
+        "prune layer 2) keeps the whole prompt in the cache of layers 0–1, and a decoding step attends to it "
+        "there (the in-LLM columns).",
         "",
         "| model | keep | visual tokens | LLM prefill TFLOPs | ratio | + vision ratio | vision TFLOPs | "
-        "KV MiB (fp16) | decode GFLOPs/token | relevance (layer 2) TFLOPs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "KV MiB (fp16) | decode GFLOPs/token | KV MiB in-LLM | decode GFLOPs/token in-LLM | "
+        "relevance (layer 2) TFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in analytic.items():
         for r in rows:
@@ -469,6 +472,7 @@ def _analytic_section(analytic: dict[str, list[dict]]) -> list[str]:
                 f"| {name} | {r['keep_ratio']:g} | {r['visual_tokens']} | {r['prefill_tflops']:.2f} | "
                 f"{r['prefill_ratio']:.3f} | {r['vision_plus_prefill_ratio']:.3f} | {r['vision_tflops']:.2f} | "
                 f"{r['kv_cache_mib']:.1f} | {r['decode_gflops_per_token']:.2f} | "
+                f"{r['kv_cache_mib_in_llm']:.1f} | {r['decode_gflops_per_token_in_llm']:.2f} | "
                 f"{r['relevance_tflops_layer2']:.3f} |"
             )
     lines.append("")

@@ -11,6 +11,7 @@ from ptp_ros_bench.cost_model import (
     Passes,
     cost_table,
     costs,
+    decode_flops_per_token,
     kv_bytes_per_token,
     kv_cache_bytes,
     llm_dims_from_config,
@@ -19,6 +20,7 @@ from ptp_ros_bench.cost_model import (
     prefill_breakdown,
     prefill_flops,
     relevance_flops,
+    selection_flops,
     total_prefill_flops,
     vision_flops,
 )
@@ -222,6 +224,66 @@ def test_in_llm_kv_cache_keeps_the_full_prompt_below_the_prune_layer():
     assert kv_cache_bytes(SEVEN, 2940, 380, prune_layer=2) == pytest.approx((2 * 2940 + 30 * 380) / 32 * per_token)
 
 
+def test_the_analytic_table_gives_in_llm_rows_their_full_length_layers():
+    """At 11.1 % on LLaVA-NeXT-7B: 190 MiB of cache when pruned before the LLM, 270 MiB inside it (layers 0–1
+    keep all 2 940 prompt tokens), and a decoding step there attends to the full prompt in those layers."""
+    rows = {r["keep_ratio"]: r for r in cost_table("llava-next-7b", RATIOS)}
+    assert rows[0.111]["kv_cache_mib"] == pytest.approx(190.0)
+    assert rows[0.111]["kv_cache_mib_in_llm"] == pytest.approx(270.0)
+    assert rows[0.111]["in_llm_prune_layer"] == passes_for("ptp", prune_in_llm=True).prune_layer == 2
+    two_full = decode_flops_per_token(SEVEN, 380, 2940, prune_layer=2)
+    assert rows[0.111]["decode_gflops_per_token_in_llm"] == pytest.approx(two_full / 1e9)
+    assert decode_flops_per_token(SEVEN, 380) < two_full < decode_flops_per_token(SEVEN, 2940)
+    assert two_full - decode_flops_per_token(SEVEN, 380) == pytest.approx(2 * 2 * 2 * (2940 - 380) * 4096)  # QKᵀ, AV
+    # keeping everything is the unpruned path: nothing differs
+    assert rows[1.0]["kv_cache_mib_in_llm"] == rows[1.0]["kv_cache_mib"]
+    assert rows[1.0]["decode_gflops_per_token_in_llm"] == rows[1.0]["decode_gflops_per_token"]
+
+
+def _counted_matmul_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("sizes", [[576, 576, 576, 576, 576], [576, 648, 648, 420, 300], [50]])
+def test_selection_flops_are_the_matmuls_the_selectors_run(sizes):
+    """What the cost model counts for the diverse pick and DivPrune is what their code multiplies (counted
+    by torch's FLOP counter): PTP one [R, n, n] product padded to the largest region, DivPrune one N×N."""
+    import torch
+
+    from ptp_ros.pruning import NO_REGION, PTPConfig, TokenScores, make_selector
+
+    dim = 32
+    region = torch.cat([torch.full((n,), r) for r, n in enumerate(sizes)] + [torch.full((7,), NO_REGION)])
+    g = torch.Generator().manual_seed(len(sizes))
+    scores = TokenScores(
+        region=region,
+        saliency=torch.rand(region.shape[0], generator=g),
+        region_saliency=torch.randn(len(sizes), generator=g),
+        relevance=torch.rand(region.shape[0], generator=g),
+        features=torch.randn(region.shape[0], dim, generator=g),
+    )
+    llm = {**FOUR_LAYERS, "hidden": dim}
+    total = region.shape[0]  # the newlines count as visual tokens but are never candidates
+    budget = max(1, sum(sizes) // 9)
+    ptp = make_selector("ptp", config=PTPConfig())
+    assert ptp.distances == "per_region"
+    counted = _counted_matmul_flops(lambda: ptp(scores, budget))
+    assert counted == selection_flops(llm, "per_region", total, sizes)
+    assert (
+        counted == prefill_breakdown(llm, 10, total, budget, Passes(diversity="per_region"), regions=sizes)["selection"]
+    )
+    divprune = make_selector("divprune")
+    assert _counted_matmul_flops(lambda: divprune(scores, budget)) == selection_flops(llm, "all", total, sizes)
+    # one region over every token is the old upper bound; per region it is R times less when regions are equal
+    if len(set(sizes)) == 1:
+        whole = selection_flops(llm, "all", total, sizes)
+        assert selection_flops(llm, "per_region", total, sizes) * len(sizes) == whole
+
+
 def test_a_probe_over_candidates_costs_a_fraction_of_the_full_probe():
     from ptp_ros_bench.cost_model import MODELS, passes_for, prefill_breakdown
 
@@ -231,3 +293,22 @@ def test_a_probe_over_candidates_costs_a_fraction_of_the_full_probe():
     assert narrow["prefill"] == full["prefill"]
     assert 0.25 < narrow["scoring"] / full["scoring"] < 0.40  # 960 + 60 of 2940 tokens, attention quadratic
     assert passes_for("hired", probe_candidates=3.0).probe_candidates == 0.0  # no probe, nothing to narrow
+
+
+def test_the_accuracy_report_counts_the_diverse_pick_over_each_questions_regions():
+    """ptp-eval records each question's region sizes, and its FLOPs column counts PTP's per-region distances
+    over them instead of one N×N matrix (which stays the fallback for results recorded without them)."""
+    from ptp_ros_bench.accuracy.report import _flops
+    from ptp_ros_bench.accuracy.runner import Results
+
+    sizes = [576, 648, 648]
+    results = Results(text_tokens=[40, 40], visual_tokens=[1900, 1900], region_sizes=[sizes, sizes])
+    results.kept_ratio[("ptp", 0.111)] = [0.111, 0.111]
+    passes = Passes(score_layer=2, prune_layer=2, diversity="per_region")
+    counted = _flops(results, FOUR_LAYERS, "ptp", 0.111, passes)
+    expected = prefill_breakdown(FOUR_LAYERS, 40, 1900, round(0.111 * 1900), passes, regions=sizes)
+    assert counted["selection"] == pytest.approx(expected["selection"] / 1e9)
+    assert counted["total"] == pytest.approx(expected["total"] / 1e9)
+    unrecorded = Results(text_tokens=[40, 40], visual_tokens=[1900, 1900])
+    unrecorded.kept_ratio[("ptp", 0.111)] = [0.111, 0.111]
+    assert _flops(unrecorded, FOUR_LAYERS, "ptp", 0.111, passes)["selection"] > 2.5 * counted["selection"]

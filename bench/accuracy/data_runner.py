@@ -171,6 +171,7 @@ class DataEvaluator:
             "prediction": answer.text,
             "kept": answer.selection.num_kept,
             "total": answer.selection.total,
+            "region_sizes": answer.visual.scores.region_sizes().tolist(),
             "prompt_tokens": answer.prompt_tokens,
             "new_tokens": answer.new_tokens,
             "timings_ms": {k: round(v, 3) for k, v in answer.timings_ms.items()},
@@ -201,6 +202,7 @@ class DataEvaluator:
         results.scenes.append(str(item.image))  # counted as distinct images
         results.text_tokens.append(full["prompt_tokens"] - visual)
         results.visual_tokens.append(visual)
+        results.region_sizes.append(full.get("region_sizes", []))  # absent from answers cached before
 
 
 def progress_printer(every_s: float = 10.0) -> Callable[[int, int, int], None]:

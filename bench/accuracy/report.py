@@ -57,9 +57,10 @@ def _flops(
     if llm is None or passes is None or not kept_ratio or len(results.text_tokens) < len(kept_ratio):
         return None
     parts = []
-    for share, text, visual in zip(kept_ratio, results.text_tokens, results.visual_tokens):
+    sizes = results.region_sizes + [[]] * (len(kept_ratio) - len(results.region_sizes))
+    for share, text, visual, own in zip(kept_ratio, results.text_tokens, results.visual_tokens, sizes):
         kept = round(share * visual)
-        parts.append(prefill_breakdown(llm, text, kept if read_whole else visual, kept, passes, regions=regions))
+        parts.append(prefill_breakdown(llm, text, kept if read_whole else visual, kept, passes, regions=own or regions))
     return {key: float(np.mean([p[key] for p in parts])) / 1e9 for key in ("total", "scoring", "selection")}
 
 
@@ -78,7 +79,9 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
     ]
     llm = llm_dims(meta)
     llm_layer = meta.get("llm_layer", 2)
-    regions = meta.get("regions", 1)  # PTP's per-region diverse pick: one region is the upper bound
+    # PTP's per-region diverse pick runs over each question's regions (Results.region_sizes); where they were
+    # not recorded, one region: the upper bound
+    regions = meta.get("regions", 1)
 
     def entry(label: str, ratio: float, passes: Passes | None = Passes(), read_whole: bool = False) -> dict:
         correct = results.correct[(label, ratio)]

@@ -42,6 +42,7 @@ class Results:
     scenes: list[int] = field(default_factory=list)
     text_tokens: list[int] = field(default_factory=list)  # prompt tokens that are not visual, per question
     visual_tokens: list[int] = field(default_factory=list)  # visual tokens of the unpruned prompt, per question
+    region_sizes: list[list[int]] = field(default_factory=list)  # per question, what a per-region pick runs over
     correct: dict[tuple[str, float], list[int]] = field(default_factory=lambda: defaultdict(list))
     predicted: dict[tuple[str, float], list[int]] = field(default_factory=lambda: defaultdict(list))
     recall: dict[tuple[str, float], list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -213,6 +214,7 @@ class Evaluator:
         results.scenes.extend([scene.seed] * len(questions))
         results.text_tokens.extend(p + int(suffix.shape[0]) for suffix in suffixes)
         results.visual_tokens.extend([n] * len(questions))
+        results.region_sizes.extend([reference.scores.region_sizes().tolist()] * len(questions))
 
     def _in_llm_question(
         self,
