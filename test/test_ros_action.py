@@ -2,8 +2,10 @@
 DELAY_S in generate), an action client in the test process beside the JSON topics.
 
 Goal → feedback per stage → a typed result equal to the JSON result; cancel of a running and of a queued
-goal; goals the topic path would refuse (empty, out of range, queue full) rejected with the reason on
-``result``; every accepted goal ends exactly once.
+goal (whose place in the queue is free at once); goals the topic path would refuse (empty, out of range, ±inf,
+too long, queue full) accepted and aborted with the reason in the typed result, under their own request id;
+every goal ends exactly once.  Bursts, duplicate goal ids, cancel storms and vanished clients are fuzzed in
+test_ros_action_fuzz.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from test_ros_node import NODE, STARTUP_S, deliver, matched_probe, slow_agent
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
 from ptp_ros.ros.ask_action import JSON_ONLY, STAGES, goal_message  # noqa: E402
+from ptp_ros.ros.ask_action import client as ask_client  # noqa: E402
 
 DELAY_S = 4.0
 WAIT_S = 120.0
@@ -41,9 +44,7 @@ def probe(ros, agent):
 
 @pytest.fixture(scope="module")
 def client(Ask, probe, agent):
-    from rclpy.action import ActionClient
-
-    action = ActionClient(probe.node, Ask, "ask")
+    action = ask_client(probe.node, Ask)
     if not action.wait_for_server(timeout_sec=60):
         pytest.fail(f"the agent serves no ask action:\n{agent.log()[-3000:]}")
     # serving (not only constructed): a goal sent before activation would be rejected as not serving
@@ -169,38 +170,69 @@ def test_cancelling_a_running_goal_frees_the_worker_for_the_next(Ask, client, pr
             {"text": "Is it red?", "keep_ratio": 1.5},
             "invalid instruction: keep_ratio must be in (0, 1], got 1.5",
         ),
+        ("bad-inf-ratio", {"text": "Is it red?", "keep_ratio": math.inf}, "keep_ratio must be in (0, 1], got inf"),
+        (
+            "bad-inf-budget",
+            {"text": "Is it red?", "latency_budget_ms": -math.inf},
+            "latency_budget_ms must be in (0.0, 3600000.0], got -inf",
+        ),
         ("bad-tokens", {"text": "Is it red?", "max_new_tokens": 5000}, "max_new_tokens must be in [1, 1024], got 5000"),
+        ("bad-long", {"text": "x" * 2001}, "instruction has 2001 characters; the limit is 2000"),
     ],
 )
-def test_invalid_goals_are_rejected_with_the_reason_on_the_result_topic(Ask, client, probe, request_id, goal, reason):
+def test_invalid_goals_are_aborted_with_the_reason_in_the_typed_result_under_their_id(
+    Ask, client, probe, request_id, goal, reason
+):
+    from action_msgs.msg import GoalStatus
+
     text = goal.pop("text")
     sent = Sent(client, goal_message(Ask, text, id=request_id, **goal))
-    assert not sent.handle.accepted
+    assert sent.handle.accepted  # a goal response has no room for a reason: accepted, then aborted with it
+    status, typed = sent.outcome(timeout=30.0)
+    assert status == GoalStatus.STATUS_ABORTED
+    assert typed.request_id == request_id and typed.status == "rejected" and reason in typed.error, typed
+    assert typed.mode == "" and math.isnan(typed.keep_ratio)  # it never ran
+    assert sent.feedback == []  # it was never queued
     result = json_result(probe, request_id)
-    assert result["status"] == "rejected" and reason in result["error"]
+    assert result["status"] == "rejected" and result["error"] == typed.error
 
 
-def test_a_goal_beyond_the_full_queue_is_rejected_busy_and_every_accepted_goal_ends_once(Ask, client, probe, frame):
+def test_a_goal_beyond_the_full_queue_is_aborted_busy_and_a_cancelled_queued_goal_frees_its_place(
+    Ask, client, probe, frame
+):
     from action_msgs.msg import GoalStatus
 
     deliver(probe, frame, sec=2003)
+    received = int(probe.diag_values(NODE)["requests_received"])
     running = Sent(client, goal_message(Ask, "What colour is the box?", id="q1"))
     running.reached("converting")
     queued = Sent(client, goal_message(Ask, "How many chairs?", id="q2"))  # queue_size 1: it waits
     over = Sent(client, goal_message(Ask, "Is the door open?", id="q3"))
-    assert running.handle.accepted and queued.handle.accepted and not over.handle.accepted
-    busy = json_result(probe, "q3")
-    assert busy["status"] == "busy" and busy["error"] == "busy: 1 request(s) already waiting"
-    assert queued.stages() == ["queued"]
+    assert running.handle.accepted and queued.handle.accepted and over.handle.accepted
+    status, typed = over.outcome(timeout=30.0)
+    assert status == GoalStatus.STATUS_ABORTED and typed.request_id == "q3"
+    assert typed.status == "busy" and typed.error == "busy: 1 request(s) already waiting"
+    assert json_result(probe, "q3")["error"] == typed.error
+    assert over.feedback == [] and queued.stages() == ["queued"]
 
-    wait(queued.handle.cancel_goal_async())  # cancelled while queued: answered when its turn comes, not run
+    wait(queued.handle.cancel_goal_async())  # cancelled while queued: answered at once, its place freed
+    status, typed = queued.outcome(timeout=30.0)
+    assert probe.result("q1") is None, "q1 finished before the checks ran; they proved nothing"
+    assert status == GoalStatus.STATUS_CANCELED and typed.status == "cancelled" and "before it ran" in typed.error
+    following = Sent(client, goal_message(Ask, "Is the window open?", id="q4"))  # takes the freed place
+    following.reached("queued", timeout=10.0)
+    assert probe.result("q4") is None, "q4 was answered at once: the cancelled goal kept its place"
+
     status, typed = running.outcome()
     assert status == GoalStatus.STATUS_SUCCEEDED and typed.status == "ok"
-    status, typed = queued.outcome(timeout=30.0)
-    assert status == GoalStatus.STATUS_CANCELED and typed.status == "cancelled" and "before it ran" in typed.error
-    queued.reached("converting", timeout=10.0)
-    assert queued.stages() == ["queued", "converting"]
+    status, typed = following.outcome()
+    assert status == GoalStatus.STATUS_SUCCEEDED and typed.status == "ok", typed
+    assert queued.stages() == ["queued"]  # never "converting": it never left the queue
 
     time.sleep(1.0)  # room for a duplicate
-    for request_id in ("q1", "q2", "q3"):
+    for request_id in ("q1", "q2", "q3", "q4"):
         assert sum(r.get("id") == request_id for r in probe.results) == 1, request_id
+    values = probe.wait_for(
+        lambda: (v := probe.diag_values(NODE)) and int(v["requests_received"]) >= received + 4 and v, 10, "counted"
+    )
+    assert int(values["requests_received"]) == received + 4  # goals count as received requests

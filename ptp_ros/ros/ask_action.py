@@ -1,13 +1,17 @@
 """The ``ask`` action (``ptp_ros_interfaces/action/Ask``): the typed way for a planner to ask the agent, beside the
 JSON ``instruction``/``result`` topics, which stay.
 
-A goal is the JSON request as typed fields and goes through the same checks (``parse_request``, the node being
-serving, the worker's queue and overload rules).  The goal callback submits it to the worker at once, so it is
-accepted exactly when the topic path would queue it; a goal the topic path would answer at once is rejected,
-and since an action's goal response carries no reason, the reason goes where the topic path puts it: the JSON
-``result`` under the goal's request id (and the log).  An accepted goal gets feedback per stage, ends exactly
-once with the worker's result (succeeded when ``ok``, canceled when its client cancelled it, aborted
-otherwise; the typed result says which status and why), and its result is published on ``result`` as JSON too.
+A goal is the JSON request as typed fields and goes through the same checks (``request_from_fields``, the node
+being serving, the worker's queue and overload rules).  An action's goal response carries no reason, so every
+goal rclpy accepts is taken (rclpy itself rejects only a goal whose UUID is in use, and such a goal never
+reaches the node), and one the node refuses is aborted at once with a typed result that says why (``rejected``
+or ``busy`` and the reason): the refusal reaches the action client, under the goal's own ``request_id``.  A goal
+is submitted to the worker only once rclpy accepted it, so a goal rclpy rejects never runs.  An accepted goal
+gets feedback per stage, ends exactly once with the worker's result (succeeded when ``ok``, canceled when its
+client cancelled it, aborted otherwise), and its result is published on ``result`` as JSON too.
+
+The services and the feedback topic keep as many messages as the JSON topics (``instruction_history_depth``):
+with rclpy's default depth of 10, a burst of goals loses requests and responses below rclpy, unanswered.
 
 The interface package is built separately (ament_cmake + rosidl); without it the node serves the topics only.
 """
@@ -16,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import math
 import threading
 import time
 import uuid
 from typing import Any
 
-from .requests import RequestError, parse_request
+from .requests import RequestError, request_from_fields
 
 ACTION_NAME = "ask"
 STAGES = ("queued", "converting", "encoding", "scoring", "prefill", "decoding")
@@ -36,6 +39,8 @@ FLAGS = ("budget_feasible", "budget_met")
 #: the budget was split over regions and where the tokens were dropped, for logs and rviz tools, not planners.
 JSON_ONLY = ("selector", "quotas", "structural_kept", "structural_total", "prompt_tokens", "prune_layer")
 CANCEL_TRANSITION_S = 2.0  # how long a cancelled goal's result waits for rclpy to mark the goal canceling
+RESULT_TIMEOUT_S = 60  # how long rclpy keeps a goal's result for a client that asks for it late (rclpy's: 10 s)
+CLIENT_DEPTH = 1000  # the depth ``client`` gives a planner's side: bursts as large as the node's default take
 INTERFACE_HINT = "build it with `bash ptp_ros_interfaces/install.sh` (pip venv) or colcon (docs/ros.md)"
 
 
@@ -46,6 +51,30 @@ def interface():
         return importlib.import_module("ptp_ros_interfaces.action").Ask
     except ImportError:
         return None
+
+
+def action_qos(depth: int, side: str = "server") -> dict:
+    """The keyword arguments that give ``ActionServer`` (``side="server"``) or ``ActionClient`` (``"client"``) the
+    goal, cancel and result services and the feedback topic reliable keep-last ``depth``; rclpy's default of 10
+    loses the 11th of a burst of goals (or of their result requests) on whichever side is shallower.  The status
+    topic keeps rclpy's profile: each status message lists every goal."""
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    deep = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE)
+    feedback = {"server": "feedback_pub_qos_profile", "client": "feedback_sub_qos_profile"}[side]
+    return {
+        "goal_service_qos_profile": deep,
+        "result_service_qos_profile": deep,
+        "cancel_service_qos_profile": deep,
+        feedback: deep,
+    }
+
+
+def client(node, Ask, depth: int = CLIENT_DEPTH):
+    """An ``ActionClient`` of the ask action whose QoS holds a burst of ``depth`` goals."""
+    from rclpy.action import ActionClient
+
+    return ActionClient(node, Ask, ACTION_NAME, **action_qos(depth, "client"))
 
 
 # -- messages <-> the JSON shapes ------------------------------------------------------------------------
@@ -60,8 +89,9 @@ def goal_message(Ask, text: str, **fields: Any):
     )
 
 
-def goal_request_json(goal) -> str:
-    """The JSON instruction a goal stands for: 0 or NaN fields are left out (the node's defaults)."""
+def goal_fields(goal) -> dict[str, Any]:
+    """The fields of the JSON instruction a goal stands for: an empty ``request_id`` and 0 or NaN numbers are
+    left out (the node's defaults); anything else, ±inf included, is kept for the checks to refuse."""
     fields: dict[str, Any] = {"text": goal.instruction}
     if goal.request_id:
         fields["id"] = goal.request_id
@@ -71,7 +101,7 @@ def goal_request_json(goal) -> str:
             fields[name] = value
     if goal.max_new_tokens:
         fields["max_new_tokens"] = goal.max_new_tokens
-    return json.dumps(fields)
+    return fields
 
 
 def result_message(Ask, result: dict):
@@ -115,10 +145,11 @@ def result_dict(msg) -> dict:
 class StageProbe(threading.Event):
     """One goal's cancel event, handed to the worker as the request's own; setting it cancels that request.
 
-    It also reads the checks made on it as stage boundaries: the worker checks it when the request starts
-    (converting), the pipeline before encoding (encoding), after encoding (scoring: saliency, relevance,
+    It also reads the checks made on it as stage boundaries: the worker checks it when the request leaves the
+    queue (converting), the pipeline before encoding (encoding), after encoding (scoring: saliency, relevance,
     selection) and before generating (prefill), and ``generate``'s stopping criterion after every token, the
-    first of which ends the prefill (decoding).  test/test_ros_action.py holds this order.
+    first of which ends the prefill (decoding).  Once set, checks reach no further stage: a cancelled request
+    stops.  test/test_ros_action.py holds this order.
     """
 
     def __init__(self, reached):
@@ -127,22 +158,24 @@ class StageProbe(threading.Event):
         self._reached = reached
 
     def is_set(self) -> bool:
+        if super().is_set():
+            return True
         self._checks += 1  # only the inference thread checks
         if self._checks < len(STAGES):
             self._reached(STAGES[self._checks])
-        return super().is_set()
+        return False
 
 
 class Goal:
-    """One accepted goal, from the goal callback to its result."""
+    """One goal rclpy accepted, from ``handle_accepted_callback`` to its result."""
 
-    def __init__(self, request_id: str, received: float, message, Feedback):
-        self.request_id, self.received, self.Feedback = request_id, received, Feedback
-        self.message = message  # kept alive: the server finds the goal by id(message) until rclpy hands over its handle
+    def __init__(self, handle, request_id: str, Feedback):
+        self.handle, self.request_id, self.Feedback = handle, request_id, Feedback
+        self.received = time.monotonic()
         self.lock = threading.Lock()  # orders the feedback and starts execution once
         self.reached: list[tuple[str, float]] = [("queued", 0.0)]
         self.sent = 0  # feedback messages published
-        self.handle = None
+        self.queued: bool | None = None  # None until the worker queued it (True) or it was refused (False)
         self.executing = False
         self.cancel_requested = False
         self.result: dict | None = None
@@ -160,15 +193,18 @@ class Goal:
             self.done.set()
             self._advance()
 
-    def attach(self, handle) -> None:
+    def settle(self, queued: bool) -> None:
+        """Whether the worker queued the goal; a refused goal was never queued and gets no feedback."""
         with self.lock:
-            self.handle = handle
+            self.queued = queued
+            if not queued:
+                self.reached = []
             self._advance()
 
     def _advance(self) -> None:
         """Publish the stages not yet sent, and execute the goal once it left the queue or has its result
         (while it waits in the queue it holds no executor thread)."""
-        if self.handle is None:
+        if self.queued is None:  # the worker may report stages before submit returned: hold them until then
             return
         for name, elapsed in self.reached[self.sent :]:
             self.handle.publish_feedback(self.Feedback(stage=name, elapsed_ms=elapsed))
@@ -179,70 +215,66 @@ class Goal:
 
 
 class AskServer:
-    """The ``ask`` action server of an ``AgentNode``."""
+    """The ``ask`` action server of an ``AgentNode``; its services and feedback keep ``depth`` messages."""
 
-    def __init__(self, node, Ask):
+    def __init__(self, node, Ask, depth: int):
         from rclpy.action import ActionServer
         from rclpy.callback_groups import ReentrantCallbackGroup
 
         self.node, self.Ask = node, Ask
         self._lock = threading.Lock()
-        self._by_key: dict[str, Goal] = {}  # the worker's request id of each goal → the goal
-        self._by_message: dict[int, Goal] = {}  # accepted, before rclpy hands over the goal handle
-        self._by_uuid: dict[bytes, Goal] = {}
+        self._by_key: dict[str, Goal] = {}  # the worker's request id of each goal → the goal, until its result
+        self._by_uuid: dict[bytes, Goal] = {}  # until rclpy has its result
         self.server = ActionServer(
             node,
             Ask,
             ACTION_NAME,
             self._execute,
             callback_group=ReentrantCallbackGroup(),
-            goal_callback=self._on_goal,
             handle_accepted_callback=self._on_accepted,
             cancel_callback=self._on_cancel,
+            result_timeout=RESULT_TIMEOUT_S,
+            **action_qos(depth),
         )
 
     # -- callbacks ---------------------------------------------------------------------------------
-    def _on_goal(self, message):
-        """Accept exactly when the worker queues the request; otherwise the JSON result says why."""
-        from rclpy.action import GoalResponse
-
-        received = time.monotonic()
+    def _on_accepted(self, handle) -> None:
+        """Take a goal rclpy accepted: queue it, or end it at once with the reason the node refuses it."""
         node = self.node
-        default_id = node.default_request_id()
-        try:
-            request = parse_request(
-                goal_request_json(message), default_id, node.get_parameter("max_instruction_chars").value
-            )
-        except RequestError as exc:
-            node.refuse(exc.request_id or default_id, message.instruction[:200], f"invalid instruction: {exc}")
-            return GoalResponse.REJECT
-        except Exception as exc:  # noqa: BLE001 - no goal may end the callback
-            node.counters.add(internal_errors=1)
-            node.refuse(
-                default_id, message.instruction[:200], f"internal error: {type(exc).__name__}: {exc}", status="error"
-            )
-            return GoalResponse.REJECT
-        worker, problem = node.serving_worker()
-        if worker is None:
-            node.refuse(request.id, request.text, problem)
-            return GoalResponse.REJECT
-        goal = Goal(request.id, received, message, self.Ask.Feedback)
+        node.counters.add(received=1)
+        goal = Goal(handle, node.default_request_id(), self.Ask.Feedback)
         key = f"{ACTION_NAME}-goal-{uuid.uuid4().hex}"  # unique, so that a topic request cannot take its result
         with self._lock:
-            self._by_key[key] = goal
-            self._by_message[id(message)] = goal
-        if worker.submit(dataclasses.replace(request, id=key), received, cancel=goal.cancel):
-            return GoalResponse.ACCEPT
-        with self._lock:  # refused at once: its result went out (see route) with the reason
-            self._by_key.pop(key, None)
-            self._by_message.pop(id(message), None)
-        return GoalResponse.REJECT
-
-    def _on_accepted(self, handle) -> None:
-        with self._lock:
-            goal = self._by_message.pop(id(handle.request))
             self._by_uuid[bytes(handle.goal_id.uuid)] = goal
-        goal.attach(handle)
+            self._by_key[key] = goal
+        try:
+            queued = self._submit(goal, key)
+        except Exception as exc:  # noqa: BLE001 - no goal may end the callback, and every goal gets a result
+            node.counters.add(internal_errors=1)
+            node.refuse(
+                key, handle.request.instruction[:200], f"internal error: {type(exc).__name__}: {exc}", status="error"
+            )
+            queued = False
+        goal.settle(queued)
+
+    def _submit(self, goal: Goal, key: str) -> bool:
+        """Submit the goal's request to the worker (True: queued); a refusal's result goes out under ``key``,
+        which ``route`` turns into the goal's own request id."""
+        node, message = self.node, goal.handle.request
+        try:
+            request = request_from_fields(
+                goal_fields(message), goal.request_id, node.get_parameter("max_instruction_chars").value
+            )
+        except RequestError as exc:
+            goal.request_id = exc.request_id or goal.request_id
+            node.refuse(key, message.instruction[:200], f"invalid instruction: {exc}")
+            return False
+        goal.request_id = request.id
+        worker, problem = node.serving_worker()
+        if worker is None:
+            node.refuse(key, request.text, problem)
+            return False
+        return worker.submit(dataclasses.replace(request, id=key), goal.received, cancel=goal.cancel)
 
     def _on_cancel(self, handle):
         from rclpy.action import CancelResponse
@@ -251,7 +283,9 @@ class AskServer:
         if goal is None or goal.done.is_set():
             return CancelResponse.REJECT
         goal.cancel_requested = True
-        goal.cancel.set()  # queued: answered when its turn comes; running: stops at its next stage or token
+        goal.cancel.set()  # running: it stops at its next stage or token
+        if (worker := self.node.worker) is not None:
+            worker.withdraw(goal.cancel)  # waiting: answered now, and its place in the queue is free
         return CancelResponse.ACCEPT
 
     def _execute(self, handle):
@@ -287,7 +321,7 @@ class AskServer:
     def open_goals(self) -> int:
         """Accepted goals whose result has not been handed to rclpy yet."""
         with self._lock:
-            return len(self._by_uuid) + len(self._by_message)
+            return len(self._by_uuid)
 
     def drain(self, executor, timeout_s: float) -> None:
         """After the worker stopped (every goal has its result): spin until rclpy sent the goals' results."""
@@ -309,7 +343,7 @@ def serve(node) -> AskServer | None:
         )
         return None
     try:
-        return AskServer(node, Ask)
+        return AskServer(node, Ask, node.get_parameter("instruction_history_depth").value)
     except Exception as exc:  # noqa: BLE001 - e.g. a build whose type support libraries cannot be loaded
         node.get_logger().error(f"the ask action is off: {type(exc).__name__}: {exc}; {INTERFACE_HINT}")
         return None

@@ -63,9 +63,7 @@ class Planner:
         self.Ask = ask_action.interface()
         self._action = None
         if self.Ask is not None:
-            from rclpy.action import ActionClient
-
-            self._action = ActionClient(node, self.Ask, ask_action.ACTION_NAME)
+            self._action = ask_action.client(node, self.Ask)
 
     def use_action(self, timeout: float) -> bool:
         """Whether questions go over the ask action: the interface is importable and the agent serves it."""
@@ -120,8 +118,8 @@ class Planner:
         if not done(sending):
             return None
         handle = sending.result()
-        if not handle.accepted:  # the reason comes as the JSON result under the goal's id
-            return self.results[request["id"]] if self.wait(lambda: request["id"] in self.results, 10.0) else None
+        if not handle.accepted:  # rclpy rejects only a goal whose UUID is in use; the node aborts with a reason
+            return None
         result = handle.get_result_async()
         result.add_done_callback(lambda _: self._notify(lambda: None))
         return ask_action.result_dict(result.result().result) if done(result) else None

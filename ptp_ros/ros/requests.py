@@ -88,7 +88,14 @@ def parse_request(data: str, default_id: str, max_chars: int) -> Request:
     stripped = data.lstrip("\ufeff").strip()
     if not stripped.startswith("{"):
         return Request(id=default_id, text=_check_text(stripped, max_chars))
-    obj = _load_object(stripped)
+    return request_from_fields(_load_object(stripped), default_id, max_chars)
+
+
+def request_from_fields(obj: dict, default_id: str, max_chars: int) -> Request:
+    """A ``Request`` from the fields of a JSON instruction or of an action goal, or ``RequestError``.
+
+    The id is checked first, so that every later refusal (a field out of range, ±inf, a text over the limit)
+    carries the request's own id."""
     request_id = obj.get("id", default_id)
     if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
         raise RequestError(f"id must be a string or an integer, got {loggable(repr(request_id))}")

@@ -10,7 +10,6 @@ No exception escapes the thread: a failure becomes the result of the request it 
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import Counter, deque
@@ -22,7 +21,7 @@ import numpy as np
 
 from ..latency_budget import BudgetChoice, LatencyModel, choose_keep_ratio
 from ..overlay import saliency_image
-from ..pipeline import Answer, Cancelled, InvalidRequest, Pipeline, PipelineConfig
+from ..pipeline import Answer, Cancelled, InvalidRequest, Pipeline, PipelineConfig, validate_image
 from ..pruning import PTPConfig, check_keep_ratio
 from .requests import Request, loggable
 
@@ -211,12 +210,16 @@ class RequestWorker:
         self._emit, self._emit_saliency, self._now_ns = emit, emit_saliency, now_ns
         self._max_chars = max_instruction_chars
         self._pipelines: dict[float, Pipeline] = {}
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._queue_size = queue_size
+        self._pending: deque[Job] = deque()  # waiting, oldest first; a withdrawn request leaves at once
+        self._pending_cond = threading.Condition()  # guards _pending and the hand-over to _job
         self._frame: Frame | None = None
         self._frame_lock = threading.Lock()
         self._accepting = False
         self._running_since: float | None = None  # time.monotonic() when the current request started
         self._job: Job | None = None  # the running one
+        self._answered = False  # the running request's result is out; only its saliency image is left to draw
+        self._saliency_ms = 0.0  # how long the last saliency image took to draw
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._cancel_reason = ""
@@ -241,26 +244,47 @@ class RequestWorker:
         if (overload := self._overloaded(request)) is not None:
             self._emit(self.counters.rejection(request.id, request.text, overload, status="busy"), None)
             return False
-        try:
-            self._queue.put_nowait(Job(request, received, cancel))
-        except queue.Full:
-            reason = f"busy: {self._queue.maxsize} request(s) already waiting"
+        with self._pending_cond:
+            full = len(self._pending) >= self._queue_size
+            if not full:
+                self._pending.append(Job(request, received, cancel))
+                self._pending_cond.notify()
+        if full:
+            reason = f"busy: {self._queue_size} request(s) already waiting"
             self._emit(self.counters.rejection(request.id, request.text, reason, status="busy"), None)
             return False
+        return True
+
+    def withdraw(self, cancel: threading.Event, reason: str = CANCELLED_BY_CLIENT) -> bool:
+        """Answer the waiting request whose own cancel event is ``cancel`` with ``cancelled`` now and free its
+        place in the queue (True); False when it is not waiting (running already, or answered)."""
+        with self._pending_cond:
+            job = next((j for j in self._pending if j.cancel is cancel), None)
+            if job is not None:
+                self._pending.remove(job)
+        if job is None:
+            return False
+        reason = f"cancelled: {reason} before it ran"
+        self._emit(self.counters.rejection(job.request.id, job.request.text, reason, status="cancelled"), None)
         return True
 
     def _overloaded(self, request: Request) -> str | None:
         """Why ``request`` cannot start before its budget expires, even if every request ahead of it ran at
         the minimum keep ratio; None when it may.  Only requests with a latency budget have a deadline."""
         budget_ms = self._deadline_ms(request, self.settings)
-        running, queued = self._running_since, self._queue.qsize()
+        running, answered, queued = self._running_since, self._answered, self.queue_depth
         ahead = queued + int(running is not None)
         if budget_ms is None or ahead == 0 or not self.latency_model.ready or self.total_tokens is None:
             return None
         s = self.settings
         floor = max(1, round(s.keep_ratio_min * self.total_tokens))
         per_request = self.latency_model.predict_total(floor, self.total_tokens, s.max_new_tokens)
-        running_left = 0.0 if running is None else max(0.0, per_request - (time.monotonic() - running) * 1e3)
+        if running is None:
+            running_left = 0.0
+        elif answered:  # only the saliency image is left: charge what the last one took, not a request
+            running_left = self._saliency_ms if s.publish_saliency else 0.0
+        else:
+            running_left = max(0.0, per_request - (time.monotonic() - running) * 1e3)
         wait_ms = running_left + per_request * queued
         if wait_ms < budget_ms:
             return None
@@ -280,7 +304,7 @@ class RequestWorker:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     @property
     def busy(self) -> bool:
@@ -317,22 +341,20 @@ class RequestWorker:
             self._thread.join(STOP_JOIN_S)
             if not self._thread.is_alive():  # else it ends its request (cancelled) and then its loop
                 self._thread = None
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        with self._pending_cond:
+            waiting, self._pending = list(self._pending), deque()
+        for job in waiting:
             self._emit(self.counters.rejection(job.request.id, job.request.text, reason, status="cancelled"), None)
         with self._frame_lock:
             self._frame = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                job = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self._job, self._running_since = job, time.monotonic()
+            with self._pending_cond:  # taken and marked running at once: withdraw sees it in one place or the other
+                if not self._pending_cond.wait_for(lambda: self._pending, timeout=0.1):
+                    continue
+                job = self._pending.popleft()
+                self._job, self._running_since, self._answered = job, time.monotonic(), False
             try:
                 self._serve(job)
             except Exception as exc:  # noqa: BLE001 - no request may end the thread; it gets an error result
@@ -368,17 +390,19 @@ class RequestWorker:
         settings, request = self.settings, job.request
         result: dict = {"id": request.id, "instruction": request.text}
         cancel = job.cancel or self._cancel
-        if job.cancel is not None and (job.cancel.is_set() or self._cancel.is_set()):
-            return self._fail(result, f"cancelled: {self._cancelled_why()} before it ran", status="cancelled")
         budget_ms = request.latency_budget_ms or settings.latency_budget_ms
         deadline_ms = self._deadline_ms(request, settings)
         waited_ms = (started - job.received) * 1e3
+        # expiry is checked before the request's own cancel event is first read: the action's feedback takes that
+        # first read as the request leaving the queue (ask_action.StageProbe), and an expired one never left it
         if deadline_ms is not None and waited_ms >= deadline_ms:
             return self._fail(
                 result,
                 f"expired: waited {waited_ms:.0f} ms in the queue, past its {deadline_ms:.0f} ms latency budget",
                 status="expired",
             )
+        if job.cancel is not None and (job.cancel.is_set() or self._cancel.is_set()):
+            return self._fail(result, f"cancelled: {self._cancelled_why()} before it ran", status="cancelled")
         frame = self._take_frame()
         if frame is None:
             return self._fail(result, "no image received yet", status="error")
@@ -391,9 +415,10 @@ class RequestWorker:
         if frame.error is not None:
             return self._fail(result, f"invalid image: {frame.error}", status="error")
         try:
-            image = frame.decode()
+            image = validate_image(frame.decode())  # decodes, but too small for any model is invalid too
         except Exception as exc:  # noqa: BLE001 - decoders raise their own types (cv2.error, PIL errors)
             self.counters.add(frames_invalid=1)
+            frame.error = str(exc)  # counted once: the next request that meets this frame is told without a decode
             return self._fail(result, f"invalid image: {exc}", status="error")
         converted = time.monotonic()
 
@@ -416,10 +441,13 @@ class RequestWorker:
             return self._fail(result, f"inference failed: {type(exc).__name__}: {exc}", status="error")
         done = time.monotonic()
         self.learn(answer)
+        self._answered = True  # set before the result goes out: a planner's next request may come at once
         self._succeed(result, answer, job, started, converted, done, budget_ms)
         if settings.publish_saliency:
+            drawing = time.monotonic()
             overlay = saliency_image(image, answer.visual, answer.selection, max_side=settings.saliency_max_side)
             self._emit_saliency(overlay, frame.header)
+            self._saliency_ms = (time.monotonic() - drawing) * 1e3
 
     def _cancelled_why(self) -> str:
         return self._cancel_reason if self._cancel.is_set() else CANCELLED_BY_CLIENT
