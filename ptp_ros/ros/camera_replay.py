@@ -1,12 +1,18 @@
-"""A stand-in camera: replays the bundled high-resolution scene (and views derived from it) at a fixed rate,
-or holds still on one scene of the proxy task (``--proxy-scene``: what the built-in model knows).
+"""A stand-in camera: publishes sensor_msgs/Image frames on 'image' at a fixed rate, cycling through them.
+
+The frames are, by choice:
+  (default)          the bundled 1920x1080 sample scene as a short clip (the scene, a slow pan, a mirror);
+  --images PATH      your own image, or every image in a folder (sorted by name, not recursive);
+  --proxy-scene N    one scene of the proxy task, held still (what the built-in model knows).
 
     python -m ptp_ros.ros.camera_replay --rate 10 --ros-args -r image:=/camera/image_raw
+    python -m ptp_ros.ros.camera_replay --images ~/shots/ --rate 2
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +27,13 @@ from std_msgs.msg import Header
 from .conversions import array_to_imgmsg
 
 DATA = Path(__file__).resolve().parents[1] / "data"
+#: what OpenCV's imread reads in every build
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
+MAX_REPLAY_MB = 2048  # decoded frames are held in memory, serialised once
+
+
+class ReplayError(ValueError):
+    """A path that cannot be replayed, with the reason."""
 
 
 def bundled_frames() -> list[np.ndarray]:
@@ -45,19 +58,76 @@ def proxy_frames(index: int) -> list[np.ndarray]:
     return [make_scene(split_seed("test", index)).image]
 
 
+def image_files(path: Path) -> list[Path]:
+    """``path`` itself, or the images directly in the folder ``path`` in name order (other files skipped)."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ReplayError(f"{path} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files
+    if not path.is_file():
+        raise ReplayError(f"{path} does not exist")
+    return [path]
+
+
+def image_frames(path: Path, max_mb: float = MAX_REPLAY_MB) -> list[np.ndarray]:
+    """RGB frames of the image ``path``, or of every image in the folder ``path``, as 8-bit colour (grey
+    and 16-bit images are converted, alpha dropped).  ReplayError names a file that does not decode, or
+    says when the frames would take more than ``max_mb`` of memory."""
+    frames, total = [], 0
+    for file in image_files(path):
+        bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ReplayError(f"{file} cannot be read as an image")
+        total += bgr.nbytes
+        if total > max_mb * 2**20:
+            raise ReplayError(
+                f"the images of {path} take more than {max_mb:g} MB decoded (at {file.name}); "
+                "pass fewer or smaller images, or raise --max-memory-mb"
+            )
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return frames
+
+
+def positive_rate(text: str) -> float:
+    rate = float(text)
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError(f"the rate must be a positive number of frames per second, got {text}")
+    return rate
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=10.0, help="frames per second (default 10)")
+    parser = argparse.ArgumentParser(
+        prog="camera_replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=positive_rate, default=10.0, help="frames per second (default 10)")
     parser.add_argument("--frame-id", default="camera")
-    parser.add_argument("--proxy-scene", type=int, default=-1, help="show this proxy test scene instead")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", type=Path, help="an image file, or a folder of images, replayed in a loop")
+    source.add_argument("--proxy-scene", type=int, default=-1, help="show this proxy test scene instead")
+    parser.add_argument(
+        "--max-memory-mb",
+        type=float,
+        default=MAX_REPLAY_MB,
+        help=f"most memory the decoded --images may take (default {MAX_REPLAY_MB})",
+    )
     args = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
+    if args.images is not None:
+        try:
+            frames = image_frames(args.images.expanduser(), args.max_memory_mb)
+        except ReplayError as exc:
+            parser.exit(2, f"camera_replay: {exc}\n")
+    elif args.proxy_scene >= 0:
+        frames = proxy_frames(args.proxy_scene)
+    else:
+        frames = bundled_frames()
+    # serialised once: only the header changes from frame to frame
+    messages = [array_to_imgmsg(frame, "rgb8") for frame in frames]
+    del frames  # the arrays are not needed once serialised: a folder of frames is held once, not twice
     rclpy.init(args=argv)
     node = rclpy.create_node("camera_replay")
     publisher = node.create_publisher(Image, "image", qos_profile_sensor_data)
-    # serialised once: only the header changes from frame to frame
-    frames = proxy_frames(args.proxy_scene) if args.proxy_scene >= 0 else bundled_frames()
-    messages = [array_to_imgmsg(frame, "rgb8") for frame in frames]
     count = 0
 
     def tick() -> None:
@@ -68,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         count += 1
 
     node.create_timer(1.0 / args.rate, tick)
+    sizes = sorted({f"{m.width}x{m.height}" for m in messages})
     node.get_logger().info(
-        f"replaying {len(messages)} frames of {messages[0].width}x{messages[0].height} "
-        f"at {args.rate:g} Hz on {publisher.topic_name}"
+        f"replaying {len(messages)} frame(s) of {', '.join(sizes)} at {args.rate:g} Hz on {publisher.topic_name}"
     )
     try:
         rclpy.spin(node)

@@ -1,7 +1,7 @@
 """ptp-demo: the agent, a 10 Hz camera, and a scripted planner, as three processes talking over DDS, as
 they would on a robot.
 
-    ptp-demo --out ptp_demo_saliency
+    ptp-demo --out /tmp/ptp_demo_saliency
 
 Uses the built-in default model unless ``--model-path`` is given.  With the built-in proxy model the
 camera shows a scene of the proxy task and the planner asks that scene's questions, printing the
@@ -78,7 +78,9 @@ def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ptp-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("ptp_demo_saliency"), help="folder for saliency images")
     parser.add_argument("--questions", type=int, default=4)
     parser.add_argument("--rate", type=float, default=10.0, help="camera frames per second")
