@@ -98,39 +98,41 @@ def test_wanted_attention_points_at_what_each_question_needs(model_and_item):
             assert (row[0] == 1.0) == (q.answer == "no")
 
 
+SMALL = [
+    "--val-scenes",
+    "1",
+    "--val-every",
+    "10",
+    "--vision-width",
+    "32",
+    "--vision-layers",
+    "2",
+    "--text-width",
+    "64",
+    "--text-layers",
+    "3",
+    "--hop-layer",
+    "1",
+    "--retrieval-layer",
+    "2",
+    "--per-type",
+    "1",
+    "--crowd",
+    "30",
+]
+
+
+def _log(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("family", tuple(FAMILIES))
 def test_training_script_writes_a_loadable_checkpoint(tmp_path, family):
     from ptp_ros.pipeline import Pipeline
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
-    main(
-        [
-            str(tmp_path),
-            "--family",
-            family,
-            "--max-minutes",
-            "0.25",
-            "--vision-minutes",
-            "0.08",
-            "--val-scenes",
-            "1",
-            "--val-every",
-            "10",
-            "--vision-width",
-            "32",
-            "--vision-layers",
-            "2",
-            "--text-width",
-            "64",
-            "--text-layers",
-            "3",
-            "--per-type",
-            "1",
-            "--crowd",
-            "30",
-        ]
-    )
-    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    main([str(tmp_path), "--family", family, "--max-minutes", "0.25", "--vision-minutes", "0.08", *SMALL])
+    records = _log(tmp_path)
     assert any(r.get("event") == "vision done" for r in records)
     assert any(r.get("stage") == "vision" and 0 <= r["side_acc"] <= 1 for r in records)
     assert records[-1]["event"] == "done" and any("val_acc_location" in r for r in records)
@@ -142,6 +144,35 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path, family):
     scene = make_scene(split_seed("test", 0))
     answer = Pipeline(adapter).answer(scene.image, "what colour is the ring ?", keep_ratio=0.25)
     assert answer.selection.kept.numel() > 0
+
+
+def test_training_resumes_from_its_checkpoint_and_takes_a_trained_vision_tower(tmp_path):
+    """A run stopped anywhere continues where its last checkpoint left it (same step count, log appended),
+    and ``--vision-from`` starts the language stage from another checkpoint's frozen vision tower."""
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    main([str(first), "--max-minutes", "0.2", "--vision-minutes", "0.05", "--checkpoint-every", "2", *SMALL])
+    steps = next(r["language_steps"] for r in _log(first) if r.get("event") == "done")
+    main(
+        [str(first), "--max-minutes", "0.35", "--vision-minutes", "0.05", "--checkpoint-every", "2", "--resume", *SMALL]
+    )
+    records = _log(first)
+    resumed = next(r for r in records if r.get("event") == "resume")
+    assert resumed["stage"] == "language" and resumed["step"] == steps
+    assert not any(r.get("event") == "vision done" for r in records[records.index(resumed) :])  # stage 1 not rerun
+    assert records[-1]["event"] == "done" and records[-1]["language_steps"] > steps
+
+    main([str(second), "--max-minutes", "0.1", "--vision-from", str(first), *SMALL])
+    records = _log(second)
+    assert any(r.get("event") == "vision taken" for r in records) and not any(
+        r.get("stage") == "vision" for r in records
+    )
+    trained, taken = (load_adapter(d, LoadOptions(device="cpu")).model for d in (first, second))
+    tower = trained.model.vision_tower.state_dict()
+    assert all(torch.equal(v, taken.model.vision_tower.state_dict()[k]) for k, v in tower.items())
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "third"), "--resume", *SMALL])  # nothing to resume from
 
 
 def test_oracle_probe_runs_and_logs_accuracy_per_type(tmp_path):

@@ -324,6 +324,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: OUT/train_log.jsonl)")
     args = ap.parse_args(argv)
+    if not 0 <= args.hop_layer < args.retrieval_layer < args.text_layers:
+        ap.error("need 0 <= --hop-layer < --retrieval-layer < --text-layers")
     torch.set_num_threads(args.threads)
     words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
     widths = dict(
@@ -382,7 +384,9 @@ def main(argv=None) -> None:
         taken = take_vision(model, args.vision_from)
         write({"event": "vision taken", "from": str(args.vision_from), "tensors": taken})
     if not args.vision_from and not (state and state["stage"] == "language"):
-        run_vision_stage(args, model, processor, adapter, family, low_res, vision_params, state, checkpoint, write, elapsed)
+        run_vision_stage(
+            args, model, processor, adapter, family, low_res, vision_params, state, checkpoint, write, elapsed
+        )
         state = None
     for p in vision_params:
         p.requires_grad_(False)
@@ -417,7 +421,9 @@ def take_vision(model, source: Path) -> int:
     return len(taken)
 
 
-def run_vision_stage(args, model, processor, adapter, family, low_res, vision_params, state, checkpoint, write, elapsed):
+def run_vision_stage(
+    args, model, processor, adapter, family, low_res, vision_params, state, checkpoint, write, elapsed
+):
     """Stage 1: the vision tower and projector learn through the auxiliary heads on crowded scenes."""
     heads = AuxiliaryHeads(args.text_width, args.vision_width)
     tap = FeatureLayerTap(model) if family.has_cls else None
@@ -543,9 +549,7 @@ def run_language_stage(args, model, processor, adapter, low_res, global_only, st
             )
             save()
         if (step + 1) % args.checkpoint_every == 0 or done:
-            checkpoint.save(
-                "language", step + 1, elapsed(), model, opt, generator=gen.get_state(), lm_start_s=lm_start
-            )
+            checkpoint.save("language", step + 1, elapsed(), model, opt, generator=gen.get_state(), lm_start_s=lm_start)
         if done:
             break
     write({"event": "done", "language_steps": step + 1, "train_seconds": round(elapsed(), 1)})
