@@ -1,5 +1,5 @@
 """camera_replay replays a user's own image or folder of images, cycling at the given rate, and refuses a path it
-cannot replay with one line; its --help and ptp-demo's are whole."""
+cannot replay with one line; its --help, ptp-demo's, the planner's and the proxy frame writer's are whole."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
-from ptp_ros.ros import camera_replay, demo  # noqa: E402
+from ptp_ros.proxy import demo as proxy_demo  # noqa: E402
+from ptp_ros.ros import camera_replay, demo, planner  # noqa: E402
 from ptp_ros.ros.camera_replay import ReplayError, image_frames  # noqa: E402
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)  # RGB
@@ -93,10 +94,11 @@ def test_the_command_refuses_a_bad_path_or_rate_in_one_line(tmp_path):
         assert done.returncode == 2 and reason in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("module", [camera_replay, demo])
+@pytest.mark.parametrize("module", [camera_replay, demo, planner, proxy_demo])
 def test_help_is_whole(module, capsys):
     with pytest.raises(SystemExit) as exit_:
-        module.main(["prog", "--help"] if module is camera_replay else ["--help"])
+        # the ROS commands take sys.argv as it is (program name first), the others argv without it
+        module.main(["prog", "--help"] if module in (camera_replay, planner) else ["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert module.__doc__.strip() in out  # every sentence of the docstring, not its first line cut mid-sentence

@@ -76,7 +76,9 @@ def write_jsonl(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m ptp_ros.proxy.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out", type=Path)
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--split", default="test", choices=("train", "val", "test"))

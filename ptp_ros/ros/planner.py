@@ -142,7 +142,9 @@ def describe(result: dict, saliency: Path | None, expected: str | None = None) -
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="planner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("ptp_demo_saliency"), help="folder for saliency images")
     parser.add_argument("--questions", type=int, default=len(QUESTIONS), help="how many of the scripted questions")
     parser.add_argument(
