@@ -131,3 +131,87 @@ def test_fastv_options_are_checked():
         make_selector("fastv", alpha=0.5)
     with pytest.raises(ValueError, match="score_layer <= prune_layer"):
         InLLMPruning(score_layer=3, prune_layer=2)
+
+
+def _causal(length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, length, length] additive causal mask, explicit so that any attention implementation is causal."""
+    blocked = torch.ones(length, length, dtype=torch.bool).triu(1)
+    return torch.zeros(length, length, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
+
+
+def recompute_greedy(
+    adapter, prepared, visual, kept: torch.Tensor, prune_layer: int, steps: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with no KV cache: for each new token a full forward over the pruned sequence — layers
+    below ``prune_layer`` over the whole prompt and the tokens generated so far, the rest over the kept visual
+    tokens, the text and the generated tokens — every token at its original position (new tokens continue
+    after the full prompt's last position), causal in every layer.  Returns the tokens and each step's logits."""
+    lm = adapter.model.model.language_model
+    ids = prepared.inputs["input_ids"]
+    length = ids.shape[1]
+    image_pos = placeholder_positions(ids, adapter.image_token_id)
+    prompt = adapter.model.get_input_embeddings()(ids).clone()
+    prompt[0, image_pos] = visual.features.to(prompt.dtype)
+    full_positions = adapter.rope_positions(prepared)  # [3, 1, L] M-RoPE, or None: 0..L-1
+    dropped = torch.ones(image_pos.numel(), dtype=torch.bool)
+    dropped[kept] = False
+    survivors = [i for i in range(length) if i not in set(image_pos[dropped].tolist())]
+    tokens: list[int] = []
+    logits: list[torch.Tensor] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            new = adapter.model.get_input_embeddings()(torch.tensor([tokens], dtype=torch.long))
+            hidden = torch.cat([prompt, new], dim=1)
+            if full_positions is None:
+                positions = torch.arange(length + len(tokens))[None]
+            else:
+                after = int(full_positions.max()) + 1 + torch.arange(len(tokens))
+                positions = torch.cat([full_positions, after.view(1, 1, -1).expand(3, 1, -1)], dim=-1)
+            rotary = lm.rotary_emb(hidden, positions)
+            for layer in lm.layers[:prune_layer]:
+                hidden = layer(
+                    hidden, attention_mask=_causal(hidden.shape[1], hidden.dtype), position_embeddings=rotary
+                )
+            rows = torch.tensor(survivors + list(range(length, length + len(tokens))))
+            hidden, positions = hidden[:, rows], positions[..., rows]
+            rotary = lm.rotary_emb(hidden, positions)
+            for layer in lm.layers[prune_layer:]:
+                hidden = layer(
+                    hidden, attention_mask=_causal(hidden.shape[1], hidden.dtype), position_embeddings=rotary
+                )
+            logits.append(adapter.model.lm_head(lm.norm(hidden))[0, -1])
+            tokens.append(int(logits[-1].argmax()))
+    return tokens, logits
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("selector", ["ptp", "fastv"])
+def test_several_tokens_decoded_after_an_in_llm_prune_equal_a_cache_free_recomputation(
+    family, selector, tiny_checkpoint, sample_image
+):
+    """The KV cache after an in-LLM prune (full-length below the prune layer, kept positions above it) and the
+    positions of new tokens give, step after step, the tokens a cache-free forward over the pruned sequence
+    gives: five decoded tokens, token for token."""
+    adapter = load_adapter(tiny_checkpoint(family), LoadOptions(device="cpu"))
+    pipeline = Pipeline(adapter, PipelineConfig(selector=selector, prune_in_llm=True, max_new_tokens=5))
+    prepared = adapter.prepare(sample_image, INSTRUCTION)
+    visual = pipeline.encode(prepared)
+    budget = pipeline.budget(visual, keep_ratio=0.111)
+    cached_logits = []  # each step's next-token logits as the cached generate computes them
+    hook = adapter.model.lm_head.register_forward_hook(lambda m, a, out: cached_logits.append(out[0, -1].clone()))
+    try:
+        with torch.no_grad():
+            pruned = pipeline.generate(prepared, visual, pipeline.score(prepared, visual, budget), budget, 5)
+    finally:
+        hook.remove()
+    plan = pipeline.in_llm_plan()
+    assert pruned.prune_layer == plan.prune_layer < len(adapter.model.model.language_model.layers)
+    kept = pruned.selection.kept
+    assert 0 < kept.numel() < visual.num_tokens
+    decoded = pruned.generation.token_ids
+    assert len(decoded) == 5, decoded  # greedy decoding of the tiny model runs to max_new_tokens
+    tokens, logits = recompute_greedy(adapter, prepared, visual, kept, plan.prune_layer, len(decoded))
+    assert tokens == decoded
+    assert len(cached_logits) == len(logits)
+    for step, (cached, recomputed) in enumerate(zip(cached_logits, logits)):
+        assert torch.allclose(cached, recomputed, atol=1e-4, rtol=1e-4), step
