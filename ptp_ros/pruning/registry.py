@@ -45,6 +45,9 @@ class SelectorSpec:
       LLM reads; ``None``: the adapter's default); ``ptp-eval`` runs it so.
 
     ``label``: its row in the benchmark tables (default options); ``description``: one line for ``--help``.
+    ``control``: a control row of the accuracy report (random tokens, or none, dropped where a method drops
+    them), not a method: built by name like any selector, but not listed by ``selector_names()`` (no CLI
+    choice, no benchmark row), and it may keep fewer tokens than the budget (no visual token at all).
     """
 
     name: str
@@ -59,6 +62,7 @@ class SelectorSpec:
     relevance_in_llm: bool = False
     distances: str | None | Callable[[dict], str | None] = None
     saliency_layer: str | None = None
+    control: bool = False
 
     def __post_init__(self) -> None:
         if self.reduce not in (None, *REDUCTIONS):
@@ -153,13 +157,14 @@ def selector_spec(name: str) -> SelectorSpec:
     return _REGISTRY[name]
 
 
-def selector_names() -> list[str]:
-    """Every registered selector, in registration order (PTP, FastV and the peers, the baselines)."""
-    return list(_REGISTRY)
+def selector_names(controls: bool = False) -> list[str]:
+    """Every registered selector, in registration order (PTP, FastV and the peers, the baselines); the
+    accuracy report's control rows (``SelectorSpec.control``) only with ``controls``."""
+    return [spec.name for spec in selector_specs(controls)]
 
 
-def selector_specs() -> list[SelectorSpec]:
-    return list(_REGISTRY.values())
+def selector_specs(controls: bool = False) -> list[SelectorSpec]:
+    return [spec for spec in _REGISTRY.values() if controls or not spec.control]
 
 
 def make_selector(name: str, **options) -> BoundSelector:
