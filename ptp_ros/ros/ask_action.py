@@ -36,8 +36,18 @@ FLOATS = ("frame_age_ms", "frame_arrival_age_ms", "keep_ratio", "latency_budget_
 COUNTS = ("visual_tokens_kept", "visual_tokens_total", "new_tokens", "max_new_tokens")  # 0: absent
 FLAGS = ("budget_feasible", "budget_met")
 #: The library's diagnostic fields of an answer (``Answer.to_dict``) that only the JSON ``result`` carries: how
-#: the budget was split over regions and where the tokens were dropped, for logs and rviz tools, not planners.
-JSON_ONLY = ("selector", "quotas", "structural_kept", "structural_total", "prompt_tokens", "prune_layer")
+#: the budget was split over regions and where the tokens were dropped (and why there, in budget mode), for logs
+#: and rviz tools, not planners.
+JSON_ONLY = (
+    "selector",
+    "quotas",
+    "structural_kept",
+    "structural_total",
+    "prompt_tokens",
+    "prune_layer",
+    "prune_stage",
+    "prune_stage_reason",
+)
 CANCEL_TRANSITION_S = 2.0  # how long a cancelled goal's result waits for rclpy to mark the goal canceling
 RESULT_TIMEOUT_S = 60  # how long rclpy keeps a goal's result for a client that asks for it late (rclpy's: 10 s)
 CLIENT_DEPTH = 1000  # the depth ``client`` gives a planner's side: bursts as large as the node's default take

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
+from ..latency_budget import PredictionError
 from .worker import Counters, Settings
 
 OVERLOAD_WARN_S = 10.0  # a busy or expired result this recently keeps the status at WARN
@@ -30,12 +31,14 @@ class Health:
     worker_problem: str | None  # the watchdog's finding: a dead or stuck inference thread
     frame_silence_s: float | None  # seconds since the last camera frame (None: never one)
     overload_age_s: float | None  # seconds since the last busy/expired result (None: never)
+    prediction: PredictionError | None = None  # the latency model's recent predictions against what they measured
 
 
 def agent_status(name: str, health: Health, settings: Settings, counters: Counters) -> DiagnosticStatus:
     """ERROR when the model failed to load or the worker is dead or stuck; WARN when not serving, the
     camera went silent, requests are refused for overload, or the p95 latency overruns the budget."""
     p95 = counters.p95_latency_ms()
+    prediction = health.prediction
     budget = settings.latency_budget_ms
     camera_timeout_s = max(settings.max_frame_age_ms, 1000.0) / 1e3
     silence = health.frame_silence_s
@@ -79,6 +82,10 @@ def agent_status(name: str, health: Health, settings: Settings, counters: Counte
         **{f"requests_{status}": results[status] for status in ("busy", "expired", "stale", "cancelled")},
         "internal_errors": counters.internal_errors,
         "queue_depth": health.queue_depth,
+        "latency_model_error_pct": prediction.median_abs_pct if prediction else None,
+        "latency_model_requests": prediction.requests if prediction else None,
+        "latency_model_last_predicted_ms": prediction.last_predicted_ms if prediction else None,
+        "latency_model_last_measured_ms": prediction.last_measured_ms if prediction else None,
         "last_error": counters.last_error,
     }
     return DiagnosticStatus(

@@ -10,6 +10,7 @@ No exception escapes the thread: a failure becomes the result of the request it 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter, deque
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..latency_budget import BudgetChoice, LatencyModel, choose_keep_ratio
+from ..latency_budget import IN_LLM, PRE_LLM, BudgetChoice, LatencyModel, choose_keep_ratio
 from ..overlay import saliency_image
 from ..pipeline import Answer, Cancelled, InvalidRequest, Pipeline, PipelineConfig, validate_image
 from ..pruning import PTPConfig, check_keep_ratio
@@ -33,6 +34,9 @@ FUTURE_STAMP_TOLERANCE_MS = 500.0  # more than clock jitter between machines: th
 FAR_PAST_STAMP_MS = 24 * 3600e3  # older than a day: the camera's clock is not set, not a stale frame
 STOP_JOIN_S = 5.0
 CANCELLED_BY_CLIENT = "its client cancelled it"
+# the budget controller's fallback below the in-LLM floor: PTP before the LLM, its relevance probe over the
+# 3 x budget tokens PTP ranks best bottom-up (docs/method.md), so its cost follows the kept tokens, not the frame
+FALLBACK_PROBE_CANDIDATES = 3.0
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ class RequestWorker:
         self.total_tokens: int | None = None  # visual tokens of the last image; the camera's size rarely changes
         self._emit, self._emit_saliency, self._now_ns = emit, emit_saliency, now_ns
         self._max_chars = max_instruction_chars
-        self._pipelines: dict[float, Pipeline] = {}
+        self._pipelines: dict[tuple[float, str | None], Pipeline] = {}  # (alpha, prune stage or None: configured)
         self._queue_size = queue_size
         self._pending: deque[Job] = deque()  # waiting, oldest first; a withdrawn request leaves at once
         self._pending_cond = threading.Condition()  # guards _pending and the hand-over to _job
@@ -368,15 +372,25 @@ class RequestWorker:
                 self._job = self._running_since = None
 
     # -- one request ------------------------------------------------------------------------------
-    def pipeline(self, alpha: float) -> Pipeline:
-        if alpha not in self._pipelines:
-            self._pipelines = {
-                alpha: Pipeline(
-                    self.adapter,
-                    PipelineConfig(selector="ptp", ptp=PTPConfig(alpha=alpha), max_instruction_chars=self._max_chars),
-                )
-            }
-        return self._pipelines[alpha]
+    def pipeline(self, alpha: float, prune_stage: str | None = None) -> Pipeline:
+        """The configured pipeline for ``alpha`` (``prune_stage`` None or the configured one's), or with ``PRE_LLM``
+        the budget controller's fallback: PTP before the LLM with the candidate probe."""
+        if any(key[0] != alpha for key in self._pipelines):
+            self._pipelines = {}
+        if (alpha, None) not in self._pipelines:
+            config = PipelineConfig(selector="ptp", ptp=PTPConfig(alpha=alpha), max_instruction_chars=self._max_chars)
+            self._pipelines[alpha, None] = Pipeline(self.adapter, config)
+        configured = self._pipelines[alpha, None]
+        if prune_stage is None or prune_stage == prune_stage_of(configured):
+            return configured
+        if prune_stage != PRE_LLM:
+            raise ValueError(f"no fallback pipeline prunes at {prune_stage!r}")
+        if (alpha, PRE_LLM) not in self._pipelines:
+            config = dataclasses.replace(
+                configured.config, prune_in_llm=False, probe_candidates=FALLBACK_PROBE_CANDIDATES
+            )
+            self._pipelines[alpha, PRE_LLM] = Pipeline(self.adapter, config)
+        return self._pipelines[alpha, PRE_LLM]
 
     def _take_frame(self) -> Frame | None:
         with self._frame_lock:
@@ -427,10 +441,12 @@ class RequestWorker:
             request, settings, budget_ms, max_new_tokens, spent_ms=(converted - job.received) * 1e3
         )
         result.update(mode=mode, latency_budget_ms=budget_ms, max_new_tokens=max_new_tokens)
+        prune_stage = choice.prune_stage if choice is not None else None
         if choice is not None:
             result.update(predicted_ms=round(choice.predicted_ms, 3), budget_feasible=choice.feasible)
+            result.update(prune_stage=prune_stage, **({"prune_stage_reason": choice.reason} if choice.reason else {}))
         try:
-            answer = self.pipeline(settings.alpha).answer(
+            answer = self.pipeline(settings.alpha, prune_stage).answer(
                 image, request.text, **budget, max_new_tokens=max_new_tokens, cancel=cancel
             )
         except Cancelled as exc:
@@ -440,7 +456,7 @@ class RequestWorker:
         except Exception as exc:  # noqa: BLE001 - a model failure must not take the node down
             return self._fail(result, f"inference failed: {type(exc).__name__}: {exc}", status="error")
         done = time.monotonic()
-        self.learn(answer)
+        self.learn(answer, prune_stage)
         self._answered = True  # set before the result goes out: a planner's next request may come at once
         self._succeed(result, answer, job, started, converted, done, budget_ms)
         if settings.publish_saliency:
@@ -458,11 +474,12 @@ class RequestWorker:
         """(mode used, the budget as ``Pipeline.answer``'s keep_ratio= or tokens=, the budget choice when the
         latency budget decided).  A request's own keep_ratio wins; a request's own latency budget asks for budget
         mode even when the node runs fixed.  Budget mode passes the token count it chose, so nothing is
-        rounded twice."""
+        rounded twice; below the floor of the configured in-LLM pruning it prunes before the LLM instead."""
         if request.keep_ratio is not None:
             return "request", {"keep_ratio": request.keep_ratio}, None
         budget_mode = settings.mode == "budget" or request.latency_budget_ms is not None
-        if not budget_mode or not self.latency_model.ready or self.total_tokens is None:
+        configured = prune_stage_of(self.pipeline(settings.alpha))
+        if not budget_mode or not self.latency_model.ready_for(configured) or self.total_tokens is None:
             return "fixed", {"keep_ratio": settings.keep_ratio}, None
         choice = choose_keep_ratio(
             self.latency_model,
@@ -471,13 +488,21 @@ class RequestWorker:
             max_new_tokens,
             settings.keep_ratio_min,
             settings.keep_ratio_max,
+            [configured, PRE_LLM] if configured == IN_LLM else [configured],
         )
         return "budget", {"tokens": choice.tokens}, choice
 
-    def learn(self, answer: Answer) -> None:
+    def learn(self, answer: Answer, prune_stage: str | None = None, track_error: bool = True) -> None:
+        """Fit ``answer``'s stage times into the latency model, under the prune stage that ran it (default: the
+        configured one); with ``track_error`` the model's prediction for it counts in its reported error."""
         self.total_tokens = answer.selection.total
         self.latency_model.observe(
-            answer.selection.num_kept, answer.selection.total, answer.timings_ms, answer.new_tokens
+            answer.selection.num_kept,
+            answer.selection.total,
+            answer.timings_ms,
+            answer.new_tokens,
+            prune_stage or prune_stage_of(self.pipeline(self.settings.alpha)),
+            track_error,
         )
 
     def _succeed(
@@ -503,6 +528,22 @@ class RequestWorker:
         self._emit(self.counters.failure(result, reason, status), None)
 
 
+def prune_stage_of(pipeline: Pipeline) -> str:
+    """Where ``pipeline`` prunes: ``IN_LLM`` at a layer inside the LLM, or ``PRE_LLM`` before it."""
+    return IN_LLM if pipeline.in_llm_plan() is not None else PRE_LLM
+
+
+def other_frame_size(image: np.ndarray) -> np.ndarray:
+    """A centre crop of ``image`` with another aspect ratio (square, or half height when square): another tile
+    layout or pixel count, so another visual token count for every model family."""
+    h, w = image.shape[:2]
+    if h == w:
+        return image[: h // 2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top : top + side, left : left + side]
+
+
 def calibrate(
     worker: RequestWorker,
     image: np.ndarray,
@@ -510,17 +551,36 @@ def calibrate(
     max_new_tokens: int,
     instruction: str = "Describe the scene.",
     cancel: threading.Event | None = None,
+    repeats: int = 2,
 ) -> list[dict]:
-    """Fit the worker's latency model from a few runs at different keep ratios (after one warm-up run,
-    which pays one-off costs such as allocator growth and is not recorded).  ``cancel`` ends it early
+    """Fit the worker's latency model.  After one warm-up run (one-off costs such as allocator growth, not
+    recorded): every keep ratio ``repeats`` times, interleaved, so that a busy spell hits different ratios and the
+    robust fit sets it aside; the smallest and largest pruned ratio on a crop of another size, so that the model
+    tells per-frame-token cost from fixed cost; and when the configured pipeline prunes inside the LLM, the
+    pruned ratios before the LLM, the controller's fallback below the in-LLM floor.  ``cancel`` ends it early
     (``Cancelled``), so that a shutdown during configure does not wait for the model."""
-    pipeline = worker.pipeline(worker.settings.alpha)
-    pipeline.answer(image, instruction, keep_ratio=min(keep_ratios), max_new_tokens=max_new_tokens, cancel=cancel)
-    runs = []
-    for ratio in sorted(keep_ratios):
-        answer = pipeline.answer(image, instruction, keep_ratio=ratio, max_new_tokens=max_new_tokens, cancel=cancel)
-        worker.learn(answer)
-        runs.append(
-            {"keep_ratio": ratio, "kept": answer.selection.num_kept, "total_ms": round(answer.timings_ms["total"], 1)}
-        )
+    alpha = worker.settings.alpha
+    configured = worker.pipeline(alpha)
+    ratios = sorted(set(keep_ratios))
+    pruned = [r for r in ratios if r < 1.0]
+
+    def run(pipeline: Pipeline, frame: np.ndarray, ratio: float) -> dict:
+        answer = pipeline.answer(frame, instruction, keep_ratio=ratio, max_new_tokens=max_new_tokens, cancel=cancel)
+        stage = prune_stage_of(pipeline)
+        worker.learn(answer, stage, track_error=False)
+        return {
+            "prune_stage": stage,
+            "keep_ratio": ratio,
+            "visual_tokens": answer.selection.total,
+            "kept": answer.selection.num_kept,
+            "total_ms": round(answer.timings_ms["total"], 1),
+        }
+
+    configured.answer(image, instruction, keep_ratio=ratios[0], max_new_tokens=max_new_tokens, cancel=cancel)
+    runs = [run(configured, image, ratio) for _ in range(repeats) for ratio in ratios]
+    other = other_frame_size(image)
+    runs += [run(configured, other, ratio) for ratio in sorted({(pruned or ratios)[0], (pruned or ratios)[-1]})]
+    if prune_stage_of(configured) == IN_LLM:
+        runs += [run(worker.pipeline(alpha, PRE_LLM), image, ratio) for ratio in pruned]
+    worker.total_tokens = runs[0]["visual_tokens"]  # the calibration image's, not the crop's
     return runs
