@@ -33,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="ptp-eval", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in proxy model)")
-    ap.add_argument("--split", default=None, choices=("train", "val", "test"), help="default: test (val with --sweep)")
+    ap.add_argument(
+        "--split",
+        default=None,
+        choices=("train", "val", "validation", "test"),
+        help="val (or validation): where defaults are chosen, the default of every sweep; test: the report, run "
+        "once after the defaults are fixed (the default without a sweep)",
+    )
     ap.add_argument(
         "--scenes",
         type=int,
@@ -50,7 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         default=100,
         help="run the PTP ablations on the first N scenes only (default: 100; 0: all)",
     )
-    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    ap.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=list(RATIOS),
+        help="keep ratios (default: %(default)s). The matched-cost table reads each peer at PTP's total cost "
+        "between its two neighbouring measured ratios (keep-all included) and never extrapolates: add ratios "
+        "until every peer's are close around PTP's cost",
+    )
     ap.add_argument("--sweep", action="store_true", help="compare candidate PTP defaults instead of the peers")
     ap.add_argument(
         "--fusion-sweep",
@@ -75,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="NAME",
         help="only these rows, by label or selector name (default: all of the mode's rows; with "
-        "--data: PTP and the peers, no ablations)",
+        "--data: PTP and the peers, no ablations). The control rows (random before the LLM; random-after-K and "
+        "no-visual-after-K for every layer K a row prunes inside the LLM at) are added to any choice and can be "
+        "named too, e.g. --methods ptp random-after-1",
     )
     ap.add_argument(
         "--data",
@@ -126,11 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
     from . import report
-    from .methods import Method, comparison_methods, diversity_methods, fusion_methods, stage_methods, sweep_methods
+    from .methods import (
+        Method,
+        comparison_methods,
+        control_methods,
+        diversity_methods,
+        fusion_methods,
+        main_rows,
+        stage_methods,
+        sweep_methods,
+        with_controls,
+    )
     from .runner import DOWNSCALED, Evaluator, Results
 
     sweep = args.sweep or args.fusion_sweep or args.diversity_sweep or args.stage_sweep
-    split = args.split or ("val" if sweep else "test")
+    split = {"validation": "val"}.get(args.split, args.split) or ("val" if sweep else "test")
     scenes = args.scenes or (2 if args.quick else 40 if sweep else 600)
     per_type = args.per_type or (1 if args.quick else 2)
     out = args.out or (
@@ -162,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage_sweep
         else comparison_methods()
     )
+    llm_layer = adapter.options.llm_layer
     if args.methods:
-        methods = _picked(ap, methods, args.methods)
-    main_methods = [m for m in methods if m.group != "ablation"]
+        methods = _picked(ap, methods + control_methods(methods, llm_layer), args.methods)
+    methods = with_controls(methods, llm_layer)
+    main_methods = main_rows(methods, llm_layer)
     evaluator = Evaluator(adapter, methods, ratios)
     results = Results()
     start = time.perf_counter()
@@ -187,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": list(ratios),
         "per_type": per_type,
         "ablation_scenes": args.ablation_scenes,
+        "llm_layer": llm_layer,
+        "llm_layers": adapter.model.config.text_config.num_hidden_layers,
     }
     rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
     data = report.build(results, rows, ratios, meta)
@@ -201,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     """``--data``: every chosen row × ratio on the user's frames through ``Pipeline.answer``, resumable."""
+    from ptp_ros.vlm.common import TiledModelOptions
     from ptp_ros.vlm.defaults import default_model_path
     from ptp_ros.vlm.loading import ModelLoadError, quiet_transformers, resolve_device, resolve_dtype
 
@@ -209,7 +240,7 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     from . import report
     from .data_runner import AnswerCache, DataEvaluator, progress_printer
     from .dataset import DataError, load_items
-    from .methods import Method, comparison_methods
+    from .methods import Method, comparison_methods, control_methods, with_controls
     from .runner import DOWNSCALED, Results
 
     if args.max_new_tokens < 1:
@@ -224,7 +255,9 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     except (ValueError, KeyError, IndexError) as exc:
         ap.error(f"--prompt {args.prompt!r} is not a template of {{question}}: {exc}")
     pool = comparison_methods()
-    methods = _picked(ap, pool, args.methods) if args.methods else [m for m in pool if m.group != "ablation"]
+    # names are checked before the model loads, so the controls on offer are those of the default LLM layer
+    offered = pool + control_methods(pool, TiledModelOptions.llm_layer)
+    methods = _picked(ap, offered, args.methods) if args.methods else [m for m in pool if m.group != "ablation"]
     try:
         items = load_items(args.data)[: args.limit]
     except DataError as exc:
@@ -239,6 +272,7 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     except (ModelLoadError, ValueError) as exc:
         print(f"ptp-eval: {exc}", file=sys.stderr)
         return 2
+    methods = with_controls(methods, adapter.options.llm_layer)
     named = model == "tiny" or model in MODELS  # built here, not a checkpoint directory
     ratios = tuple(sorted(set(args.ratios) | {1.0}, reverse=True))
     out = args.out or Path(tempfile.mkdtemp(prefix="ptp-eval-data-"))
@@ -283,6 +317,7 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         "dtype": settings["dtype"].removeprefix("torch."),
         "computed_answers": fresh,
         "llm_layer": adapter.options.llm_layer,
+        "llm_layers": adapter.model.config.text_config.num_hidden_layers,
         "llm": llm_dims_from_config(adapter.model.config.text_config) if named else None,
     }
     scratch.cleanup()

@@ -4,6 +4,9 @@ A ``Method`` is a selector name with its options plus the two choices made outsi
 how instruction attention is reduced over instruction tokens and which adapter options produce the
 scores (``adapter``: changes to the evaluated adapter's own options, e.g. the LLM layer; any family
 takes them as long as its options have those fields).  "ptp" always means the library's current defaults.
+Every report also carries control rows (``control_methods``): random tokens before the LLM, and random tokens
+or none dropped inside it at each layer a row drops tokens at; each row's gain is paired with the control of
+its own stage (``control_for``).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ class Method:
     # text_attention's "mean"), else this (default "max"); filled in, so the report says what ran
     reduce: str | None = None
     adapter: tuple[tuple[str, object], ...] = ()  # (option, value) changes to the adapter's options
-    group: str = "peer"  # "ptp", "ablation" or "peer"
+    group: str = "peer"  # "ptp", "ablation", "peer", "candidate" (a sweep's) or "control" (``control_methods``)
     prune_in_llm: bool = PipelineConfig.prune_in_llm  # as the library's default unless a row says otherwise
     probe_candidates: float = 0.0  # PipelineConfig.probe_candidates
+    newline_policy: str = PipelineConfig.newline_policy  # "drop" for the no-visual control: not even a newline
 
     def __post_init__(self) -> None:
-        reduce = self.bound().relevance_reduce(self.reduce) if self.selector in selector_names() else self.reduce
+        registered = self.selector in selector_names(controls=True)
+        reduce = self.bound().relevance_reduce(self.reduce) if registered else self.reduce
         object.__setattr__(self, "reduce", reduce or "max")
 
     def bound(self):
@@ -39,6 +44,14 @@ class Method:
 
     def in_llm_plan(self, llm_layer: int) -> InLLMPruning | None:
         return in_llm_plan(self.bound(), self.prune_in_llm, llm_layer)
+
+    def prune_layer(self, llm_layer: int) -> int | None:
+        """The LLM layer from which this row drops visual tokens (``None``: before the LLM), with ``llm_layer``
+        the evaluated adapter's relevance layer (the row's own ``llm_layer`` change wins)."""
+        if self.selector not in selector_names(controls=True):  # max_pixels: a smaller image, read whole
+            return None
+        plan = self.in_llm_plan(dict(self.adapter).get("llm_layer", llm_layer))
+        return None if plan is None else plan.prune_layer
 
     @property
     def needs_relevance(self) -> bool:
@@ -52,6 +65,7 @@ class Method:
             instruction_reduce=self.reduce,
             prune_in_llm=self.prune_in_llm,
             probe_candidates=self.probe_candidates,
+            newline_policy=self.newline_policy,
             max_new_tokens=max_new_tokens,
         )
 
@@ -64,6 +78,7 @@ class Method:
             self.adapter,
             self.prune_in_llm,
             self.probe_candidates,
+            self.newline_policy,
         )
 
 
@@ -85,6 +100,54 @@ def pick_methods(methods: list[Method], names: list[str]) -> list[Method]:
         known = sorted(labels | {m.selector for m in methods})
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; known: {', '.join(map(repr, known))}")
     return [m for m in methods if m.label in chosen]
+
+
+#: The control row before the LLM: random tokens, then a pruned prefill (the pre-LLM methods' control).
+RANDOM = "random"
+
+
+def random_after(k: int) -> str:
+    """The control of the methods that drop tokens inside the LLM from layer ``k``: random tokens dropped so."""
+    return f"random-after-{k}"
+
+
+def no_visual_after(k: int) -> str:
+    """The floor of layer ``k``: no visual token at all from it on (what layers < ``k`` already carried)."""
+    return f"no-visual-after-{k}"
+
+
+def control_for(method: Method, llm_layer: int) -> str:
+    """The control a method's gain is paired with: random tokens dropped where it drops them (before the LLM:
+    ``RANDOM``; inside it from layer K: ``random_after(K)``)."""
+    k = method.prune_layer(llm_layer)
+    return RANDOM if k is None else random_after(k)
+
+
+def control_methods(methods: list[Method], llm_layer: int) -> list[Method]:
+    """The control rows of a report on ``methods`` (the UniPruneBench convention: random is a strong baseline):
+    random before the LLM, and for every layer K at which a row drops tokens inside the LLM, random tokens
+    (as many as the rows keep) and no visual token at all from K on, through the same in-LLM plan as the rows
+    (registered selectors ``random_in_llm`` / ``no_visual_in_llm``)."""
+    layers = sorted({k for m in methods if m.group != "control" and (k := m.prune_layer(llm_layer)) is not None})
+    out = [peer("random", label=RANDOM, group="control")]
+    for k in layers:
+        out.append(Method(random_after(k), "random_in_llm", {"k": k}, group="control"))
+        out.append(Method(no_visual_after(k), "no_visual_in_llm", {"k": k}, group="control", newline_policy="drop"))
+    return out
+
+
+def with_controls(methods: list[Method], llm_layer: int) -> list[Method]:
+    """``methods`` and, after them, every control row they need that is not among them already."""
+    have = {m.key() for m in methods}
+    return methods + [c for c in control_methods(methods, llm_layer) if c.key() not in have]
+
+
+def main_rows(methods: list[Method], llm_layer: int) -> list[Method]:
+    """The rows ``ptp-eval`` runs on every scene: all but the ablations and the controls that only ablations
+    need (those run on the ablation scenes, where they are paired)."""
+    main = [m for m in methods if m.group not in ("ablation", "control")]
+    needed = {c.key() for c in control_methods(main, llm_layer)}
+    return [m for m in methods if m.group != "ablation" and (m.group != "control" or m.key() in needed)]
 
 
 #: Registered peers whose comparison row is an ablation (run on the ablation scenes, not plotted with the
@@ -145,7 +208,8 @@ def comparison_methods() -> list[Method]:
         _ptp("ptp llm_layer=1", adapter={"llm_layer": 1}),
         # every other registered selector as its paper runs it: the [CLS] peers read the feature layer's
         # attention, as their code does (docs/method.md); FastV inside the LLM
-        *(peer(name) for name in selector_names() if name != "ptp"),
+        # (random before the LLM is a control row: ``control_methods``)
+        *(peer(name) for name in selector_names() if name not in ("ptp", "random")),
     ]
 
 

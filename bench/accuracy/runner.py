@@ -249,6 +249,9 @@ class Evaluator:
         inputs, rotary = layer_inputs(lm, embeds, wanted, None if full_positions is None else positions)
         relevance = {}
         for key, m, plan in entries:
+            if not m.needs_relevance:  # a control row (random tokens, or none): its choice reads no attention
+                relevance[key] = None
+                continue
             rows = attention_rows(
                 lm.layers[plan.score_layer],
                 inputs[plan.score_layer],
@@ -260,16 +263,16 @@ class Evaluator:
         out = {}
         for ratio in self.ratios:
             budget = resolve_budget(n, keep_ratio=ratio)
-            batches: dict[int, list[tuple[tuple, torch.Tensor]]] = defaultdict(list)
+            batches: dict[tuple[int, int], list[tuple[tuple, torch.Tensor]]] = defaultdict(list)
             for key, m, plan in entries:
                 visual = visuals[self._vision(m)]
                 scores = dataclasses.replace(visual.scores, features=features, relevance=relevance[key])
                 kept = self.pipeline(m).select(n, scores, budget).kept
-                batches[plan.prune_layer].append((key, kept))
-            for layer, members in batches.items():
+                batches[(plan.prune_layer, kept.numel())].append((key, kept))  # no-visual rows keep none
+            for (layer, _), members in batches.items():
                 index = torch.stack(
                     [torch.nonzero(kept_prompt_mask(length, image_pos, kept)).squeeze(1) for _, kept in members]
-                )  # [B, L'] (equal budgets)
+                )  # [B, L'] (equal kept counts)
                 hidden = inputs[layer][0, index] if layer < depth else None
                 row_positions = positions[..., 0, :][..., index] if positions.dim() == 3 else index
                 if hidden is None:  # a plan past the last layer drops nothing: the unpruned answer
