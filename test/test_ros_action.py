@@ -15,7 +15,7 @@ import time
 
 import cv2
 import pytest
-from ros_helpers import Probe, wait_future
+from ros_helpers import NodeProcess, Probe, wait_future
 from test_ros_node import NODE, STARTUP_S, deliver, matched_probe, slow_agent
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
@@ -236,3 +236,52 @@ def test_a_goal_beyond_the_full_queue_is_aborted_busy_and_a_cancelled_queued_goa
         lambda: (v := probe.diag_values(NODE)) and int(v["requests_received"]) >= received + 4 and v, 10, "counted"
     )
     assert int(values["requests_received"]) == received + 4  # goals count as received requests
+
+
+@pytest.fixture(scope="module")
+def planner_agent(Ask, ros, tmp_path_factory):
+    """An agent in budget mode that draws saliency at 1080p: calibrated with 2 new tokens a request, then
+    set to 256 (its default for requests that name none), so that it predicts a whole request at far more
+    than a goal asking for 1 token takes."""
+    node = NodeProcess(
+        ros,
+        tmp_path_factory.mktemp("planner_agent") / "agent.log",
+        namespace="/back_to_back",
+        params={
+            "mode": "budget",
+            "latency_budget_ms": 10_000.0,
+            "max_new_tokens": 2,
+            "queue_size": 1,
+            "publish_saliency": True,
+            "saliency_max_side": 1920,
+            "calibration_keep_ratios": [0.05, 0.2],
+            "max_frame_age_ms": 0.0,
+        },
+    )
+    probe = Probe(namespace="/back_to_back")
+    action = ask_client(probe.node, Ask)
+    try:
+        if not action.wait_for_server(timeout_sec=STARTUP_S):
+            pytest.fail(f"the agent serves no ask action:\n{node.log()[-3000:]}")
+        fqn = "/back_to_back/ptp_agent"
+        probe.wait_for(lambda: (probe.diag_values(fqn) or {}).get("model_state") == "serving", STARTUP_S, "serving")
+        assert probe.set_parameters(fqn, {"max_new_tokens": 256})[0].successful
+        yield probe, action
+    finally:
+        action.destroy()
+        probe.close()
+        assert node.stop() == 0, node.log()[-3000:]
+
+
+def test_a_planner_sending_each_goal_when_the_last_result_arrives_is_never_refused(Ask, planner_agent, sample_image):
+    probe, action = planner_agent
+    frame = sample_image  # 1920x1080: the saliency image takes a while to draw after the result is out
+    probe.send_frame(frame, sec=int(time.time()))
+    probe.wait_for(lambda: int(probe.diag_values("/back_to_back/ptp_agent")["frames_received"]), 30, "a frame")
+    outcomes = []
+    for i in range(20):
+        _, typed = Sent(action, goal_message(Ask, "What is on the table?", id=f"bb{i}", max_new_tokens=1)).outcome()
+        outcomes.append((typed.status, typed.error))
+    print(f"\nback to back: {sum(s == 'ok' for s, _ in outcomes)} of 20 answered")
+    assert [s for s, _ in outcomes] == ["ok"] * 20, outcomes
+    assert len(probe.saliency) >= 10  # saliency was on and drawn

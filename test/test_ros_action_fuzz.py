@@ -75,11 +75,17 @@ class Session:
         self.probe = Probe(namespace=f"/{NAMESPACE}")
         self.action = ask_client(self.probe.node, Ask)
         deadline = time.monotonic() + STARTUP_S
-        if not self.action.wait_for_server(timeout_sec=STARTUP_S):
-            pytest.fail(f"the agent serves no ask action:\n{self.process.log()[-3000:]}")
-        self.probe.wait_for(
-            lambda: self.diag().get("model_state") == "serving", max(1.0, deadline - time.monotonic()), "serving"
-        )
+        try:
+            if not self.action.wait_for_server(timeout_sec=STARTUP_S):
+                pytest.fail(f"the agent serves no ask action:\n{self.process.log()[-3000:]}")
+            self.probe.wait_for(
+                lambda: self.diag().get("model_state") == "serving", max(1.0, deadline - time.monotonic()), "serving"
+            )
+        except BaseException:  # no agent process left behind
+            self.action.destroy()
+            self.probe.close()
+            self.process.stop()
+            raise
 
     def diag(self) -> dict:
         return self.probe.diag_values(FQN) or {}
