@@ -10,12 +10,10 @@ assigning a numpy array to ``msg.data`` copies element by element (~0.7 s for on
 from __future__ import annotations
 
 import importlib
-import io
 import sys
 
 import cv2
 import numpy as np
-from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -125,26 +123,93 @@ def image_to_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     return to_rgb8(imgmsg_to_array(msg, max_pixels), msg.encoding)
 
 
-#: What ``compressed_to_rgb`` decodes: the formats image_transport's ``compressed`` plugin writes.
-COMPRESSED_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: a multi-picture JPEG, as some cameras write
+#: What ``compressed_to_rgb`` decodes: the formats image_transport's ``compressed`` plugin writes (an MPO,
+#: the multi-picture JPEG some cameras write, is a JPEG whose first picture is decoded).
+COMPRESSED_FORMATS = ("JPEG", "PNG")
+#: Markers a JPEG may have before its scan, chunks a PNG may have before its image data.  Camera files have
+#: under twenty (an ICC profile split over APP2 segments included); a flood of empty ones is refused after
+#: this many instead of being walked, here or by the decoder (libjpeg took 23 s over 3 million).
+MAX_HEADER_SEGMENTS = 256
+JPEG_SOI = b"\xff\xd8"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# frame headers that carry the size: SOF0-15 but DHT (C4), JPG (C8) and DAC (CC)
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RST0-7 stand alone
+_JPEG_SOS, _JPEG_EOI, _JPEG_FILL = 0xDA, 0xD9, 0xFF
+_PNG_GREY = 0  # IHDR colour type whose 16-bit samples the decoder turns into 8-bit grey
 
 
-def compressed_size(data: bytes) -> tuple[int, int]:
-    """(width, height) a JPEG/PNG declares in its header, read without decoding a pixel."""
-    try:
-        with PILImage.open(io.BytesIO(data)) as header:
-            kind, size = header.format, header.size
-    except PILImage.DecompressionBombError as exc:  # Pillow's own cap, far above any max_input_pixels
-        raise ImageConversionError(f"image exceeds max_input_pixels: {exc}") from None
-    except PILImage.UnidentifiedImageError:
-        raise ImageConversionError(f"cannot decode {len(data)} bytes: not a JPEG or PNG image") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a broken header; all mean "unusable"
-        raise ImageConversionError(
-            f"cannot decode {len(data)} bytes: broken header ({type(exc).__name__}: {exc})"
-        ) from None
-    if kind not in COMPRESSED_FORMATS:
-        raise ImageConversionError(f"compressed image is {kind}; supported: {', '.join(COMPRESSED_FORMATS)}")
-    return size
+def compressed_size(data) -> tuple[int, int]:
+    """(width, height) a JPEG/PNG declares, read from its header without decoding or copying ``data``.
+
+    Time and memory are bounded by ``MAX_HEADER_SEGMENTS`` whatever the size of ``data``: the walk reads a
+    few bytes per marker or chunk and stops at the JPEG's scan (the size is its first frame header's) or at
+    the PNG's first image data (the size is IHDR's, the first chunk by the spec).  Sample depths the decoder
+    would turn into something other than 8-bit grey or colour are refused here, before a pixel is decoded:
+    12-bit JPEGs and 16-bit colour PNGs (a 4096² RGBA16 PNG decodes to 128 MB).  Raises ImageConversionError.
+    """
+    view = memoryview(data).cast("B")
+    if view[:2] == JPEG_SOI:
+        return _jpeg_size(view)
+    if view[:8] == PNG_SIGNATURE:
+        return _png_size(view)
+    raise ImageConversionError(f"cannot decode {len(view)} bytes: not a JPEG or PNG image")
+
+
+def _jpeg_size(view: memoryview) -> tuple[int, int]:
+    size, pos, end = None, 2, len(view)
+    for _ in range(MAX_HEADER_SEGMENTS):
+        if pos + 2 > end:
+            raise ImageConversionError(f"JPEG of {end} bytes ends at byte {pos}, before its scan")
+        if view[pos] != 0xFF:
+            raise ImageConversionError(f"JPEG: no marker at byte {pos} (0x{view[pos]:02x})")
+        code = view[pos + 1]
+        if code == _JPEG_FILL:  # fill bytes may precede a marker; each counts towards the limit
+            pos += 1
+            continue
+        pos += 2
+        if code in _JPEG_NO_LENGTH:
+            continue
+        if code == _JPEG_EOI:
+            raise ImageConversionError("JPEG ends (EOI) before its scan")
+        if pos + 2 > end:
+            raise ImageConversionError(f"JPEG of {end} bytes ends inside the marker at byte {pos - 2}")
+        length = int.from_bytes(view[pos : pos + 2], "big")
+        if length < 2 or pos + length > end:
+            raise ImageConversionError(f"JPEG: segment 0x{code:02x} at byte {pos - 2} has a bogus length {length}")
+        if code in _JPEG_SOF and size is None:
+            if length < 8:
+                raise ImageConversionError(f"JPEG: frame header of {length} bytes is truncated")
+            if (precision := view[pos + 2]) != 8:
+                raise ImageConversionError(f"JPEG with {precision}-bit samples; only 8-bit JPEGs are decoded")
+            size = int.from_bytes(view[pos + 5 : pos + 7], "big"), int.from_bytes(view[pos + 3 : pos + 5], "big")
+        if code == _JPEG_SOS:
+            if size is None:
+                raise ImageConversionError("JPEG: scan before any frame header (SOF)")
+            return size
+        pos += length
+    raise ImageConversionError(
+        f"JPEG with more than {MAX_HEADER_SEGMENTS} markers before its scan: refused (a flood of segments)"
+    )
+
+
+def _png_size(view: memoryview) -> tuple[int, int]:
+    end = len(view)
+    if end < 33 or view[12:16] != b"IHDR" or int.from_bytes(view[8:12], "big") != 13:
+        raise ImageConversionError("PNG without an IHDR chunk first (truncated or not a PNG)")
+    width, height = int.from_bytes(view[16:20], "big"), int.from_bytes(view[20:24], "big")
+    if view[24] == 16 and view[25] != _PNG_GREY:
+        raise ImageConversionError("PNG with 16-bit colour samples; send 8-bit colour or 16-bit grey")
+    pos = 33  # after the signature and IHDR
+    for _ in range(MAX_HEADER_SEGMENTS):
+        if pos + 8 > end:
+            raise ImageConversionError(f"PNG of {end} bytes ends at byte {pos}, before its image data (IDAT)")
+        if view[pos + 4 : pos + 8] == b"IDAT":
+            return width, height
+        pos += 12 + int.from_bytes(view[pos : pos + 4], "big")  # length, type, data, CRC
+    raise ImageConversionError(
+        f"PNG with more than {MAX_HEADER_SEGMENTS} chunks before its image data: refused (a flood of chunks)"
+    )
 
 
 def check_compressed(msg: CompressedImage, max_pixels: int | None = None) -> None:
@@ -156,7 +221,7 @@ def check_compressed(msg: CompressedImage, max_pixels: int | None = None) -> Non
         raise ImageConversionError(
             f"format {msg.format[:64]!r} (compressedDepth) is not supported; send a colour image"
         )
-    check_size(*compressed_size(bytes(msg.data)), max_pixels)
+    check_size(*compressed_size(msg.data), max_pixels)
 
 
 def compressed_to_rgb(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
