@@ -10,6 +10,7 @@ from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.pruning import NO_REGION, InLLMPruning, make_selector
 from ptp_ros.vlm.common import placeholder_positions
 from ptp_ros.vlm.families import FAMILIES
+from ptp_ros.vlm.in_llm import causal_mask
 from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
 INSTRUCTION = "what colour is the circle?"
@@ -133,12 +134,6 @@ def test_fastv_options_are_checked():
         InLLMPruning(score_layer=3, prune_layer=2)
 
 
-def _causal(length: int, dtype: torch.dtype) -> torch.Tensor:
-    """[1, 1, length, length] additive causal mask, explicit so that any attention implementation is causal."""
-    blocked = torch.ones(length, length, dtype=torch.bool).triu(1)
-    return torch.zeros(length, length, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
-
-
 def recompute_greedy(
     adapter, prepared, visual, kept: torch.Tensor, prune_layer: int, steps: int
 ) -> tuple[list[int], list[torch.Tensor]]:
@@ -170,14 +165,14 @@ def recompute_greedy(
             rotary = lm.rotary_emb(hidden, positions)
             for layer in lm.layers[:prune_layer]:
                 hidden = layer(
-                    hidden, attention_mask=_causal(hidden.shape[1], hidden.dtype), position_embeddings=rotary
+                    hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype), position_embeddings=rotary
                 )
             rows = torch.tensor(survivors + list(range(length, length + len(tokens))))
             hidden, positions = hidden[:, rows], positions[..., rows]
             rotary = lm.rotary_emb(hidden, positions)
             for layer in lm.layers[prune_layer:]:
                 hidden = layer(
-                    hidden, attention_mask=_causal(hidden.shape[1], hidden.dtype), position_embeddings=rotary
+                    hidden, attention_mask=causal_mask(hidden.shape[1], hidden.dtype), position_embeddings=rotary
                 )
             logits.append(adapter.model.lm_head(lm.norm(hidden))[0, -1])
             tokens.append(int(logits[-1].argmax()))
@@ -215,3 +210,40 @@ def test_several_tokens_decoded_after_an_in_llm_prune_equal_a_cache_free_recompu
     assert len(cached_logits) == len(logits)
     for step, (cached, recomputed) in enumerate(zip(cached_logits, logits)):
         assert torch.allclose(cached, recomputed, atol=1e-4, rtol=1e-4), step
+
+
+def test_ptp_eval_in_llm_rows_answer_alike_under_eager_and_sdpa_attention(tiny_adapter, eager_adapter):
+    """ptp-eval runs the layers from the prune layer on by calling them directly: with an explicit causal mask
+    its in-LLM rows' logits do not depend on the attention implementation (with none, eager attention attends
+    both ways and they differ by ~2e-2 on the tiny model)."""
+    from ptp_ros.proxy import make_questions, make_scene, split_seed
+    from ptp_ros_bench.accuracy.methods import Method
+    from ptp_ros_bench.accuracy.runner import Evaluator, Results
+
+    assert eager_adapter.model.config.text_config._attn_implementation == "eager"
+    assert tiny_adapter.model.config.text_config._attn_implementation == "sdpa"
+    methods = [Method("fastv", "fastv"), Method("ptp in-LLM", "ptp", prune_in_llm=True)]
+    scene = make_scene(split_seed("test", 0))
+    questions = make_questions(scene, per_type=1)
+    runs = []
+    for adapter in (tiny_adapter, eager_adapter):
+        evaluator = Evaluator(adapter, methods, (1.0, 0.5, 0.111))
+        answered = []  # per question: {(method key, ratio): (kept, answer logits)}
+        in_llm = evaluator._in_llm_question
+        evaluator._in_llm_question = lambda *args, run=in_llm, out=answered: out.append(run(*args)) or out[-1]
+        results = Results()
+        evaluator.scene(scene, questions, results)
+        runs.append((answered, results.predicted))
+    (sdpa, sdpa_answers), (eager, eager_answers) = runs
+    assert len(sdpa) == len(questions) and sdpa_answers == eager_answers
+    for per_sdpa, per_eager in zip(sdpa, eager):
+        assert per_sdpa.keys() == per_eager.keys()
+        for key, (kept, logits) in per_sdpa.items():
+            assert torch.equal(kept, per_eager[key][0])
+            assert torch.allclose(logits, per_eager[key][1], atol=1e-5), key
+    # and the answers are the library's hooked generate's (whose mask the model's own forward builds)
+    decode = eager_adapter.processor.tokenizer.decode
+    expected = Pipeline(eager_adapter, PipelineConfig(max_new_tokens=1)).answer(
+        scene.image, questions[0].text, keep_ratio=0.111
+    )
+    assert decode([eager_answers[("ptp in-LLM", 0.111)][0]], skip_special_tokens=True).strip() == expected.text

@@ -23,7 +23,7 @@ from ptp_ros.pruning import NO_REGION, InLLMPruning, PTPConfig, instruction_rele
 from ptp_ros.vlm.attention import attention_rows, layer_inputs
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
 from ptp_ros.vlm.common import StockModelAdapter, placeholder_positions
-from ptp_ros.vlm.in_llm import kept_prompt_mask
+from ptp_ros.vlm.in_llm import causal_mask, kept_prompt_mask
 
 from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
@@ -283,8 +283,9 @@ class Evaluator:
                     ).last_hidden_state.expand(len(members), -1, -1)
                 else:
                     table = lm.rotary_emb(hidden, row_positions)
+                    mask = causal_mask(hidden.shape[1], hidden.dtype, hidden.device)  # causal whatever attention runs
                     for decoder_layer in lm.layers[layer:]:
-                        hidden = decoder_layer(hidden, attention_mask=None, position_embeddings=table)
+                        hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=table)
                     hidden = lm.norm(hidden)
                 logits = self.model.lm_head(hidden[:, -1])
                 for row, (key, kept) in enumerate(members):

@@ -91,6 +91,16 @@ def kept_prompt_mask(prompt_len: int, image_positions: torch.Tensor, kept: torch
     return keep
 
 
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """[1, 1, length, length] additive causal mask: 0 on and below the diagonal, the dtype's minimum above.
+    A decoder layer called directly (not through its model's forward, which builds the mask) is causal
+    under every attention implementation with it; with ``attention_mask=None`` SDPA is causal but eager
+    attention attends both ways."""
+    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    mask = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
