@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--stage-sweep",
         action="store_true",
-        help="compare where PTP's instruction stage runs (before / inside the LLM, over candidates) "
-        "with FastV (validation split)",
+        help="choose the defaults: where PTP's instruction stage runs (inside the LLM at K=2/4, before it, over "
+        "candidates), top-k vs the diverse pick, fusion and alpha, beside the peers and controls (validation split)",
     )
     ap.add_argument("--quick", action="store_true", help="a few scenes, for CI")
     ap.add_argument(

@@ -247,27 +247,27 @@ def fusion_methods() -> list[Method]:
 
 
 def stage_methods() -> list[Method]:
-    """Where and over what PTP's instruction stage runs (a separate probe before the LLM, inside the LLM,
-    a probe over the bottom-up candidates only), each with top-k and diverse filling of the region
-    quotas, beside FastV in and before the LLM: run on the validation split to choose the defaults."""
+    """The candidate defaults, run on the validation split to choose them (``ptp-eval --stage-sweep``), compared
+    at matched total cost: where PTP's instruction stage runs (inside the LLM at K = 2 or 4, a separate probe
+    before the LLM, a probe over the bottom-up candidates only, no instruction stage at all), how each region's
+    quota is filled (top-k, the diverse pick at λ = 0.5 or 0.75), the fusion and α, beside the peers that
+    prune at those stages; the control rows of each stage are added by ``with_controls``."""
+    before = {"prune_in_llm": False}
     out = [_ptp("ptp", group="ptp")]
-    for within in WITHIN_REGION:
+    for label, stage in (("in-LLM", {}), ("before the LLM", before)):
         out += [
-            _ptp(f"ptp before the LLM, {within}", prune_in_llm=False, within_region=within),
-            _ptp(f"ptp in-LLM, {within}", prune_in_llm=True, within_region=within),
-            _ptp(f"ptp α=0, {within}", alpha=0.0, within_region=within),
+            _ptp(f"ptp {label}, top_k", within_region="top_k", **stage),
+            _ptp(f"ptp {label}, diverse λ=0.75", within_region="diverse", diversity=0.75, **stage),
+            *(_ptp(f"ptp {label}, α={a:g}", alpha=a, **stage) for a in (0.25, 0.75)),
+            _ptp(f"ptp {label}, min-max fusion", fusion="minmax", **stage),
         ]
     out += [
-        _ptp(f"ptp probe over {m:g}× budget candidates", prune_in_llm=False, probe_candidates=m)
-        for m in (2.0, 3.0, 5.0)
+        _ptp("ptp in-LLM K=4", adapter={"llm_layer": 4}),
+        _ptp("ptp before the LLM", **before),
+        _ptp("ptp probe over 3× budget candidates", probe_candidates=3.0, **before),
+        *(_ptp(f"ptp α=0, {within}", alpha=0.0, within_region=within) for within in WITHIN_REGION),
     ]
-    return out + [
-        peer("fastv"),
-        peer("fastv", {"k": 1}, "FastV (in-LLM, K=1)"),
-        peer("text_attention", group="peer"),
-        peer("hired"),
-        peer("divprune"),
-    ]
+    return out + [peer("fastv"), peer("hired"), peer("uniform_cls"), peer("divprune")]
 
 
 def diversity_methods() -> list[Method]:
