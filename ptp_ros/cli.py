@@ -108,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="with --no-prune-in-llm: probe only PTP's ⌈M × budget⌉ bottom-up best tokens (M >= 1)",
     )
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=32,
+        help="the most tokens the answer may take (default 32); the model's end-of-sequence token ends it sooner",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the answer text")

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-new-tokens",
         type=int,
         default=16,
-        help="with --data: generated tokens per answer (default 16; 1 for the proxy models)",
+        help="with --data: the most tokens an answer may take (default 16; the model's end-of-sequence token "
+        "ends it sooner: the proxy models' after one word)",
     )
     ap.add_argument(
         "--prompt",

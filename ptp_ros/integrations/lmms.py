@@ -17,7 +17,8 @@ model_args (``key=value`` separated by commas):
 * ``alpha`` (PTP's weight of instruction relevance), ``prune_in_llm`` (true/false),
   ``probe_candidates``: as ``ptp-ask``'s flags.
 * ``device`` (auto | cpu | cuda | cuda:N), ``dtype`` (auto | float32 | float16 | bfloat16).
-* ``max_new_tokens`` (default 16): used when the task's ``generation_kwargs`` name none.
+* ``max_new_tokens`` (default 16): the most an answer may take when the task's ``generation_kwargs`` name
+  none; the model's end-of-sequence token (its generation_config's) ends it sooner.
 * ``max_instruction_chars`` (default 8000): the longest prompt accepted (benchmarks with long contexts).
 * ``stats_file``: a JSONL file that gets one line per answer (task, doc_id, answer, kept / total visual
   tokens, keep ratio, prompt tokens, timings per stage in ms).

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="default: 1 with the proxy scene (the proxy answers in one word), else 8",
+        help="longest answer in tokens (default: the node's; the model's end-of-sequence token ends it sooner)",
     )
     parser.add_argument("--agent-log", type=Path, default=None, help="write the agent's log here (default: stderr)")
     parser.add_argument(
@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     proxy = args.scene == "proxy" or (args.scene == "auto" and not args.model_path and built_in_is_proxy())
     scene_args = ["--proxy-scene", str(args.proxy_scene)] if proxy else []
-    max_new_tokens = args.max_new_tokens or (1 if proxy else 8)
 
     env = demo_environment()
     print(f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}; saliency images go to {args.out}/", flush=True)
@@ -117,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         str(config_file("agent.yaml")),
         "-p",
         f"latency_budget_ms:={args.latency_budget_ms}",
-        "-p",
-        f"max_new_tokens:={max_new_tokens}",
     ]
+    if args.max_new_tokens:
+        agent_cmd += ["-p", f"max_new_tokens:={args.max_new_tokens}"]
     if args.model_path:
         agent_cmd += ["-p", f"model_path:={args.model_path}"]
     agent_out = open(args.agent_log, "wb") if args.agent_log else None
