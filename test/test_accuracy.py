@@ -11,7 +11,7 @@ import torch
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.proxy import make_questions, make_scene, split_seed
 from ptp_ros_bench.accuracy import main
-from ptp_ros_bench.accuracy.methods import Method, comparison_methods
+from ptp_ros_bench.accuracy.methods import Method, comparison_methods, with_controls
 from ptp_ros_bench.accuracy.runner import DOWNSCALED, FULL, GLOBAL_ONLY, Evaluator, Results, summarize_ci
 
 PEERS = [
@@ -167,10 +167,12 @@ def test_wilson_interval():
 
 
 def test_methods_cover_the_issue():
-    labels = {m.label for m in comparison_methods()}
+    labels = {m.label for m in with_controls(comparison_methods(), 2)}
     assert {
         "ptp",
         "random",
+        "random-after-2",
+        "no-visual-after-2",
         "HiRED",
         "FastV (in-LLM, K=2)",
         "DivPrune",
@@ -207,6 +209,8 @@ def test_quick_report(tiny_model_dir, tmp_path):
     entry = data["methods"]["ptp"]["ratios"]["0.111"]
     assert entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
     assert "| ptp |" in (tmp_path / "results.md").read_text()
+    assert set(data["controls"]) >= {"random", "random-after-2", "no-visual-after-2"}  # in every report
+    assert entry["gain_over_control"]["control"] == "random-after-2" and data["matched_cost"] is not None
 
 
 def test_quick_report_on_qwen_has_the_downscaling_row_and_no_global_view(qwen_model_dir, tmp_path):

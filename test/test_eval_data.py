@@ -16,7 +16,7 @@ from ptp_ros_bench.accuracy import main
 from ptp_ros_bench.accuracy.data_runner import AnswerCache, DataEvaluator
 from ptp_ros_bench.accuracy.dataset import DataError, load_items
 from ptp_ros_bench.accuracy.matching import matches, normalise
-from ptp_ros_bench.accuracy.methods import comparison_methods, pick_methods
+from ptp_ros_bench.accuracy.methods import comparison_methods, pick_methods, with_controls
 from ptp_ros_bench.accuracy.runner import Evaluator, Results
 
 SCENES = 2
@@ -32,9 +32,11 @@ def frames(tmp_path_factory):
 def test_data_mode_scores_each_question_as_ptp_eval_does(model, frames, tmp_path):
     """Exported PNG frames through Pipeline.answer (one answer at a time, as the node) against ptp-eval's
     shared-prefix batches on the scenes themselves: the same right and wrong answers and kept shares in every
-    cell, the max_pixels row of Qwen2.5-VL included."""
+    cell, the max_pixels row of Qwen2.5-VL and the control rows (random before the LLM, random / no visual token
+    after layer 2) included."""
     adapter = load_adapter(model, LoadOptions(device="cpu"))
-    methods = pick_methods(comparison_methods(), ["ptp", "fastv", "divprune", "hired", "random"])
+    methods = with_controls(pick_methods(comparison_methods(), ["ptp", "fastv", "divprune", "hired"]), 2)
+    assert {m.label for m in methods} >= {"random", "random-after-2", "no-visual-after-2"}
     proxy = Results()
     evaluator = Evaluator(adapter, methods, RATIOS)
     for k in range(SCENES):
@@ -57,7 +59,9 @@ def test_cli_resumes_from_its_cache_and_rematches_without_rerunning(frames, tmp_
     base = ["--data", str(frames), "--methods", "ptp", "divprune", "--max-new-tokens", "1", "--out", str(out)]
     assert main(base + ["--ratios", "0.111"]) == 0
     items = len(load_items(frames))
-    assert f"({3 * items} answers computed, 0 from the cache)" in capsys.readouterr().out
+    # all tokens, the two methods and the three controls they need: random before the LLM (DivPrune's), random
+    # and no visual token after layer 2 (PTP's default)
+    assert f"({6 * items} answers computed, 0 from the cache)" in capsys.readouterr().out
     first = json.loads((out / "results.json").read_text())
     # an interrupted run leaves a cut last line: skipped with a warning, that answer is computed again
     cache = out / "cache.jsonl"
@@ -65,17 +69,20 @@ def test_cli_resumes_from_its_cache_and_rematches_without_rerunning(frames, tmp_
     assert main(base + ["--ratios", "0.111", "0.25"]) == 0
     captured = capsys.readouterr()
     assert "unreadable cache line skipped" in captured.err
-    assert f"({2 * items} answers computed, {3 * items} from the cache)" in captured.out  # only the new ratio
+    assert f"({5 * items} answers computed, {6 * items} from the cache)" in captured.out  # only the new ratio
     second = json.loads((out / "results.json").read_text())
     assert second["methods"]["ptp"]["ratios"]["0.111"] == first["methods"]["ptp"]["ratios"]["0.111"]
     assert set(second["methods"]["ptp"]["ratios"]) == {"1.0", "0.25", "0.111"}
     assert second["all_tokens"]["latency_ms"]["total"] > 0
     assert "## Latency per answer on cpu" in (out / "results.md").read_text()
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 5 * items and {a["row"] for a in answers} == {"all tokens", "ptp", "DivPrune"}
+    rows = {"all tokens", "ptp", "DivPrune", "random", "random-after-2", "no-visual-after-2"}
+    assert len(answers) == 11 * items and {a["row"] for a in answers} == rows
+    assert set(second["controls"]) == rows - {"all tokens", "ptp", "DivPrune"}
+    assert second["methods"]["DivPrune"]["ratios"]["0.25"]["gain_over_control"]["control"] == "random"
     # another matching rule re-scores the cached answers: nothing is computed
     assert main(base + ["--ratios", "0.111", "0.25", "--match", "exact"]) == 0
-    assert f"(0 answers computed, {5 * items} from the cache)" in capsys.readouterr().out
+    assert f"(0 answers computed, {11 * items} from the cache)" in capsys.readouterr().out
 
 
 def test_cli_data_faults_are_one_line(frames, tmp_path, capsys):

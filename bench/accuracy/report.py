@@ -382,12 +382,11 @@ def _gain_section(data: dict, rs: list[str]) -> list[str]:
         f"| {label} ({m['control']}) | " + " | ".join(_gain_cell(m["ratios"][r]) for r in rs) + " |"
         for label, m in rows
     ]
-    behind = [
-        f"{label} at {r}"
-        for label, m in rows
-        for r in rs
-        if (g := m["ratios"][r].get("gain_over_control")) is not None and not g["ci95"][0] > 0
-    ]
+    behind = []
+    for label, m in rows:
+        at = [r for r in rs if (g := m["ratios"][r].get("gain_over_control")) is not None and not g["ci95"][0] > 0]
+        if at:
+            behind.append(f"{label} ({', '.join(at)})")
     if behind:
         lines += ["", "Not ahead of their control: " + "; ".join(behind) + "."]
     return lines
