@@ -278,6 +278,15 @@ class LatencyModel:
     def predict_total(self, kept: int, total: int, max_new_tokens: int, prune_stage: str | None = None) -> float:
         return self.predict(kept, total, max_new_tokens, prune_stage)["total"]
 
+    def expected_new_tokens(self, max_new_tokens: int) -> int:
+        """The tokens a request is expected to generate under a cap of ``max_new_tokens``: the most the recent
+        requests generated (a model that stops at its end-of-answer token uses far fewer than the cap), the cap
+        itself before any observation or when one of them reached it (it may have been cut short)."""
+        seen = [o.new_tokens for o in self._observations]
+        if not seen or max(seen) >= max_new_tokens:
+            return max_new_tokens
+        return max(seen)
+
     @property
     def margin_fraction(self) -> float:
         """Safety margin, as a fraction of a prediction: the recent relative spread of measured around fitted."""

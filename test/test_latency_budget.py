@@ -389,3 +389,16 @@ def test_budget_mode_trades_tokens_for_latency_on_the_tiny_model(slow_worker):
     infeasible = served[-1]
     assert not infeasible["budget_feasible"] and not infeasible["budget_met"]
     assert infeasible["keep_ratio"] == pytest.approx(0.05, abs=1 / total)
+
+
+def test_a_model_that_stops_early_is_predicted_by_what_it_generates_not_by_the_cap():
+    """A model that ends its answer after 2 tokens under a cap of 32 is planned for 2 decode steps, so budget mode
+    does not charge 30 decode steps that never run; a request that reached the cap keeps the cap."""
+    model = LatencyModel()
+    assert model.expected_new_tokens(32) == 32  # nothing seen yet: the cap
+    for kept in (100, 400, 1000):
+        model.observe(kept, 1000, {"prefill": 1.0 * kept, "decode": 50.0}, new_tokens=2)
+    assert model.expected_new_tokens(32) == 2
+    assert model.predict_total(500, 1000, model.expected_new_tokens(32)) < model.predict_total(500, 1000, 32) - 1000
+    model.observe(500, 1000, {"prefill": 500.0, "decode": 50.0 * 31}, new_tokens=32)
+    assert model.expected_new_tokens(32) == 32

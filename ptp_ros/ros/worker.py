@@ -282,7 +282,8 @@ class RequestWorker:
             return None
         s = self.settings
         floor = max(1, round(s.keep_ratio_min * self.total_tokens))
-        per_request = self.latency_model.predict_total(floor, self.total_tokens, s.max_new_tokens)
+        expected = self.latency_model.expected_new_tokens(s.max_new_tokens)
+        per_request = self.latency_model.predict_total(floor, self.total_tokens, expected)
         if running is None:
             running_left = 0.0
         elif answered:  # only the saliency image is left: charge what the last one took, not a request
@@ -485,7 +486,7 @@ class RequestWorker:
             self.latency_model,
             budget_ms - spent_ms,
             self.total_tokens,
-            max_new_tokens,
+            self.latency_model.expected_new_tokens(max_new_tokens),
             settings.keep_ratio_min,
             settings.keep_ratio_max,
             [configured, PRE_LLM] if configured == IN_LLM else [configured],
