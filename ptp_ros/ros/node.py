@@ -31,7 +31,7 @@ from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -41,6 +41,7 @@ from ..vlm.defaults import default_model_path
 from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import ask_action, conversions
 from .diagnostics import Health, agent_status
+from .intake import CameraIntake
 from .params import PARAMS, RUNTIME, check_choice, removed_parameter_warnings, widen_integers
 from .requests import RequestError, loggable, parse_request
 from .worker import Counters, Frame, RequestWorker, Settings, calibrate
@@ -73,7 +74,7 @@ class AgentNode(LifecycleNode):
         self.configure_error = ""
         self.device = self.get_parameter("device").value
         self.worker: RequestWorker | None = None
-        self._image_sub = None
+        self.intake = CameraIntake(self, on_error=self.callback_failed)  # the camera, on a thread of its own
         self._request_numbers = itertools.count(1)  # thread-safe: instructions arrive on a reentrant group
         self._configure_cancel = threading.Event()  # set on shutdown: calibration stops at its next token
         self.finalized = threading.Event()  # set by the shutdown transition: main then exits the process
@@ -188,16 +189,13 @@ class AgentNode(LifecycleNode):
             # image_transport's naming: <the resolved image topic>/compressed, so `-r image:=/cam/raw` alone
             # subscribes to /cam/raw/compressed
             topic = self.resolve_topic_name("image") + "/compressed"
-            self._image_sub = self.create_subscription(
-                CompressedImage, topic, self._on_compressed, qos_profile_sensor_data, callback_group=self._io_group
-            )
+            self.intake.subscribe(CompressedImage, topic, self._on_compressed)
         else:
-            self._image_sub = self.create_subscription(
-                Image, "image", self._on_image, qos_profile_sensor_data, callback_group=self._io_group
-            )
+            self.intake.subscribe(Image, self.resolve_topic_name("image"), self._on_image)
         self.worker.start()
         self.model_state = "serving"
-        self.get_logger().info(f"serving: images on {self._image_sub.topic_name}, conversion by {conversions.BACKEND}")
+        topic = self.intake.subscription.topic_name
+        self.get_logger().info(f"serving: images on {topic}, conversion by {conversions.BACKEND}")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -226,9 +224,7 @@ class AgentNode(LifecycleNode):
         shutdown a calibration still running is cancelled too."""
         if shutting_down:
             self._configure_cancel.set()
-        if self._image_sub is not None:
-            self.destroy_subscription(self._image_sub)
-            self._image_sub = None
+        self.intake.unsubscribe()
         if self.worker is not None:
             self.worker.stop(reason)
 
@@ -354,6 +350,18 @@ class AgentNode(LifecycleNode):
         status = agent_status(f"{self.get_fully_qualified_name()}: ptp agent", health, self.settings, counters)
         self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
+    def callback_failed(self, exc: Exception) -> None:
+        """An exception that escaped a callback (each catches its own; this is the last net): counted, logged."""
+        self.counters.add(internal_errors=1)
+        self.counters.error(f"callback failed: {type(exc).__name__}: {exc}")
+        self.get_logger().error(
+            f"callback failed: {loggable(f'{type(exc).__name__}: {exc}')}", throttle_duration_sec=LOG_THROTTLE_S
+        )
+
+    def destroy_node(self) -> None:
+        self.intake.close()
+        super().destroy_node()
+
     # -- startup without a lifecycle manager ---------------------------------------------------
     def bring_up(self) -> None:
         """configure → activate, as a lifecycle manager would; stays unconfigured (and says why in
@@ -405,26 +413,29 @@ def spin_until(executor, node: AgentNode, stop: threading.Event) -> None:
         except (KeyboardInterrupt, ExternalShutdownException):
             raise
         except Exception as exc:  # noqa: BLE001
-            node.counters.add(internal_errors=1)
-            node.counters.error(f"callback failed: {type(exc).__name__}: {exc}")
-            node.get_logger().error(
-                f"callback failed: {loggable(f'{type(exc).__name__}: {exc}')}", throttle_duration_sec=LOG_THROTTLE_S
-            )
+            node.callback_failed(exc)
 
 
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
+FRAME_HEAP_MAX = 32 << 20  # glibc's largest mmap threshold on 64-bit: frames up to 4K rgb8 (24.9 MB)
+HEAP_KEEP = 128 << 20  # free memory a heap keeps rather than returning it to the OS: a few frames
 
 
 def bound_allocator() -> None:
-    """Serve large buffers (a 1080p frame is 6 MB) from mmap and return them to the OS when freed, from at
-    most two arenas.  glibc otherwise raises its mmap threshold to 32 MB after the first such free and
-    serves frames from per-thread heaps that fragment: in a 32-minute soak at 10 Hz the node's RSS crept up
-    10 % after warm-up.  No effect off glibc."""
+    """Serve camera frames from at most two heaps that reuse the memory of the frames before them.
+
+    rclpy allocates every frame it takes three times (the C message, a bytes copy, the array); from mmap
+    each would be fresh memory for the kernel to fault in and zero (1080p at 30 Hz: a quarter of a core in
+    system time, for frames nobody asked about).  A fixed threshold keeps frames in the heap, the trim
+    threshold keeps their freed memory there for the next frame, and two arenas bound how many heaps hold
+    it: glibc otherwise makes up to eight per core, and a 32-minute soak at 10 Hz crept up 10 % in
+    per-thread heaps.  No effect off glibc."""
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, FRAME_HEAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP)
         libc.mallopt(M_ARENA_MAX, 2)
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         pass
