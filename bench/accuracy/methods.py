@@ -203,8 +203,7 @@ def comparison_methods() -> list[Method]:
         _ptp("ptp min-max fusion", fusion="minmax"),
         _ptp("ptp min-max saliency + raw attention", fusion="minmax_raw"),
         *alphas,
-        # The proxy's training supervised the answer row's attention at LLM layer 1 (docs/accuracy/training.md):
-        # PTP reading that layer is partly by construction, so it is a row of its own, never the default.
+        # an earlier prune layer (K=1: cheaper, less context gathered before the drop), with its own controls
         _ptp("ptp llm_layer=1", adapter={"llm_layer": 1}),
         # every other registered selector as its paper runs it: the [CLS] peers read the feature layer's
         # attention, as their code does (docs/method.md); FastV inside the LLM
