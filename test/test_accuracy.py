@@ -244,31 +244,34 @@ def test_quick_report_on_qwen_has_the_downscaling_row_and_no_global_view(qwen_mo
         main(["--model", str(qwen_model_dir), "--sweep", "--scenes", "1", "--out", str(tmp_path / "sweep")])
 
 
-def _shipped_model_results(path, ratios: tuple[float, ...]) -> Results:
-    """A shipped proxy checkpoint scored on the first 10 test scenes (fast; ptp-eval runs 600)."""
+def _shipped_model_results(path, ratios: tuple[float, ...], methods: list[Method] | None = None) -> Results:
+    """A shipped proxy checkpoint scored on the first 10 test scenes (fast; ptp-eval runs more)."""
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
     if not (path / "config.json").is_file():
         pytest.skip(f"no trained proxy checkpoint is shipped in {path.name} (docs/accuracy/README.md)")
     assert sum(p.stat().st_size for p in path.glob("*.safetensors")) < 25e6
     results = Results()
-    evaluator = Evaluator(load_adapter(path, LoadOptions(device="cpu")), [Method("uniform", "uniform_cls")], ratios)
+    methods = methods or [Method("uniform", "uniform_cls")]
+    evaluator = Evaluator(load_adapter(path, LoadOptions(device="cpu")), methods, ratios)
     for k in range(10):
         scene = make_scene(split_seed("test", k))
         evaluator.scene(scene, make_questions(scene), results)
     return results
 
 
-def test_shipped_proxy_model_solves_the_task():
-    """The shipped checkpoint answers the task with all tokens and needs the tiles to do so (ptp-eval on
-    the full test split measured 0.9+ and a global-only gap of ~0.2)."""
+def test_shipped_proxy_model_solves_the_task_and_is_a_valid_instrument():
+    """The shipped checkpoint answers the task with all tokens, and what it answers depends on the visual
+    tokens that reach its deeper layers: with none after layer 2 (where the default prunes) it falls far
+    below (issue 19's validity rule: >= 25 points on validation; measured 79.3 against 30.2 there)."""
     from ptp_ros.vlm.defaults import PROXY_MODEL, default_model_path
 
-    results = _shipped_model_results(PROXY_MODEL, (1.0,))
+    none_after_2 = Method("no-visual-after-2", "no_visual_in_llm", {"k": 2}, group="control", newline_policy="drop")
+    results = _shipped_model_results(PROXY_MODEL, (1.0, 0.111), [none_after_2])
     assert default_model_path() == PROXY_MODEL
-    full, glob = results.correct[(FULL, 1.0)], results.correct[(GLOBAL_ONLY, 0.0)]
-    assert sum(full) / len(full) >= 0.85
-    assert sum(glob) / len(glob) <= sum(full) / len(full) - 0.1
+    full, blind = results.correct[(FULL, 1.0)], results.correct[("no-visual-after-2", 0.111)]
+    assert sum(full) / len(full) >= 0.7
+    assert sum(blind) / len(blind) <= sum(full) / len(full) - 0.25
 
 
 def test_shipped_qwen_proxy_solves_the_task_and_needs_its_resolution():
