@@ -256,7 +256,7 @@ def test_generate_until_with_a_token_budget(plugin, frames, tmp_path):
     model = plugin.PTPRos(
         pretrained=str(PROXY_MODEL),
         device="cpu",
-        tokens=64,
+        tokens=256,
         max_new_tokens=8,
         skip_unsupported="true",
         stats_file=str(stats),
@@ -272,12 +272,12 @@ def test_generate_until_with_a_token_budget(plugin, frames, tmp_path):
     result, skipped = model.generate_until(requests)
     assert result.text == item["answers"][0] and result.token_counts.output_tokens == 1
     counts = result.token_counts.to_dict()
-    assert counts["visual_tokens_kept"] == 64 < counts["visual_tokens_total"] and counts["latency_ms"]["total"] > 0
+    assert counts["visual_tokens_kept"] == 256 < counts["visual_tokens_total"] and counts["latency_ms"]["total"] > 0
     assert counts["input_tokens"] > counts["visual_tokens_kept"]
     assert skipped.text == "" and skipped.token_counts is None
     assert model._warned == {"decoding", "skip"}
     first, second = (json.loads(line) for line in stats.read_text().splitlines())
-    assert first["visual_tokens_kept"] == 64 and first["answer"] == result.text
+    assert first["visual_tokens_kept"] == 256 and first["answer"] == result.text
     assert second["doc_id"] == 1 and "t document 1 has 2 images or frames" in second["skipped"]
     model.skip_unsupported = False
     with pytest.raises(plugin.PTPRosError, match="^ptp_ros: t document 1 has 2 images or frames; ptp_ros answers"):
