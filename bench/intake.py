@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ptp_ros.ros.demo import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "/intake"
@@ -170,17 +171,7 @@ class Child:
                 self.series.add(float(parts[1]), int(parts[2]))
 
     def stop(self) -> None:
-        stop(self.proc)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(self.proc)
 
 
 class Diagnostics:
@@ -326,7 +317,7 @@ def run(cases: list[str], seconds: float, warmup_s: float, agent_log: Path) -> l
             rows.append(measure(case, seconds, warmup_s, env, agent, baseline, diagnostics))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     finally:
-        stop(agent)
+        stop_process(agent)
         baseline.stop()
         diagnostics.close()
     return rows

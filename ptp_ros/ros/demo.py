@@ -67,7 +67,8 @@ def built_in_is_proxy() -> bool:
     return default_model_path() == PROXY_MODEL
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGINT (a ROS node shuts down cleanly on it), then kill after ``timeout``."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         for proc in reversed(processes):
-            _stop(proc)
+            stop_process(proc)
         if agent_out:
             agent_out.close()
 
