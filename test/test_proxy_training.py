@@ -174,6 +174,13 @@ def test_training_resumes_from_its_checkpoint_and_takes_a_trained_vision_tower(t
     with pytest.raises(SystemExit):
         main([str(tmp_path / "third"), "--resume", *SMALL])  # nothing to resume from
 
+    # --init-from takes every weight, the LLM's too (at lr 0 the saved model is the one it started from)
+    third = tmp_path / "third"
+    main([str(third), "--max-minutes", "0.05", "--init-from", str(first), "--lr", "0", *SMALL])
+    assert any(r.get("event") == "weights taken" for r in _log(third))
+    continued = load_adapter(third, LoadOptions(device="cpu")).model
+    assert all(torch.equal(v, continued.state_dict()[k]) for k, v in trained.state_dict().items())
+
 
 def test_oracle_probe_runs_and_logs_accuracy_per_type(tmp_path):
     from ptp_ros_bench.proxy.oracle_probe import main as probe

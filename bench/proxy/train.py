@@ -312,6 +312,13 @@ def main(argv=None) -> None:
         help="a trained checkpoint of the same family and vision width whose vision tower and projector are "
         "taken (frozen) instead of running stage 1",
     )
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a trained checkpoint of the same family and widths whose every weight (the LLM too) starts stage 2, "
+        "which runs a fresh schedule over it: training a shipped model further",
+    )
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same arguments)")
     ap.add_argument("--checkpoint-every", type=int, default=100, help="stage-2 steps between resumable checkpoints")
     ap.add_argument("--vision-width", type=int, default=96)
@@ -326,6 +333,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not 0 <= args.hop_layer < args.retrieval_layer < args.text_layers:
         ap.error("need 0 <= --hop-layer < --retrieval-layer < --text-layers")
+    if args.vision_from and args.init_from:
+        ap.error("--init-from already takes the vision tower: drop --vision-from")
     torch.set_num_threads(args.threads)
     words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
     widths = dict(
@@ -380,10 +389,11 @@ def main(argv=None) -> None:
     ]
     if state:
         model.load_state_dict(state["model"])
-    elif args.vision_from:
-        taken = take_vision(model, args.vision_from)
-        write({"event": "vision taken", "from": str(args.vision_from), "tensors": taken})
-    if not args.vision_from and not (state and state["stage"] == "language"):
+    elif args.vision_from or args.init_from:
+        source = args.vision_from or args.init_from
+        taken = take_weights(model, source, language=bool(args.init_from))
+        write({"event": "weights taken" if args.init_from else "vision taken", "from": str(source), "tensors": taken})
+    if not (args.vision_from or args.init_from) and not (state and state["stage"] == "language"):
         run_vision_stage(
             args, model, processor, adapter, family, low_res, vision_params, state, checkpoint, write, elapsed
         )
@@ -409,16 +419,18 @@ class Checkpoint:
         tmp.replace(self.path)
 
 
-def take_vision(model, source: Path) -> int:
-    """Copy every non-LLM tensor (vision tower, projector, newline) of a trained checkpoint into ``model``."""
+def take_weights(model, source: Path, language: bool) -> int:
+    """Copy a trained checkpoint's non-LLM tensors (vision tower, projector, newline) into ``model``, and with
+    ``language`` its LLM too; a tensor missing or of another shape there is refused (another family or width)."""
     trained = type(model).from_pretrained(source).state_dict()
+    wanted = [k for k in model.state_dict() if language or not k.startswith(("model.language_model.", "lm_head."))]
     own = model.state_dict()
-    taken = {k: v for k, v in trained.items() if not k.startswith(("model.language_model.", "lm_head.")) and k in own}
-    missing = [k for k in own if not k.startswith(("model.language_model.", "lm_head.")) and k not in taken]
-    if missing:
-        raise SystemExit(f"--vision-from {source}: no {missing[:3]} (another family or width?)")
-    model.load_state_dict(taken, strict=False)
-    return len(taken)
+    bad = [k for k in wanted if k not in trained or trained[k].shape != own[k].shape]
+    if bad:
+        flag = "--init-from" if language else "--vision-from"
+        raise SystemExit(f"{flag} {source}: no {bad[:3]} of this model's shape (another family or width?)")
+    model.load_state_dict({k: trained[k] for k in wanted}, strict=False)
+    return len(wanted)
 
 
 def run_vision_stage(
