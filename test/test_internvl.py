@@ -9,8 +9,8 @@ from transformers import InternVLVisionConfig, InternVLVisionModel
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.vlm.attention import ClsAttentionProbe, text_to_token_attention
-from ptp_ros.vlm.common import paper_vision_layer
 from ptp_ros.vlm.internvl import InternVLAdapter
+from ptp_ros.vlm.stock_adapter import paper_vision_layer
 
 FAMILY = "internvl"  # conftest's model_dir / adapter / prepared / visual / eager_model: the tiny InternVL
 INSTRUCTION = "what colour is the circle?"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ptp_ros.proxy import Question, Scene
-from ptp_ros.vlm.common import placeholder_positions
+from ptp_ros.vlm.stock_adapter import placeholder_positions
 
 
 @dataclass

@@ -3,6 +3,9 @@
 An adapter wraps one stock transformers model family.  It knows the model's internals (where the
 [CLS] attention is, how tiles map to tokens, how to feed pruned features to ``generate``) and nothing
 of ROS or of how tokens are chosen.
+
+This module itself needs no transformers (the hooks into ``generate`` are in ``generation.py``), so that
+code which only reads an adapter's results imports torch and the pruning types, nothing more.
 """
 
 from __future__ import annotations
@@ -13,11 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from transformers.generation.stopping_criteria import StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
 
 from ..pruning import TokenScores
-from ..timing import now
 
 
 @dataclass
@@ -64,17 +64,6 @@ class Generation:
 
 class Cancelled(RuntimeError):
     """The caller set its cancel event: the request stopped between stages or between two generated tokens."""
-
-
-class StopOnEvent(StoppingCriteria):
-    """Ends ``generate`` after the current token once ``event`` is set, so that a node shutting down or
-    deactivating does not wait for up to ``max_new_tokens`` more decoding steps."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class VisionLanguageAdapter(Protocol):
@@ -124,30 +113,3 @@ class VisionLanguageAdapter(Protocol):
         """The same model reading the image at a resolution of at most ``tokens`` visual tokens (fitted to
         ``image_size`` when given): the baseline pruning must beat.  Only where ``supports_downscaling``."""
         ...
-
-
-class StageClock(BaseStreamer):
-    """A ``generate`` streamer that timestamps the end of prefill (first new token) and of decoding."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = now(device)
-        self.first_token: float | None = None
-        self.end_time: float | None = None
-        self._calls = 0
-
-    def _now(self) -> float:
-        return now(self.device)
-
-    def put(self, value) -> None:
-        self._calls += 1
-        if self._calls == 2:  # call 1 is the prompt, call 2 the first generated token
-            self.first_token = self._now()
-
-    def end(self) -> None:
-        self.end_time = self._now()
-
-    def stages_ms(self) -> tuple[float, float]:
-        end = self.end_time if self.end_time is not None else self._now()
-        first = self.first_token if self.first_token is not None else end
-        return (first - self.start) * 1e3, (end - first) * 1e3

@@ -22,8 +22,8 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 
 from .attention import ClsAttentionProbe
 from .base import PreparedInput, VisualTokens
-from .common import TiledClsAdapter, TiledModelOptions, grid_names, prepare_image_prompt
 from .families import register_adapter
+from .stock_adapter import TiledClsAdapter, TiledModelOptions, grid_names, prepare_image_prompt
 
 InternVLOptions = TiledModelOptions
 

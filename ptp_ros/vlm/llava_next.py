@@ -17,15 +17,15 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 from ..pruning import NO_REGION
 from .attention import ClsAttentionProbe
 from .base import PreparedInput, VisualTokens
-from .common import TILE_REGION_SCORES as REGION_SCORES  # noqa: F401  (kept importable from here)
-from .common import (
+from .families import register_adapter
+from .stock_adapter import TILE_REGION_SCORES as REGION_SCORES  # noqa: F401  (kept importable from here)
+from .stock_adapter import (
     TiledClsAdapter,
     TiledModelOptions,
     grid_names,
     paper_vision_layer,  # noqa: F401  (kept importable from here)
     prepare_image_prompt,
 )
-from .families import register_adapter
 
 _FALLBACK_PROMPT = "USER: <image>\n{instruction} ASSISTANT:"
 

@@ -28,8 +28,8 @@ from transformers.vision_utils import get_vision_window_index
 from ..pruning.region_saliency import mass_logits
 from .attention import ReceivedAttentionProbe
 from .base import PreparedInput, VisualTokens
-from .common import StockModelAdapter, grid_names, paper_vision_layer, prepare_image_prompt, raster_grid
 from .families import register_adapter
+from .stock_adapter import StockModelAdapter, grid_names, paper_vision_layer, prepare_image_prompt, raster_grid
 
 _FALLBACK_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>{instruction}"
 

@@ -1,6 +1,8 @@
-"""Pieces every adapter shares: prompt building, placeholder pruning, timed ``generate``, layer choice, the
-``encode`` tail (``StockModelAdapter.visual_tokens``), the pruned ``generate`` path and the region logits of
-tiled models with a global view (``TiledClsAdapter``).
+"""The adapter base classes every family subclasses: ``StockModelAdapter`` (loading, the ``encode`` tail
+``visual_tokens``, instruction relevance, the pruned ``generate`` path over a stock
+``*ForConditionalGeneration``) and ``TiledClsAdapter`` (with ``TiledModelOptions``: the region logits of tiled
+models with [CLS] tokens and a global view), and the pieces they share: prompt building, placeholder
+positions, layer choice.
 
 They live here so that a model family's file holds only what is particular to that family (how its
 tokens are laid out, where its saliency comes from); docs/models.md, "Adding a model family", walks
@@ -17,14 +19,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, StoppingCriteriaList
+from transformers import AutoProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..pruning import TokenScores
 from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_logits
 from .attention import text_to_token_attention
-from .base import Cancelled, Generation, PreparedInput, StageClock, StopOnEvent, VisualTokens
+from .base import Generation, PreparedInput, VisualTokens
 from .compat import hide_video_processor
+from .generation import timed_generate
 from .in_llm import Chooser, InLLMPruning, kept_prompt_mask, pruned_inside
 from .loading import ModelLoadError, weights_misfit
 
@@ -107,37 +110,6 @@ def normalised_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.
     """Pixel boxes [.., 4] (x0, y0, x1, y1) of an image of (height, width) → fractions of its sides."""
     height, width = image_size
     return boxes / torch.tensor([width, height, width, height], dtype=boxes.dtype)
-
-
-def timed_generate(
-    model, tokenizer, device: torch.device, max_new_tokens: int, cancel: threading.Event | None = None, **inputs
-) -> Generation:
-    """Greedy stock ``model.generate(**inputs)`` with prefill / decode timed by a ``StageClock``; setting
-    ``cancel`` stops it after the current token and raises ``Cancelled``."""
-    clock = StageClock(device)
-    prompt_len = inputs["input_ids"].shape[1]
-    stopping = StoppingCriteriaList([StopOnEvent(cancel)]) if cancel is not None else None
-    out = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        streamer=clock,
-        pad_token_id=tokenizer.pad_token_id,
-        stopping_criteria=stopping,
-    )
-    if cancel is not None and cancel.is_set():
-        raise Cancelled(f"cancelled after {out.shape[1] - prompt_len} generated token(s)")
-    prefill_ms, decode_ms = clock.stages_ms()
-    new = out[0, prompt_len:]
-    text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return Generation(
-        text=text,
-        token_ids=new.tolist(),
-        prompt_tokens=prompt_len,
-        new_tokens=int(new.shape[0]),
-        prefill_ms=prefill_ms,
-        decode_ms=decode_ms,
-    )
 
 
 def tile_region_logits(
