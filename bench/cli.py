@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
 
 def _query_tokens(adapter, prepared) -> int | None:
     """The prompt tokens after the image: the rows that rank visual tokens by instruction attention."""
-    from ptp_ros.vlm.common import instruction_query_positions
+    from ptp_ros.vlm.stock_adapter import instruction_query_positions
 
     try:
         return int(instruction_query_positions(prepared.inputs["input_ids"], adapter.image_token_id).numel())

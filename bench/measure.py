@@ -23,7 +23,7 @@ import torch
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.pruning import NO_REGION, InLLMPruning, make_selector, resolve_budget, selectable_budget, selector_names
 from ptp_ros.timing import STAGES, timed
-from ptp_ros.vlm.common import StockModelAdapter
+from ptp_ros.vlm.stock_adapter import StockModelAdapter
 
 from .cost_model import Passes, kv_cache_bytes, llm_dims_from_config, passes_for
 from .machine import PeakMemory, load_snapshot

@@ -93,7 +93,7 @@ def test_shared_prefix_logits_equal_the_models_own_pruned_forward(qwen_adapter, 
     generation runs: kept tokens at their original 3-D positions, text after them where it was."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from ptp_ros.vlm.common import kept_sequence_mask
+    from ptp_ros.vlm.stock_adapter import kept_sequence_mask
     from ptp_ros_bench.proxy.data import answer_logits, kept_positions, prefix_embeddings, question_suffix
 
     scene, questions = scene_and_questions

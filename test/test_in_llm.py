@@ -8,10 +8,10 @@ from transformers import LlavaNextForConditionalGeneration
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.pruning import NO_REGION, InLLMPruning, make_selector
-from ptp_ros.vlm.common import placeholder_positions
 from ptp_ros.vlm.families import FAMILIES
 from ptp_ros.vlm.in_llm import causal_mask
 from ptp_ros.vlm.loading import LoadOptions, load_adapter
+from ptp_ros.vlm.stock_adapter import placeholder_positions
 
 INSTRUCTION = "what colour is the circle?"
 

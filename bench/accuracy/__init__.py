@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     """``--data``: every chosen row × ratio on the user's frames through ``Pipeline.answer``, resumable."""
-    from ptp_ros.vlm.common import TiledModelOptions
     from ptp_ros.vlm.defaults import default_model_path
     from ptp_ros.vlm.loading import ModelLoadError, quiet_transformers, resolve_device, resolve_dtype
+    from ptp_ros.vlm.stock_adapter import TiledModelOptions
 
     from ..cost_model import MODELS, llm_dims_from_config
     from ..models import load_model

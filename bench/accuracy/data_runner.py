@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.pruning import resolve_budget
-from ptp_ros.vlm.common import StockModelAdapter
+from ptp_ros.vlm.stock_adapter import StockModelAdapter
 
 from .dataset import Item, read_image
 from .matching import matches

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ptp_ros.pipeline import PipelineConfig, in_llm_plan
 from ptp_ros.pruning import InLLMPruning, PTPConfig, make_selector, selector_names, selector_spec
 from ptp_ros.pruning.ptp import FUSIONS, WITHIN_REGION
-from ptp_ros.vlm.common import StockModelAdapter
+from ptp_ros.vlm.stock_adapter import StockModelAdapter
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from ptp_ros.proxy import Question, Scene
 from ptp_ros.pruning import NO_REGION, InLLMPruning, PTPConfig, instruction_relevance, resolve_budget
 from ptp_ros.vlm.attention import attention_rows, layer_inputs
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
-from ptp_ros.vlm.common import StockModelAdapter, placeholder_positions
 from ptp_ros.vlm.in_llm import causal_mask, kept_prompt_mask
+from ptp_ros.vlm.stock_adapter import StockModelAdapter, placeholder_positions
 
 from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
