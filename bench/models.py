@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, Qwen2Config
 
-from ptp_ros.testing import DEFAULT_PINPOINTS, TEXT_TOKEN_IDS
+from ptp_ros.testing import TEXT_TOKEN_IDS
 from ptp_ros.testing.common import FIXTURES, random_model
 from ptp_ros.testing.llava_next import anyres_pinpoints, llava_next_processor
 from ptp_ros.testing.tokenizer import build_word_tokenizer
-from ptp_ros.vlm.families import FAMILIES
+from ptp_ros.vlm.families import DEFAULT_PINPOINTS, FAMILIES
 from ptp_ros.vlm.llava_next import LlavaNextAdapter
 from ptp_ros.vlm.stock_adapter import StockModelAdapter
 

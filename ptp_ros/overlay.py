@@ -5,15 +5,29 @@ dimmed.  The fused score is drawn as contour lines around the tokens scoring in 
 (its rank among the tokens, since the score is heavy-tailed), coloured on a heat scale; a legend in
 the top-right corner says which is which.  Tile tokens are drawn where they look; the global view, which
 sees the whole image coarsely, is drawn as an inset in the top-left corner.
+
+It reads plain data (the pruning types and per-token boxes), not the model adapters, so that drawing needs
+neither transformers nor ``vlm/``.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import cv2
 import numpy as np
+import torch
 
-from .pruning import NO_REGION, Selection, fused_scores
-from .vlm.base import VisualTokens
+from .pruning import NO_REGION, Selection, TokenScores, fused_scores
+
+
+class TokenLayout(Protocol):
+    """Where each visual token looks and how it scored: what an adapter's ``VisualTokens`` carries."""
+
+    scores: TokenScores
+    token_boxes: torch.Tensor  # [N, 4] (x0, y0, x1, y1) in pixels of the original image
+    region_boxes: torch.Tensor  # [R, 4] likewise per region
+
 
 DIM = 0.35  # brightness left on pruned tokens, which are also turned grey
 #: heat contours: around the tokens whose score ranks above this share of the others
@@ -95,7 +109,7 @@ def _legend(img: np.ndarray, scale: float, line: int) -> None:
 
 
 def saliency_image(
-    image_rgb: np.ndarray, visual: VisualTokens, selection: Selection, max_side: int | None = None
+    image_rgb: np.ndarray, visual: TokenLayout, selection: Selection, max_side: int | None = None
 ) -> np.ndarray:
     """BGR uint8 image showing kept tokens, score heat and regions, with a legend: the size of ``image_rgb``, or
     shrunk so that its longer side is at most ``max_side`` (drawing and publishing an 8K overlay costs

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ptp_ros.cli import ask_main
+from ptp_ros.vlm import defaults
 from ptp_ros.vlm.loading import LoadOptions, ModelLoadError, check_weight_files, load_adapter, unsupported_format
 
 MODELS = Path(__file__).resolve().parents[1] / "ptp_ros" / "models"
@@ -165,6 +166,16 @@ def test_cli_reports_a_broken_model_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "corrupt or truncated safetensors file" in err and str(model) in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_install_without_its_built_in_model_says_so(tmp_path, monkeypatch, capsys):
+    """No --model and no shipped checkpoint: a one-line refusal naming the missing path, not an untrained
+    stand-in whose answers would look like the model's."""
+    missing = tmp_path / "models" / "proxy-llava-next"
+    monkeypatch.setattr(defaults, "PROXY_MODEL", missing)
+    assert ask_main([SAMPLE, "what colour is the circle?", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 #: config.json of checkpoints users have that no adapter loads (trimmed to the keys that identify them).

@@ -4,11 +4,10 @@ and the proxy trainer (nothing is downloaded).
 One module a family, ``ptp_ros/testing/<model_type>.py``, registers its ``TinyFamily`` (config and
 processor builders with toy widths and the real geometry) in ``common.FIXTURES``; ``FIXTURES[model_type]
 .build(out_dir)`` saves a checkpoint that ``load_adapter`` reads like a user's.  What every family
-shares is in one place: the tokens and pinpoints here (light, no torch or transformers), the word
+shares is in one place: the tokens here (light, no torch or transformers), the word
 tokenizer in ``tokenizer.py``, the random initialisation and the toy text config in ``common.py``.
 
-The library itself uses one fixture: ``ptp_ros.vlm.defaults.tiny_model_path`` falls back to the tiny
-LLaVA-NeXT when the package ships without its proxy checkpoint.
+This package may use the library; the library never imports it (``test/test_boundaries.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +20,6 @@ TEXT_TOKEN_IDS = {
     "bos_token_id": SPECIAL_TOKENS.index("<s>"),
     "eos_token_id": SPECIAL_TOKENS.index("</s>"),
 }
-
-#: LLaVA-NeXT's default anyres pinpoints, (height, width): 2, 3 or 4 tiles of 336 px plus the global view.
-DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 #: Words every built-in tokenizer knows: the chat template and a small everyday vocabulary.
 BASE_WORDS = (

@@ -1,5 +1,5 @@
 """The tiny LLaVA-NeXT: CLIP-336/14 geometry (576 patches a tile, anyres pinpoints) with toy widths, the
-llava-hf processor settings.  ``ptp_ros.vlm.defaults.tiny_model_path`` builds it as the library's fallback model."""
+llava-hf processor settings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from . import DEFAULT_PINPOINTS
+from ..vlm.families import DEFAULT_PINPOINTS
 from .common import VICUNA_STYLE_TEMPLATE, TinyFamily, register_fixture, toy_text_config
 
 
