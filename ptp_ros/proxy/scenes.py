@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from ..testing import DEFAULT_PINPOINTS  # the pinpoints the tiny and proxy LLaVA-NeXT read
+from ..vlm.families import DEFAULT_PINPOINTS  # the pinpoints the tiny and proxy LLaVA-NeXT read
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings"}
