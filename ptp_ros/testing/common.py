@@ -41,6 +41,19 @@ def toy_text_config(vocab_size: int, width: int, layers: int) -> dict:
     )
 
 
+def toy_vision_config(width: int, layers: int, image_size: int, patch_size: int) -> dict:
+    """The toy ViT of the tiled families (4 heads, FFN 2× wide) at the real tile and patch size, as config
+    kwargs of their CLIP-style vision configs."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
 def random_model(
     model_class: type,
     config,

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from ..vlm.compat import hide_video_processor
-from .common import VICUNA_STYLE_TEMPLATE, TinyFamily, register_fixture, toy_text_config
+from .common import VICUNA_STYLE_TEMPLATE, TinyFamily, register_fixture, toy_text_config, toy_vision_config
 
 #: The tokens ``InternVLProcessor`` reads from its tokenizer (names as in the InternVL-hf tokenizers).
 INTERNVL_SPECIAL_TOKENS = {
@@ -29,14 +29,7 @@ def tiny_internvl_config(
     tokenizer, *, vision_width: int = 64, vision_layers: int = 6, text_width: int = 64, text_layers: int = 4
 ) -> InternVLConfig:
     """An InternVL with InternViT-300M geometry (448 px, patch 14, ratio 0.5) and toy widths."""
-    vision = InternVLVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=448,
-        patch_size=14,
-    )
+    vision = InternVLVisionConfig(**toy_vision_config(vision_width, vision_layers, image_size=448, patch_size=14))
     text = Qwen2Config(**toy_text_config(len(tokenizer), text_width, text_layers))
     return InternVLConfig(
         vision_config=vision,

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from ..vlm.families import DEFAULT_PINPOINTS
-from .common import VICUNA_STYLE_TEMPLATE, TinyFamily, register_fixture, toy_text_config
+from .common import VICUNA_STYLE_TEMPLATE, TinyFamily, register_fixture, toy_text_config, toy_vision_config
 
 
 def anyres_pinpoints(pinpoints=DEFAULT_PINPOINTS) -> list[list[int]]:
@@ -32,13 +32,7 @@ def tiny_llava_next_config(
 ) -> LlavaNextConfig:
     """A LLaVA-NeXT with CLIP-336/14 geometry (576 patches a tile) and toy widths."""
     vision = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=336,
-        patch_size=14,
-        projection_dim=vision_width,
+        **toy_vision_config(vision_width, vision_layers, image_size=336, patch_size=14), projection_dim=vision_width
     )
     text = Qwen2Config(**toy_text_config(len(tokenizer), text_width, text_layers))
     return LlavaNextConfig(
