@@ -6,8 +6,8 @@ and the node's memory over time.
     python -m ptp_ros_bench.soak --minutes 32 --out docs/soak      # (bench.soak from a source tree)
 
 The agent and the camera are separate processes over DDS (localhost, shared memory), exactly as
-``ptp-demo`` starts them; this process is the planner, and sends its goals through the package's own action
-client (``ask_action.client``, as deep as a burst).  On the topic path "lost" means an instruction with no
+``ptp-demo`` starts them; this process is the planner, built on the package's client (``ptp_ros.ros.client``,
+its topics and action client as deep as a burst).  On the topic path "lost" means an instruction with no
 result by the end and "duplicated" one with more than one.  On the action path every goal should get a goal
 response (accepted or rejected) and every accepted goal exactly one typed result: "lost" is a goal with no
 goal response, or accepted with no result by the end; "duplicated", one with more than one result, typed or
@@ -27,9 +27,13 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
+
+from ptp_ros.ros.ask_action import INTERFACE_HINT
+from ptp_ros.ros.client import AgentClient, Goal
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ("What is on the table?", "Is the door open?", "How many chairs are there?", "What colour is the cup?")
@@ -98,104 +102,57 @@ class Ledger:
         }
 
 
-class Planner:
-    """Publishes instructions and sends goals, records every result and goal response, and the node's
-    diagnostics."""
+class Planner(AgentClient):
+    """The package's client that publishes instructions and sends goals as the soak schedules them, and counts
+    every JSON result by id (``topic``) and every goal it sent (``goals``)."""
 
     def __init__(self, namespace: str, goals: bool = False):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from std_msgs.msg import String
-
-        from ptp_ros.ros import ask_action
-
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("soak_planner", namespace=namespace, context=self.context)
-        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)  # bursts of 200 leave unharmed
-        self.pub = self.node.create_publisher(String, "instruction", qos)
         self.topic = Ledger()  # JSON results of every id, goals' included: a goal's copies count as duplicates
-        self.goals = Ledger()  # typed results of the goals
-        self.accepted: dict[str, bool] = {}  # goal id → its goal response said accepted
-        self.diagnostics: dict = {}
-        self.Ask = ask_action.interface() if goals else None
+        self.goals: dict[str, Goal] = {}
+        super().__init__("soak_planner", namespace)  # depth CLIENT_DEPTH: bursts of 200 leave unharmed
         if goals and self.Ask is None:
-            raise RuntimeError(f"goal bursts need the ask action: {ask_action.INTERFACE_HINT}")
-        self.action = ask_action.client(self.node, self.Ask) if self.Ask is not None else None
-        self.node.create_subscription(String, "result", self._on_result, qos)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, qos)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
-        self._string = String
+            self.close()
+            raise RuntimeError(f"goal bursts need the ask action: {INTERFACE_HINT}")
 
-    def _on_result(self, msg) -> None:
-        result = json.loads(msg.data)
+    def on_result(self, result: dict) -> None:
         self.topic.receive(str(result.get("id")), result)
 
-    def _on_diag(self, msg) -> None:
-        for status in msg.status:
-            if status.name.endswith(": ptp agent"):
-                self.diagnostics = {kv.key: kv.value for kv in status.values} | {
-                    "_message": status.message,
-                    "_level": int.from_bytes(status.level, "little"),
-                }
-
-    def ask(self, request_id: str, kind: str, text: str) -> None:
+    def send_instruction(self, request_id: str, kind: str, text: str) -> None:
         self.topic.send(request_id, kind)
-        self.pub.publish(self._string(data=json.dumps({"id": request_id, "text": text})))
+        self.instruct(text, request_id=request_id)
 
     def send_goals(self, goals: list[tuple[str, str]]) -> None:
-        """Send goals (request id, instruction) back to back from the executor's thread, as one burst."""
-        self.executor.create_task(self._send_goals, goals)
-
-    def _send_goals(self, goals: list[tuple[str, str]]) -> None:
-        from ptp_ros.ros.ask_action import goal_message
-
+        """Send goals (request id, instruction) back to back, as one burst."""
         for request_id, text in goals:
-            self.goals.send(request_id, "goal")
-            sending = self.action.send_goal_async(goal_message(self.Ask, text, id=request_id))
-            sending.add_done_callback(lambda future, i=request_id: self._on_goal_response(i, future.result()))
-
-    def _on_goal_response(self, request_id: str, handle) -> None:
-        from ptp_ros.ros.ask_action import result_dict
-
-        self.accepted[request_id] = handle.accepted
-        if handle.accepted:
-            getting = handle.get_result_async()
-            getting.add_done_callback(
-                lambda future: self.goals.receive(request_id, result_dict(future.result().result))
-            )
+            self.goals[request_id] = self.send_goal(text, request_id=request_id)
 
     def goal_report(self) -> dict:
         """The action path's figures: the shared tally (lost: accepted without a result) plus the goal
         responses; goals with no goal response count as lost, and JSON copies as duplicates."""
-        ids = self.goals.ids()
-        accepted = {i for i in ids if self.accepted.get(i)}
-        report = self.goals.tally(answerable=accepted)
-        silent = sum(1 for i in ids if i not in self.accepted)
+        ledger = Ledger()
+        for request_id, goal in list(self.goals.items()):
+            ledger.send(request_id, "goal")
+            if goal.outcome is not None:
+                ledger.receive(request_id, goal.outcome)
+        responses = {request_id: goal.accepted for request_id, goal in self.goals.items()}
+        accepted = {i for i, ok in responses.items() if ok}
+        report = ledger.tally(answerable=accepted)
+        silent = sum(1 for ok in responses.values() if ok is None)
         report |= {
             "accepted": len(accepted),
-            "rejected": sum(1 for i in ids if self.accepted.get(i) is False),
+            "rejected": sum(1 for ok in responses.values() if ok is False),
             "no_goal_response": silent,
             "accepted_without_result": report["lost"],
             "lost": report["lost"] + silent,
-            "duplicated": sum(1 for i in ids if self.goals.copies(i) > 1 or self.topic.copies(i) > 1),
-            "json_results": sum(1 for i in ids if self.topic.copies(i)),
+            "duplicated": sum(1 for i in responses if self.topic.copies(i) > 1),  # one typed result per goal
+            "json_results": sum(1 for i in responses if self.topic.copies(i)),
         }
         return report
 
-    def close(self) -> None:
-        import rclpy
 
-        self.executor.shutdown()
-        if self.action is not None:
-            self.action.destroy()
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
+def ready(planner: Planner) -> bool:
+    """Whether the agent serves and has seen the camera."""
+    return (status := planner.status()) is not None and status.ready
 
 
 def run(minutes: float, out: Path, settings: dict) -> dict:
@@ -242,15 +199,11 @@ def run(minutes: float, out: Path, settings: dict) -> dict:
     proc = psutil.Process(agent.pid)
     memory: list[tuple[float, int]] = []
     try:
-        deadline = time.monotonic() + 600
-        while (
-            planner.diagnostics.get("model_state") != "serving"
-            or int(planner.diagnostics.get("frames_received") or 0) == 0
-        ):
-            if time.monotonic() > deadline or agent.poll() is not None:
-                raise RuntimeError(f"the agent never served; see {out / 'agent.log'}")
-            time.sleep(0.5)
-        if planner.action is not None and not planner.action.wait_for_server(timeout_sec=60):
+        with suppress(TimeoutError):
+            planner.wait_for(lambda: agent.poll() is not None or ready(planner), 600, "the agent serving")
+        if not ready(planner):
+            raise RuntimeError(f"the agent never served; see {out / 'agent.log'}")
+        if goal_burst > 0 and not planner.wait_for_action(60):
             raise RuntimeError(f"the agent serves no ask action; see {out / 'agent.log'}")
         started = time.monotonic()
         end = started + minutes * 60
@@ -259,12 +212,12 @@ def run(minutes: float, out: Path, settings: dict) -> dict:
         next_goals = started + settings["goal_burst_every_s"] if goal_burst > 0 else float("inf")
         while (now := time.monotonic()) < end:
             if now >= next_ask:
-                planner.ask(f"q{n}", "regular", questions[n % len(questions)])
+                planner.send_instruction(f"q{n}", "regular", questions[n % len(questions)])
                 n += 1
                 next_ask += settings["interval_s"]
             if now >= next_burst:
                 for i in range(settings["burst"]):
-                    planner.ask(f"b{int(now - started)}-{i}", "burst", questions[i % len(questions)])
+                    planner.send_instruction(f"b{int(now - started)}-{i}", "burst", questions[i % len(questions)])
                 next_burst += settings["burst_every_s"]
             if now >= next_goals:
                 planner.send_goals(
@@ -278,7 +231,7 @@ def run(minutes: float, out: Path, settings: dict) -> dict:
                 raise RuntimeError(f"the agent exited with {agent.returncode}; see {out / 'agent.log'}")
             time.sleep(0.02)
         time.sleep(30)  # stragglers
-        final_diagnostics = dict(planner.diagnostics)
+        final_diagnostics = status.to_dict() if (status := planner.status()) is not None else {}
     finally:
         for p in (camera, agent):
             p.send_signal(signal.SIGINT)

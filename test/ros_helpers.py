@@ -1,6 +1,8 @@
 """Helpers for the ROS tests: an isolated DDS environment, the node as a subprocess, a probe node in
 the test process, and an adapter with an injected slow stage.
 
+``wait_future`` is the client's (ptp_ros.ros.client), imported here for the tests that take it from this module.
+
 Run as a script, this file starts the agent node with the slow adapter:
     python test/ros_helpers.py --generate-delay-s 3 --ros-args -p ...
 """
@@ -26,8 +28,25 @@ import numpy as np
 from ptp_ros.pipeline import Cancelled
 from ptp_ros.ros.demo import fastdds_profile_variable
 
+try:
+    from ptp_ros.ros.client import AgentClient, AgentStatus, SpinningNode, wait_future
+    from ptp_ros.ros.topics import reliable
+except ImportError:  # no ROS 2 here: the tests that need these skip themselves (importorskip) before using them
+    AgentClient = SpinningNode = object
+    AgentStatus = reliable = wait_future = None
+
 ROOT = Path(__file__).resolve().parents[1]
 SHM_PROFILE = ROOT / "config" / "fastdds_shm.xml"
+#: The agent most ROS tests run: fixed mode, one generated token, a queue of 2, no saliency drawing, calibrated
+#: at its one keep ratio: quick to start and to answer.  A test adds what it is about (``AGENT_PARAMS | {...}``).
+AGENT_PARAMS: dict[str, Any] = {
+    "mode": "fixed",
+    "keep_ratio": 0.05,
+    "max_new_tokens": 1,
+    "queue_size": 2,
+    "publish_saliency": False,
+    "calibration_keep_ratios": [0.05],
+}
 
 
 class SlowAdapter:
@@ -62,16 +81,6 @@ class SlowAdapter:
             return chosen
 
         return self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel, in_llm=(plan, slow_choose))
-
-
-def wait_future(future, timeout: float, what: str):
-    """A future's result, waited for in this thread while an executor spins in another."""
-    deadline = time.monotonic() + timeout
-    while not future.done():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no answer from {what} within {timeout:.0f} s")
-        time.sleep(0.02)
-    return future.result()
 
 
 def ros_env(log_dir: Path) -> dict[str, str]:
@@ -146,77 +155,57 @@ class NodeProcess:
         return self.proc.returncode
 
 
-class Probe:
-    """A node in the test process: publishes frames and instructions, records every output of the agent."""
+class Probe(AgentClient):
+    """The tests' planner: the package's client (results, diagnostics, the ask action) with a camera (raw and
+    compressed image publishers), and every result, answer, saliency image and agent status kept in order."""
 
     def __init__(self, namespace: str = "/"):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import CompressedImage, Image
         from std_msgs.msg import String
 
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("probe", namespace=namespace, context=self.context)
-        # deep enough for the tests' bursts on both ends (a planner that bursts needs the same)
-        reliable = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-        self.image_pub = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
-        self.compressed_pub = self.node.create_publisher(CompressedImage, "image/compressed", qos_profile_sensor_data)
-        self.instruction_pub = self.node.create_publisher(String, "instruction", reliable)
+        from ptp_ros.ros.topics import ANSWER, IMAGE, SALIENCY
+
         self.results: list[dict] = []
         self.answers: list[str] = []
         self.saliency: list = []
-        self.diagnostics: list = []
-        self._cond = threading.Condition()
-        self.node.create_subscription(String, "result", lambda m: self._add(self.results, json.loads(m.data)), reliable)
-        self.node.create_subscription(String, "answer", lambda m: self._add(self.answers, m.data), reliable)
-        self.node.create_subscription(Image, "saliency", lambda m: self._add(self.saliency, m), reliable)
-        self.node.create_subscription(
-            DiagnosticArray, "/diagnostics", lambda m: self._add(self.diagnostics, m), reliable
+        self.statuses: list[AgentStatus] = []
+        super().__init__("probe", namespace, depth=1000)  # deep enough for the tests' bursts on both ends
+        self.image_pub = self.node.create_publisher(Image, IMAGE, qos_profile_sensor_data)
+        self.compressed_pub = self.node.create_publisher(
+            CompressedImage, f"{IMAGE}/compressed", qos_profile_sensor_data
         )
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
+        self.subscribe(String, ANSWER, lambda m: self._keep(self.answers, m.data), reliable(1000))
+        self.subscribe(Image, SALIENCY, lambda m: self._keep(self.saliency, m))
 
-    def _add(self, bucket: list, item) -> None:
+    def _keep(self, bucket: list, item) -> None:
         with self._cond:
             bucket.append(item)
-            self._cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str):
-        deadline = time.monotonic() + timeout
+    def on_result(self, result: dict) -> None:
+        self._keep(self.results, result)
+
+    def on_status(self, status: AgentStatus) -> None:
+        self._keep(self.statuses, status)
+
+    def diag_values(self, node_fqn: str) -> dict[str, Any] | None:
+        """The newest diagnostics values of ``node_fqn``, with ``_message`` and ``_level`` as the message carries
+        it (a byte: ``b"\\x01"`` is WARN), as the tests compare it."""
+        status = self.status(node_fqn)
+        return None if status is None else status.to_dict() | {"_level": status.level.to_bytes(1, "little")}
+
+    def results_of(self, request_id: str) -> list[dict]:
+        """Every result of ``request_id`` so far (they stay: unlike ``wait_result``, nothing is claimed)."""
         with self._cond:
-            while not (value := predicate()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-                self._cond.wait(min(left, 0.5))
-        return value
-
-    def diag_values(self, node_fqn: str) -> dict[str, str] | None:
-        """Key/values of the newest diagnostics status of ``node_fqn``."""
-        for array in reversed(self.diagnostics):
-            for status in array.status:
-                if status.name.startswith(node_fqn + ":"):
-                    return {kv.key: kv.value for kv in status.values} | {
-                        "_level": status.level,
-                        "_message": status.message,
-                    }
-        return None
+            return [r for r in self.results if r.get("id") == request_id]
 
     def result(self, request_id: str) -> dict | None:
-        matches = [r for r in self.results if r.get("id") == request_id]
-        return matches[0] if matches else None
+        """The first result of ``request_id`` so far."""
+        return next(iter(self.results_of(request_id)), None)
 
     def ask(self, plain: str | None = None, **fields) -> None:
-        """Send ``plain`` text, or the JSON object of ``fields``."""
-        from std_msgs.msg import String
-
-        data = plain if plain is not None else json.dumps(fields)
-        self.instruction_pub.publish(String(data=data))
+        """``publish`` of ``plain`` text, or of the JSON object of ``fields``: the spelling the older tests use."""
+        self.publish(plain if plain is not None else fields)
 
     def count(self, status: str | None = None) -> int:
         with self._cond:
@@ -257,7 +246,7 @@ class Probe:
         )
 
     def call(self, srv_type, name: str, request, timeout: float = 20.0):
-        """A service call that waits in this thread while the probe's executor spins in its own."""
+        """A service call that waits in this thread while the probe spins in its own."""
         client = self.node.create_client(srv_type, name)
         try:
             if not client.wait_for_service(timeout_sec=timeout):
@@ -282,14 +271,6 @@ class Probe:
 
         response = self.call(GetParameters, f"{node_fqn}/get_parameters", GetParameters.Request(names=[name]), timeout)
         return parameter_value_to_python(response.values[0])
-
-    def close(self) -> None:
-        import rclpy
-
-        self.executor.shutdown()
-        self._thread.join(5.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
 
 
 # -- colcon and the real `ros2 launch` (vendored ros2/launch, ../shared/vendor/ros2-launch) -----------------
@@ -405,14 +386,12 @@ class LaunchProcess:
 
 
 # -- bags ---------------------------------------------------------------------------------------------------
-class BagRecorder:
+class BagRecorder(SpinningNode):
     """``ros2 bag record`` for tests: subscribes to ``topics`` (name → message class), keeps every message as
     received (serialized CDR, logged at its arrival time) and writes them into a rosbag2 bag with ``rosbags``
     on ``close`` (sqlite3 objects stay in the thread that made them)."""
 
     def __init__(self, path: Path, topics: dict[str, type], qos=None):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import qos_profile_sensor_data
 
         self.path = path
@@ -420,17 +399,11 @@ class BagRecorder:
         self._lock = threading.Lock()
         self._messages: list[tuple[str, int, bytes]] = []
         self.counts = dict.fromkeys(topics, 0)
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("bag_recorder", context=self.context)
+        super().__init__("bag_recorder")
         for topic, cls in topics.items():
             self.node.create_subscription(
                 cls, topic, lambda raw, t=topic: self._keep(t, raw), qos or qos_profile_sensor_data, raw=True
             )
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
 
     def _keep(self, topic: str, raw: bytes) -> None:
         with self._lock:
@@ -438,14 +411,10 @@ class BagRecorder:
             self.counts[topic] += 1
 
     def close(self) -> None:
-        import rclpy
         from rosbags.rosbag2 import StoragePlugin, Writer
         from rosbags.typesys import Stores, get_typestore
 
-        self.executor.shutdown()
-        self._thread.join(5.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
+        super().close()
         store = get_typestore(Stores.ROS2_KILTED)
         with Writer(self.path, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
             connections = {

@@ -19,20 +19,19 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import threading
 import time
 import uuid
 
 import cv2
 import pytest
-from ros_helpers import NodeProcess, Probe, wait_future
+from ros_helpers import AGENT_PARAMS, NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e .[dev])")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from ptp_ros.ros.ask_action import client as ask_client  # noqa: E402
+from ptp_ros.ros.client import AgentClient, Goal  # noqa: E402
 from ptp_ros.ros.requests import MAX_ID_CHARS, MAX_NEW_TOKENS_LIMIT  # noqa: E402
 
 NAMESPACE = "action_fuzz"
@@ -41,16 +40,7 @@ STARTUP_S = 180.0
 OUTCOME_S = 120.0
 MAX_CHARS = 2000
 DIAGNOSTICS_GAP_S = 3.0  # published at 1 Hz; more than this between two is a stall
-PARAMS = {
-    "mode": "fixed",
-    "keep_ratio": 0.05,
-    "max_new_tokens": 1,
-    "queue_size": 2,
-    "publish_saliency": False,
-    "calibration_keep_ratios": [0.05],
-    "max_frame_age_ms": 1500.0,
-    "max_instruction_chars": MAX_CHARS,
-}
+PARAMS = AGENT_PARAMS | {"max_frame_age_ms": 1500.0, "max_instruction_chars": MAX_CHARS}
 NODE_ID = re.compile(r"ptp_agent-\d+")
 _numbers = itertools.count()
 
@@ -65,24 +55,22 @@ def fuzz(examples: int):
     )
 
 
-# -- the node, a probe and an action client ---------------------------------------------------------
+# -- the node and a probe ---------------------------------------------------------------------------------
 class Session:
-    """The agent process, a probe in the test process and an ``ask`` client on the probe's node."""
+    """The agent process and a probe (the package's client, with its ``ask`` action client) in the test process."""
 
     def __init__(self, ros, log_dir, Ask, frame):
         self.Ask, self.frame = Ask, frame
         self.process = NodeProcess(ros, log_dir / "agent.log", params=PARAMS, namespace=f"/{NAMESPACE}")
         self.probe = Probe(namespace=f"/{NAMESPACE}")
-        self.action = ask_client(self.probe.node, Ask)
         deadline = time.monotonic() + STARTUP_S
         try:
-            if not self.action.wait_for_server(timeout_sec=STARTUP_S):
+            if not self.probe.wait_for_action(STARTUP_S):
                 pytest.fail(f"the agent serves no ask action:\n{self.process.log()[-3000:]}")
             self.probe.wait_for(
                 lambda: self.diag().get("model_state") == "serving", max(1.0, deadline - time.monotonic()), "serving"
             )
         except BaseException:  # no agent process left behind
-            self.action.destroy()
             self.probe.close()
             self.process.stop()
             raise
@@ -117,7 +105,6 @@ class Session:
         raise TimeoutError("no frame reached the agent")
 
     def close(self) -> None:
-        self.action.destroy()
         self.probe.close()
         assert self.process.stop() == 0, self.process.log()[-3000:]
 
@@ -131,32 +118,15 @@ def session(ask_interface, ros, tmp_path_factory, sample_image):
 
 
 # -- sending goals and reading their outcomes -----------------------------------------------------------
-class Sent:
-    """One goal request: whether rclpy accepted it and, if so, its final status and typed result."""
-
-    def __init__(self, action, goal, goal_uuid=None):
-        self.goal = goal
-        self.response = action.send_goal_async(goal, goal_uuid=goal_uuid)
-        self.handle = None
-        self.result = None
-
-    def accepted(self, timeout: float = OUTCOME_S) -> bool:
-        if self.handle is None:
-            self.handle = wait_future(self.response, timeout, "the goal response")
-            if self.handle.accepted:
-                self.result = self.handle.get_result_async()
-        return self.handle.accepted
-
-    def outcome(self, timeout: float = OUTCOME_S):
-        """(GoalStatus, typed result) of an accepted goal."""
-        assert self.accepted(timeout)
-        response = wait_future(self.result, timeout, f"the result of goal {self.goal.request_id!r}")
-        return response.status, response.result
-
-
-def send(session: Session, goals: list, goal_uuid=None) -> list[Sent]:
+def send(session: Session, goals: list, goal_uuid=None) -> list[Goal]:
     """Send ``goals`` back to back (no wait in between), as a planner's burst."""
-    return [Sent(session.action, goal, goal_uuid) for goal in goals]
+    return [session.probe.send_goal_message(goal, goal_uuid=goal_uuid) for goal in goals]
+
+
+def outcome(goal: Goal, timeout: float = OUTCOME_S):
+    """(GoalStatus, typed result) of an accepted goal."""
+    goal.result(timeout)
+    return goal.status, goal.typed
 
 
 def check_outcome(status: int, typed, cancelled_by_client: bool = False) -> None:
@@ -173,8 +143,7 @@ def check_outcome(status: int, typed, cancelled_by_client: bool = False) -> None
 
 
 def json_results(session: Session, request_id: str) -> list[dict]:
-    with session.probe._cond:
-        return [r for r in session.probe.results if r.get("id") == request_id]
+    return session.probe.results_of(request_id)
 
 
 def settle(session: Session, timeout: float = 60.0) -> dict:
@@ -198,7 +167,7 @@ def settle(session: Session, timeout: float = 60.0) -> dict:
         raise AssertionError(f"{len(probe.results)} results for {session.diag()}") from None
     assert values["internal_errors"] == "0", (values, session.process.log()[-3000:])
     assert values["_level"] != b"\x02", values
-    stamps = [m.header.stamp.sec + m.header.stamp.nanosec / 1e9 for m in list(probe.diagnostics)]
+    stamps = [status.stamp for status in list(probe.statuses) if status.node == FQN]
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     assert max(gaps, default=0.0) <= DIAGNOSTICS_GAP_S, f"diagnostics paused for {max(gaps):.1f} s"
     return values
@@ -257,9 +226,9 @@ def test_every_generated_goal_ends_once_under_its_own_id_with_its_reason(session
         )
     sent = send(session, goals)
     for s, is_own in zip(sent, own, strict=True):
-        g = s.goal
-        assert s.accepted(), g  # rclpy takes every goal with a new UUID; the node refuses with a result
-        status, typed = s.outcome()
+        g = s.message
+        assert s.wait_accepted(OUTCOME_S), g  # rclpy takes every goal with a new UUID; the node refuses with a result
+        status, typed = outcome(s)
         check_outcome(status, typed)
         assert typed.request_id == g.request_id if is_own else NODE_ID.fullmatch(typed.request_id), typed
         why = expected_refusal(g.request_id, g.instruction, g.keep_ratio, g.latency_budget_ms, g.max_new_tokens)
@@ -278,9 +247,9 @@ def test_a_burst_of_goals_gets_a_response_and_a_result_for_every_goal(session, s
     session.fresh_frame()
     sent = send(session, [session.goal(max_new_tokens=1) for _ in range(size)])
     started = time.monotonic()
-    accepted = sum(s.accepted() for s in sent)
+    accepted = sum(s.wait_accepted(OUTCOME_S) for s in sent)
     assert accepted == size, f"{accepted} of {size} goals accepted"
-    outcomes = [s.outcome() for s in sent]
+    outcomes = [outcome(s) for s in sent]
     print(
         f"\nburst of {size} goals: {accepted} accepted, {len(outcomes)} results in {time.monotonic() - started:.1f} s"
     )
@@ -289,7 +258,7 @@ def test_a_burst_of_goals_gets_a_response_and_a_result_for_every_goal(session, s
         assert typed.status in ("ok", "busy", "stale"), typed
     time.sleep(0.5)  # room for duplicates
     for s in sent:
-        assert len(json_results(session, s.goal.request_id)) == 1, s.goal.request_id
+        assert len(json_results(session, s.request_id)) == 1, s.request_id
     settle(session)
 
 
@@ -303,9 +272,9 @@ def test_goals_sharing_one_uuid_run_once(session, copies):
     goal_uuid = UUID(uuid=list(shared.bytes))
     request_id = f"dup{next(_numbers)}"
     sent = send(session, [session.goal(request_id=request_id) for _ in range(copies)], goal_uuid)
-    accepted = [s for s in sent if s.accepted()]
+    accepted = [s for s in sent if s.wait_accepted(OUTCOME_S)]
     assert len(accepted) == 1, f"{len(accepted)} of {copies} goals with one UUID accepted"
-    status, typed = accepted[0].outcome()
+    status, typed = outcome(accepted[0])
     check_outcome(status, typed)
     values = settle(session)
     assert int(values["requests_received"]) == received + 1
@@ -331,63 +300,38 @@ def cancel_all(session: Session):
 def test_cancel_storms_end_every_goal_once(session, plans, everything):
     session.fresh_frame()
     sent = send(session, [session.goal(max_new_tokens=tokens) for _, _, tokens in plans])
-    assert all(s.accepted() for s in sent)
+    assert all(s.wait_accepted(OUTCOME_S) for s in sent)
     cancelled: list[bool] = []
     for s, (how, delay_s, _) in zip(sent, plans, strict=True):
         time.sleep(delay_s)
         for _ in range({"none": 0, "once": 1, "twice": 2}[how]):
-            wait_future(s.handle.cancel_goal_async(), 30, "a cancel response")
+            s.cancel(30)
         cancelled.append(how != "none")
     if everything:
         cancel_all(session)
     for s, by_client in zip(sent, cancelled, strict=True):
-        status, typed = s.outcome()
+        status, typed = outcome(s)
         check_outcome(status, typed, cancelled_by_client=by_client or everything)
         if typed.status == "cancelled":
             assert "its client cancelled it" in typed.error, typed
-        assert len(json_results(session, s.goal.request_id)) == 1
+        assert len(json_results(session, s.request_id)) == 1
     settle(session)
 
 
 @fuzz(2)
 @given(count=st.integers(1, 3))
 def test_a_client_that_vanishes_mid_goal_leaves_the_node_serving(session, count):
-    from rclpy.executors import SingleThreadedExecutor
-
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("vanishing_planner", namespace=f"/{NAMESPACE}", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    gone = threading.Event()
-
-    def spin() -> None:
-        while not gone.is_set():
-            executor.spin_once(timeout_sec=0.05)
-
-    spinner = threading.Thread(target=spin, daemon=True)
-    spinner.start()
-    action = ask_client(node, session.Ask)
-    try:
-        assert action.wait_for_server(timeout_sec=60)
+    with AgentClient("vanishing_planner", f"/{NAMESPACE}") as vanishing:
+        assert vanishing.wait_for_action(60)
         session.fresh_frame()
-        goals = [session.goal(max_new_tokens=4) for _ in range(count)]
-        handles = [wait_future(action.send_goal_async(g), 60, "a goal response") for g in goals]
-        assert all(h.accepted for h in handles)
-        for h in handles:
-            h.get_result_async()  # the node will answer a client that is gone by then
-    finally:  # gone while its goals wait or run: no cancel, and nobody to take the results
-        gone.set()
-        spinner.join(5.0)
-        executor.shutdown()
-        action.destroy()
-        node.destroy_node()
-        rclpy.try_shutdown(context=context)
+        goals = [vanishing.send_goal_message(session.goal(max_new_tokens=4)) for _ in range(count)]
+        assert all(g.wait_accepted(60) for g in goals)  # each asked for its result on acceptance
+    # gone while its goals wait or run: no cancel, and nobody to take the results
     for g in goals:
         results = session.probe.wait_for(lambda rid=g.request_id: json_results(session, rid), OUTCOME_S, "JSON")
         assert len(results) == 1 and results[0]["status"] in ("ok", "busy", "stale"), results
     settle(session)
-    status, typed = Sent(session.action, session.goal(max_new_tokens=1)).outcome()  # the next client is served
+    status, typed = outcome(session.probe.send_goal_message(session.goal(max_new_tokens=1)))  # the next is served
     check_outcome(status, typed)
 
 
@@ -397,19 +341,19 @@ def test_a_goal_and_a_topic_request_with_one_id_get_one_result_each(session, goa
     request_id = f"shared{next(_numbers)}"
 
     def topic() -> None:
-        session.probe.ask(id=request_id, text="what colour is the square ?")
+        session.probe.instruct("what colour is the square ?", request_id=request_id)
 
     if goal_first:
-        sent = Sent(session.action, session.goal(request_id=request_id))
+        sent = session.probe.send_goal_message(session.goal(request_id=request_id))
         if not same_time:
-            sent.accepted()
+            sent.wait_accepted(OUTCOME_S)
         topic()
     else:
         topic()
         if not same_time:
             session.probe.wait_for(lambda: json_results(session, request_id), 30, "the topic request's result")
-        sent = Sent(session.action, session.goal(request_id=request_id))
-    status, typed = sent.outcome()
+        sent = session.probe.send_goal_message(session.goal(request_id=request_id))
+    status, typed = outcome(sent)
     check_outcome(status, typed)
     assert typed.request_id == request_id
     results = session.probe.wait_for(
@@ -424,7 +368,7 @@ def test_after_the_fuzzing_the_node_answers_a_plain_goal(session):
     deadline = time.monotonic() + OUTCOME_S
     while True:
         session.fresh_frame()
-        status, typed = Sent(session.action, session.goal(max_new_tokens=1)).outcome()
+        status, typed = outcome(session.probe.send_goal_message(session.goal(max_new_tokens=1)))
         check_outcome(status, typed)
         if typed.status == "ok" or time.monotonic() > deadline:
             break

@@ -23,7 +23,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from ros_helpers import NodeProcess, Probe
+from ros_helpers import AGENT_PARAMS, NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e .[dev])")
@@ -35,16 +35,7 @@ from ptp_ros.ros.requests import FIELDS  # noqa: E402
 
 SCALE = float(os.environ.get("PTP_FUZZ_EXAMPLES", "1"))
 STARTUP_S = 180.0
-PARAMS = {
-    "mode": "fixed",
-    "keep_ratio": 0.05,
-    "max_new_tokens": 1,
-    "queue_size": 2,
-    "publish_saliency": False,
-    "calibration_keep_ratios": [0.05],
-    "max_frame_age_ms": 0.0,
-    "max_input_pixels": 4096 * 4096,
-}
+PARAMS = AGENT_PARAMS | {"max_frame_age_ms": 0.0, "max_input_pixels": 4096 * 4096}
 
 
 def fuzz(examples: int):
@@ -195,10 +186,8 @@ class Agent:
         )
         assert pub.get_subscription_count() > 0, f"agent never subscribed:\n{self.process.log()[-3000:]}"
 
-    def ask(self, data: str) -> None:
-        from std_msgs.msg import String
-
-        self.probe.instruction_pub.publish(String(data=data))
+    def ask(self, data: str | dict) -> None:
+        self.probe.publish(data)
         self.sent += 1
 
     def check_alive(self) -> dict:
@@ -249,7 +238,7 @@ def answered_after(agent: Agent, publish_frame, tag: str, timeout: float = 120.0
         request_id = f"{tag}-live{attempt}"
         publish_frame()
         time.sleep(0.1)
-        agent.ask(json.dumps({"id": request_id, "text": "what colour is the square ?"}))
+        agent.ask({"id": request_id, "text": "what colour is the square ?"})
         result = agent.probe.wait_for(lambda rid=request_id: agent.probe.result(rid), 60, f"result {request_id}")
         if result["status"] == "ok":
             return result
@@ -281,7 +270,7 @@ def publish_and_ask(agent: Agent, pub, frames: list, tag: str) -> None:
         pub.publish(frame)
     agent.frames += len(frames)
     request_id = f"{tag}-{agent.sent}"
-    agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
+    agent.ask({"id": request_id, "text": "what is there ?"})
     result = agent.probe.wait_for(lambda: agent.probe.result(request_id), 120, f"result {request_id}")
     assert result["status"] in ("ok", "error", "busy", "rejected"), result  # rejected: e.g. too small
     assert "internal error" not in result.get("error", ""), result
@@ -316,7 +305,7 @@ def test_a_burst_of_200_instructions_gets_200_results_and_overload_shows(raw_age
     probe.send_frame(good_frame, sec=int(time.time()))
     ids = [f"burst-{i}" for i in range(200)]
     for request_id in ids:
-        raw_agent.ask(json.dumps({"id": request_id, "text": "what colour is the square ?"}))
+        raw_agent.ask({"id": request_id, "text": "what colour is the square ?"})
     probe.wait_for(lambda: all(probe.result(i) for i in ids), 180, "200 results")
     time.sleep(0.5)
     counts = {i: sum(1 for r in probe.results if r.get("id") == i) for i in ids}
@@ -345,7 +334,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_and_the_next_frame_serv
             probe.compressed_pub.publish(CompressedImage(format="jpeg", data=bomb))
             time.sleep(0.2)
             request_id = f"bomb{i}-{compressed_agent.sent}"
-            compressed_agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
+            compressed_agent.ask({"id": request_id, "text": "what is there ?"})
             result = probe.wait_for(lambda rid=request_id: probe.result(rid), 60, request_id)
             if "exceeds max_input_pixels" in result.get("error", "") or time.monotonic() > deadline:
                 break
@@ -368,7 +357,7 @@ def test_a_huge_raw_frame_is_refused_without_the_memory_it_claims(raw_agent):  #
         Image(width=20_000, height=20_000, encoding="rgb8", step=60_000, data=bytes(1_000_000))
     )
     time.sleep(0.3)
-    raw_agent.ask(json.dumps({"id": request_id, "text": "what is there ?"}))
+    raw_agent.ask({"id": request_id, "text": "what is there ?"})
     result = raw_agent.probe.wait_for(lambda: raw_agent.probe.result(request_id), 60, request_id)
     assert result["status"] == "error" and "exceeds max_input_pixels" in result["error"], result
     assert node.memory_info().rss - before < 100e6
@@ -380,7 +369,7 @@ def test_a_stale_frame_is_not_answered_and_a_silent_camera_warns(raw_agent, good
     try:
         probe.send_frame(good_frame, sec=int(time.time()))
         time.sleep(1.5)
-        raw_agent.ask(json.dumps({"id": "stale-1", "text": "what colour is the square ?"}))
+        raw_agent.ask({"id": "stale-1", "text": "what colour is the square ?"})
         result = probe.wait_for(lambda: probe.result("stale-1"), 60, "stale-1")
         assert result["status"] == "stale" and "max_frame_age_ms 400" in result["error"], result
         values = probe.wait_for(

@@ -17,22 +17,14 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from ros_helpers import NodeProcess, Probe
+from ros_helpers import AGENT_PARAMS, NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 psutil = pytest.importorskip("psutil")
 
 NAMESPACE = "/intake_test"
 FQN = f"{NAMESPACE}/ptp_agent"
-PARAMS = {
-    "image_transport": "compressed",
-    "mode": "fixed",
-    "keep_ratio": 0.05,
-    "max_new_tokens": 1,
-    "publish_saliency": False,
-    "calibration_keep_ratios": [0.05],
-    "max_frame_age_ms": 0.0,
-}
+PARAMS = AGENT_PARAMS | {"image_transport": "compressed", "max_frame_age_ms": 0.0}
 BOMBS = 12  # one a second
 RSS_SLACK = 200e6
 DIAGNOSTICS_EVERY_S = 2.0
@@ -70,8 +62,7 @@ def agent(ros, tmp_path_factory, tiny_model_dir):
 
 
 def ask(probe: Probe, request_id: str, timeout: float = 300.0) -> dict:
-    probe.ask(id=request_id, text="what colour is the square ?")
-    return probe.wait_for(lambda: probe.result(request_id), timeout, f"result {request_id}")
+    return probe.wait_result(probe.instruct("what colour is the square ?", request_id=request_id), timeout)
 
 
 def until_a_request_meets(probe: Probe, data: bytes, tag: str) -> dict:
@@ -91,13 +82,7 @@ def until_a_request_meets(probe: Probe, data: bytes, tag: str) -> dict:
 
 def diagnostics_since(probe: Probe, first: int) -> list[dict]:
     """The node's diagnostics from index ``first`` on: its own stamp (when its timer fired) and values."""
-    out = []
-    for array in probe.diagnostics[first:]:
-        for status in array.status:
-            if status.name.startswith(FQN + ":"):
-                values = {kv.key: kv.value for kv in status.values}
-                out.append({"stamp": array.header.stamp.sec + array.header.stamp.nanosec / 1e9, **values})
-    return out
+    return [{"stamp": s.stamp, **s.values} for s in probe.statuses[first:] if s.node == FQN]
 
 
 def test_header_bombs_at_1_hz_leave_memory_diagnostics_parameters_and_answers_alone(agent, sample_image):
@@ -121,13 +106,13 @@ def test_header_bombs_at_1_hz_leave_memory_diagnostics_parameters_and_answers_al
 
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
-    first_diag = len(probe.diagnostics)
+    first_diag = len(probe.statuses)
     parameter_s, ids = [], [f"during-{i}" for i in range(BOMBS)]
     started = time.monotonic()
     try:
         for i, request_id in enumerate(ids):
             probe.compressed_pub.publish(CompressedImage(format="jpeg", data=bombs[i % 2]))
-            probe.ask(id=request_id, text="what colour is the square ?")
+            probe.instruct("what colour is the square ?", request_id=request_id)
             asked = time.monotonic()
             assert probe.get_parameter(FQN, "keep_ratio", timeout=30) == pytest.approx(0.05)
             parameter_s.append(time.monotonic() - asked)

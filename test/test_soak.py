@@ -6,7 +6,6 @@ twice on ``result`` (duplicated), and topic instructions answered beside them.""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -14,6 +13,8 @@ import pytest
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
 from ptp_ros.ros import ask_action  # noqa: E402
+from ptp_ros.ros.client import SpinningNode  # noqa: E402
+from ptp_ros.ros.topics import INSTRUCTION, RESULT, reliable  # noqa: E402
 from ptp_ros_bench import soak  # noqa: E402
 
 NAMESPACE = "/soak_test"
@@ -22,24 +23,19 @@ STATUSES = ("ok", "busy", "stale", "ok")  # the answered goals' statuses, by ind
 SETTINGS = {"interval_s": 2.0, "burst": 200, "burst_every_s": 300.0, "goal_burst": 44, "goal_burst_every_s": 60.0}
 
 
-class StandIn:
+class StandIn(SpinningNode):
     """The agent's interfaces, scripted by request id: ``rej-*`` goals are rejected, ``hold`` is accepted and
     never executed, ``dup`` gets its JSON result twice, ``g-<i>`` ends with ``STATUSES[i % 4]``; every
     instruction is answered ``ok``."""
 
     def __init__(self, Ask):
         from rclpy.action import ActionServer, GoalResponse
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
         from std_msgs.msg import String
 
         self.Ask, self.String = Ask, String
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("stand_in_agent", namespace=NAMESPACE, context=self.context)
-        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-        self.pub = self.node.create_publisher(String, "result", qos)
-        self.node.create_subscription(String, "instruction", self._on_instruction, qos)
+        super().__init__("stand_in_agent", NAMESPACE)
+        self.pub = self.node.create_publisher(String, RESULT, reliable(1000))
+        self.node.create_subscription(String, INSTRUCTION, self._on_instruction, reliable(1000))
         self.server = ActionServer(
             self.node,
             Ask,
@@ -51,10 +47,6 @@ class StandIn:
             handle_accepted_callback=lambda handle: None if handle.request.request_id == "hold" else handle.execute(),
             **ask_action.action_qos(1000),
         )
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
 
     def _publish(self, result: dict) -> None:
         self.pub.publish(self.String(data=json.dumps(result)))
@@ -71,11 +63,8 @@ class StandIn:
         handle.succeed() if status == "ok" else handle.abort()
         return ask_action.result_message(self.Ask, result)
 
-    def close(self) -> None:
-        self.executor.shutdown()
+    def destroy_entities(self) -> None:
         self.server.destroy()
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
 
 
 def wait_until(predicate, what: str) -> None:
@@ -96,16 +85,18 @@ def planner_and_agent(ros, ask_interface):
 
 def test_the_report_counts_each_goal_and_instruction_as_it_was_answered(planner_and_agent):
     planner, agent = planner_and_agent
-    assert planner.action.wait_for_server(timeout_sec=WAIT_S), "the stand-in's ask action never appeared"
+    assert planner.wait_for_action(WAIT_S), "the stand-in's ask action never appeared"
     wait_until(
-        lambda: planner.pub.get_subscription_count() and agent.pub.get_subscription_count(), "the topics matched"
+        lambda: planner.instruction_pub.get_subscription_count() and agent.pub.get_subscription_count(),
+        "the topics matched",
     )
     for i in range(3):
-        planner.ask(f"q{i}", "regular", "Is the door open?")
+        planner.send_instruction(f"q{i}", "regular", "Is the door open?")
     goals = [f"g-{i}" for i in range(40)] + ["rej-0", "rej-1", "hold", "dup"]
     planner.send_goals([(request_id, "What is on the table?") for request_id in goals])
-    wait_until(lambda: len(planner.accepted) == len(goals), "a goal response for every goal")
-    wait_until(lambda: len(planner.goals.results) == len(goals) - 3, "a result for every executed goal")
+    sent = planner.goals.values()
+    wait_until(lambda: all(g.accepted is not None for g in sent), "a goal response for every goal")
+    wait_until(lambda: sum(g.outcome is not None for g in sent) == len(goals) - 3, "a result for every executed goal")
     wait_until(lambda: planner.topic.copies("dup") == 2 and len(planner.topic.results) >= 44, "the JSON results")
 
     report = soak.summarise(planner, [], 1.0, SETTINGS, {}, 0, None)

@@ -9,24 +9,19 @@ over the agent's ``ask`` action when ptp_ros_interfaces is importable and the ag
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import threading
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import cv2
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
-from std_msgs.msg import String
 
-from . import ask_action
+from .client import AgentClient
 from .conversions import imgmsg_to_array
+from .topics import SALIENCY
 
-RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 # What a robot might ask while it looks around; the budgets show the controller trading tokens for time.
 QUESTIONS: list[dict[str, Any]] = [
     {"text": "What objects are on the table?"},
@@ -49,80 +44,18 @@ def proxy_questions(index: int) -> list[dict[str, Any]]:
     ]
 
 
-class Planner:
-    def __init__(self, node, out_dir: Path):
-        self.node, self.out_dir = node, out_dir
-        self._cond = threading.Condition()
-        self.results: dict[str, dict] = {}
-        self.saliency_files: dict[tuple[int, int], Path] = {}
-        self.ready = False
-        self._pub = node.create_publisher(String, "instruction", RELIABLE)
-        node.create_subscription(String, "result", self._on_result, RELIABLE)
-        node.create_subscription(Image, "saliency", self._on_saliency, RELIABLE)
-        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, RELIABLE)
-        self.Ask = ask_action.interface()
-        self._action = None
-        if self.Ask is not None:
-            self._action = ask_action.client(node, self.Ask)
+class SaliencySaver:
+    """Saves each saliency image the agent publishes as a JPEG named by its frame's stamp."""
 
-    def use_action(self, timeout: float) -> bool:
-        """Whether questions go over the ask action: the interface is importable and the agent serves it."""
-        if self._action is not None and not self._action.wait_for_server(timeout_sec=timeout):
-            self._action.destroy()
-            self._action = None
-        return self._action is not None
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.files: dict[tuple[int, int], Path] = {}  # frame stamp (sec, nanosec) → its image
 
-    def _notify(self, update) -> None:
-        with self._cond:
-            update()
-            self._cond.notify_all()
-
-    def _on_result(self, msg: String) -> None:
-        result = json.loads(msg.data)
-        self._notify(lambda: self.results.__setitem__(result["id"], result))
-
-    def _on_saliency(self, msg: Image) -> None:
-        path = self.out_dir / f"saliency_{msg.header.stamp.sec}_{msg.header.stamp.nanosec:09d}.jpg"
+    def __call__(self, msg: Image) -> None:
+        stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+        path = self.out_dir / f"saliency_{stamp[0]}_{stamp[1]:09d}.jpg"
         cv2.imwrite(str(path), imgmsg_to_array(msg), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        self._notify(lambda: self.saliency_files.__setitem__((msg.header.stamp.sec, msg.header.stamp.nanosec), path))
-
-    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            values = {kv.key: kv.value for kv in status.values}
-            # Serving alone is not enough: a question asked before the first frame arrives is answered
-            # "no image received yet", so wait until the agent has seen the camera too.
-            ready = values.get("model_state") == "serving" and int(values.get("frames_received") or 0) > 0
-            if ready and not self.ready:
-                self._notify(lambda: setattr(self, "ready", True))
-
-    def wait(self, predicate, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout)
-
-    def ask(self, request: dict, timeout: float) -> dict | None:
-        """The result of ``request`` (a JSON instruction with an ``id``) as a dict, or None after ``timeout``."""
-        if self._action is not None:
-            return self._ask_action(request, timeout)
-        self._pub.publish(String(data=json.dumps(request)))
-        if not self.wait(lambda: request["id"] in self.results, timeout):
-            return None
-        return self.results[request["id"]]
-
-    def _ask_action(self, request: dict, timeout: float) -> dict | None:
-        def done(future) -> bool:
-            return self.wait(lambda: future.done(), timeout)
-
-        fields = {k: v for k, v in request.items() if k != "text"}
-        sending = self._action.send_goal_async(ask_action.goal_message(self.Ask, request["text"], **fields))
-        sending.add_done_callback(lambda _: self._notify(lambda: None))
-        if not done(sending):
-            return None
-        handle = sending.result()
-        if not handle.accepted:  # rclpy rejects only a goal whose UUID is in use; the node aborts with a reason
-            return None
-        result = handle.get_result_async()
-        result.add_done_callback(lambda _: self._notify(lambda: None))
-        return ask_action.result_dict(result.result().result) if done(result) else None
+        self.files[stamp] = path
 
 
 def describe(result: dict, saliency: Path | None, expected: str | None = None) -> str:
@@ -157,56 +90,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer-timeout", type=float, default=300.0)
     args = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    rclpy.init(args=argv)
-    node = rclpy.create_node("scripted_planner")
-    planner = Planner(node, args.out)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    failures = 0
+    saliency = SaliencySaver(args.out)
+    with AgentClient("scripted_planner", args=argv) as agent:
+        agent.subscribe(Image, SALIENCY, saliency)
+        try:
+            return ask_script(agent, args, saliency)
+        except KeyboardInterrupt:
+            return 130
+
+
+def ask_script(agent: AgentClient, args: argparse.Namespace, saliency: SaliencySaver) -> int:
+    """Wait for the agent, ask the script's questions one at a time and print each result; the exit code."""
+    print(
+        f"waiting for the agent (up to {args.startup_timeout:.0f} s: model load, calibration, first camera frame)...",
+        flush=True,
+    )
     try:
-        print(
-            f"waiting for the agent (up to {args.startup_timeout:.0f} s: model load, calibration, first camera "
-            "frame)...",
-            flush=True,
-        )
-        if not planner.wait(lambda: planner.ready, args.startup_timeout):
-            print("the agent never reported serving with a camera frame on /diagnostics", file=sys.stderr)
-            return 2
-        script = proxy_questions(args.proxy_scene) if args.proxy_scene >= 0 else QUESTIONS
-        print(
-            "asking over the ask action"
-            if planner.use_action(10.0)
-            else "asking on the instruction topic (the ask action is not available)",
-            flush=True,
-        )
-        for i, question in enumerate((script * args.questions)[: args.questions], 1):
-            expected = question.get("expected")
-            request = {"id": f"q{i}", **{k: v for k, v in question.items() if k != "expected"}}
-            result = planner.ask(request, args.answer_timeout)
-            if result is None:
-                print(f"[q{i}] no result within {args.answer_timeout:.0f} s", file=sys.stderr)
-                failures += 1
-                continue
-            stamp = (result["stamp"]["sec"], result["stamp"]["nanosec"]) if "stamp" in result else None
-            if result.get("status") == "ok":
-                planner.wait(lambda stamp=stamp: stamp in planner.saliency_files, 10.0)
-            else:
-                failures += 1
-            print(describe(result, planner.saliency_files.get(stamp), expected), flush=True)
-        print(
-            f"{args.questions - failures}/{args.questions} answered; {len(planner.saliency_files)} saliency "
-            f"image(s) in {args.out}/",
-            flush=True,
-        )
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        executor.shutdown()
-        spinner.join(5.0)  # a spin thread still inside rcl at exit aborts the process
-        node.destroy_node()
-        rclpy.try_shutdown()
+        agent.wait_ready(args.startup_timeout)
+    except TimeoutError:
+        print("the agent never reported serving with a camera frame on /diagnostics", file=sys.stderr)
+        return 2
+    script = proxy_questions(args.proxy_scene) if args.proxy_scene >= 0 else QUESTIONS
+    print(
+        "asking over the ask action"
+        if agent.wait_for_action(10.0)
+        else "asking on the instruction topic (the ask action is not available)",
+        flush=True,
+    )
+    failures = 0
+    for i, question in enumerate((script * args.questions)[: args.questions], 1):
+        fields = {k: v for k, v in question.items() if k not in ("text", "expected")}
+        try:
+            result = agent.query(question["text"], timeout=args.answer_timeout, request_id=f"q{i}", **fields)
+        except TimeoutError:
+            print(f"[q{i}] no result within {args.answer_timeout:.0f} s", file=sys.stderr)
+            failures += 1
+            continue
+        stamp = (result["stamp"]["sec"], result["stamp"]["nanosec"]) if "stamp" in result else None
+        if result.get("status") == "ok":
+            with suppress(TimeoutError):  # saliency is off, or its image is slow: the answer still counts
+                agent.wait_for(lambda stamp=stamp: stamp in saliency.files, 10.0, "the saliency image")
+        else:
+            failures += 1
+        print(describe(result, saliency.files.get(stamp), question.get("expected")), flush=True)
+    print(
+        f"{args.questions - failures}/{args.questions} answered; {len(saliency.files)} saliency "
+        f"image(s) in {args.out}/",
+        flush=True,
+    )
     return 1 if failures else 0
 
 
