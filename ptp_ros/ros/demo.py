@@ -60,13 +60,6 @@ def demo_environment() -> dict[str, str]:
     return env
 
 
-def built_in_is_proxy() -> bool:
-    """Whether the built-in default model is the trained proxy (not the untrained tiny fallback)."""
-    from ..vlm.defaults import PROXY_MODEL, default_model_path
-
-    return default_model_path() == PROXY_MODEL
-
-
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     """SIGINT (a ROS node shuts down cleanly on it), then kill after ``timeout``."""
     if proc.poll() is None:
@@ -102,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--proxy-scene", type=int, default=0, help="which proxy test scene")
     args = parser.parse_args(argv)
-    proxy = args.scene == "proxy" or (args.scene == "auto" and not args.model_path and built_in_is_proxy())
+    proxy = args.scene == "proxy" or (args.scene == "auto" and not args.model_path)  # the built-in model: the proxy
     scene_args = ["--proxy-scene", str(args.proxy_scene)] if proxy else []
 
     env = demo_environment()
