@@ -14,6 +14,7 @@ from ptp_ros_bench.proxy.attention_aux import COUNT_SHARE, RETRIEVAL_HEAD, Answe
 from ptp_ros_bench.proxy.data import answer_logits, encode_scene, kept_positions, pad_suffixes, prefix_embeddings
 from ptp_ros_bench.proxy.train import (
     FAMILIES,
+    LanguageStage,
     SceneLayout,
     build_model,
     features,
@@ -68,6 +69,29 @@ def test_answer_attention_equals_eager_attention(model_and_item):
                 assert ours[r, :, eager.shape[-1] :].sum() == 0  # padding after the answer is masked
         finally:
             lm.set_attn_implementation("sdpa")
+
+
+def test_side_head_supervises_the_answer_state_below_its_layer_only(model_and_item):
+    """The side head's loss (location questions) reaches the layers below ``side_layer`` and none above it,
+    and leaves the attention the report's rows read unsupervised (it is a representation loss)."""
+    model, processor, item, layout = model_and_item
+    assert any(q.qtype == "location" for q in item.questions)
+    stage = LanguageStage(model, processor, 0, 1, weight=0.0, side_layer=2, side_weight=1.0)
+    with torch.no_grad():
+        feats = features(model, item)
+    shown = shown_tokens(layout, "all", 0.0, None)
+    stage(item, layout, feats, shown, supervise=False)  # fills the taps
+    ids, last = pad_suffixes(
+        [torch.cat([s, a.view(1)]) for s, a in zip(item.suffix_ids, item.answer_ids)], processor.tokenizer.pad_token_id
+    )
+    model.zero_grad(set_to_none=True)
+    loss = stage._side_loss(item, last - 1)
+    assert loss.item() > 0
+    loss.backward()
+    layers = model.model.language_model.layers
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layers[1].mlp.parameters())
+    # the head reads layer 2's attention input (after its input norm): nothing of layer 2's attention or MLP learns
+    assert all(p.grad is None for m in (layers[2].self_attn, layers[2].mlp) for p in m.parameters())
 
 
 def test_wanted_attention_points_at_what_each_question_needs(model_and_item):

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ptp_ros.proxy import COLOURS, SHAPES, make_questions, make_scene, proxy_words, split_seed
-from ptp_ros.proxy.scenes import PLURALS
+from ptp_ros.proxy.scenes import PLURALS, SIDES
 from ptp_ros.pruning import NO_REGION
 from ptp_ros.testing import BASE_WORDS
 from ptp_ros.testing.common import FIXTURES, random_model
@@ -196,7 +196,16 @@ class LanguageStage:
     is the tokenizer's end of sequence, so that generation stops by itself) + attention supervision of
     two LLM layers."""
 
-    def __init__(self, model, processor, hop_layer: int, retrieval_layer: int, weight: float):
+    def __init__(
+        self,
+        model,
+        processor,
+        hop_layer: int,
+        retrieval_layer: int,
+        weight: float,
+        side_layer: int | None = None,
+        side_weight: float = 0.0,
+    ):
         lm = model.model.language_model
         self.model, self.processor, self.weight = model, processor, weight
         self.pad_id = processor.tokenizer.pad_token_id
@@ -204,10 +213,16 @@ class LanguageStage:
         self.hop = AnswerAttentionTap(lm, hop_layer)
         self.retrieval = AnswerAttentionTap(lm, retrieval_layer)
         self.key_ids = question_key_ids(processor.tokenizer)
+        # representation supervision: the answer position's state entering ``side_layer`` says the asked
+        # object's side (location questions), read by a linear head that is not saved
+        self.side = AnswerAttentionTap(lm, side_layer) if side_weight > 0 and side_layer is not None else None
+        self.side_head = torch.nn.Linear(model.config.text_config.hidden_size, len(SIDES))
+        self.side_weight = side_weight
 
     def __call__(self, item, layout: SceneLayout, feats: torch.Tensor, shown: torch.Tensor, supervise: bool):
-        self.hop.reset()
-        self.retrieval.reset()
+        for tap in (self.hop, self.retrieval, self.side):
+            if tap is not None:
+                tap.reset()
         prefix = prefix_embeddings(self.model, item.prefix_ids, feats[shown])[None]
         positions = kept_positions(
             layout.positions, item.prefix_ids.shape[0], shown.shape[0], torch.nonzero(shown).squeeze(1)
@@ -237,7 +252,18 @@ class LanguageStage:
         supervision = retrieval_loss(self.hop.answer_attention(last)[:, 0], hop) + sum(
             retrieval_loss(attention[:, h], wanted[:, h]) for h in range(SUPERVISED_HEADS)
         )
-        return loss + self.weight * supervision, correct
+        return loss + self.weight * supervision + self.side_weight * self._side_loss(item, last), correct
+
+    def _side_loss(self, item, last: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the side head on the answer position's state entering ``side_layer``, over the
+        location questions (0 when there are none or the head is off)."""
+        asked = [i for i, q in enumerate(item.questions) if q.qtype == "location"]
+        if self.side is None or not asked:
+            return torch.zeros(())
+        state = self.side.calls[-1][0]  # the suffix pass: [Q, S, D]
+        rows = torch.tensor(asked)
+        target = torch.tensor([SIDES.index(item.questions[i].answer) for i in asked])
+        return torch.nn.functional.cross_entropy(self.side_head(state[rows, last[rows]]), target)
 
 
 @torch.no_grad()
@@ -306,6 +332,14 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--retrieval-layer", type=int, default=7, help="LLM layer supervised to retrieve the objects")
     ap.add_argument(
+        "--side-layer",
+        type=int,
+        default=8,
+        help="LLM layer whose input state at the answer position a linear head (not saved) reads the asked "
+        "object's side from, on location questions: representation supervision, deeper than any layer a row reads",
+    )
+    ap.add_argument("--side-weight", type=float, default=0.0, help="weight of the side head's loss (0: off)")
+    ap.add_argument(
         "--vision-from",
         type=Path,
         default=None,
@@ -333,6 +367,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not 0 <= args.hop_layer < args.retrieval_layer < args.text_layers:
         ap.error("need 0 <= --hop-layer < --retrieval-layer < --text-layers")
+    if args.side_weight and not args.retrieval_layer < args.side_layer < args.text_layers:
+        ap.error("need --retrieval-layer < --side-layer < --text-layers")
     if args.vision_from and args.init_from:
         ap.error("--init-from already takes the vision tower: drop --vision-from")
     torch.set_num_threads(args.threads)
@@ -488,14 +524,18 @@ def run_vision_stage(
 
 def run_language_stage(args, model, processor, adapter, low_res, global_only, state, checkpoint, write, elapsed, save):
     """Stage 2: the LLM learns the task on task scenes (vision frozen), validated every ``--val-every`` steps."""
-    stage = LanguageStage(model, processor, args.hop_layer, args.retrieval_layer, args.attention)
-    lm_params = [p for p in model.parameters() if p.requires_grad]
+    stage = LanguageStage(
+        model, processor, args.hop_layer, args.retrieval_layer, args.attention, args.side_layer, args.side_weight
+    )
+    lm_params = [p for p in model.parameters() if p.requires_grad] + [*stage.side_head.parameters()]
     opt = torch.optim.AdamW(lm_params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(args.seed)
     first = 0
     if state:
         opt.load_state_dict(state["opt"])
         gen.set_state(state["generator"])
+        if "side_head" in state:
+            stage.side_head.load_state_dict(state["side_head"])
         first, lm_start = state["step"], state["lm_start_s"]
     else:
         lm_start = elapsed()
@@ -561,7 +601,16 @@ def run_language_stage(args, model, processor, adapter, low_res, global_only, st
             )
             save()
         if (step + 1) % args.checkpoint_every == 0 or done:
-            checkpoint.save("language", step + 1, elapsed(), model, opt, generator=gen.get_state(), lm_start_s=lm_start)
+            checkpoint.save(
+                "language",
+                step + 1,
+                elapsed(),
+                model,
+                opt,
+                generator=gen.get_state(),
+                lm_start_s=lm_start,
+                side_head=stage.side_head.state_dict(),
+            )
         if done:
             break
     write({"event": "done", "language_steps": step + 1, "train_seconds": round(elapsed(), 1)})
