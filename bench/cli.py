@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ptp_ros.budget import check_keep_ratio
+
 from .cost_model import MODELS, cost_table, llm_dims_from_config
 from .machine import describe, load_snapshot
 from .measure import DEFAULT_SELECTORS, measure
@@ -58,10 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--selectors",
-        default=",".join(s.name for s in DEFAULT_SELECTORS),
+        default=",".join(s.label for s in DEFAULT_SELECTORS),
         metavar="ROW,...",
         help="comma-separated rows, of (default: all) PTP three ways, every other registered selector "
-        f"and the oracle: {', '.join(s.name for s in DEFAULT_SELECTORS)}",
+        f"and the oracle: {', '.join(s.label for s in DEFAULT_SELECTORS)}",
     )
     p.add_argument(
         "--threads",
@@ -96,12 +98,15 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     repetitions = args.repetitions or (2 if args.quick else 3)
     max_new_tokens = args.max_new_tokens or (4 if args.quick else 8)
-    ratios = (
-        [float(r) for r in args.keep_ratios.split(",")]
-        if args.keep_ratios
-        else (QUICK_KEEP_RATIOS if args.quick else KEEP_RATIOS)
-    )
-    by_name = {s.name: s for s in DEFAULT_SELECTORS}
+    try:
+        ratios = (
+            [check_keep_ratio(float(r)) for r in args.keep_ratios.split(",")]
+            if args.keep_ratios
+            else (QUICK_KEEP_RATIOS if args.quick else KEEP_RATIOS)
+        )
+    except ValueError as exc:
+        raise SystemExit(f"ptp-bench: --keep-ratios: {exc}") from None
+    by_name = {s.label: s for s in DEFAULT_SELECTORS}
     unknown = [n for n in args.selectors.split(",") if n not in by_name]
     if unknown:
         raise SystemExit(f"ptp-bench: unknown selector row(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
             "keep_ratios": ratios,
             "repetitions": repetitions,
             "max_new_tokens": max_new_tokens,
-            "selectors": [dict(s.__dict__) for s in selectors],
+            "selectors": [s.record() for s in selectors],
             "llm_layers": text_config.num_hidden_layers,
             "quick": args.quick,
             # for the total-FLOPs column (bench/cost_model.py): the LLM's dims, the relevance layer,

@@ -14,8 +14,9 @@ prompt and the rest over the kept tokens), the separate relevance probe of pre-L
 instruction attention (layers 0..k−1 over the full prompt + layer k's attention rows), the attention rows
 an in-LLM method recomputes at its scoring layer — plus the selection's own matmuls on the projected
 visual features (DivPrune's N×N cosine distances), which are counted beside the LLM's.  What each method
-runs (``Passes``) comes from one place, ``passes_for``, which reads the library's own selector and
-in-LLM plan, so the cost tables, ``ptp-bench`` and ``ptp-eval`` cannot disagree about it.
+runs (``Passes``) comes from one place, ``passes_for``, which reads the library's own configured selector
+(``ptp_ros.pruning.ConfiguredSelector``: its needs and its in-LLM plan), so the cost tables, ``ptp-bench`` and
+``ptp-eval`` cannot disagree about it.
 
 Models are data (``MODELS``): adding a family is one more entry.  ``architecture`` says which ones
 bench/models.py can also build with random weights for timing (LLaVA-NeXT); the others are analytic only.
@@ -26,6 +27,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ptp_ros.budget import ratio_tokens
+from ptp_ros.pruning import ConfiguredSelector
 
 #: CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-NeXT (24 layers, all run; 577 tokens a tile).
 CLIP_VIT_L_336 = {
@@ -235,7 +239,7 @@ class Passes:
     (``BoundSelector.distances``) — "all" (one N×N matrix: DivPrune, PTP's diverse pick without region
     budgets) or "per_region" (one per region: PTP's diverse pick).
     ``probe_candidates``: m > 0 when the probe reads only ⌈m × kept⌉ visual tokens and the text
-    (``PipelineConfig.probe_candidates``).
+    (``ConfiguredSelector.probe_candidates``).
     """
 
     probe_layer: int | None = None
@@ -250,52 +254,24 @@ class Passes:
         return self.prune_layer is not None
 
 
-#: Rows that score nothing: all tokens, the zero-cost oracle, a down-scaled image read whole.
-UNSCORED = frozenset({"unpruned", "oracle", "max_pixels", "downscaled", "all tokens", "global view only"})
-
-
-def passes_for(
-    selector: str | None,
-    options: dict | None = None,
-    prune_in_llm: bool | None = None,
-    llm_layer: int = 2,
-    probe_candidates: float = 0.0,
-) -> Passes:
-    """The passes of selector ``selector`` with ``options`` (``PipelineConfig.prune_in_llm``; ``llm_layer``:
-    the adapter's relevance layer, default 2), read from the library's selector registry: ``make_selector``
-    says whether it needs relevance and which feature distances it computes, ``ptp_ros.pipeline.in_llm_plan``
-    whether and where it prunes inside the LLM.  ``None`` or a name in ``UNSCORED``: nothing beyond the
-    prefill."""
-    if selector is None or selector in UNSCORED:
+def passes_for(selector: ConfiguredSelector | None, llm_layer: int = 2) -> Passes:
+    """The passes of a configured selector, with ``llm_layer`` the adapter's relevance layer (default 2), read from
+    the library's own value: its bound selector says whether it needs relevance and which feature distances it
+    computes, ``ConfiguredSelector.in_llm_plan`` whether and where it prunes inside the LLM.  ``None`` (a row that
+    selects nothing): nothing beyond the prefill."""
+    if selector is None:
         return Passes()
-    from ptp_ros.pipeline import PipelineConfig, in_llm_plan
-    from ptp_ros.pruning import make_selector
-
-    if prune_in_llm is None:  # the library's default
-        prune_in_llm = PipelineConfig.prune_in_llm
-    bound = make_selector(selector, **dict(options or {}))
-    plan = in_llm_plan(bound, prune_in_llm, llm_layer)
+    bound = selector.bound
+    plan = selector.in_llm_plan(llm_layer)
     if plan is not None:
         return Passes(
             score_layer=plan.score_layer, prune_layer=plan.prune_layer, queries=plan.queries, diversity=bound.distances
         )
     probe = llm_layer if bound.needs_relevance else None
     return Passes(
-        probe_layer=probe, diversity=bound.distances, probe_candidates=probe_candidates if probe is not None else 0.0
-    )
-
-
-def passes_for_method(method, llm_layer: int = 2) -> Passes:
-    """``passes_for`` of a ``bench.accuracy.methods.Method`` (or anything with ``selector``, ``options`` and
-    optionally ``prune_in_llm`` and ``adapter`` option changes): its own ``llm_layer`` change wins over the
-    adapter's default ``llm_layer``."""
-    layer = dict(getattr(method, "adapter", ()) or ()).get("llm_layer", llm_layer)
-    return passes_for(
-        method.selector,
-        getattr(method, "options", None),
-        getattr(method, "prune_in_llm", None),
-        layer,
-        getattr(method, "probe_candidates", 0.0),
+        probe_layer=probe,
+        diversity=bound.distances,
+        probe_candidates=selector.probe_candidates if probe is not None else 0.0,
     )
 
 
@@ -424,33 +400,31 @@ def llm_dims_from_model_path(path) -> dict:
     return llm_dims_from_config(json.loads((Path(path) / "config.json").read_text()))
 
 
-#: The methods of the analytic tables, by what they run: (key, description, selector, options, prune_in_llm).
+#: The methods of the analytic tables, by what they run: (key, description, configured selector; None: unpruned).
 ANALYTIC_METHODS = (
-    ("unpruned", "unpruned (all tokens)", "unpruned", {}, False),
+    ("unpruned", "unpruned (all tokens)", None),
     (
         "no_instruction",
         "pre-LLM, no instruction (uniform_cls, hired, globalcom2, random, ptp α=0)",
-        "uniform_cls",
-        {},
-        False,
+        ConfiguredSelector("uniform_cls"),
     ),
     (
         "ptp",
         "ptp before the LLM (instruction probe at layer 2, then the pruned prefill; text_attention alike)",
-        "ptp",
-        {},
-        False,
+        ConfiguredSelector("ptp", prune_in_llm=False),
     ),
     (
         "ptp_in_llm",
         "ptp in-LLM, the library's default (ranked at layer 2, dropped from layer 2; diverse pick: one cosine-distance "
         "product per region)",
-        "ptp",
-        {},
-        True,
+        ConfiguredSelector("ptp"),
     ),
-    ("fastv", "fastv in-LLM (K=2: last token's attention at layer 1, dropped from layer 2)", "fastv", {}, False),
-    ("divprune", "divprune (pre-LLM, N×N cosine distances on the projected features)", "divprune", {}, False),
+    (
+        "fastv",
+        "fastv in-LLM (K=2: last token's attention at layer 1, dropped from layer 2)",
+        ConfiguredSelector("fastv"),
+    ),
+    ("divprune", "divprune (pre-LLM, N×N cosine distances on the projected features)", ConfiguredSelector("divprune")),
 )
 
 
@@ -460,8 +434,8 @@ def method_totals(
     """``ANALYTIC_METHODS``' total prefill FLOPs (TFLOPs, and ratio to unpruned) at one kept count."""
     base = total_prefill_flops(model, text_tokens, visual_tokens, visual_tokens)
     out = {}
-    for key, _, selector, options, in_llm in ANALYTIC_METHODS:
-        passes = passes_for(selector, options, in_llm, llm_layer)
+    for key, _, selector in ANALYTIC_METHODS:
+        passes = passes_for(selector, llm_layer)
         parts = prefill_breakdown(
             model, text_tokens, visual_tokens, visual_tokens if key == "unpruned" else kept, passes, regions=regions
         )
@@ -492,11 +466,6 @@ def costs(model: dict, visual_tokens: int, text_tokens: int, tiles: int, bytes_p
     )
 
 
-def kept_tokens(total: int, keep_ratio: float) -> int:
-    """The kept count for a keep ratio, rounded as ``ptp_ros.pruning.resolve_budget`` rounds it."""
-    return max(1, min(total, round(keep_ratio * total)))
-
-
 def cost_table(
     name: str,
     keep_ratios: list[float],
@@ -512,11 +481,11 @@ def cost_table(
     total = visual_tokens or model["max_visual_tokens"]
     tiles = tiles_for(model, total)
     base = costs(model, total, text_tokens, tiles, bytes_per_value)
-    prune_layer = passes_for("ptp", prune_in_llm=True).prune_layer  # the library's default in-LLM plan
+    prune_layer = passes_for(ConfiguredSelector()).prune_layer  # the library's default: PTP's in-LLM plan
     prompt = total + text_tokens
     rows = []
     for r in keep_ratios:
-        c = costs(model, kept_tokens(total, r), text_tokens, tiles, bytes_per_value)
+        c = costs(model, ratio_tokens(total, r), text_tokens, tiles, bytes_per_value)
         pruned = c.visual_tokens + text_tokens
         # in-LLM pruning keeps the full prompt in the cache of the layers below the prune layer (none when all
         # tokens are kept: the unpruned path)

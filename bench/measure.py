@@ -4,7 +4,7 @@ One repetition = preprocess + vision encode once (their cost is the same for eve
 every (selector, keep ratio) cell in a shuffled order: score → select → pruned generate for selectors
 that prune before the LLM; for those that prune inside it (FastV, PTP with ``prune_in_llm``) one
 generate over the full prompt through the adapter's in-LLM path with the plan ``Pipeline`` uses
-(``ptp_ros.pipeline.in_llm_plan``), so its prefill includes the full-length layers below the prune
+(``ConfiguredSelector.in_llm_plan``), so its prefill includes the full-length layers below the prune
 layer and the attention rows it ranks by.  Shuffling
 per repetition interleaves ratios and selectors, so slow phases of a contended machine spread over
 all cells instead of landing on one.  The "oracle" cell keeps the same number of tokens chosen by a
@@ -15,54 +15,25 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ptp_ros.pipeline import Pipeline, PipelineConfig
-from ptp_ros.pruning import NO_REGION, InLLMPruning, make_selector, resolve_budget, selectable_budget, selector_names
+from ptp_ros.pipeline import Pipeline
+from ptp_ros.pruning import (
+    NO_REGION,
+    ConfiguredSelector,
+    InLLMPruning,
+    resolve_budget,
+    selectable_budget,
+    selector_names,
+)
 from ptp_ros.timing import STAGES, timed
 from ptp_ros.vlm.stock_adapter import StockModelAdapter
 
-from .cost_model import Passes, kv_cache_bytes, llm_dims_from_config, passes_for
+from .cost_model import kv_cache_bytes, llm_dims_from_config
 from .machine import PeakMemory, load_snapshot
-
-
-@dataclass(frozen=True)
-class BenchSelector:
-    """A row of the benchmark: a registered selector with its options (``selector=None``: the oracle).
-    ``prune_in_llm``: ``PipelineConfig.prune_in_llm`` (a relevance selector ranks and drops inside the LLM)."""
-
-    name: str
-    selector: str | None
-    options: dict = field(default_factory=dict)
-    # over the instruction rows: the selector's own reduction (FastV's "max", text_attention's "mean"), else this
-    # (default "max"); filled in, so the recorded settings say what ran
-    reduce: str | None = None
-    prune_in_llm: bool = False
-
-    def __post_init__(self) -> None:
-        bound = self.bound()
-        object.__setattr__(self, "reduce", bound.relevance_reduce(self.reduce) if bound else self.reduce or "max")
-
-    def bound(self):
-        return make_selector(self.selector, **self.options) if self.selector else None
-
-    def pipeline_config(self, max_new_tokens: int) -> PipelineConfig:
-        """What the library runs for this row (not for the oracle, which has no selector)."""
-        return PipelineConfig.for_selector(
-            self.selector,
-            self.options,
-            instruction_reduce=self.reduce,
-            prune_in_llm=self.prune_in_llm,
-            max_new_tokens=max_new_tokens,
-        )
-
-    def passes(self, llm_layer: int) -> Passes:
-        """What it runs, for the cost model (bench/cost_model.py ``passes_for``)."""
-        return passes_for(self.selector, self.options, self.prune_in_llm, llm_layer)
-
+from .rows import Row
 
 #: PTP three ways (before the LLM after a separate probe, inside it as the library's default, without its
 #: instruction stage), then every other registered selector with its defaults — "fastv" is FastV inside the
@@ -70,11 +41,11 @@ class BenchSelector:
 #: applied before the LLM (its own reduction: the mean over the instruction rows, as FastV's average
 #: attention received), then a pruned prefill from scratch — and the zero-cost oracle.
 DEFAULT_SELECTORS = (
-    BenchSelector("ptp", "ptp"),  # before the LLM, after a separate probe (prune_in_llm below defaults to False)
-    BenchSelector("ptp_in_llm", "ptp", prune_in_llm=True),  # the library's default
-    BenchSelector("ptp_no_instruction", "ptp", {"alpha": 0.0}),
-    *(BenchSelector(name, name) for name in selector_names() if name != "ptp"),
-    BenchSelector("oracle", None),
+    Row("ptp", ConfiguredSelector("ptp", prune_in_llm=False)),  # before the LLM, after a separate probe
+    Row("ptp_in_llm", ConfiguredSelector("ptp")),  # the library's default
+    Row("ptp_no_instruction", ConfiguredSelector("ptp", {"alpha": 0.0})),
+    *(Row(name, ConfiguredSelector(name)) for name in selector_names() if name != "ptp"),
+    Row("oracle", None),
 )
 UNPRUNED = "unpruned"
 #: The row of models that can simply read the image at lower resolution (``adapter.downscaled(tokens)``,
@@ -97,26 +68,21 @@ def run_cell(
     adapter: StockModelAdapter,
     prepared,
     visual,
-    selector: BenchSelector | None,
+    row: Row | None,
     keep_ratio: float,
     max_new_tokens: int,
     oracle: dict[int, torch.Tensor],
 ) -> dict:
-    """One selector at one keep ratio (``None``: unpruned); times in ms.  Runs the library's own stages
+    """One row at one keep ratio (``None``: unpruned); times in ms.  Runs the library's own stages
     (``Pipeline.score`` → ``select`` → ``generate``) on the shared encode: before the LLM, scoring (the
     relevance probe) and selection are timed apart from the pruned generate; inside it, one generate over the
     full prompt ranks and drops at the plan's layers, its scoring (the attention rows) is charged to the
     prefill and its selection is timed apart and taken out of it.  The oracle keeps precomputed indices."""
-    config = (
-        selector.pipeline_config(max_new_tokens)
-        if selector and selector.selector
-        else PipelineConfig(max_new_tokens=max_new_tokens)
-    )
-    pipeline = Pipeline(adapter, config)
+    pipeline = Pipeline(adapter, (row or Row(UNPRUNED, None)).pipeline_config(max_new_tokens))
     budget = pipeline.budget(visual, keep_ratio=keep_ratio)
     timings: dict[str, float] = {}
     with PeakMemory(adapter.device) as memory:
-        if selector is not None and selector.selector is None:  # the oracle: no scoring, no choosing
+        if row is not None and row.selector is None:  # the oracle: no scoring, no choosing
             indices = oracle[selectable_budget(visual.scores, tokens=budget)]
             generation = adapter.generate(prepared, visual, indices, max_new_tokens)
             kept, prune_layer = int(indices.numel()), None
@@ -183,7 +149,7 @@ def measure(
     image: np.ndarray,
     instruction: str,
     keep_ratios: list[float],
-    selectors: tuple[BenchSelector, ...] = DEFAULT_SELECTORS,
+    selectors: tuple[Row, ...] = DEFAULT_SELECTORS,
     repetitions: int = 3,
     max_new_tokens: int = 8,
     seed: int = 0,
@@ -191,7 +157,7 @@ def measure(
 ) -> list[dict]:
     """Every raw figure: one record per (repetition, selector, keep ratio), plus the unpruned cell."""
     pruned_ratios = [r for r in keep_ratios if r < 1.0]
-    cells = [(UNPRUNED, 1.0)] + [(s.name, r) for s in selectors for r in pruned_ratios]
+    cells = [(UNPRUNED, 1.0)] + [(s.label, r) for s in selectors for r in pruned_ratios]
     if adapter.supports_downscaling:
         cells += [(DOWNSCALED, r) for r in pruned_ratios]
     _warm_up(adapter, image, instruction, min(keep_ratios))
@@ -205,7 +171,7 @@ def measure(
             instruction,
             pruned_ratios,
             cells,
-            {s.name: s for s in selectors},
+            {s.label: s for s in selectors},
             repetitions,
             max_new_tokens,
             seed,
@@ -221,7 +187,7 @@ def _repetitions(
     instruction: str,
     pruned_ratios: list[float],
     cells: list[tuple[str, float]],
-    by_name: dict[str, BenchSelector],
+    by_name: dict[str, Row],
     repetitions: int,
     max_new_tokens: int,
     seed: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ptp_ros.pruning import ConfiguredSelector
 from ptp_ros.timing import STAGES as PIPELINE_STAGES
 
 from .cost_model import ANALYTIC_METHODS, MODELS, Passes, passes_for, prefill_breakdown
@@ -87,7 +88,7 @@ def add_flops(run: dict) -> None:
     layer = s.get("llm_layer", 2)
     passes: dict[str, Passes] = {"unpruned": Passes(), "downscaled": Passes()}
     for sel in s["selectors"]:
-        passes[sel["name"]] = passes_for(sel["selector"], sel["options"], sel.get("prune_in_llm", False), layer)
+        passes[sel["name"]] = passes_for(ConfiguredSelector.from_record(sel), layer)
     text, total = s["text_tokens"], s["visual_tokens"]
     base = prefill_breakdown(llm, text, total, total)["total"]
     for row in run["summary"]:
@@ -361,7 +362,7 @@ def markdown(results: dict) -> str:
         "- **fastv** is FastV inside the LLM as its code runs it (K=2): layers 0–1 over the full prompt, "
         "the visual tokens ranked by the last prompt token's attention at layer 1, dropped from layer 2 on; "
         "**ptp_in_llm** is PTP ranking with its instruction rows at layer 2 and dropping from layer 2 "
-        "(`PipelineConfig.prune_in_llm`). Both keep a full-length KV cache in layers 0–1, which **KV MiB** "
+        "(`ConfiguredSelector.prune_in_llm`). Both keep a full-length KV cache in layers 0–1, which **KV MiB** "
         "counts. **text_attention** is FastV's ranking applied before the LLM: the layer-2 instruction rows "
         "(*mean*, FastV's average attention received; PTP's is the max) as the score stage, then the pruned "
         "prompt prefilled from scratch.",

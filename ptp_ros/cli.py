@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from textwrap import fill
 
-from .pruning import selector_names, selector_specs
+from .budget import keep_ratio_arg
+from .pruning import ConfiguredSelector, selector_names, selector_specs
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -23,34 +24,11 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _ratio(text: str) -> float:
-    from .pruning import check_keep_ratio
-
-    try:
-        return check_keep_ratio(float(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def _selector(text: str) -> str:
-    """A registered selector's name (``ptp_ros.pruning.selector_names``)."""
-    if text not in selector_names():
-        raise argparse.ArgumentTypeError(f"unknown selector {text!r}; known: {', '.join(selector_names())}")
-    return text
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -81,18 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
-        "--keep-ratio", type=_ratio, help="fraction of visual tokens to keep, in (0, 1] (default 1: all)"
+        "--keep-ratio", type=keep_ratio_arg, help="fraction of visual tokens to keep, in (0, 1] (default 1: all)"
     )
     budget.add_argument("--tokens", type=_positive_int, help="number of visual tokens to keep")
     p.add_argument(
         "--selector",
         default="ptp",
-        type=_selector,
         metavar="|".join(selector_names()),
         help="token selector (default: ptp; each is described below)",
     )
     p.add_argument(
-        "--alpha", type=_unit_interval, default=None, help="PTP weight of instruction relevance (default 0.5)"
+        "--alpha", type=float, default=None, help="PTP's weight of instruction relevance, in [0, 1] (default 0.5)"
     )
     p.add_argument(
         "--prune-in-llm",
@@ -104,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--probe-candidates",
         type=float,
-        default=0.0,
+        default=None,
         metavar="M",
         help="with --no-prune-in-llm: probe only PTP's ⌈M × budget⌉ bottom-up best tokens (M >= 1)",
     )
@@ -133,9 +110,17 @@ def _read_image(path: str):
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
+def configured_selector(args: argparse.Namespace) -> ConfiguredSelector:
+    """The selector the flags configure, from the flags the user gave (argparse's default ``None``: not given), so
+    that the value refuses an option the selector does not take whatever its value (``--selector fastv
+    --alpha 0.5``)."""
+    given = {"prune_in_llm": args.prune_in_llm, "probe_candidates": args.probe_candidates}
+    options = {} if args.alpha is None else {"alpha": args.alpha}
+    return ConfiguredSelector(args.selector, options, **{k: v for k, v in given.items() if v is not None})
+
+
 def run(args: argparse.Namespace) -> int:
     from .pipeline import InvalidRequest, Pipeline, PipelineConfig
-    from .pruning import PTPConfig
     from .vlm.defaults import default_model_path
     from .vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 
@@ -145,17 +130,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write {args.saliency}: folder {args.saliency.parent} does not exist")
     image = _read_image(args.image)
     try:
-        if args.alpha is not None and args.selector != "ptp":  # given at all, even at PTP's default value
-            raise ValueError(f"PTP's options (alpha, ...) do not apply to selector {args.selector!r}")
-        ptp = PTPConfig() if args.alpha is None else PTPConfig(alpha=args.alpha)
-        stage = {} if args.prune_in_llm is None else {"prune_in_llm": args.prune_in_llm}
-        config = PipelineConfig(
-            selector=args.selector,
-            ptp=ptp,
-            max_new_tokens=args.max_new_tokens,
-            probe_candidates=args.probe_candidates,
-            **stage,
-        )
+        config = PipelineConfig(selector=configured_selector(args), max_new_tokens=args.max_new_tokens)
         adapter = load_adapter(args.model or default_model_path(), LoadOptions(device=args.device, dtype=args.dtype))
         pipeline = Pipeline(adapter, config)
         answer = pipeline.answer(image, args.instruction, keep_ratio=args.keep_ratio, tokens=args.tokens)
@@ -169,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         if not cv2.imwrite(str(args.saliency), saliency_image(image, answer.visual, answer.selection)):
             raise CliError(f"cannot write {args.saliency}")
     if args.json:
-        print(json.dumps(answer.to_dict()))
+        print(json.dumps(answer.result().to_json()))
     else:
         print(answer.text)
     return 0

@@ -28,20 +28,21 @@ all: below the in-LLM floor (layers < K at full length, at the minimum keep) it 
 the LLM.  Every prediction made before a request ran is compared with what it measured
 (``prediction_error``), for ``/diagnostics``.
 
-numpy only: no models, no ROS (see DESIGN.md).
+numpy (and the one stage list, ``timing.STAGES``): no models, no ROS (see DESIGN.md).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-STAGES = ("preprocess", "encode", "score", "select", "prefill", "decode")
+from .budget import ratio_tokens
+from .timing import STAGES
+
 PER_TOKEN_STAGE = "decode"  # fitted as ms per generated token after the first
 IMAGE_STAGES = ("preprocess", "encode")  # the same wherever tokens are pruned: fitted over every request
 PRUNED_ONLY_STAGES = ("score", "select")  # skipped when every token is kept
@@ -335,7 +336,8 @@ def choose_keep_ratio(
     prune_stages: Sequence[str] | None = None,
 ) -> BudgetChoice:
     """The largest keep ratio in [ratio_min, ratio_max] whose predicted time fits ``budget_ms``, in the first of
-    ``prune_stages`` (in order of preference; default: the model's first) that meets the budget at all.
+    ``prune_stages`` (in order of preference; default: the model's first) that meets the budget at all.  Both
+    bounds count in tokens as every keep ratio does (``budget.ratio_tokens``).
 
     When no stage is predicted to meet it even at ``ratio_min``, the answer is the stage with the lowest
     floor at ``ratio_min``, ``feasible=False``: the request still runs, as fast as it is allowed to.
@@ -369,8 +371,8 @@ def _choose_in_stage(
     ratio_min: float,
     ratio_max: float,
 ) -> BudgetChoice:
-    lo = max(1, math.ceil(ratio_min * total - 1e-9))
-    hi = max(lo, min(total, math.floor(ratio_max * total + 1e-9)))
+    lo = ratio_tokens(total, ratio_min)
+    hi = max(lo, ratio_tokens(total, ratio_max))
 
     def cost(k: int) -> float:
         return model.with_margin(model.predict_total(k, total, max_new_tokens, stage))

@@ -5,26 +5,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .budget import check_keep_ratio, check_tokens
 from .pruning import (
     NO_REGION,
-    BoundSelector,
+    ConfiguredSelector,
     InLLMPruning,
     PTPConfig,
     Selection,
     TokenScores,
-    check_keep_ratio,
-    check_tokens,
     fused_scores,
     instruction_relevance,
-    make_selector,
     ptp_select,
     resolve_budget,
 )
+from .result import AnswerResult, RegionQuota
 from .timing import timed
 from .vlm.base import Cancelled, Generation, PreparedInput, VisionLanguageAdapter, VisualTokens
 
@@ -33,55 +33,28 @@ __all__ = ["Answer", "Cancelled", "InvalidRequest", "Pipeline", "PipelineConfig"
 NEWLINE_POLICIES = ("drop", "keep")
 
 
+#: Called with a stage's name (``timing.STAGES``) as the request enters it (``Pipeline.answer``'s ``on_stage``).
+OnStage = Callable[[str], None]
+
+
 class InvalidRequest(ValueError):
     """A request the pipeline refuses before touching the model (bad image, instruction or budget)."""
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    selector: str = "ptp"
-    ptp: PTPConfig = PTPConfig()
-    selector_options: dict = field(default_factory=dict)  # for peer selectors
-    instruction_reduce: str = "max"  # over instruction tokens: "max" (paper) or "mean"
+    selector: ConfiguredSelector = ConfiguredSelector()  # which selector, its options, its stage (PTP inside the LLM)
     newline_policy: str = "drop"  # structural tokens when pruning: "drop", or "keep" (counted in the budget)
-    # PTP: rank at the adapter's LLM layer inside the LLM and drop from that layer on,
-    # instead of a separate relevance probe followed by a pruned prefill (see vlm/in_llm.py).  On by
-    # default: cheaper than the probe and, on the validation splits of both proxies, far more accurate
-    # (docs/accuracy/stage_sweep/)
-    prune_in_llm: bool = True
-    # PTP only: run the relevance probe over the ⌈probe_candidates × budget⌉ tokens PTP ranks best bottom-up
-    # (α = 0) and the text, not over every visual token; the others get no relevance.  0: over all of them.
-    probe_candidates: float = 0.0
     max_new_tokens: int = 32
     max_instruction_chars: int = 2000
 
     def __post_init__(self) -> None:
+        if not isinstance(self.selector, ConfiguredSelector):
+            raise TypeError(f"selector must be a ConfiguredSelector, got {type(self.selector).__name__}")
         if self.newline_policy not in NEWLINE_POLICIES:
             raise ValueError(f"newline_policy must be one of {NEWLINE_POLICIES}, got {self.newline_policy!r}")
-        if self.instruction_reduce not in ("max", "mean"):
-            raise ValueError(f"instruction_reduce must be 'max' or 'mean', got {self.instruction_reduce!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if self.probe_candidates and not (self.probe_candidates >= 1.0 and math.isfinite(self.probe_candidates)):
-            raise ValueError(f"probe_candidates must be 0 (off) or >= 1, got {self.probe_candidates}")
-        if self.probe_candidates and (self.selector != "ptp" or self.prune_in_llm):
-            raise ValueError(
-                "probe_candidates narrows PTP's relevance probe before the LLM: it needs "
-                "selector='ptp' and prune_in_llm=False"
-            )
-        if self.selector != "ptp" and self.ptp != PTPConfig():
-            raise ValueError(f"PTP's options (alpha, ...) do not apply to selector {self.selector!r}")
-        if self.selector == "ptp" and self.selector_options:
-            raise ValueError("selector 'ptp' takes its options as ptp=PTPConfig(...), not selector_options")
-
-    @classmethod
-    def for_selector(cls, selector: str, options: dict | None = None, **fields) -> PipelineConfig:
-        """The configuration that runs ``selector`` with ``options`` (PTPConfig fields for "ptp", the selector's
-        own otherwise): how the benchmarks turn a row into what the library runs."""
-        options = dict(options or {})
-        if selector == "ptp":
-            return cls(selector=selector, ptp=PTPConfig(**options), **fields)
-        return cls(selector=selector, selector_options=options, **fields)
 
 
 @dataclass
@@ -95,9 +68,9 @@ class Answer:
     selector: str
     prune_layer: int | None = None  # the first LLM layer that read only the kept tokens; None: pruned before the LLM
 
-    def to_dict(self) -> dict:
-        """The JSON view of an answer: what ``ptp-ask --json`` prints, and the fields the node's ``result`` shares
-        (the node adds its own: status, id, mode, and queue / convert / end-to-end times in ``latency_ms``)."""
+    def result(self) -> AnswerResult:
+        """The typed result of this answer: what ``ptp-ask --json`` prints (``AnswerResult.to_json``), and the
+        fields the node's ``result`` and the ``ask`` action share with it."""
         sizes = (
             self.selection.region_sizes
             if self.selection.region_sizes is not None
@@ -107,23 +80,23 @@ class Answer:
         region = self.visual.scores.region.cpu()
         kept_region = region[self.selection.kept.cpu()]
         quotas = torch.bincount(kept_region[kept_region != NO_REGION], minlength=len(sizes))
-        return {
-            "answer": self.text,
-            "visual_tokens_total": self.selection.total,
-            "visual_tokens_kept": self.selection.num_kept,
-            "keep_ratio": round(self.selection.keep_ratio, 6),
-            "selector": self.selector,
-            "quotas": [
-                {"region": r, "name": self.visual.region_names[r], "kept": int(quotas[r]), "size": int(sizes[r])}
+        return AnswerResult(
+            answer=self.text,
+            visual_tokens_total=self.selection.total,
+            visual_tokens_kept=self.selection.num_kept,
+            keep_ratio=round(self.selection.keep_ratio, 6),
+            selector=self.selector,
+            quotas=tuple(
+                RegionQuota(r, self.visual.region_names[r], int(quotas[r]), int(sizes[r]))
                 for r in range(len(self.visual.region_names))
-            ],
-            "structural_kept": int((kept_region == NO_REGION).sum()),  # row newlines: in no region's quota
-            "structural_total": int((region == NO_REGION).sum()),
-            "prompt_tokens": self.prompt_tokens,  # as fed to the LLM (in-LLM pruning: the whole prompt)
-            "prune_layer": self.prune_layer,
-            "new_tokens": self.new_tokens,
-            "latency_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},  # per stage (timing.STAGES) + total
-        }
+            ),
+            structural_kept=int((kept_region == NO_REGION).sum()),
+            structural_total=int((region == NO_REGION).sum()),
+            prompt_tokens=self.prompt_tokens,
+            prune_layer=self.prune_layer,
+            new_tokens=self.new_tokens,
+            latency_ms={k: round(v, 3) for k, v in self.timings_ms.items()},
+        )
 
 
 def validate_image(image: np.ndarray) -> np.ndarray:
@@ -161,8 +134,7 @@ class Pipeline:
     def __init__(self, adapter: VisionLanguageAdapter, config: PipelineConfig = PipelineConfig()):
         self.adapter = adapter
         self.config = config
-        options = {"config": config.ptp} if config.selector == "ptp" else config.selector_options
-        self.selector = make_selector(config.selector, **options)
+        self.selector = config.selector.bound
 
     def validate_instruction(self, instruction: str) -> str:
         if not isinstance(instruction, str) or not instruction.strip():
@@ -182,27 +154,36 @@ class Pipeline:
         tokens: int | None = None,
         max_new_tokens: int | None = None,
         cancel: threading.Event | None = None,
+        on_stage: OnStage | None = None,
     ) -> Answer:
         """Answer ``instruction`` about ``image`` keeping ``keep_ratio`` (or ``tokens``) of the visual tokens.
 
         Setting ``cancel`` (from another thread) ends the request with ``Cancelled`` at the next stage
-        boundary or generated token.
+        boundary or generated token.  ``on_stage`` is called with each stage's name (``timing.STAGES``) as it
+        begins, on the thread that runs the request: "preprocess", "encode", "score", "select" (before the LLM),
+        "prefill", and "decode" once the first token is out; a cancelled request announces no further stage.
         """
+        stage = on_stage or _silent
         image = validate_image(image)
         instruction = self.validate_instruction(instruction)
         keep_ratio, tokens = budget_request(keep_ratio, tokens)
         timings: dict[str, float] = {}
         device = self.adapter.device
+        stage("preprocess")
         with timed(timings, "preprocess", device):
             prepared = self.adapter.prepare(image, instruction)
         _check(cancel, "before encoding")
+        stage("encode")
         with timed(timings, "encode", device):
             visual = self.encode(prepared)
         _check(cancel, "after encoding")
+        stage("score")
         budget = self.budget(visual, keep_ratio=keep_ratio, tokens=tokens)
         with timed(timings, "score", device):
             scores = self.score(prepared, visual, budget)
-        pruned = self.generate(prepared, visual, scores, budget, max_new_tokens, cancel=cancel, timings=timings)
+        pruned = self.generate(
+            prepared, visual, scores, budget, max_new_tokens, cancel=cancel, timings=timings, on_stage=on_stage
+        )
         visual.scores = pruned.scores
         timings["prefill"] = pruned.generation.prefill_ms
         timings["decode"] = pruned.generation.decode_ms
@@ -226,9 +207,8 @@ class Pipeline:
         return self.adapter.encode(prepared)
 
     def budget(self, visual: VisualTokens, keep_ratio: float | None = None, tokens: int | None = None) -> int:
-        """The token budget over all ``visual`` tokens (``budget_request``'s rules; keep-all when it reaches
-        them all); ``select`` caps it at the selectable tokens."""
-        keep_ratio, tokens = budget_request(keep_ratio, tokens)
+        """The token budget over all ``visual`` tokens for a keep ratio or a token count as ``budget_request``
+        checked it (keep-all when it reaches them all); ``select`` caps it at the selectable tokens."""
         return resolve_budget(visual.num_tokens, keep_ratio=keep_ratio, tokens=tokens)
 
     def score(self, prepared: PreparedInput, visual: VisualTokens, budget: int) -> TokenScores:
@@ -238,9 +218,16 @@ class Pipeline:
         if self.selector.needs_features and scores.features is None:
             scores = dataclasses.replace(scores, features=visual.features)
         if self.selector.needs_relevance and budget < visual.num_tokens and self.in_llm_plan() is None:
-            if self.config.probe_candidates:
+            configured = self.config.selector
+            if configured.probe_candidates:
                 relevance = candidate_relevance(
-                    self.adapter, prepared, visual, self.config.ptp, budget, self.config.probe_candidates, self._reduce
+                    self.adapter,
+                    prepared,
+                    visual,
+                    self.selector.options["config"],
+                    budget,
+                    configured.probe_candidates,
+                    self._reduce,
                 )
             else:
                 relevance = instruction_relevance(self.adapter.instruction_attention(prepared, visual), self._reduce)
@@ -257,22 +244,27 @@ class Pipeline:
         *,
         cancel: threading.Event | None = None,
         timings: dict[str, float] | None = None,
+        on_stage: OnStage | None = None,
     ) -> Pruned:
         """Select and generate.  Before the LLM: ``select`` (timed as "select"), then a generate over the kept
         tokens.  Inside it: one generate over the whole prompt that ranks at the plan's layer from the
         instruction's attention there and drops from it on; its selection is timed apart and taken out of
-        the prefill, so each is counted once."""
+        the prefill, so each is counted once.  ``on_stage``: as in ``answer``."""
+        stage = on_stage or _silent
+        reading = cancel if on_stage is None else _FirstTokenWatch(cancel, lambda: on_stage("decode"))
         timings = {} if timings is None else timings
         device = self.adapter.device
         max_new_tokens = max_new_tokens or self.config.max_new_tokens
         keep_all = budget >= visual.num_tokens
         plan = None if keep_all else self.in_llm_plan()
         if plan is None:
+            stage("select")
             with timed(timings, "select", device):
                 selection = self.select(visual.num_tokens, scores, budget)
             _check(cancel, "before generating")
+            stage("prefill")
             generation = self.adapter.generate(
-                prepared, visual, None if keep_all else selection.kept, max_new_tokens, cancel=cancel
+                prepared, visual, None if keep_all else selection.kept, max_new_tokens, cancel=reading
             )
             return Pruned(generation, selection, scores, None)
         chosen: list[tuple[TokenScores, Selection]] = []
@@ -284,7 +276,10 @@ class Pipeline:
             return chosen[-1][1].kept
 
         _check(cancel, "before generating")
-        generation = self.adapter.generate(prepared, visual, None, max_new_tokens, cancel=cancel, in_llm=(plan, choose))
+        stage("prefill")
+        generation = self.adapter.generate(
+            prepared, visual, None, max_new_tokens, cancel=reading, in_llm=(plan, choose)
+        )
         generation.prefill_ms -= timings.setdefault("select", 0.0)  # timed inside the prefill: counted once
         if not chosen or generation.in_llm_kept is None:  # a plan past the last layer drops nothing
             return Pruned(generation, self.select(visual.num_tokens, scores, visual.num_tokens), scores, None)
@@ -292,11 +287,11 @@ class Pipeline:
 
     def in_llm_plan(self) -> InLLMPruning | None:
         """Where inside the LLM this pipeline ranks and drops visual tokens; ``None``: before the LLM."""
-        return in_llm_plan(self.selector, self.config.prune_in_llm, self.adapter.options.llm_layer)
+        return self.config.selector.in_llm_plan(self.adapter.options.llm_layer)
 
     @property
     def _reduce(self) -> str:
-        return self.selector.relevance_reduce(default=self.config.instruction_reduce)
+        return self.config.selector.reduce
 
     def select(self, total: int, scores: TokenScores, budget: int) -> Selection:
         """At most ``budget`` of the ``total`` visual tokens (all of them when ``budget`` reaches ``total``), capped
@@ -372,17 +367,6 @@ def candidate_relevance(
     return relevance
 
 
-def in_llm_plan(selector: BoundSelector, prune_in_llm: bool, llm_layer: int) -> InLLMPruning | None:
-    """The selector's own in-LLM plan (FastV's), else with ``prune_in_llm`` a selector that declares
-    ``relevance_in_llm`` (PTP) and needs relevance ranks at ``llm_layer`` (the adapter's relevance layer) from
-    that layer's input and drops from it on."""
-    if selector.in_llm is not None:
-        return selector.in_llm
-    if prune_in_llm and selector.spec.relevance_in_llm and selector.needs_relevance:
-        return InLLMPruning(score_layer=llm_layer, prune_layer=llm_layer, queries="instruction")
-    return None
-
-
 def budget_request(keep_ratio: float | None, tokens: int | None) -> tuple[float | None, int | None]:
     """A request's budget checked at the edge, before any model runs: a keep ratio in ``KEEP_RATIO_RANGE`` or a
     token count >= 1 (keep-all when neither is given); the token count wins when both are."""
@@ -392,6 +376,35 @@ def budget_request(keep_ratio: float | None, tokens: int | None) -> tuple[float 
         return (None, check_tokens(tokens)) if tokens is not None else (check_keep_ratio(keep_ratio), None)
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(str(exc)) from exc
+
+
+class _FirstTokenWatch:
+    """The request's cancel event as the adapter's ``generate`` reads it, calling ``first_token`` at the first read:
+    ``generate`` reads it once after every generated token (``vlm/generation.py``'s stopping criterion), so that read
+    is the end of the prefill.  Waiting and setting are the event's own.  (A first-token hook on the adapters'
+    ``generate`` would say so directly.)"""
+
+    def __init__(self, cancel: threading.Event | None, first_token: Callable[[], None]):
+        self._cancel = cancel if cancel is not None else threading.Event()
+        self._first_token: Callable[[], None] | None = first_token
+
+    def is_set(self) -> bool:
+        if self._cancel.is_set():  # a cancelled request announces no further stage
+            return True
+        if self._first_token is not None:
+            first, self._first_token = self._first_token, None
+            first()
+        return False
+
+    def set(self) -> None:
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._cancel.wait(timeout)
+
+
+def _silent(stage: str) -> None:
+    """No one listens for stages."""
 
 
 def _check(cancel: threading.Event | None, where: str) -> None:

@@ -10,18 +10,20 @@ import torch
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.proxy import make_questions, make_scene, split_seed
+from ptp_ros.pruning import ConfiguredSelector as Configured
 from ptp_ros_bench.accuracy import main
-from ptp_ros_bench.accuracy.methods import Method, comparison_methods, with_controls
+from ptp_ros_bench.accuracy.methods import comparison_methods, with_controls
 from ptp_ros_bench.accuracy.runner import DOWNSCALED, FULL, GLOBAL_ONLY, Evaluator, Results, summarize_ci
+from ptp_ros_bench.rows import Row
 
 PEERS = [
-    Method("ptp", "ptp"),
-    Method("uniform", "uniform_cls"),
-    Method("fastv", "fastv"),
-    Method("text_attention", "text_attention", reduce="mean"),
-    Method("ptp in-LLM", "ptp", prune_in_llm=True),
-    Method("ptp candidates", "ptp", prune_in_llm=False, probe_candidates=3.0),
-    Method("ptp before the LLM", "ptp", prune_in_llm=False),
+    Row("ptp", Configured("ptp")),
+    Row("uniform", Configured("uniform_cls")),
+    Row("fastv", Configured("fastv")),
+    Row("text_attention", Configured("text_attention", reduce="mean")),
+    Row("ptp in-LLM", Configured("ptp", prune_in_llm=True)),
+    Row("ptp candidates", Configured("ptp", prune_in_llm=False, probe_candidates=3.0)),
+    Row("ptp before the LLM", Configured("ptp", prune_in_llm=False)),
 ]
 
 
@@ -36,15 +38,7 @@ def test_evaluator_answers_what_the_pipeline_answers(tiny_adapter, scene_and_que
     results = Results()
     Evaluator(tiny_adapter, PEERS, (1.0, 0.25)).scene(scene, questions, results)
     decode = tiny_adapter.processor.tokenizer.decode
-    configs = {
-        "ptp": PipelineConfig(max_new_tokens=1),
-        "uniform": PipelineConfig(selector="uniform_cls", max_new_tokens=1),
-        "fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
-        "text_attention": PipelineConfig(selector="text_attention", max_new_tokens=1),
-        "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1),
-        "ptp candidates": PipelineConfig(prune_in_llm=False, probe_candidates=3.0, max_new_tokens=1),
-        "ptp before the LLM": PipelineConfig(prune_in_llm=False, max_new_tokens=1),
-    }
+    configs = {m.label: PipelineConfig(selector=m.selector, max_new_tokens=1) for m in PEERS}
     for label, config in configs.items():
         pipeline = Pipeline(tiny_adapter, config)
         for i, q in enumerate(questions):
@@ -73,14 +67,11 @@ def test_in_llm_rows_answer_what_the_pipeline_answers_with_3d_positions(qwen_ada
     """The evaluator's batched in-LLM continuation (layers < K once, kept rows at their M-RoPE positions)
     gives the answers of the library's hooked generate on Qwen2.5-VL."""
     scene, questions = scene_and_questions
-    methods = [Method("fastv", "fastv"), Method("ptp in-LLM", "ptp", prune_in_llm=True)]
+    methods = [Row("fastv", Configured("fastv")), Row("ptp in-LLM", Configured("ptp", prune_in_llm=True))]
     results = Results()
     Evaluator(qwen_adapter, methods, (1.0, 0.25)).scene(scene, questions, results)
     decode = qwen_adapter.processor.tokenizer.decode
-    configs = {
-        "fastv": PipelineConfig(selector="fastv", max_new_tokens=1),
-        "ptp in-LLM": PipelineConfig(prune_in_llm=True, max_new_tokens=1),
-    }
+    configs = {m.label: PipelineConfig(selector=m.selector, max_new_tokens=1) for m in methods}
     for label, config in configs.items():
         pipeline = Pipeline(qwen_adapter, config)
         for i, q in enumerate(questions):
@@ -244,7 +235,7 @@ def test_quick_report_on_qwen_has_the_downscaling_row_and_no_global_view(qwen_mo
         main(["--model", str(qwen_model_dir), "--sweep", "--scenes", "1", "--out", str(tmp_path / "sweep")])
 
 
-def _shipped_model_results(path, ratios: tuple[float, ...], methods: list[Method] | None = None) -> Results:
+def _shipped_model_results(path, ratios: tuple[float, ...], methods: list[Row] | None = None) -> Results:
     """A shipped proxy checkpoint scored on the first 10 test scenes (fast; ptp-eval runs more)."""
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
@@ -252,7 +243,7 @@ def _shipped_model_results(path, ratios: tuple[float, ...], methods: list[Method
         pytest.skip(f"no trained proxy checkpoint is shipped in {path.name} (docs/accuracy/README.md)")
     assert sum(p.stat().st_size for p in path.glob("*.safetensors")) < 25e6
     results = Results()
-    methods = methods or [Method("uniform", "uniform_cls")]
+    methods = methods or [Row("uniform", Configured("uniform_cls"))]
     evaluator = Evaluator(load_adapter(path, LoadOptions(device="cpu")), methods, ratios)
     for k in range(10):
         scene = make_scene(split_seed("test", k))
@@ -266,7 +257,7 @@ def test_shipped_proxy_model_solves_the_task_and_is_a_valid_instrument():
     below (issue 19's validity rule: >= 25 points on validation; measured 79.3 against 30.2 there)."""
     from ptp_ros.vlm.defaults import PROXY_MODEL, default_model_path
 
-    none_after_2 = Method("no-visual-after-2", "no_visual_in_llm", {"k": 2}, group="control", newline_policy="drop")
+    none_after_2 = Row("no-visual-after-2", Configured("no_visual_in_llm", {"k": 2}), group="control")
     results = _shipped_model_results(PROXY_MODEL, (1.0, 0.111), [none_after_2])
     assert default_model_path() == PROXY_MODEL
     full, blind = results.correct[(FULL, 1.0)], results.correct[("no-visual-after-2", 0.111)]

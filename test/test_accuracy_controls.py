@@ -12,10 +12,10 @@ import torch
 
 from ptp_ros.pipeline import Pipeline
 from ptp_ros.proxy import make_questions, make_scene, split_seed
+from ptp_ros.pruning import ConfiguredSelector as Configured
 from ptp_ros.pruning import make_selector, resolve_budget, selector_names
 from ptp_ros_bench.accuracy import main
 from ptp_ros_bench.accuracy.methods import (
-    Method,
     comparison_methods,
     control_for,
     control_methods,
@@ -26,6 +26,7 @@ from ptp_ros_bench.accuracy.methods import (
 )
 from ptp_ros_bench.accuracy.report import OUTSIDE, _at_cost, build, markdown, paired_difference
 from ptp_ros_bench.accuracy.runner import FULL, Evaluator, Results
+from ptp_ros_bench.rows import Row
 
 INSTRUCTION = "what colour is the circle?"
 
@@ -56,7 +57,10 @@ def test_controls_drop_inside_the_llm_from_layer_k(tiny_adapter, sample_image, k
     depth = len(tiny_adapter.model.model.language_model.layers)
     assert k < depth
     budget = resolve_budget(n, keep_ratio=ratio)
-    rows = {m.label: m for m in control_methods([Method("fastv", "fastv", {"k": k})], tiny_adapter.options.llm_layer)}
+    rows = {
+        m.label: m
+        for m in control_methods([Row("fastv", Configured("fastv", {"k": k}))], tiny_adapter.options.llm_layer)
+    }
     for label, kept in ((random_after(k), budget), (no_visual_after(k), 0)):
         pipeline = Pipeline(tiny_adapter, rows[label].pipeline_config(max_new_tokens=3))
         answer, seen = layer_lengths(
@@ -102,7 +106,9 @@ def test_evaluator_runs_the_controls_as_the_pipeline_does(tiny_adapter):
     Pipeline.answer answers, keep K's count / none, and the in-LLM methods beside them are unchanged."""
     scene = make_scene(split_seed("test", 1))
     questions = make_questions(scene, per_type=1)
-    methods = with_controls([Method("ptp", "ptp"), Method("fastv", "fastv")], tiny_adapter.options.llm_layer)
+    methods = with_controls(
+        [Row("ptp", Configured()), Row("fastv", Configured("fastv"))], tiny_adapter.options.llm_layer
+    )
     results = Results()
     Evaluator(tiny_adapter, methods, (1.0, 0.111)).scene(scene, questions, results)
     decode = tiny_adapter.processor.tokenizer.decode
@@ -154,7 +160,7 @@ def test_report_pairs_each_gain_with_its_own_stages_control_and_says_when_it_is_
         "no-visual-after-2": rng.integers(0, 2, q).tolist(),
     }
     kept = {"ptp": 0.111, "before": 0.111, "random": 0.111, "random-after-2": 0.111, "no-visual-after-2": 0.0}
-    methods = with_controls([Method("ptp", "ptp", group="ptp"), Method("before", "ptp", prune_in_llm=False)], 2)
+    methods = with_controls([Row("ptp", Configured(), group="ptp"), Row("before", Configured(prune_in_llm=False))], 2)
     data = build(synthetic(correct, kept, q), methods, (1.0, 0.5, 0.111), {**META, "llm": LLM})
     assert data["meta"]["llm_layers"] == 12
     assert set(data["controls"]) == {"random", "random-after-2", "no-visual-after-2"}
@@ -186,7 +192,7 @@ def test_matched_cost_interpolates_on_the_peers_frontier_and_never_extrapolates(
     measured points (keep-all among them), and never beyond them."""
     q = 40
     correct = {"ptp": [1] * 36 + [0] * 4, "peer": [1] * 24 + [0] * 16}
-    methods = [Method("ptp", "ptp", group="ptp"), Method("peer", "uniform_cls")]
+    methods = [Row("ptp", Configured(), group="ptp"), Row("peer", Configured("uniform_cls"))]
     results = synthetic(correct, {"ptp": 0.111, "peer": 0.111}, q)
     data = build(results, methods, (1.0, 0.5, 0.111), {**META, "llm": {**LLM, "layers": 4}})
     matched = data["matched_cost"]["ratios"]["0.111"]

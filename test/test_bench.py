@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from ptp_ros.pruning import selector_names
+from ptp_ros.pruning import ConfiguredSelector, selector_names
 from ptp_ros_bench import cli
 from ptp_ros_bench.cost_model import kv_bytes_per_token, kv_cache_bytes
-from ptp_ros_bench.measure import DEFAULT_SELECTORS, BenchSelector, _llm_dims, oracle_indices
+from ptp_ros_bench.measure import DEFAULT_SELECTORS, _llm_dims, oracle_indices
 from ptp_ros_bench.report import STAGES, summarize, upgrade_run
 
 
@@ -21,19 +21,14 @@ def quick_out(tmp_path_factory):
     return out
 
 
-def test_default_rows_are_every_registered_selector_with_its_own_reduction():
-    assert {s.selector for s in DEFAULT_SELECTORS} == {*selector_names(), None}  # None: the oracle
-    assert len({s.name for s in DEFAULT_SELECTORS}) == len(DEFAULT_SELECTORS)
-    by = {s.name: s for s in DEFAULT_SELECTORS}
-    assert (by["text_attention"].reduce, by["fastv"].reduce, by["ptp"].reduce, by["oracle"].reduce) == (
-        "mean",
-        "max",
-        "max",
-        "max",
-    )
-    assert BenchSelector("ptp mean", "ptp", reduce="mean").reduce == "mean"
-    with pytest.raises(ValueError, match="contradicts"):
-        BenchSelector("x", "text_attention", reduce="max")
+def test_default_rows_are_every_registered_selector_with_its_own_reduction_and_the_library_stage():
+    assert {s.selector and s.selector.name for s in DEFAULT_SELECTORS} == {*selector_names(), None}  # the oracle
+    assert len({s.label for s in DEFAULT_SELECTORS}) == len(DEFAULT_SELECTORS)
+    by = {s.label: s.selector for s in DEFAULT_SELECTORS}
+    assert (by["text_attention"].reduce, by["fastv"].reduce, by["ptp"].reduce) == ("mean", "max", "max")
+    # one default stage, the library's: only the "ptp" row says "before the LLM"
+    assert [label for label, s in by.items() if s and not s.prune_in_llm] == ["ptp"]
+    assert by["ptp_in_llm"] == ConfiguredSelector() and by["oracle"] is None
 
 
 def test_quick_writes_results_report_and_plots(quick_out):
@@ -57,7 +52,9 @@ def test_quick_results_are_well_formed(quick_out):
     assert run["machine"]["versions"]["torch"] and run["machine"]["device"] == "cpu"
     ratios = [r for r in settings["keep_ratios"] if r < 1]
     cells = {(r["selector"], r["keep_ratio"]) for r in run["records"]}
-    assert cells == {("unpruned", 1.0)} | {(s.name, r) for s in DEFAULT_SELECTORS for r in ratios}
+    assert cells == {("unpruned", 1.0)} | {(s.label, r) for s in DEFAULT_SELECTORS for r in ratios}
+    assert settings["selectors"] == [s.record() for s in DEFAULT_SELECTORS]
+    assert [ConfiguredSelector.from_record(r) for r in settings["selectors"]] == [s.selector for s in DEFAULT_SELECTORS]
     assert len(run["records"]) == len(cells) * settings["repetitions"]
     for record in run["records"]:
         assert record["new_tokens"] == settings["max_new_tokens"]  # fixed, so runs compare
@@ -70,7 +67,7 @@ def test_quick_results_are_well_formed(quick_out):
             else round(record["keep_ratio"] * record["visual_tokens"])
         )
         assert record["kept"] == expected
-    quiet = {s.name for s in DEFAULT_SELECTORS if s.bound() is None or not s.bound().needs_relevance}
+    quiet = {s.label for s in DEFAULT_SELECTORS if s.selector is None or not s.selector.bound.needs_relevance}
     assert {"hired", "divprune", "oracle", "ptp_no_instruction"} <= quiet and not {"ptp", "fastv"} & quiet
     for record in run["records"]:  # only relevance readers pay a score stage
         if record["selector"] in quiet:

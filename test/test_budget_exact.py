@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ptp_ros.pipeline import NEWLINE_POLICIES, Answer, Pipeline, PipelineConfig
 from ptp_ros.pruning import NO_REGION, instruction_relevance, resolve_budget, selector_names
+from ptp_ros.pruning import ConfiguredSelector as Configured
 
 INSTRUCTION = "what colour is the circle?"
 TOTAL = 1948  # the sample scene on the tiny LLaVA-NeXT: 576 global + 4×336 tiles + 28 row newlines
@@ -33,7 +34,7 @@ def visual(tiny_adapter, sample_image):
 @pytest.fixture(scope="module")
 def pipelines(tiny_adapter):
     return {
-        (name, policy): Pipeline(tiny_adapter, PipelineConfig(selector=name, newline_policy=policy))
+        (name, policy): Pipeline(tiny_adapter, PipelineConfig(selector=Configured(name), newline_policy=policy))
         for name in selector_names()
         for policy in NEWLINE_POLICIES
     }
@@ -60,7 +61,7 @@ def check(pipeline: Pipeline, visual, tokens: int) -> dict:
         prompt_tokens=0,
         new_tokens=0,
         selector=pipeline.selector.name,
-    ).to_dict()
+    ).result().to_json()
     assert data["visual_tokens_total"] == visual.num_tokens
     assert data["visual_tokens_kept"] == selection.num_kept
     assert sum(q["kept"] for q in data["quotas"]) + data["structural_kept"] == data["visual_tokens_kept"]
@@ -116,14 +117,16 @@ def test_any_token_budget_is_respected(pipelines, visual, tokens, policy, name):
 
 def test_reported_case_end_to_end(tiny_adapter, sample_image):
     """The issue's case: keep + tokens=10 returned 29 tokens; now ≤ 10, and the prompt shrinks to match."""
-    pipeline = Pipeline(tiny_adapter, PipelineConfig(newline_policy="keep", prune_in_llm=False, max_new_tokens=1))
+    pipeline = Pipeline(
+        tiny_adapter, PipelineConfig(selector=Configured(prune_in_llm=False), newline_policy="keep", max_new_tokens=1)
+    )
     full = pipeline.answer(sample_image, INSTRUCTION, tokens=TOTAL)
     answer = pipeline.answer(sample_image, INSTRUCTION, tokens=10)
-    data = answer.to_dict()
+    data = answer.result().to_json()
     assert 1 <= data["visual_tokens_kept"] <= 10
     assert sum(q["kept"] for q in data["quotas"]) + data["structural_kept"] == data["visual_tokens_kept"]
     assert data["keep_ratio"] == pytest.approx(data["visual_tokens_kept"] / TOTAL, abs=1e-6)
     assert answer.prompt_tokens == full.prompt_tokens - (TOTAL - data["visual_tokens_kept"])
-    full_data = full.to_dict()
+    full_data = full.result().to_json()
     assert full_data["visual_tokens_kept"] == TOTAL and full_data["structural_kept"] == NEWLINES
     assert sum(q["kept"] for q in full_data["quotas"]) + full_data["structural_kept"] == TOTAL

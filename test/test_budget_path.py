@@ -4,11 +4,13 @@ requests, the library), converted to tokens once, and options that do not apply 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from ptp_ros.pipeline import InvalidRequest, PipelineConfig, budget_request
-from ptp_ros.pruning import PTPConfig, check_keep_ratio, resolve_budget, selectable_budget
+from ptp_ros.budget import MAX_LATENCY_BUDGET_MS, check_keep_ratio, ratio_tokens
+from ptp_ros.pipeline import InvalidRequest, budget_request
+from ptp_ros.pruning import ConfiguredSelector, resolve_budget, selectable_budget
 from ptp_ros.ros.requests import RequestError, parse_request
 from ptp_ros.ros.worker import Settings
 
@@ -54,10 +56,53 @@ def test_one_conversion_rounds_once_and_caps_at_the_selectable_tokens():
             budget_request(None, bad)
 
 
-def test_options_that_do_not_apply_are_refused():
-    with pytest.raises(ValueError, match="do not apply to selector 'fastv'"):
-        PipelineConfig(selector="fastv", ptp=PTPConfig(alpha=0.3))
-    with pytest.raises(ValueError, match="takes its options as ptp=PTPConfig"):
-        PipelineConfig(selector="ptp", selector_options={"alpha": 0.3})
-    config = PipelineConfig.for_selector("ptp", {"alpha": 0.25})
-    assert config.ptp.alpha == 0.25 and PipelineConfig.for_selector("fastv", {"k": 3}).selector_options == {"k": 3}
+def test_options_that_do_not_apply_are_refused_by_the_configured_selector_whatever_their_value():
+    for value in (0.3, 0.5):  # 0.5 is PTP's default: given to FastV it is still an error
+        with pytest.raises(ValueError, match="fastv has no option.s. alpha; known: k"):
+            ConfiguredSelector("fastv", {"alpha": value})
+    with pytest.raises(ValueError, match="ptp has no option.s. k; known: alpha"):
+        ConfiguredSelector("ptp", {"k": 2})
+    with pytest.raises(ValueError, match="unknown selector 'magic'"):
+        ConfiguredSelector("magic")
+    with pytest.raises(ValueError, match="text_attention reduces its relevance by 'mean'"):
+        ConfiguredSelector("text_attention", reduce="max")
+    assert ConfiguredSelector("ptp", {"alpha": 0.25}).bound.options["config"].alpha == 0.25
+    assert ConfiguredSelector("fastv", {"k": 3}).in_llm_plan(2).prune_layer == 3
+
+
+def test_one_ratio_to_tokens_rule_for_the_pipeline_the_controller_the_overload_check_and_the_cost_model():
+    from ptp_ros.latency_budget import choose_keep_ratio
+    from ptp_ros_bench.cost_model import cost_table
+
+    for total, ratio in ((2073, 0.05), (100, 0.111), (7, 0.5), (1948, 0.25)):
+        assert resolve_budget(total, keep_ratio=ratio) == ratio_tokens(total, ratio) == max(1, round(ratio * total))
+    row = cost_table("cpu-proxy", [0.111], visual_tokens=1948)[0]
+    assert row["visual_tokens"] == ratio_tokens(1948, 0.111)
+
+    class Flat:  # every keep ratio predicted over budget: the controller answers at keep_ratio_min's tokens
+        default_stage = "in_llm"
+
+        def ready_for(self, stage):
+            return True
+
+        def predict_total(self, kept, total, max_new_tokens, stage):
+            return 1e9
+
+        def with_margin(self, ms):
+            return ms
+
+    assert choose_keep_ratio(Flat(), 100.0, 2073, 8, 0.05, 1.0).tokens == ratio_tokens(2073, 0.05)
+
+
+def test_one_latency_budget_range_for_requests_and_the_parameter():
+    from ptp_ros.ros.params import BY_NAME
+
+    assert BY_NAME["latency_budget_ms"].range == (0.0, MAX_LATENCY_BUDGET_MS)  # 0 itself: refused by Settings
+    message = r"latency_budget_ms must be in \(0.0, 3600000.0\]"
+    for good in (1e-9, 0.5, MAX_LATENCY_BUDGET_MS):
+        assert parse_request(json.dumps({"text": "q", "latency_budget_ms": good}), "r", 100).latency_budget_ms == good
+        assert not Settings(latency_budget_ms=good).problems()
+    for bad in (0.0, -5.0, MAX_LATENCY_BUDGET_MS * 2):
+        with pytest.raises(RequestError, match=message):
+            parse_request(json.dumps({"text": "q", "latency_budget_ms": bad}), "r", 100)
+        assert any(re.match(message, p) for p in Settings(latency_budget_ms=bad).problems())

@@ -78,11 +78,10 @@ def test_token_budget_and_plain_answer(tiny_model_dir, capsys):
         ([SAMPLE, "hi", "--keep-ratio", "0.5", "--tokens", "3"], "not allowed with"),
         ([SAMPLE, "hi", "--model", "/no/such/model"], "not found"),
         ([SAMPLE, "hi", "--selector", "magic"], "unknown selector"),
-        (
-            [SAMPLE, "hi", "--selector", "fastv", "--alpha", "0.3"],
-            "PTP's options (alpha, ...) do not apply to selector 'fastv'",
-        ),
-        ([SAMPLE, "hi", "--selector", "divprune", "--alpha", "0.5"], "do not apply to selector 'divprune'"),
+        ([SAMPLE, "hi", "--selector", "fastv", "--alpha", "0.3"], "fastv has no option(s) alpha; known: k"),
+        ([SAMPLE, "hi", "--selector", "divprune", "--alpha", "0.5"], "divprune has no option(s) alpha"),
+        ([SAMPLE, "hi", "--alpha", "2"], "alpha must be in [0, 1], got 2.0"),
+        ([SAMPLE, "hi", "--probe-candidates", "3"], "probe_candidates narrows PTP's relevance probe"),
         ([SAMPLE, "hi", "--saliency", "/no/such/dir/x.png"], "does not exist"),
     ],
 )
@@ -93,6 +92,14 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, capsys, args, message)
     err = capsys.readouterr().err
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_option_the_selector_does_not_take_is_refused_by_the_configured_selector(capsys):
+    """``--alpha 0.5`` is PTP's default value, and still refused for FastV: the configured selector knows the option
+    was given.  Refused before any model loads (the model path does not exist)."""
+    assert exit_code([SAMPLE, "hi", "--selector", "fastv", "--alpha", "0.5", "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert err == "ptp-ask: error: fastv has no option(s) alpha; known: k\n"
 
 
 def exit_code(args: list[str]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from ptp_ros.pruning import ConfiguredSelector as Configured
 from ptp_ros.pruning import make_selector, selector_names
 from ptp_ros_bench.cost_model import (
     MODELS,
@@ -16,7 +17,6 @@ from ptp_ros_bench.cost_model import (
     kv_cache_bytes,
     llm_dims_from_config,
     passes_for,
-    passes_for_method,
     prefill_breakdown,
     prefill_flops,
     relevance_flops,
@@ -93,23 +93,19 @@ def _ratio(model, kept, passes, text=60, visual=2880):
 
 def test_passes_come_from_the_library_selectors_and_plans():
     top_k = {"within_region": "top_k"}
-    assert passes_for("ptp", top_k, prune_in_llm=False) == Passes(probe_layer=2)
-    assert passes_for("ptp", {"alpha": 0.0, **top_k}) == Passes()
-    assert passes_for("ptp", top_k, prune_in_llm=False, llm_layer=1) == Passes(probe_layer=1)
-    assert passes_for("ptp", top_k, prune_in_llm=True) == Passes(score_layer=2, prune_layer=2, queries="instruction")
-    assert passes_for("ptp").prune_layer == 2  # the library's default prunes inside the LLM
-    assert passes_for("fastv") == Passes(score_layer=1, prune_layer=2, queries="last")
-    assert passes_for("fastv", {"k": 3}) == Passes(score_layer=2, prune_layer=3, queries="last")
-    assert passes_for("text_attention") == Passes(probe_layer=2)
-    assert passes_for("divprune") == Passes(diversity="all")
-    from ptp_ros.pruning import PTPConfig
-
-    if "within_region" in PTPConfig.__dataclass_fields__:  # PTP's diverse within-region pick
-        assert passes_for("ptp", {"within_region": "diverse"}, prune_in_llm=False) == Passes(
-            probe_layer=2, diversity="per_region"
-        )
-    for unscored in (None, "unpruned", "oracle", "max_pixels"):
-        assert passes_for(unscored) == Passes()
+    assert passes_for(Configured("ptp", top_k, prune_in_llm=False)) == Passes(probe_layer=2)
+    assert passes_for(Configured("ptp", {"alpha": 0.0, **top_k})) == Passes()
+    assert passes_for(Configured("ptp", top_k, prune_in_llm=False), llm_layer=1) == Passes(probe_layer=1)
+    inside = Passes(score_layer=2, prune_layer=2, queries="instruction")
+    assert passes_for(Configured("ptp", top_k)) == inside
+    assert passes_for(Configured()).prune_layer == 2  # the library's default prunes inside the LLM
+    assert passes_for(Configured("fastv")) == Passes(score_layer=1, prune_layer=2, queries="last")
+    assert passes_for(Configured("fastv", {"k": 3})) == Passes(score_layer=2, prune_layer=3, queries="last")
+    assert passes_for(Configured("text_attention")) == Passes(probe_layer=2)
+    assert passes_for(Configured("divprune")) == Passes(diversity="all")
+    diverse = Configured("ptp", {"within_region": "diverse"}, prune_in_llm=False)
+    assert passes_for(diverse) == Passes(probe_layer=2, diversity="per_region")
+    assert passes_for(None) == Passes()  # a row that selects nothing: oracle, down-scaled image
 
 
 @pytest.mark.parametrize("name", selector_names())
@@ -118,7 +114,7 @@ def test_every_registered_selector_costs_what_it_declares(name, prune_in_llm):
     """The passes are the selector's declared needs: relevance → a probe or in-LLM rows, distances → selection
     matmuls; a selector that declares neither costs nothing beyond the prefill (uniform_cls, hired, ...)."""
     bound = make_selector(name)
-    passes = passes_for(name, prune_in_llm=prune_in_llm)
+    passes = passes_for(Configured(name, prune_in_llm=prune_in_llm))
     assert (passes.probe_layer is not None or passes.in_llm) == bound.needs_relevance
     assert passes.diversity == bound.distances
     assert passes.in_llm == (
@@ -128,23 +124,26 @@ def test_every_registered_selector_costs_what_it_declares(name, prune_in_llm):
         assert passes == Passes()
 
 
-def test_passes_of_an_accuracy_method_follow_its_llm_layer_and_in_llm_choice():
-    from ptp_ros_bench.accuracy.methods import Method, comparison_methods
+def test_passes_of_a_benchmark_row_follow_its_llm_layer_and_stage():
+    from ptp_ros_bench.accuracy.methods import comparison_methods
+    from ptp_ros_bench.rows import Row
 
     methods = {m.label: m for m in comparison_methods()}
-    assert passes_for_method(methods["ptp"]).prune_layer == 2
-    assert passes_for_method(methods["ptp llm_layer=1"]).prune_layer == 1
-    before = methods["ptp before the LLM (separate probe; the default before)"]
-    assert passes_for_method(before).probe_layer == 2 and passes_for_method(before).prune_layer is None
-    assert passes_for_method(methods["FastV (in-LLM, K=2)"]).prune_layer == 2
-    inside = passes_for_method(methods["ptp"], llm_layer=3)
+    assert methods["ptp"].passes().prune_layer == 2
+    assert methods["ptp llm_layer=1"].passes().prune_layer == 1
+    before = methods["ptp before the LLM (separate probe; the default before)"].passes()
+    assert before.probe_layer == 2 and before.prune_layer is None
+    assert methods["FastV (in-LLM, K=2)"].passes().prune_layer == 2
+    inside = methods["ptp"].passes(llm_layer=3)
     assert (inside.score_layer, inside.prune_layer, inside.queries) == (3, 3, "instruction")
-    assert passes_for_method(Method("down", "max_pixels")) == Passes()
+    assert Row("down", None).passes() == Passes()
 
 
 def test_ptp_with_its_instruction_probe_on_7b_at_one_ninth_is_0_18_of_unpruned():
     """The issue's figure: the pruned prefill (0.117×) plus the probe (2.77 TFLOPs of 42.6)."""
-    parts = prefill_breakdown(SEVEN, 60, 2880, 320, passes_for("ptp", {"within_region": "top_k"}, prune_in_llm=False))
+    parts = prefill_breakdown(
+        SEVEN, 60, 2880, 320, passes_for(Configured("ptp", {"within_region": "top_k"}, prune_in_llm=False))
+    )
     unpruned = prefill_flops(SEVEN, 2940)
     assert parts["prefill"] / unpruned == pytest.approx(0.117, abs=0.001)
     assert parts["scoring"] / 1e12 == pytest.approx(2.77, abs=0.01)
@@ -154,25 +153,25 @@ def test_ptp_with_its_instruction_probe_on_7b_at_one_ninth_is_0_18_of_unpruned()
 
 def test_fastv_k2_on_a_four_layer_model_at_small_keep_costs_about_half():
     """Layers 0–1 over the full prompt, 2–3 over a few tokens: half the layers at full length."""
-    ratio = _ratio(FOUR_LAYERS, 8, passes_for("fastv"), text=40, visual=1900)
+    ratio = _ratio(FOUR_LAYERS, 8, passes_for(Configured("fastv")), text=40, visual=1900)
     assert 0.48 <= ratio <= 0.55
     assert ratio > _ratio(FOUR_LAYERS, 8, Passes(), text=40, visual=1900) + 0.4
 
 
 def test_in_llm_ptp_is_cheaper_than_ptp_with_a_separate_probe():
     for kept in (1440, 720, 320, 161):
-        inside = _ratio(SEVEN, kept, passes_for("ptp", prune_in_llm=True))
-        before = _ratio(SEVEN, kept, passes_for("ptp", prune_in_llm=False))
+        inside = _ratio(SEVEN, kept, passes_for(Configured("ptp")))
+        before = _ratio(SEVEN, kept, passes_for(Configured("ptp", prune_in_llm=False)))
         plain = _ratio(SEVEN, kept, Passes())
         assert plain < inside < before
     # on 7B it saves the 2 layers the probe ran and the pruned prefill re-runs: ≈ 2/32 of the pruned prefill
-    assert _ratio(SEVEN, 320, passes_for("ptp", prune_in_llm=False)) - _ratio(
-        SEVEN, 320, passes_for("ptp", prune_in_llm=True)
+    assert _ratio(SEVEN, 320, passes_for(Configured("ptp", prune_in_llm=False))) - _ratio(
+        SEVEN, 320, passes_for(Configured("ptp"))
     ) == pytest.approx(2 / 32 * 0.117, rel=0.1)
 
 
 def test_divprune_selection_is_counted_beside_the_llm():
-    parts = prefill_breakdown(SEVEN, 60, 2880, 320, passes_for("divprune"))
+    parts = prefill_breakdown(SEVEN, 60, 2880, 320, passes_for(Configured("divprune")))
     assert parts["selection"] == 2 * 2880**2 * 4096 and parts["scoring"] == 0
     assert parts["total"] == parts["prefill"] + parts["selection"]
     assert parts["total"] > total_prefill_flops(SEVEN, 60, 2880, 320, Passes())
@@ -183,9 +182,9 @@ def test_divprune_selection_is_counted_beside_the_llm():
 def test_keeping_everything_scores_nothing():
     unpruned = prefill_flops(SEVEN, 2940)
     for selector in ("ptp", "fastv", "divprune", "uniform_cls"):
-        assert total_prefill_flops(SEVEN, 60, 2880, 2880, passes_for(selector)) == unpruned
+        assert total_prefill_flops(SEVEN, 60, 2880, 2880, passes_for(Configured(selector))) == unpruned
     # a FastV K past the last layer installs nothing: the stock prefill
-    assert total_prefill_flops(FOUR_LAYERS, 40, 100, 10, passes_for("fastv", {"k": 4})) == prefill_flops(
+    assert total_prefill_flops(FOUR_LAYERS, 40, 100, 10, passes_for(Configured("fastv", {"k": 4}))) == prefill_flops(
         FOUR_LAYERS, 140
     )
 
@@ -230,7 +229,7 @@ def test_the_analytic_table_gives_in_llm_rows_their_full_length_layers():
     rows = {r["keep_ratio"]: r for r in cost_table("llava-next-7b", RATIOS)}
     assert rows[0.111]["kv_cache_mib"] == pytest.approx(190.0)
     assert rows[0.111]["kv_cache_mib_in_llm"] == pytest.approx(270.0)
-    assert rows[0.111]["in_llm_prune_layer"] == passes_for("ptp", prune_in_llm=True).prune_layer == 2
+    assert rows[0.111]["in_llm_prune_layer"] == passes_for(Configured("ptp")).prune_layer == 2
     two_full = decode_flops_per_token(SEVEN, 380, 2940, prune_layer=2)
     assert rows[0.111]["decode_gflops_per_token_in_llm"] == pytest.approx(two_full / 1e9)
     assert decode_flops_per_token(SEVEN, 380) < two_full < decode_flops_per_token(SEVEN, 2940)
@@ -254,7 +253,7 @@ def test_selection_flops_are_the_matmuls_the_selectors_run(sizes):
     by torch's FLOP counter): PTP one [R, n, n] product padded to the largest region, DivPrune one N×N."""
     import torch
 
-    from ptp_ros.pruning import NO_REGION, PTPConfig, TokenScores, make_selector
+    from ptp_ros.pruning import NO_REGION, TokenScores, make_selector
 
     dim = 32
     region = torch.cat([torch.full((n,), r) for r, n in enumerate(sizes)] + [torch.full((7,), NO_REGION)])
@@ -269,7 +268,7 @@ def test_selection_flops_are_the_matmuls_the_selectors_run(sizes):
     llm = {**FOUR_LAYERS, "hidden": dim}
     total = region.shape[0]  # the newlines count as visual tokens but are never candidates
     budget = max(1, sum(sizes) // 9)
-    ptp = make_selector("ptp", config=PTPConfig())
+    ptp = make_selector("ptp")
     assert ptp.distances == "per_region"
     counted = _counted_matmul_flops(lambda: ptp(scores, budget))
     assert counted == selection_flops(llm, "per_region", total, sizes)
@@ -288,11 +287,14 @@ def test_a_probe_over_candidates_costs_a_fraction_of_the_full_probe():
     from ptp_ros_bench.cost_model import MODELS, passes_for, prefill_breakdown
 
     model = MODELS["llava-next-7b"]
-    full = prefill_breakdown(model, 60, 2880, 320, passes_for("ptp", prune_in_llm=False))
-    narrow = prefill_breakdown(model, 60, 2880, 320, passes_for("ptp", prune_in_llm=False, probe_candidates=3.0))
+    full = prefill_breakdown(model, 60, 2880, 320, passes_for(Configured("ptp", prune_in_llm=False)))
+    narrow = prefill_breakdown(
+        model, 60, 2880, 320, passes_for(Configured("ptp", prune_in_llm=False, probe_candidates=3.0))
+    )
     assert narrow["prefill"] == full["prefill"]
     assert 0.25 < narrow["scoring"] / full["scoring"] < 0.40  # 960 + 60 of 2940 tokens, attention quadratic
-    assert passes_for("hired", probe_candidates=3.0).probe_candidates == 0.0  # no probe, nothing to narrow
+    with pytest.raises(ValueError, match="probe_candidates narrows PTP's relevance probe"):
+        Configured("hired", prune_in_llm=False, probe_candidates=3.0)  # no probe to narrow: refused
 
 
 def test_the_accuracy_report_counts_the_diverse_pick_over_each_questions_regions():

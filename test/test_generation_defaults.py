@@ -13,6 +13,7 @@ from ptp_ros.cli import ask_main
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.proxy import make_questions, make_scene, split_seed
 from ptp_ros.proxy.scenes import ANSWER_WORDS
+from ptp_ros.pruning import ConfiguredSelector
 from ptp_ros.vlm.defaults import PROXY_MODEL, default_model_path
 from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
@@ -24,7 +25,7 @@ def test_generation_stops_at_the_models_eos_token(tiny_model_dir, sample_image, 
     """The adapter's generate passes no eos of its own: whatever the checkpoint's generation_config names
     ends the answer, before and inside the LLM (the tiny model is made to name its own first token)."""
     adapter = load_adapter(tiny_model_dir, LoadOptions(device="cpu"))
-    pipeline = Pipeline(adapter, PipelineConfig(prune_in_llm=prune_in_llm))
+    pipeline = Pipeline(adapter, PipelineConfig(selector=ConfiguredSelector(prune_in_llm=prune_in_llm)))
     prepared = adapter.prepare(sample_image, INSTRUCTION)
     visual = pipeline.encode(prepared)
     budget = pipeline.budget(visual, keep_ratio=0.25)

@@ -8,6 +8,7 @@ from transformers import LlavaNextForConditionalGeneration
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.pruning import NO_REGION, InLLMPruning, make_selector
+from ptp_ros.pruning import ConfiguredSelector as Configured
 from ptp_ros.vlm.families import FAMILIES
 from ptp_ros.vlm.in_llm import causal_mask
 from ptp_ros.vlm.loading import LoadOptions, load_adapter
@@ -53,7 +54,7 @@ def test_in_llm_path_is_stock_generate_when_nothing_is_dropped(family, request, 
 
 def test_fastv_ranks_by_the_last_tokens_attention_at_layer_k_minus_1(tiny_adapter, eager_adapter, sample_image):
     k, budget = 2, 100
-    pipeline = Pipeline(tiny_adapter, PipelineConfig(selector="fastv", selector_options={"k": k}, max_new_tokens=3))
+    pipeline = Pipeline(tiny_adapter, PipelineConfig(selector=Configured("fastv", {"k": k}), max_new_tokens=3))
     answer = pipeline.answer(sample_image, INSTRUCTION, tokens=budget)
     prepared = eager_adapter.prepare(sample_image, INSTRUCTION)
     visual = eager_adapter.encode(prepared)
@@ -67,7 +68,7 @@ def test_fastv_ranks_by_the_last_tokens_attention_at_layer_k_minus_1(tiny_adapte
     row[visual.scores.region == NO_REGION] = float("-inf")  # newlines are structural (newline_policy "drop")
     expected = torch.sort(torch.topk(row, budget).indices).values
     assert torch.equal(answer.selection.kept, expected)
-    assert answer.to_dict()["visual_tokens_kept"] == budget
+    assert answer.result().to_json()["visual_tokens_kept"] == budget
     # a later layer's ranking is a different one: the layer is not off by one
     later = attentions[k][0].mean(0)[-1, image_pos]
     later[visual.scores.region == NO_REGION] = float("-inf")
@@ -114,10 +115,10 @@ def test_layers_from_k_on_read_only_the_kept_tokens_at_their_own_positions(tiny_
 def test_ptp_in_llm_keeps_what_ptp_before_the_llm_keeps(tiny_adapter, sample_image):
     """Same layer, same rows, same input (layers below it over the whole prompt): the same choice; only where
     the dropping happens differs — and the in-LLM prefill skips the separate probe."""
-    before = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=2, prune_in_llm=False)).answer(
+    before = Pipeline(tiny_adapter, PipelineConfig(selector=Configured(prune_in_llm=False), max_new_tokens=2)).answer(
         sample_image, INSTRUCTION, keep_ratio=0.111
     )
-    inside = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=2, prune_in_llm=True)).answer(
+    inside = Pipeline(tiny_adapter, PipelineConfig(selector=Configured(prune_in_llm=True), max_new_tokens=2)).answer(
         sample_image, INSTRUCTION, keep_ratio=0.111
     )
     assert torch.equal(before.selection.kept, inside.selection.kept)
@@ -188,7 +189,7 @@ def test_several_tokens_decoded_after_an_in_llm_prune_equal_a_cache_free_recompu
     positions of new tokens give, step after step, the tokens a cache-free forward over the pruned sequence
     gives: five decoded tokens, token for token."""
     adapter = load_adapter(tiny_checkpoint(family), LoadOptions(device="cpu"))
-    pipeline = Pipeline(adapter, PipelineConfig(selector=selector, prune_in_llm=True, max_new_tokens=5))
+    pipeline = Pipeline(adapter, PipelineConfig(selector=Configured(selector, prune_in_llm=True), max_new_tokens=5))
     prepared = adapter.prepare(sample_image, INSTRUCTION)
     visual = pipeline.encode(prepared)
     budget = pipeline.budget(visual, keep_ratio=0.111)
@@ -217,12 +218,12 @@ def test_ptp_eval_in_llm_rows_answer_alike_under_eager_and_sdpa_attention(tiny_a
     its in-LLM rows' logits do not depend on the attention implementation (with none, eager attention attends
     both ways and they differ by ~2e-2 on the tiny model)."""
     from ptp_ros.proxy import make_questions, make_scene, split_seed
-    from ptp_ros_bench.accuracy.methods import Method
     from ptp_ros_bench.accuracy.runner import Evaluator, Results
+    from ptp_ros_bench.rows import Row
 
     assert eager_adapter.model.config.text_config._attn_implementation == "eager"
     assert tiny_adapter.model.config.text_config._attn_implementation == "sdpa"
-    methods = [Method("fastv", "fastv"), Method("ptp in-LLM", "ptp", prune_in_llm=True)]
+    methods = [Row("fastv", Configured("fastv")), Row("ptp in-LLM", Configured("ptp", prune_in_llm=True))]
     scene = make_scene(split_seed("test", 0))
     questions = make_questions(scene, per_type=1)
     runs = []

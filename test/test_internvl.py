@@ -8,6 +8,7 @@ import torch
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
+from ptp_ros.pruning import ConfiguredSelector
 from ptp_ros.vlm.attention import ClsAttentionProbe, text_to_token_attention
 from ptp_ros.vlm.internvl import InternVLAdapter
 from ptp_ros.vlm.stock_adapter import paper_vision_layer
@@ -138,13 +139,13 @@ def test_features_fed_back_give_the_models_own_prefill(adapter, prepared, visual
 
 
 def test_pruned_answers_shrink_the_prompt(adapter, prepared, sample_image):
-    pipeline = Pipeline(adapter, PipelineConfig(prune_in_llm=False, max_new_tokens=2))
+    pipeline = Pipeline(adapter, PipelineConfig(selector=ConfiguredSelector(prune_in_llm=False), max_new_tokens=2))
     full_prompt = prepared.inputs["input_ids"].shape[1]
     for ratio, kept in [(0.25, 576), (0.111, 256)]:
         answer = pipeline.answer(sample_image, INSTRUCTION, keep_ratio=ratio)
         assert answer.selection.num_kept == kept
         assert answer.prompt_tokens == full_prompt - (TOTAL - kept)
-        data = answer.to_dict()
+        data = answer.result().to_json()
         assert data["visual_tokens_total"] == TOTAL and data["visual_tokens_kept"] == kept
         assert sum(q["kept"] for q in data["quotas"]) == kept and len(data["quotas"]) == 9
 

@@ -11,6 +11,7 @@ import pytest
 from ros_helpers import SlowAdapter
 
 from ptp_ros.latency_budget import IN_LLM, PRE_LLM, LatencyModel, choose_keep_ratio, nonnegative_least_squares
+from ptp_ros.result import AnswerResult
 
 N = 2000
 
@@ -213,7 +214,7 @@ class LawPipeline:
             "decode": (10 + 0.005 * kept) * (new_tokens - 1),
         }
 
-    def answer(self, image, instruction, *, keep_ratio=None, tokens=None, max_new_tokens=4, cancel=None):
+    def answer(self, image, instruction, *, keep_ratio=None, tokens=None, max_new_tokens=4, cancel=None, on_stage=None):
         from types import SimpleNamespace
 
         total = image.shape[0] * image.shape[1] // 1000
@@ -225,13 +226,22 @@ class LawPipeline:
         }
         timings["total"] = sum(timings.values())
         selection = SimpleNamespace(total=total, num_kept=kept, keep_ratio=kept / total)
-        view = {"visual_tokens_total": total, "visual_tokens_kept": kept, "keep_ratio": kept / total}
-        return SimpleNamespace(
-            text="a cup",
-            selection=selection,
-            timings_ms=timings,
+        result = AnswerResult(
+            answer="a cup",
+            visual_tokens_total=total,
+            visual_tokens_kept=kept,
+            keep_ratio=kept / total,
+            selector="ptp",
+            quotas=(),
+            structural_kept=0,
+            structural_total=0,
+            prompt_tokens=kept,
+            prune_layer=None,
             new_tokens=max_new_tokens,
-            to_dict=lambda: {**view, "latency_ms": dict(timings)},
+            latency_ms=dict(timings),
+        )
+        return SimpleNamespace(
+            text="a cup", selection=selection, timings_ms=timings, new_tokens=max_new_tokens, result=lambda: result
         )
 
 
@@ -247,13 +257,13 @@ def law_worker(device: Device):
         None,
         Settings(mode="budget", max_new_tokens=4, publish_saliency=False, max_frame_age_ms=0.0),
         queue_size=4,
-        emit=lambda result, _text: results.append(result),
+        emit=lambda result: results.append(result.to_json()),
         emit_saliency=lambda *_: None,
         now_ns=lambda: 0,
         counters=Counters(),
     )
     pipelines = {IN_LLM: LawPipeline(device, in_llm=True), PRE_LLM: LawPipeline(device, in_llm=False)}
-    worker.pipeline = lambda alpha, prune_stage=None: pipelines[prune_stage or IN_LLM]
+    worker.pipeline = lambda selector, prune_stage=None: pipelines[prune_stage or IN_LLM]
     return worker, results
 
 
@@ -335,7 +345,7 @@ def slow_worker(tiny_adapter, sample_image):
         SlowAdapter(tiny_adapter, ms_per_token=MS_PER_TOKEN),
         Settings(mode="budget", max_new_tokens=2),
         queue_size=1,
-        emit=lambda result, _text: results.append(result),
+        emit=lambda result: results.append(result.to_json()),
         emit_saliency=lambda *_: None,
         now_ns=lambda: 0,
         counters=Counters(),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ptp_ros.pipeline import InvalidRequest, Pipeline, PipelineConfig
-from ptp_ros.pruning import NO_REGION, PTPConfig
+from ptp_ros.pruning import NO_REGION, ConfiguredSelector
 from ptp_ros.vlm.attention import ClsAttentionProbe, text_to_token_attention
 from ptp_ros.vlm.llava_next import LlavaNextAdapter, paper_vision_layer
 from ptp_ros.vlm.loading import LoadOptions, ModelLoadError, load_adapter
@@ -81,20 +81,20 @@ def test_instruction_attention_matches_eager_llm(tiny_adapter, prepared, visual,
 
 @pytest.mark.parametrize("ratio", [0.25, 0.111])
 def test_pruned_answers_shrink_the_prompt(tiny_adapter, sample_image, ratio):
-    pipeline = Pipeline(tiny_adapter, PipelineConfig(prune_in_llm=False, max_new_tokens=4))
+    pipeline = Pipeline(tiny_adapter, PipelineConfig(selector=ConfiguredSelector(prune_in_llm=False), max_new_tokens=4))
     full = pipeline.answer(sample_image, INSTRUCTION, keep_ratio=1.0)
     answer = pipeline.answer(sample_image, INSTRUCTION, keep_ratio=ratio)
     kept = round(ratio * 1948)
     assert answer.selection.num_kept == kept
     assert answer.prompt_tokens == full.prompt_tokens - (1948 - kept)
-    assert answer.to_dict()["prune_layer"] is None
+    assert answer.result().to_json()["prune_layer"] is None
     # the default prunes inside the LLM: the whole prompt goes in, layers from 2 on read the kept tokens
     inside = Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=4)).answer(
         sample_image, INSTRUCTION, keep_ratio=ratio
     )
     assert inside.selection.num_kept == kept and inside.prompt_tokens == full.prompt_tokens
-    assert inside.to_dict()["prune_layer"] == tiny_adapter.options.llm_layer
-    data = answer.to_dict()
+    assert inside.result().to_json()["prune_layer"] == tiny_adapter.options.llm_layer
+    data = answer.result().to_json()
     assert {"answer", "visual_tokens_total", "visual_tokens_kept", "keep_ratio", "quotas", "latency_ms"} <= set(data)
     assert data["visual_tokens_total"] == 1948 and data["visual_tokens_kept"] == kept
     assert data["keep_ratio"] == pytest.approx(kept / 1948, abs=1e-6)
@@ -115,17 +115,17 @@ def test_newline_policy_keep_counts_newlines_in_the_budget(tiny_adapter, sample_
 
 def test_ablations_run_through_the_pipeline(tiny_adapter, sample_image):
     for config in (
-        PipelineConfig(ptp=PTPConfig(alpha=0.0)),
-        PipelineConfig(ptp=PTPConfig(alpha=1.0)),
-        PipelineConfig(instruction_reduce="mean"),
-        PipelineConfig(selector="uniform_cls"),
+        PipelineConfig(selector=ConfiguredSelector("ptp", {"alpha": 0.0})),
+        PipelineConfig(selector=ConfiguredSelector("ptp", {"alpha": 1.0})),
+        PipelineConfig(selector=ConfiguredSelector(reduce="mean")),
+        PipelineConfig(selector=ConfiguredSelector("uniform_cls")),
     ):
         answer = Pipeline(tiny_adapter, dataclasses.replace(config, max_new_tokens=1)).answer(
             sample_image, INSTRUCTION, keep_ratio=0.1
         )
         assert answer.selection.num_kept == round(0.1 * 1948)
     # α = 0 skips the LLM-side scoring entirely
-    assert Pipeline(tiny_adapter, PipelineConfig(ptp=PTPConfig(alpha=0.0))).selector.needs_relevance is False
+    assert ConfiguredSelector("ptp", {"alpha": 0.0}).bound.needs_relevance is False
 
 
 def test_global_similarity_region_score(tiny_model_dir, sample_image):

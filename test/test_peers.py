@@ -213,8 +213,9 @@ def test_divprune_needs_features():
 @pytest.mark.parametrize("name", selector_names())
 def test_pipeline_runs_every_selector_on_the_tiny_model_with_what_it_declares(tiny_adapter, sample_image, name):
     from ptp_ros.pipeline import Pipeline, PipelineConfig
+    from ptp_ros.pruning import ConfiguredSelector
 
-    pipeline = Pipeline(tiny_adapter, PipelineConfig(selector=name))
+    pipeline = Pipeline(tiny_adapter, PipelineConfig(selector=ConfiguredSelector(name)))
     answer = pipeline.answer(sample_image, "what is on the table ?", keep_ratio=0.25, max_new_tokens=2)
     assert answer.selection.method == name
     assert answer.selection.num_kept == round(0.25 * answer.selection.total)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig, candidate_relevance
+from ptp_ros.pruning import ConfiguredSelector as Configured
 from ptp_ros.pruning import PTPConfig, ptp_select, resolve_budget
 
 INSTRUCTION = "what colour is the circle?"
@@ -49,8 +50,10 @@ def test_probe_reads_only_the_candidates_and_the_text(tiny_adapter, prepared_vis
 
 
 def test_pipeline_with_candidates_keeps_the_budget(tiny_adapter, sample_image):
-    full = Pipeline(tiny_adapter, PipelineConfig(prune_in_llm=False, max_new_tokens=1))
-    narrow = Pipeline(tiny_adapter, PipelineConfig(prune_in_llm=False, probe_candidates=3.0, max_new_tokens=1))
+    full = Pipeline(tiny_adapter, PipelineConfig(selector=Configured(prune_in_llm=False), max_new_tokens=1))
+    narrow = Pipeline(
+        tiny_adapter, PipelineConfig(selector=Configured(prune_in_llm=False, probe_candidates=3.0), max_new_tokens=1)
+    )
     a = full.answer(sample_image, INSTRUCTION, keep_ratio=0.111)
     b = narrow.answer(sample_image, INSTRUCTION, keep_ratio=0.111)
     assert a.selection.num_kept == b.selection.num_kept == resolve_budget(a.selection.total, keep_ratio=0.111)
@@ -64,10 +67,10 @@ def test_pipeline_with_candidates_keeps_the_budget(tiny_adapter, sample_image):
     [
         dict(probe_candidates=0.5, prune_in_llm=False),
         dict(probe_candidates=float("nan"), prune_in_llm=False),
-        dict(probe_candidates=3.0, selector="hired"),
+        dict(probe_candidates=3.0, name="hired", prune_in_llm=False),
         dict(probe_candidates=3.0),
     ],
 )  # the default prunes inside the LLM: no probe
 def test_candidate_options_are_checked(config):
     with pytest.raises(ValueError, match="probe_candidates"):
-        PipelineConfig(**config)
+        Configured(**config)

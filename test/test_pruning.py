@@ -173,8 +173,8 @@ def test_budget_resolution():
     assert resolve_budget(1948, keep_ratio=1.0) == 1948
     assert resolve_budget(1948, tokens=5000) == 1948
     assert resolve_budget(10, keep_ratio=0.01) == 1  # never zero
-    for bad in (dict(keep_ratio=0.0), dict(keep_ratio=1.2), dict(tokens=0), dict(), dict(keep_ratio=0.5, tokens=3)):
-        with pytest.raises(ValueError):
+    for bad in (dict(), dict(keep_ratio=0.5, tokens=3)):  # the values themselves are checked where they enter
+        with pytest.raises(ValueError, match="exactly one"):
             resolve_budget(100, **bad)
 
 

@@ -12,6 +12,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.vision_utils import get_vision_window_index
 
 from ptp_ros.pipeline import Pipeline, PipelineConfig
+from ptp_ros.pruning import ConfiguredSelector
 from ptp_ros.vlm.attention import ReceivedAttentionProbe
 from ptp_ros.vlm.qwen2_5_vl import Qwen2_5_VLAdapter, max_pixels_for_tokens
 
@@ -134,11 +135,11 @@ def test_pruned_run_keeps_original_mrope_positions(adapter, prepared, visual, mo
 
 
 def test_pruned_answers_shrink_the_prompt(adapter, prepared, sample_image):
-    pipeline = Pipeline(adapter, PipelineConfig(prune_in_llm=False, max_new_tokens=2))
+    pipeline = Pipeline(adapter, PipelineConfig(selector=ConfiguredSelector(prune_in_llm=False), max_new_tokens=2))
     full_prompt = prepared.inputs["input_ids"].shape[1]
     for ratio, kept in [(0.25, 306), (0.111, 136)]:
         answer = pipeline.answer(sample_image, INSTRUCTION, keep_ratio=ratio)
-        data = answer.to_dict()
+        data = answer.result().to_json()
         assert answer.selection.num_kept == kept and answer.prompt_tokens == full_prompt - (TOTAL - kept)
         assert data["visual_tokens_total"] == TOTAL and sum(q["kept"] for q in data["quotas"]) == kept
 

@@ -20,7 +20,7 @@ from test_ros_node import NODE, STARTUP_S, deliver, matched_probe, slow_agent
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
-from ptp_ros.ros.ask_action import JSON_ONLY, STAGES, goal_message  # noqa: E402
+from ptp_ros.ros.ask_action import STAGES, goal_message  # noqa: E402
 from ptp_ros.ros.ask_action import client as ask_client  # noqa: E402
 
 DELAY_S = 4.0
@@ -94,12 +94,11 @@ def json_result(probe: Probe, request_id: str, timeout: float = 30.0) -> dict:
 
 
 def assert_typed_equals_json(typed, result: dict) -> None:
-    """Every field of the JSON result has a typed counterpart with the same value, but the library's diagnostic
-    ones the action leaves to the JSON result (``JSON_ONLY``)."""
+    """Every field of the JSON result that the typed result declares has the same value there (the others are the
+    JSON-only ones, test_result_fields_reach_the_json_the_action_and_the_docs)."""
+    declared = typed.get_fields_and_field_types()
     for key, value in result.items():
-        if key in JSON_ONLY:
-            assert not hasattr(typed, key), f"{key} is typed now: take it out of JSON_ONLY"
-        elif key == "id":
+        if key == "id":
             assert typed.request_id == value
         elif key == "stamp":
             assert (typed.header.stamp.sec, typed.header.stamp.nanosec) == (value["sec"], value["nanosec"])
@@ -112,6 +111,8 @@ def assert_typed_equals_json(typed, result: dict) -> None:
                 for k in typed.latency_ms.get_fields_and_field_types()
                 if k not in value
             )
+        elif key not in declared:
+            continue
         elif value is None:
             assert math.isnan(getattr(typed, key)), key
         else:
@@ -285,3 +286,101 @@ def test_a_planner_sending_each_goal_when_the_last_result_arrives_is_never_refus
     print(f"\nback to back: {sum(s == 'ok' for s, _ in outcomes)} of 20 answered")
     assert [s for s, _ in outcomes] == ["ok"] * 20, outcomes
     assert len(probe.saliency) >= 10  # saliency was on and drawn
+
+
+# -- one typed result: the rules no type enforces ----------------------------------------------------------
+def full_result():
+    """A ``RequestResult`` with every field set, each from its declared type (a field of a new type makes this
+    fail until it is given a value here)."""
+    import dataclasses
+    import typing
+
+    from ptp_ros.result import AnswerResult, RegionQuota, RequestResult
+    from ptp_ros.timing import STAGES as PIPELINE_STAGES
+
+    def value(cls, field):
+        kind = typing.get_type_hints(cls)[field.name]
+        examples = {
+            str: f"<{field.name}>",
+            float: 1.5,
+            int: 7,
+            bool: True,
+            dict[str, int]: {"sec": 3, "nanosec": 4},
+            dict[str, float]: {stage: 2.5 for stage in (*PIPELINE_STAGES, "total")},
+            tuple[RegionQuota, ...]: (RegionQuota(0, "global", 5, 40), RegionQuota(1, "tile 0", 6, 50)),
+        }
+        return next(v for t, v in examples.items() if kind == t or kind == t | None)
+
+    answer = AnswerResult(**{f.name: value(AnswerResult, f) for f in dataclasses.fields(AnswerResult)})
+    fields = {f.name: value(RequestResult, f) for f in dataclasses.fields(RequestResult) if f.name != "answer"}
+    return RequestResult(**fields, answer=answer), answer
+
+
+def test_result_fields_reach_the_json_the_action_and_the_docs(Ask):
+    """Every field of the one typed result is in the JSON result (``ptp-ask --json`` prints the answer's); every
+    field of the action's typed result is filled from the JSON key of its name, and reads back equal; every JSON
+    key is documented in docs/ros.md, the JSON-only ones among them as such."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from ptp_ros.result import AnswerResult, RequestResult
+    from ptp_ros.ros.ask_action import FROM_JSON_APART, result_dict, result_message
+
+    result, answer = full_result()
+    data = result.to_json()
+    names = {f.name for f in dataclasses.fields(RequestResult)} | {f.name for f in dataclasses.fields(AnswerResult)}
+    assert set(data) == names and answer.to_json().keys() <= data.keys()
+    assert data["latency_ms"] == result.latency_ms  # the node's times, not the pipeline's
+    typed = result_message(Ask, data)
+    declared = set(typed.get_fields_and_field_types())
+    assert declared - set(FROM_JSON_APART) <= set(data), "a typed field that no JSON key fills"
+    assert_typed_equals_json(typed, data)
+    assert result_dict(typed) == {k: v for k, v in data.items() if k in declared | {"id", "stamp", "frame_id"}}
+    docs = Path(__file__).resolve().parents[1] / "docs" / "ros.md"
+    section = docs.read_text().split("### Result\n", 1)[1].split("\n### ", 1)[0]
+    documented = set(re.findall(r"`([a-z_]+)`", section))
+    assert set(data) <= documented, f"result fields missing from docs/ros.md: {sorted(set(data) - documented)}"
+    json_only = set(data) - declared - {"id", "stamp", "frame_id"}
+    line = next(line for line in section.splitlines() if line.startswith("JSON only"))
+    assert set(re.findall(r"`([a-z_]+)`", line)) == json_only
+
+
+def test_every_stage_of_a_request_reports_one_feedback_stage_in_order():
+    """The worker's "convert" and every pipeline stage (``timing.STAGES``) map to a feedback stage of the action,
+    in the action's order: a new pipeline stage cannot go unreported, nor report out of order."""
+    from ptp_ros.ros.ask_action import FEEDBACK
+    from ptp_ros.timing import STAGES as PIPELINE_STAGES
+
+    assert list(FEEDBACK) == ["convert", *PIPELINE_STAGES]
+    order = [STAGES.index(stage) for stage in FEEDBACK.values()]
+    assert order == sorted(order) and set(FEEDBACK.values()) == set(STAGES) - {"queued"}
+
+
+def test_the_pipeline_tells_each_stage_as_it_begins_and_none_after_a_cancel(tiny_adapter, sample_image):
+    import threading
+
+    from ptp_ros.pipeline import Cancelled, Pipeline, PipelineConfig
+    from ptp_ros.pruning import ConfiguredSelector
+
+    for selector, expected in (
+        (ConfiguredSelector(), ["preprocess", "encode", "score", "prefill", "decode"]),  # select inside the prefill
+        (ConfiguredSelector(prune_in_llm=False), ["preprocess", "encode", "score", "select", "prefill", "decode"]),
+    ):
+        told: list[str] = []
+        Pipeline(tiny_adapter, PipelineConfig(selector=selector, max_new_tokens=3)).answer(
+            sample_image, "what is there?", keep_ratio=0.25, on_stage=told.append
+        )
+        assert told == expected, selector
+    cancel, told = threading.Event(), []
+
+    def stop_at_score(stage: str) -> None:
+        told.append(stage)
+        if stage == "score":
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        Pipeline(tiny_adapter, PipelineConfig(max_new_tokens=3)).answer(
+            sample_image, "what is there?", keep_ratio=0.25, cancel=cancel, on_stage=stop_at_score
+        )
+    assert told == ["preprocess", "encode", "score"]

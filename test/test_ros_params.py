@@ -43,9 +43,32 @@ def test_runtime_parameters_are_exactly_the_settable_ones():
     assert Settings(**{name: BY_NAME[name].default for name in RUNTIME}) == Settings()
 
 
+def test_docs_list_every_parameter_under_its_kind_and_launch_arguments_keep_the_defaults():
+    """docs/ros.md's Parameters section names every parameter, read-only ones in its read-only list and the
+    runtime-settable ones in the other; a launch argument named like a parameter has that parameter's default."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "docs" / "ros.md").read_text().split("## Parameters\n", 1)[1].split("\n## ", 1)[0]
+    read_only_text, rest = section.split("Read-only:", 1)[1].split("Runtime-settable", 1)
+    runtime_text = rest.split("At run time", 1)[0]
+    names = re.compile(r"`([a-z_]+)`")
+    assert set(names.findall(read_only_text)) == {p.name for p in PARAMS if p.read_only}
+    assert set(names.findall(runtime_text)) == {p.name for p in PARAMS if not p.read_only}
+    launch = (root / "launch" / "agent.launch.py").read_text()
+    wired = dict(re.findall(r'DeclareLaunchArgument\(\s*"(\w+)",\s*default_value=("[^"]*")', launch))
+    assert {"model_path", "latency_budget_ms", "image_transport", "autostart"} <= set(wired)
+    for name, literal in wired.items():
+        if name in BY_NAME:
+            default = BY_NAME[name].default
+            assert ast.literal_eval(literal) == (str(default).lower() if isinstance(default, bool) else str(default))
+
+
 def test_descriptors_carry_ranges_and_choices():
     budget = BY_NAME["latency_budget_ms"].descriptor()
-    assert budget.floating_point_range[0].from_value == 1.0 and not budget.read_only
+    assert budget.floating_point_range[0].from_value == 0.0 and not budget.read_only  # 0 itself: Settings.problems
+    assert Settings(latency_budget_ms=0.0).problems() and not Settings(latency_budget_ms=0.5).problems()
     assert BY_NAME["max_new_tokens"].descriptor().integer_range[0].to_value == 1024
     assert BY_NAME["model_path"].descriptor().read_only
     assert "budget, fixed" in BY_NAME["mode"].descriptor().additional_constraints

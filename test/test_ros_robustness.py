@@ -137,9 +137,9 @@ class Results:
         self.items: list[dict] = []
         self._cond = threading.Condition()
 
-    def __call__(self, result: dict, _text) -> None:
+    def __call__(self, result) -> None:
         with self._cond:
-            self.items.append(result)
+            self.items.append(result.to_json())
             self._cond.notify_all()
 
     def of(self, request_id: str, timeout: float = 120.0) -> dict:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ptp_ros.budget import keep_ratio_arg
+
 from .matching import MATCHERS
 
 RATIOS = (1.0, 0.5, 0.25, 0.111, 0.056)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--ratios",
-        type=float,
+        type=keep_ratio_arg,
         nargs="+",
         default=list(RATIOS),
         help="keep ratios (default: %(default)s). The matched-cost table reads each peer at PTP's total cost "
@@ -142,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     from ptp_ros.vlm.defaults import default_model_path
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
+    from ..rows import Row
     from . import report
     from .methods import (
-        Method,
         comparison_methods,
         control_methods,
         diversity_methods,
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "llm_layer": llm_layer,
         "llm_layers": adapter.model.config.text_config.num_hidden_layers,
     }
-    rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
+    rows = methods + ([Row(DOWNSCALED, None)] if evaluator.downscales else [])
     data = report.build(results, rows, ratios, meta)
     report.write(data, ratios, out)
     glob = "" if data["global_only"] is None else f", global only {data['global_only']['accuracy']:.3f}"
@@ -238,18 +240,17 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
 
     from ..cost_model import MODELS, llm_dims_from_config
     from ..models import load_model
+    from ..rows import Row
     from . import report
     from .data_runner import AnswerCache, DataEvaluator, progress_printer
     from .dataset import DataError, load_items
-    from .methods import Method, comparison_methods, control_methods, with_controls
+    from .methods import comparison_methods, control_methods, with_controls
     from .runner import DOWNSCALED, Results
 
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be >= 1")
     if args.limit is not None and args.limit < 1:
         ap.error("--limit must be >= 1")
-    if any(not 0.0 < r <= 1.0 for r in args.ratios):
-        ap.error("--ratios must be in (0, 1]")
     try:
         if "{question}" not in args.prompt or args.prompt.format(question="q") is None:
             raise ValueError("it has no {question}")
@@ -322,7 +323,7 @@ def _data_main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         "llm": llm_dims_from_config(adapter.model.config.text_config) if named else None,
     }
     scratch.cleanup()
-    rows = methods + ([Method(DOWNSCALED, "max_pixels")] if evaluator.downscales else [])
+    rows = methods + ([Row(DOWNSCALED, None)] if evaluator.downscales else [])
     data = report.build(results, rows, ratios, meta)
     report.write(data, ratios, out)
     (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in evaluator.answers))

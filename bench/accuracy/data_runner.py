@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptp_ros.pipeline import Pipeline, PipelineConfig
+from ptp_ros.pipeline import Pipeline
 from ptp_ros.pruning import resolve_budget
 from ptp_ros.vlm.stock_adapter import StockModelAdapter
 
+from ..rows import Row
 from .dataset import Item, read_image
 from .matching import matches
-from .methods import Method, adapter_variant
+from .methods import adapter_variant
 from .runner import DOWNSCALED, FULL, Results
 
 FULL_KEY = ("all tokens",)
@@ -103,7 +104,7 @@ class DataEvaluator:
     def __init__(
         self,
         adapter: StockModelAdapter,
-        methods: list[Method],
+        methods: list[Row],
         ratios: Iterable[float],
         cache: AnswerCache,
         max_new_tokens: int,
@@ -125,17 +126,13 @@ class DataEvaluator:
                 out.append(Cell(DOWNSCALED, ratio, DOWNSCALED_KEY))
         return out
 
-    def pipeline(self, method: Method | None) -> Pipeline:
+    def pipeline(self, method: Row | None) -> Pipeline:
         """The method's pipeline (``None``: the unpruned one), built once."""
-        key = FULL_KEY if method is None else method.key()
+        method = method or Row(FULL, None)
+        key = FULL_KEY if method.selector is None else method.key()
         if key not in self._pipelines:
-            self._pipelines[key] = (
-                Pipeline(self.adapter, PipelineConfig(max_new_tokens=self.max_new_tokens))
-                if method is None
-                else Pipeline(
-                    adapter_variant(self.adapter, method.adapter), method.pipeline_config(self.max_new_tokens)
-                )
-            )
+            adapter = adapter_variant(self.adapter, method.adapter)
+            self._pipelines[key] = Pipeline(adapter, method.pipeline_config(self.max_new_tokens))
         return self._pipelines[key]
 
     def run(self, items: list[Item], results: Results, progress: Callable[[int, int, int], None]) -> int:
@@ -157,7 +154,7 @@ class DataEvaluator:
             progress(index + 1, len(items), fresh)
         return fresh
 
-    def _answer(self, image, item: Item, cell: Cell, by_label: dict[str, Method], done: dict) -> dict:
+    def _answer(self, image, item: Item, cell: Cell, by_label: dict[str, Row], done: dict) -> dict:
         instruction = self.prompt.format(question=item.question)
         if cell.key == FULL_KEY:
             answer = self.pipeline(None).answer(image, instruction, keep_ratio=1.0)

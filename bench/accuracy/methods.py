@@ -1,85 +1,20 @@
-"""The selectors compared by ``ptp-eval``: PTP, its ablations and the peer methods, under one interface.
+"""The rows compared by ``ptp-eval``: PTP, its ablations and the peer methods, each a ``bench.rows.Row`` (a label and
+the ``ConfiguredSelector`` the library runs, plus the adapter option changes that produce its scores and its group).
 
-A ``Method`` is a selector name with its options plus the two choices made outside the selector:
-how instruction attention is reduced over instruction tokens and which adapter options produce the
-scores (``adapter``: changes to the evaluated adapter's own options, e.g. the LLM layer; any family
-takes them as long as its options have those fields).  "ptp" always means the library's current defaults.
-Every report also carries control rows (``control_methods``): random tokens before the LLM, and random tokens
-or none dropped inside it at each layer a row drops tokens at; each row's gain is paired with the control of
-its own stage (``control_for``).
+"ptp" always means the library's current defaults.  Every report also carries control rows (``control_methods``):
+random tokens before the LLM, and random tokens or none dropped inside it at each layer a row drops tokens at;
+each row's gain is paired with the control of its own stage (``control_for``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
-from ptp_ros.pipeline import PipelineConfig, in_llm_plan
-from ptp_ros.pruning import InLLMPruning, PTPConfig, make_selector, selector_names, selector_spec
+from ptp_ros.pruning import ConfiguredSelector, PTPConfig, selector_names, selector_spec
 from ptp_ros.pruning.ptp import FUSIONS, WITHIN_REGION
 from ptp_ros.vlm.stock_adapter import StockModelAdapter
 
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    selector: str
-    options: dict = field(default_factory=dict)
-    # instruction tokens → one relevance per visual token: the selector's own reduction (FastV's "max",
-    # text_attention's "mean"), else this (default "max"); filled in, so the report says what ran
-    reduce: str | None = None
-    adapter: tuple[tuple[str, object], ...] = ()  # (option, value) changes to the adapter's options
-    group: str = "peer"  # "ptp", "ablation", "peer", "candidate" (a sweep's) or "control" (``control_methods``)
-    prune_in_llm: bool = PipelineConfig.prune_in_llm  # as the library's default unless a row says otherwise
-    probe_candidates: float = 0.0  # PipelineConfig.probe_candidates
-    newline_policy: str = PipelineConfig.newline_policy  # "drop" for the no-visual control: not even a newline
-
-    def __post_init__(self) -> None:
-        registered = self.selector in selector_names(controls=True)
-        reduce = self.bound().relevance_reduce(self.reduce) if registered else self.reduce
-        object.__setattr__(self, "reduce", reduce or "max")
-
-    def bound(self):
-        return make_selector(self.selector, **self.options)
-
-    def in_llm_plan(self, llm_layer: int) -> InLLMPruning | None:
-        return in_llm_plan(self.bound(), self.prune_in_llm, llm_layer)
-
-    def prune_layer(self, llm_layer: int) -> int | None:
-        """The LLM layer from which this row drops visual tokens (``None``: before the LLM), with ``llm_layer``
-        the evaluated adapter's relevance layer (the row's own ``llm_layer`` change wins)."""
-        if self.selector not in selector_names(controls=True):  # max_pixels: a smaller image, read whole
-            return None
-        plan = self.in_llm_plan(dict(self.adapter).get("llm_layer", llm_layer))
-        return None if plan is None else plan.prune_layer
-
-    @property
-    def needs_relevance(self) -> bool:
-        return self.bound().needs_relevance
-
-    def pipeline_config(self, max_new_tokens: int) -> PipelineConfig:
-        """The library configuration that runs this row (``ptp-eval --data`` answers through it)."""
-        return PipelineConfig.for_selector(
-            self.selector,
-            self.options,
-            instruction_reduce=self.reduce,
-            prune_in_llm=self.prune_in_llm,
-            probe_candidates=self.probe_candidates,
-            newline_policy=self.newline_policy,
-            max_new_tokens=max_new_tokens,
-        )
-
-    def key(self) -> tuple:
-        """Identity of what is computed (two labels for one configuration are computed once)."""
-        return (
-            self.selector,
-            tuple(sorted(self.options.items())),
-            self.reduce if self.needs_relevance else None,
-            self.adapter,
-            self.prune_in_llm,
-            self.probe_candidates,
-            self.newline_policy,
-        )
+from ..rows import Row
 
 
 def adapter_variant(base: StockModelAdapter, changes: tuple[tuple[str, object], ...]) -> StockModelAdapter:
@@ -89,15 +24,16 @@ def adapter_variant(base: StockModelAdapter, changes: tuple[tuple[str, object], 
     return type(base)(base.model, base.processor, dataclasses.replace(base.options, **dict(changes)))
 
 
-def pick_methods(methods: list[Method], names: list[str]) -> list[Method]:
+def pick_methods(methods: list[Row], names: list[str]) -> list[Row]:
     """The rows of ``methods`` named in ``names``, in ``methods``' order: a name is a row's label or, when no
     label is that name, a selector name (every row of that selector); a ``ValueError`` names unknown ones."""
     labels = {m.label for m in methods}
+    selectors = {m.label: m.selector.name for m in methods if m.selector is not None}
     chosen = {n for n in names if n in labels}
-    chosen |= {m.label for m in methods if m.selector in names and m.selector not in labels}
-    unknown = [n for n in names if n not in labels and not any(m.selector == n for m in methods)]
+    chosen |= {label for label, name in selectors.items() if name in names and name not in labels}
+    unknown = [n for n in names if n not in labels and n not in selectors.values()]
     if unknown:
-        known = sorted(labels | {m.selector for m in methods})
+        known = sorted(labels | set(selectors.values()))
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; known: {', '.join(map(repr, known))}")
     return [m for m in methods if m.label in chosen]
 
@@ -116,14 +52,14 @@ def no_visual_after(k: int) -> str:
     return f"no-visual-after-{k}"
 
 
-def control_for(method: Method, llm_layer: int) -> str:
+def control_for(method: Row, llm_layer: int) -> str:
     """The control a method's gain is paired with: random tokens dropped where it drops them (before the LLM:
     ``RANDOM``; inside it from layer K: ``random_after(K)``)."""
     k = method.prune_layer(llm_layer)
     return RANDOM if k is None else random_after(k)
 
 
-def control_methods(methods: list[Method], llm_layer: int) -> list[Method]:
+def control_methods(methods: list[Row], llm_layer: int) -> list[Row]:
     """The control rows of a report on ``methods`` (the UniPruneBench convention: random is a strong baseline):
     random before the LLM, and for every layer K at which a row drops tokens inside the LLM, random tokens
     (as many as the rows keep) and no visual token at all from K on, through the same in-LLM plan as the rows
@@ -131,18 +67,18 @@ def control_methods(methods: list[Method], llm_layer: int) -> list[Method]:
     layers = sorted({k for m in methods if m.group != "control" and (k := m.prune_layer(llm_layer)) is not None})
     out = [peer("random", label=RANDOM, group="control")]
     for k in layers:
-        out.append(Method(random_after(k), "random_in_llm", {"k": k}, group="control"))
-        out.append(Method(no_visual_after(k), "no_visual_in_llm", {"k": k}, group="control", newline_policy="drop"))
+        out.append(Row(random_after(k), ConfiguredSelector("random_in_llm", {"k": k}), group="control"))
+        out.append(Row(no_visual_after(k), ConfiguredSelector("no_visual_in_llm", {"k": k}), group="control"))
     return out
 
 
-def with_controls(methods: list[Method], llm_layer: int) -> list[Method]:
+def with_controls(methods: list[Row], llm_layer: int) -> list[Row]:
     """``methods`` and, after them, every control row they need that is not among them already."""
     have = {m.key() for m in methods}
     return methods + [c for c in control_methods(methods, llm_layer) if c.key() not in have]
 
 
-def main_rows(methods: list[Method], llm_layer: int) -> list[Method]:
+def main_rows(methods: list[Row], llm_layer: int) -> list[Row]:
     """The rows ``ptp-eval`` runs on every scene: all but the ablations and the controls that only ablations
     need (those run on the ablation scenes, where they are paired)."""
     main = [m for m in methods if m.group not in ("ablation", "control")]
@@ -155,15 +91,15 @@ def main_rows(methods: list[Method], llm_layer: int) -> list[Method]:
 ABLATION_PEERS = frozenset({"text_attention"})
 
 
-def peer(selector: str, options: dict | None = None, label: str | None = None, **changes) -> Method:
+def peer(selector: str, options: dict | None = None, label: str | None = None, group: str | None = None) -> Row:
     """The row of a registered selector as its paper runs it: its label (``SelectorSpec.label``) and, for the
     [CLS] peers, the vision layer whose [CLS] attention their code reads (``SelectorSpec.saliency_layer``;
     "feature": the layer whose output the LLM reads, LLaVA-NeXT's penultimate, Qwen2.5-VL's last
     full-attention block)."""
     spec = selector_spec(selector)
     adapter = (("vision_layer", spec.saliency_layer),) if spec.saliency_layer else ()
-    changes.setdefault("group", "ablation" if selector in ABLATION_PEERS else "peer")
-    return Method(label or spec.label, selector, dict(options or {}), adapter=adapter, **changes)
+    group = group or ("ablation" if selector in ABLATION_PEERS else "peer")
+    return Row(label or spec.label, ConfiguredSelector(selector, options or {}), adapter, group)
 
 
 def _ptp(
@@ -171,23 +107,19 @@ def _ptp(
     group: str = "ablation",
     reduce: str = "max",
     adapter: dict | None = None,
-    prune_in_llm: bool = PipelineConfig.prune_in_llm,
+    prune_in_llm: bool = True,
     probe_candidates: float = 0.0,
     **changes,
-) -> Method:
-    return Method(
-        label,
-        "ptp",
-        dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes)),
-        reduce,
-        tuple(sorted((adapter or {}).items())),
-        group,
-        prune_in_llm,
-        probe_candidates,
+) -> Row:
+    """A PTP row: every ``PTPConfig`` field given (the defaults with ``changes``), so the report says what ran."""
+    options = dataclasses.asdict(dataclasses.replace(PTPConfig(), **changes))
+    selector = ConfiguredSelector(
+        "ptp", options, prune_in_llm=prune_in_llm, probe_candidates=probe_candidates, reduce=reduce
     )
+    return Row(label, selector, tuple(sorted((adapter or {}).items())), group)
 
 
-def comparison_methods() -> list[Method]:
+def comparison_methods() -> list[Row]:
     """PTP (max over instruction tokens), the ablations the issue names, and the peers: FastV inside the LLM
     as its code runs it, and its ranking applied before the LLM (mean attention of the instruction rows)."""
     default = PTPConfig().alpha  # α = 0 and α = 1 are the ablation rows, the default is the "ptp" row
@@ -212,7 +144,7 @@ def comparison_methods() -> list[Method]:
     ]
 
 
-def sweep_methods() -> list[Method]:
+def sweep_methods() -> list[Row]:
     """Candidate defaults for PTP, run on the validation split to choose them (never on test); for a
     tiled model with [CLS] (the region scores are those of LLaVA-NeXT and InternVL)."""
     out = []
@@ -231,7 +163,7 @@ def sweep_methods() -> list[Method]:
     return out
 
 
-def fusion_methods() -> list[Method]:
+def fusion_methods() -> list[Row]:
     """Candidate fusions of saliency and relevance, at the default LLM layer (where the proxy's relevance
     is uninformative) and at layer 1 (where it is informative), run on the validation split to choose."""
     out = [_ptp("ptp α=0", alpha=0.0)]
@@ -245,7 +177,7 @@ def fusion_methods() -> list[Method]:
     return out
 
 
-def stage_methods() -> list[Method]:
+def stage_methods() -> list[Row]:
     """The candidate defaults, run on the validation split to choose them (``ptp-eval --stage-sweep``), compared
     at matched total cost: where PTP's instruction stage runs (inside the LLM at K = 2 or 4, a separate probe
     before the LLM, a probe over the bottom-up candidates only, no instruction stage at all), how each region's
@@ -269,7 +201,7 @@ def stage_methods() -> list[Method]:
     return out + [peer("fastv"), peer("hired"), peer("uniform_cls"), peer("divprune")]
 
 
-def diversity_methods() -> list[Method]:
+def diversity_methods() -> list[Row]:
     """How PTP fills each region's quota: the diverse pick (``within_region="diverse"``: relevance-weighted
     max–min diversity, weight λ) against plain top-k and DivPrune, at the default LLM layer and at layer 1,
     run on the validation split to choose (never on test).  Every row names its ``within_region`` except
@@ -277,10 +209,10 @@ def diversity_methods() -> list[Method]:
     (``prune_in_llm=False``), so only the within-region filling varies; ``stage_methods`` compares both inside
     the LLM."""
 
-    def top_k(label: str, group: str = "candidate", **changes) -> Method:
+    def top_k(label: str, group: str = "candidate", **changes) -> Row:
         return _ptp(f"ptp top-k{label}", group=group, within_region="top_k", prune_in_llm=False, **changes)
 
-    def diverse(label: str, diversity: float, group: str = "candidate", **changes) -> Method:
+    def diverse(label: str, diversity: float, group: str = "candidate", **changes) -> Row:
         return _ptp(
             f"ptp diverse λ={diversity:g}{label}",
             group=group,

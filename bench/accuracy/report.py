@@ -16,8 +16,9 @@ import numpy as np
 
 from ptp_ros.proxy import QUESTION_TYPES
 
-from ..cost_model import Passes, llm_dims_from_model_path, passes_for_method, prefill_breakdown
-from .methods import Method, control_for
+from ..cost_model import Passes, llm_dims_from_model_path, prefill_breakdown
+from ..rows import Row
+from .methods import control_for
 from .runner import FULL, GLOBAL_ONLY, Results, summarize_ci
 
 #: How a peer's accuracy at PTP's total cost is read off its measured points (the report says so).
@@ -79,7 +80,7 @@ def _flops(
     return {key: float(np.mean([p[key] for p in parts])) / 1e9 for key in ("total", "scoring", "selection")}
 
 
-def build(results: Results, methods: list[Method], ratios: tuple[float, ...], meta: dict) -> dict:
+def build(results: Results, methods: list[Row], ratios: tuple[float, ...], meta: dict) -> dict:
     """Everything the report shows, as JSON-ready data (accuracy, CI, relative accuracy, recall, per type, the
     mean total LLM prefill GFLOPs per question with its ratio to all tokens, the paired gain over the row's
     control, the control rows and the matched-cost comparison).
@@ -147,15 +148,13 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
     methods_out, controls_out = {}, {}
     for m in methods:
         control = None if m.group == "control" else control_for(m, llm_layer)
-        try:
-            passes = passes_for_method(m, llm_layer)
-        except (ValueError, TypeError):  # a row the cost model cannot describe: no FLOPs rather than wrong ones
-            passes = None
-        pruned = {f"{r:g}": entry(m.label, r, passes, m.selector == "max_pixels", control) for r in ratios if r < 1.0}
+        passes = m.passes(llm_layer)
+        pruned = {f"{r:g}": entry(m.label, r, passes, m.selector is None, control) for r in ratios if r < 1.0}
+        selector = m.selector.record() if m.selector is not None else {"selector": None, "options": {}}
         described = {
-            "selector": m.selector,
-            "options": m.options,
-            "passes": None if passes is None else dataclasses.asdict(passes),
+            "selector": selector["selector"],
+            "options": selector["options"],
+            "passes": dataclasses.asdict(passes),
         }
         if m.group == "control":
             k = m.prune_layer(llm_layer)
@@ -165,9 +164,9 @@ def build(results: Results, methods: list[Method], ratios: tuple[float, ...], me
         methods_out[m.label] = {
             "group": m.group,
             **described,
-            "reduce": m.reduce,
+            "reduce": selector.get("reduce"),
             "adapter": dict(m.adapter),
-            "prune_in_llm": getattr(m, "prune_in_llm", False),
+            "prune_in_llm": selector.get("prune_in_llm", False),
             "control": control,
             "ratios": {"1.0": entry(FULL, 1.0), **pruned},
         }

@@ -19,7 +19,7 @@ import torch
 
 from ptp_ros.pipeline import Pipeline, candidate_relevance
 from ptp_ros.proxy import Question, Scene
-from ptp_ros.pruning import NO_REGION, InLLMPruning, PTPConfig, instruction_relevance, resolve_budget
+from ptp_ros.pruning import NO_REGION, InLLMPruning, instruction_relevance, resolve_budget
 from ptp_ros.vlm.attention import attention_rows, layer_inputs
 from ptp_ros.vlm.base import PreparedInput, VisualTokens
 from ptp_ros.vlm.in_llm import causal_mask, kept_prompt_mask
@@ -27,7 +27,8 @@ from ptp_ros.vlm.stock_adapter import StockModelAdapter, placeholder_positions
 
 from ..proxy.auxiliary import overlapping
 from ..proxy.data import answer_logits, answer_token, kept_positions, prefix_embeddings, question_suffix
-from .methods import Method, adapter_variant
+from ..rows import Row
+from .methods import adapter_variant
 
 GLOBAL_ONLY = "global view only"
 FULL = "all tokens"
@@ -58,7 +59,7 @@ class Evaluator:
     the resolution that yields each ratio's token count, the baseline pruning must beat.
     """
 
-    def __init__(self, adapter: StockModelAdapter, methods: list[Method], ratios: tuple[float, ...]):
+    def __init__(self, adapter: StockModelAdapter, methods: list[Row], ratios: tuple[float, ...]):
         self.model, self.processor = adapter.model, adapter.processor
         self.tokenizer = self.processor.tokenizer
         self.methods, self.ratios = methods, tuple(r for r in ratios if r < 1.0)
@@ -74,19 +75,19 @@ class Evaluator:
             self._variants[options] = adapter_variant(self.base, changes)
         return self._variants[options]
 
-    def pipeline(self, m: Method) -> Pipeline:
+    def pipeline(self, m: Row) -> Pipeline:
         """The library's pipeline for a method (its selection is the one ``Pipeline.answer`` makes), built once."""
         if m.key() not in self._pipelines:
             self._pipelines[m.key()] = Pipeline(self.variant(m.adapter), m.pipeline_config(max_new_tokens=1))
         return self._pipelines[m.key()]
 
-    def _vision(self, m: Method) -> tuple:
+    def _vision(self, m: Row) -> tuple:
         """The option changes that matter to encoding (all but the LLM layer)."""
         return tuple((k, v) for k, v in m.adapter if k != "llm_layer")
 
     @torch.no_grad()
     def scene(
-        self, scene: Scene, questions: list[Question], results: Results, methods: list[Method] | None = None
+        self, scene: Scene, questions: list[Question], results: Results, methods: list[Row] | None = None
     ) -> None:
         """Score ``methods`` (default: all) on one scene's questions, appending to ``results``."""
         methods = self.methods if methods is None else methods
@@ -134,17 +135,15 @@ class Evaluator:
             PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]), scene.image.shape[:2], q.text)
             for qi, q in enumerate(questions)
         ]
-        unique: dict[tuple, Method] = {}
+        unique: dict[tuple, Row] = {}
         for m in methods:
             unique.setdefault(m.key(), m)
         plans = {
-            key: plan
-            for key, m in unique.items()
-            if (plan := m.in_llm_plan(self.variant(m.adapter).options.llm_layer)) is not None
+            key: plan for key, m in unique.items() if (plan := m.in_llm_plan(self.base.options.llm_layer)) is not None
         }
         rows: dict[tuple[tuple, int], torch.Tensor] = {}
         for m in methods:
-            if m.needs_relevance and not m.probe_candidates and m.key() not in plans:
+            if m.selector.bound.needs_relevance and not m.selector.probe_candidates and m.key() not in plans:
                 for qi in range(len(questions)):
                     if (m.adapter, qi) not in rows:
                         rows[(m.adapter, qi)] = self.variant(m.adapter).instruction_attention(
@@ -170,14 +169,14 @@ class Evaluator:
             if self.downscales:
                 self._downscaled(scene, questions, suffixes, budget, ratio, record)
             computed: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
-            dependent: list[tuple[tuple, Method]] = []
+            dependent: list[tuple[tuple, Row]] = []
             for key, m in unique.items():
                 visual = visuals[self._vision(m)]
                 scores = dataclasses.replace(visual.scores, features=features)
                 if key in plans:
                     pairs = [in_llm[qi][(key, ratio)] for qi in range(len(questions))]
                     computed[key] = ([k for k, _ in pairs], torch.stack([lg for _, lg in pairs]))
-                elif not m.needs_relevance:
+                elif not m.selector.bound.needs_relevance:
                     kept = self.pipeline(m).select(n, scores, budget).kept
                     computed[key] = ([kept] * len(questions), prefill([kept], suffixes))
                 else:
@@ -187,18 +186,19 @@ class Evaluator:
                 kept_sets = []
                 for _key, m in dependent:
                     visual = visuals[self._vision(m)]
-                    if m.probe_candidates:
+                    selector = m.selector
+                    if selector.probe_candidates:
                         relevance = candidate_relevance(
                             self.variant(m.adapter),
                             prompts[qi],
                             visual,
-                            PTPConfig(**m.options),
+                            selector.bound.options["config"],
                             budget,
-                            m.probe_candidates,
-                            m.reduce,
+                            selector.probe_candidates,
+                            selector.reduce,
                         )
                     else:
-                        relevance = instruction_relevance(rows[(m.adapter, qi)], m.reduce)
+                        relevance = instruction_relevance(rows[(m.adapter, qi)], selector.reduce)
                     scores = dataclasses.replace(visual.scores, features=features, relevance=relevance)
                     kept_sets.append(self.pipeline(m).select(n, scores, budget).kept)
                 for group in _same_length(kept_sets):
@@ -218,7 +218,7 @@ class Evaluator:
 
     def _in_llm_question(
         self,
-        entries: list[tuple[tuple, Method, InLLMPruning]],
+        entries: list[tuple[tuple, Row, InLLMPruning]],
         visuals: dict,
         features: torch.Tensor,
         prefix_ids: torch.Tensor,
@@ -249,7 +249,7 @@ class Evaluator:
         inputs, rotary = layer_inputs(lm, embeds, wanted, None if full_positions is None else positions)
         relevance = {}
         for key, m, plan in entries:
-            if not m.needs_relevance:  # a control row (random tokens, or none): its choice reads no attention
+            if not m.selector.bound.needs_relevance:  # a control row (random tokens, or none): reads no attention
                 relevance[key] = None
                 continue
             rows = attention_rows(
@@ -259,7 +259,7 @@ class Evaluator:
                 plan.query_positions(image_pos, length),
                 image_pos,
             )
-            relevance[key] = instruction_relevance(rows.cpu(), m.reduce)  # the selector's own reduction, if any
+            relevance[key] = instruction_relevance(rows.cpu(), m.selector.reduce)  # its own reduction, if any
         out = {}
         for ratio in self.ratios:
             budget = resolve_budget(n, keep_ratio=ratio)

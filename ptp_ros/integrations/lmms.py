@@ -182,7 +182,7 @@ class PTPRos(lmms):
         tokens=None,
         alpha=None,
         prune_in_llm=None,
-        probe_candidates=0.0,
+        probe_candidates=None,
         device: str = "auto",
         dtype: str = "auto",
         max_new_tokens=16,
@@ -197,7 +197,7 @@ class PTPRos(lmms):
         if unknown:
             raise PTPRosError(f"unknown model_args {', '.join(sorted(unknown))}; known: {', '.join(KNOWN_ARGS)}")
         from ptp_ros.pipeline import InvalidRequest, Pipeline, PipelineConfig, budget_request
-        from ptp_ros.pruning import PTPConfig, make_selector
+        from ptp_ros.pruning import ConfiguredSelector
         from ptp_ros.vlm.defaults import default_model_path
         from ptp_ros.vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 
@@ -214,21 +214,18 @@ class PTPRos(lmms):
         self.skip_unsupported = _flag("skip_unsupported", skip_unsupported)
         if str(batch_size).strip() not in ("1", "auto") and not str(batch_size).startswith("auto"):
             eval_logger.warning(f"ptp_ros answers one request at a time: batch_size={batch_size} is ignored")
-        selector = str(selector)
-        try:
-            stage = {} if prune_in_llm is None else {"prune_in_llm": _flag("prune_in_llm", prune_in_llm)}
-            if alpha is not None and selector != "ptp":
-                raise PTPRosError(f"alpha is PTP's option; selector {selector!r} has none")
-            ptp = PTPConfig() if alpha is None else PTPConfig(alpha=_number("alpha", alpha))
+        try:  # only the options given: the configured selector refuses one its selector does not take
+            stage = {}
+            if prune_in_llm is not None:
+                stage["prune_in_llm"] = _flag("prune_in_llm", prune_in_llm)
+            if probe_candidates is not None:
+                stage["probe_candidates"] = _number("probe_candidates", probe_candidates)
+            options = {} if alpha is None else {"alpha": _number("alpha", alpha)}
             self.config = PipelineConfig(
-                selector=selector,
-                ptp=ptp,
+                selector=ConfiguredSelector(str(selector), options, **stage),
                 max_new_tokens=self.max_new_tokens,
-                probe_candidates=_number("probe_candidates", probe_candidates),
                 max_instruction_chars=_positive_int("max_instruction_chars", max_instruction_chars),
-                **stage,
             )
-            make_selector(selector, **({"alpha": ptp.alpha} if selector == "ptp" else {}))  # unknown name: here
         except PTPRosError:
             raise
         except (TypeError, ValueError) as exc:
@@ -253,7 +250,7 @@ class PTPRos(lmms):
         budget = f"keep_ratio={self.keep_ratio:g}" if self.tokens is None else f"tokens={self.tokens}"
         eval_logger.info(
             f"ptp_ros: {type(adapter).__name__} from {self.pretrained} on {adapter.device}, "
-            f"selector={selector}, {budget}"
+            f"selector={self.config.selector.name}, {budget}"
         )
 
     @property
@@ -317,14 +314,15 @@ class PTPRos(lmms):
             except InvalidRequest as exc:
                 raise PTPRosError(f"{where}: {exc}") from None
             text = _cut_at(answer.text, gen_kwargs.get("until"))
-            record = answer.to_dict()
+            result = answer.result()
+            record = result.to_json()
             counts = PruningCounts(
                 input_tokens=answer.prompt_tokens,
                 output_tokens=answer.new_tokens,
-                visual_tokens_kept=record["visual_tokens_kept"],
-                visual_tokens_total=record["visual_tokens_total"],
-                keep_ratio=record["keep_ratio"],
-                latency_ms=record["latency_ms"],
+                visual_tokens_kept=result.visual_tokens_kept,
+                visual_tokens_total=result.visual_tokens_total,
+                keep_ratio=result.keep_ratio,
+                latency_ms=result.latency_ms,
             )
             stats.append(record)
             self._write_stats(
@@ -367,7 +365,7 @@ class PTPRos(lmms):
         new_tokens = sum(s["new_tokens"] for s in stats)
         seconds = sum(s["latency_ms"].get("total", 0.0) for s in stats) / 1e3
         eval_logger.info(
-            f"ptp_ros: {n} answers, {self.config.selector} kept {kept:.1f} of {total:.1f} visual tokens "
+            f"ptp_ros: {n} answers, {self.config.selector.name} kept {kept:.1f} of {total:.1f} visual tokens "
             f"on average ({100 * ratio:.1f} %); mean ms per answer: "
             + ", ".join(f"{stage} {ms:.1f}" for stage, ms in stage_ms.items())
         )

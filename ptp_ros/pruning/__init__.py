@@ -6,6 +6,7 @@ baselines (selectors.py) — the order ``selector_names()`` lists them in.
 
 from . import peers, selectors  # noqa: F401  (register their selectors)
 from .budgets import region_quotas, region_shares
+from .configured import ConfiguredSelector
 from .ptp import PTPConfig, fused_scores, instruction_relevance, ptp_select
 from .registry import (
     BoundSelector,
@@ -17,30 +18,25 @@ from .registry import (
     selector_specs,
 )
 from .types import (
-    KEEP_RATIO_RANGE,
     NO_REGION,
     InLLMPruning,
     Selection,
     TokenScores,
     check_budget,
-    check_keep_ratio,
-    check_tokens,
     resolve_budget,
     selectable_budget,
 )
 
 __all__ = [
-    "KEEP_RATIO_RANGE",
     "NO_REGION",
     "InLLMPruning",
     "PTPConfig",
     "Selection",
     "BoundSelector",
+    "ConfiguredSelector",
     "SelectorSpec",
     "TokenScores",
     "check_budget",
-    "check_keep_ratio",
-    "check_tokens",
     "fused_scores",
     "instruction_relevance",
     "make_selector",

@@ -6,6 +6,7 @@ See docs/method.md for which choices are the paper's and which are ours.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -246,13 +247,13 @@ def ptp_select(scores: TokenScores, budget: int, config: PTPConfig = PTPConfig()
     )
 
 
-def _ptp_options(config: PTPConfig | None = None, **fields) -> dict:
-    """PTP's configuration as a ``PTPConfig`` (``config=``, as the pipeline passes it) or as its fields."""
-    if config is None:
-        return {"config": PTPConfig(**fields)}
-    if fields or not isinstance(config, PTPConfig):
-        raise ValueError("ptp takes a PTPConfig as config= or its fields, not both")
-    return {"config": config}
+def _ptp_options(**fields) -> dict:
+    """PTP's options are ``PTPConfig``'s fields; an unknown one is a ``ValueError`` naming the known ones."""
+    known = [f.name for f in dataclasses.fields(PTPConfig)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"ptp has no option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return {"config": PTPConfig(**fields)}
 
 
 def _ptp_distances(options: dict) -> str | None:

@@ -34,11 +34,11 @@ class SelectorSpec:
 
     * ``needs_relevance``: it reads ``TokenScores.relevance`` (text→visual attention), which callers compute
       only then.  ``reduce``: its own reduction of the instruction rows (one of ``REDUCTIONS``; ``None``:
-      the caller's, ``PipelineConfig.instruction_reduce``).
+      the configured one, ``ConfiguredSelector.reduce``).
     * ``needs_features``: it reads ``TokenScores.features`` (the projected visual features), which callers
       attach only then.
     * ``in_llm``: its own in-LLM plan (FastV's), from the bound options.  ``relevance_in_llm``: with
-      ``PipelineConfig.prune_in_llm`` (and relevance needed) it ranks inside the LLM at the adapter's
+      ``ConfiguredSelector.prune_in_llm`` (and relevance needed) it ranks inside the LLM at the adapter's
       relevance layer instead of after a separate probe (PTP).
     * ``distances``: one of ``DISTANCES`` or ``None`` — what the cost model counts as its selection matmuls.
     * ``saliency_layer``: the vision layer whose [CLS] attention its paper ranks by ("feature": the layer the
@@ -127,8 +127,8 @@ class BoundSelector:
 
     def relevance_reduce(self, requested: str | None = None, default: str = "max") -> str:
         """How its relevance is reduced over the instruction rows: its own reduction, else ``requested``, else
-        ``default`` (the pipeline's ``instruction_reduce``).  A ``requested`` reduction that its own
-        contradicts is a ``ValueError`` (a benchmark row that asks for one it would not get)."""
+        ``default``.  A ``requested`` reduction that its own contradicts is a ``ValueError`` (a configured selector
+        that asks for one it would not get)."""
         own = self.spec.reduce
         if own is not None and requested not in (None, own):
             raise ValueError(f"{self.name} reduces its relevance by {own!r}; reduce={requested!r} contradicts it")
@@ -168,6 +168,6 @@ def selector_specs(controls: bool = False) -> list[SelectorSpec]:
 
 
 def make_selector(name: str, **options) -> BoundSelector:
-    """A selector by name; ``options`` are its configuration (for "ptp": PTPConfig fields; for "fastv":
+    """A selector by name; ``options`` are its configuration (for "ptp": PTPConfig's fields; for "fastv":
     ``k``, the layer from which it drops tokens, FastV's default 2; for the others their keyword options)."""
     return selector_spec(name).bind(**options)

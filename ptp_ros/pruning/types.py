@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from ..budget import ratio_tokens
 
 #: Region id given to structural tokens (LLaVA-NeXT's row newlines) that belong to no region.
 NO_REGION = -1
@@ -117,40 +118,15 @@ class Selection:
         return m
 
 
-#: The one range of a keep ratio, wherever one enters (CLI, node parameters and requests, the library):
-#: above 0 (at least one token is kept anyway), at most 1 (everything).
-KEEP_RATIO_RANGE = "(0, 1]"
-
-
-def check_keep_ratio(keep_ratio: float, name: str = "keep_ratio") -> float:
-    """``keep_ratio`` as a float in ``KEEP_RATIO_RANGE``, or a ``ValueError`` naming ``name``: the one check every
-    entry point runs."""
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"{name} must be in {KEEP_RATIO_RANGE}, got {keep_ratio!r}")
-    return float(keep_ratio)
-
-
-def check_tokens(tokens: int, name: str = "tokens") -> int:
-    """``tokens`` as an int >= 1 (a whole number), or a ``ValueError`` naming ``name``."""
-    if (
-        isinstance(tokens, bool)
-        or not isinstance(tokens, numbers.Real)
-        or not math.isfinite(tokens)
-        or tokens < 1
-        or int(tokens) != tokens
-    ):
-        raise ValueError(f"{name} must be a whole number >= 1, got {tokens!r}")
-    return int(tokens)
-
-
 def resolve_budget(total: int, keep_ratio: float | None = None, tokens: int | None = None) -> int:
-    """Turn a budget given as a ratio in (0, 1] or as a token count into a token count in [1, total]: the one
-    ratio → tokens conversion (``selectable_budget`` caps it at the tokens a selector may pick)."""
+    """A budget given as a keep ratio or as a token count, as a token count in [1, total] (``budget.ratio_tokens``
+    for a ratio); both are taken as checked where they entered (``budget.check_keep_ratio``, ``check_tokens``).
+    ``selectable_budget`` caps it at the tokens a selector may pick."""
     if (keep_ratio is None) == (tokens is None):
         raise ValueError("give exactly one of keep_ratio and tokens")
     if keep_ratio is not None:
-        return max(1, min(total, round(check_keep_ratio(keep_ratio) * total)))
-    return min(total, check_tokens(tokens))
+        return ratio_tokens(total, keep_ratio)
+    return max(1, min(total, tokens))
 
 
 def selectable_budget(scores: TokenScores, keep_ratio: float | None = None, tokens: int | None = None) -> int:

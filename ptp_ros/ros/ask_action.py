@@ -26,28 +26,25 @@ import time
 import uuid
 from typing import Any
 
+from ..result import RequestResult
 from .requests import RequestError, request_from_fields
 
 ACTION_NAME = "ask"
 STAGES = ("queued", "converting", "encoding", "scoring", "prefill", "decoding")
-# JSON result keys by their typed field's kind (the typed field has the same name)
-TEXTS = ("instruction", "status", "answer", "error", "stamp_warning", "mode")
-FLOATS = ("frame_age_ms", "frame_arrival_age_ms", "keep_ratio", "latency_budget_ms", "predicted_ms")  # NaN: absent
-COUNTS = ("visual_tokens_kept", "visual_tokens_total", "new_tokens", "max_new_tokens")  # 0: absent
-FLAGS = ("budget_feasible", "budget_met")
-#: The library's diagnostic fields of an answer (``Answer.to_dict``) that only the JSON ``result`` carries: how
-#: the budget was split over regions and where the tokens were dropped (and why there, in budget mode), for logs
-#: and rviz tools, not planners.
-JSON_ONLY = (
-    "selector",
-    "quotas",
-    "structural_kept",
-    "structural_total",
-    "prompt_tokens",
-    "prune_layer",
-    "prune_stage",
-    "prune_stage_reason",
-)
+#: The feedback stage (``STAGES``) each stage of a running request reports as: the worker's "convert" (the request
+#: left the queue), then the pipeline's (``timing.STAGES``, told through ``Pipeline.answer``'s ``on_stage``).
+FEEDBACK = {
+    "convert": "converting",
+    "preprocess": "converting",
+    "encode": "encoding",
+    "score": "scoring",
+    "select": "scoring",
+    "prefill": "prefill",
+    "decode": "decoding",
+}
+#: The typed result's fields that are not one JSON key of the same name: the request id, the frame's stamp and
+#: frame_id (its header) and the stage times (a StageLatency message); every other field is the JSON key it names.
+FROM_JSON_APART = ("request_id", "header", "latency_ms")
 CANCEL_TRANSITION_S = 2.0  # how long a cancelled goal's result waits for rclpy to mark the goal canceling
 RESULT_TIMEOUT_S = 60  # how long rclpy keeps a goal's result for a client that asks for it late (rclpy's: 10 s)
 CLIENT_DEPTH = 1000  # the depth ``client`` gives a planner's side: bursts as large as the node's default take
@@ -115,17 +112,13 @@ def goal_fields(goal) -> dict[str, Any]:
 
 
 def result_message(Ask, result: dict):
-    """The typed ``Ask.Result`` of a JSON result (absent numbers NaN or 0, absent texts empty)."""
+    """The typed ``Ask.Result`` of a JSON result (``RequestResult.to_json``): each field the message declares takes
+    the JSON key of its name, converted by the field's type (a number the JSON leaves out is NaN, a count 0, a
+    text empty, a flag false); ``request_id`` is its ``id``, ``header`` its ``stamp`` and ``frame_id``."""
     msg = Ask.Result(request_id=str(result.get("id", "")))
-    for name in TEXTS:
-        setattr(msg, name, str(result.get(name) or ""))
-    for name in FLOATS:
-        value = result.get(name)
-        setattr(msg, name, math.nan if value is None else float(value))
-    for name in COUNTS:
-        setattr(msg, name, int(result.get(name) or 0))
-    for name in FLAGS:
-        setattr(msg, name, bool(result.get(name, False)))
+    for name, kind in msg.get_fields_and_field_types().items():
+        if name not in FROM_JSON_APART:
+            setattr(msg, name, _typed(kind, result.get(name)))
     if stamp := result.get("stamp"):
         msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp["sec"]), int(stamp["nanosec"])
     msg.header.frame_id = str(result.get("frame_id", ""))
@@ -135,12 +128,26 @@ def result_message(Ask, result: dict):
     return msg
 
 
+def _typed(kind: str, value: Any) -> Any:
+    """A JSON value as a message field of type ``kind``; absent (``None``): NaN, 0, "" or false."""
+    if kind == "string":
+        return "" if value is None else str(value)
+    if kind in ("double", "float"):
+        return math.nan if value is None else float(value)
+    if kind == "boolean":
+        return bool(value)
+    return 0 if value is None else int(value)  # the counts: uint32 and friends
+
+
 def result_dict(msg) -> dict:
-    """The JSON shape of a typed result (what ``describe`` and scripts read); NaN and empty fields left out."""
+    """The JSON shape of a typed result (what ``describe`` and scripts read): ``result_message`` read back, NaN
+    numbers and empty texts left out."""
     out: dict[str, Any] = {"id": msg.request_id}
-    out.update({name: getattr(msg, name) for name in TEXTS if getattr(msg, name)})
-    out.update({name: getattr(msg, name) for name in FLOATS if not math.isnan(getattr(msg, name))})
-    out.update({name: getattr(msg, name) for name in COUNTS + FLAGS})
+    for name, kind in msg.get_fields_and_field_types().items():
+        value = getattr(msg, name)
+        absent = (kind == "string" and not value) or (kind in ("double", "float") and math.isnan(value))
+        if name not in FROM_JSON_APART and not absent:
+            out[name] = value
     if msg.header.frame_id or msg.header.stamp.sec or msg.header.stamp.nanosec:
         out.update(
             stamp={"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec}, frame_id=msg.header.frame_id
@@ -152,30 +159,6 @@ def result_dict(msg) -> dict:
 
 
 # -- the server --------------------------------------------------------------------------------------------
-class StageProbe(threading.Event):
-    """One goal's cancel event, handed to the worker as the request's own; setting it cancels that request.
-
-    It also reads the checks made on it as stage boundaries: the worker checks it when the request leaves the
-    queue (converting), the pipeline before encoding (encoding), after encoding (scoring: saliency, relevance,
-    selection) and before generating (prefill), and ``generate``'s stopping criterion after every token, the
-    first of which ends the prefill (decoding).  Once set, checks reach no further stage: a cancelled request
-    stops.  test/test_ros_action.py holds this order.
-    """
-
-    def __init__(self, reached):
-        super().__init__()
-        self._checks = 0
-        self._reached = reached
-
-    def is_set(self) -> bool:
-        if super().is_set():
-            return True
-        self._checks += 1  # only the inference thread checks
-        if self._checks < len(STAGES):
-            self._reached(STAGES[self._checks])
-        return False
-
-
 class Goal:
     """One goal rclpy accepted, from ``handle_accepted_callback`` to its result."""
 
@@ -188,16 +171,20 @@ class Goal:
         self.queued: bool | None = None  # None until the worker queued it (True) or it was refused (False)
         self.executing = False
         self.cancel_requested = False
-        self.result: dict | None = None
+        self.result: RequestResult | None = None
         self.done = threading.Event()
-        self.cancel = StageProbe(self.stage)
+        self.cancel = threading.Event()  # the request's own: set, it stops at its next stage or token
 
     def stage(self, name: str) -> None:
+        """The worker's and the pipeline's stage ``name`` began: feedback when it starts a new ``STAGES`` one
+        (``FEEDBACK``); called on the inference thread."""
+        feedback = FEEDBACK[name]
         with self.lock:
-            self.reached.append((name, (time.monotonic() - self.received) * 1e3))
-            self._advance()
+            if not self.reached or feedback != self.reached[-1][0]:
+                self.reached.append((feedback, (time.monotonic() - self.received) * 1e3))
+                self._advance()
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result: RequestResult) -> None:
         with self.lock:
             self.result = result
             self.done.set()
@@ -284,7 +271,9 @@ class AskServer:
         if worker is None:
             node.refuse(key, request.text, problem)
             return False
-        return worker.submit(dataclasses.replace(request, id=key), goal.received, cancel=goal.cancel)
+        return worker.submit(
+            dataclasses.replace(request, id=key), goal.received, cancel=goal.cancel, on_stage=goal.stage
+        )
 
     def _on_cancel(self, handle):
         from rclpy.action import CancelResponse
@@ -304,28 +293,28 @@ class AskServer:
             goal = self._by_uuid[bytes(handle.goal_id.uuid)]
         goal.done.wait()
         result = goal.result
-        if result["status"] == "cancelled" and goal.cancel_requested:
+        if result.status == "cancelled" and goal.cancel_requested:
             deadline = time.monotonic() + CANCEL_TRANSITION_S  # rclpy marks it canceling after _on_cancel returns
             while not handle.is_cancel_requested and time.monotonic() < deadline:
                 time.sleep(0.005)
-        if result["status"] == "ok":
+        if result.status == "ok":
             handle.succeed()
-        elif result["status"] == "cancelled" and handle.is_cancel_requested:
+        elif result.status == "cancelled" and handle.is_cancel_requested:
             handle.canceled()
         else:
             handle.abort()
         with self._lock:
             self._by_uuid.pop(bytes(handle.goal_id.uuid), None)
-        return result_message(self.Ask, result)
+        return result_message(self.Ask, result.to_json())
 
     # -- from the node ---------------------------------------------------------------------------------
-    def route(self, result: dict) -> None:
+    def route(self, result: RequestResult) -> None:
         """Called with every result the node publishes: a goal's gets the goal's request id back and ends
         the goal."""
         with self._lock:
-            goal = self._by_key.pop(result.get("id"), None)
+            goal = self._by_key.pop(result.id, None)
         if goal is not None:
-            result["id"] = goal.request_id
+            result.id = goal.request_id
             goal.finish(result)
 
     def open_goals(self) -> int:

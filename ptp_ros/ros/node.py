@@ -37,6 +37,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from ..pipeline import Cancelled
+from ..result import RequestResult
 from ..vlm.defaults import default_model_path
 from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import ask_action, conversions
@@ -305,7 +306,7 @@ class AgentNode(LifecycleNode):
 
     def refuse(self, request_id: str, text: str, reason: str, status: str = "rejected") -> None:
         """Count and publish the result of a request refused before it reached the worker."""
-        self._publish_result(self.counters.rejection(request_id, text, reason, status=status), None)
+        self._publish_result(self.counters.rejection(request_id, text, reason, status=status))
 
     # -- outputs (called from the worker thread) -----------------------------------------------
     def flush_results(self, timeout_s: float) -> None:
@@ -315,17 +316,19 @@ class AgentNode(LifecycleNode):
         except Exception as exc:  # noqa: BLE001 - best effort on the way out
             self.get_logger().warning(f"results may be unsent at shutdown: {exc}")
 
-    def _publish_result(self, result: dict, answer: str | None) -> None:
+    def _publish_result(self, result: RequestResult) -> None:
+        """The one result of a request: the action's typed result (a goal's), the JSON on ``result``, the answer
+        text on ``answer`` — all from ``result``."""
         if self.ask is not None:
             self.ask.route(result)  # an action goal's: ends the goal, and gets the goal's request id back
-        if answer is not None:
-            self._answer_pub.publish(String(data=answer))
-        elif result.get("status") != "busy":
+        if result.answer is not None:
+            self._answer_pub.publish(String(data=result.answer.answer))
+        elif result.status != "busy":
             self.get_logger().warning(
-                f"request {loggable(str(result['id']), 80)}: {loggable(result['error'])}",
+                f"request {loggable(str(result.id), 80)}: {loggable(result.error or '')}",
                 throttle_duration_sec=LOG_THROTTLE_S,
             )
-        self._result_pub.publish(String(data=json.dumps(result)))
+        self._result_pub.publish(String(data=json.dumps(result.to_json())))
 
     def _publish_saliency(self, bgr, header) -> None:
         self._saliency_pub.publish(conversions.array_to_imgmsg(bgr, "bgr8", header))

@@ -8,6 +8,7 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.parameter import Parameter
 
+from ..budget import MAX_LATENCY_BUDGET_MS
 from .requests import MAX_NEW_TOKENS_LIMIT
 from .worker import MODES, Settings
 
@@ -106,8 +107,8 @@ PARAMS: tuple[Param, ...] = (
         read_only=True,
     ),
     # runtime-settable: validated, a bad value is rejected with a reason and the old one kept
-    # (their defaults are Settings' own; a keep ratio must be in (0, 1]: the descriptor's inclusive range admits
-    # 0, which Settings.problems refuses with the library's check)
+    # (their defaults are Settings' own; a keep ratio must be in (0, 1] and a latency budget above 0: the
+    # descriptors' inclusive ranges admit 0, which Settings.problems refuses with the library's checks)
     Param(
         "mode",
         _DEFAULT.mode,
@@ -117,8 +118,8 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "latency_budget_ms",
         _DEFAULT.latency_budget_ms,
-        "Time allowed from instruction to answer (ms)",
-        range=(1.0, 3_600_000.0),
+        "Time allowed from instruction to answer (ms), in (0, 3600000]",
+        range=(0.0, MAX_LATENCY_BUDGET_MS),
     ),
     Param(
         "keep_ratio", _DEFAULT.keep_ratio, "Fraction of visual tokens kept in fixed mode, in (0, 1]", range=(0.0, 1.0)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from itertools import accumulate
 
-from ..pruning import check_keep_ratio
+from ..budget import check_keep_ratio, check_latency_budget_ms
 
 FIELDS = ("id", "text", "max_new_tokens", "latency_budget_ms", "keep_ratio")
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -45,7 +45,7 @@ class Request:
     keep_ratio: float | None = None
 
 
-def _number(obj: dict, key: str, kind: type, lo: float, hi: float, lo_open: bool = False):
+def _number(obj: dict, key: str, kind: type, lo: float, hi: float):
     value = obj.get(key)
     if value is None:
         return None
@@ -55,17 +55,17 @@ def _number(obj: dict, key: str, kind: type, lo: float, hi: float, lo_open: bool
         or (kind is int and not float(value).is_integer())
     ):
         raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {loggable(repr(value))}")
-    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise RequestError(f"{key} must be in {bound}, got {value!r}")
+    if not math.isfinite(value) or value > hi or value < lo:
+        raise RequestError(f"{key} must be in [{lo}, {hi}], got {value!r}")
     return kind(value)
 
 
-def _keep_ratio(obj: dict) -> float | None:
-    """The request's keep ratio, checked as the library checks every keep ratio."""
-    value = obj.get("keep_ratio")
+def _checked(obj: dict, key: str, check) -> float | None:
+    """The field ``key`` (``None`` when absent) as the library's own ``check`` of it takes it (``ptp_ros.budget``:
+    the one range of a keep ratio, of a latency budget), or ``RequestError`` in its words."""
+    value = obj.get(key)
     try:
-        return None if value is None else check_keep_ratio(value)
+        return None if value is None else check(value)
     except ValueError as exc:
         raise RequestError(loggable(str(exc))) from None
 
@@ -113,8 +113,8 @@ def request_from_fields(obj: dict, default_id: str, max_chars: int) -> Request:
             id=request_id,
             text=_check_text(text.strip(), max_chars),
             max_new_tokens=_number(obj, "max_new_tokens", int, 1, MAX_NEW_TOKENS_LIMIT),
-            latency_budget_ms=_number(obj, "latency_budget_ms", float, 0.0, 3.6e6, lo_open=True),
-            keep_ratio=_keep_ratio(obj),
+            latency_budget_ms=_checked(obj, "latency_budget_ms", check_latency_budget_ms),
+            keep_ratio=_checked(obj, "keep_ratio", check_keep_ratio),
         )
     except RequestError as exc:
         raise RequestError(str(exc), request_id) from None

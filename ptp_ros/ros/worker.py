@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from ..budget import check_keep_ratio, check_latency_budget_ms, ratio_tokens
 from ..latency_budget import IN_LLM, PRE_LLM, BudgetChoice, LatencyModel, choose_keep_ratio
 from ..overlay import saliency_image
-from ..pipeline import Answer, Cancelled, InvalidRequest, Pipeline, PipelineConfig, validate_image
-from ..pruning import PTPConfig, check_keep_ratio
+from ..pipeline import Answer, Cancelled, InvalidRequest, OnStage, Pipeline, PipelineConfig, validate_image
+from ..pruning import ConfiguredSelector
+from ..result import RequestResult
 from .requests import Request, loggable
 
 MODES = ("budget", "fixed")
@@ -59,14 +61,24 @@ class Settings:
         out = []
         if self.mode not in MODES:
             out.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("keep_ratio", "keep_ratio_min", "keep_ratio_max"):
+        checks = {name: check_keep_ratio for name in ("keep_ratio", "keep_ratio_min", "keep_ratio_max")}
+        for name, check in {**checks, "latency_budget_ms": check_latency_budget_ms}.items():
             try:
-                check_keep_ratio(getattr(self, name), name)
+                check(getattr(self, name), name)
             except ValueError as exc:
                 out.append(str(exc))
         if self.keep_ratio_min > self.keep_ratio_max:
             out.append(f"keep_ratio_min {self.keep_ratio_min} exceeds keep_ratio_max {self.keep_ratio_max}")
+        try:
+            self.selector  # noqa: B018 - built to be checked: the selector's options are its to refuse
+        except ValueError as exc:
+            out.append(str(exc))
         return out
+
+    @property
+    def selector(self) -> ConfiguredSelector:
+        """The selector the node runs: PTP with the ``alpha`` parameter, at the library's default stage."""
+        return ConfiguredSelector("ptp", {"alpha": self.alpha})
 
 
 @dataclass
@@ -147,16 +159,15 @@ class Counters:
             if status in ("busy", "expired"):
                 self.last_overload = time.monotonic()
 
-    def failure(self, result: dict, reason: str, status: str) -> dict:
+    def failure(self, result: RequestResult, reason: str, status: str) -> RequestResult:
         """Count a request without an answer and complete its ``result`` with why."""
         self.count(status)
         self.error(reason)
-        result.update(status=status, error=reason)
-        return result
+        return result.fail(status, reason)
 
-    def rejection(self, request_id: str, text: str, reason: str, status: str = "rejected") -> dict:
+    def rejection(self, request_id: str, text: str, reason: str, status: str = "rejected") -> RequestResult:
         """Count a request refused without running the model, and the result that tells the planner why."""
-        return self.failure({"id": request_id, "instruction": text}, reason, status)
+        return self.failure(RequestResult(request_id, text), reason, status)
 
     def latency(self, total_ms: float, keep_ratio: float, queue_ms: float) -> None:
         with self._lock:
@@ -184,9 +195,10 @@ class Job:
     request: Request
     received: float  # time.monotonic() when the instruction arrived
     cancel: threading.Event | None = None  # the request's own (an action goal's): set, this request alone stops
+    on_stage: OnStage | None = None  # told each stage as the request enters it: "convert", then the pipeline's
 
 
-Emit = Callable[[dict, str | None], None]  # (result, answer text or None)
+Emit = Callable[[RequestResult], None]  # a request's one result
 EmitSaliency = Callable[[np.ndarray, Any], None]  # (BGR image, frame header)
 
 
@@ -213,7 +225,7 @@ class RequestWorker:
         self.total_tokens: int | None = None  # visual tokens of the last image; the camera's size rarely changes
         self._emit, self._emit_saliency, self._now_ns = emit, emit_saliency, now_ns
         self._max_chars = max_instruction_chars
-        self._pipelines: dict[tuple[float, str | None], Pipeline] = {}  # (alpha, prune stage or None: configured)
+        self._pipelines: dict[ConfiguredSelector, Pipeline] = {}  # the configured selector's and its fallback's
         self._queue_size = queue_size
         self._pending: deque[Job] = deque()  # waiting, oldest first; a withdrawn request leaves at once
         self._pending_cond = threading.Condition()  # guards _pending and the hand-over to _job
@@ -238,24 +250,33 @@ class RequestWorker:
         self.counters.add(frames_received=1, frames_invalid=int(frame.error is not None))
         self.counters.last_frame_arrival = frame.arrived
 
-    def submit(self, request: Request, received: float, cancel: threading.Event | None = None) -> bool:
+    def submit(
+        self,
+        request: Request,
+        received: float,
+        cancel: threading.Event | None = None,
+        on_stage: OnStage | None = None,
+    ) -> bool:
         """Queue ``request`` (True); when the queue is full, the worker is stopped or the request could not
         start within its own latency budget, answer at once (False).  Setting ``cancel`` cancels this request
-        alone: it is answered ``cancelled`` when its turn comes, or stops at its next stage or token."""
+        alone: it is answered ``cancelled`` when its turn comes, or stops at its next stage or token.
+        ``on_stage`` is called with "convert" when the request leaves the queue to run (taking and decoding the
+        frame), then with each of the pipeline's stages (``Pipeline.answer``); never for a request that does not
+        run."""
         if not self._accepting:
-            self._emit(self.counters.rejection(request.id, request.text, "not serving: the node is not active"), None)
+            self._emit(self.counters.rejection(request.id, request.text, "not serving: the node is not active"))
             return False
         if (overload := self._overloaded(request)) is not None:
-            self._emit(self.counters.rejection(request.id, request.text, overload, status="busy"), None)
+            self._emit(self.counters.rejection(request.id, request.text, overload, status="busy"))
             return False
         with self._pending_cond:
             full = len(self._pending) >= self._queue_size
             if not full:
-                self._pending.append(Job(request, received, cancel))
+                self._pending.append(Job(request, received, cancel, on_stage))
                 self._pending_cond.notify()
         if full:
             reason = f"busy: {self._queue_size} request(s) already waiting"
-            self._emit(self.counters.rejection(request.id, request.text, reason, status="busy"), None)
+            self._emit(self.counters.rejection(request.id, request.text, reason, status="busy"))
             return False
         return True
 
@@ -269,7 +290,7 @@ class RequestWorker:
         if job is None:
             return False
         reason = f"cancelled: {reason} before it ran"
-        self._emit(self.counters.rejection(job.request.id, job.request.text, reason, status="cancelled"), None)
+        self._emit(self.counters.rejection(job.request.id, job.request.text, reason, status="cancelled"))
         return True
 
     def _overloaded(self, request: Request) -> str | None:
@@ -281,7 +302,7 @@ class RequestWorker:
         if budget_ms is None or ahead == 0 or not self.latency_model.ready or self.total_tokens is None:
             return None
         s = self.settings
-        floor = max(1, round(s.keep_ratio_min * self.total_tokens))
+        floor = ratio_tokens(self.total_tokens, s.keep_ratio_min)
         expected = self.latency_model.expected_new_tokens(s.max_new_tokens)
         per_request = self.latency_model.predict_total(floor, self.total_tokens, expected)
         if running is None:
@@ -349,7 +370,7 @@ class RequestWorker:
         with self._pending_cond:
             waiting, self._pending = list(self._pending), deque()
         for job in waiting:
-            self._emit(self.counters.rejection(job.request.id, job.request.text, reason, status="cancelled"), None)
+            self._emit(self.counters.rejection(job.request.id, job.request.text, reason, status="cancelled"))
         with self._frame_lock:
             self._frame = None
 
@@ -365,7 +386,7 @@ class RequestWorker:
             except Exception as exc:  # noqa: BLE001 - no request may end the thread; it gets an error result
                 self.counters.add(internal_errors=1)
                 self._fail(
-                    {"id": job.request.id, "instruction": job.request.text},
+                    RequestResult(job.request.id, job.request.text),
                     f"internal error: {type(exc).__name__}: {exc}",
                     status="error",
                 )
@@ -373,25 +394,22 @@ class RequestWorker:
                 self._job = self._running_since = None
 
     # -- one request ------------------------------------------------------------------------------
-    def pipeline(self, alpha: float, prune_stage: str | None = None) -> Pipeline:
-        """The configured pipeline for ``alpha`` (``prune_stage`` None or the configured one's), or with ``PRE_LLM``
-        the budget controller's fallback: PTP before the LLM with the candidate probe."""
-        if any(key[0] != alpha for key in self._pipelines):
-            self._pipelines = {}
-        if (alpha, None) not in self._pipelines:
-            config = PipelineConfig(selector="ptp", ptp=PTPConfig(alpha=alpha), max_instruction_chars=self._max_chars)
-            self._pipelines[alpha, None] = Pipeline(self.adapter, config)
-        configured = self._pipelines[alpha, None]
+    def pipeline(self, selector: ConfiguredSelector, prune_stage: str | None = None) -> Pipeline:
+        """The pipeline of ``selector`` (``prune_stage`` None or the stage it prunes at), or with ``PRE_LLM`` the budget
+        controller's fallback: ``selector`` before the LLM with the candidate probe."""
+        if selector not in self._pipelines:  # the configured selector changed: the old pipelines go
+            config = PipelineConfig(selector=selector, max_instruction_chars=self._max_chars)
+            self._pipelines = {selector: Pipeline(self.adapter, config)}
+        configured = self._pipelines[selector]
         if prune_stage is None or prune_stage == prune_stage_of(configured):
             return configured
         if prune_stage != PRE_LLM:
             raise ValueError(f"no fallback pipeline prunes at {prune_stage!r}")
-        if (alpha, PRE_LLM) not in self._pipelines:
-            config = dataclasses.replace(
-                configured.config, prune_in_llm=False, probe_candidates=FALLBACK_PROBE_CANDIDATES
-            )
-            self._pipelines[alpha, PRE_LLM] = Pipeline(self.adapter, config)
-        return self._pipelines[alpha, PRE_LLM]
+        fallback = dataclasses.replace(selector, prune_in_llm=False, probe_candidates=FALLBACK_PROBE_CANDIDATES)
+        if fallback not in self._pipelines:
+            config = dataclasses.replace(configured.config, selector=fallback)
+            self._pipelines[fallback] = Pipeline(self.adapter, config)
+        return self._pipelines[fallback]
 
     def _take_frame(self) -> Frame | None:
         with self._frame_lock:
@@ -403,13 +421,11 @@ class RequestWorker:
     def _serve(self, job: Job) -> None:
         started = time.monotonic()
         settings, request = self.settings, job.request
-        result: dict = {"id": request.id, "instruction": request.text}
+        result = RequestResult(request.id, request.text)
         cancel = job.cancel or self._cancel
         budget_ms = request.latency_budget_ms or settings.latency_budget_ms
         deadline_ms = self._deadline_ms(request, settings)
         waited_ms = (started - job.received) * 1e3
-        # expiry is checked before the request's own cancel event is first read: the action's feedback takes that
-        # first read as the request leaving the queue (ask_action.StageProbe), and an expired one never left it
         if deadline_ms is not None and waited_ms >= deadline_ms:
             return self._fail(
                 result,
@@ -418,11 +434,13 @@ class RequestWorker:
             )
         if job.cancel is not None and (job.cancel.is_set() or self._cancel.is_set()):
             return self._fail(result, f"cancelled: {self._cancelled_why()} before it ran", status="cancelled")
+        if job.on_stage is not None:
+            job.on_stage("convert")
         frame = self._take_frame()
         if frame is None:
             return self._fail(result, "no image received yet", status="error")
         fields, warning, stale = frame_freshness(frame, self._now_ns(), started, settings.max_frame_age_ms)
-        result.update(stamp=frame.stamp, frame_id=frame.frame_id, **fields)
+        result = dataclasses.replace(result, stamp=frame.stamp, frame_id=frame.frame_id, **fields)
         if warning:
             self.counters.add(frames_bad_stamp=1)
         if stale:
@@ -441,14 +459,14 @@ class RequestWorker:
         mode, budget, choice = self._choose(
             request, settings, budget_ms, max_new_tokens, spent_ms=(converted - job.received) * 1e3
         )
-        result.update(mode=mode, latency_budget_ms=budget_ms, max_new_tokens=max_new_tokens)
+        result.mode, result.latency_budget_ms, result.max_new_tokens = mode, budget_ms, max_new_tokens
         prune_stage = choice.prune_stage if choice is not None else None
         if choice is not None:
-            result.update(predicted_ms=round(choice.predicted_ms, 3), budget_feasible=choice.feasible)
-            result.update(prune_stage=prune_stage, **({"prune_stage_reason": choice.reason} if choice.reason else {}))
+            result.predicted_ms, result.budget_feasible = round(choice.predicted_ms, 3), choice.feasible
+            result.prune_stage, result.prune_stage_reason = prune_stage, choice.reason
         try:
-            answer = self.pipeline(settings.alpha, prune_stage).answer(
-                image, request.text, **budget, max_new_tokens=max_new_tokens, cancel=cancel
+            answer = self.pipeline(settings.selector, prune_stage).answer(
+                image, request.text, **budget, max_new_tokens=max_new_tokens, cancel=cancel, on_stage=job.on_stage
             )
         except Cancelled as exc:
             return self._fail(result, f"cancelled: {self._cancelled_why()} ({exc})", status="cancelled")
@@ -479,7 +497,7 @@ class RequestWorker:
         if request.keep_ratio is not None:
             return "request", {"keep_ratio": request.keep_ratio}, None
         budget_mode = settings.mode == "budget" or request.latency_budget_ms is not None
-        configured = prune_stage_of(self.pipeline(settings.alpha))
+        configured = prune_stage_of(self.pipeline(settings.selector))
         if not budget_mode or not self.latency_model.ready_for(configured) or self.total_tokens is None:
             return "fixed", {"keep_ratio": settings.keep_ratio}, None
         choice = choose_keep_ratio(
@@ -502,31 +520,38 @@ class RequestWorker:
             answer.selection.total,
             answer.timings_ms,
             answer.new_tokens,
-            prune_stage or prune_stage_of(self.pipeline(self.settings.alpha)),
+            prune_stage or prune_stage_of(self.pipeline(self.settings.selector)),
             track_error,
         )
 
     def _succeed(
-        self, result: dict, answer: Answer, job: Job, started: float, converted: float, done: float, budget_ms: float
+        self,
+        result: RequestResult,
+        answer: Answer,
+        job: Job,
+        started: float,
+        converted: float,
+        done: float,
+        budget_ms: float,
     ) -> None:
         total_ms = (done - job.received) * 1e3
         queue_ms = (started - job.received) * 1e3
-        view = answer.to_dict()  # the library's fields, under the library's names
-        stages = {k: v for k, v in view.pop("latency_ms").items() if k != "total"}
-        latency = {
+        result.answer = answer.result()
+        stages = {k: v for k, v in result.answer.latency_ms.items() if k != "total"}
+        result.latency_ms = {
             "queue": round(queue_ms, 3),
             "convert": round((converted - started) * 1e3, 3),
             **stages,
             "pipeline": round(answer.timings_ms["total"], 3),
             "total": round(total_ms, 3),
         }
-        result.update(status="ok", **view, latency_ms=latency, budget_met=total_ms <= budget_ms)
+        result.status, result.budget_met = "ok", total_ms <= budget_ms
         self.counters.count("ok")
         self.counters.latency(total_ms, answer.selection.keep_ratio, queue_ms)
-        self._emit(result, answer.text)
+        self._emit(result)
 
-    def _fail(self, result: dict, reason: str, status: str) -> None:
-        self._emit(self.counters.failure(result, reason, status), None)
+    def _fail(self, result: RequestResult, reason: str, status: str) -> None:
+        self._emit(self.counters.failure(result, reason, status))
 
 
 def prune_stage_of(pipeline: Pipeline) -> str:
@@ -560,8 +585,8 @@ def calibrate(
     tells per-frame-token cost from fixed cost; and when the configured pipeline prunes inside the LLM, the
     pruned ratios before the LLM, the controller's fallback below the in-LLM floor.  ``cancel`` ends it early
     (``Cancelled``), so that a shutdown during configure does not wait for the model."""
-    alpha = worker.settings.alpha
-    configured = worker.pipeline(alpha)
+    selector = worker.settings.selector
+    configured = worker.pipeline(selector)
     ratios = sorted(set(keep_ratios))
     pruned = [r for r in ratios if r < 1.0]
 
@@ -582,6 +607,6 @@ def calibrate(
     other = other_frame_size(image)
     runs += [run(configured, other, ratio) for ratio in sorted({(pruned or ratios)[0], (pruned or ratios)[-1]})]
     if prune_stage_of(configured) == IN_LLM:
-        runs += [run(worker.pipeline(alpha, PRE_LLM), image, ratio) for ratio in pruned]
+        runs += [run(worker.pipeline(selector, PRE_LLM), image, ratio) for ratio in pruned]
     worker.total_tokens = runs[0]["visual_tokens"]  # the calibration image's, not the crop's
     return runs
