@@ -65,9 +65,9 @@ def action_qos(depth: int, side: str = "server") -> dict:
     goal, cancel and result services and the feedback topic reliable keep-last ``depth``; rclpy's default of 10
     loses the 11th of a burst of goals (or of their result requests) on whichever side is shallower.  The status
     topic keeps rclpy's profile: each status message lists every goal."""
-    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from .topics import reliable
 
-    deep = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE)
+    deep = reliable(depth)
     feedback = {"server": "feedback_pub_qos_profile", "client": "feedback_sub_qos_profile"}[side]
     return {
         "goal_service_qos_profile": deep,

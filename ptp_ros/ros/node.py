@@ -31,7 +31,7 @@ from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSProfile
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -45,16 +45,12 @@ from .diagnostics import Health, agent_status
 from .intake import CameraIntake
 from .params import PARAMS, RUNTIME, check_choice, removed_parameter_warnings, widen_integers
 from .requests import RequestError, loggable, parse_request
+from .topics import ANSWER, DIAGNOSTICS, IMAGE, INSTRUCTION, RELIABLE, RESULT, SALIENCY, reliable, status_name
 from .worker import Counters, Frame, RequestWorker, Settings, calibrate
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "data" / "sample_scene.jpg"
-RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 RESULT_FLUSH_S = 1.0  # on shutdown, how long the last results (the cancelled ones) may take to be acknowledged
 LOG_THROTTLE_S = 5.0  # one line per kind of failure per 5 s: a flood of bad input cannot flood the log
-
-
-def reliable(depth: int) -> QoSProfile:
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE)
 
 
 class AgentNode(LifecycleNode):
@@ -87,12 +83,12 @@ class AgentNode(LifecycleNode):
         # instructions and results share one depth, sized for bursts: every instruction that DDS delivers
         # gets exactly one result, and a burst of busy results must not overwrite each other unsent
         depth = self.get_parameter("instruction_history_depth").value
-        self._answer_pub = self.create_publisher(String, "answer", reliable(depth))
-        self._result_pub = self.create_publisher(String, "result", reliable(depth))
-        self._saliency_pub = self.create_publisher(Image, "saliency", QoSProfile(depth=2))
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
+        self._answer_pub = self.create_publisher(String, ANSWER, reliable(depth))
+        self._result_pub = self.create_publisher(String, RESULT, reliable(depth))
+        self._saliency_pub = self.create_publisher(Image, SALIENCY, QoSProfile(depth=2))
+        self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS, RELIABLE)
         self.create_subscription(
-            String, "instruction", self._on_instruction, reliable(depth), callback_group=self._io_group
+            String, INSTRUCTION, self._on_instruction, reliable(depth), callback_group=self._io_group
         )
         self.steady_clock = Clock(clock_type=ClockType.STEADY_TIME)
         # wall-clock timers: under use_sim_time a ROS-time timer would stay silent until a bag publishes /clock
@@ -189,10 +185,10 @@ class AgentNode(LifecycleNode):
         if self.get_parameter("image_transport").value == "compressed":
             # image_transport's naming: <the resolved image topic>/compressed, so `-r image:=/cam/raw` alone
             # subscribes to /cam/raw/compressed
-            topic = self.resolve_topic_name("image") + "/compressed"
+            topic = self.resolve_topic_name(IMAGE) + "/compressed"
             self.intake.subscribe(CompressedImage, topic, self._on_compressed)
         else:
-            self.intake.subscribe(Image, self.resolve_topic_name("image"), self._on_image)
+            self.intake.subscribe(Image, self.resolve_topic_name(IMAGE), self._on_image)
         self.worker.start()
         self.model_state = "serving"
         topic = self.intake.subscription.topic_name
@@ -350,7 +346,7 @@ class AgentNode(LifecycleNode):
             overload_age_s=None if last_overload is None else now - last_overload,
             prediction=worker.latency_model.prediction_error if worker else None,
         )
-        status = agent_status(f"{self.get_fully_qualified_name()}: ptp agent", health, self.settings, counters)
+        status = agent_status(status_name(self.get_fully_qualified_name()), health, self.settings, counters)
         self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
     def callback_failed(self, exc: Exception) -> None:
