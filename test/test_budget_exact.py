@@ -53,15 +53,19 @@ def check(pipeline: Pipeline, visual, tokens: int) -> dict:
     assert bool((region != NO_REGION).any())  # never only newlines
     if pipeline.config.newline_policy == "drop" and budget < visual.num_tokens:
         assert not bool((region == NO_REGION).any())
-    data = Answer(
-        text="",
-        selection=selection,
-        visual=visual,
-        timings_ms={},
-        prompt_tokens=0,
-        new_tokens=0,
-        selector=pipeline.selector.name,
-    ).result().to_json()
+    data = (
+        Answer(
+            text="",
+            selection=selection,
+            visual=visual,
+            timings_ms={},
+            prompt_tokens=0,
+            new_tokens=0,
+            selector=pipeline.selector.name,
+        )
+        .result()
+        .to_json()
+    )
     assert data["visual_tokens_total"] == visual.num_tokens
     assert data["visual_tokens_kept"] == selection.num_kept
     assert sum(q["kept"] for q in data["quotas"]) + data["structural_kept"] == data["visual_tokens_kept"]
