@@ -113,7 +113,7 @@ def test_small_keep_budgets_keep_only_the_newlines_of_kept_rows(pipelines, visua
 @given(
     tokens=st.integers(min_value=1, max_value=TOTAL + 50),
     policy=st.sampled_from(NEWLINE_POLICIES),
-    name=st.sampled_from(["ptp", "random", "uniform_cls", "hired", "fastv", "text_attention", "globalcom2"]),
+    name=st.sampled_from(selector_names()),
 )
 def test_any_token_budget_is_respected(pipelines, visual, tokens, policy, name):
     check(pipelines[name, policy], visual, tokens)

@@ -181,7 +181,7 @@ def test_divprune_selection_is_counted_beside_the_llm():
 
 def test_keeping_everything_scores_nothing():
     unpruned = prefill_flops(SEVEN, 2940)
-    for selector in ("ptp", "fastv", "divprune", "uniform_cls"):
+    for selector in selector_names():
         assert total_prefill_flops(SEVEN, 60, 2880, 2880, passes_for(Configured(selector))) == unpruned
     # a FastV K past the last layer installs nothing: the stock prefill
     assert total_prefill_flops(FOUR_LAYERS, 40, 100, 10, passes_for(Configured("fastv", {"k": 4}))) == prefill_flops(
