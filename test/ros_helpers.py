@@ -211,10 +211,10 @@ class Probe(AgentClient):
         with self._cond:
             return sum(1 for r in self.results if status is None or r.get("status") == status)
 
-    def wait_results(self, count: int, timeout: float) -> list[dict]:
-        """Wait until ``count`` results have arrived in all, then a moment for extra (duplicate) ones."""
+    def wait_results(self, count: int, timeout: float, settle_s: float = 0.3) -> list[dict]:
+        """Wait until ``count`` results have arrived in all, then ``settle_s`` for extra (duplicate) ones."""
         self.wait_for(lambda: len(self.results) >= count, timeout, f"{count} results (have {len(self.results)})")
-        time.sleep(0.3)
+        time.sleep(settle_s)
         with self._cond:
             return list(self.results)
 
