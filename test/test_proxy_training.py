@@ -122,6 +122,8 @@ def test_wanted_attention_points_at_what_each_question_needs(model_and_item):
             assert (row[0] == 1.0) == (q.answer == "no")
 
 
+#: A small model and validation set.  The tests' --max-minutes / --vision-minutes are wall-clock budgets and most
+#: of their time: each stage takes at least one step and validates when its budget is spent, so a few seconds do.
 SMALL = [
     "--val-scenes",
     "1",
@@ -155,7 +157,7 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path, family):
     from ptp_ros.pipeline import Pipeline
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
-    main([str(tmp_path), "--family", family, "--max-minutes", "0.25", "--vision-minutes", "0.08", *SMALL])
+    main([str(tmp_path), "--family", family, "--max-minutes", "0.1", "--vision-minutes", "0.04", *SMALL])
     records = _log(tmp_path)
     assert any(r.get("event") == "vision done" for r in records)
     assert any(r.get("stage") == "vision" and 0 <= r["side_acc"] <= 1 for r in records)
@@ -176,10 +178,10 @@ def test_training_resumes_from_its_checkpoint_and_takes_a_trained_vision_tower(t
     from ptp_ros.vlm.loading import LoadOptions, load_adapter
 
     first, second = tmp_path / "first", tmp_path / "second"
-    main([str(first), "--max-minutes", "0.2", "--vision-minutes", "0.05", "--checkpoint-every", "2", *SMALL])
+    main([str(first), "--max-minutes", "0.1", "--vision-minutes", "0.03", "--checkpoint-every", "2", *SMALL])
     steps = next(r["language_steps"] for r in _log(first) if r.get("event") == "done")
     main(
-        [str(first), "--max-minutes", "0.35", "--vision-minutes", "0.05", "--checkpoint-every", "2", "--resume", *SMALL]
+        [str(first), "--max-minutes", "0.17", "--vision-minutes", "0.03", "--checkpoint-every", "2", "--resume", *SMALL]
     )
     records = _log(first)
     resumed = next(r for r in records if r.get("event") == "resume")
@@ -187,7 +189,7 @@ def test_training_resumes_from_its_checkpoint_and_takes_a_trained_vision_tower(t
     assert not any(r.get("event") == "vision done" for r in records[records.index(resumed) :])  # stage 1 not rerun
     assert records[-1]["event"] == "done" and records[-1]["language_steps"] > steps
 
-    main([str(second), "--max-minutes", "0.1", "--vision-from", str(first), *SMALL])
+    main([str(second), "--max-minutes", "0.05", "--vision-from", str(first), *SMALL])
     records = _log(second)
     assert any(r.get("event") == "vision taken" for r in records) and not any(
         r.get("stage") == "vision" for r in records
@@ -200,7 +202,7 @@ def test_training_resumes_from_its_checkpoint_and_takes_a_trained_vision_tower(t
 
     # --init-from takes every weight, the LLM's too (at lr 0 the saved model is the one it started from)
     third = tmp_path / "third"
-    main([str(third), "--max-minutes", "0.05", "--init-from", str(first), "--lr", "0", *SMALL])
+    main([str(third), "--max-minutes", "0.03", "--init-from", str(first), "--lr", "0", *SMALL])
     assert any(r.get("event") == "weights taken" for r in _log(third))
     continued = load_adapter(third, LoadOptions(device="cpu")).model
     assert all(torch.equal(v, continued.state_dict()[k]) for k, v in trained.state_dict().items())
