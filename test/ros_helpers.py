@@ -106,7 +106,8 @@ def apply_env(env: dict[str, str]) -> None:
 
 
 class NodeProcess:
-    """The agent node in its own process, as on a robot; output goes to ``log_path``."""
+    """The agent node in its own process, as on a robot; output goes to ``log_path``.  ``diagnostics_period_s``
+    below the node's 1 s: for tests that wait for the diagnostics after every step (and check no rate)."""
 
     def __init__(
         self,
@@ -118,6 +119,7 @@ class NodeProcess:
         namespace: str = "/",
         load_delay_s: float = 0.0,
         remaps: dict[str, str] | None = None,
+        diagnostics_period_s: float = 1.0,
     ):
         args = [
             sys.executable,
@@ -126,6 +128,8 @@ class NodeProcess:
             str(generate_delay_s),
             "--load-delay-s",
             str(load_delay_s),
+            "--diagnostics-period-s",
+            str(diagnostics_period_s),
             "--ros-args",
             "-r",
             f"__node:={node_name}",
@@ -437,6 +441,7 @@ def _slow_node_main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--generate-delay-s", type=float, default=0.0)
     parser.add_argument("--load-delay-s", type=float, default=0.0)
+    parser.add_argument("--diagnostics-period-s", type=float, default=1.0)
     known, ros_args = parser.parse_known_args()
 
     from rclpy.lifecycle import TransitionCallbackReturn
@@ -445,7 +450,13 @@ def _slow_node_main() -> None:
 
     class SlowAgentNode(AgentNode):
         """The real node whose model takes ``--load-delay-s`` longer to load (uninterruptibly, like
-        ``from_pretrained``) and ``--generate-delay-s`` longer per answer once calibrated."""
+        ``from_pretrained``) and ``--generate-delay-s`` longer per answer once calibrated, and which publishes its
+        diagnostics every ``--diagnostics-period-s``."""
+
+        def __init__(self):
+            super().__init__()
+            (timer,) = [t for t in self.timers if t.callback == self._publish_diagnostics]
+            timer.timer_period_ns = int(known.diagnostics_period_s * 1e9)
 
         def load_model(self):
             time.sleep(known.load_delay_s)
