@@ -49,6 +49,10 @@ AGENT_PARAMS: dict[str, Any] = {
 }
 
 
+#: A diagnostics period for tests that wait for fresh diagnostics again and again (``NodeProcess``); the node's is 1 s.
+FAST_DIAGNOSTICS_S = 0.2
+
+
 class SlowAdapter:
     """Wraps a real adapter; ``generate`` takes ``delay_s + ms_per_token·kept`` longer, charged to prefill
     like any slow model would be.  Everything else is the real model."""

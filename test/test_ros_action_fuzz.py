@@ -24,7 +24,7 @@ import uuid
 
 import cv2
 import pytest
-from ros_helpers import AGENT_PARAMS, NodeProcess, Probe
+from ros_helpers import AGENT_PARAMS, FAST_DIAGNOSTICS_S, NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e .[dev])")
@@ -39,9 +39,6 @@ FQN = f"/{NAMESPACE}/ptp_agent"
 STARTUP_S = 180.0
 OUTCOME_S = 120.0
 MAX_CHARS = 2000
-#: The node's diagnostics period here (1 s by default): every example waits for counters published after its
-#: last result, so at 1 s most of this file's time was that wait.
-DIAGNOSTICS_PERIOD_S = 0.2
 DIAGNOSTICS_GAP_S = 3.0  # more than this between two diagnostics is a stall
 PARAMS = AGENT_PARAMS | {"max_frame_age_ms": 1500.0, "max_instruction_chars": MAX_CHARS}
 NODE_ID = re.compile(r"ptp_agent-\d+")
@@ -69,7 +66,7 @@ class Session:
             log_dir / "agent.log",
             params=PARAMS,
             namespace=f"/{NAMESPACE}",
-            diagnostics_period_s=DIAGNOSTICS_PERIOD_S,
+            diagnostics_period_s=FAST_DIAGNOSTICS_S,  # every example waits for counters published after it
         )
         self.probe = Probe(namespace=f"/{NAMESPACE}")
         deadline = time.monotonic() + STARTUP_S

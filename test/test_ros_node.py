@@ -1,7 +1,8 @@
 """The agent node as a separate process over real DDS (own domain, localhost only, SHM profile).
 
 The node's model answers 6 s late (an injected slow stage, after calibration), so that the tests can
-act while it is generating: send frames, change parameters, overflow the queue.
+act while it is generating: send frames, change parameters, overflow the queue.  Its diagnostics come every
+0.2 s (``FAST_DIAGNOSTICS_S``; 1 s by default): the tests wait for them after most steps.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter
 
 import cv2
 import pytest
-from ros_helpers import NodeProcess, Probe
+from ros_helpers import FAST_DIAGNOSTICS_S, NodeProcess, Probe
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
@@ -27,6 +28,7 @@ def slow_agent(ros, tmp_path_factory, delay_s: float = DELAY_S):
     node = NodeProcess(
         ros,
         tmp_path_factory.mktemp("agent") / "agent.log",
+        diagnostics_period_s=FAST_DIAGNOSTICS_S,
         generate_delay_s=delay_s,
         params={
             "mode": "fixed",
@@ -246,6 +248,7 @@ def test_a_missing_model_is_reported_and_instructions_rejected(ros, tmp_path):
     node = NodeProcess(
         ros,
         tmp_path / "broken.log",
+        diagnostics_period_s=FAST_DIAGNOSTICS_S,
         params={"model_path": "/nonexistent/model"},
         node_name="ptp_broken",
         namespace="/broken",
@@ -277,7 +280,12 @@ def test_a_corrupt_model_is_named_in_diagnostics_and_rejections(ros, tmp_path):
     shutil.copytree(default_model_path(), broken)
     os.truncate(broken / "model.safetensors", 1000)
     node = NodeProcess(
-        ros, tmp_path / "corrupt.log", params={"model_path": str(broken)}, node_name="ptp_corrupt", namespace="/corrupt"
+        ros,
+        tmp_path / "corrupt.log",
+        diagnostics_period_s=FAST_DIAGNOSTICS_S,
+        params={"model_path": str(broken)},
+        node_name="ptp_corrupt",
+        namespace="/corrupt",
     )
     probe = Probe(namespace="/corrupt")
     try:
@@ -307,6 +315,7 @@ def test_stopping_cancels_a_running_generate_within_a_second(ros, tmp_path, fram
     node = NodeProcess(
         ros,
         tmp_path / "stop.log",
+        diagnostics_period_s=FAST_DIAGNOSTICS_S,
         generate_delay_s=60.0,
         node_name="ptp_stop",
         namespace=ns,
@@ -344,7 +353,13 @@ def test_sigint_during_a_long_model_load_ends_the_process_within_two_seconds(ros
     import signal
 
     node = NodeProcess(
-        ros, tmp_path / "loading.log", params={}, node_name="ptp_loading", namespace="/loading", load_delay_s=60.0
+        ros,
+        tmp_path / "loading.log",
+        diagnostics_period_s=FAST_DIAGNOSTICS_S,
+        params={},
+        node_name="ptp_loading",
+        namespace="/loading",
+        load_delay_s=60.0,
     )
     probe = Probe(namespace="/loading")
     try:
@@ -370,6 +385,7 @@ def test_without_autostart_a_lifecycle_manager_drives_the_node(ros, tmp_path):
     node = NodeProcess(
         ros,
         tmp_path / "managed.log",
+        diagnostics_period_s=FAST_DIAGNOSTICS_S,
         node_name="ptp_managed",
         namespace="/managed",
         params={"autostart": False, "calibration_keep_ratios": [0.1], "image_transport": "compressed"},
