@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -73,6 +74,8 @@ def resolution_kwargs(image_processor, max_pixels: int) -> dict:
 
 @dataclass(frozen=True)
 class Qwen2_5_VLOptions:
+    token_px: ClassVar[int] = 28  # the side of one merged token: 14-px patches, 2×2 merge
+
     # "paper" (the full-attention block nearest the paper's layer), "last" or its alias "feature" (the last
     # full-attention block: the nearest to the output the LLM reads), or an index
     vision_layer: int | str = "paper"
@@ -102,9 +105,14 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         super().__init__(model, processor, options)
         visual = model.model.visual
         self.vision_layer = self._full_attention_block(
-            options.vision_layer, len(visual.blocks), list(visual.fullatt_block_indexes)
+            options.vision_layer, len(visual.blocks), self.full_attention_blocks(visual)
         )
         self._vision_attention = visual.blocks[self.vision_layer].attn
+
+    @staticmethod
+    def full_attention_blocks(visual) -> list[int]:
+        """The tower's blocks that attend over the whole image (the others see 112-px windows only)."""
+        return list(visual.fullatt_block_indexes)
 
     @staticmethod
     def _full_attention_block(choice: int | str, depth: int, full_blocks: list[int]) -> int:
@@ -124,10 +132,11 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         """The same model reading the image at a resolution of at most ``tokens`` visual tokens: the
         plain down-scaling baseline that pruning to ``tokens`` must beat (shares weights and processor).
         With ``image_size`` the resolution is fitted to that image (the most tokens up to ``tokens``)."""
+        patch = self.model.model.visual.patch_size
         max_pixels = (
-            max_pixels_for_tokens(tokens)
+            max_pixels_for_tokens(tokens, patch)
             if image_size is None
-            else fitted_max_pixels(tokens, image_size, self.processor.image_processor.size["shortest_edge"])
+            else fitted_max_pixels(tokens, image_size, self.processor.image_processor.size["shortest_edge"], patch)
         )
         options = dataclasses.replace(self.options, max_pixels=max_pixels)
         return type(self)(self.model, self.processor, options)
@@ -175,7 +184,12 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
             region_names=names,
             grid=region_rc,
             token_grid=(rows, cols),
+            **self.feature_extras(out),
         )
+
+    def feature_extras(self, encoded) -> dict:
+        """What else of the tower's output (``get_image_features``) ``generate`` needs, per token, in ``extras``."""
+        return {}
 
     def token_grid(self, grid_thw: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the merged token grid of the one image in ``grid_thw`` [1, 3]."""
