@@ -10,6 +10,7 @@ whole, inside the checkpoint) before transformers opens any of them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -292,6 +293,25 @@ def weights_misfit(loading_info: dict) -> str | None:
     return None
 
 
+#: Options that set the resolution the processor reads an image at (only where ``supports_downscaling``).
+RESOLUTION_OPTIONS = ("max_pixels", "min_pixels")
+
+
+def check_option_names(path: Path, adapter_class: type, options: dict) -> None:
+    """A ValueError naming the options the checkpoint's family does not have (and its own)."""
+    known = {f.name for f in dataclasses.fields(adapter_class.options_class)}
+    if unknown := sorted(set(options) - known):
+        why = (
+            "; its processor reads images at the resolutions it fixes"
+            if set(unknown) & set(RESOLUTION_OPTIONS) and not adapter_class.supports_downscaling
+            else ""
+        )
+        raise ValueError(
+            f"{path} holds a {adapter_class.name!r} model, which has no {' or '.join(unknown)} option{why} "
+            f"(its options: {', '.join(sorted(known))})"
+        )
+
+
 def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptions(), **adapter_config):
     """The adapter for the checkpoint's model family, loaded on the chosen device and dtype."""
     path = resolve_checkpoint(path_or_id)
@@ -302,7 +322,8 @@ def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptio
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     adapter_class = ADAPTERS[config["model_type"]]
-    adapter_class.options_class(**adapter_config)  # a bad option is the caller's TypeError/ValueError, not a load fault
+    check_option_names(path, adapter_class, adapter_config)
+    adapter_class.options_class(**adapter_config)  # a bad option is the caller's ValueError, not a load fault
     try:
         return adapter_class.from_checkpoint(path, device, dtype, **adapter_config)
     except ModelLoadError as exc:

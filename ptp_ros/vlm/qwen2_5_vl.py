@@ -35,6 +35,11 @@ from .stock_adapter import StockModelAdapter, grid_names, paper_vision_layer, pr
 _FALLBACK_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>{instruction}"
 
 
+#: The most visual tokens a resolution option may ask for: the published checkpoints' own cap (Qwen2.5-VL's
+#: max_pixels 16384·28², Qwen3-VL's 16384·32²).
+MAX_RESOLUTION_TOKENS = 16384
+
+
 def max_pixels_for_tokens(tokens: int, patch_size: int = 14, merge_size: int = 2) -> int:
     """The ``max_pixels`` at which Qwen2.5-VL's processor yields at most ``tokens`` visual tokens: the
     plain down-scaling baseline at the same token count as a pruned run."""
@@ -49,6 +54,7 @@ def fitted_max_pixels(
     ``smart_resize`` floors each side to a multiple of 28 px: a baseline with fewer tokens than the
     pruned run it is compared with would lose accuracy for that reason alone."""
     factor = patch_size * merge_size
+    tokens = min(int(tokens), MAX_RESOLUTION_TOKENS)
 
     def count(max_pixels: int) -> int:
         h, w = smart_resize(*image_size, factor=factor, min_pixels=min(min_pixels, max_pixels), max_pixels=max_pixels)
@@ -56,7 +62,7 @@ def fitted_max_pixels(
 
     lo, hi = (
         max_pixels_for_tokens(tokens, patch_size, merge_size),
-        max_pixels_for_tokens(4 * tokens, patch_size, merge_size),
+        max_pixels_for_tokens(min(4 * tokens, MAX_RESOLUTION_TOKENS), patch_size, merge_size),
     )
     if count(hi) <= tokens:
         return hi
@@ -66,10 +72,15 @@ def fitted_max_pixels(
     return lo
 
 
-def resolution_kwargs(image_processor, max_pixels: int) -> dict:
-    """Processor kwargs that cap an image at ``max_pixels`` (the minimum follows it down when lower)."""
+def resolution_kwargs(image_processor, max_pixels: int | None, min_pixels: int | None = None) -> dict:
+    """Processor kwargs that read an image at between ``min_pixels`` and ``max_pixels`` pixels (either left
+    at the checkpoint's own when ``None``; the other bound follows one that passes it)."""
     size = image_processor.size
-    return {"size": {"shortest_edge": min(size["shortest_edge"], max_pixels), "longest_edge": max_pixels}}
+    longest = size["longest_edge"] if max_pixels is None else max_pixels
+    shortest = size["shortest_edge"] if min_pixels is None else min_pixels
+    if max_pixels is None:
+        longest = max(longest, shortest)
+    return {"size": {"shortest_edge": min(shortest, longest), "longest_edge": longest}}
 
 
 @dataclass(frozen=True)
@@ -82,13 +93,30 @@ class Qwen2_5_VLOptions:
     llm_layer: int = 2  # LLM layer whose text→visual attention gives instruction relevance
     region_grid: tuple[int, int] = (2, 2)  # rows, cols of the fixed region grid over the token grid
     max_pixels: int | None = None  # processor resolution cap (None: the checkpoint's); the down-scaling baseline
+    min_pixels: int | None = None  # processor resolution floor (None: the checkpoint's)
 
     def __post_init__(self) -> None:
+        self._check_resolution()
         if isinstance(self.vision_layer, str) and self.vision_layer not in ("paper", "last", "feature"):
             raise ValueError(f"vision_layer must be 'paper', 'last', 'feature' or an index, got {self.vision_layer!r}")
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"region_grid must be (rows >= 1, cols >= 1), got {self.region_grid!r}")
         object.__setattr__(self, "region_grid", tuple(int(v) for v in self.region_grid))
+
+    def _check_resolution(self) -> None:
+        """Each bound from one visual token (token_px² pixels) to the published checkpoints' cap, min ≤ max."""
+        low, high = self.token_px**2, MAX_RESOLUTION_TOKENS * self.token_px**2
+        for name in ("max_pixels", "min_pixels"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(
+                    f"{name} must be an integer from {low} (one {self.token_px}x{self.token_px}-px visual token) "
+                    f"to {high} ({MAX_RESOLUTION_TOKENS} tokens, the published checkpoints' cap), got {value!r}"
+                )
+        if self.max_pixels is not None and self.min_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}")
 
 
 @register_adapter
@@ -138,15 +166,16 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
             if image_size is None
             else fitted_max_pixels(tokens, image_size, self.processor.image_processor.size["shortest_edge"], patch)
         )
-        options = dataclasses.replace(self.options, max_pixels=max_pixels)
+        options = dataclasses.replace(self.options, max_pixels=max_pixels, min_pixels=None)
         return type(self)(self.model, self.processor, options)
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
+        options = self.options
         kwargs = (
             {}
-            if self.options.max_pixels is None
-            else resolution_kwargs(self.processor.image_processor, self.options.max_pixels)
+            if options.max_pixels is None and options.min_pixels is None
+            else resolution_kwargs(self.processor.image_processor, options.max_pixels, options.min_pixels)
         )
         return prepare_image_prompt(
             self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype, **kwargs
