@@ -4,14 +4,10 @@ the dropped tokens nor their DeepStack rows."""
 
 from __future__ import annotations
 
-import json
-
 import cv2
-import pytest
 import torch
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-from ptp_ros.cli import ask_main
 from ptp_ros.pruning import InLLMPruning
 from ptp_ros.vlm.attention import ReceivedAttentionProbe
 from ptp_ros.vlm.in_llm import causal_mask
@@ -176,7 +172,7 @@ def test_pruned_before_the_llm_is_the_model_that_never_saw_the_dropped_tokens(ad
     kept = torch.arange(0, visual.num_tokens, 5)
     cached = cached_run(adapter, lambda: adapter.generate(prepared, visual, kept, STEPS))
     assert_same_greedy_run(cached, greedy_reference(adapter, prepared, visual, kept, 0, STEPS))
-    control = greedy_reference(adapter, prepared, visual, kept, 0, STEPS, deepstack=False)
+    control = greedy_reference(adapter, prepared, visual, kept, 0, 1, deepstack=False)
     assert not torch.allclose(cached[1][0], control[1][0], atol=1e-2)  # DeepStack changes the answer's logits
 
 
@@ -194,12 +190,3 @@ def test_pruned_inside_the_llm_adds_deepstack_at_the_kept_positions_only(adapter
     assert kept.numel() == budget
     assert_same_greedy_run(cached, greedy_reference(adapter, prepared, visual, kept, 1, STEPS))
     assert "_deepstack_process" not in vars(adapter.model.model.language_model)  # the stock addition is back
-
-
-def test_ptp_ask_answers_from_a_qwen3_vl_checkpoint(model_dir, capsys):
-    sample = str(pytest.importorskip("conftest").DATA / "sample_scene.jpg")
-    argv = [sample, INSTRUCTION, "--model", str(model_dir), "--keep-ratio", "0.25", "--json", "--max-new-tokens", "2"]
-    assert ask_main([*argv, "--device", "cpu"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["visual_tokens_total"] == ROWS * COLS
-    assert result["visual_tokens_kept"] == round(0.25 * ROWS * COLS)
