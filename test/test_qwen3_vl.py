@@ -190,3 +190,41 @@ def test_pruned_inside_the_llm_adds_deepstack_at_the_kept_positions_only(adapter
     assert kept.numel() == budget
     assert_same_greedy_run(cached, greedy_reference(adapter, prepared, visual, kept, 1, STEPS))
     assert "_deepstack_process" not in vars(adapter.model.model.language_model)  # the stock addition is back
+
+
+def test_the_proxy_trainer_feeds_deepstack_as_the_model_does():
+    """Training's shared-prefix answer pass (``answer_logits``) on a Qwen3-VL equals the model's own forward
+    over the whole prompt only with the DeepStack inputs: without them the logits differ."""
+    from ptp_ros.proxy import make_questions, make_scene, proxy_words, split_seed
+    from ptp_ros.testing import BASE_WORDS
+    from ptp_ros_bench.proxy.data import (
+        answer_logits,
+        deepstack_prefix_inputs,
+        encode_scene,
+        kept_positions,
+        prefix_embeddings,
+    )
+    from ptp_ros_bench.proxy.train import SceneLayout, build_model, image_features
+
+    words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
+    widths = dict(vision_width=32, vision_layers=4, text_width=64, text_layers=3)
+    model, processor = build_model(words, 0, widths, "qwen3_vl")
+    scene = make_scene(split_seed("val", 5))
+    item = encode_scene(processor, scene, make_questions(scene, per_type=1)[:1], keep_scene=True)
+    layout = SceneLayout(Qwen3VLAdapter(model, processor), item)
+    with torch.no_grad():
+        feats, deepstack = image_features(model, item)
+        everything = torch.arange(feats.shape[0])
+        prefix_len = item.prefix_ids.shape[0]
+        prefix = prefix_embeddings(model, item.prefix_ids, feats)[None]
+        positions = kept_positions(layout.positions, prefix_len, feats.shape[0], everything)
+        pad = processor.tokenizer.pad_token_id
+
+        def ours(**visual_inputs):
+            return answer_logits(model, prefix, item.suffix_ids, pad, positions, **visual_inputs)[0]
+
+        stock = model(**item.inputs).logits[0, -1]
+        with_deepstack = ours(visual_inputs=deepstack_prefix_inputs(deepstack, prefix_len, [everything]))
+    assert len(deepstack) == 3
+    assert torch.allclose(with_deepstack, stock, atol=1e-4)
+    assert not torch.allclose(ours(), stock, atol=1e-3)

@@ -23,11 +23,12 @@ def tiny_qwen3_vl_config(
     *,
     vision_width: int = 32,
     vision_layers: int = 4,
-    deepstack_blocks=(0, 1, 2),
+    deepstack_blocks=None,
     text_width: int = 64,
     text_layers: int = 3,
 ) -> Qwen3VLConfig:
-    """A Qwen3-VL with the real patch / merge / DeepStack geometry and toy widths (head dims 8 and 16)."""
+    """A Qwen3-VL with the real patch / merge / DeepStack geometry and toy widths (head dims 8 and 16); its
+    DeepStack levels (three, as published) come from ``deepstack_blocks``, by default the first blocks."""
     heads = 4
     text_head_dim = text_width // heads
     section = [text_head_dim // 2 - 2 * (text_head_dim // 6), text_head_dim // 6, text_head_dim // 6]  # t, h, w
@@ -41,7 +42,7 @@ def tiny_qwen3_vl_config(
         spatial_merge_size=2,
         temporal_patch_size=2,
         num_position_embeddings=2304,
-        deepstack_visual_indexes=list(deepstack_blocks),
+        deepstack_visual_indexes=list(range(min(3, vision_layers)) if deepstack_blocks is None else deepstack_blocks),
     )
     text = dict(
         **toy_text_config(len(tokenizer), text_width, text_layers),
