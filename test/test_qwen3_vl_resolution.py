@@ -9,6 +9,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptp_ros.cli import ask_main
 from ptp_ros.vlm.qwen2_5_vl import Qwen2_5_VLOptions
@@ -100,3 +102,28 @@ def test_the_node_reads_its_resolution_parameters(ros, model_dir, tiny_model_dir
             node(tiny_model_dir, max_pixels=500_000).load_model()
     finally:
         rclpy.shutdown(context=context)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    family=st.sampled_from([Qwen2_5_VLOptions, Qwen3VLOptions]),
+    name=st.sampled_from(["max_pixels", "min_pixels"]),
+    value=st.one_of(
+        st.integers(-(2**40), 2**40),
+        st.integers(0, 2 * 16384 * 1024),
+        st.floats(allow_nan=True),
+        st.text(max_size=8),
+        st.booleans(),
+        st.none(),
+    ),
+)
+def test_any_value_is_accepted_in_range_or_refused_with_the_range(family, name, value):
+    """Whatever a flag, a parameter or a caller hands the options: a bound from one token to 16384 tokens is
+    kept as given, anything else is a ValueError that states the range."""
+    low, high = family.token_px**2, 16384 * family.token_px**2
+    valid = value is None or (type(value) is int and low <= value <= high)
+    if valid:
+        assert getattr(family(**{name: value}), name) == value
+    else:
+        with pytest.raises(ValueError, match=f"{name} must be an integer from {low} .* to {high} "):
+            family(**{name: value})
