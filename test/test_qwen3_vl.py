@@ -228,3 +228,21 @@ def test_the_proxy_trainer_feeds_deepstack_as_the_model_does():
     assert len(deepstack) == 3
     assert torch.allclose(with_deepstack, stock, atol=1e-4)
     assert not torch.allclose(ours(), stock, atol=1e-3)
+
+
+def test_the_proxy_trainer_reads_qwen3_vl_scenes_at_the_cap_it_is_given():
+    """``--max-tokens 1280``: a proxy scene is read as the Qwen2.5-VL proxy reads it (~1 250 tokens), and the cap
+    is saved with the processor; without it, the tiny fixture's 640."""
+    from ptp_ros.proxy import make_scene, proxy_words, split_seed
+    from ptp_ros.testing import BASE_WORDS
+    from ptp_ros_bench.proxy.data import encode_scene
+    from ptp_ros_bench.proxy.train import FAMILIES
+
+    words = list(dict.fromkeys([*BASE_WORDS, *proxy_words()]))
+    widths = dict(vision_width=32, vision_layers=2, text_width=64, text_layers=3)
+    scene = make_scene(split_seed("val", 0))  # 1344×1344
+    for cap, tokens in ((1280, 35 * 35), (None, 25 * 25)):
+        _, _, processor = FAMILIES["qwen3_vl"].configure(words, widths, cap)
+        assert processor.image_processor.size["longest_edge"] == (cap or 640) * 32 * 32
+        grid = encode_scene(processor, scene, []).inputs["image_grid_thw"][0]
+        assert int(grid.prod()) // 4 == tokens

@@ -71,9 +71,14 @@ class Family:
     model_type: str
     has_cls: bool  # [CLS] states for the [CLS] head (and a global view)
 
-    def configure(self, words: list[str], widths: dict) -> tuple:
-        """(model class, config, processor) at ``widths`` (vision_width, vision_layers, text_width, text_layers)."""
-        return FIXTURES[self.model_type].parts(words, **widths)
+    def configure(self, words: list[str], widths: dict, max_tokens: int | None = None) -> tuple:
+        """(model class, config, processor) at ``widths`` (vision_width, vision_layers, text_width, text_layers),
+        the processor capped at ``max_tokens`` visual tokens (None: the tiny fixture's own cap)."""
+        model_class, config, processor = FIXTURES[self.model_type].parts(words, **widths)
+        if max_tokens is not None:
+            size = resolution_kwargs(processor.image_processor, token_pixels(processor, max_tokens))["size"]
+            processor.image_processor.size = size
+        return model_class, config, processor
 
     @property
     def adapter_class(self) -> type:
@@ -137,8 +142,8 @@ def token_pixels(processor, tokens: int) -> int:
     return max_pixels_for_tokens(tokens, image_processor.patch_size, image_processor.merge_size)
 
 
-def build_model(words: list[str], seed: int, widths: dict, family: str = "llava_next"):
-    model_class, config, processor = FAMILIES[family].configure(words, widths)
+def build_model(words: list[str], seed: int, widths: dict, family: str = "llava_next", max_tokens: int | None = None):
+    model_class, config, processor = FAMILIES[family].configure(words, widths, max_tokens)
     return random_model(model_class, config, processor.tokenizer, seed), processor
 
 
@@ -361,6 +366,14 @@ def main(argv=None) -> None:
         help="share of scenes read at a random lower resolution (default: 0.3 for qwen2_5_vl and qwen3_vl, "
         "whose processors take any resolution; 0 for llava_next)",
     )
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="the processor's cap in visual tokens, for a family that reads any resolution (default: its tiny "
+        "fixture's: 1280 for qwen2_5_vl, as its proxy was trained; 640 for qwen3_vl, so pass 1280 for a proxy "
+        "read like the Qwen2.5-VL one, ~1 250 tokens a scene)",
+    )
     ap.add_argument("--focus", type=float, default=0.3, help="share of stage 2 reading object tokens + --focus-keep")
     ap.add_argument("--focus-keep", type=float, default=0.1)
     ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision (0: off)")
@@ -410,6 +423,10 @@ def main(argv=None) -> None:
         ap.error("need 0 <= --hop-layer < --retrieval-layer < --text-layers")
     if args.side_weight and not args.retrieval_layer < args.side_layer < args.text_layers:
         ap.error("need --retrieval-layer < --side-layer < --text-layers")
+    if args.max_tokens is not None and (
+        args.max_tokens < 1 or not FAMILIES[args.family].adapter_class.supports_downscaling
+    ):
+        ap.error(f"--max-tokens needs a positive count and a family that reads any resolution, not {args.family}")
     if args.vision_from and args.init_from:
         ap.error("--init-from already takes the vision tower: drop --vision-from")
     torch.set_num_threads(args.threads)
@@ -423,7 +440,7 @@ def main(argv=None) -> None:
     family = FAMILIES[args.family]
     low_res = args.low_res if args.low_res is not None else 0.3 if family.adapter_class.supports_downscaling else 0.0
     global_only = args.global_only if family.has_cls else 0.0
-    model, processor = build_model(words, args.seed, widths, args.family)
+    model, processor = build_model(words, args.seed, widths, args.family, args.max_tokens)
     adapter = family.adapter_class(model, processor)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint(args.out / "checkpoint.pt")
