@@ -197,6 +197,7 @@ def test_the_proxy_trainer_feeds_deepstack_as_the_model_does():
     over the whole prompt only with the DeepStack inputs: without them the logits differ."""
     from ptp_ros.proxy import make_questions, make_scene, proxy_words, split_seed
     from ptp_ros.testing import BASE_WORDS
+    from ptp_ros.vlm.qwen2_5_vl import resolution_kwargs
     from ptp_ros_bench.proxy.data import (
         answer_logits,
         deepstack_prefix_inputs,
@@ -210,7 +211,8 @@ def test_the_proxy_trainer_feeds_deepstack_as_the_model_does():
     widths = dict(vision_width=32, vision_layers=4, text_width=64, text_layers=3)
     model, processor = build_model(words, 0, widths, "qwen3_vl")
     scene = make_scene(split_seed("val", 5))
-    item = encode_scene(processor, scene, make_questions(scene, per_type=1)[:1], keep_scene=True)
+    small = resolution_kwargs(processor.image_processor, 128 * 32 * 32)  # 128 tokens keep it quick
+    item = encode_scene(processor, scene, make_questions(scene, per_type=1)[:1], keep_scene=True, **small)
     layout = SceneLayout(Qwen3VLAdapter(model, processor), item)
     with torch.no_grad():
         feats, deepstack = image_features(model, item)
