@@ -209,6 +209,13 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         r, c = (v.float() for v in raster_grid(rows, cols))
         return torch.stack([c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows], -1)
 
+    def view_pixels(self, prepared: PreparedInput) -> torch.Tensor:
+        """[1, C, N, T·P·P]: the whole frame is one view (window attention mixes the image across windows, and the
+        full-attention blocks across all of it, so no part of it encodes alone), its N flattened patches per channel."""
+        pixels = prepared.inputs["pixel_values"]  # [N, C·T·P·P], channels outermost
+        channels = self.model.config.vision_config.in_channels
+        return pixels.view(pixels.shape[0], channels, -1).transpose(0, 1)[None]
+
     # -- 2. top-down relevance -----------------------------------------------------------------------
     def rope_positions(self, prepared: PreparedInput) -> torch.Tensor:
         """The model's own 3-D M-RoPE positions of the full prompt, [3, 1, L]."""
