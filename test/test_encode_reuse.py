@@ -194,3 +194,56 @@ def test_the_latency_model_predicts_the_encode_from_the_views_to_encode():
     assert new.feasible and cached.feasible and cached.keep_ratio > new.keep_ratio
     with pytest.raises(ValueError, match="encode_fraction"):
         model.observe(100, total, stages, new_tokens=4, encode_fraction=1.5)
+
+
+def moved_object_frames(seed: int = 0, noise: float = 2.0):
+    """A proxy scene and the same scene with its one square moved to the mirrored position in the other tile column
+    (its old place inpainted), each with its own sensor noise (σ in grey levels), and the square's two centres."""
+    import cv2
+
+    from ptp_ros.proxy import make_scene, split_seed
+
+    scene = make_scene(split_seed("test", seed), size=(1344, 1344))
+    square = next(o for o in scene.objects if o.shape == "square" and scene.count("square") == 1)
+    x0, y0, x1, y1 = (int(round(v)) for v in square.box)
+    x0, y0, x1, y1 = x0 - 1, y0 - 1, x1 + 2, y1 + 2
+    mask = np.zeros(scene.image.shape[:2], np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    moved = cv2.inpaint(scene.image, mask, 3, cv2.INPAINT_TELEA)
+    new_x0 = scene.image.shape[1] - x1
+    moved[y0:y1, new_x0 : new_x0 + x1 - x0] = scene.image[y0:y1, x0:x1]
+    rng = np.random.default_rng(seed)
+    frames = [np.clip(f + rng.normal(0, noise, f.shape), 0, 255).astype(np.uint8) for f in (scene.image, moved)]
+    return frames, square, (square.centre, (new_x0 + (x1 - x0) / 2, (y0 + y1) / 2))
+
+
+def keeps_a_token_at(answer, point) -> bool:
+    boxes = answer.visual.token_boxes[answer.selection.kept]
+    x, y = point
+    return bool(((boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])).any())
+
+
+def test_a_moved_object_is_read_at_its_new_position_with_reuse_on():
+    """The trained proxy LLaVA-NeXT on a noisy still camera whose one square moves from one tile to another: with a
+    threshold above the noise, the tiles that only saw noise are reused and the two the square left and entered are
+    re-encoded, so PTP (11.1 %) keeps the square's token at its new position and names its colour.  The control shows
+    the test catches stale reuse: reusing everything keeps the token at the old position only."""
+    from ptp_ros.pipeline import Pipeline, PipelineConfig
+    from ptp_ros.vlm.defaults import PROXY_MODEL
+    from ptp_ros.vlm.loading import LoadOptions, load_adapter
+
+    adapter = load_adapter(PROXY_MODEL, LoadOptions(device="cpu"))
+    (before, after), square, (old, new) = moved_object_frames()
+    question = "what colour is the square ?"
+    read = {}
+    for threshold in (0.02, 1.0):
+        config = PipelineConfig(max_new_tokens=2, encode_cache_frames=2, encode_reuse_threshold=threshold)
+        pipeline = Pipeline(adapter, config)
+        pipeline.answer(before, question, keep_ratio=0.111)
+        read[threshold] = pipeline.answer(after, question, keep_ratio=0.111)
+    reused = read[0.02]
+    assert reused.encode_reused == pytest.approx(2 / 5)  # of the 2×2 tiles and the global view
+    assert reused.text == square.colour
+    assert keeps_a_token_at(reused, new) and not keeps_a_token_at(reused, old)
+    stale = read[1.0]
+    assert stale.encode_reused == 1.0 and keeps_a_token_at(stale, old) and not keeps_a_token_at(stale, new)
