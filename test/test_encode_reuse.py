@@ -197,24 +197,17 @@ def test_the_latency_model_predicts_the_encode_from_the_views_to_encode():
 
 
 def moved_object_frames(seed: int = 0, noise: float = 2.0):
-    """A proxy scene and the same scene with its one square moved to the mirrored position in the other tile column
-    (its old place inpainted), each with its own sensor noise (σ in grey levels), and the square's two centres."""
-    import cv2
-
-    from ptp_ros.proxy import make_scene, split_seed
+    """A proxy scene and the same scene with its one square moved to the mirrored position in the other tile column,
+    each with its own sensor noise (σ in grey levels), and the square's two centres."""
+    from ptp_ros.proxy import make_scene, move_object, split_seed
 
     scene = make_scene(split_seed("test", seed), size=(1344, 1344))
-    square = next(o for o in scene.objects if o.shape == "square" and scene.count("square") == 1)
-    x0, y0, x1, y1 = (int(round(v)) for v in square.box)
-    x0, y0, x1, y1 = x0 - 1, y0 - 1, x1 + 2, y1 + 2
-    mask = np.zeros(scene.image.shape[:2], np.uint8)
-    mask[y0:y1, x0:x1] = 255
-    moved = cv2.inpaint(scene.image, mask, 3, cv2.INPAINT_TELEA)
-    new_x0 = scene.image.shape[1] - x1
-    moved[y0:y1, new_x0 : new_x0 + x1 - x0] = scene.image[y0:y1, x0:x1]
+    index = next(i for i, o in enumerate(scene.objects) if o.shape == "square" and scene.count("square") == 1)
+    square = scene.objects[index]
+    moved = move_object(scene, index, scene.image.shape[1] - square.centre[0])
     rng = np.random.default_rng(seed)
-    frames = [np.clip(f + rng.normal(0, noise, f.shape), 0, 255).astype(np.uint8) for f in (scene.image, moved)]
-    return frames, square, (square.centre, (new_x0 + (x1 - x0) / 2, (y0 + y1) / 2))
+    frames = [np.clip(s.image + rng.normal(0, noise, s.image.shape), 0, 255).astype(np.uint8) for s in (scene, moved)]
+    return frames, square, (square.centre, moved.objects[index].centre)
 
 
 def keeps_a_token_at(answer, point) -> bool:
