@@ -73,3 +73,17 @@ def test_cache_settings_out_of_range_are_refused(frames, threshold, message):
 
     with pytest.raises(ValueError, match=message):
         PipelineConfig(encode_cache_frames=frames, encode_reuse_threshold=threshold)
+
+
+def test_the_benchmarks_camera_sequences_are_what_they_say():
+    """``ptp-bench --sequence``'s frames: a still camera changes by sensor noise only, and the moving object crosses
+    from one tile column to the other, asked about by the same colour question."""
+    from ptp_ros_bench.sequence import NOISE, sequence
+
+    still, moved = sequence("still", 0, 2), sequence("moved", 0, 2)
+    difference = np.abs(still[1][0].astype(float) - still[0][0].astype(float))
+    assert 0 < difference.mean() < 2 * NOISE
+    width = moved[0][0].shape[1]
+    (first, _), (last, _) = moved[0][2], moved[-1][2]
+    assert (first < width / 2) != (last < width / 2)  # from one half (tile column) to the other
+    assert moved[0][1].text == moved[-1][1].text and moved[0][1].qtype == "colour"
