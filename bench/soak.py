@@ -333,7 +333,7 @@ def _reuse_line(diagnostics: dict) -> str:
         return "Vision encoding reused: not reported (no encode cache, or no request answered)."
     return (
         f"Vision encoding reused: {100 * float(rate):.1f} % of the views of the frames asked about "
-        f"({diagnostics.get('encode_frames_cached')} requests found their frame already encoded)."
+        f"({diagnostics.get('encode_frame_hits')} requests found their frame already encoded)."
     )
 
 

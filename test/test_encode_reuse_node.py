@@ -61,7 +61,7 @@ def test_results_and_diagnostics_report_reuse(tiny_adapter, sample_image):
     health = Health("serving", "", "cpu", 0, False, None, 0.1, None, encode_reuse=worker.encode_reuse.stats)
     values = {kv.key: kv.value for kv in agent_status("agent", health, settings, worker.counters).values}
     assert float(values["encode_reuse_rate"]) == pytest.approx((0 + 1 + 1 / 3) / 3)
-    assert values["encode_frames_cached"] == "1"
+    assert values["encode_frame_hits"] == "1"
 
 
 @pytest.mark.parametrize(

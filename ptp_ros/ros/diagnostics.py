@@ -89,7 +89,7 @@ def agent_status(name: str, health: Health, settings: Settings, counters: Counte
         "latency_model_last_predicted_ms": prediction.last_predicted_ms if prediction else None,
         "latency_model_last_measured_ms": prediction.last_measured_ms if prediction else None,
         "encode_reuse_rate": health.encode_reuse.reuse_rate if health.encode_reuse else None,
-        "encode_frames_cached": health.encode_reuse.frame_hits if health.encode_reuse else None,
+        "encode_frame_hits": health.encode_reuse.frame_hits if health.encode_reuse else None,
         "last_error": counters.last_error,
     }
     return DiagnosticStatus(
