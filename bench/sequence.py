@@ -314,12 +314,14 @@ def plot(report: dict, out: Path) -> str:
     left.plot(qs, [unpruned] * len(qs), "k--", label="unpruned, no reuse")
     left.plot(qs, [ptp] * len(qs), "C1--", label="PTP 11.1 %, no reuse")
     left.plot(qs, [r["ptp_reuse_ms"] / 1e3 for r in s["questions_per_frame"]], "C0o-", label="PTP 11.1 % + reuse")
+    for r in s["questions_per_frame"]:
+        left.annotate(f"{r['ratio']:.2f}×", (r["questions"], r["ptp_reuse_ms"] / 1e3), ha="left", va="bottom")
     left.set(xlabel="questions per frame", ylabel="end-to-end s per request", xticks=qs, ylim=(0, None))
     left.legend()
     kinds = [r["sequence"] for r in s["sequences"]]
     x = np.arange(len(kinds))
     right.bar(x - 0.2, [r["ptp_reuse_ms"] / 1e3 for r in s["sequences"]], 0.4, label="PTP + reuse, all questions")
-    right.bar(x + 0.2, [r["after_first_ms"] / 1e3 for r in s["sequences"]], 0.4, label="after the first")
+    right.bar(x + 0.2, [r["after_first_ms"] / 1e3 for r in s["sequences"]], 0.4, color="C2", label="after the first")
     right.axhline(unpruned, color="k", ls="--", label="unpruned, no reuse")
     right.axhline(ptp, color="C1", ls="--", label="PTP, no reuse")
     for i, r in enumerate(s["sequences"]):
@@ -373,9 +375,13 @@ def run(args, log=sys.stderr) -> dict:
 
 
 def main(args) -> int:
+    """Measure and report; with ``--report-only``, rebuild README.md and the plot from OUT/sequence.json."""
     args.out.mkdir(parents=True, exist_ok=True)
-    report = run(args)
-    (args.out / "sequence.json").write_text(json.dumps(report, indent=1))
+    if args.report_only:
+        report = json.loads((args.out / "sequence.json").read_text())
+    else:
+        report = run(args)
+        (args.out / "sequence.json").write_text(json.dumps(report, indent=1))
     (args.out / "README.md").write_text(markdown(report))
     print(
         f"ptp-bench --sequence: wrote sequence.json, README.md, {plot(report, args.out)} to {args.out}", file=sys.stderr
