@@ -12,6 +12,8 @@ Region saliency: log of the region's share of that attention.
 Pruned path: drop pruned ``<|image_pad|>`` ids and hand ``generate`` the *original* 3-D M-RoPE positions
 of the kept tokens (``get_rope_index``), with the model's cached ``rope_deltas`` cleared.
 Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_for_tokens``).
+Encode reuse (vlm/encode_cache.py): whole frames only — window attention mixes each window and the full-attention
+blocks the whole image, so no part of it encodes alone (``independent_views`` stays False).
 """
 
 from __future__ import annotations
@@ -208,13 +210,6 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         height, width = image_size
         r, c = (v.float() for v in raster_grid(rows, cols))
         return torch.stack([c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows], -1)
-
-    def view_pixels(self, prepared: PreparedInput) -> torch.Tensor:
-        """[1, C, N, T·P·P]: the whole frame is one view (window attention mixes the image across windows, and the
-        full-attention blocks across all of it, so no part of it encodes alone), its N flattened patches per channel."""
-        pixels = prepared.inputs["pixel_values"]  # [N, C·T·P·P], channels outermost
-        channels = self.model.config.vision_config.in_channels
-        return pixels.view(pixels.shape[0], channels, -1).transpose(0, 1)[None]
 
     # -- 2. top-down relevance -----------------------------------------------------------------------
     def rope_positions(self, prepared: PreparedInput) -> torch.Tensor:

@@ -219,9 +219,14 @@ class StockModelAdapter:
 
     def view_pixels(self, prepared: PreparedInput) -> torch.Tensor:
         """[V, C, H, W]: each view's vision-tower input as the processor made it, in the tower's order — what the
-        encode cache hashes and compares (one view, the whole frame, where views are not independent)."""
+        encode cache hashes and compares.  Views of one image ([.., V, C, H, W]: tiles, a global view) as they are;
+        flattened patches ([N, C·T·P·P], channels outermost: the Qwen-VL processors) as one view [1, C, N, T·P·P],
+        the whole frame."""
         pixels = prepared.inputs["pixel_values"]
-        return pixels.flatten(0, pixels.dim() - 4)
+        if pixels.dim() >= 4:
+            return pixels.flatten(0, pixels.dim() - 4)
+        channels = getattr(self.model.config.vision_config, "in_channels", 3)
+        return pixels.view(pixels.shape[0], channels, -1).transpose(0, 1)[None]
 
     def rope_positions(self, prepared: PreparedInput) -> torch.Tensor | None:
         """Position ids of the full prompt for the LLM; ``None``: its default 0..L-1."""
