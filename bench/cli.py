@@ -3,6 +3,7 @@
     ptp-bench --out docs/benchmarks                       # real-size CPU proxy, fp32 (≈20–40 min on 2 cores)
     ptp-bench --out /tmp/gpu --model llava-next-7b --merge  # 7B-size random weights, fp16, on CUDA
     ptp-bench --out /tmp/quick --quick                    # tiny model, < 1 min: checks the benchmark itself
+    ptp-bench --out docs/benchmarks/sequence --sequence --threads 1   # reusing the vision encoding on a camera
 
 Writes ``results.json`` (every raw figure, machine, versions), ``README.md`` (tables, targets) and PNG plots.
 """
@@ -78,6 +79,23 @@ def _parser() -> argparse.ArgumentParser:
         "--report-only",
         action="store_true",
         help="measure nothing: rebuild README.md and the plots from OUT/results.json",
+    )
+    p.add_argument(
+        "--sequence",
+        action="store_true",
+        help="camera-sequence mode (bench/sequence.py): end-to-end time per request with and without reusing the "
+        "vision encoding, for 1/2/4 questions per frame and four camera sequences, and the answers' agreement with "
+        "encoding from scratch on the trained proxy model",
+    )
+    p.add_argument("--sequence-questions", type=int, default=3, help="questions per sequence (--sequence; default 3)")
+    p.add_argument(
+        "--sequence-scenes", type=int, default=4, help="scenes per sequence for the answers (--sequence; default 4)"
+    )
+    p.add_argument(
+        "--reuse-threshold",
+        type=float,
+        default=0.02,
+        help="encode_reuse_threshold of the reusing pipeline (--sequence; default 0.02)",
     )
     p.add_argument(
         "--merge",
@@ -193,6 +211,11 @@ def _run_key(run_: dict) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    if args.sequence:
+        from . import sequence
+
+        args.argv = sys.argv[1:] if argv is None else list(argv)
+        return sequence.main(args)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     if args.report_only:

@@ -320,9 +320,21 @@ def markdown(report: dict) -> str:
         if m
         else "Agent RSS: too short a soak to measure after warm-up.",
         f"Agent exit code after SIGINT: {report['agent_exit_code']}. Code: commit {report['commit']}.",
+        _reuse_line(report.get("final_diagnostics") or {}),
         "",
     ]
     return "\n".join(lines)
+
+
+def _reuse_line(diagnostics: dict) -> str:
+    """The encode cache's reuse rate as the node's /diagnostics reported it at the end (vlm/encode_cache.py)."""
+    rate = diagnostics.get("encode_reuse_rate")
+    if not rate:
+        return "Vision encoding reused: not reported (no encode cache, or no request answered)."
+    return (
+        f"Vision encoding reused: {100 * float(rate):.1f} % of the views of the frames asked about "
+        f"({diagnostics.get('encode_frame_hits')} requests found their frame already encoded)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,10 @@ Each pipeline stage's time is fitted as ``a + b·total + c·kept`` (visual token
 the layers before the prune layer read every token, and the image stages scale with the frame.  Decoding
 is fitted per generated token, because its cost scales with ``max_new_tokens`` far more than with the
 image.  Scoring and selection are skipped when every token is kept: they are fitted on pruned requests
-and predicted 0 for keep-all.
+and predicted 0 for keep-all.  The encode is fitted per view run through the vision tower: a request
+whose frame was encoded before (vlm/encode_cache.py) runs only a fraction of the views, or none, and its
+encode is predicted at that fraction (``encode_fraction``), so a cached or mostly still frame gets a
+larger keep ratio for the same budget.
 
 Where pruning happens (``IN_LLM``, ``PRE_LLM``: the *prune stage*) changes the cost law, so the stages
 after the encoder are fitted per prune stage; a keep-all request runs the same way whatever the prune
@@ -46,6 +49,7 @@ from .timing import STAGES
 PER_TOKEN_STAGE = "decode"  # fitted as ms per generated token after the first
 IMAGE_STAGES = ("preprocess", "encode")  # the same wherever tokens are pruned: fitted over every request
 PRUNED_ONLY_STAGES = ("score", "select")  # skipped when every token is kept
+VIEW_STAGE = "encode"  # scales with the fraction of the frame's views run through the vision tower
 IN_LLM, PRE_LLM = "in_llm", "pre_llm"  # prune stages: inside the LLM at layer K, or before it
 
 TUKEY_C = 4.685  # biweight cut-off in robust standard deviations (95 % efficiency on Gaussian noise)
@@ -61,6 +65,7 @@ class Observation:
     stages_ms: dict[str, float]
     new_tokens: int
     prune_stage: str
+    encode_fraction: float = 1.0  # of the frame's views, the fraction the vision tower ran on
 
     @property
     def keep_all(self) -> bool:
@@ -152,6 +157,7 @@ class Observations:
         self.total = np.array([o.total for o in obs], float)
         self.kept = np.array([o.kept for o in obs], float)
         self.new_tokens = np.array([o.new_tokens for o in obs], float)
+        self.encode_fraction = np.array([o.encode_fraction for o in obs], float)
         self.measured = np.array([o.total_ms for o in obs])
         self.keep_all = self.kept >= self.total
         self.stage_of = np.array([o.prune_stage for o in obs])
@@ -166,6 +172,8 @@ class Observations:
                     rows = rows & ~self.keep_all
                 if stage == PER_TOKEN_STAGE:
                     rows = rows & (self.new_tokens > 1)
+                if stage == VIEW_STAGE:
+                    rows = rows & (self.encode_fraction > 0)  # a cached frame says nothing of the encoder
                 self.rows[prune_stage, stage] = rows
 
     def fit(self, weights: np.ndarray) -> dict[tuple[str, str], StageFit]:
@@ -179,7 +187,9 @@ class Observations:
         out = np.zeros(len(self.kept))
         for prune_stage in self.prune_stages:
             mine = self.stage_of == prune_stage
-            per_stage = _predict(fits, self.kept[mine], self.total[mine], self.new_tokens[mine], prune_stage)
+            per_stage = _predict(
+                fits, self.kept[mine], self.total[mine], self.new_tokens[mine], prune_stage, self.encode_fraction[mine]
+            )
             out[mine] = per_stage["total"]
         return out
 
@@ -218,16 +228,23 @@ class LatencyModel:
         new_tokens: int,
         prune_stage: str | None = None,
         track_error: bool = True,
+        encode_fraction: float = 1.0,
     ) -> None:
-        """Record one finished request (``stages_ms`` as in ``Answer.timings_ms``) and refit.  With
-        ``track_error`` the prediction the model held for it counts in ``prediction_error`` (calibration
-        runs, chosen to spread the fit, do not)."""
+        """Record one finished request (``stages_ms`` as in ``Answer.timings_ms``; ``encode_fraction`` of its
+        frame's views ran through the vision tower) and refit.  With ``track_error`` the prediction the model
+        held for it counts in ``prediction_error`` (calibration runs, chosen to spread the fit, do not)."""
         if kept < 1 or total < 1:
             raise ValueError(f"kept and total must be >= 1, got {kept}, {total}")
+        if not 0.0 <= encode_fraction <= 1.0:
+            raise ValueError(f"encode_fraction must be in [0, 1], got {encode_fraction}")
         prune_stage = prune_stage or self.default_stage or IN_LLM
-        observation = Observation(min(kept, total), total, dict(stages_ms), max(new_tokens, 1), prune_stage)
+        observation = Observation(
+            min(kept, total), total, dict(stages_ms), max(new_tokens, 1), prune_stage, float(encode_fraction)
+        )
         if track_error and self.ready_for(prune_stage):
-            predicted = self.predict_total(observation.kept, total, observation.new_tokens, prune_stage)
+            predicted = self.predict_total(
+                observation.kept, total, observation.new_tokens, prune_stage, observation.encode_fraction
+            )
             self._errors.append((predicted, observation.total_ms))
             self._prediction_error = self._summarise_errors()
         self.default_stage = self.default_stage or prune_stage
@@ -266,18 +283,34 @@ class LatencyModel:
             MAD_TO_SIGMA * weighted_median(np.abs(relative[inliers]), recency[inliers]) if inliers.sum() > 2 else 0.0
         )
 
-    def predict(self, kept: int, total: int, max_new_tokens: int, prune_stage: str | None = None) -> dict[str, float]:
+    def predict(
+        self,
+        kept: int,
+        total: int,
+        max_new_tokens: int,
+        prune_stage: str | None = None,
+        encode_fraction: float = 1.0,
+    ) -> dict[str, float]:
         """Expected ms per stage (and ``total``) for keeping ``kept`` of ``total`` tokens at ``prune_stage``
-        (default: the one first observed)."""
+        (default: the one first observed), running ``encode_fraction`` of the frame's views through the vision
+        tower (0: a frame encoded before)."""
         if not self.ready:
             raise RuntimeError("latency model has no observations yet; calibrate first")
         prune_stage = prune_stage or self.default_stage
         if not self.ready_for(prune_stage):
             raise RuntimeError(f"latency model has no pruned request at {prune_stage!r} yet; calibrate it")
-        return {k: float(v) for k, v in _predict(self._fits, kept, total, max_new_tokens, prune_stage).items()}
+        predicted = _predict(self._fits, kept, total, max_new_tokens, prune_stage, encode_fraction)
+        return {k: float(v) for k, v in predicted.items()}
 
-    def predict_total(self, kept: int, total: int, max_new_tokens: int, prune_stage: str | None = None) -> float:
-        return self.predict(kept, total, max_new_tokens, prune_stage)["total"]
+    def predict_total(
+        self,
+        kept: int,
+        total: int,
+        max_new_tokens: int,
+        prune_stage: str | None = None,
+        encode_fraction: float = 1.0,
+    ) -> float:
+        return self.predict(kept, total, max_new_tokens, prune_stage, encode_fraction)["total"]
 
     def expected_new_tokens(self, max_new_tokens: int) -> int:
         """The tokens a request is expected to generate under a cap of ``max_new_tokens``: the most the recent
@@ -299,10 +332,14 @@ class LatencyModel:
 
 def _stage_value(o: Observation, stage: str) -> float:
     value = o.stages_ms.get(stage, 0.0)
+    if stage == VIEW_STAGE:
+        return value / o.encode_fraction if o.encode_fraction > 0 else 0.0  # the whole frame's encode
     return value / (o.new_tokens - 1) if stage == PER_TOKEN_STAGE and o.new_tokens > 1 else value
 
 
-def _predict(fits: dict[tuple[str, str], StageFit], kept, total, max_new_tokens, prune_stage: str) -> dict:
+def _predict(
+    fits: dict[tuple[str, str], StageFit], kept, total, max_new_tokens, prune_stage: str, encode_fraction=1.0
+) -> dict:
     """ms per stage and in total; numbers or arrays (one per request) alike."""
     out = {}
     for stage in STAGES:
@@ -311,6 +348,8 @@ def _predict(fits: dict[tuple[str, str], StageFit], kept, total, max_new_tokens,
             value = np.where(np.less(kept, total), value, 0.0)
         if stage == PER_TOKEN_STAGE:
             value = value * np.maximum(np.subtract(max_new_tokens, 1), 0)
+        if stage == VIEW_STAGE:
+            value = value * encode_fraction
         out[stage] = value
     out["total"] = sum(out[s] for s in STAGES)
     return out
@@ -334,10 +373,12 @@ def choose_keep_ratio(
     ratio_min: float,
     ratio_max: float,
     prune_stages: Sequence[str] | None = None,
+    encode_fraction: float = 1.0,
 ) -> BudgetChoice:
     """The largest keep ratio in [ratio_min, ratio_max] whose predicted time fits ``budget_ms``, in the first of
     ``prune_stages`` (in order of preference; default: the model's first) that meets the budget at all.  Both
-    bounds count in tokens as every keep ratio does (``budget.ratio_tokens``).
+    bounds count in tokens as every keep ratio does (``budget.ratio_tokens``).  ``encode_fraction``: of the frame's
+    views, the fraction expected to run through the vision tower (0 for a frame encoded before).
 
     When no stage is predicted to meet it even at ``ratio_min``, the answer is the stage with the lowest
     floor at ``ratio_min``, ``feasible=False``: the request still runs, as fast as it is allowed to.
@@ -350,7 +391,8 @@ def choose_keep_ratio(
     if not stages:
         raise RuntimeError(f"latency model has seen none of the prune stages {list(prune_stages or [])}")
     choices = [
-        _choose_in_stage(model, stage, budget_ms, total, max_new_tokens, ratio_min, ratio_max) for stage in stages
+        _choose_in_stage(model, stage, budget_ms, total, max_new_tokens, ratio_min, ratio_max, encode_fraction)
+        for stage in stages
     ]
     preferred = choices[0]
     chosen = next((c for c in choices if c.feasible), min(choices, key=lambda c: c.predicted_ms))
@@ -370,12 +412,13 @@ def _choose_in_stage(
     max_new_tokens: int,
     ratio_min: float,
     ratio_max: float,
+    encode_fraction: float = 1.0,
 ) -> BudgetChoice:
     lo = ratio_tokens(total, ratio_min)
     hi = max(lo, ratio_tokens(total, ratio_max))
 
     def cost(k: int) -> float:
-        return model.with_margin(model.predict_total(k, total, max_new_tokens, stage))
+        return model.with_margin(model.predict_total(k, total, max_new_tokens, stage, encode_fraction))
 
     def choice(k: int, feasible: bool) -> BudgetChoice:
         return BudgetChoice(k / total, k, cost(k), feasible, stage)

@@ -27,6 +27,7 @@ from .pruning import (
 from .result import AnswerResult, RegionQuota
 from .timing import timed
 from .vlm.base import Cancelled, Generation, PreparedInput, VisionLanguageAdapter, VisualTokens
+from .vlm.encode_cache import EncodeReuse
 
 __all__ = ["Answer", "Cancelled", "InvalidRequest", "Pipeline", "PipelineConfig", "validate_image"]
 
@@ -47,6 +48,8 @@ class PipelineConfig:
     newline_policy: str = "drop"  # structural tokens when pruning: "drop", or "keep" (counted in the budget)
     max_new_tokens: int = 32
     max_instruction_chars: int = 2000
+    encode_cache_frames: int = 0  # frames whose encoding is kept for later requests (vlm/encode_cache.py); 0: none
+    encode_reuse_threshold: float = 0.0  # largest change of a downsampled view that reuses it; 0: bit-identical only
 
     def __post_init__(self) -> None:
         if not isinstance(self.selector, ConfiguredSelector):
@@ -55,6 +58,10 @@ class PipelineConfig:
             raise ValueError(f"newline_policy must be one of {NEWLINE_POLICIES}, got {self.newline_policy!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if not isinstance(self.encode_cache_frames, int) or self.encode_cache_frames < 0:
+            raise ValueError(f"encode_cache_frames must be an integer >= 0, got {self.encode_cache_frames!r}")
+        if not 0.0 <= self.encode_reuse_threshold <= 1.0:
+            raise ValueError(f"encode_reuse_threshold must be in [0, 1], got {self.encode_reuse_threshold!r}")
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Answer:
     new_tokens: int
     selector: str
     prune_layer: int | None = None  # the first LLM layer that read only the kept tokens; None: pruned before the LLM
+    encode_reused: float = 0.0  # fraction of the frame's views whose encoding was reused (1: the frame was cached)
 
     def result(self) -> AnswerResult:
         """The typed result of this answer: what ``ptp-ask --json`` prints (``AnswerResult.to_json``), and the
@@ -96,6 +104,7 @@ class Answer:
             prune_layer=self.prune_layer,
             new_tokens=self.new_tokens,
             latency_ms={k: round(v, 3) for k, v in self.timings_ms.items()},
+            encode_reused=round(self.encode_reused, 6),
         )
 
 
@@ -131,10 +140,20 @@ class Pipeline:
     ``prepare`` → ``encode`` → ``budget`` → ``score`` → ``select`` → ``generate``.
     """
 
-    def __init__(self, adapter: VisionLanguageAdapter, config: PipelineConfig = PipelineConfig()):
+    def __init__(
+        self,
+        adapter: VisionLanguageAdapter,
+        config: PipelineConfig = PipelineConfig(),
+        reuse: EncodeReuse | None = None,
+    ):
+        """``reuse``: an encode cache to share with other pipelines over the same adapter; by default one of the
+        config's size (none at ``encode_cache_frames`` 0)."""
         self.adapter = adapter
         self.config = config
         self.selector = config.selector.bound
+        if reuse is None and config.encode_cache_frames:
+            reuse = EncodeReuse(adapter, config.encode_cache_frames, config.encode_reuse_threshold)
+        self.reuse = reuse
 
     def validate_instruction(self, instruction: str) -> str:
         if not isinstance(instruction, str) or not instruction.strip():
@@ -155,8 +174,12 @@ class Pipeline:
         max_new_tokens: int | None = None,
         cancel: threading.Event | None = None,
         on_stage: OnStage | None = None,
+        camera: str = "",
     ) -> Answer:
         """Answer ``instruction`` about ``image`` keeping ``keep_ratio`` (or ``tokens``) of the visual tokens.
+
+        With an encode cache (``reuse``), a frame already encoded is not encoded again, and a new frame from
+        ``camera`` encodes only the views that changed since that camera's last one (``Answer.encode_reused``).
 
         Setting ``cancel`` (from another thread) ends the request with ``Cancelled`` at the next stage
         boundary or generated token.  ``on_stage`` is called with each stage's name (``timing.STAGES``) as it
@@ -175,7 +198,7 @@ class Pipeline:
         _check(cancel, "before encoding")
         stage("encode")
         with timed(timings, "encode", device):
-            visual = self.encode(prepared)
+            visual, encode_reused = self.encode_frame(prepared, image, camera)
         _check(cancel, "after encoding")
         stage("score")
         budget = self.budget(visual, keep_ratio=keep_ratio, tokens=tokens)
@@ -197,6 +220,7 @@ class Pipeline:
             new_tokens=pruned.generation.new_tokens,
             selector=self.selector.name,
             prune_layer=pruned.prune_layer,
+            encode_reused=encode_reused,
         )
 
     def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
@@ -205,6 +229,18 @@ class Pipeline:
 
     def encode(self, prepared: PreparedInput) -> VisualTokens:
         return self.adapter.encode(prepared)
+
+    def encode_frame(self, prepared: PreparedInput, image: np.ndarray, camera: str = "") -> tuple[VisualTokens, float]:
+        """(``prepared``'s visual tokens, the fraction of its views reused): through the encode cache when there is
+        one, else a plain ``encode`` (nothing reused)."""
+        if self.reuse is None:
+            return self.encode(prepared), 0.0
+        return self.reuse.encode(prepared, image, camera)
+
+    def expected_encode_fraction(self, image: np.ndarray, camera: str = "") -> float:
+        """The fraction of ``image``'s views a request on it is expected to run through the vision tower (for the
+        latency model): 1 without an encode cache, see ``EncodeReuse.expected_encode_fraction`` with one."""
+        return 1.0 if self.reuse is None else self.reuse.expected_encode_fraction(image, camera)
 
     def budget(self, visual: VisualTokens, keep_ratio: float | None = None, tokens: int | None = None) -> int:
         """The token budget over all ``visual`` tokens for a keep ratio or a token count as ``budget_request``

@@ -41,6 +41,7 @@ class AnswerResult:
     prune_layer: int | None  # the first LLM layer that read only the kept tokens
     new_tokens: int
     latency_ms: dict[str, float]  # per stage (timing.STAGES) and "total"
+    encode_reused: float = 0.0  # fraction of the frame's views whose encoding was reused (1: the frame was cached)
 
     def to_json(self) -> dict[str, Any]:
         """What ``ptp-ask --json`` prints."""

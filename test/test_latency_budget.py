@@ -196,11 +196,16 @@ class LawPipeline:
     (one visual token per 1 000 pixels) and kept tokens, as measured on ``device``.  Inside the LLM the layers
     before the prune layer (a quarter of them) read every token; before it a candidate probe reads 3x the kept."""
 
+    reuse = None  # no encode cache: every request encodes its frame
+
     def __init__(self, device: Device, in_llm: bool):
         self.device, self.in_llm = device, in_llm
 
     def in_llm_plan(self):
         return object() if self.in_llm else None
+
+    def expected_encode_fraction(self, image, camera=""):
+        return 1.0
 
     def law(self, total: int, kept: int, new_tokens: int) -> dict[str, float]:
         pruned = kept < total
@@ -214,7 +219,18 @@ class LawPipeline:
             "decode": (10 + 0.005 * kept) * (new_tokens - 1),
         }
 
-    def answer(self, image, instruction, *, keep_ratio=None, tokens=None, max_new_tokens=4, cancel=None, on_stage=None):
+    def answer(
+        self,
+        image,
+        instruction,
+        *,
+        keep_ratio=None,
+        tokens=None,
+        max_new_tokens=4,
+        cancel=None,
+        on_stage=None,
+        camera="",
+    ):
         from types import SimpleNamespace
 
         total = image.shape[0] * image.shape[1] // 1000
@@ -241,7 +257,12 @@ class LawPipeline:
             latency_ms=dict(timings),
         )
         return SimpleNamespace(
-            text="a cup", selection=selection, timings_ms=timings, new_tokens=max_new_tokens, result=lambda: result
+            text="a cup",
+            selection=selection,
+            timings_ms=timings,
+            new_tokens=max_new_tokens,
+            result=lambda: result,
+            encode_reused=0.0,
         )
 
 

@@ -15,6 +15,7 @@ from .scenes import (
     SceneObject,
     make_questions,
     make_scene,
+    move_object,
     proxy_words,
     split_seed,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "SceneObject",
     "make_questions",
     "make_scene",
+    "move_object",
     "proxy_words",
     "split_seed",
 ]

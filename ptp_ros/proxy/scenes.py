@@ -236,6 +236,23 @@ def make_scene(seed: int, size: tuple[int, int] | None = None, crowd: int = 0) -
     return Scene(seed=seed, image=image, objects=objects, tile_scale=scale)
 
 
+def move_object(scene: Scene, index: int, centre_x: float) -> Scene:
+    """``scene`` with object ``index`` moved sideways to ``centre_x``: its old place inpainted from the clutter
+    around it, its pixels pasted at the new place (a camera sequence in which one object moves; the caller keeps
+    the new place clear of the others)."""
+    moving = scene.objects[index]
+    x0, y0, x1, y1 = (int(round(v)) for v in moving.box)
+    x0, y0, x1, y1 = x0 - 1, y0 - 1, x1 + 2, y1 + 2  # the anti-aliased rim too
+    mask = np.zeros(scene.image.shape[:2], np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    image = cv2.inpaint(scene.image, mask, 3, cv2.INPAINT_TELEA)
+    shift = int(round(centre_x - moving.centre[0]))
+    image[y0:y1, x0 + shift : x1 + shift] = scene.image[y0:y1, x0:x1]
+    box = (moving.box[0] + shift, moving.box[1], moving.box[2] + shift, moving.box[3])
+    objects = [SceneObject(o.shape, o.colour, box) if i == index else o for i, o in enumerate(scene.objects)]
+    return Scene(seed=scene.seed, image=image, objects=objects, tile_scale=scene.tile_scale)
+
+
 def _unique_object(scene: Scene, rng: np.random.Generator) -> tuple[str, int] | None:
     """A shape that occurs exactly once in the scene and that object's index (None if there is none),
     so that "the <shape>" names one object."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
 from ..latency_budget import PredictionError
+from ..vlm.encode_cache import ReuseStats
 from .worker import Counters, Settings
 
 OVERLOAD_WARN_S = 10.0  # a busy or expired result this recently keeps the status at WARN
@@ -32,6 +33,7 @@ class Health:
     frame_silence_s: float | None  # seconds since the last camera frame (None: never one)
     overload_age_s: float | None  # seconds since the last busy/expired result (None: never)
     prediction: PredictionError | None = None  # the latency model's recent predictions against what they measured
+    encode_reuse: ReuseStats | None = None  # the encode cache's counts (None: no cache)
 
 
 def agent_status(name: str, health: Health, settings: Settings, counters: Counters) -> DiagnosticStatus:
@@ -86,6 +88,8 @@ def agent_status(name: str, health: Health, settings: Settings, counters: Counte
         "latency_model_requests": prediction.requests if prediction else None,
         "latency_model_last_predicted_ms": prediction.last_predicted_ms if prediction else None,
         "latency_model_last_measured_ms": prediction.last_measured_ms if prediction else None,
+        "encode_reuse_rate": health.encode_reuse.reuse_rate if health.encode_reuse else None,
+        "encode_frame_hits": health.encode_reuse.frame_hits if health.encode_reuse else None,
         "last_error": counters.last_error,
     }
     return DiagnosticStatus(

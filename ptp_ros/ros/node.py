@@ -139,6 +139,8 @@ class AgentNode(LifecycleNode):
                 now_ns=lambda: self.get_clock().now().nanoseconds,
                 counters=self.counters,
                 max_instruction_chars=param("max_instruction_chars").value,
+                encode_cache_frames=param("encode_cache_frames").value,
+                encode_reuse_threshold=param("encode_reuse_threshold").value,
             )
             self.model_state = "calibrating"
             image = self._calibration_image(param("calibration_image").value)
@@ -350,6 +352,7 @@ class AgentNode(LifecycleNode):
             frame_silence_s=None if last_frame is None else now - last_frame,
             overload_age_s=None if last_overload is None else now - last_overload,
             prediction=worker.latency_model.prediction_error if worker else None,
+            encode_reuse=worker.encode_reuse.stats if worker and worker.encode_reuse else None,
         )
         status = agent_status(status_name(self.get_fully_qualified_name()), health, self.settings, counters)
         self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))

@@ -121,6 +121,23 @@ PARAMS: tuple[Param, ...] = (
         "Image used for calibration; empty = the bundled 1920x1080 sample scene",
         read_only=True,
     ),
+    Param(
+        "encode_cache_frames",
+        4,
+        "Frames whose vision encoding is kept, so that later questions on them skip the encoder (and cameras "
+        "whose last views are kept, so that a new frame re-encodes only its changed tiles); 0 = encode every "
+        "request from scratch",
+        read_only=True,
+        range=(0, 64),
+    ),
+    Param(
+        "encode_reuse_threshold",
+        0.0,
+        "Largest change of a downsampled tile (image intensity, 0..1) whose encoding is still reused; "
+        "0 = only bit-identical tiles (exact)",
+        read_only=True,
+        range=(0.0, 1.0),
+    ),
     # runtime-settable: validated, a bad value is rejected with a reason and the old one kept
     # (their defaults are Settings' own; a keep ratio must be in (0, 1] and a latency budget above 0: the
     # descriptors' inclusive ranges admit 0, which Settings.problems refuses with the library's checks)

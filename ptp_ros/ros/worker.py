@@ -217,6 +217,8 @@ class RequestWorker:
         counters: Counters,
         latency_model: LatencyModel | None = None,
         max_instruction_chars: int = 2000,
+        encode_cache_frames: int = 0,
+        encode_reuse_threshold: float = 0.0,
     ):
         self.adapter = adapter
         self.settings = settings
@@ -225,6 +227,11 @@ class RequestWorker:
         self.total_tokens: int | None = None  # visual tokens of the last image; the camera's size rarely changes
         self._emit, self._emit_saliency, self._now_ns = emit, emit_saliency, now_ns
         self._max_chars = max_instruction_chars
+        self._encode_cache = {
+            "encode_cache_frames": encode_cache_frames,
+            "encode_reuse_threshold": encode_reuse_threshold,
+        }
+        self.encode_reuse = None  # the encode cache every pipeline of this worker shares (None: none)
         self._pipelines: dict[ConfiguredSelector, Pipeline] = {}  # the configured selector's and its fallback's
         self._queue_size = queue_size
         self._pending: deque[Job] = deque()  # waiting, oldest first; a withdrawn request leaves at once
@@ -398,8 +405,9 @@ class RequestWorker:
         """The pipeline of ``selector`` (``prune_stage`` None or the stage it prunes at), or with ``PRE_LLM`` the budget
         controller's fallback: ``selector`` before the LLM with the candidate probe."""
         if selector not in self._pipelines:  # the configured selector changed: the old pipelines go
-            config = PipelineConfig(selector=selector, max_instruction_chars=self._max_chars)
-            self._pipelines = {selector: Pipeline(self.adapter, config)}
+            config = PipelineConfig(selector=selector, max_instruction_chars=self._max_chars, **self._encode_cache)
+            self._pipelines = {selector: Pipeline(self.adapter, config, reuse=self.encode_reuse)}
+            self.encode_reuse = self._pipelines[selector].reuse
         configured = self._pipelines[selector]
         if prune_stage is None or prune_stage == prune_stage_of(configured):
             return configured
@@ -408,7 +416,7 @@ class RequestWorker:
         fallback = dataclasses.replace(selector, prune_in_llm=False, probe_candidates=FALLBACK_PROBE_CANDIDATES)
         if fallback not in self._pipelines:
             config = dataclasses.replace(configured.config, selector=fallback)
-            self._pipelines[fallback] = Pipeline(self.adapter, config)
+            self._pipelines[fallback] = Pipeline(self.adapter, config, reuse=self.encode_reuse)
         return self._pipelines[fallback]
 
     def _take_frame(self) -> Frame | None:
@@ -456,8 +464,9 @@ class RequestWorker:
         converted = time.monotonic()
 
         max_new_tokens = request.max_new_tokens or settings.max_new_tokens
+        encode_fraction = self.pipeline(settings.selector).expected_encode_fraction(image, frame.frame_id)
         mode, budget, choice = self._choose(
-            request, settings, budget_ms, max_new_tokens, spent_ms=(converted - job.received) * 1e3
+            request, settings, budget_ms, max_new_tokens, (converted - job.received) * 1e3, encode_fraction
         )
         result.mode, result.latency_budget_ms, result.max_new_tokens = mode, budget_ms, max_new_tokens
         prune_stage = choice.prune_stage if choice is not None else None
@@ -466,7 +475,13 @@ class RequestWorker:
             result.prune_stage, result.prune_stage_reason = prune_stage, choice.reason
         try:
             answer = self.pipeline(settings.selector, prune_stage).answer(
-                image, request.text, **budget, max_new_tokens=max_new_tokens, cancel=cancel, on_stage=job.on_stage
+                image,
+                request.text,
+                **budget,
+                max_new_tokens=max_new_tokens,
+                cancel=cancel,
+                on_stage=job.on_stage,
+                camera=frame.frame_id,
             )
         except Cancelled as exc:
             return self._fail(result, f"cancelled: {self._cancelled_why()} ({exc})", status="cancelled")
@@ -488,11 +503,18 @@ class RequestWorker:
         return self._cancel_reason if self._cancel.is_set() else CANCELLED_BY_CLIENT
 
     def _choose(
-        self, request: Request, settings: Settings, budget_ms: float, max_new_tokens: int, spent_ms: float
+        self,
+        request: Request,
+        settings: Settings,
+        budget_ms: float,
+        max_new_tokens: int,
+        spent_ms: float,
+        encode_fraction: float = 1.0,
     ) -> tuple[str, dict, BudgetChoice | None]:
         """(mode used, the budget as ``Pipeline.answer``'s keep_ratio= or tokens=, the budget choice when the
-        latency budget decided).  A request's own keep_ratio wins; a request's own latency budget asks for budget
-        mode even when the node runs fixed.  Budget mode passes the token count it chose, so nothing is
+        latency budget decided; ``encode_fraction`` of the frame's views are expected to need the encoder).  A
+        request's own keep_ratio wins; a request's own latency budget asks for budget mode even when the node runs
+        fixed.  Budget mode passes the token count it chose, so nothing is
         rounded twice; below the floor of the configured in-LLM pruning it prunes before the LLM instead."""
         if request.keep_ratio is not None:
             return "request", {"keep_ratio": request.keep_ratio}, None
@@ -508,6 +530,7 @@ class RequestWorker:
             settings.keep_ratio_min,
             settings.keep_ratio_max,
             [configured, PRE_LLM] if configured == IN_LLM else [configured],
+            encode_fraction,
         )
         return "budget", {"tokens": choice.tokens}, choice
 
@@ -522,6 +545,7 @@ class RequestWorker:
             answer.new_tokens,
             prune_stage or prune_stage_of(self.pipeline(self.settings.selector)),
             track_error,
+            1.0 - answer.encode_reused,
         )
 
     def _succeed(
@@ -591,6 +615,8 @@ def calibrate(
     pruned = [r for r in ratios if r < 1.0]
 
     def run(pipeline: Pipeline, frame: np.ndarray, ratio: float) -> dict:
+        if pipeline.reuse is not None:  # every calibration run measures a whole encode
+            pipeline.reuse.clear()
         answer = pipeline.answer(frame, instruction, keep_ratio=ratio, max_new_tokens=max_new_tokens, cancel=cancel)
         stage = prune_stage_of(pipeline)
         worker.learn(answer, stage, track_error=False)

@@ -22,6 +22,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 
 from .attention import ClsAttentionProbe
 from .base import PreparedInput, VisualTokens
+from .encode_cache import ViewReuse
 from .families import register_adapter
 from .stock_adapter import TiledClsAdapter, TiledModelOptions, grid_names, prepare_image_prompt
 
@@ -56,11 +57,17 @@ class InternVLAdapter(TiledClsAdapter):
 
     # -- 1. encode, with bottom-up saliency --------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prepared: PreparedInput) -> VisualTokens:
-        with ClsAttentionProbe(self._vision_attention, query="q_norm", key="k_norm") as probe:
+    def encode(self, prepared: PreparedInput, views: ViewReuse | None = None) -> VisualTokens:
+        """``views``: which tiles to run through the tower, the rest reused (vlm/encode_cache.py); all by default."""
+        views = views or ViewReuse()
+        with (
+            ClsAttentionProbe(self._vision_attention, query="q_norm", key="k_norm") as probe,
+            self.reusing(views),
+        ):
             out = self.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"], return_dict=True)
         features = out.pooler_output.reshape(-1, out.pooler_output.shape[-1])  # [tiles·256, D]
-        cls_attention = probe.cls_attention().cpu()  # [tiles, 1024]
+        cls_attention = views.rows("cls_attention", probe.cls_attention().cpu())  # [tiles, 1024]
+        cls_states = views.rows("cls_states", probe.cls_query_states().cpu())
         rows, cols = self.tile_grid(prepared.image_size)
         num_grid = rows * cols
         has_thumbnail = cls_attention.shape[0] == num_grid + 1
@@ -75,7 +82,7 @@ class InternVLAdapter(TiledClsAdapter):
         if has_thumbnail:
             tiles, glob = self.tile_logits(
                 cls_attention,
-                probe.cls_query_states().cpu(),
+                cls_states,
                 region_boxes[:num_grid],
                 prepared.image_size,
                 slice(0, num_grid),

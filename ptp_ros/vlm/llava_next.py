@@ -17,6 +17,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 from ..pruning import NO_REGION
 from .attention import ClsAttentionProbe
 from .base import PreparedInput, VisualTokens
+from .encode_cache import ViewReuse
 from .families import register_adapter
 from .stock_adapter import TILE_REGION_SCORES as REGION_SCORES  # noqa: F401  (kept importable from here)
 from .stock_adapter import (
@@ -59,19 +60,22 @@ class LlavaNextAdapter(TiledClsAdapter):
 
     # -- 1. encode, with bottom-up saliency --------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prepared: PreparedInput) -> VisualTokens:
+    def encode(self, prepared: PreparedInput, views: ViewReuse | None = None) -> VisualTokens:
+        """``views``: which tiles to run through the tower, the rest reused (vlm/encode_cache.py); all by default."""
         inputs = prepared.inputs
-        with ClsAttentionProbe(self._vision_attention) as probe:
+        views = views or ViewReuse()
+        with ClsAttentionProbe(self._vision_attention) as probe, self.reusing(views):
             out = self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
             )
         features = out.pooler_output[0]
-        cls_attention = probe.cls_attention().cpu()  # [tiles, 576], tile 0 = global view
+        cls_attention = views.rows("cls_attention", probe.cls_attention().cpu())  # [tiles, 576], tile 0 = global view
+        cls_states = views.rows("cls_states", probe.cls_query_states().cpu())
         layout = self._packed_layout(cls_attention, inputs["image_sizes"][0].cpu())
         grid = self._grid_shape(inputs["image_sizes"][0])
         token_boxes, region_boxes = self._boxes(layout, grid, prepared.image_size)
         tiles, global_logit = self.tile_logits(
-            cls_attention, probe.cls_query_states().cpu(), region_boxes[1:], prepared.image_size, slice(1, None), 0
+            cls_attention, cls_states, region_boxes[1:], prepared.image_size, slice(1, None), 0
         )
         return self.visual_tokens(
             prepared,

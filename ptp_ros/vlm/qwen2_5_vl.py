@@ -12,6 +12,8 @@ Region saliency: log of the region's share of that attention.
 Pruned path: drop pruned ``<|image_pad|>`` ids and hand ``generate`` the *original* 3-D M-RoPE positions
 of the kept tokens (``get_rope_index``), with the model's cached ``rope_deltas`` cleared.
 Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_for_tokens``).
+Encode reuse (vlm/encode_cache.py): whole frames only — window attention mixes each window and the full-attention
+blocks the whole image, so no part of it encodes alone (``independent_views`` stays False).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from ..pruning.region_saliency import footprint_mass, mass_logits, similarity_lo
 from .attention import text_to_token_attention
 from .base import Generation, PreparedInput, VisualTokens
 from .compat import hide_video_processor
+from .encode_cache import ViewReuse
 from .generation import timed_generate
 from .in_llm import Chooser, InLLMPruning, kept_prompt_mask, pruned_inside
 from .loading import ModelLoadError, weights_misfit
@@ -177,6 +178,9 @@ class StockModelAdapter:
     supports_downscaling: ClassVar[bool] = False
     #: the ``region_score`` options the family's options offer (empty: it has no such option)
     region_scores: ClassVar[tuple[str, ...]] = ()
+    #: each view (tile, global view) is its own vision-tower forward, so ``encode`` takes a ``ViewReuse`` plan that
+    #: runs only some of them (vlm/encode_cache.py); False: a frame's encoding is reused whole or not at all
+    independent_views: ClassVar[bool] = False
     vision_layer: int  # the vision layer saliency is read from (set by the family's ``__init__``)
 
     def __init__(self, model, processor, options) -> None:
@@ -213,6 +217,17 @@ class StockModelAdapter:
             f"{self.name} reads images at the resolutions its processor fixes: "
             "no down-scaling baseline (supports_downscaling is False)"
         )
+
+    def view_pixels(self, prepared: PreparedInput) -> torch.Tensor:
+        """[V, C, H, W]: each view's vision-tower input as the processor made it, in the tower's order — what the
+        encode cache hashes and compares.  Views of one image ([.., V, C, H, W]: tiles, a global view) as they are;
+        flattened patches ([N, C·T·P·P], channels outermost: the Qwen-VL processors) as one view [1, C, N, T·P·P],
+        the whole frame."""
+        pixels = prepared.inputs["pixel_values"]
+        if pixels.dim() >= 4:
+            return pixels.flatten(0, pixels.dim() - 4)
+        channels = getattr(self.model.config.vision_config, "in_channels", 3)
+        return pixels.view(pixels.shape[0], channels, -1).transpose(0, 1)[None]
 
     def rope_positions(self, prepared: PreparedInput) -> torch.Tensor | None:
         """Position ids of the full prompt for the LLM; ``None``: its default 0..L-1."""
@@ -377,6 +392,7 @@ class TiledClsAdapter(StockModelAdapter):
 
     options_class = TiledModelOptions
     region_scores = TILE_REGION_SCORES
+    independent_views = True  # the tiles and the global view are separate forwards of the tower
 
     def __init__(
         self,
@@ -396,6 +412,11 @@ class TiledClsAdapter(StockModelAdapter):
         self._vision_attention = getattr(vision_layers[self.vision_layer], attention)
         self._tile_px = int(tile_px)
         self._patches_per_side = self._tile_px // int(patch_px)
+
+    def reusing(self, views: ViewReuse):
+        """Context in which ``get_image_features`` runs the tower on ``views``' views to encode only, the others'
+        projected features put back in place (``ViewReuse.around``)."""
+        return views.around(self.model.model.vision_tower, self.model.model.multi_modal_projector)
 
     def patch_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, col) [side²] float of a tile's patches, in the tower's (raster) order."""
