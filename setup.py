@@ -71,6 +71,7 @@ setup(
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
+            "pytest-xdist>=3.5",  # .ci/run: two workers, one per core; ROS tests wait on timers and other processes
             "matplotlib>=3.7",
             "psutil>=5.9",
             "colcon-core>=0.17",

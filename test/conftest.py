@@ -8,6 +8,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:  # .ci/run's workers: in-process nodes outside a `ros` fixture, one domain each
+    _worker = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
+    os.environ["ROS_DOMAIN_ID"] = str((int(os.environ.get("ROS_DOMAIN_ID") or 0) % 45) * 2 + _worker % 2)
 
 from pathlib import Path  # noqa: E402
 

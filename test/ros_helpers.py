@@ -87,13 +87,22 @@ class SlowAdapter:
         return self.inner.generate(prepared, visual, kept, max_new_tokens, cancel=cancel, in_llm=(plan, slow_choose))
 
 
+def _domain() -> int:
+    """A random ROS domain in 100-230; under pytest-xdist each worker draws from its own share, so that two
+    workers' nodes never meet."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    share = 131 // workers
+    return 100 + worker * share + random.Random(os.getpid() ^ time.time_ns()).randrange(share)
+
+
 def ros_env(log_dir: Path) -> dict[str, str]:
     """Environment for one isolated test run: own domain, localhost only, logs in ``log_dir``, SHM profile."""
     env = dict(os.environ)
     env.pop("RMW_IMPLEMENTATION", None)  # any RMW but the installed one kills `import rclpy`
     env[fastdds_profile_variable()] = str(SHM_PROFILE)
     env.update(
-        ROS_DOMAIN_ID=str(random.Random(os.getpid() ^ time.time_ns()).randint(100, 230)),
+        ROS_DOMAIN_ID=str(_domain()),
         ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
         ROS_LOG_DIR=str(log_dir),
         HF_HUB_OFFLINE="1",
