@@ -167,7 +167,9 @@ def test_loading_errors_name_the_path(tmp_path, tiny_model_dir):
         load_adapter(other)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    (pickled / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    for name in ("config.json", "processor_config.json", "preprocessor_config.json"):  # all but the weights
+        if (tiny_model_dir / name).is_file():
+            (pickled / name).write_text((tiny_model_dir / name).read_text())
     with pytest.raises(ModelLoadError, match="safetensors"):
         load_adapter(pickled)
     with pytest.raises(ModelLoadError, match="dtype"):
