@@ -50,6 +50,21 @@ class AnswerResult:
 
 
 @dataclass
+class CameraFrame:
+    """One camera's part of a request: the frame it used (its header) and, once answered, the visual tokens of
+    that view the request kept of its total (``frames`` of ``RequestResult``; the kept counts add up to the
+    answer's ``visual_tokens_kept``)."""
+
+    stamp: dict[str, int]  # {"sec", "nanosec"}
+    frame_id: str
+    visual_tokens_kept: int | None = None
+    visual_tokens_total: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class RequestResult:
     """One node request's result, filled in as the request goes (a field left ``None`` was not reached and is not
     in the JSON): the request, then the frame it used, then how it ran, then the answer and the node's times.
@@ -68,6 +83,8 @@ class RequestResult:
     frame_age_ms: float | None = None  # node clock minus the frame's stamp; unknown for an unset stamp
     frame_arrival_age_ms: float | None = None
     stamp_warning: str | None = None  # the stamp is unset, in the future or more than a day old
+    # every camera's frame, keyed by camera name in prompt order (``stamp``/``frame_id`` above: the first's)
+    frames: dict[str, CameraFrame] | None = None
     # how it ran
     mode: str | None = None  # "budget", "fixed" or "request" (the request's own keep ratio)
     latency_budget_ms: float | None = None
@@ -94,6 +111,8 @@ class RequestResult:
             value = getattr(self, f.name)
             if isinstance(value, AnswerResult):
                 out.update(value.to_json())
+            elif f.name == "frames" and value is not None:
+                out[f.name] = {camera: frame.to_json() for camera, frame in value.items()}
             elif value is not None:
                 out[f.name] = value
         return out
