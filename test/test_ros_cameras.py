@@ -1,0 +1,264 @@
+"""Several cameras, one model (issue 22): the frame store without DDS, then a two-camera agent over DDS.
+
+Over DDS, one agent reads ``head/image`` and ``wrist/image`` (its ``cameras`` parameter), the probe is both
+cameras, and a one-camera agent beside it is the memory reference: requests for ``head``, for ``wrist`` and
+for none (the default camera) each get one result naming the frame used; a camera that stops publishing makes
+only its own requests ``stale`` and only its own diagnostics WARN; the camera field's edges are refused with
+the known cameras named; the two-camera process holds one model (its RSS at most 1.2 x the one-camera one's).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import cv2
+import numpy as np
+import pytest
+from ros_helpers import AGENT_PARAMS, FAST_DIAGNOSTICS_S, NodeProcess, Probe
+
+from ptp_ros.ros.frames import Frame, FrameStore, camera_problems
+
+STARTUP_S = 180.0
+ANSWER_S = 120.0
+MAX_AGE_MS = 1500.0
+
+
+# -- the frame store, without DDS -------------------------------------------------------------------------
+def frame(camera: str, ms: int, stamped: bool = True) -> Frame:
+    stamp_ns = ms * 1_000_000 if stamped else 0
+    return Frame(
+        stamp_ns=stamp_ns,
+        stamp={"sec": stamp_ns // 10**9, "nanosec": stamp_ns % 10**9},
+        frame_id=f"{camera}_optical",
+        header=None,
+        decode=lambda: np.zeros((64, 64, 3), np.uint8),
+        arrived=ms / 1e3,
+        camera=camera,
+    )
+
+
+def test_a_request_on_several_cameras_takes_the_newest_set_within_the_tolerance():
+    store = FrameStore(["head", "wrist"], history=4)
+    for ms in (1000, 1033, 1066, 1100):  # head at 30 Hz
+        store.put(frame("head", ms))
+    store.put(frame("wrist", 1040))  # wrist at a few Hz: the newest head frame is 60 ms off, an older one 7
+    pick = store.take(["head", "wrist"], tolerance_ms=20.0)
+    assert {c: f.stamp_ns // 10**6 for c, f in pick.frames.items()} == {"head": 1033, "wrist": 1040}
+    assert list(pick.frames) == ["head", "wrist"] and all(f.used for f in pick.frames.values())
+    assert store.take(["head"], tolerance_ms=0.0).frames["head"].stamp_ns // 10**6 == 1100  # one camera: newest
+
+    far = store.take(["head", "wrist"], tolerance_ms=1.0)  # no kept set that close: why, with the spread
+    assert far.frames == {} and far.spread_ms == pytest.approx(60.0)
+
+
+def test_a_camera_without_frames_is_named_and_unused_frames_pushed_out_count_as_dropped():
+    store = FrameStore(["head", "wrist"], history=2)
+    assert store.take(["head", "wrist"], 100.0).missing == ("head", "wrist")
+    assert [store.put(frame("head", ms)) for ms in (1, 2, 3)] == [False, False, True]
+    assert store.take(["head", "wrist"], 100.0).missing == ("wrist",)
+    store.put(frame("wrist", 5, stamped=False))  # an unset stamp: the set is judged by arrival
+    assert set(store.take(["head", "wrist"], 100.0).frames) == {"head", "wrist"}
+
+
+def test_camera_parameters_are_checked():
+    assert camera_problems([], []) == [] and camera_problems(["head", "wrist_1"], ["wrist_1"]) == []
+    assert camera_problems([], ["image"]) == []  # a one-camera node's camera is "image"
+    for cameras, default, why in (
+        (["head", "head"], [], "names a camera twice"),
+        (["head/left"], [], "not a topic name token"),
+        (["1cam"], [], "not a topic name token"),
+        (["head"], ["rear"], "not among the cameras"),
+        ([f"c{i}" for i in range(17)], [], "at most 16"),
+    ):
+        assert any(why in p for p in camera_problems(cameras, default)), (cameras, default)
+
+
+# -- over DDS ---------------------------------------------------------------------------------------------
+NAMESPACE = "/cams"
+FQN = f"{NAMESPACE}/ptp_agent"
+ONE_FQN = "/one_cam/ptp_agent"
+PARAMS = AGENT_PARAMS | {"max_frame_age_ms": MAX_AGE_MS, "publish_saliency": True, "saliency_max_side": 160}
+
+
+@pytest.fixture(scope="module")
+def agents(ros, tmp_path_factory, image):
+    """The two-camera agent and a one-camera agent, started together (their model loads overlap), calibrated on
+    a frame of the cameras' size (quicker than the bundled 1080p scene)."""
+    logs = tmp_path_factory.mktemp("cameras")
+    calibration = logs / "calibration.png"
+    cv2.imwrite(str(calibration), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    params = PARAMS | {"calibration_image": str(calibration)}
+    two = NodeProcess(
+        ros,
+        logs / "two.log",
+        params=params | {"cameras": ["head", "wrist"]},
+        namespace=NAMESPACE,
+        diagnostics_period_s=FAST_DIAGNOSTICS_S,
+    )
+    one = NodeProcess(ros, logs / "one.log", params=params, namespace="/one_cam")
+    yield two, one
+    for node in (two, one):
+        assert node.stop() == 0, node.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def probe(agents):
+    two, _ = agents
+    p = Probe(namespace=NAMESPACE)
+    try:
+        p.wait_for(
+            lambda: p.camera_pub("head").get_subscription_count() and p.camera_pub("wrist").get_subscription_count(),
+            STARTUP_S,
+            "the agent's camera subscriptions",
+        )
+        p.wait_for(lambda: (v := p.diag_values(FQN)) and v["model_state"] == "serving", 30, "serving")
+    except TimeoutError:
+        p.close()
+        pytest.fail(f"the two-camera agent never served:\n{two.log()[-3000:]}")
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def image(sample_image):
+    return cv2.resize(sample_image, (320, 180), interpolation=cv2.INTER_AREA)
+
+
+def send(probe: Probe, image, camera: str, offset_ms: float = 0.0) -> None:
+    """One frame of ``camera``, stamped now (plus ``offset_ms``), published a few times (best effort)."""
+
+    def stamp(msg) -> None:
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(time.time_ns() + int(offset_ms * 1e6), 10**9)
+
+    for _ in range(3):
+        probe.send_frame(image, 0, frame_id=f"{camera}_optical", camera=camera, mutate=stamp)
+        time.sleep(0.02)
+
+
+def camera_frames(probe: Probe, camera: str) -> int:
+    status = probe.camera_status(FQN, camera)
+    return int(status.values["frames_received"]) if status else 0
+
+
+def ask(probe: Probe, request_id: str, **fields) -> dict:
+    probe.ask(id=request_id, text="what colour is the square ?", **fields)
+    return probe.wait_for(lambda: probe.result(request_id), ANSWER_S, f"the result of {request_id}")
+
+
+def fresh(probe: Probe, image, *cameras: str) -> None:
+    """Frames of ``cameras`` that reached the agent just now."""
+    before = {camera: camera_frames(probe, camera) for camera in cameras}
+    for camera in cameras:
+        send(probe, image, camera)
+    probe.wait_for(lambda: all(camera_frames(probe, c) > before[c] for c in cameras), 30, f"frames of {cameras}")
+
+
+def test_requests_for_each_camera_get_one_result_naming_its_frame(probe, image):
+    fresh(probe, image, "head", "wrist")
+    results = {
+        name: ask(probe, f"for-{name}", **fields)
+        for name, fields in (("head", {"cameras": ["head"]}), ("wrist", {"cameras": ["wrist"]}), ("default", {}))
+    }
+    for name, result in results.items():
+        camera = "head" if name == "default" else name  # default_cameras empty: the first camera
+        assert result["status"] == "ok", result
+        assert list(result["frames"]) == [camera] and result["frame_id"] == f"{camera}_optical", result
+        view = result["frames"][camera]
+        assert view["frame_id"] == result["frame_id"] and view["stamp"] == result["stamp"]
+        assert view["visual_tokens_kept"] == result["visual_tokens_kept"] > 0
+        assert view["visual_tokens_total"] == result["visual_tokens_total"]
+    time.sleep(0.5)
+    assert all(len(probe.results_of(f"for-{name}")) == 1 for name in results)
+
+    # saliency/<camera> for each, with its frame's header; the plain `saliency` for the default camera only
+    from sensor_msgs.msg import Image
+
+    seen: dict[str, list] = {"head": [], "wrist": []}
+    subscriptions = [probe.subscribe(Image, f"saliency/{c}", lambda m, c=c: seen[c].append(m)) for c in seen]
+    probe.wait_for(lambda: all(s.get_publisher_count() for s in subscriptions), 30, "the saliency publishers")
+    fresh(probe, image, "head", "wrist")
+    probe.saliency.clear()
+    for camera in ("wrist", "head"):
+        assert ask(probe, f"saliency-{camera}", cameras=[camera])["status"] == "ok"
+    probe.wait_for(lambda: seen["head"] and seen["wrist"] and probe.saliency, 30, "saliency images")
+    assert {m.header.frame_id for m in probe.saliency} == {"head_optical"}
+    assert [m.header.frame_id for m in seen["wrist"]] == ["wrist_optical"]
+
+
+def test_camera_fields_are_refused_with_the_known_cameras_named(probe):
+    for request_id, cameras, why in (
+        ("unknown", ["head", "rear"], "unknown camera(s) 'rear'; this node's cameras: head, wrist"),
+        ("twice", ["head", "head"], "names a camera twice"),
+        ("not-a-list", "head", "must be a list of camera names"),
+        ("not-names", [1, 2], "must be a list of camera names"),
+        ("empty-name", [""], "must be a list of camera names"),
+    ):
+        result = ask(probe, request_id, cameras=cameras)
+        assert result["status"] == "rejected" and why in result["error"], result
+
+
+def test_a_silent_camera_makes_only_its_own_requests_stale_and_its_own_status_warn(probe, image):
+    fresh(probe, image, "head", "wrist")
+    deadline = time.monotonic() + MAX_AGE_MS / 1e3 + 1.0
+    while time.monotonic() < deadline:  # the head camera goes on, the wrist camera stops
+        send(probe, image, "head")
+        time.sleep(0.2)
+    wrist = ask(probe, "silent-wrist", cameras=["wrist"])
+    assert wrist["status"] == "stale" and wrist["error"].startswith("camera wrist: stale frame"), wrist
+    assert list(wrist["frames"]) == ["wrist"] and "visual_tokens_kept" not in wrist["frames"]["wrist"]
+    fresh(probe, image, "head")
+    assert ask(probe, "still-head", cameras=["head"])["status"] == "ok"
+
+    statuses = probe.wait_for(
+        lambda: (w := probe.camera_status(FQN, "wrist")) and w.level == 1 and (w, probe.camera_status(FQN, "head")),
+        10,
+        "the wrist camera's warning",
+    )
+    wrist_status, head_status = statuses
+    assert "camera wrist silent: no frame for" in wrist_status.message and "/cams/wrist/image" in wrist_status.message
+    send(probe, image, "head")
+    head_status = probe.wait_for(lambda: (h := probe.camera_status(FQN, "head")) and h.level == 0 and h, 5, "head OK")
+    assert head_status.message == "receiving"
+    agent = probe.status(FQN)
+    assert "camera" not in agent.message, agent  # one silent camera of two is that camera's warning alone
+
+
+def test_frames_that_never_synchronise_get_out_of_sync_and_one_model_serves_both_cameras(probe, image, agents):
+    """(Answering both cameras in one prompt needs the library's multi-image requests; the sync check comes first.)"""
+    before = camera_frames(probe, "wrist")
+    send(probe, image, "head")
+    send(probe, image, "wrist", offset_ms=-600.0)  # every wrist frame 600 ms behind: no set within 100 ms
+    probe.wait_for(lambda: camera_frames(probe, "wrist") > before, 30, "the lagging wrist frames")
+    result = ask(probe, "never-in-sync", cameras=["head", "wrist"])
+    assert result["status"] == "out_of_sync", result
+    spread_ms = float(re.search(r"lie (\d+) ms apart", result["error"]).group(1))
+    assert spread_ms > 400 and "sync_tolerance_ms 100" in result["error"], result
+    probe.wait_for(lambda: probe.diag_values(FQN)["requests_out_of_sync"] == "1", 10, "out_of_sync counted")
+
+    two, one = agents
+    with Probe(namespace="/one_cam") as single:  # the reference has answered too
+        single.wait_matched(STARTUP_S)
+        single.wait_for(lambda: (v := single.diag_values(ONE_FQN)) and v["model_state"] == "serving", 30, "serving")
+        for attempt in range(20):
+            single.send_frame(image, 0, mutate=lambda m: setattr(m.header, "stamp", stamp_now()))
+            time.sleep(0.1)
+            single.ask(id=f"one-{attempt}", text="what colour is the square ?")
+            if single.wait_for(lambda a=attempt: single.result(f"one-{a}"), ANSWER_S, "an answer")["status"] == "ok":
+                break
+    rss = {name: rss_kb(node.proc.pid) for name, node in (("two", two), ("one", one))}
+    print(f"\nVmRSS: two-camera agent {rss['two'] / 1024:.0f} MiB, one-camera agent {rss['one'] / 1024:.0f} MiB")
+    assert rss["two"] <= 1.2 * rss["one"], rss
+
+
+def stamp_now():
+    from builtin_interfaces.msg import Time
+
+    sec, nanosec = divmod(time.time_ns(), 10**9)
+    return Time(sec=sec, nanosec=nanosec)
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of process ``pid``, kB (/proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
