@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -72,6 +73,17 @@ def test_camera_parameters_are_checked():
         ([f"c{i}" for i in range(17)], [], "at most 16"),
     ):
         assert any(why in p for p in camera_problems(cameras, default)), (cameras, default)
+
+
+def test_the_answer_is_burnt_into_the_saliency_caption():
+    from ptp_ros.ros.rviz import answer_caption
+
+    image = np.full((180, 320, 3), 200, np.uint8)
+    captioned = answer_caption(image, "a red cup " * 40)  # longer than the width: cut, not wrapped off the image
+    assert captioned.shape == image.shape and (image == 200).all()  # a copy
+    band = captioned[180 - 15 :]
+    assert (band < 200).all(axis=2).mean() > 0.9 and (band == 255).any()  # dark band, white text
+    assert (captioned[: 180 - 15] == 200).all()
 
 
 # -- over DDS ---------------------------------------------------------------------------------------------
@@ -249,6 +261,29 @@ def test_frames_that_never_synchronise_get_out_of_sync_and_one_model_serves_both
     rss = {name: rss_kb(node.proc.pid) for name, node in (("two", two), ("one", one))}
     print(f"\nVmRSS: two-camera agent {rss['two'] / 1024:.0f} MiB, one-camera agent {rss['one'] / 1024:.0f} MiB")
     assert rss["two"] <= 1.2 * rss["one"], rss
+
+
+def test_the_rviz_config_shows_what_the_agents_publish_and_read(probe, agents):
+    """Each display of the rviz config is a topic the agent publishes (saliency/<camera>) or reads (the camera's
+    image, on its intake node) with that message type, and every camera's saliency is displayed: for the
+    two-camera agent's config, and for the shipped config/ptp_ros.rviz (a one-camera agent, root namespace),
+    checked as the one-camera agent's in its namespace."""
+    import yaml
+
+    from ptp_ros.ros.rviz import displayed_topics, dump, rviz_config
+
+    shipped = (Path(__file__).resolve().parents[1] / "config" / "ptp_ros.rviz").read_text()
+    assert shipped == dump(rviz_config()), "config/ptp_ros.rviz is not what python -m ptp_ros.ros.rviz writes"
+    graph = probe.node
+    for cameras, namespace in ((["head", "wrist"], NAMESPACE), ([], "/one_cam")):
+        published = dict(graph.get_publisher_names_and_types_by_node("ptp_agent", namespace))
+        read = dict(graph.get_subscriber_names_and_types_by_node("_ptp_agent_intake", namespace))
+        shown = displayed_topics(yaml.safe_load(dump(rviz_config(cameras, namespace))))
+        for topic, msg_type in shown.items():
+            assert msg_type in published.get(topic, []) + read.get(topic, []), (topic, published, read)
+        saliency = {t for t in published if t.startswith(f"{namespace}/saliency/")}
+        assert saliency and saliency <= set(shown), (saliency, shown)
+        assert set(read) <= set(shown)
 
 
 def stamp_now():

@@ -30,6 +30,7 @@ from ..pruning import ConfiguredSelector
 from ..result import CameraFrame, RequestResult
 from .frames import SINGLE_CAMERA, SYNC_HISTORY, Frame, FrameStore, Pick
 from .requests import Request, loggable
+from .rviz import answer_caption
 
 MODES = ("budget", "fixed")
 # the statuses besides "ok" (an answer), grouped as /diagnostics reports them
@@ -487,7 +488,7 @@ class RequestWorker:
             drawing = time.monotonic()
             default = request.cameras == self.default_cameras
             for camera, overlay in self._saliency(images, answer, settings.saliency_max_side).items():
-                self._emit_saliency(overlay, pick.frames[camera].header, camera, default)
+                self._emit_saliency(answer_caption(overlay, answer.text), pick.frames[camera].header, camera, default)
             self._saliency_ms = (time.monotonic() - drawing) * 1e3
 
     def _frames_of(
