@@ -295,7 +295,7 @@ def full_result():
     import dataclasses
     import typing
 
-    from ptp_ros.result import AnswerResult, RegionQuota, RequestResult
+    from ptp_ros.result import AnswerResult, RegionQuota, RequestResult, ViewTokens
     from ptp_ros.timing import STAGES as PIPELINE_STAGES
 
     def value(cls, field):
@@ -308,6 +308,7 @@ def full_result():
             dict[str, int]: {"sec": 3, "nanosec": 4},
             dict[str, float]: {stage: 2.5 for stage in (*PIPELINE_STAGES, "total")},
             tuple[RegionQuota, ...]: (RegionQuota(0, "global", 5, 40), RegionQuota(1, "tile 0", 6, 50)),
+            tuple[ViewTokens, ...]: (ViewTokens("head", 11, 90),),
         }
         return next(v for t, v in examples.items() if kind == t or kind == t | None)
 
