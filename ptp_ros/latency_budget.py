@@ -1,7 +1,9 @@
 """Latency model of one model on one device, and the keep-ratio controller that uses it.
 
 Each pipeline stage's time is fitted as ``a + b·total + c·kept`` (visual tokens of the frame, and kept;
-``a, b, c ≥ 0``, so a prediction never falls with more tokens).  ``total`` matters because inside the LLM
+``a, b, c ≥ 0``, so a prediction never falls with more tokens).  A request over several camera views counts
+all their tokens in ``total`` and ``kept``, and the image stages (preprocess, encode) pay their fixed cost once
+per view: ``a·views``.  ``total`` matters because inside the LLM
 the layers before the prune layer read every token, and the image stages scale with the frame.  Decoding
 is fitted per generated token, because its cost scales with ``max_new_tokens`` far more than with the
 image.  Scoring and selection are skipped when every token is kept: they are fitted on pruned requests
@@ -61,6 +63,7 @@ class Observation:
     stages_ms: dict[str, float]
     new_tokens: int
     prune_stage: str
+    views: int = 1
 
     @property
     def keep_all(self) -> bool:
@@ -73,18 +76,21 @@ class Observation:
 
 @dataclass(frozen=True)
 class StageFit:
-    """``a + b·total + c·kept``; with ``single_total`` set (every observation had that frame size) ``b`` is
-    unknown and ``a`` scales up with a larger frame instead."""
+    """``a·units + b·total + c·kept`` with ``units`` the views where ``per_view`` (the image stages), else 1; with
+    ``single_total`` set (every observation had that frame size, per view where ``per_view``) ``b`` is unknown and
+    ``a`` scales up with a larger frame instead."""
 
     a: float
     b: float
     c: float
     single_total: float | None = None
+    per_view: bool = False
 
-    def __call__(self, total, kept):  # floats or arrays
+    def __call__(self, total, kept, views=1):  # floats or arrays
+        units = views if self.per_view else 1
         if self.single_total is not None:
-            return self.a * np.maximum(1.0, np.divide(total, self.single_total)) + self.c * kept
-        return self.a + self.b * total + self.c * kept
+            return self.a * units * np.maximum(1.0, np.divide(total, units * self.single_total)) + self.c * kept
+        return self.a * units + self.b * total + self.c * kept
 
 
 @dataclass(frozen=True)
@@ -132,17 +138,22 @@ def nonnegative_least_squares(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np
     return best
 
 
-def fit_stage(total: np.ndarray, kept: np.ndarray, y: np.ndarray, w: np.ndarray) -> StageFit:
-    """The non-negative ``a + b·total + c·kept`` for one stage (see ``StageFit`` for one frame size)."""
+def fit_stage(
+    total: np.ndarray, kept: np.ndarray, y: np.ndarray, w: np.ndarray, views: np.ndarray | None = None
+) -> StageFit:
+    """The non-negative ``a·units + b·total + c·kept`` for one stage, ``units`` the ``views`` when given (an image
+    stage) and 1 otherwise (see ``StageFit`` for one frame size)."""
+    per_view = views is not None
     used = w > 0
     if not used.any():
-        return StageFit(0.0, 0.0, 0.0)
+        return StageFit(0.0, 0.0, 0.0, per_view=per_view)
+    units = views[used] if per_view else np.ones(int(used.sum()))
     total, kept, y, w = total[used], kept[used], y[used], w[used]
-    if np.ptp(total) == 0:
-        a, c = nonnegative_least_squares(np.column_stack([np.ones_like(kept), kept]), y, w)
-        return StageFit(float(a), 0.0, float(c), single_total=float(total[0]))
-    a, b, c = nonnegative_least_squares(np.column_stack([np.ones_like(kept), total, kept]), y, w)
-    return StageFit(float(a), float(b), float(c))
+    if np.ptp(total / units) == 0:
+        a, c = nonnegative_least_squares(np.column_stack([units, kept]), y, w)
+        return StageFit(float(a), 0.0, float(c), single_total=float(total[0] / units[0]), per_view=per_view)
+    a, b, c = nonnegative_least_squares(np.column_stack([units, total, kept]), y, w)
+    return StageFit(float(a), float(b), float(c), per_view=per_view)
 
 
 class Observations:
@@ -151,6 +162,7 @@ class Observations:
     def __init__(self, obs: list[Observation], default_stage: str):
         self.total = np.array([o.total for o in obs], float)
         self.kept = np.array([o.kept for o in obs], float)
+        self.views = np.array([o.views for o in obs], float)
         self.new_tokens = np.array([o.new_tokens for o in obs], float)
         self.measured = np.array([o.total_ms for o in obs])
         self.keep_all = self.kept >= self.total
@@ -170,7 +182,13 @@ class Observations:
 
     def fit(self, weights: np.ndarray) -> dict[tuple[str, str], StageFit]:
         return {
-            (p, stage): fit_stage(self.total, self.kept, self.values[stage], np.where(rows, weights, 0.0))
+            (p, stage): fit_stage(
+                self.total,
+                self.kept,
+                self.values[stage],
+                np.where(rows, weights, 0.0),
+                self.views if stage in IMAGE_STAGES else None,
+            )
             for (p, stage), rows in self.rows.items()
         }
 
@@ -179,7 +197,9 @@ class Observations:
         out = np.zeros(len(self.kept))
         for prune_stage in self.prune_stages:
             mine = self.stage_of == prune_stage
-            per_stage = _predict(fits, self.kept[mine], self.total[mine], self.new_tokens[mine], prune_stage)
+            per_stage = _predict(
+                fits, self.kept[mine], self.total[mine], self.new_tokens[mine], prune_stage, self.views[mine]
+            )
             out[mine] = per_stage["total"]
         return out
 
@@ -218,16 +238,17 @@ class LatencyModel:
         new_tokens: int,
         prune_stage: str | None = None,
         track_error: bool = True,
+        views: int = 1,
     ) -> None:
-        """Record one finished request (``stages_ms`` as in ``Answer.timings_ms``) and refit.  With
-        ``track_error`` the prediction the model held for it counts in ``prediction_error`` (calibration
-        runs, chosen to spread the fit, do not)."""
-        if kept < 1 or total < 1:
-            raise ValueError(f"kept and total must be >= 1, got {kept}, {total}")
+        """Record one finished request (``stages_ms`` as in ``Answer.timings_ms``; ``kept`` and ``total`` over all
+        its ``views``) and refit.  With ``track_error`` the prediction the model held for it counts in
+        ``prediction_error`` (calibration runs, chosen to spread the fit, do not)."""
+        if kept < 1 or total < 1 or views < 1:
+            raise ValueError(f"kept, total and views must be >= 1, got {kept}, {total}, {views}")
         prune_stage = prune_stage or self.default_stage or IN_LLM
-        observation = Observation(min(kept, total), total, dict(stages_ms), max(new_tokens, 1), prune_stage)
+        observation = Observation(min(kept, total), total, dict(stages_ms), max(new_tokens, 1), prune_stage, views)
         if track_error and self.ready_for(prune_stage):
-            predicted = self.predict_total(observation.kept, total, observation.new_tokens, prune_stage)
+            predicted = self.predict_total(observation.kept, total, observation.new_tokens, prune_stage, views)
             self._errors.append((predicted, observation.total_ms))
             self._prediction_error = self._summarise_errors()
         self.default_stage = self.default_stage or prune_stage
@@ -266,18 +287,23 @@ class LatencyModel:
             MAD_TO_SIGMA * weighted_median(np.abs(relative[inliers]), recency[inliers]) if inliers.sum() > 2 else 0.0
         )
 
-    def predict(self, kept: int, total: int, max_new_tokens: int, prune_stage: str | None = None) -> dict[str, float]:
-        """Expected ms per stage (and ``total``) for keeping ``kept`` of ``total`` tokens at ``prune_stage``
-        (default: the one first observed)."""
+    def predict(
+        self, kept: int, total: int, max_new_tokens: int, prune_stage: str | None = None, views: int = 1
+    ) -> dict[str, float]:
+        """Expected ms per stage (and ``total``) for keeping ``kept`` of ``total`` tokens (over ``views`` camera
+        views) at ``prune_stage`` (default: the one first observed)."""
         if not self.ready:
             raise RuntimeError("latency model has no observations yet; calibrate first")
         prune_stage = prune_stage or self.default_stage
         if not self.ready_for(prune_stage):
             raise RuntimeError(f"latency model has no pruned request at {prune_stage!r} yet; calibrate it")
-        return {k: float(v) for k, v in _predict(self._fits, kept, total, max_new_tokens, prune_stage).items()}
+        predicted = _predict(self._fits, kept, total, max_new_tokens, prune_stage, views)
+        return {k: float(v) for k, v in predicted.items()}
 
-    def predict_total(self, kept: int, total: int, max_new_tokens: int, prune_stage: str | None = None) -> float:
-        return self.predict(kept, total, max_new_tokens, prune_stage)["total"]
+    def predict_total(
+        self, kept: int, total: int, max_new_tokens: int, prune_stage: str | None = None, views: int = 1
+    ) -> float:
+        return self.predict(kept, total, max_new_tokens, prune_stage, views)["total"]
 
     def expected_new_tokens(self, max_new_tokens: int) -> int:
         """The tokens a request is expected to generate under a cap of ``max_new_tokens``: the most the recent
@@ -302,11 +328,11 @@ def _stage_value(o: Observation, stage: str) -> float:
     return value / (o.new_tokens - 1) if stage == PER_TOKEN_STAGE and o.new_tokens > 1 else value
 
 
-def _predict(fits: dict[tuple[str, str], StageFit], kept, total, max_new_tokens, prune_stage: str) -> dict:
+def _predict(fits: dict[tuple[str, str], StageFit], kept, total, max_new_tokens, prune_stage: str, views=1) -> dict:
     """ms per stage and in total; numbers or arrays (one per request) alike."""
     out = {}
     for stage in STAGES:
-        value = fits[prune_stage, stage](total, kept)
+        value = fits[prune_stage, stage](total, kept, views)
         if stage in PRUNED_ONLY_STAGES:
             value = np.where(np.less(kept, total), value, 0.0)
         if stage == PER_TOKEN_STAGE:
@@ -334,10 +360,12 @@ def choose_keep_ratio(
     ratio_min: float,
     ratio_max: float,
     prune_stages: Sequence[str] | None = None,
+    views: int = 1,
 ) -> BudgetChoice:
     """The largest keep ratio in [ratio_min, ratio_max] whose predicted time fits ``budget_ms``, in the first of
     ``prune_stages`` (in order of preference; default: the model's first) that meets the budget at all.  Both
-    bounds count in tokens as every keep ratio does (``budget.ratio_tokens``).
+    bounds count in tokens as every keep ratio does (``budget.ratio_tokens``).  Over several camera views,
+    ``total`` is all their tokens and the one keep ratio is the whole request's (``views`` of them to encode).
 
     When no stage is predicted to meet it even at ``ratio_min``, the answer is the stage with the lowest
     floor at ``ratio_min``, ``feasible=False``: the request still runs, as fast as it is allowed to.
@@ -350,7 +378,8 @@ def choose_keep_ratio(
     if not stages:
         raise RuntimeError(f"latency model has seen none of the prune stages {list(prune_stages or [])}")
     choices = [
-        _choose_in_stage(model, stage, budget_ms, total, max_new_tokens, ratio_min, ratio_max) for stage in stages
+        _choose_in_stage(model, stage, budget_ms, total, max_new_tokens, ratio_min, ratio_max, views)
+        for stage in stages
     ]
     preferred = choices[0]
     chosen = next((c for c in choices if c.feasible), min(choices, key=lambda c: c.predicted_ms))
@@ -370,12 +399,13 @@ def _choose_in_stage(
     max_new_tokens: int,
     ratio_min: float,
     ratio_max: float,
+    views: int = 1,
 ) -> BudgetChoice:
     lo = ratio_tokens(total, ratio_min)
     hi = max(lo, ratio_tokens(total, ratio_max))
 
     def cost(k: int) -> float:
-        return model.with_margin(model.predict_total(k, total, max_new_tokens, stage))
+        return model.with_margin(model.predict_total(k, total, max_new_tokens, stage, views))
 
     def choice(k: int, feasible: bool) -> BudgetChoice:
         return BudgetChoice(k / total, k, cost(k), feasible, stage)

@@ -25,6 +25,15 @@ class RegionQuota:
 
 
 @dataclass(frozen=True)
+class ViewTokens:
+    """The visual tokens one camera view kept of its own, in a request over one or several views."""
+
+    name: str  # the camera's name ("image" for a bare image)
+    kept: int
+    total: int
+
+
+@dataclass(frozen=True)
 class AnswerResult:
     """One answer as the library reports it; every field is always in its JSON (``prune_layer`` null when the
     tokens were pruned before the LLM, or not at all)."""
@@ -41,11 +50,13 @@ class AnswerResult:
     prune_layer: int | None  # the first LLM layer that read only the kept tokens
     new_tokens: int
     latency_ms: dict[str, float]  # per stage (timing.STAGES) and "total"
+    views: tuple[ViewTokens, ...] = ()  # per camera view, in prompt order (sum of kept = visual_tokens_kept)
 
     def to_json(self) -> dict[str, Any]:
         """What ``ptp-ask --json`` prints."""
         out = dataclasses.asdict(self)
         out["quotas"] = list(out["quotas"])
+        out["views"] = list(out["views"])
         return out
 
 

@@ -297,7 +297,7 @@ def full_result():
     import dataclasses
     import typing
 
-    from ptp_ros.result import AnswerResult, CameraFrame, RegionQuota, RequestResult
+    from ptp_ros.result import AnswerResult, CameraFrame, RegionQuota, RequestResult, ViewTokens
     from ptp_ros.timing import STAGES as PIPELINE_STAGES
 
     def value(cls, field):
@@ -314,6 +314,7 @@ def full_result():
                 "head": CameraFrame({"sec": 3, "nanosec": 4}, "head_optical", 3, 40),
                 "wrist": CameraFrame({"sec": 3, "nanosec": 9}, "wrist_optical", 4, 50),
             },
+            tuple[ViewTokens, ...]: (ViewTokens("head", 3, 40), ViewTokens("wrist", 4, 50)),
         }
         return next(v for t, v in examples.items() if kind == t or kind == t | None)
 

@@ -17,6 +17,7 @@ Baseline any pruning must beat: fewer pixels (``max_pixels``, see ``max_pixels_f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +28,11 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..pruning.region_saliency import mass_logits
 from .attention import ReceivedAttentionProbe
-from .base import PreparedInput, VisualTokens
+from .base import PreparedInput, VisualTokens, join_views
 from .families import register_adapter
 from .stock_adapter import StockModelAdapter, grid_names, paper_vision_layer, prepare_image_prompt, raster_grid
 
-_FALLBACK_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>{instruction}"
+_IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>"  # one image's part of a prompt without a chat template
 
 
 def max_pixels_for_tokens(tokens: int, patch_size: int = 14, merge_size: int = 2) -> int:
@@ -133,29 +134,51 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         return type(self)(self.model, self.processor, options)
 
     # -- 0. inputs ---------------------------------------------------------------------------------
-    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
+    def prepare(self, image: np.ndarray | Sequence[np.ndarray], instruction: str) -> PreparedInput:
         kwargs = (
             {}
             if self.options.max_pixels is None
             else resolution_kwargs(self.processor.image_processor, self.options.max_pixels)
         )
         return prepare_image_prompt(
-            self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype, **kwargs
+            self.processor,
+            image,
+            instruction,
+            _IMAGE_PROMPT,
+            "{images}{instruction}",
+            self.device,
+            self.dtype,
+            **kwargs,
         )
 
     # -- 1. encode, with bottom-up saliency --------------------------------------------------------
     @torch.no_grad()
     def encode(self, prepared: PreparedInput) -> VisualTokens:
+        """Every view through the tower in one packed sequence (full attention stays inside each view), then each
+        view's tokens laid out on its own."""
         grid_thw = prepared.inputs["image_grid_thw"]
         with ReceivedAttentionProbe(self._vision_attention) as probe:
             out = self.model.model.get_image_features(
                 pixel_values=prepared.inputs["pixel_values"], image_grid_thw=grid_thw, return_dict=True
             )
-        features = out.pooler_output[0]  # [N, D], raster order over the merged grid
-        saliency = self.token_saliency(probe.received().cpu(), grid_thw.cpu())
+        saliency = self.token_saliency(probe.received().cpu(), grid_thw.cpu())  # every view's, raster order each
+        per_view = saliency.split([int(f.shape[0]) for f in out.pooler_output])
+        return join_views(
+            [
+                self._view_tokens(features, view_saliency, grid_thw[i : i + 1], size)
+                for i, (features, view_saliency, size) in enumerate(
+                    zip(out.pooler_output, per_view, prepared.image_sizes)
+                )
+            ]
+        )
+
+    def _view_tokens(
+        self, features: torch.Tensor, saliency: torch.Tensor, grid_thw: torch.Tensor, size: tuple[int, int]
+    ) -> VisualTokens:
+        """One view's ``VisualTokens`` from its features [N, D] and token saliency [N], both in raster order."""
         rows, cols = self.token_grid(grid_thw)
         region, names, region_rc = self._regions(rows, cols)
-        token_boxes = self._token_boxes(rows, cols, prepared.image_size)
+        token_boxes = self._token_boxes(rows, cols, size)
         region_boxes = torch.stack(
             [
                 torch.cat([token_boxes[region == r, :2].amin(0), token_boxes[region == r, 2:].amax(0)])
@@ -164,7 +187,7 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         )
         mass = torch.zeros(len(names), dtype=torch.float64).index_add_(0, region, saliency.double())
         return self.visual_tokens(
-            prepared,
+            size,
             features,
             region=region,
             saliency=saliency,
