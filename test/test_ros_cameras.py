@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from ros_helpers import AGENT_PARAMS, FAST_DIAGNOSTICS_S, NodeProcess, Probe
 
-from ptp_ros.ros.frames import Frame, FrameStore, camera_problems
+from ptp_ros.ros.frames import SYNC_HISTORY, Frame, FrameStore, camera_problems
 
 STARTUP_S = 180.0
 ANSWER_S = 120.0
@@ -82,7 +82,7 @@ def test_the_answer_is_burnt_into_the_saliency_caption():
     captioned = answer_caption(image, "a red cup " * 40)  # longer than the width: cut, not wrapped off the image
     assert captioned.shape == image.shape and (image == 200).all()  # a copy
     band = captioned[180 - 15 :]
-    assert (band < 200).all(axis=2).mean() > 0.9 and (band == 255).any()  # dark band, white text
+    assert (band < 100).all(axis=2).mean() > 0.5 and band.max() > 200  # dark band, white text
     assert (captioned[: 180 - 15] == 200).all()
 
 
@@ -94,7 +94,7 @@ PARAMS = AGENT_PARAMS | {"max_frame_age_ms": MAX_AGE_MS, "publish_saliency": Tru
 
 
 @pytest.fixture(scope="module")
-def agents(ros, tmp_path_factory, image):
+def agents(ask_interface, ros, tmp_path_factory, image):  # after ask_interface: the agent serves the ask action
     """The two-camera agent and a one-camera agent, started together (their model loads overlap), calibrated on
     a frame of the cameras' size (quicker than the bundled 1080p scene)."""
     logs = tmp_path_factory.mktemp("cameras")
@@ -236,12 +236,48 @@ def test_a_silent_camera_makes_only_its_own_requests_stale_and_its_own_status_wa
     assert "camera" not in agent.message, agent  # one silent camera of two is that camera's warning alone
 
 
+def test_a_request_on_both_cameras_is_one_prompt_with_one_split_budget(probe, image):
+    """Over the JSON topics and the ask action: one answer over both frames, each camera's frame and kept tokens in
+    the result (adding up to the answer's), the split in the action's feedback, a saliency image per camera."""
+    from sensor_msgs.msg import Image
+
+    seen: dict[str, list] = {"head": [], "wrist": []}
+    subscriptions = [probe.subscribe(Image, f"saliency/{c}", lambda m, c=c: seen[c].append(m)) for c in seen]
+    probe.wait_for(lambda: all(s.get_publisher_count() for s in subscriptions), 30, "the saliency publishers")
+    fresh(probe, image, "head", "wrist")
+    both = ask(probe, "both", cameras=["head", "wrist"], keep_ratio=0.2)
+    assert both["status"] == "ok", both
+    assert list(both["frames"]) == ["head", "wrist"] and both["frame_id"] == "head_optical"
+    assert [f["frame_id"] for f in both["frames"].values()] == ["head_optical", "wrist_optical"]
+    assert sum(f["visual_tokens_kept"] for f in both["frames"].values()) == both["visual_tokens_kept"]
+    assert sum(f["visual_tokens_total"] for f in both["frames"].values()) == both["visual_tokens_total"]
+    assert [(v["name"], v["kept"]) for v in both["views"]] == [
+        (c, f["visual_tokens_kept"]) for c, f in both["frames"].items()
+    ]
+    probe.wait_for(lambda: seen["head"] and seen["wrist"], 30, "a saliency image per camera")
+    assert (seen["head"][-1].header.frame_id, seen["wrist"][-1].header.frame_id) == ("head_optical", "wrist_optical")
+
+    assert probe.wait_for_action(30), "the agent serves no ask action"
+    fresh(probe, image, "head", "wrist")
+    goal = probe.send_goal("what colour is the square ?", cameras=["wrist", "head"], keep_ratio=0.2)
+    typed = goal.result(ANSWER_S)
+    assert typed["status"] == "ok", typed
+    assert list(typed["frames"]) == ["wrist", "head"]
+    assert sum(f["visual_tokens_kept"] for f in typed["frames"].values()) == typed["visual_tokens_kept"]
+    probe.wait_for(lambda: goal.frames, 10, "the split in the feedback")
+    assert {c: f["visual_tokens_kept"] for c, f in goal.frames.items()} == {
+        c: f["visual_tokens_kept"] for c, f in typed["frames"].items()
+    }
+
+
 def test_frames_that_never_synchronise_get_out_of_sync_and_one_model_serves_both_cameras(probe, image, agents):
-    """(Answering both cameras in one prompt needs the library's multi-image requests; the sync check comes first.)"""
-    before = camera_frames(probe, "wrist")
-    send(probe, image, "head")
-    send(probe, image, "wrist", offset_ms=-600.0)  # every wrist frame 600 ms behind: no set within 100 ms
-    probe.wait_for(lambda: camera_frames(probe, "wrist") > before, 30, "the lagging wrist frames")
+    # every wrist frame stamped 600 ms before the head's sent with it: no set within 100 ms once they replaced
+    # every frame kept
+    before = {camera: camera_frames(probe, camera) for camera in ("head", "wrist")}
+    while any(camera_frames(probe, camera) < before[camera] + SYNC_HISTORY for camera in before):
+        send(probe, image, "head")
+        send(probe, image, "wrist", offset_ms=-600.0)
+        time.sleep(FAST_DIAGNOSTICS_S)
     result = ask(probe, "never-in-sync", cameras=["head", "wrist"])
     assert result["status"] == "out_of_sync", result
     spread_ms = float(re.search(r"lie (\d+) ms apart", result["error"]).group(1))

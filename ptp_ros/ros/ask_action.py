@@ -200,7 +200,8 @@ class Goal:
         self.handle, self.request_id, self.Feedback = handle, request_id, Feedback
         self.received = time.monotonic()
         self.lock = threading.Lock()  # orders the feedback and starts execution once
-        self.reached: list[tuple[str, float]] = [("queued", 0.0)]
+        self.reached: list[tuple[str, float, list]] = [("queued", 0.0, [])]  # stage, elapsed ms, CameraFrame msgs
+        self.split: list = []  # each camera's frame and token split (CameraFrame messages), once known
         self.sent = 0  # feedback messages published
         self.queued: bool | None = None  # None until the worker queued it (True) or it was refused (False)
         self.executing = False
@@ -215,8 +216,14 @@ class Goal:
         feedback = FEEDBACK[name]
         with self.lock:
             if not self.reached or feedback != self.reached[-1][0]:
-                self.reached.append((feedback, (time.monotonic() - self.received) * 1e3))
+                self.reached.append((feedback, (time.monotonic() - self.received) * 1e3, self.split))
                 self._advance()
+
+    def frames(self, frames: dict) -> None:
+        """Each camera's frame and token split (``CameraFrame`` by camera) is known: every later feedback carries
+        it; called on the inference thread."""
+        with self.lock:
+            self.split = camera_frames({camera: frame.to_json() for camera, frame in frames.items()})
 
     def finish(self, result: RequestResult) -> None:
         with self.lock:
@@ -237,8 +244,8 @@ class Goal:
         (while it waits in the queue it holds no executor thread)."""
         if self.queued is None:  # the worker may report stages before submit returned: hold them until then
             return
-        for name, elapsed in self.reached[self.sent :]:
-            self.handle.publish_feedback(self.Feedback(stage=name, elapsed_ms=elapsed))
+        for name, elapsed, frames in self.reached[self.sent :]:
+            self.handle.publish_feedback(self.Feedback(stage=name, elapsed_ms=elapsed, frames=frames))
         self.sent = len(self.reached)
         if not self.executing and (self.result is not None or len(self.reached) > 1):
             self.executing = True
@@ -306,7 +313,11 @@ class AskServer:
             node.refuse(key, request.text, problem)
             return False
         return worker.submit(
-            dataclasses.replace(request, id=key), goal.received, cancel=goal.cancel, on_stage=goal.stage
+            dataclasses.replace(request, id=key),
+            goal.received,
+            cancel=goal.cancel,
+            on_stage=goal.stage,
+            on_frames=goal.frames,
         )
 
     def _on_cancel(self, handle):

@@ -162,6 +162,7 @@ class Goal:
     def __init__(self, action, message, feedback: Callable[[str, float], None] | None = None, goal_uuid=None):
         self.message, self.request_id = message, message.request_id
         self.feedback: list[tuple[str, float]] = []  # (stage, ms since the node received the goal), in order
+        self.frames: dict = {}  # each camera's frame and token split (JSON ``frames`` shape), once a feedback had it
         self.handle = None  # rclpy's ClientGoalHandle, once the goal response came
         self.status: int | None = None  # action_msgs/GoalStatus once it ended: SUCCEEDED, CANCELED or ABORTED
         self.typed = None  # the typed Ask.Result
@@ -179,6 +180,8 @@ class Goal:
     def _feedback(self, msg) -> None:
         stage, elapsed_ms = msg.feedback.stage, msg.feedback.elapsed_ms
         self.feedback.append((stage, elapsed_ms))
+        if msg.feedback.frames:
+            self.frames = ask_action.frames_dict(msg.feedback.frames)
         if self._on_feedback is not None:
             self._on_feedback(stage, elapsed_ms)
 

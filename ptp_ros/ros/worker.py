@@ -24,10 +24,10 @@ import numpy as np
 
 from ..budget import check_keep_ratio, check_latency_budget_ms, ratio_tokens
 from ..latency_budget import IN_LLM, PRE_LLM, BudgetChoice, LatencyModel, choose_keep_ratio
-from ..overlay import saliency_image
+from ..overlay import saliency_images
 from ..pipeline import Answer, Cancelled, InvalidRequest, OnStage, Pipeline, PipelineConfig, validate_image
 from ..pruning import ConfiguredSelector
-from ..result import CameraFrame, RequestResult
+from ..result import CameraFrame, RequestResult, ViewTokens
 from .frames import SINGLE_CAMERA, SYNC_HISTORY, Frame, FrameStore, Pick
 from .requests import Request, loggable
 from .rviz import answer_caption
@@ -201,8 +201,10 @@ class Job:
     received: float  # time.monotonic() when the instruction arrived
     cancel: threading.Event | None = None  # the request's own (an action goal's): set, this request alone stops
     on_stage: OnStage | None = None  # told each stage as the request enters it: "convert", then the pipeline's
+    on_frames: OnFrames | None = None  # told each camera's frame and token split once the split is known
 
 
+OnFrames = Callable[[dict[str, CameraFrame]], None]  # each camera's frame and token split, by camera
 Emit = Callable[[RequestResult], None]  # a request's one result
 EmitSaliency = Callable[[np.ndarray, Any, str, bool], None]  # (BGR image, frame header, camera, of the default set)
 
@@ -272,13 +274,14 @@ class RequestWorker:
         received: float,
         cancel: threading.Event | None = None,
         on_stage: OnStage | None = None,
+        on_frames: OnFrames | None = None,
     ) -> bool:
         """Queue ``request`` (True); when the queue is full, the worker is stopped or the request could not
         start within its own latency budget, answer at once (False).  Setting ``cancel`` cancels this request
         alone: it is answered ``cancelled`` when its turn comes, or stops at its next stage or token.
         ``on_stage`` is called with "convert" when the request leaves the queue to run (taking and decoding the
         frame), then with each of the pipeline's stages (``Pipeline.answer``); never for a request that does not
-        run."""
+        run.  ``on_frames`` is called once with each camera's frame and token split as soon as the split is known."""
         if not self._accepting:
             self._emit(self.counters.rejection(request.id, request.text, "not serving: the node is not active"))
             return False
@@ -293,7 +296,7 @@ class RequestWorker:
         with self._pending_cond:
             full = len(self._pending) >= self._queue_size
             if not full:
-                self._pending.append(Job(request, received, cancel, on_stage))
+                self._pending.append(Job(request, received, cancel, on_stage, on_frames))
                 self._pending_cond.notify()
         if full:
             reason = f"busy: {self._queue_size} request(s) already waiting"
@@ -466,12 +469,13 @@ class RequestWorker:
             result.prune_stage, result.prune_stage_reason = prune_stage, choice.reason
         try:
             answer = self.pipeline(settings.selector, prune_stage).answer(
-                images if len(images) > 1 else images[request.cameras[0]],
+                images,  # camera → frame, in the request's order: one prompt, one budget
                 request.text,
                 **budget,
                 max_new_tokens=max_new_tokens,
                 cancel=cancel,
                 on_stage=job.on_stage,
+                on_views=None if job.on_frames is None else lambda views: job.on_frames(split(result.frames, views)),
             )
         except Cancelled as exc:
             return self._fail(result, f"cancelled: {self._cancelled_why()} ({exc})", status="cancelled")
@@ -482,12 +486,13 @@ class RequestWorker:
         done = time.monotonic()
         self.learn(answer, prune_stage)
         self._answered = True  # set before the result goes out: a planner's next request may come at once
-        self._count_views(result, answer)
+        result.frames = split(result.frames, answer.views)
+        self.view_tokens.update({view.name: view.total for view in answer.views})
         self._succeed(result, answer, job, started, converted, done, budget_ms)
         if settings.publish_saliency:
             drawing = time.monotonic()
             default = request.cameras == self.default_cameras
-            for camera, overlay in self._saliency(images, answer, settings.saliency_max_side).items():
+            for camera, overlay in saliency_images(images, answer, settings.saliency_max_side).items():
                 self._emit_saliency(answer_caption(overlay, answer.text), pick.frames[camera].header, camera, default)
             self._saliency_ms = (time.monotonic() - drawing) * 1e3
 
@@ -529,19 +534,6 @@ class RequestWorker:
                 return result, {}, (f"{prefix}invalid image: {exc}", "error")
         return result, images, None
 
-    def _count_views(self, result: RequestResult, answer: Answer) -> None:
-        """Each camera's kept and total visual tokens into ``result.frames``, and its total for the latency model."""
-        (camera,) = result.frames
-        view = result.frames[camera]
-        view.visual_tokens_kept, view.visual_tokens_total = answer.selection.num_kept, answer.selection.total
-        self.view_tokens[camera] = answer.selection.total
-
-    @staticmethod
-    def _saliency(images: dict[str, np.ndarray], answer: Answer, max_side: int) -> dict[str, np.ndarray]:
-        """The saliency image of each camera's view (BGR)."""
-        ((camera, image),) = images.items()
-        return {camera: saliency_image(image, answer.visual, answer.selection, max_side=max_side)}
-
     def _cancelled_why(self) -> str:
         return self._cancel_reason if self._cancel.is_set() else CANCELLED_BY_CLIENT
 
@@ -566,13 +558,15 @@ class RequestWorker:
             settings.keep_ratio_min,
             settings.keep_ratio_max,
             [configured, PRE_LLM] if configured == IN_LLM else [configured],
+            views=len(request.cameras),
         )
         return "budget", {"tokens": choice.tokens}, choice
 
     def learn(self, answer: Answer, prune_stage: str | None = None, track_error: bool = True) -> None:
         """Fit ``answer``'s stage times into the latency model, under the prune stage that ran it (default: the
         configured one); with ``track_error`` the model's prediction for it counts in its reported error."""
-        self.total_tokens = answer.selection.total
+        if len(answer.view_names) == 1:  # the one-view size; several views' are summed per request (_choose)
+            self.total_tokens = answer.selection.total
         self.latency_model.observe(
             answer.selection.num_kept,
             answer.selection.total,
@@ -580,6 +574,7 @@ class RequestWorker:
             answer.new_tokens,
             prune_stage or prune_stage_of(self.pipeline(self.settings.selector)),
             track_error,
+            views=len(answer.view_names),
         )
 
     def _succeed(
@@ -610,6 +605,15 @@ class RequestWorker:
 
     def _fail(self, result: RequestResult, reason: str, status: str) -> None:
         self._emit(self.counters.failure(result, reason, status))
+
+
+def split(frames: dict[str, CameraFrame], views: tuple[ViewTokens, ...]) -> dict[str, CameraFrame]:
+    """``frames`` (by camera) with each camera's view's kept and total visual tokens."""
+    tokens = {view.name: (view.kept, view.total) for view in views}
+    return {
+        camera: dataclasses.replace(frame, visual_tokens_kept=tokens[camera][0], visual_tokens_total=tokens[camera][1])
+        for camera, frame in frames.items()
+    }
 
 
 def prune_stage_of(pipeline: Pipeline) -> str:
