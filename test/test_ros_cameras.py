@@ -9,6 +9,7 @@ the known cameras named; the two-camera process holds one model (its RSS at most
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from pathlib import Path
@@ -20,6 +21,11 @@ from ros_helpers import AGENT_PARAMS, FAST_DIAGNOSTICS_S, NodeProcess, Probe
 
 from ptp_ros.ros.frames import SYNC_HISTORY, Frame, FrameStore, camera_problems
 
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e .[dev])")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_numbers = itertools.count()
 STARTUP_S = 180.0
 ANSWER_S = 120.0
 MAX_AGE_MS = 1500.0
@@ -208,6 +214,56 @@ def test_camera_fields_are_refused_with_the_known_cameras_named(probe):
     ):
         result = ask(probe, request_id, cameras=cameras)
         assert result["status"] == "rejected" and why in result["error"], result
+
+
+NAMES = st.sampled_from(["head", "wrist", "rear", "", "HEAD", "head "])
+camera_fields = st.one_of(
+    st.none(),  # null: the default camera
+    st.lists(NAMES, max_size=4),  # known, unknown, empty and look-alike names, duplicates, []
+    st.lists(st.sampled_from(["head", "wrist"]), min_size=17, max_size=18),  # more than 16
+    st.integers() | st.text(max_size=6) | st.lists(st.integers() | st.none(), min_size=1, max_size=2),  # wrong types
+    st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+)
+
+
+def expected(cameras) -> tuple[set[str], str]:
+    """(statuses, the error's words) the node must answer a request whose ``cameras`` field is ``cameras`` with,
+    from the documented rules (docs/ros.md, Several cameras), its frames all too old (max_frame_age_ms 0.001)."""
+    if cameras is None or cameras == []:
+        return {"stale"}, "camera head: stale frame"
+    if not isinstance(cameras, list) or not all(isinstance(c, str) and c for c in cameras):
+        return {"rejected"}, "cameras must be a list of camera names"
+    if len(cameras) > 16:
+        return {"rejected"}, "the limit is 16"
+    if len(set(cameras)) != len(cameras):
+        return {"rejected"}, "names a camera twice"
+    if unknown := [c for c in cameras if c not in ("head", "wrist")]:
+        return {"rejected"}, f"unknown camera(s) {unknown[0]!r}"
+    return ({"stale", "out_of_sync"} if len(cameras) > 1 else {"stale"}), ""
+
+
+@pytest.fixture
+def old_frames(probe):
+    """Every frame counts as stale (max_frame_age_ms 0.001), so no generated request runs the model."""
+    assert probe.set_parameters(FQN, {"max_frame_age_ms": 0.001})[0].successful
+    yield
+    assert probe.set_parameters(FQN, {"max_frame_age_ms": MAX_AGE_MS})[0].successful
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(cameras=camera_fields)
+def test_generated_camera_fields_get_one_result_with_the_documented_reason(probe, old_frames, cameras):
+    request_id = f"gen-{next(_numbers)}"
+    result = ask(probe, request_id, cameras=cameras)
+    statuses, words = expected(cameras)
+    assert result["status"] in statuses and words in result.get("error", ""), (cameras, result)
+    assert "internal error" not in result["error"]
 
 
 def test_a_silent_camera_makes_only_its_own_requests_stale_and_its_own_status_warn(probe, image):
