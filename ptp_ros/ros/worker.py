@@ -467,6 +467,7 @@ class RequestWorker:
         if choice is not None:
             result.predicted_ms, result.budget_feasible = round(choice.predicted_ms, 3), choice.feasible
             result.prune_stage, result.prune_stage_reason = prune_stage, choice.reason
+        on_views = None if job.on_frames is None else lambda views: job.on_frames(with_tokens(result.frames, views))
         try:
             answer = self.pipeline(settings.selector, prune_stage).answer(
                 images,  # camera → frame, in the request's order: one prompt, one budget
@@ -475,7 +476,7 @@ class RequestWorker:
                 max_new_tokens=max_new_tokens,
                 cancel=cancel,
                 on_stage=job.on_stage,
-                on_views=None if job.on_frames is None else lambda views: job.on_frames(split(result.frames, views)),
+                on_views=on_views,
             )
         except Cancelled as exc:
             return self._fail(result, f"cancelled: {self._cancelled_why()} ({exc})", status="cancelled")
@@ -486,7 +487,7 @@ class RequestWorker:
         done = time.monotonic()
         self.learn(answer, prune_stage)
         self._answered = True  # set before the result goes out: a planner's next request may come at once
-        result.frames = split(result.frames, answer.views)
+        result.frames = with_tokens(result.frames, answer.views)
         self.view_tokens.update({view.name: view.total for view in answer.views})
         self._succeed(result, answer, job, started, converted, done, budget_ms)
         if settings.publish_saliency:
@@ -607,7 +608,7 @@ class RequestWorker:
         self._emit(self.counters.failure(result, reason, status))
 
 
-def split(frames: dict[str, CameraFrame], views: tuple[ViewTokens, ...]) -> dict[str, CameraFrame]:
+def with_tokens(frames: dict[str, CameraFrame], views: tuple[ViewTokens, ...]) -> dict[str, CameraFrame]:
     """``frames`` (by camera) with each camera's view's kept and total visual tokens."""
     tokens = {view.name: (view.kept, view.total) for view in views}
     return {
