@@ -80,7 +80,6 @@ class AgentNode(LifecycleNode):
         if problems := self.settings.problems():
             raise ValueError("; ".join(problems))
         self.cameras = tuple(self.parameter("cameras")) or (SINGLE_CAMERA,)
-        self.default_cameras = tuple(self.parameter("default_cameras")) or self.cameras[:1]
         if problems := camera_problems(self.parameter("cameras"), self.parameter("default_cameras")):
             raise ValueError("; ".join(problems))
         # image_transport's naming: <the resolved image topic>/compressed, so `-r image:=/cam/raw` alone subscribes
@@ -174,7 +173,7 @@ class AgentNode(LifecycleNode):
                 counters=self.counters,
                 max_instruction_chars=param("max_instruction_chars").value,
                 cameras=self.cameras,
-                default_cameras=self.default_cameras,
+                default_cameras=self.parameter("default_cameras"),  # empty: the worker's first camera
             )
             self.model_state = "calibrating"
             image = self._calibration_image(param("calibration_image").value)
