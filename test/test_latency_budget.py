@@ -214,9 +214,23 @@ class LawPipeline:
             "decode": (10 + 0.005 * kept) * (new_tokens - 1),
         }
 
-    def answer(self, image, instruction, *, keep_ratio=None, tokens=None, max_new_tokens=4, cancel=None, on_stage=None):
+    def answer(
+        self,
+        image,
+        instruction,
+        *,
+        keep_ratio=None,
+        tokens=None,
+        max_new_tokens=4,
+        cancel=None,
+        on_stage=None,
+        on_views=None,
+    ):
         from types import SimpleNamespace
 
+        from ptp_ros.result import ViewTokens
+
+        (name, image), *_ = image.items() if isinstance(image, dict) else [("image", image)]  # the node's one camera
         total = image.shape[0] * image.shape[1] // 1000
         kept = min(total, tokens or max(1, round(keep_ratio * total)))
         factor, d = self.device.factor(), self.device
@@ -241,7 +255,13 @@ class LawPipeline:
             latency_ms=dict(timings),
         )
         return SimpleNamespace(
-            text="a cup", selection=selection, timings_ms=timings, new_tokens=max_new_tokens, result=lambda: result
+            text="a cup",
+            selection=selection,
+            timings_ms=timings,
+            new_tokens=max_new_tokens,
+            result=lambda: result,
+            views=(ViewTokens(name, kept, total),),
+            view_names=(name,),
         )
 
 

@@ -326,6 +326,20 @@ def test_a_request_on_both_cameras_is_one_prompt_with_one_split_budget(probe, im
     }
 
 
+def test_the_latency_budget_counts_every_camera_of_a_request(probe, image):
+    """A budget too small for any request: the one keep ratio is the floor, flagged infeasible before the model
+    ran, and predicted slower for both cameras than for one (their tokens and encodes counted)."""
+    predicted = {}
+    for cameras in (["head"], ["head", "wrist"]):
+        fresh(probe, image, *cameras)
+        result = ask(probe, f"budget-{len(cameras)}", cameras=cameras, latency_budget_ms=60.0)
+        assert result["status"] == "ok" and result["mode"] == "budget", result
+        assert result["budget_feasible"] is False and result["budget_met"] is False, result
+        assert result["keep_ratio"] == pytest.approx(0.05, abs=0.01)  # keep_ratio_min
+        predicted[len(cameras)] = result["predicted_ms"]
+    assert predicted[2] > predicted[1] > 60.0, predicted
+
+
 def test_frames_that_never_synchronise_get_out_of_sync_and_one_model_serves_both_cameras(probe, image, agents):
     # every wrist frame stamped 600 ms before the head's sent with it: no set within 100 ms once they replaced
     # every frame kept
