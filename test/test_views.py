@@ -3,6 +3,8 @@ result and the action's feedback report, one saliency image per view, and the la
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -44,11 +46,15 @@ def test_view_quotas_add_up_and_follow_the_split():
 
 
 def test_the_shared_split_follows_the_instruction_across_views():
-    """The view the instruction attends to gets more than its size share; the other keeps (1 − α) of its own."""
-    cold, hot = _scores(2, 50, relevance=0.001), _scores(2, 50, relevance=0.5, seed=1)
-    quotas = view_quotas(concat_views([cold, hot]), 40, "shared", alpha=0.5)
+    """The view whose relevance singles out a few tokens gets more than its size share, whatever the attention mass
+    of each view; the other keeps at least (1 − α) of its size share."""
+    flat, peaked = _scores(2, 50, relevance=0.5), _scores(2, 50, relevance=0.001, seed=1)
+    peaked = dataclasses.replace(peaked, relevance=peaked.relevance.index_fill(0, torch.arange(0, 100, 10), 0.2))
+    assert float(flat.relevance.sum()) > float(peaked.relevance.sum())  # more attention mass on the flat view
+    quotas = view_quotas(concat_views([flat, peaked]), 40, "shared", alpha=0.5)
     assert quotas.tolist() == [10, 30]
-    assert view_quotas(concat_views([cold, hot]), 40, "equal").tolist() == [20, 20]
+    assert view_quotas(concat_views([flat, peaked]), 40, "equal").tolist() == [20, 20]
+    assert view_quotas(concat_views([flat, peaked]), 40, "shared", alpha=0.0).tolist() == [20, 20]
 
 
 def test_select_views_prunes_each_view_with_its_quota_and_merges_in_prompt_order():
