@@ -230,6 +230,12 @@ def launch_and_ask(
         budget = probe.get_parameter(fqn, "latency_budget_ms")
         if not (isinstance(budget, float) and budget == float(arguments["latency_budget_ms"])):
             fail(f"latency_budget_ms is {budget!r}, the launch argument said {arguments['latency_budget_ms']}")
+        if "cameras" in arguments:
+            import yaml
+
+            cameras = probe.get_parameter(fqn, "cameras")
+            if list(cameras or []) != yaml.safe_load(arguments["cameras"]):
+                fail(f"cameras is {cameras!r}, the launch argument said {arguments['cameras']}")
         # best effort: publish until the node counts the frame
         before = int(probe.diag_values(fqn)["frames_received"])
         for attempt in range(20):
@@ -282,6 +288,7 @@ def test_ros2_launch_serves_an_answer_and_exits_cleanly_on_sigint(
             "namespace": "/launch_ok",
             "image_topic": "/launch_ok/image",
             "latency_budget_ms": "1500.0",
+            "cameras": "[image]",  # a list through launch_ros: the one camera, by its name
         },
         "/launch_ok",
         small_frame,
