@@ -71,8 +71,7 @@ class FrameStore:
     """The newest frames of each camera, shared between the intake (``put``) and the inference thread (``take``)."""
 
     def __init__(self, cameras: Sequence[str], history: int = 1):
-        self.cameras = tuple(cameras)
-        self._frames = {name: deque(maxlen=history) for name in self.cameras}
+        self._frames = {name: deque(maxlen=history) for name in cameras}
         self._lock = threading.Lock()
 
     def put(self, frame: Frame) -> bool:
