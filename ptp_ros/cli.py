@@ -114,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="the most tokens the answer may take (default 32); the model's end-of-sequence token ends it sooner",
     )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        metavar="N",
+        help="read the image at most N pixels large (Qwen2.5-VL, Qwen3-VL; default: the checkpoint's own cap)",
+    )
+    p.add_argument(
+        "--min-pixels",
+        type=_positive_int,
+        metavar="N",
+        help="read the image at least N pixels large (Qwen2.5-VL, Qwen3-VL; default: the checkpoint's own floor)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the answer text")
@@ -170,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
     image = _read_views(args)
     try:
         config = PipelineConfig(selector=configured_selector(args), max_new_tokens=args.max_new_tokens)
-        adapter = load_adapter(args.model or default_model_path(), LoadOptions(device=args.device, dtype=args.dtype))
+        resolution = {"max_pixels": args.max_pixels, "min_pixels": args.min_pixels}
+        adapter = load_adapter(
+            args.model or default_model_path(),
+            LoadOptions(device=args.device, dtype=args.dtype),
+            **{name: value for name, value in resolution.items() if value is not None},
+        )
         pipeline = Pipeline(adapter, config)
         answer = pipeline.answer(image, args.instruction, keep_ratio=args.keep_ratio, tokens=args.tokens)
     except (InvalidRequest, ModelLoadError, ValueError) as exc:

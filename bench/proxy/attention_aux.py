@@ -48,6 +48,8 @@ class AnswerAttentionTap:
         q = attn.q_proj(hs[q_rows, last]).view(hs.shape[0], 1, -1, hd).transpose(1, 2)  # [Q, H, 1, hd]
         kp = attn.k_proj(hp).view(1, hp.shape[1], -1, hd).transpose(1, 2)  # [1, KV, P, hd]
         ks = attn.k_proj(hs).view(hs.shape[0], hs.shape[1], -1, hd).transpose(1, 2)  # [Q, KV, S, hd]
+        if hasattr(attn, "q_norm"):  # QK-norm (Qwen3): per head, before the rotary
+            q, kp, ks = attn.q_norm(q), attn.k_norm(kp), attn.k_norm(ks)
         q, _ = self._rotary(
             q,
             q,

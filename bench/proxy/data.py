@@ -104,13 +104,15 @@ def answer_logits(
     pad_id: int,
     positions: tuple[torch.Tensor, int] | None = None,
     last_two: bool = False,
+    visual_inputs: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """[Q, vocab] next-token logits after each question, from one prefix pass shared by all of them.
 
     ``prefix_embeds`` is [B, P, D] with B = 1 (shared by every question) or B = Q (one per question);
     ``positions`` (from ``kept_positions``, its tensor [3, B, P]) for a model with 3-D positions;
     ``last_two``: the suffixes end with the answer word, and the logits before and after it are returned
-    (the answer's and the end-of-answer's).
+    (the answer's and the end-of-answer's); ``visual_inputs``: what else of the visual tokens the prefix pass
+    takes (``deepstack_prefix_inputs``).
     """
     lm = model.model.language_model
     ids, last = pad_suffixes(suffix_ids, pad_id)
@@ -119,7 +121,7 @@ def answer_logits(
     if positions is not None:
         prefix_pos, start = positions
         suffix_pos = (start + torch.arange(s)).view(1, 1, s).expand(prefix_pos.shape[0], q, s)
-    out = lm(inputs_embeds=prefix_embeds, position_ids=prefix_pos, use_cache=True)
+    out = lm(inputs_embeds=prefix_embeds, position_ids=prefix_pos, use_cache=True, **(visual_inputs or {}))
     cache = out.past_key_values
     if prefix_embeds.shape[0] == 1 and q > 1:
         cache.batch_repeat_interleave(q)
@@ -135,3 +137,17 @@ def answer_logits(
 def prefix_embeddings(model, prefix_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """[P + N, D]: the text before the image, then the visual tokens in the LLM's order."""
     return torch.cat([model.get_input_embeddings()(prefix_ids), visual.to(model.dtype)], dim=0)
+
+
+def deepstack_prefix_inputs(levels: list[torch.Tensor], prefix_len: int, kept_sets: list[torch.Tensor]) -> dict:
+    """The decoder's DeepStack arguments (Qwen3-VL) for the prefixes [text (``prefix_len``), visual tokens
+    ``kept``], one per kept set as ``prefix_embeddings`` stacks them: each level's rows of the kept tokens at
+    their positions, as the model's own forward adds them; ``{}`` for a model without DeepStack (no levels)."""
+    if not levels:
+        return {}
+    mask = torch.zeros(len(kept_sets), prefix_len + len(kept_sets[0]), dtype=torch.bool)
+    mask[:, prefix_len:] = True
+    return {
+        "visual_pos_masks": mask,
+        "deepstack_visual_embeds": [torch.cat([level[kept] for kept in kept_sets]) for level in levels],
+    }

@@ -1,9 +1,11 @@
 """Train a proxy model on CPU in two stages: ``python -m bench.proxy.train OUT_DIR [--family qwen2_5_vl]``.
 
-Families: LLaVA-NeXT (the built-in default model) and Qwen2.5-VL (``--family qwen2_5_vl``: no tiles, no
+Families: LLaVA-NeXT (the built-in default model), Qwen2.5-VL (``--family qwen2_5_vl``: no tiles, no
 global view, no [CLS]; it is trained at random lower resolutions too, ``--low-res``, as the real model is
 trained over a range of resolutions, so that the ``max_pixels`` down-scaling baseline is measured on a
-model that has seen small images).
+model that has seen small images) and Qwen3-VL (``--family qwen3_vl``: as Qwen2.5-VL, plus DeepStack: its
+feature sets reach the first LLM layers in stage 2, and their mergers learn there with the LLM; the tower
+blocks they read stay frozen).
 
 Stage 1, vision (``--vision-minutes``): the vision tower and projector learn to see on *crowded*
 scenes (``--crowd`` objects each, so a forward pass yields a hundred labelled patches instead of six)
@@ -47,7 +49,14 @@ from ptp_ros.vlm.qwen2_5_vl import max_pixels_for_tokens, resolution_kwargs
 
 from .attention_aux import AnswerAttentionTap, retrieval_loss, wanted_attention
 from .auxiliary import AuxiliaryHeads, auxiliary_loss, object_tokens, side_targets, tile_targets, token_targets
-from .data import answer_logits, encode_scene, kept_positions, pad_suffixes, prefix_embeddings
+from .data import (
+    answer_logits,
+    deepstack_prefix_inputs,
+    encode_scene,
+    kept_positions,
+    pad_suffixes,
+    prefix_embeddings,
+)
 
 SUPERVISED_HEADS = 3  # retrieval heads supervised (colour/location, count, presence)
 #: Visual-token counts a ``--low-res`` scene is read at (the benchmark's ratios of ~1 250 tokens and more).
@@ -62,20 +71,33 @@ class Family:
     model_type: str
     has_cls: bool  # [CLS] states for the [CLS] head (and a global view)
 
-    def configure(self, words: list[str], widths: dict) -> tuple:
-        """(model class, config, processor) at ``widths`` (vision_width, vision_layers, text_width, text_layers)."""
-        return FIXTURES[self.model_type].parts(words, **widths)
+    def configure(self, words: list[str], widths: dict, max_tokens: int | None = None) -> tuple:
+        """(model class, config, processor) at ``widths`` (vision_width, vision_layers, text_width, text_layers),
+        the processor capped at ``max_tokens`` visual tokens (None: the tiny fixture's own cap)."""
+        model_class, config, processor = FIXTURES[self.model_type].parts(words, **widths)
+        if max_tokens is not None:
+            size = resolution_kwargs(processor.image_processor, token_pixels(processor, max_tokens))["size"]
+            processor.image_processor.size = size
+        return model_class, config, processor
 
     @property
     def adapter_class(self) -> type:
         return ADAPTERS[self.model_type]
 
 
-#: The families the proxy task trains (``FeatureLayerTap`` and ``features`` read LLaVA-NeXT's and Qwen2.5-VL's
-#: towers; another family joins with its own ``has_cls`` here once they read its tower too).
+#: The families the proxy task trains (``FeatureLayerTap`` and ``image_features`` read LLaVA-NeXT's, Qwen2.5-VL's
+#: and Qwen3-VL's towers; another family joins with its own ``has_cls`` here once they read its tower too).
 FAMILIES = {
-    family.model_type: family for family in (Family("llava_next", has_cls=True), Family("qwen2_5_vl", has_cls=False))
+    family.model_type: family
+    for family in (
+        Family("llava_next", has_cls=True),
+        Family("qwen2_5_vl", has_cls=False),
+        Family("qwen3_vl", has_cls=False),
+    )
 }
+#: Parameters stage 2 trains: the LLM, and Qwen3-VL's DeepStack mergers (they feed the LLM; stage 1's heads
+#: read only the projector's output, so they learn nothing there, and the tower blocks they read stay frozen).
+LANGUAGE_SIDE = ("model.language_model.", "lm_head.", "model.visual.deepstack_merger_list.")
 
 
 class SceneStream(IterableDataset):
@@ -101,7 +123,7 @@ class SceneStream(IterableDataset):
         rng = random.Random(seed)
         max_pixels = self.max_pixels
         if rng.random() < self.low_res:
-            max_pixels = max_pixels_for_tokens(rng.choice(LOW_RES_TOKENS))
+            max_pixels = token_pixels(self.processor, rng.choice(LOW_RES_TOKENS))
         return {} if max_pixels is None else resolution_kwargs(self.processor.image_processor, max_pixels)
 
     def __iter__(self):
@@ -114,8 +136,14 @@ class SceneStream(IterableDataset):
             yield encode_scene(self.processor, scene, questions, keep_scene=True, **self._resolution(seed))
 
 
-def build_model(words: list[str], seed: int, widths: dict, family: str = "llava_next"):
-    model_class, config, processor = FAMILIES[family].configure(words, widths)
+def token_pixels(processor, tokens: int) -> int:
+    """``max_pixels`` for at most ``tokens`` visual tokens of the processor's patch and merge sizes."""
+    image_processor = processor.image_processor
+    return max_pixels_for_tokens(tokens, image_processor.patch_size, image_processor.merge_size)
+
+
+def build_model(words: list[str], seed: int, widths: dict, family: str = "llava_next", max_tokens: int | None = None):
+    model_class, config, processor = FAMILIES[family].configure(words, widths, max_tokens)
     return random_model(model_class, config, processor.tokenizer, seed), processor
 
 
@@ -171,8 +199,15 @@ class SceneLayout:
         self.positions = adapter.rope_positions(PreparedInput(item.inputs, ((height, width),), ""))
 
 
+def image_features(model, item) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The visual tokens [N, D] of an encoded scene and its DeepStack feature sets ([N, D] each; none but
+    Qwen3-VL's)."""
+    encoded = model.model.get_image_features(**item.pixel_inputs, return_dict=True)
+    return encoded.pooler_output[0], [level[0] for level in getattr(encoded, "deepstack_features", None) or []]
+
+
 def features(model, item) -> torch.Tensor:
-    return model.model.get_image_features(**item.pixel_inputs, return_dict=True).pooler_output[0]
+    return image_features(model, item)[0]
 
 
 def shown_tokens(layout: SceneLayout, tokens: str, focus_keep: float, gen: torch.Generator) -> torch.Tensor:
@@ -219,16 +254,26 @@ class LanguageStage:
         self.side_head = torch.nn.Linear(model.config.text_config.hidden_size, len(SIDES))
         self.side_weight = side_weight
 
-    def __call__(self, item, layout: SceneLayout, feats: torch.Tensor, shown: torch.Tensor, supervise: bool):
+    def __call__(
+        self,
+        item,
+        layout: SceneLayout,
+        feats: torch.Tensor,
+        shown: torch.Tensor,
+        supervise: bool,
+        deepstack: list[torch.Tensor] = (),
+    ):
         for tap in (self.hop, self.retrieval, self.side):
             if tap is not None:
                 tap.reset()
         prefix = prefix_embeddings(self.model, item.prefix_ids, feats[shown])[None]
-        positions = kept_positions(
-            layout.positions, item.prefix_ids.shape[0], shown.shape[0], torch.nonzero(shown).squeeze(1)
-        )
+        kept = torch.nonzero(shown).squeeze(1)
+        positions = kept_positions(layout.positions, item.prefix_ids.shape[0], shown.shape[0], kept)
         answered = [torch.cat([s, a.view(1)]) for s, a in zip(item.suffix_ids, item.answer_ids)]
-        logits, stop = answer_logits(self.model, prefix, answered, self.pad_id, positions, last_two=True)
+        visual_inputs = deepstack_prefix_inputs(list(deepstack), item.prefix_ids.shape[0], [kept])
+        logits, stop = answer_logits(
+            self.model, prefix, answered, self.pad_id, positions, last_two=True, visual_inputs=visual_inputs
+        )
         loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
         loss = loss + torch.nn.functional.cross_entropy(stop, torch.full_like(item.answer_ids, self.eos_id))
         correct = logits.argmax(-1) == item.answer_ids
@@ -273,10 +318,11 @@ def evaluate(stage: LanguageStage, items: list[tuple], tag: str = "val_acc") -> 
     stage.model.eval()
     hits: dict[str, list] = defaultdict(list)
     for item, layout in items:
-        feats = features(stage.model, item)
+        feats, deepstack = image_features(stage.model, item)
         views = (("all", tag), ("global", f"{tag}_global_only")) if layout.overview.any() else (("all", tag),)
         for tokens, name in views:
-            _, correct = stage(item, layout, feats, shown_tokens(layout, tokens, 0.0, None), supervise=False)
+            shown = shown_tokens(layout, tokens, 0.0, None)
+            _, correct = stage(item, layout, feats, shown, supervise=False, deepstack=deepstack)
             hits[name] += correct.tolist()
             if tokens == "all":
                 for q, ok in zip(item.questions, correct.tolist()):
@@ -317,8 +363,16 @@ def main(argv=None) -> None:
         "--low-res",
         type=float,
         default=None,
-        help="share of scenes read at a random lower resolution (default: 0.3 for qwen2_5_vl, "
-        "whose processor takes any resolution; 0 for llava_next)",
+        help="share of scenes read at a random lower resolution (default: 0.3 for qwen2_5_vl and qwen3_vl, "
+        "whose processors take any resolution; 0 for llava_next)",
+    )
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="the processor's cap in visual tokens, for a family that reads any resolution (default: its tiny "
+        "fixture's: 1280 for qwen2_5_vl, as its proxy was trained; 640 for qwen3_vl, so pass 1280 for a proxy "
+        "read like the Qwen2.5-VL one, ~1 250 tokens a scene)",
     )
     ap.add_argument("--focus", type=float, default=0.3, help="share of stage 2 reading object tokens + --focus-keep")
     ap.add_argument("--focus-keep", type=float, default=0.1)
@@ -369,6 +423,10 @@ def main(argv=None) -> None:
         ap.error("need 0 <= --hop-layer < --retrieval-layer < --text-layers")
     if args.side_weight and not args.retrieval_layer < args.side_layer < args.text_layers:
         ap.error("need --retrieval-layer < --side-layer < --text-layers")
+    if args.max_tokens is not None and (
+        args.max_tokens < 1 or not FAMILIES[args.family].adapter_class.supports_downscaling
+    ):
+        ap.error(f"--max-tokens needs a positive count and a family that reads any resolution, not {args.family}")
     if args.vision_from and args.init_from:
         ap.error("--init-from already takes the vision tower: drop --vision-from")
     torch.set_num_threads(args.threads)
@@ -382,7 +440,7 @@ def main(argv=None) -> None:
     family = FAMILIES[args.family]
     low_res = args.low_res if args.low_res is not None else 0.3 if family.adapter_class.supports_downscaling else 0.0
     global_only = args.global_only if family.has_cls else 0.0
-    model, processor = build_model(words, args.seed, widths, args.family)
+    model, processor = build_model(words, args.seed, widths, args.family, args.max_tokens)
     adapter = family.adapter_class(model, processor)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint(args.out / "checkpoint.pt")
@@ -420,9 +478,7 @@ def main(argv=None) -> None:
     )
     model.train()
 
-    vision_params = [
-        p for name, p in model.named_parameters() if not name.startswith(("model.language_model.", "lm_head."))
-    ]
+    vision_params = [p for name, p in model.named_parameters() if not name.startswith(LANGUAGE_SIDE)]
     if state:
         model.load_state_dict(state["model"])
     elif args.vision_from or args.init_from:
@@ -548,7 +604,7 @@ def run_language_stage(args, model, processor, adapter, low_res, global_only, st
         else [
             (item, SceneLayout(adapter, item))
             for item in SceneStream(
-                processor, "val", 0, args.val_scenes, 2, max_pixels=max_pixels_for_tokens(LOW_RES_TOKENS[3])
+                processor, "val", 0, args.val_scenes, 2, max_pixels=token_pixels(processor, LOW_RES_TOKENS[3])
             )
         ]
     )
@@ -567,10 +623,10 @@ def run_language_stage(args, model, processor, adapter, low_res, global_only, st
         only_global = bool(torch.rand((), generator=gen) < global_only)
         tokens = "global" if only_global else "focus" if progress < args.focus else "all"
         layout = SceneLayout(adapter, item)
-        with torch.no_grad():
-            feats = features(model, item)
+        # the tower is frozen: only Qwen3-VL's DeepStack mergers (trainable here) build a graph
+        feats, deepstack = image_features(model, item)
         shown = shown_tokens(layout, tokens, args.focus_keep, gen)
-        loss, correct = stage(item, layout, feats, shown, supervise=not only_global)
+        loss, correct = stage(item, layout, feats, shown, supervise=not only_global, deepstack=deepstack)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)

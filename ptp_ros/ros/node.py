@@ -39,7 +39,7 @@ from std_msgs.msg import Header, String
 from ..pipeline import Cancelled
 from ..result import RequestResult
 from ..vlm.defaults import default_model_path
-from ..vlm.loading import LoadOptions, ModelLoadError, load_adapter, quiet_transformers
+from ..vlm.loading import RESOLUTION_OPTIONS, LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import ask_action, conversions
 from .diagnostics import Health, agent_status
 from .intake import CameraIntake
@@ -171,7 +171,12 @@ class AgentNode(LifecycleNode):
         self.get_logger().info(f"loading model {path}")
         for warning in removed_parameter_warnings(self):
             self.get_logger().warning(warning)
-        return load_adapter(path, LoadOptions(device=param("device").value, dtype=param("dtype").value))
+        resolution = {name: param(name).value for name in RESOLUTION_OPTIONS}  # 0: the checkpoint's own
+        return load_adapter(
+            path,
+            LoadOptions(device=param("device").value, dtype=param("dtype").value),
+            **{name: value for name, value in resolution.items() if value},
+        )
 
     @staticmethod
     def _calibration_image(path: str):

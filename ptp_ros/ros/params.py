@@ -87,6 +87,21 @@ PARAMS: tuple[Param, ...] = (
         range=(1, 1 << 31),
     ),
     Param(
+        "max_pixels",
+        0,
+        "Most pixels the model's processor reads an image at (Qwen2.5-VL, Qwen3-VL; refused for a family "
+        "whose processor fixes the resolution); 0 = the checkpoint's own cap",
+        read_only=True,
+        range=(0, 1 << 31),
+    ),
+    Param(
+        "min_pixels",
+        0,
+        "Fewest pixels the model's processor reads an image at (Qwen2.5-VL, Qwen3-VL); 0 = the checkpoint's own",
+        read_only=True,
+        range=(0, 1 << 31),
+    ),
+    Param(
         "watchdog_timeout_s",
         120.0,
         "One request running longer than this turns /diagnostics to ERROR",

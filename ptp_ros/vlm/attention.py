@@ -89,9 +89,11 @@ def layer_inputs(
     inputs_embeds: torch.Tensor,
     layer_indices: list[int],
     position_ids: torch.Tensor | None = None,
+    **decoder_kwargs,
 ) -> tuple[dict[int, torch.Tensor], tuple]:
     """The inputs of decoder layers ``layer_indices`` ({index: [B, L, D]}) and the rotary tables (cos, sin)
-    the decoder hands its layers, from one forward that stops before the deepest of them runs."""
+    the decoder hands its layers, from one forward that stops before the deepest of them runs
+    (``decoder_kwargs``: more of the decoder's inputs, e.g. Qwen3-VL's DeepStack features)."""
     layers = language_model.layers
     if not layer_indices or not all(0 <= i < len(layers) for i in layer_indices):
         raise ValueError(f"LLM layers {layer_indices} do not all exist (the model has {len(layers)})")
@@ -109,7 +111,7 @@ def layer_inputs(
 
     handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in set(layer_indices)]
     try:
-        language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
+        language_model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False, **decoder_kwargs)
     except _StopForward:
         pass
     finally:
@@ -126,19 +128,23 @@ def text_to_token_attention(
     query_positions: torch.Tensor,
     key_positions: torch.Tensor,
     position_ids: torch.Tensor | None = None,
+    **decoder_kwargs,
 ) -> torch.Tensor:
     """Head-averaged causal attention of ``query_positions`` onto ``key_positions`` at one LLM layer.
 
     Runs the decoder only up to ``layer_index`` (layers before it in full, that layer's input norm and
     q/k projections for the needed rows only), for a single unpadded sequence (``inputs_embeds`` [1, L, D]).
     ``position_ids`` are handed to the decoder as they are (``None``: its default 0..L-1); Qwen2.5-VL needs
-    its 3-D M-RoPE ids [3, 1, L] here.  The rotary tables are read back from the layer's input, so any
+    its 3-D M-RoPE ids [3, 1, L] here; ``decoder_kwargs`` go to the decoder too (Qwen3-VL: its DeepStack
+    features and their positions).  The rotary tables are read back from the layer's input, so any
     rotary scheme whose ``apply_rotary_pos_emb`` has the Llama signature works unchanged.
     Returns [len(query_positions), len(key_positions)] float32.
     """
     if not 0 <= layer_index < len(language_model.layers):
         raise ValueError(f"LLM layer {layer_index} does not exist (the model has {len(language_model.layers)})")
-    inputs, position_embeddings = layer_inputs(language_model, inputs_embeds, [layer_index], position_ids)
+    inputs, position_embeddings = layer_inputs(
+        language_model, inputs_embeds, [layer_index], position_ids, **decoder_kwargs
+    )
     return attention_rows(
         language_model.layers[layer_index], inputs[layer_index], position_embeddings, query_positions, key_positions
     )

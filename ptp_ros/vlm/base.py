@@ -78,10 +78,14 @@ class VisualTokens:
         return dataclasses.replace(self.views[index], scores=view_parts(self.scores)[index])
 
 
-def join_views(views: Sequence[VisualTokens]) -> VisualTokens:
-    """Several views' tokens as one ``VisualTokens`` in prompt order (``views`` keeps each); one view as it is."""
+def join_views(views: Sequence[VisualTokens], per_token_extras: Sequence[str] = ()) -> VisualTokens:
+    """Several views' tokens as one ``VisualTokens`` in prompt order (``views`` keeps each; the ``per_token_extras``,
+    lists of per-token [N, D] tensors, joined item by item); one view as it is."""
     if len(views) == 1:
         return views[0]
+    extras = {k: v for k, v in views[0].extras.items() if k == "vision_layer"}
+    for key in per_token_extras:
+        extras[key] = [torch.cat(items) for items in zip(*(v.extras[key] for v in views))]
     return VisualTokens(
         features=torch.cat([v.features for v in views]),
         scores=concat_views([v.scores for v in views]),
@@ -89,7 +93,7 @@ def join_views(views: Sequence[VisualTokens]) -> VisualTokens:
         region_boxes=torch.cat([v.region_boxes for v in views]),
         region_names=[name for v in views for name in v.region_names],
         image_size=views[0].image_size,
-        extras={k: v for k, v in views[0].extras.items() if k == "vision_layer"},
+        extras=extras,
         views=tuple(views),
     )
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 #: The model families an adapter handles (config.json ``model_type``), in the order messages name them.
-FAMILIES = ("llava_next", "internvl", "qwen2_5_vl")
+FAMILIES = ("llava_next", "internvl", "qwen2_5_vl", "qwen3_vl")
 
 #: LLaVA-NeXT's default anyres pinpoints, (height, width): 2, 3 or 4 tiles of 336 px plus the global view.
 #: The tiny and real-size test models are built with them and the proxy task's scenes are drawn for them;

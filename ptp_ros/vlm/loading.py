@@ -10,6 +10,7 @@ whole, inside the checkpoint) before transformers opens any of them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ _LLAVA_NEXT_HF = (
 #: its ``mm_vision_tower`` key and ``*ForCausalLM`` architectures).
 _LLAVA_REPOSITORY_TYPES = frozenset({"llava_llama", "llava_mistral", "llava_mpt", "llava_qwen"})
 _NO_CHECKPOINT_CODE = "ptp_ros never runs code shipped with a checkpoint"
+_DENSE_QWEN3_VL = "use Qwen3-VL (model_type 'qwen3_vl'), e.g. Qwen/Qwen3-VL-8B-Instruct or Qwen/Qwen3-VL-4B-Instruct"
 
 #: Formats users meet that no adapter loads, with what to load instead: the rest of "<path> holds ...",
 #: short enough that the node's 500-character log line keeps all of it.
@@ -138,7 +140,16 @@ _OTHER_FORMATS = {
         "Qwen2-VL (model_type 'qwen2_vl'), which has no adapter; use Qwen2.5-VL (model_type 'qwen2_5_vl'), "
         "e.g. Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen2.5-VL-3B-Instruct"
     ),
+    "qwen3_vl_moe": (
+        "Qwen3-VL-MoE (model_type 'qwen3_vl_moe', e.g. Qwen/Qwen3-VL-30B-A3B-Instruct: another stock class, "
+        f"Qwen3VLMoeForConditionalGeneration, with a mixture-of-experts LLM), which has no adapter; {_DENSE_QWEN3_VL}"
+    ),
+    "qwen3_5": (
+        "Qwen3.5 (model_type 'qwen3_5'), which has no adapter: its LLM interleaves linear-attention (Gated "
+        f"DeltaNet) layers, which PTP's relevance probe and in-LLM pruning cannot read; {_DENSE_QWEN3_VL}"
+    ),
 }
+_OTHER_FORMATS["qwen3_5_moe"] = _OTHER_FORMATS["qwen3_5"].replace("'qwen3_5'", "'qwen3_5_moe'")
 
 
 def _stock_model_types() -> frozenset[str]:
@@ -174,6 +185,21 @@ def unsupported_format(path: Path, config: dict) -> str | None:
         )
     names = ", ".join(str(a) for a in architectures) or "unnamed"
     return f"{path} holds {_OTHER_FORMATS[key].format(architectures=names)}"
+
+
+def missing_processor_config(path: Path, family: str) -> str | None:
+    """Why the checkpoint at ``path`` cannot be read as its ``family``'s images: no image-processor settings
+    (``preprocessor_config.json``, or ``processor_config.json`` with an ``image_processor`` entry, as
+    transformers 5 saves them), without which resolution, patch size and normalisation are unknown."""
+    if (path / "preprocessor_config.json").is_file():
+        return None
+    if (path / "processor_config.json").is_file() and "image_processor" in _read_json(path / "processor_config.json"):
+        return None
+    return (
+        f"{path} holds a {family!r} model without its image processor config (neither preprocessor_config.json "
+        "nor an image_processor entry in processor_config.json): the resolution, patch size and normalisation "
+        "it was trained with are unknown; copy them from the checkpoint it was made from"
+    )
 
 
 def _member(path: Path, name: object, named_by: str, suffixes: tuple[str, ...] = (".safetensors",)) -> str:
@@ -267,17 +293,37 @@ def weights_misfit(loading_info: dict) -> str | None:
     return None
 
 
+#: Options that set the resolution the processor reads an image at (only where ``supports_downscaling``).
+RESOLUTION_OPTIONS = ("max_pixels", "min_pixels")
+
+
+def check_option_names(path: Path, adapter_class: type, options: dict) -> None:
+    """A ValueError naming the options the checkpoint's family does not have (and its own)."""
+    known = {f.name for f in dataclasses.fields(adapter_class.options_class)}
+    if unknown := sorted(set(options) - known):
+        why = (
+            "; its processor reads images at the resolutions it fixes"
+            if set(unknown) & set(RESOLUTION_OPTIONS) and not adapter_class.supports_downscaling
+            else ""
+        )
+        raise ValueError(
+            f"{path} holds a {adapter_class.name!r} model, which has no {' or '.join(unknown)} option{why} "
+            f"(its options: {', '.join(sorted(known))})"
+        )
+
+
 def load_adapter(path_or_id: str | os.PathLike, options: LoadOptions = LoadOptions(), **adapter_config):
     """The adapter for the checkpoint's model family, loaded on the chosen device and dtype."""
     path = resolve_checkpoint(path_or_id)
     config = _read_json(path / "config.json")
-    if reason := unsupported_format(path, config):
+    if reason := unsupported_format(path, config) or missing_processor_config(path, config["model_type"]):
         raise ModelLoadError(reason)
     check_weight_files(path)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     adapter_class = ADAPTERS[config["model_type"]]
-    adapter_class.options_class(**adapter_config)  # a bad option is the caller's TypeError/ValueError, not a load fault
+    check_option_names(path, adapter_class, adapter_config)
+    adapter_class.options_class(**adapter_config)  # a bad option is the caller's ValueError, not a load fault
     try:
         return adapter_class.from_checkpoint(path, device, dtype, **adapter_config)
     except ModelLoadError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +36,11 @@ from .stock_adapter import StockModelAdapter, grid_names, paper_vision_layer, pr
 _IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>"  # one image's part of a prompt without a chat template
 
 
+#: The most visual tokens a resolution option may ask for: the published checkpoints' own cap (Qwen2.5-VL's
+#: max_pixels 16384·28², Qwen3-VL's 16384·32²).
+MAX_RESOLUTION_TOKENS = 16384
+
+
 def max_pixels_for_tokens(tokens: int, patch_size: int = 14, merge_size: int = 2) -> int:
     """The ``max_pixels`` at which Qwen2.5-VL's processor yields at most ``tokens`` visual tokens: the
     plain down-scaling baseline at the same token count as a pruned run."""
@@ -49,6 +55,7 @@ def fitted_max_pixels(
     ``smart_resize`` floors each side to a multiple of 28 px: a baseline with fewer tokens than the
     pruned run it is compared with would lose accuracy for that reason alone."""
     factor = patch_size * merge_size
+    tokens = min(int(tokens), MAX_RESOLUTION_TOKENS)
 
     def count(max_pixels: int) -> int:
         h, w = smart_resize(*image_size, factor=factor, min_pixels=min(min_pixels, max_pixels), max_pixels=max_pixels)
@@ -56,7 +63,7 @@ def fitted_max_pixels(
 
     lo, hi = (
         max_pixels_for_tokens(tokens, patch_size, merge_size),
-        max_pixels_for_tokens(4 * tokens, patch_size, merge_size),
+        max_pixels_for_tokens(min(4 * tokens, MAX_RESOLUTION_TOKENS), patch_size, merge_size),
     )
     if count(hi) <= tokens:
         return hi
@@ -66,27 +73,51 @@ def fitted_max_pixels(
     return lo
 
 
-def resolution_kwargs(image_processor, max_pixels: int) -> dict:
-    """Processor kwargs that cap an image at ``max_pixels`` (the minimum follows it down when lower)."""
+def resolution_kwargs(image_processor, max_pixels: int | None, min_pixels: int | None = None) -> dict:
+    """Processor kwargs that read an image at between ``min_pixels`` and ``max_pixels`` pixels (either left
+    at the checkpoint's own when ``None``; the other bound follows one that passes it)."""
     size = image_processor.size
-    return {"size": {"shortest_edge": min(size["shortest_edge"], max_pixels), "longest_edge": max_pixels}}
+    longest = size["longest_edge"] if max_pixels is None else max_pixels
+    shortest = size["shortest_edge"] if min_pixels is None else min_pixels
+    if max_pixels is None:
+        longest = max(longest, shortest)
+    return {"size": {"shortest_edge": min(shortest, longest), "longest_edge": longest}}
 
 
 @dataclass(frozen=True)
 class Qwen2_5_VLOptions:
+    token_px: ClassVar[int] = 28  # the side of one merged token: 14-px patches, 2×2 merge
+
     # "paper" (the full-attention block nearest the paper's layer), "last" or its alias "feature" (the last
     # full-attention block: the nearest to the output the LLM reads), or an index
     vision_layer: int | str = "paper"
     llm_layer: int = 2  # LLM layer whose text→visual attention gives instruction relevance
     region_grid: tuple[int, int] = (2, 2)  # rows, cols of the fixed region grid over the token grid
     max_pixels: int | None = None  # processor resolution cap (None: the checkpoint's); the down-scaling baseline
+    min_pixels: int | None = None  # processor resolution floor (None: the checkpoint's)
 
     def __post_init__(self) -> None:
+        self._check_resolution()
         if isinstance(self.vision_layer, str) and self.vision_layer not in ("paper", "last", "feature"):
             raise ValueError(f"vision_layer must be 'paper', 'last', 'feature' or an index, got {self.vision_layer!r}")
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"region_grid must be (rows >= 1, cols >= 1), got {self.region_grid!r}")
         object.__setattr__(self, "region_grid", tuple(int(v) for v in self.region_grid))
+
+    def _check_resolution(self) -> None:
+        """Each bound from one visual token (token_px² pixels) to the published checkpoints' cap, min ≤ max."""
+        low, high = self.token_px**2, MAX_RESOLUTION_TOKENS * self.token_px**2
+        for name in ("max_pixels", "min_pixels"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(
+                    f"{name} must be an integer from {low} (one {self.token_px}x{self.token_px}-px visual token) "
+                    f"to {high} ({MAX_RESOLUTION_TOKENS} tokens, the published checkpoints' cap), got {value!r}"
+                )
+        if self.max_pixels is not None and self.min_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}")
 
 
 @register_adapter
@@ -103,9 +134,14 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         super().__init__(model, processor, options)
         visual = model.model.visual
         self.vision_layer = self._full_attention_block(
-            options.vision_layer, len(visual.blocks), list(visual.fullatt_block_indexes)
+            options.vision_layer, len(visual.blocks), self.full_attention_blocks(visual)
         )
         self._vision_attention = visual.blocks[self.vision_layer].attn
+
+    @staticmethod
+    def full_attention_blocks(visual) -> list[int]:
+        """The tower's blocks that attend over the whole image (the others see 112-px windows only)."""
+        return list(visual.fullatt_block_indexes)
 
     @staticmethod
     def _full_attention_block(choice: int | str, depth: int, full_blocks: list[int]) -> int:
@@ -125,20 +161,22 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         """The same model reading the image at a resolution of at most ``tokens`` visual tokens: the
         plain down-scaling baseline that pruning to ``tokens`` must beat (shares weights and processor).
         With ``image_size`` the resolution is fitted to that image (the most tokens up to ``tokens``)."""
+        patch = self.model.model.visual.patch_size
         max_pixels = (
-            max_pixels_for_tokens(tokens)
+            max_pixels_for_tokens(tokens, patch)
             if image_size is None
-            else fitted_max_pixels(tokens, image_size, self.processor.image_processor.size["shortest_edge"])
+            else fitted_max_pixels(tokens, image_size, self.processor.image_processor.size["shortest_edge"], patch)
         )
-        options = dataclasses.replace(self.options, max_pixels=max_pixels)
+        options = dataclasses.replace(self.options, max_pixels=max_pixels, min_pixels=None)
         return type(self)(self.model, self.processor, options)
 
     # -- 0. inputs ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray | Sequence[np.ndarray], instruction: str) -> PreparedInput:
+        options = self.options
         kwargs = (
             {}
-            if self.options.max_pixels is None
-            else resolution_kwargs(self.processor.image_processor, self.options.max_pixels)
+            if options.max_pixels is None and options.min_pixels is None
+            else resolution_kwargs(self.processor.image_processor, options.max_pixels, options.min_pixels)
         )
         return prepare_image_prompt(
             self.processor,
@@ -163,19 +201,22 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
             )
         saliency = self.token_saliency(probe.received().cpu(), grid_thw.cpu())  # every view's, raster order each
         per_view = saliency.split([int(f.shape[0]) for f in out.pooler_output])
-        return join_views(
-            [
-                self._view_tokens(features, view_saliency, grid_thw[i : i + 1], size)
-                for i, (features, view_saliency, size) in enumerate(
-                    zip(out.pooler_output, per_view, prepared.image_sizes)
-                )
-            ]
-        )
+        views = [
+            self._view_tokens(features, view_saliency, grid_thw[i : i + 1], size, self.feature_extras(out, i))
+            for i, (features, view_saliency, size) in enumerate(zip(out.pooler_output, per_view, prepared.image_sizes))
+        ]
+        return join_views(views, self.per_token_extras)
 
     def _view_tokens(
-        self, features: torch.Tensor, saliency: torch.Tensor, grid_thw: torch.Tensor, size: tuple[int, int]
+        self,
+        features: torch.Tensor,
+        saliency: torch.Tensor,
+        grid_thw: torch.Tensor,
+        size: tuple[int, int],
+        extras: dict,
     ) -> VisualTokens:
-        """One view's ``VisualTokens`` from its features [N, D] and token saliency [N], both in raster order."""
+        """One view's ``VisualTokens`` from its features [N, D] and token saliency [N], both in raster order, and
+        its ``feature_extras``."""
         rows, cols = self.token_grid(grid_thw)
         region, names, region_rc = self._regions(rows, cols)
         token_boxes = self._token_boxes(rows, cols, size)
@@ -198,7 +239,13 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
             region_names=names,
             grid=region_rc,
             token_grid=(rows, cols),
+            **extras,
         )
+
+    def feature_extras(self, encoded, view: int) -> dict:
+        """What else of the tower's output (``get_image_features``) ``generate`` needs, per token of image ``view``,
+        in ``extras`` (those named in ``per_token_extras``: lists of [N, D] tensors, joined across views)."""
+        return {}
 
     def token_grid(self, grid_thw: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the merged token grid of the one image in ``grid_thw`` [1, 3]."""

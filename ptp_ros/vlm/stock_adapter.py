@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -183,6 +184,8 @@ class StockModelAdapter:
     supports_downscaling: ClassVar[bool] = False
     #: several images (camera views) in one prompt: ``prepare`` takes a list, ``encode`` encodes them in one batch
     supports_views: ClassVar[bool] = True
+    #: ``VisualTokens.extras`` that hold lists of per-token [N, D] tensors (``base.join_views`` joins them)
+    per_token_extras: ClassVar[tuple[str, ...]] = ()
     #: the ``region_score`` options the family's options offer (empty: it has no such option)
     region_scores: ClassVar[tuple[str, ...]] = ()
     vision_layer: int  # the vision layer saliency is read from (set by the family's ``__init__``)
@@ -274,6 +277,24 @@ class StockModelAdapter:
         """``features`` [N, D] in the container the model's ``mm_encoder_outputs`` expects."""
         raise NotImplementedError
 
+    def encoder_output(
+        self, features: torch.Tensor, visual: VisualTokens, kept: torch.Tensor | None
+    ) -> BaseModelOutputWithPooling:
+        """The image encoder's output ``generate`` hands the model (``mm_encoder_outputs["image"]``): the fed
+        ``features`` [K, D]; a family whose tower hands the LLM more per token (Qwen3-VL's DeepStack) adds
+        the rows of it of the ``kept`` visual tokens (``None``: all)."""
+        return BaseModelOutputWithPooling(pooler_output=self.pooler_output(features))
+
+    def llm_visual_inputs(self, input_ids: torch.Tensor, visual: VisualTokens, kept: torch.Tensor | None) -> dict:
+        """Keyword arguments of the LLM's forward, besides the embeddings, that carry visual tokens (the
+        ``kept`` ones, placed in ``input_ids``); none for a family whose LLM reads them as embeddings only."""
+        return {}
+
+    def inside_llm_pruning(self, state: dict) -> AbstractContextManager:
+        """Around a ``generate`` pruned inside the LLM (``state``: ``pruned_inside``'s, whose ``kept`` and
+        ``positions`` appear at the prune layer): what else the family must cut to the kept tokens."""
+        return nullcontext()
+
     @torch.no_grad()
     def instruction_attention(
         self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None = None
@@ -288,6 +309,7 @@ class StockModelAdapter:
             ids, features = ids[:, keep], features[kept.to(features.device)]
             positions = None if positions is None else positions[..., keep]
         image_pos = placeholder_positions(ids, self.image_token_id)
+        visual_inputs = self.llm_visual_inputs(ids, visual, kept)
         embeds = self.model.get_input_embeddings()(ids).clone()
         embeds[0, image_pos] = features.to(embeds.dtype)
         return text_to_token_attention(
@@ -297,6 +319,7 @@ class StockModelAdapter:
             instruction_query_positions(ids, self.image_token_id),
             image_pos,
             position_ids=positions,
+            **visual_inputs,
         ).cpu()
 
     @torch.no_grad()
@@ -319,7 +342,9 @@ class StockModelAdapter:
             keep = kept_sequence_mask(ids, self.image_token_id, kept)
             ids, mask, features = ids[:, keep], mask[:, keep], features[kept.to(features.device)]
             positions = None if positions is None else positions[..., keep]
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=self.pooler_output(features))}
+        else:
+            kept = None
+        encoded = {"image": self.encoder_output(features, visual, kept)}
         extra = {} if positions is None else {"position_ids": self.generation_positions(ids, positions)}
         self.reset_generation_state()
         return self.run_generate(
@@ -337,7 +362,11 @@ class StockModelAdapter:
         plan, choose = in_llm
         ids = inputs["input_ids"]
         image_pos = placeholder_positions(ids, self.image_token_id)
-        with pruned_inside(self.model.model.language_model.layers, plan, image_pos, ids.shape[1], choose) as state:
+        layers = self.model.model.language_model.layers
+        with (
+            pruned_inside(layers, plan, image_pos, ids.shape[1], choose) as state,
+            self.inside_llm_pruning(state),
+        ):
             generation = timed_generate(
                 self.model, self.processor.tokenizer, self.device, max_new_tokens, cancel, **inputs
             )
