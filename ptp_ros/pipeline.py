@@ -430,7 +430,7 @@ class Pipeline:
         if scores.parts and budget < total:
             selectable = int(scores.region_sizes().sum())
             quotas = view_quotas(scores, min(budget, selectable), self.config.selector.view_split, self._view_alpha)
-            return select_views(lambda part, quota: self._select_view(part, quota), scores, quotas)
+            return select_views(self._select_view, scores, quotas)
         return self._select_view(scores, budget, total)
 
     @property
