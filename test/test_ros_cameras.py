@@ -328,10 +328,11 @@ def test_a_request_on_both_cameras_is_one_prompt_with_one_split_budget(probe, im
 
 def test_the_latency_budget_counts_every_camera_of_a_request(probe, image):
     """A budget too small for any request: the one keep ratio is the floor, flagged infeasible before the model
-    ran, and predicted slower for both cameras than for one (their tokens and encodes counted)."""
+    ran, and predicted slower for both cameras than for one (their tokens and encodes counted: frames the node's
+    encode cache has not seen, so every camera's encode is predicted)."""
     predicted = {}
     for cameras in (["head"], ["head", "wrist"]):
-        fresh(probe, image, *cameras)
+        fresh(probe, np.ascontiguousarray(np.roll(image, 7 * len(cameras), axis=1)), *cameras)
         result = ask(probe, f"budget-{len(cameras)}", cameras=cameras, latency_budget_ms=60.0)
         assert result["status"] == "ok" and result["mode"] == "budget", result
         assert result["budget_feasible"] is False and result["budget_met"] is False, result
