@@ -9,10 +9,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptp_ros.latency_budget import LatencyModel, choose_keep_ratio
 from ptp_ros.overlay import saliency_images
-from ptp_ros.pipeline import InvalidRequest, Pipeline, PipelineConfig
+from ptp_ros.pipeline import InvalidRequest, Pipeline, PipelineConfig, validate_views
 from ptp_ros.pruning import ConfiguredSelector, TokenScores, concat_views, select_views, view_parts, view_quotas
 from ptp_ros.pruning.ptp import ptp_select
 
@@ -161,3 +163,34 @@ def test_the_latency_model_counts_views_and_flags_a_budget_n_views_cannot_meet()
     assert choose_keep_ratio(one, 500.0, 1000, 1, 0.1, 1.0).feasible
     three = choose_keep_ratio(one, 500.0, 3000, 1, 0.1, 1.0, views=3)
     assert not three.feasible and three.keep_ratio == pytest.approx(0.1)  # 300 ms of encodes + 300 kept > 500
+
+
+_FRAMES = st.one_of(
+    st.just(np.zeros((20, 30, 3), np.uint8)),
+    st.just(np.zeros((20, 30, 3), np.float32)),
+    st.just(np.zeros((20, 30), np.uint8)),
+    st.just(np.zeros((5, 30, 3), np.uint8)),
+    st.none(),
+    st.text(max_size=5),
+    st.integers(),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    views=st.one_of(
+        st.dictionaries(st.one_of(st.text(max_size=6), st.integers(), st.none()), _FRAMES, max_size=4),
+        _FRAMES,
+        st.lists(_FRAMES, max_size=2),
+    )
+)
+def test_any_camera_input_is_views_or_a_clear_refusal(views):
+    """Whatever arrives as ``image``: a valid frame or camera mapping comes back as name → frame in order; anything
+    else is ``InvalidRequest`` (never another exception), naming the camera whose frame is wrong."""
+    try:
+        checked = validate_views(views)
+    except InvalidRequest as exc:
+        assert str(exc)
+        return
+    assert list(checked) == (["image"] if isinstance(views, np.ndarray) else list(views))
+    assert all(isinstance(k, str) and k.strip() and v.dtype == np.uint8 and v.ndim == 3 for k, v in checked.items())

@@ -108,7 +108,7 @@ def two_camera_recall(
                 for name, pipeline in pipelines.items():
                     kept = pipeline.select(visual.num_tokens, scores, budget).kept
                     cell[name] = {
-                        "recall": float(cover[kept].sum()) / float(cover.sum()),
+                        "recall": round(float(cover[kept].sum()) / float(cover.sum()), 6),
                         "target_view_kept": int(((kept >= start) & (kept < end)).sum()),
                     }
                 row[f"{ratio:g}"] = cell
@@ -169,7 +169,7 @@ def build(rows: list[dict], agreement: dict, meta: dict) -> dict:
 
 def write(data: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(data, separators=(",", ":")) + "\n")  # one row per question: compact
     meta, single = data["meta"], data["single_camera"]
     lines = [
         "# Several cameras, one budget: the camera split on two-camera proxy scenes",
