@@ -4,6 +4,7 @@
     ptp-bench --out /tmp/gpu --model llava-next-7b --merge  # 7B-size random weights, fp16, on CUDA
     ptp-bench --out /tmp/quick --quick                    # tiny model, < 1 min: checks the benchmark itself
     ptp-bench --out docs/benchmarks/sequence --sequence --threads 1   # reusing the vision encoding on a camera
+    ptp-bench --out docs/benchmarks --views 2 --threads 1  # 2 camera views: one batched encode vs 2 single ones
 
 Writes ``results.json`` (every raw figure, machine, versions), ``README.md`` (tables, targets) and PNG plots.
 """
@@ -96,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.02,
         help="encode_reuse_threshold of the reusing pipeline (--sequence; default 0.02)",
+    )
+    p.add_argument(
+        "--views",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure only the vision encode of N camera views in one batch against N single encodes (writes "
+        "OUT/views.json and OUT/views.md; see bench/views.py)",
     )
     p.add_argument(
         "--merge",
@@ -218,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         return sequence.main(args)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
+    if args.views is not None:
+        return views_main(args, argv)
     if args.report_only:
         runs = [upgrade_run(r) for r in json.loads(results_path.read_text())["runs"]]
     else:
@@ -240,6 +251,53 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "README.md").write_text(markdown(results))
     files = plots(results, args.out)
     print(f"ptp-bench: wrote {results_path}, README.md, {', '.join(files)} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def views_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``--views N``: batched against single encodes of N views (bench/views.py)."""
+    from .views import measure_views, write_views
+
+    if args.views < 1:
+        raise SystemExit("ptp-bench: --views must be >= 1")
+    model = args.model or ("tiny" if args.quick else "cpu-proxy")
+    device = torch.device(args.device or ("cuda" if model in ("llava-next-7b", "llava-next-13b") else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    before = load_snapshot()
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            adapter = load_model(model, device, dtype, Path(scratch))
+        except ValueError as exc:
+            raise SystemExit(f"ptp-bench: {exc}") from exc
+        image = np.asarray(Image.open(args.image).convert("RGB"))
+        result = measure_views(adapter, image, args.instruction, args.views, args.repetitions or 3)
+    after = load_snapshot()
+    command = "ptp-bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    conditions = (
+        f"1-min load average {before['load_avg_1m']:.1f} before and {after['load_avg_1m']:.1f} after, on "
+        f"{describe(device)['logical_cpus']} logical CPUs shared with other work."
+    )
+    write_views(
+        {
+            "command": command,
+            "model": model,
+            "real_size": model in MODELS,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "machine": describe(device),
+            "load": {"before": before, "after": after},
+            "conditions": conditions,
+            "result": result,
+        },
+        args.out,
+    )
+    print(
+        f"ptp-bench: {args.views} views: batched {result['batched_median_ms']:.0f} ms, single "
+        f"{result['single_median_ms']:.0f} ms ({result['speedup']:.2f}x); wrote {args.out}/views.json, views.md",
+        file=sys.stderr,
+    )
     return 0
 
 

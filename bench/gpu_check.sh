@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in one go, for a person with a GPU (and, ideally, a checkpoint):
 #   1. keep-all = stock generate, token for token, in the dtype given (python -m ptp_ros_bench.equivalence)
-#   2. the efficiency table at this size: FLOPs, latency, memory per selector and keep ratio (ptp-bench)
+#   2. the efficiency table at this size: FLOPs, latency, memory per selector and keep ratio (ptp-bench), and the
+#      encode of 2 camera views in one batch against 2 single encodes (ptp-bench --views 2: OUT/bench/views.md)
 #   3. ptp-eval --data on the bundled frames (bench/data/frames: 4 proxy scenes, 28 questions), with latency
 #
 #   bash bench/gpu_check.sh [MODEL] [OUT]
@@ -38,6 +39,7 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
   echo "== 2/3 efficiency table (ptp-bench)"
   # shellcheck disable=SC2086
   ptp-bench --out "$OUT/bench" --model "$MODEL" --device "$DEVICE" --keep-ratios "1.0,${RATIOS// /,}" ${BENCH_ARGS:-}
+  ptp-bench --out "$OUT/bench" --model "$MODEL" --device "$DEVICE" --views 2
 fi
 
 echo "== 3/3 ptp-eval --data on the bundled frames"

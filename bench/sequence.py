@@ -86,7 +86,7 @@ def sequence(kind: str, seed: int, questions: int) -> list[tuple[np.ndarray, Que
 
 
 def _request(pipeline: Pipeline, frame: np.ndarray, question: Question, keep: float, **fields) -> dict:
-    answer = pipeline.answer(frame, question.text, keep_ratio=keep, camera="camera")
+    answer = pipeline.answer({"camera": frame}, question.text, keep_ratio=keep)
     return {
         **fields,
         "total_ms": answer.timings_ms["total"],

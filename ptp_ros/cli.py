@@ -14,7 +14,7 @@ from pathlib import Path
 from textwrap import fill
 
 from .budget import keep_ratio_arg
-from .pruning import ConfiguredSelector, selector_names, selector_specs
+from .pruning import VIEW_SPLITS, ConfiguredSelector, selector_names, selector_specs
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _named_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name.strip(), path
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -52,8 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
             for spec in selector_specs()
         ),
     )
-    p.add_argument("image", help="image file (any format OpenCV reads)")
+    p.add_argument("image", nargs="?", help="image file (any format OpenCV reads); or the views of --image")
     p.add_argument("instruction", help='the question or task, e.g. "what colour is the cup?"')
+    p.add_argument(
+        "--image",
+        dest="views",
+        action="append",
+        type=_named_path,
+        metavar="NAME=PATH",
+        help="a camera view, by name (repeat it: the views go into one prompt, in order, under one token budget); "
+        "instead of the positional image",
+    )
+    p.add_argument(
+        "--view-split",
+        choices=VIEW_SPLITS,
+        default=None,
+        help="how several views share the budget: shared (default: by the instruction's attention), equal, or "
+        "alone (each view its own keep ratio)",
+    )
     p.add_argument(
         "--model", help="local checkpoint directory or a repo id in the local HF cache (default: the built-in model)"
     )
@@ -122,11 +145,27 @@ def _read_image(path: str):
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
+def _read_views(args: argparse.Namespace):
+    """The positional image, or the ``--image NAME=PATH`` views as a name → image dict (prompt order)."""
+    if (args.image is None) == (not args.views):
+        raise CliError("give one image, or camera views with --image NAME=PATH (not both)")
+    if args.image is not None:
+        return _read_image(args.image)
+    names = [name for name, _ in args.views]
+    if len(set(names)) != len(names):
+        raise CliError(f"camera names must differ, got {', '.join(names)}")
+    return {name: _read_image(path) for name, path in args.views}
+
+
 def configured_selector(args: argparse.Namespace) -> ConfiguredSelector:
     """The selector the flags configure, from the flags the user gave (argparse's default ``None``: not given), so
     that the value refuses an option the selector does not take whatever its value (``--selector fastv
     --alpha 0.5``)."""
-    given = {"prune_in_llm": args.prune_in_llm, "probe_candidates": args.probe_candidates}
+    given = {
+        "prune_in_llm": args.prune_in_llm,
+        "probe_candidates": args.probe_candidates,
+        "view_split": getattr(args, "view_split", None),
+    }
     options = {} if args.alpha is None else {"alpha": args.alpha}
     return ConfiguredSelector(args.selector, options, **{k: v for k, v in given.items() if v is not None})
 
@@ -140,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.saliency is not None and not args.saliency.parent.is_dir():
         raise CliError(f"cannot write {args.saliency}: folder {args.saliency.parent} does not exist")
-    image = _read_image(args.image)
+    image = _read_views(args)
     try:
         config = PipelineConfig(selector=configured_selector(args), max_new_tokens=args.max_new_tokens)
         resolution = {"max_pixels": args.max_pixels, "min_pixels": args.min_pixels}
@@ -156,10 +195,13 @@ def run(args: argparse.Namespace) -> int:
     if args.saliency is not None:
         import cv2
 
-        from .overlay import saliency_image
+        from .overlay import saliency_images
 
-        if not cv2.imwrite(str(args.saliency), saliency_image(image, answer.visual, answer.selection)):
-            raise CliError(f"cannot write {args.saliency}")
+        drawn = saliency_images(image if isinstance(image, dict) else {answer.view_names[0]: image}, answer)
+        for name, overlay in drawn.items():
+            path = args.saliency if len(drawn) == 1 else args.saliency.with_name(f"{args.saliency.stem}.{name}.png")
+            if not cv2.imwrite(str(path), overlay):
+                raise CliError(f"cannot write {path}")
     if args.json:
         print(json.dumps(answer.result().to_json()))
     else:

@@ -1,14 +1,16 @@
 """Latency model of one model on one device, and the keep-ratio controller that uses it.
 
 Each pipeline stage's time is fitted as ``a + b·total + c·kept`` (visual tokens of the frame, and kept;
-``a, b, c ≥ 0``, so a prediction never falls with more tokens).  ``total`` matters because inside the LLM
+``a, b, c ≥ 0``, so a prediction never falls with more tokens).  A request over several camera views counts
+all their tokens in ``total`` and ``kept``, and the image stages (preprocess, encode) pay their fixed cost once
+per view: ``a·views``.  ``total`` matters because inside the LLM
 the layers before the prune layer read every token, and the image stages scale with the frame.  Decoding
 is fitted per generated token, because its cost scales with ``max_new_tokens`` far more than with the
 image.  Scoring and selection are skipped when every token is kept: they are fitted on pruned requests
-and predicted 0 for keep-all.  The encode is fitted per view run through the vision tower: a request
-whose frame was encoded before (vlm/encode_cache.py) runs only a fraction of the views, or none, and its
-encode is predicted at that fraction (``encode_fraction``), so a cached or mostly still frame gets a
-larger keep ratio for the same budget.
+and predicted 0 for keep-all.  The encode is fitted as if every tile (and global view) of every camera
+view ran through the vision tower: a request whose frames were encoded before (vlm/encode_cache.py) runs
+only a fraction of them, or none, and its encode is predicted at that fraction (``encode_fraction``, over
+all its camera views), so a cached or mostly still frame gets a larger keep ratio for the same budget.
 
 Where pruning happens (``IN_LLM``, ``PRE_LLM``: the *prune stage*) changes the cost law, so the stages
 after the encoder are fitted per prune stage; a keep-all request runs the same way whatever the prune
@@ -49,7 +51,7 @@ from .timing import STAGES
 PER_TOKEN_STAGE = "decode"  # fitted as ms per generated token after the first
 IMAGE_STAGES = ("preprocess", "encode")  # the same wherever tokens are pruned: fitted over every request
 PRUNED_ONLY_STAGES = ("score", "select")  # skipped when every token is kept
-VIEW_STAGE = "encode"  # scales with the fraction of the frame's views run through the vision tower
+VIEW_STAGE = "encode"  # scales with the fraction of the request's tiles run through the vision tower
 IN_LLM, PRE_LLM = "in_llm", "pre_llm"  # prune stages: inside the LLM at layer K, or before it
 
 TUKEY_C = 4.685  # biweight cut-off in robust standard deviations (95 % efficiency on Gaussian noise)
@@ -65,7 +67,8 @@ class Observation:
     stages_ms: dict[str, float]
     new_tokens: int
     prune_stage: str
-    encode_fraction: float = 1.0  # of the frame's views, the fraction the vision tower ran on
+    views: int = 1  # camera views in the request
+    encode_fraction: float = 1.0  # of the tiles (and global views) of every camera view, the fraction encoded
 
     @property
     def keep_all(self) -> bool:
@@ -78,18 +81,21 @@ class Observation:
 
 @dataclass(frozen=True)
 class StageFit:
-    """``a + b·total + c·kept``; with ``single_total`` set (every observation had that frame size) ``b`` is
-    unknown and ``a`` scales up with a larger frame instead."""
+    """``a·units + b·total + c·kept`` with ``units`` the views where ``per_view`` (the image stages), else 1; with
+    ``single_total`` set (every observation had that frame size, per view where ``per_view``) ``b`` is unknown and
+    ``a`` scales up with a larger frame instead."""
 
     a: float
     b: float
     c: float
     single_total: float | None = None
+    per_view: bool = False
 
-    def __call__(self, total, kept):  # floats or arrays
+    def __call__(self, total, kept, views=1):  # floats or arrays
+        units = views if self.per_view else 1
         if self.single_total is not None:
-            return self.a * np.maximum(1.0, np.divide(total, self.single_total)) + self.c * kept
-        return self.a + self.b * total + self.c * kept
+            return self.a * units * np.maximum(1.0, np.divide(total, units * self.single_total)) + self.c * kept
+        return self.a * units + self.b * total + self.c * kept
 
 
 @dataclass(frozen=True)
@@ -137,17 +143,22 @@ def nonnegative_least_squares(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np
     return best
 
 
-def fit_stage(total: np.ndarray, kept: np.ndarray, y: np.ndarray, w: np.ndarray) -> StageFit:
-    """The non-negative ``a + b·total + c·kept`` for one stage (see ``StageFit`` for one frame size)."""
+def fit_stage(
+    total: np.ndarray, kept: np.ndarray, y: np.ndarray, w: np.ndarray, views: np.ndarray | None = None
+) -> StageFit:
+    """The non-negative ``a·units + b·total + c·kept`` for one stage, ``units`` the ``views`` when given (an image
+    stage) and 1 otherwise (see ``StageFit`` for one frame size)."""
+    per_view = views is not None
     used = w > 0
     if not used.any():
-        return StageFit(0.0, 0.0, 0.0)
+        return StageFit(0.0, 0.0, 0.0, per_view=per_view)
+    units = views[used] if per_view else np.ones(int(used.sum()))
     total, kept, y, w = total[used], kept[used], y[used], w[used]
-    if np.ptp(total) == 0:
-        a, c = nonnegative_least_squares(np.column_stack([np.ones_like(kept), kept]), y, w)
-        return StageFit(float(a), 0.0, float(c), single_total=float(total[0]))
-    a, b, c = nonnegative_least_squares(np.column_stack([np.ones_like(kept), total, kept]), y, w)
-    return StageFit(float(a), float(b), float(c))
+    if np.ptp(total / units) == 0:
+        a, c = nonnegative_least_squares(np.column_stack([units, kept]), y, w)
+        return StageFit(float(a), 0.0, float(c), single_total=float(total[0] / units[0]), per_view=per_view)
+    a, b, c = nonnegative_least_squares(np.column_stack([units, total, kept]), y, w)
+    return StageFit(float(a), float(b), float(c), per_view=per_view)
 
 
 class Observations:
@@ -156,6 +167,7 @@ class Observations:
     def __init__(self, obs: list[Observation], default_stage: str):
         self.total = np.array([o.total for o in obs], float)
         self.kept = np.array([o.kept for o in obs], float)
+        self.views = np.array([o.views for o in obs], float)
         self.new_tokens = np.array([o.new_tokens for o in obs], float)
         self.encode_fraction = np.array([o.encode_fraction for o in obs], float)
         self.measured = np.array([o.total_ms for o in obs])
@@ -178,7 +190,13 @@ class Observations:
 
     def fit(self, weights: np.ndarray) -> dict[tuple[str, str], StageFit]:
         return {
-            (p, stage): fit_stage(self.total, self.kept, self.values[stage], np.where(rows, weights, 0.0))
+            (p, stage): fit_stage(
+                self.total,
+                self.kept,
+                self.values[stage],
+                np.where(rows, weights, 0.0),
+                self.views if stage in IMAGE_STAGES else None,
+            )
             for (p, stage), rows in self.rows.items()
         }
 
@@ -188,7 +206,13 @@ class Observations:
         for prune_stage in self.prune_stages:
             mine = self.stage_of == prune_stage
             per_stage = _predict(
-                fits, self.kept[mine], self.total[mine], self.new_tokens[mine], prune_stage, self.encode_fraction[mine]
+                fits,
+                self.kept[mine],
+                self.total[mine],
+                self.new_tokens[mine],
+                prune_stage,
+                self.views[mine],
+                self.encode_fraction[mine],
             )
             out[mine] = per_stage["total"]
         return out
@@ -228,22 +252,24 @@ class LatencyModel:
         new_tokens: int,
         prune_stage: str | None = None,
         track_error: bool = True,
+        views: int = 1,
         encode_fraction: float = 1.0,
     ) -> None:
-        """Record one finished request (``stages_ms`` as in ``Answer.timings_ms``; ``encode_fraction`` of its
-        frame's views ran through the vision tower) and refit.  With ``track_error`` the prediction the model
-        held for it counts in ``prediction_error`` (calibration runs, chosen to spread the fit, do not)."""
-        if kept < 1 or total < 1:
-            raise ValueError(f"kept and total must be >= 1, got {kept}, {total}")
+        """Record one finished request (``stages_ms`` as in ``Answer.timings_ms``; ``kept`` and ``total`` over all
+        its ``views``; ``encode_fraction`` of their tiles ran through the vision tower) and refit.  With
+        ``track_error`` the prediction the model held for it counts in ``prediction_error`` (calibration runs,
+        chosen to spread the fit, do not)."""
+        if kept < 1 or total < 1 or views < 1:
+            raise ValueError(f"kept, total and views must be >= 1, got {kept}, {total}, {views}")
         if not 0.0 <= encode_fraction <= 1.0:
             raise ValueError(f"encode_fraction must be in [0, 1], got {encode_fraction}")
         prune_stage = prune_stage or self.default_stage or IN_LLM
         observation = Observation(
-            min(kept, total), total, dict(stages_ms), max(new_tokens, 1), prune_stage, float(encode_fraction)
+            min(kept, total), total, dict(stages_ms), max(new_tokens, 1), prune_stage, views, float(encode_fraction)
         )
         if track_error and self.ready_for(prune_stage):
             predicted = self.predict_total(
-                observation.kept, total, observation.new_tokens, prune_stage, observation.encode_fraction
+                observation.kept, total, observation.new_tokens, prune_stage, views, observation.encode_fraction
             )
             self._errors.append((predicted, observation.total_ms))
             self._prediction_error = self._summarise_errors()
@@ -289,17 +315,18 @@ class LatencyModel:
         total: int,
         max_new_tokens: int,
         prune_stage: str | None = None,
+        views: int = 1,
         encode_fraction: float = 1.0,
     ) -> dict[str, float]:
-        """Expected ms per stage (and ``total``) for keeping ``kept`` of ``total`` tokens at ``prune_stage``
-        (default: the one first observed), running ``encode_fraction`` of the frame's views through the vision
-        tower (0: a frame encoded before)."""
+        """Expected ms per stage (and ``total``) for keeping ``kept`` of ``total`` tokens (over ``views`` camera
+        views) at ``prune_stage`` (default: the one first observed), running ``encode_fraction`` of their tiles
+        through the vision tower (0: frames encoded before)."""
         if not self.ready:
             raise RuntimeError("latency model has no observations yet; calibrate first")
         prune_stage = prune_stage or self.default_stage
         if not self.ready_for(prune_stage):
             raise RuntimeError(f"latency model has no pruned request at {prune_stage!r} yet; calibrate it")
-        predicted = _predict(self._fits, kept, total, max_new_tokens, prune_stage, encode_fraction)
+        predicted = _predict(self._fits, kept, total, max_new_tokens, prune_stage, views, encode_fraction)
         return {k: float(v) for k, v in predicted.items()}
 
     def predict_total(
@@ -308,9 +335,10 @@ class LatencyModel:
         total: int,
         max_new_tokens: int,
         prune_stage: str | None = None,
+        views: int = 1,
         encode_fraction: float = 1.0,
     ) -> float:
-        return self.predict(kept, total, max_new_tokens, prune_stage, encode_fraction)["total"]
+        return self.predict(kept, total, max_new_tokens, prune_stage, views, encode_fraction)["total"]
 
     def expected_new_tokens(self, max_new_tokens: int) -> int:
         """The tokens a request is expected to generate under a cap of ``max_new_tokens``: the most the recent
@@ -338,12 +366,18 @@ def _stage_value(o: Observation, stage: str) -> float:
 
 
 def _predict(
-    fits: dict[tuple[str, str], StageFit], kept, total, max_new_tokens, prune_stage: str, encode_fraction=1.0
+    fits: dict[tuple[str, str], StageFit],
+    kept,
+    total,
+    max_new_tokens,
+    prune_stage: str,
+    views=1,
+    encode_fraction=1.0,
 ) -> dict:
     """ms per stage and in total; numbers or arrays (one per request) alike."""
     out = {}
     for stage in STAGES:
-        value = fits[prune_stage, stage](total, kept)
+        value = fits[prune_stage, stage](total, kept, views)
         if stage in PRUNED_ONLY_STAGES:
             value = np.where(np.less(kept, total), value, 0.0)
         if stage == PER_TOKEN_STAGE:
@@ -373,12 +407,15 @@ def choose_keep_ratio(
     ratio_min: float,
     ratio_max: float,
     prune_stages: Sequence[str] | None = None,
+    views: int = 1,
     encode_fraction: float = 1.0,
 ) -> BudgetChoice:
     """The largest keep ratio in [ratio_min, ratio_max] whose predicted time fits ``budget_ms``, in the first of
     ``prune_stages`` (in order of preference; default: the model's first) that meets the budget at all.  Both
-    bounds count in tokens as every keep ratio does (``budget.ratio_tokens``).  ``encode_fraction``: of the frame's
-    views, the fraction expected to run through the vision tower (0 for a frame encoded before).
+    bounds count in tokens as every keep ratio does (``budget.ratio_tokens``).  Over several camera views,
+    ``total`` is all their tokens and the one keep ratio is the whole request's (``views`` of them to encode).
+    ``encode_fraction``: of the views' tiles, the fraction expected to run through the vision tower (0 for frames
+    encoded before).
 
     When no stage is predicted to meet it even at ``ratio_min``, the answer is the stage with the lowest
     floor at ``ratio_min``, ``feasible=False``: the request still runs, as fast as it is allowed to.
@@ -391,7 +428,7 @@ def choose_keep_ratio(
     if not stages:
         raise RuntimeError(f"latency model has seen none of the prune stages {list(prune_stages or [])}")
     choices = [
-        _choose_in_stage(model, stage, budget_ms, total, max_new_tokens, ratio_min, ratio_max, encode_fraction)
+        _choose_in_stage(model, stage, budget_ms, total, max_new_tokens, ratio_min, ratio_max, views, encode_fraction)
         for stage in stages
     ]
     preferred = choices[0]
@@ -412,13 +449,14 @@ def _choose_in_stage(
     max_new_tokens: int,
     ratio_min: float,
     ratio_max: float,
+    views: int = 1,
     encode_fraction: float = 1.0,
 ) -> BudgetChoice:
     lo = ratio_tokens(total, ratio_min)
     hi = max(lo, ratio_tokens(total, ratio_max))
 
     def cost(k: int) -> float:
-        return model.with_margin(model.predict_total(k, total, max_new_tokens, stage, encode_fraction))
+        return model.with_margin(model.predict_total(k, total, max_new_tokens, stage, views, encode_fraction))
 
     def choice(k: int, feasible: bool) -> BudgetChoice:
         return BudgetChoice(k / total, k, cost(k), feasible, stage)

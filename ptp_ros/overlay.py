@@ -12,6 +12,7 @@ neither transformers nor ``vlm/``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import cv2
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .pruning import NO_REGION, Selection, TokenScores, fused_scores
+from .pruning.views import view_bounds
 
 
 class TokenLayout(Protocol):
@@ -27,6 +29,18 @@ class TokenLayout(Protocol):
     scores: TokenScores
     token_boxes: torch.Tensor  # [N, 4] (x0, y0, x1, y1) in pixels of the original image
     region_boxes: torch.Tensor  # [R, 4] likewise per region
+
+    def view(self, index: int) -> TokenLayout:
+        """Camera view ``index``'s own tokens (itself for a single view)."""
+        ...
+
+
+class Answered(Protocol):
+    """What ``saliency_images`` reads of a ``pipeline.Answer``."""
+
+    visual: TokenLayout
+    selection: Selection
+    view_names: tuple[str, ...]
 
 
 DIM = 0.35  # brightness left on pruned tokens, which are also turned grey
@@ -162,3 +176,27 @@ def saliency_image(
     )
     _legend(out, font * 0.8, heat_line)
     return out
+
+
+def view_selection(selection: Selection, start: int, end: int) -> Selection:
+    """The part of ``selection`` over the tokens [start, end) (one camera view's), indexed from ``start``."""
+    kept = selection.kept.cpu()
+    kept = kept[(kept >= start) & (kept < end)] - start
+    fused = None if selection.fused is None else selection.fused[start:end]
+    return Selection(kept=kept, total=end - start, fused=fused, method=selection.method)
+
+
+def saliency_images(
+    images: Mapping[str, np.ndarray], answer: Answered, max_side: int | None = None
+) -> dict[str, np.ndarray]:
+    """``saliency_image`` of every camera view of ``answer`` (asked about ``images``, camera name → RGB frame, as
+    ``Pipeline.answer`` took them), each drawn on its own frame: camera name → BGR uint8 image."""
+    if list(images) != list(answer.view_names):
+        raise ValueError(f"the answer's views are {list(answer.view_names)}, the images' {list(images)}")
+    bounds = view_bounds(answer.visual.scores)
+    return {
+        name: saliency_image(
+            images[name], answer.visual.view(i), view_selection(answer.selection, *bounds[i]), max_side
+        )
+        for i, name in enumerate(answer.view_names)
+    }

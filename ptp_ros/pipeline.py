@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,19 +24,27 @@ from .pruning import (
     instruction_relevance,
     ptp_select,
     resolve_budget,
+    select_views,
+    view_quotas,
 )
-from .result import AnswerResult, RegionQuota
+from .pruning.views import view_bounds
+from .result import AnswerResult, RegionQuota, ViewTokens
 from .timing import timed
-from .vlm.base import Cancelled, Generation, PreparedInput, VisionLanguageAdapter, VisualTokens
+from .vlm.base import Cancelled, Generation, PreparedInput, VisionLanguageAdapter, VisualTokens, join_views
 from .vlm.encode_cache import EncodeReuse
 
-__all__ = ["Answer", "Cancelled", "InvalidRequest", "Pipeline", "PipelineConfig", "validate_image"]
+__all__ = ["Answer", "Cancelled", "InvalidRequest", "Pipeline", "PipelineConfig", "validate_image", "validate_views"]
 
 NEWLINE_POLICIES = ("drop", "keep")
 
 
 #: Called with a stage's name (``timing.STAGES``) as the request enters it (``Pipeline.answer``'s ``on_stage``).
 OnStage = Callable[[str], None]
+#: Called once with the tokens each camera view keeps, as soon as the split is known (``Pipeline.answer``'s
+#: ``on_views``).
+OnViews = Callable[[tuple[ViewTokens, ...]], None]
+#: The view name of a bare image (not a camera mapping).
+SINGLE_VIEW = "image"
 
 
 class InvalidRequest(ValueError):
@@ -74,7 +83,13 @@ class Answer:
     new_tokens: int
     selector: str
     prune_layer: int | None = None  # the first LLM layer that read only the kept tokens; None: pruned before the LLM
-    encode_reused: float = 0.0  # fraction of the frame's views whose encoding was reused (1: the frame was cached)
+    view_names: tuple[str, ...] = (SINGLE_VIEW,)  # the camera views, in prompt order
+    encode_reused: float = 0.0  # of the views' tiles, the fraction whose encoding was reused (1: every frame cached)
+
+    @property
+    def views(self) -> tuple[ViewTokens, ...]:
+        """The tokens each camera view kept of its own (kept counts add up to the selection's)."""
+        return view_tokens(self.view_names, self.visual.scores, self.selection.kept)
 
     def result(self) -> AnswerResult:
         """The typed result of this answer: what ``ptp-ask --json`` prints (``AnswerResult.to_json``), and the
@@ -104,21 +119,46 @@ class Answer:
             prune_layer=self.prune_layer,
             new_tokens=self.new_tokens,
             latency_ms={k: round(v, 3) for k, v in self.timings_ms.items()},
+            views=self.views,
             encode_reused=round(self.encode_reused, 6),
         )
 
 
-def validate_image(image: np.ndarray) -> np.ndarray:
-    """An RGB uint8 [H, W, 3] array, or a clear ``InvalidRequest``."""
+def view_tokens(names: tuple[str, ...], scores: TokenScores, kept: torch.Tensor) -> tuple[ViewTokens, ...]:
+    """Per view of ``scores``, named ``names``, how many of its tokens are among ``kept``."""
+    kept = kept.cpu()
+    return tuple(
+        ViewTokens(name, int(((kept >= start) & (kept < end)).sum()), end - start)
+        for name, (start, end) in zip(names, view_bounds(scores))
+    )
+
+
+def validate_image(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """An RGB uint8 [H, W, 3] array, or a clear ``InvalidRequest`` naming ``name``."""
     if not isinstance(image, np.ndarray):
-        raise InvalidRequest(f"image must be a numpy array, got {type(image).__name__}")
+        raise InvalidRequest(f"{name} must be a numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise InvalidRequest(f"image must be RGB [H, W, 3], got shape {tuple(image.shape)}")
+        raise InvalidRequest(f"{name} must be RGB [H, W, 3], got shape {tuple(image.shape)}")
     if image.dtype != np.uint8:
-        raise InvalidRequest(f"image must be uint8, got {image.dtype}")
+        raise InvalidRequest(f"{name} must be uint8, got {image.dtype}")
     if min(image.shape[:2]) < 14:
-        raise InvalidRequest(f"image of {image.shape[1]}x{image.shape[0]} px is too small (min 14 px a side)")
+        raise InvalidRequest(f"{name} of {image.shape[1]}x{image.shape[0]} px is too small (min 14 px a side)")
     return image
+
+
+def validate_views(image: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A bare RGB image as the one view ``SINGLE_VIEW``, or a camera name → RGB frame mapping (its order is the
+    prompt's) with every name a non-empty string and every frame valid; else a clear ``InvalidRequest``."""
+    if isinstance(image, np.ndarray):
+        return {SINGLE_VIEW: validate_image(image)}
+    if not isinstance(image, Mapping):
+        raise InvalidRequest(f"image must be a numpy array or a camera → image mapping, got {type(image).__name__}")
+    if not image:
+        raise InvalidRequest("no camera view given")
+    for name in image:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequest(f"camera names must be non-empty strings, got {name!r}")
+    return {name: validate_image(frame, f"camera {name!r}") for name, frame in image.items()}
 
 
 @dataclass
@@ -166,7 +206,7 @@ class Pipeline:
 
     def answer(
         self,
-        image: np.ndarray,
+        image: np.ndarray | Mapping[str, np.ndarray],
         instruction: str,
         *,
         keep_ratio: float | None = None,
@@ -174,12 +214,19 @@ class Pipeline:
         max_new_tokens: int | None = None,
         cancel: threading.Event | None = None,
         on_stage: OnStage | None = None,
-        camera: str = "",
+        on_views: OnViews | None = None,
     ) -> Answer:
         """Answer ``instruction`` about ``image`` keeping ``keep_ratio`` (or ``tokens``) of the visual tokens.
 
-        With an encode cache (``reuse``), a frame already encoded is not encoded again, and a new frame from
-        ``camera`` encodes only the views that changed since that camera's last one (``Answer.encode_reused``).
+        ``image`` is one RGB frame, or a camera name → RGB frame mapping: its frames go into one prompt as several
+        images, in the mapping's order, under one token budget split camera → region → token (the configured
+        selector's ``view_split``); a one-entry mapping answers as its frame alone does.  ``on_views`` is called
+        once with the tokens each view keeps, as soon as that is known: before the prefill when pruning before the
+        LLM, at the prune layer inside it.
+
+        With an encode cache (``reuse``), a frame already encoded is not encoded again, and a new frame from a
+        camera encodes only the tiles that changed since that camera's last one (``Answer.encode_reused``); each
+        camera view is its own entry, under its name (a bare image's is ``SINGLE_VIEW``).
 
         Setting ``cancel`` (from another thread) ends the request with ``Cancelled`` at the next stage
         boundary or generated token.  ``on_stage`` is called with each stage's name (``timing.STAGES``) as it
@@ -187,25 +234,39 @@ class Pipeline:
         "prefill", and "decode" once the first token is out; a cancelled request announces no further stage.
         """
         stage = on_stage or _silent
-        image = validate_image(image)
+        views = validate_views(image)
         instruction = self.validate_instruction(instruction)
         keep_ratio, tokens = budget_request(keep_ratio, tokens)
+        names = tuple(views)
         timings: dict[str, float] = {}
         device = self.adapter.device
         stage("preprocess")
         with timed(timings, "preprocess", device):
-            prepared = self.adapter.prepare(image, instruction)
+            prepared = self._prepare_views(views, instruction)
         _check(cancel, "before encoding")
         stage("encode")
         with timed(timings, "encode", device):
-            visual, encode_reused = self.encode_frame(prepared, image, camera)
+            visual, encode_reused = self.encode_views(prepared, views, instruction)
+        if len(names) > 1:
+            visual.region_names = [
+                f"{name}: {region}" for name, view in zip(names, visual.views) for region in view.region_names
+            ]
         _check(cancel, "after encoding")
         stage("score")
         budget = self.budget(visual, keep_ratio=keep_ratio, tokens=tokens)
         with timed(timings, "score", device):
             scores = self.score(prepared, visual, budget)
+        announce = None if on_views is None else (lambda kept: on_views(view_tokens(names, visual.scores, kept)))
         pruned = self.generate(
-            prepared, visual, scores, budget, max_new_tokens, cancel=cancel, timings=timings, on_stage=on_stage
+            prepared,
+            visual,
+            scores,
+            budget,
+            max_new_tokens,
+            cancel=cancel,
+            timings=timings,
+            on_stage=on_stage,
+            on_kept=announce,
         )
         visual.scores = pruned.scores
         timings["prefill"] = pruned.generation.prefill_ms
@@ -220,27 +281,51 @@ class Pipeline:
             new_tokens=pruned.generation.new_tokens,
             selector=self.selector.name,
             prune_layer=pruned.prune_layer,
+            view_names=names,
             encode_reused=encode_reused,
         )
 
-    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
-        """The checked image and instruction through the model's processor."""
-        return self.adapter.prepare(validate_image(image), self.validate_instruction(instruction))
+    def prepare(self, image: np.ndarray | Mapping[str, np.ndarray], instruction: str) -> PreparedInput:
+        """The checked image (or camera views) and instruction through the model's processor."""
+        return self._prepare_views(validate_views(image), self.validate_instruction(instruction))
+
+    def _prepare_views(self, views: dict[str, np.ndarray], instruction: str) -> PreparedInput:
+        if len(views) == 1:
+            return self.adapter.prepare(next(iter(views.values())), instruction)
+        if not getattr(self.adapter, "supports_views", False):
+            raise InvalidRequest(f"{self.adapter.name} takes one image per prompt, not {len(views)} camera views")
+        return self.adapter.prepare(list(views.values()), instruction)
 
     def encode(self, prepared: PreparedInput) -> VisualTokens:
         return self.adapter.encode(prepared)
 
-    def encode_frame(self, prepared: PreparedInput, image: np.ndarray, camera: str = "") -> tuple[VisualTokens, float]:
-        """(``prepared``'s visual tokens, the fraction of its views reused): through the encode cache when there is
-        one, else a plain ``encode`` (nothing reused)."""
+    def encode_views(
+        self, prepared: PreparedInput, views: Mapping[str, np.ndarray], instruction: str
+    ) -> tuple[VisualTokens, float]:
+        """(``prepared``'s visual tokens, the mean over its camera ``views`` of the fraction of each one's tiles
+        reused).  Without an encode cache, one ``encode`` of the whole prompt (nothing reused).  With one, each
+        camera's frame is its own entry under the camera's name: several views are each encoded (or found) through
+        the cache on a prompt of that frame alone, prepared only when the frame is not cached, and joined in
+        prompt order."""
         if self.reuse is None:
             return self.encode(prepared), 0.0
-        return self.reuse.encode(prepared, image, camera)
+        if len(views) == 1:
+            ((camera, image),) = views.items()
+            return self.reuse.encode(prepared, image, camera)
+        encoded = [
+            self.reuse.encode(functools.partial(self.adapter.prepare, image, instruction), image, camera)
+            for camera, image in views.items()
+        ]
+        return join_views([visual for visual, _ in encoded]), sum(reused for _, reused in encoded) / len(encoded)
 
-    def expected_encode_fraction(self, image: np.ndarray, camera: str = "") -> float:
-        """The fraction of ``image``'s views a request on it is expected to run through the vision tower (for the
-        latency model): 1 without an encode cache, see ``EncodeReuse.expected_encode_fraction`` with one."""
-        return 1.0 if self.reuse is None else self.reuse.expected_encode_fraction(image, camera)
+    def expected_encode_fraction(self, image: np.ndarray | Mapping[str, np.ndarray]) -> float:
+        """The fraction of the tiles of ``image`` (one frame, or a camera → frame mapping as ``answer`` takes) a
+        request on it is expected to run through the vision tower (for the latency model): 1 without an encode
+        cache, else the mean over the views of ``EncodeReuse.expected_encode_fraction``."""
+        if self.reuse is None:
+            return 1.0
+        views = validate_views(image)
+        return sum(self.reuse.expected_encode_fraction(frame, camera) for camera, frame in views.items()) / len(views)
 
     def budget(self, visual: VisualTokens, keep_ratio: float | None = None, tokens: int | None = None) -> int:
         """The token budget over all ``visual`` tokens for a keep ratio or a token count as ``budget_request``
@@ -281,12 +366,15 @@ class Pipeline:
         cancel: threading.Event | None = None,
         timings: dict[str, float] | None = None,
         on_stage: OnStage | None = None,
+        on_kept: Callable[[torch.Tensor], None] | None = None,
     ) -> Pruned:
         """Select and generate.  Before the LLM: ``select`` (timed as "select"), then a generate over the kept
         tokens.  Inside it: one generate over the whole prompt that ranks at the plan's layer from the
         instruction's attention there and drops from it on; its selection is timed apart and taken out of
-        the prefill, so each is counted once.  ``on_stage``: as in ``answer``."""
+        the prefill, so each is counted once.  ``on_stage``: as in ``answer``; ``on_kept`` is called once with
+        the kept indices as soon as they are chosen."""
         stage = on_stage or _silent
+        announce = on_kept or (lambda kept: None)
         reading = cancel if on_stage is None else _FirstTokenWatch(cancel, lambda: on_stage("decode"))
         timings = {} if timings is None else timings
         device = self.adapter.device
@@ -298,6 +386,7 @@ class Pipeline:
             with timed(timings, "select", device):
                 selection = self.select(visual.num_tokens, scores, budget)
             _check(cancel, "before generating")
+            announce(selection.kept)
             stage("prefill")
             generation = self.adapter.generate(
                 prepared, visual, None if keep_all else selection.kept, max_new_tokens, cancel=reading
@@ -309,6 +398,7 @@ class Pipeline:
             with timed(timings, "select", device):
                 ranked = dataclasses.replace(scores, relevance=instruction_relevance(rows.cpu(), self._reduce))
                 chosen.append((ranked, self.select(visual.num_tokens, ranked, budget)))
+            announce(chosen[-1][1].kept)
             return chosen[-1][1].kept
 
         _check(cancel, "before generating")
@@ -318,7 +408,10 @@ class Pipeline:
         )
         generation.prefill_ms -= timings.setdefault("select", 0.0)  # timed inside the prefill: counted once
         if not chosen or generation.in_llm_kept is None:  # a plan past the last layer drops nothing
-            return Pruned(generation, self.select(visual.num_tokens, scores, visual.num_tokens), scores, None)
+            everything = self.select(visual.num_tokens, scores, visual.num_tokens)
+            if not chosen:
+                announce(everything.kept)
+            return Pruned(generation, everything, scores, None)
         return Pruned(generation, chosen[-1][1], chosen[-1][0], plan.prune_layer)
 
     def in_llm_plan(self) -> InLLMPruning | None:
@@ -331,7 +424,24 @@ class Pipeline:
 
     def select(self, total: int, scores: TokenScores, budget: int) -> Selection:
         """At most ``budget`` of the ``total`` visual tokens (all of them when ``budget`` reaches ``total``), capped
-        at the selectable ones; with ``newline_policy="keep"`` the kept structural tokens count in it."""
+        at the selectable ones; with ``newline_policy="keep"`` the kept structural tokens count in it.  Over several
+        camera views the budget is split across them first (``view_quotas`` by the selector's ``view_split``), then
+        each view is selected on its own."""
+        if scores.parts and budget < total:
+            selectable = int(scores.region_sizes().sum())
+            quotas = view_quotas(scores, min(budget, selectable), self.config.selector.view_split, self._view_alpha)
+            return select_views(self._select_view, scores, quotas)
+        return self._select_view(scores, budget, total)
+
+    @property
+    def _view_alpha(self) -> float:
+        """The weight of the instruction's attention in the camera split: PTP's own α, else PTP's default."""
+        config = self.selector.options.get("config")
+        return config.alpha if isinstance(config, PTPConfig) else PTPConfig().alpha
+
+    def _select_view(self, scores: TokenScores, budget: int, total: int | None = None) -> Selection:
+        """``select`` over one view's tokens."""
+        total = scores.num_tokens if total is None else total
         if budget >= total:
             return Selection(
                 kept=torch.arange(total),

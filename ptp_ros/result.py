@@ -25,6 +25,15 @@ class RegionQuota:
 
 
 @dataclass(frozen=True)
+class ViewTokens:
+    """The visual tokens one camera view kept of its own, in a request over one or several views."""
+
+    name: str  # the camera's name ("image" for a bare image)
+    kept: int
+    total: int
+
+
+@dataclass(frozen=True)
 class AnswerResult:
     """One answer as the library reports it; every field is always in its JSON (``prune_layer`` null when the
     tokens were pruned before the LLM, or not at all)."""
@@ -41,13 +50,30 @@ class AnswerResult:
     prune_layer: int | None  # the first LLM layer that read only the kept tokens
     new_tokens: int
     latency_ms: dict[str, float]  # per stage (timing.STAGES) and "total"
-    encode_reused: float = 0.0  # fraction of the frame's views whose encoding was reused (1: the frame was cached)
+    views: tuple[ViewTokens, ...] = ()  # per camera view, in prompt order (sum of kept = visual_tokens_kept)
+    encode_reused: float = 0.0  # of the camera views' tiles, the mean fraction whose encoding was reused (1: cached)
 
     def to_json(self) -> dict[str, Any]:
         """What ``ptp-ask --json`` prints."""
         out = dataclasses.asdict(self)
         out["quotas"] = list(out["quotas"])
+        out["views"] = list(out["views"])
         return out
+
+
+@dataclass
+class CameraFrame:
+    """One camera's part of a request: the frame it used (its header) and, once answered, the visual tokens of
+    that view the request kept of its total (``frames`` of ``RequestResult``; the kept counts add up to the
+    answer's ``visual_tokens_kept``)."""
+
+    stamp: dict[str, int]  # {"sec", "nanosec"}
+    frame_id: str
+    visual_tokens_kept: int | None = None
+    visual_tokens_total: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -69,6 +95,8 @@ class RequestResult:
     frame_age_ms: float | None = None  # node clock minus the frame's stamp; unknown for an unset stamp
     frame_arrival_age_ms: float | None = None
     stamp_warning: str | None = None  # the stamp is unset, in the future or more than a day old
+    # every camera's frame, keyed by camera name in prompt order (``stamp``/``frame_id`` above: the first's)
+    frames: dict[str, CameraFrame] | None = None
     # how it ran
     mode: str | None = None  # "budget", "fixed" or "request" (the request's own keep ratio)
     latency_budget_ms: float | None = None
@@ -95,6 +123,8 @@ class RequestResult:
             value = getattr(self, f.name)
             if isinstance(value, AnswerResult):
                 out.update(value.to_json())
+            elif f.name == "frames" and value is not None:
+                out[f.name] = {camera: frame.to_json() for camera, frame in value.items()}
             elif value is not None:
                 out[f.name] = value
         return out

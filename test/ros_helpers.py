@@ -174,7 +174,8 @@ class NodeProcess:
 
 class Probe(AgentClient):
     """The tests' planner: the package's client (results, diagnostics, the ask action) with a camera (raw and
-    compressed image publishers), and every result, answer, saliency image and agent status kept in order."""
+    compressed image publishers; ``camera_pub`` for a named camera's), and every result, answer, saliency image
+    and agent status kept in order."""
 
     def __init__(self, namespace: str = "/"):
         from rclpy.qos import qos_profile_sensor_data
@@ -187,6 +188,7 @@ class Probe(AgentClient):
         self.answers: list[str] = []
         self.saliency: list = []
         self.statuses: list[AgentStatus] = []
+        self._camera_pubs: dict[tuple[str, bool], Any] = {}
         super().__init__("probe", namespace, depth=1000)  # deep enough for the tests' bursts on both ends
         self.image_pub = self.node.create_publisher(Image, IMAGE, qos_profile_sensor_data)
         self.compressed_pub = self.node.create_publisher(
@@ -194,6 +196,20 @@ class Probe(AgentClient):
         )
         self.subscribe(String, ANSWER, lambda m: self._keep(self.answers, m.data), reliable(1000))
         self.subscribe(Image, SALIENCY, lambda m: self._keep(self.saliency, m))
+
+    def camera_pub(self, camera: str, compressed: bool = False):
+        """The image publisher of the agent's camera ``camera`` (``NAME/image``, or its ``/compressed``)."""
+        from rclpy.qos import qos_profile_sensor_data
+        from sensor_msgs.msg import CompressedImage, Image
+
+        from ptp_ros.ros.topics import camera_image
+
+        key = (camera, compressed)
+        if key not in self._camera_pubs:
+            kind, transport = (CompressedImage, "compressed") if compressed else (Image, "raw")
+            topic = camera_image(camera, transport)
+            self._camera_pubs[key] = self.node.create_publisher(kind, topic, qos_profile_sensor_data)
+        return self._camera_pubs[key]
 
     def _keep(self, bucket: list, item) -> None:
         with self._cond:
@@ -242,6 +258,7 @@ class Probe(AgentClient):
         frame_id: str = "camera",
         encoding: str = "rgb8",
         mutate: Callable | None = None,
+        camera: str | None = None,
     ):
         from std_msgs.msg import Header
 
@@ -251,7 +268,7 @@ class Probe(AgentClient):
         msg.header.stamp.sec, msg.header.stamp.nanosec = sec, 123
         if mutate is not None:
             mutate(msg)
-        self.image_pub.publish(msg)
+        (self.image_pub if camera is None else self.camera_pub(camera)).publish(msg)
         return msg.header
 
     def wait_matched(self, timeout: float = 30.0) -> None:

@@ -218,3 +218,16 @@ def test_downscaling_baseline_for_models_that_can_read_fewer_pixels(tmp_path):
     assert 0.8 * budget <= cells["downscaled"]["kept"] <= budget  # the same budget, reached by resolution
     assert cells["downscaled"]["encode_ms"] != cells["ptp"]["encode_ms"]  # its own, cheaper encode is charged
     assert "| downscaled | 0.25 |" in (out / "README.md").read_text()
+
+
+def test_views_mode_times_one_batched_encode_against_single_encodes(tiny_adapter, sample_image, tmp_path):
+    """``ptp-bench --views N``: N crops in one prompt encoded once, against N one-view encodes; both timed."""
+    from ptp_ros_bench.views import measure_views, write_views
+
+    result = measure_views(tiny_adapter, sample_image, "what is there ?", views=2, repetitions=1, side=200)
+    assert result["views"] == 2 and result["view_px"] == [200, 200] and result["tiles_per_view"] >= 2
+    assert len(result["batched_ms"]) == len(result["single_ms"]) == 1 and result["speedup"] > 0
+    run = {"command": "ptp-bench --views 2", "model": "tiny", "device": "cpu", "dtype": "float32"}
+    write_views({**run, "machine": {"cpu": "test", "torch_threads": 1}, "result": result}, tmp_path)
+    assert json.loads((tmp_path / "views.json").read_text())["result"]["views"] == 2
+    assert "2 views in one batch" in (tmp_path / "views.md").read_text()

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptp_ros.pipeline import NEWLINE_POLICIES, Answer, Pipeline, PipelineConfig
-from ptp_ros.pruning import NO_REGION, instruction_relevance, resolve_budget, selector_names
+from ptp_ros.pruning import NO_REGION, VIEW_SPLITS, instruction_relevance, resolve_budget, selector_names
 from ptp_ros.pruning import ConfiguredSelector as Configured
 
 INSTRUCTION = "what colour is the circle?"
@@ -134,3 +134,43 @@ def test_reported_case_end_to_end(tiny_adapter, sample_image):
     full_data = full.result().to_json()
     assert full_data["visual_tokens_kept"] == TOTAL and full_data["structural_kept"] == NEWLINES
     assert sum(q["kept"] for q in full_data["quotas"]) + full_data["structural_kept"] == TOTAL
+
+
+@pytest.fixture(scope="module")
+def two_views(tiny_adapter, sample_image):
+    """The sample scene and a crop of it in one prompt, encoded once, with relevance and features."""
+    import cv2
+
+    frames = [cv2.resize(sample_image, (480, 270)), cv2.resize(sample_image[200:800, 300:1100], (320, 240))]
+    prepared = tiny_adapter.prepare(frames, INSTRUCTION)
+    visual = tiny_adapter.encode(prepared)
+    relevance = instruction_relevance(tiny_adapter.instruction_attention(prepared, visual), "max")
+    visual.scores = dataclasses.replace(visual.scores, features=visual.features, relevance=relevance)
+    return visual
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fraction=st.floats(min_value=0.0, max_value=1.05),
+    policy=st.sampled_from(NEWLINE_POLICIES),
+    name=st.sampled_from(selector_names()),
+    split=st.sampled_from(VIEW_SPLITS),
+)
+def test_any_budget_over_several_views_is_respected_and_split_across_them(
+    tiny_adapter, two_views, fraction, policy, name, split
+):
+    """One budget over two views, any selector, newline policy and camera split: never more than asked, the kept
+    counts of the views add up to it, and each view keeps only its own tokens."""
+    from ptp_ros.pipeline import view_tokens
+
+    pipeline = Pipeline(
+        tiny_adapter, PipelineConfig(selector=Configured(name, view_split=split), newline_policy=policy)
+    )
+    tokens = max(1, round(fraction * two_views.num_tokens))
+    data = check(pipeline, two_views, tokens)
+    selection = pipeline.select(two_views.num_tokens, two_views.scores, min(tokens, two_views.num_tokens))
+    views = view_tokens(("a", "b"), two_views.scores, selection.kept)
+    assert sum(v.kept for v in views) == data["visual_tokens_kept"] and [v.total for v in views] == list(
+        two_views.scores.view_tokens
+    )
+    assert all(0 <= v.kept <= v.total for v in views)

@@ -85,7 +85,7 @@ def test_one_ratio_to_tokens_rule_for_the_pipeline_the_controller_the_overload_c
         def ready_for(self, stage):
             return True
 
-        def predict_total(self, kept, total, max_new_tokens, stage):
+        def predict_total(self, kept, total, max_new_tokens, stage, views=1, encode_fraction=1.0):
             return 1e9
 
         def with_margin(self, ms):

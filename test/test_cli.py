@@ -45,6 +45,24 @@ def test_json_answer_and_saliency(tiny_model_dir, tmp_path, capsys):
     assert image.shape == (1080, 1920, 3)
 
 
+def test_camera_views_share_one_budget(tiny_model_dir, tmp_path, capsys):
+    """Two ``--image NAME=PATH`` views: one prompt, one budget split equally, one saliency image per view."""
+    sample = cv2.imread(SAMPLE)
+    for name, frame in {"head": sample[:, :960], "wrist": sample[300:780, 900:1540]}.items():
+        cv2.imwrite(str(tmp_path / f"{name}.png"), cv2.resize(frame, (frame.shape[1] // 3, frame.shape[0] // 3)))
+    views = [arg for name in ("head", "wrist") for arg in ("--image", f"{name}={tmp_path / name}.png")]
+    args = ["what colour?", *views, "--model", str(tiny_model_dir), "--keep-ratio", "0.2", "--view-split", "equal"]
+    assert ask_main([*args, "--json", "--max-new-tokens", "1", "--saliency", str(tmp_path / "s.png")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [v["name"] for v in data["views"]] == ["head", "wrist"]
+    assert (
+        sum(v["kept"] for v in data["views"]) == data["visual_tokens_kept"] == round(0.2 * data["visual_tokens_total"])
+    )
+    assert abs(data["views"][0]["kept"] - data["views"][1]["kept"]) <= 1
+    assert cv2.imread(str(tmp_path / "s.head.png")).shape == (360, 320, 3)
+    assert cv2.imread(str(tmp_path / "s.wrist.png")).shape == (160, 213, 3)
+
+
 def test_token_budget_and_plain_answer(tiny_model_dir, capsys):
     assert (
         ask_main(
@@ -83,6 +101,10 @@ def test_token_budget_and_plain_answer(tiny_model_dir, capsys):
         ([SAMPLE, "hi", "--alpha", "2"], "alpha must be in [0, 1], got 2.0"),
         ([SAMPLE, "hi", "--probe-candidates", "3"], "probe_candidates narrows PTP's relevance probe"),
         ([SAMPLE, "hi", "--saliency", "/no/such/dir/x.png"], "does not exist"),
+        ([SAMPLE, "hi", "--image", f"head={SAMPLE}"], "give one image, or camera views"),
+        (["hi", "--image", f"head={SAMPLE}", "--image", f"head={SAMPLE}"], "camera names must differ"),
+        (["hi", "--image", "head"], "expected NAME=PATH"),
+        (["hi", "--image", f"head={SAMPLE}", "--view-split", "uneven"], "invalid choice: 'uneven'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, capsys, args, message):

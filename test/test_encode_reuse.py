@@ -79,7 +79,7 @@ def test_a_second_question_on_a_frame_runs_no_vision_forward_and_answers_as_from
     frame = frame_of(sample_image, family)
     first = reusing.answer(frame, QUESTIONS[0], keep_ratio=0.25)
     with TowerRuns(adapter) as runs:
-        second = reusing.answer(frame.copy(), QUESTIONS[1], keep_ratio=0.25, camera="another camera")
+        second = reusing.answer({"another camera": frame.copy()}, QUESTIONS[1], keep_ratio=0.25)
     assert runs.views == []  # the same pixels, whichever camera: no forward at all
     assert (first.encode_reused, second.encode_reused) == (0.0, 1.0)
     assert second.result().encode_reused == 1.0
@@ -109,6 +109,33 @@ def test_threshold_zero_reencodes_only_changed_tiles_and_equals_from_scratch(ada
         regridded = reusing.answer(other_grid, QUESTIONS[0], keep_ratio=0.25)
     assert regridded.encode_reused == 0.0
     assert runs.views == [len(adapter.view_pixels(adapter.prepare(other_grid, QUESTIONS[0])))]
+
+
+def test_two_cameras_reuse_each_cameras_encoding(adapters, sample_image):
+    """A request over two cameras holds each camera's frame as its own cache entry: a second question on the same
+    frames runs no tower forward and answers as a pipeline without a cache does; a new frame on one camera re-encodes
+    only its changed tiles, the other camera's frame is found whole, and ``encode_reused`` is the mean of the two."""
+    adapter = adapters("llava_next")
+    reusing, fresh = pipelines(adapter)
+    head = frame_of(sample_image, "llava_next")
+    wrist = np.ascontiguousarray(sample_image[400:736, 100:772])
+    reusing.answer({"head": head, "wrist": wrist}, QUESTIONS[0], keep_ratio=0.25)
+    with TowerRuns(adapter) as runs:
+        second = reusing.answer({"head": head.copy(), "wrist": wrist.copy()}, QUESTIONS[1], keep_ratio=0.25)
+    assert runs.views == []
+    assert second.encode_reused == 1.0 and second.result().encode_reused == 1.0
+    expected = fresh.answer({"head": head, "wrist": wrist}, QUESTIONS[1], keep_ratio=0.25)
+    assert_same_answer(second, expected)
+    assert [v.name for v in second.views] == ["head", "wrist"] and second.views == expected.views
+    assert second.visual.region_names == expected.visual.region_names
+
+    moved = wrist.copy()
+    moved[20:120, 20:120] = (250, 20, 20)  # the wrist's left tile and global view change
+    assert reusing.expected_encode_fraction({"head": head, "wrist": moved}) == 0.5  # as the wrist's last new frame
+    with TowerRuns(adapter) as runs:
+        third = reusing.answer({"head": head, "wrist": moved}, QUESTIONS[0], keep_ratio=0.25)
+    assert runs.views == [2] and third.encode_reused == pytest.approx((1 + 1 / 3) / 2)
+    assert_same_answer(third, fresh.answer({"head": head, "wrist": moved}, QUESTIONS[0], keep_ratio=0.25))
 
 
 def test_qwen2_5_vl_reuses_whole_frames_only(adapters, sample_image):
@@ -168,7 +195,7 @@ def test_the_cache_stays_bounded_over_1000_distinct_frames():
     for i in range(1000):
         frame = rng.integers(0, 256, (8, 32, 3), dtype=np.uint8)
         views = torch.from_numpy(frame).float().permute(2, 0, 1).reshape(3, 8, 4, 8).permute(2, 0, 1, 3)
-        prepared = PreparedInput({"pixel_values": views.contiguous()}, (8, 32), "what?")
+        prepared = PreparedInput({"pixel_values": views.contiguous()}, ((8, 32),), "what?")
         reuse.encode(prepared, frame, camera=f"camera {i % 7}")
         assert len(reuse) <= 4 and reuse.cameras <= 4
         if i in (20, 999):

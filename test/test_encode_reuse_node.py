@@ -30,6 +30,7 @@ def test_results_and_diagnostics_report_reuse(tiny_adapter, sample_image):
     """Two questions on one frame, then a frame with one changed corner: the results say 0, 1 and 2 of 3 views
     reused, the worker expects to encode none of a cached frame, and /diagnostics reports the rate over all three."""
     from ptp_ros.ros.diagnostics import Health, agent_status
+    from ptp_ros.ros.frames import SINGLE_CAMERA
     from ptp_ros.ros.worker import Counters, RequestWorker, Settings
 
     results: list[dict] = []
@@ -56,8 +57,8 @@ def test_results_and_diagnostics_report_reuse(tiny_adapter, sample_image):
     assert [a["encode_reused"] for a in answers] == pytest.approx([0.0, 1.0, 1 / 3])
     pipeline = worker.pipeline(settings.selector)
     assert pipeline.reuse is worker.encode_reuse
-    assert pipeline.expected_encode_fraction(frame, "cam") == 0.0
-    assert pipeline.expected_encode_fraction(np.zeros_like(frame), "cam") == pytest.approx(2 / 3)
+    assert pipeline.expected_encode_fraction({SINGLE_CAMERA: frame}) == 0.0  # the cache's camera: the node's camera
+    assert pipeline.expected_encode_fraction({SINGLE_CAMERA: np.zeros_like(frame)}) == pytest.approx(2 / 3)
     health = Health("serving", "", "cpu", 0, False, None, 0.1, None, encode_reuse=worker.encode_reuse.stats)
     values = {kv.key: kv.value for kv in agent_status("agent", health, settings, worker.counters).values}
     assert float(values["encode_reuse_rate"]) == pytest.approx((0 + 1 + 1 / 3) / 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import pytest
 import torch
 
@@ -71,3 +72,19 @@ def test_encode_lays_out_every_placeholder_with_its_region_and_box(adapter, prep
     assert int(s.region.max()) == len(visual.region_names) - 1
     assert s.global_region is None or 0 <= s.global_region < len(visual.region_names)
     assert visual.extras["vision_layer"] == adapter.vision_layer
+
+
+def test_several_views_go_into_one_prompt_and_keep_all_is_stock_generate(adapter, sample_image):
+    """Two camera views in one prompt: one batched encode lays out each view apart (its regions, boxes in its own
+    pixels), and with every token kept the answer is token-for-token stock ``generate`` over the same prompt."""
+    assert adapter.supports_views
+    views = [cv2.resize(sample_image, (224, 168)), cv2.resize(sample_image[:540, :720], (160, 120))]
+    prepared = adapter.prepare(views, "what colour is the circle?")
+    visual = adapter.encode(prepared)
+    assert prepared.image_sizes == ((168, 224), (120, 160)) and len(visual.views) == 2
+    assert visual.scores.view_tokens == tuple(v.num_tokens for v in visual.views)
+    assert visual.num_tokens == int((prepared.inputs["input_ids"] == adapter.image_token_id).sum())
+    for view, (height, width) in zip(visual.views, prepared.image_sizes):
+        assert view.image_size == (height, width) and float(view.region_boxes[:, 2].max()) <= width + 1e-3
+    reference = adapter.generate_reference(prepared, max_new_tokens=2)
+    assert adapter.generate(prepared, visual, None, max_new_tokens=2).token_ids == reference.token_ids

@@ -204,7 +204,7 @@ class LawPipeline:
     def in_llm_plan(self):
         return object() if self.in_llm else None
 
-    def expected_encode_fraction(self, image, camera=""):
+    def expected_encode_fraction(self, image):
         return 1.0
 
     def law(self, total: int, kept: int, new_tokens: int) -> dict[str, float]:
@@ -229,10 +229,13 @@ class LawPipeline:
         max_new_tokens=4,
         cancel=None,
         on_stage=None,
-        camera="",
+        on_views=None,
     ):
         from types import SimpleNamespace
 
+        from ptp_ros.result import ViewTokens
+
+        (name, image), *_ = image.items() if isinstance(image, dict) else [("image", image)]  # the node's one camera
         total = image.shape[0] * image.shape[1] // 1000
         kept = min(total, tokens or max(1, round(keep_ratio * total)))
         factor, d = self.device.factor(), self.device
@@ -262,6 +265,8 @@ class LawPipeline:
             timings_ms=timings,
             new_tokens=max_new_tokens,
             result=lambda: result,
+            views=(ViewTokens(name, kept, total),),
+            view_names=(name,),
             encode_reused=0.0,
         )
 

@@ -20,7 +20,7 @@ from test_ros_node import NODE, STARTUP_S, deliver, matched_probe, slow_agent
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 rclpy is not installed (pip install -e .[ros])")
 
-from ptp_ros.ros.ask_action import STAGES, goal_message  # noqa: E402
+from ptp_ros.ros.ask_action import STAGES, frames_dict, goal_message  # noqa: E402
 from ptp_ros.ros.ask_action import client as ask_client  # noqa: E402
 
 DELAY_S = 4.0
@@ -104,6 +104,8 @@ def assert_typed_equals_json(typed, result: dict) -> None:
             assert (typed.header.stamp.sec, typed.header.stamp.nanosec) == (value["sec"], value["nanosec"])
         elif key == "frame_id":
             assert typed.header.frame_id == value
+        elif key == "frames":
+            assert frames_dict(typed.frames) == value
         elif key == "latency_ms":
             assert {k: getattr(typed.latency_ms, k) for k in value} == value
             assert all(
@@ -295,7 +297,7 @@ def full_result():
     import dataclasses
     import typing
 
-    from ptp_ros.result import AnswerResult, RegionQuota, RequestResult
+    from ptp_ros.result import AnswerResult, CameraFrame, RegionQuota, RequestResult, ViewTokens
     from ptp_ros.timing import STAGES as PIPELINE_STAGES
 
     def value(cls, field):
@@ -308,6 +310,11 @@ def full_result():
             dict[str, int]: {"sec": 3, "nanosec": 4},
             dict[str, float]: {stage: 2.5 for stage in (*PIPELINE_STAGES, "total")},
             tuple[RegionQuota, ...]: (RegionQuota(0, "global", 5, 40), RegionQuota(1, "tile 0", 6, 50)),
+            dict[str, CameraFrame]: {
+                "head": CameraFrame({"sec": 3, "nanosec": 4}, "head_optical", 3, 40),
+                "wrist": CameraFrame({"sec": 3, "nanosec": 9}, "wrist_optical", 4, 50),
+            },
+            tuple[ViewTokens, ...]: (ViewTokens("head", 3, 40), ViewTokens("wrist", 4, 50)),
         }
         return next(v for t, v in examples.items() if kind == t or kind == t | None)
 

@@ -199,10 +199,17 @@ budgets = st.one_of(st.sampled_from([*EDGE_FLOATS, 1e-9, 3.6e6, 3.6e6 + 1]), st.
 token_counts = st.one_of(
     st.sampled_from([0, 1, MAX_NEW_TOKENS_LIMIT, MAX_NEW_TOKENS_LIMIT + 1, 2**32 - 1]), st.integers(0, 2**32 - 1)
 )
-goal_specs = st.tuples(request_ids, texts, keep_ratios, budgets, token_counts)
+camera_lists = st.one_of(
+    st.just([]),  # the node's default camera
+    st.lists(st.sampled_from(["image", "wrist", "", "Image", "image "]), max_size=3),  # its one camera is "image"
+    st.lists(st.text(max_size=6), max_size=18),  # any names, more than 16 of them
+)
+goal_specs = st.tuples(request_ids, texts, keep_ratios, budgets, token_counts, camera_lists)
 
 
-def expected_refusal(request_id: str, text: str, keep_ratio: float, budget: float, tokens: int) -> str | None:
+def expected_refusal(
+    request_id: str, text: str, keep_ratio: float, budget: float, tokens: int, cameras: list[str] = ()
+) -> str | None:
     """What the node must name when it refuses such a goal; None when it must take it.  Written from the
     documented rules (docs/ros.md), not from the node's code."""
     if request_id and (not request_id.strip() or len(request_id) > MAX_ID_CHARS):
@@ -217,6 +224,14 @@ def expected_refusal(request_id: str, text: str, keep_ratio: float, budget: floa
         return "latency_budget_ms must be in"
     if not (math.isnan(keep_ratio) or keep_ratio == 0.0 or 0.0 < keep_ratio <= 1.0):
         return "keep_ratio must be in"
+    if "" in cameras:
+        return "cameras must be a list of camera names"
+    if len(cameras) > 16:
+        return "the limit is 16"
+    if len(set(cameras)) != len(cameras):
+        return "names a camera twice"
+    if set(cameras) - {"image"}:
+        return "unknown camera(s)"
     return None
 
 
@@ -224,11 +239,18 @@ def expected_refusal(request_id: str, text: str, keep_ratio: float, budget: floa
 @given(specs=st.lists(goal_specs, min_size=1, max_size=12))
 def test_every_generated_goal_ends_once_under_its_own_id_with_its_reason(session, specs):
     goals, own = [], []
-    for (kind, suffix), text, keep_ratio, budget, tokens in specs:
+    for (kind, suffix), text, keep_ratio, budget, tokens, cameras in specs:
         request_id = {"own": f"f{next(_numbers)}-{suffix}", "none": "", "blank": suffix}[kind]
         own.append(kind == "own" and expected_refusal(request_id, "q", 0.0, 0.0, 0) is None)
         goals.append(
-            session.goal(text, request_id, keep_ratio=keep_ratio, latency_budget_ms=budget, max_new_tokens=tokens)
+            session.goal(
+                text,
+                request_id,
+                keep_ratio=keep_ratio,
+                latency_budget_ms=budget,
+                max_new_tokens=tokens,
+                cameras=cameras,
+            )
         )
     sent = send(session, goals)
     for s, is_own in zip(sent, own, strict=True):
@@ -237,7 +259,9 @@ def test_every_generated_goal_ends_once_under_its_own_id_with_its_reason(session
         status, typed = outcome(s)
         check_outcome(status, typed)
         assert typed.request_id == g.request_id if is_own else NODE_ID.fullmatch(typed.request_id), typed
-        why = expected_refusal(g.request_id, g.instruction, g.keep_ratio, g.latency_budget_ms, g.max_new_tokens)
+        why = expected_refusal(
+            g.request_id, g.instruction, g.keep_ratio, g.latency_budget_ms, g.max_new_tokens, list(g.cameras)
+        )
         if why is None:  # error: no frame received yet; expired: a budget of a few ns
             assert typed.status in ("ok", "busy", "stale", "error", "expired"), typed
         else:

@@ -66,6 +66,9 @@ field_values = {
     "max_new_tokens": st.integers(-5, 2000) | st.floats() | json_values,
     "latency_budget_ms": st.floats() | st.integers(-10, 10**7) | json_values,
     "keep_ratio": st.floats() | st.integers(-2, 2) | json_values,
+    # the node's one camera is "image": unknown names, duplicates, empty lists and names, other types
+    "cameras": st.lists(st.sampled_from(["image", "wrist", "", "IMAGE"]) | st.text(max_size=8), max_size=4)
+    | json_values,
 }
 odd_keys = st.text(max_size=20) | st.sampled_from(["keep_raito", "x\n\x1b[31m[ERROR] forged", "\u202etext", "Text"])
 request_objects = st.fixed_dictionaries({}, optional={k: v for k, v in field_values.items()}) | st.dictionaries(

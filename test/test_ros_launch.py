@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ REQUIRED = {
     "namespace",
     "use_sim_time",
     "autostart",
+    "cameras",
+    "rviz",
 }
 
 
@@ -59,7 +62,10 @@ def test_every_argument_reaches_a_parameter_remapping_or_the_environment(tree):
     reached = (
         configs_in(keywords["parameters"]) | configs_in(keywords["remappings"]) | configs_in(keywords["namespace"])
     )
-    assert declared - reached == {"fastdds_profile"} and "fastdds_profile" in profile_args
+    assert declared - reached == {"fastdds_profile", "rviz"} and "fastdds_profile" in profile_args
+    # rviz reaches start_rviz (test_rviz_true_starts_rviz2_on_the_cameras_config_or_says_it_is_not_installed)
+    functions = {k.value.id for c in calls(tree, "OpaqueFunction") for k in c.keywords if k.arg == "function"}
+    assert "start_rviz" in functions
 
     overrides = next(d for d in keywords["parameters"].elts if isinstance(d, ast.Dict))
     for key, value in zip(overrides.keys, overrides.values):
@@ -93,6 +99,51 @@ def test_launch_description_builds_where_launch_ros_exists(monkeypatch):
     names = {e.name for e in description.entities if isinstance(e, DeclareLaunchArgument)}
     assert REQUIRED <= names
     assert sum(isinstance(e, LifecycleNode) for e in description.entities) == 1
+
+
+def test_rviz_true_starts_rviz2_on_the_cameras_config_or_says_it_is_not_installed(monkeypatch, tmp_path):
+    from ros_helpers import VENDOR_LAUNCH
+
+    if VENDOR_LAUNCH.is_dir():
+        monkeypatch.syspath_prepend(str(VENDOR_LAUNCH))
+    pytest.importorskip("launch_ros", reason="launch_ros has no PyPI wheel; this runs on a ROS 2 install (colcon)")
+    import yaml
+    from ament_index_python.packages import PackageNotFoundError
+    from launch.actions import LogInfo
+    from launch_ros.actions import Node
+
+    from ptp_ros.ros.rviz import displayed_topics
+
+    installed = {"ptp_ros": str(ROOT)}
+
+    def share(package: str) -> str:
+        if package not in installed:
+            raise PackageNotFoundError(package)
+        return installed[package]
+
+    monkeypatch.setattr("ament_index_python.packages.get_package_share_directory", share)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("agent_launch", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Context:
+        launch_configurations = {"rviz": "true", "cameras": "[head, wrist]", "namespace": "/robot"}
+
+    (missing,) = module.start_rviz(Context())
+    assert isinstance(missing, LogInfo) and "rviz2 is not installed" in "".join(s.text for s in missing.msg)
+    installed["rviz2"] = "/opt/ros/share/rviz2"
+    (rviz,) = module.start_rviz(Context())
+    assert isinstance(rviz, Node)
+    (config,) = tmp_path.glob("ptp_ros_*.rviz")
+    assert set(displayed_topics(yaml.safe_load(config.read_text()))) == {
+        "/robot/head/image",
+        "/robot/saliency/head",
+        "/robot/wrist/image",
+        "/robot/saliency/wrist",
+    }
+    Context.launch_configurations["rviz"] = "false"
+    assert module.start_rviz(Context()) == []
 
 
 # -- the real launch ---------------------------------------------------------------------------------------
@@ -179,6 +230,12 @@ def launch_and_ask(
         budget = probe.get_parameter(fqn, "latency_budget_ms")
         if not (isinstance(budget, float) and budget == float(arguments["latency_budget_ms"])):
             fail(f"latency_budget_ms is {budget!r}, the launch argument said {arguments['latency_budget_ms']}")
+        if "cameras" in arguments:
+            import yaml
+
+            cameras = probe.get_parameter(fqn, "cameras")
+            if list(cameras or []) != yaml.safe_load(arguments["cameras"]):
+                fail(f"cameras is {cameras!r}, the launch argument said {arguments['cameras']}")
         # best effort: publish until the node counts the frame
         before = int(probe.diag_values(fqn)["frames_received"])
         for attempt in range(20):
@@ -231,6 +288,7 @@ def test_ros2_launch_serves_an_answer_and_exits_cleanly_on_sigint(
             "namespace": "/launch_ok",
             "image_topic": "/launch_ok/image",
             "latency_budget_ms": "1500.0",
+            "cameras": "[image]",  # a list through launch_ros: the one camera, by its name
         },
         "/launch_ok",
         small_frame,

@@ -7,6 +7,8 @@ ptp-eval --diversity-sweep    # validation split, within-region selection, write
 ptp-eval --quick              # two scenes, for CI (< 2 min), writes to a temporary folder
 ptp-eval --model ptp_ros/models/proxy-qwen2_5_vl --out docs/accuracy/qwen2_5_vl
                               # Qwen2.5-VL, with the max_pixels down-scaling baseline at every ratio
+ptp-eval --multicamera        # two-camera proxy scenes, one shared budget: the camera splits' target recall,
+                              # writes docs/accuracy/multicamera/
 ptp-eval --data frames/data.jsonl --model CHECKPOINT --device cuda --out results/
                               # your own labelled frames and checkpoint (bench/accuracy/dataset.py);
                               # resumable: answers are cached in OUT/cache.jsonl as they come
@@ -86,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="a few scenes, for CI")
     ap.add_argument(
+        "--multicamera",
+        action="store_true",
+        help="two-camera proxy scenes under one budget: target recall of PTP's camera splits (view_split shared, "
+        "equal, alone), and single-camera requests through the camera mapping vs the bare image (--scenes: "
+        "two-camera scenes, default 120)",
+    )
+    ap.add_argument(
         "--methods",
         nargs="+",
         default=None,
@@ -139,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.data is not None:
         return _data_main(ap, args, argv)
+    if args.multicamera:
+        from . import multicamera
+
+        given = args.ratios != list(RATIOS)  # the parser's default is the single-camera report's
+        return multicamera.main(args, argv, tuple(args.ratios) if given else multicamera.RATIOS)
 
     from ptp_ros.proxy import make_questions, make_scene, split_seed
     from ptp_ros.vlm.defaults import default_model_path

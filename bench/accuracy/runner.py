@@ -132,7 +132,7 @@ class Evaluator:
             record(GLOBAL_ONLY, 0.0, [glob] * len(questions), prefill([glob], suffixes))
 
         prompts = [
-            PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]), scene.image.shape[:2], q.text)
+            PreparedInput(_with_suffix(base.inputs, p + n, suffixes[qi]), (scene.image.shape[:2],), q.text)
             for qi, q in enumerate(questions)
         ]
         unique: dict[tuple, Row] = {}

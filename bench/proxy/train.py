@@ -174,7 +174,7 @@ def token_geometry(adapter, item) -> tuple:
         *(tuple(v.flatten().tolist()) for k, v in item.pixel_inputs.items() if k != "pixel_values"),
     )
     if key not in _GEOMETRY:
-        visual = adapter.encode(PreparedInput(item.inputs, size, ""))
+        visual = adapter.encode(PreparedInput(item.inputs, (size,), ""))
         region = visual.scores.region
         overview = (
             region == visual.scores.global_region
@@ -196,7 +196,7 @@ class SceneLayout:
         self.tokens = token_targets(self.objects, self.region, objects, token_boxes)
         self.tiles = tile_targets(region_boxes, objects)
         self.sides = side_targets(token_boxes, self.overview if self.overview.any() else detail, width)
-        self.positions = adapter.rope_positions(PreparedInput(item.inputs, (height, width), ""))
+        self.positions = adapter.rope_positions(PreparedInput(item.inputs, ((height, width),), ""))
 
 
 def image_features(model, item) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -26,9 +26,11 @@ from .types import (
     resolve_budget,
     selectable_budget,
 )
+from .views import VIEW_SPLITS, concat_views, select_views, view_parts, view_quotas
 
 __all__ = [
     "NO_REGION",
+    "VIEW_SPLITS",
     "InLLMPruning",
     "PTPConfig",
     "Selection",
@@ -37,6 +39,7 @@ __all__ = [
     "SelectorSpec",
     "TokenScores",
     "check_budget",
+    "concat_views",
     "fused_scores",
     "instruction_relevance",
     "make_selector",
@@ -49,4 +52,7 @@ __all__ = [
     "selector_names",
     "selector_spec",
     "selector_specs",
+    "select_views",
+    "view_parts",
+    "view_quotas",
 ]

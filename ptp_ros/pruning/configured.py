@@ -17,6 +17,7 @@ from typing import Any
 
 from .registry import REDUCTIONS, BoundSelector, selector_spec
 from .types import InLLMPruning
+from .views import check_view_split
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class ConfiguredSelector:
     whatever ``prune_in_llm`` says.  ``probe_candidates`` (PTP before the LLM only): the probe reads only the
     ⌈m × budget⌉ tokens PTP ranks best bottom-up (α = 0) and the text; 0: every visual token.
 
+    ``view_split``: how a request over several camera views splits its one budget across them before regions and
+    tokens (``views.VIEW_SPLITS``: "shared" by the instruction's attention, or the baselines "equal" and "alone");
+    a single view ignores it.
+
     ``reduce``: how relevance is reduced over the instruction rows — the selector's own (FastV's "max",
     text_attention's "mean") or this, else "max"; filled in, so the value says what runs.
     """
@@ -44,6 +49,7 @@ class ConfiguredSelector:
     prune_in_llm: bool = True
     probe_candidates: float = 0.0
     reduce: str | None = None
+    view_split: str = "shared"
 
     def __post_init__(self) -> None:
         options = MappingProxyType(dict(self.options))  # a copy the caller cannot change under us
@@ -53,6 +59,7 @@ class ConfiguredSelector:
         if self.reduce not in (None, *REDUCTIONS):
             raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}")
         object.__setattr__(self, "reduce", bound.relevance_reduce(self.reduce))
+        check_view_split(self.view_split)
         if not isinstance(self.prune_in_llm, bool):
             raise ValueError(f"prune_in_llm must be true or false, got {self.prune_in_llm!r}")
         if self.probe_candidates:
@@ -66,10 +73,13 @@ class ConfiguredSelector:
 
     def __repr__(self) -> str:
         stage = f"prune_in_llm={self.prune_in_llm}, probe_candidates={self.probe_candidates}, reduce={self.reduce!r}"
+        if self.view_split != "shared":
+            stage += f", view_split={self.view_split!r}"
         return f"ConfiguredSelector({self.name!r}, {dict(self.options)!r}, {stage})"
 
     def __hash__(self) -> int:
-        return hash((self.name, tuple(sorted(self.options.items())), self.prune_in_llm, self.probe_candidates))
+        options = tuple(sorted(self.options.items()))
+        return hash((self.name, options, self.prune_in_llm, self.probe_candidates, self.view_split))
 
     @property
     def bound(self) -> BoundSelector:
@@ -89,11 +99,13 @@ class ConfiguredSelector:
 
     def record(self) -> dict:
         """Its JSON form in the benchmarks' results (``from_record`` reads it back); ``probe_candidates`` only
-        when set."""
+        when set, ``view_split`` only when not the default."""
         out = {"selector": self.name, "options": dict(self.options), "reduce": self.reduce}
         out["prune_in_llm"] = self.prune_in_llm
         if self.probe_candidates:
             out["probe_candidates"] = self.probe_candidates
+        if self.view_split != "shared":
+            out["view_split"] = self.view_split
         return out
 
     @classmethod
@@ -108,4 +120,5 @@ class ConfiguredSelector:
             prune_in_llm=record.get("prune_in_llm", False),
             probe_candidates=record.get("probe_candidates", 0.0),
             reduce=record.get("reduce"),
+            view_split=record.get("view_split", "shared"),
         )

@@ -22,6 +22,10 @@ class TokenScores:
     token attention in the LLM) or ``None`` when it was not computed.  ``region_saliency[r]`` is the
     logit that decides region r's share of the budget (higher = more tokens).
     ``global_region`` names the downscaled global view, if the model has one.
+
+    Several camera views in one prompt are one ``TokenScores`` over all their tokens (views one after the
+    other, regions numbered on across views, ``global_region`` None) whose ``parts`` hold each view's own
+    scores (``views.concat_views``); a single view has no parts.
     """
 
     region: torch.Tensor  # [N] long
@@ -30,6 +34,7 @@ class TokenScores:
     relevance: torch.Tensor | None = None  # [N] float
     global_region: int | None = None
     features: torch.Tensor | None = None  # [N, D] projected features, for diversity-based peers
+    parts: tuple[TokenScores, ...] = ()  # each view's own scores, when these concatenate several views
 
     def __post_init__(self) -> None:
         n = self.region.shape[0]
@@ -47,6 +52,11 @@ class TokenScores:
     @property
     def num_regions(self) -> int:
         return int(self.region_saliency.shape[0])
+
+    @property
+    def view_tokens(self) -> tuple[int, ...]:
+        """Tokens per camera view, in prompt order (one entry for a single view)."""
+        return tuple(p.num_tokens for p in self.parts) if self.parts else (self.num_tokens,)
 
     def region_sizes(self) -> torch.Tensor:
         """Selectable tokens per region ([R] long); structural tokens are not counted."""

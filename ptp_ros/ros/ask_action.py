@@ -43,8 +43,9 @@ FEEDBACK = {
     "decode": "decoding",
 }
 #: The typed result's fields that are not one JSON key of the same name: the request id, the frame's stamp and
-#: frame_id (its header) and the stage times (a StageLatency message); every other field is the JSON key it names.
-FROM_JSON_APART = ("request_id", "header", "latency_ms")
+#: frame_id (its header), the stage times (a StageLatency message) and the cameras' frames (CameraFrame messages
+#: from the JSON object ``frames``); every other field is the JSON key it names.
+FROM_JSON_APART = ("request_id", "header", "latency_ms", "frames")
 CANCEL_TRANSITION_S = 2.0  # how long a cancelled goal's result waits for rclpy to mark the goal canceling
 RESULT_TIMEOUT_S = 60  # how long rclpy keeps a goal's result for a client that asks for it late (rclpy's: 10 s)
 CLIENT_DEPTH = 1000  # the depth ``client`` gives a planner's side: bursts as large as the node's default take
@@ -93,6 +94,7 @@ def goal_message(Ask, text: str, **fields: Any):
         keep_ratio=float(fields.get("keep_ratio") or 0.0),
         latency_budget_ms=float(fields.get("latency_budget_ms") or 0.0),
         max_new_tokens=int(fields.get("max_new_tokens") or 0),
+        cameras=list(fields.get("cameras") or []),
     )
 
 
@@ -108,6 +110,8 @@ def goal_fields(goal) -> dict[str, Any]:
             fields[name] = value
     if goal.max_new_tokens:
         fields["max_new_tokens"] = goal.max_new_tokens
+    if len(goal.cameras):
+        fields["cameras"] = list(goal.cameras)
     return fields
 
 
@@ -122,10 +126,38 @@ def result_message(Ask, result: dict):
     if stamp := result.get("stamp"):
         msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp["sec"]), int(stamp["nanosec"])
     msg.header.frame_id = str(result.get("frame_id", ""))
+    msg.frames = camera_frames(result.get("frames") or {})
     latency = result.get("latency_ms") or {}
     for stage in msg.latency_ms.get_fields_and_field_types():
         setattr(msg.latency_ms, stage, float(latency.get(stage, math.nan)))
     return msg
+
+
+def camera_frames(frames: dict) -> list:
+    """``CameraFrame`` messages of the JSON ``frames`` object (camera → ``CameraFrame.to_json``), in its order."""
+    from ptp_ros_interfaces.msg import CameraFrame
+
+    out = []
+    for camera, frame in frames.items():
+        msg = CameraFrame(camera=camera)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = int(frame["stamp"]["sec"]), int(frame["stamp"]["nanosec"])
+        msg.header.frame_id = str(frame["frame_id"])
+        msg.visual_tokens_kept = int(frame.get("visual_tokens_kept") or 0)
+        msg.visual_tokens_total = int(frame.get("visual_tokens_total") or 0)
+        out.append(msg)
+    return out
+
+
+def frames_dict(msgs) -> dict:
+    """The JSON ``frames`` object of ``CameraFrame`` messages (token counts left out while unknown: total 0)."""
+    out = {}
+    for msg in msgs:
+        frame = {"stamp": {"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec}}
+        frame["frame_id"] = msg.header.frame_id
+        if msg.visual_tokens_total:
+            frame.update(visual_tokens_kept=msg.visual_tokens_kept, visual_tokens_total=msg.visual_tokens_total)
+        out[msg.camera] = frame
+    return out
 
 
 def _typed(kind: str, value: Any) -> Any:
@@ -152,6 +184,8 @@ def result_dict(msg) -> dict:
         out.update(
             stamp={"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec}, frame_id=msg.header.frame_id
         )
+    if msg.frames:
+        out["frames"] = frames_dict(msg.frames)
     latency = {stage: getattr(msg.latency_ms, stage) for stage in msg.latency_ms.get_fields_and_field_types()}
     if not all(math.isnan(v) for v in latency.values()):
         out["latency_ms"] = {k: v for k, v in latency.items() if not math.isnan(v)}
@@ -166,7 +200,8 @@ class Goal:
         self.handle, self.request_id, self.Feedback = handle, request_id, Feedback
         self.received = time.monotonic()
         self.lock = threading.Lock()  # orders the feedback and starts execution once
-        self.reached: list[tuple[str, float]] = [("queued", 0.0)]
+        self.reached: list[tuple[str, float, list]] = [("queued", 0.0, [])]  # stage, elapsed ms, CameraFrame msgs
+        self.split: list = []  # each camera's frame and token split (CameraFrame messages), once known
         self.sent = 0  # feedback messages published
         self.queued: bool | None = None  # None until the worker queued it (True) or it was refused (False)
         self.executing = False
@@ -181,8 +216,14 @@ class Goal:
         feedback = FEEDBACK[name]
         with self.lock:
             if not self.reached or feedback != self.reached[-1][0]:
-                self.reached.append((feedback, (time.monotonic() - self.received) * 1e3))
+                self.reached.append((feedback, (time.monotonic() - self.received) * 1e3, self.split))
                 self._advance()
+
+    def frames(self, frames: dict) -> None:
+        """Each camera's frame and token split (``CameraFrame`` by camera) is known: every later feedback carries
+        it; called on the inference thread."""
+        with self.lock:
+            self.split = camera_frames({camera: frame.to_json() for camera, frame in frames.items()})
 
     def finish(self, result: RequestResult) -> None:
         with self.lock:
@@ -203,8 +244,8 @@ class Goal:
         (while it waits in the queue it holds no executor thread)."""
         if self.queued is None:  # the worker may report stages before submit returned: hold them until then
             return
-        for name, elapsed in self.reached[self.sent :]:
-            self.handle.publish_feedback(self.Feedback(stage=name, elapsed_ms=elapsed))
+        for name, elapsed, frames in self.reached[self.sent :]:
+            self.handle.publish_feedback(self.Feedback(stage=name, elapsed_ms=elapsed, frames=frames))
         self.sent = len(self.reached)
         if not self.executing and (self.result is not None or len(self.reached) > 1):
             self.executing = True
@@ -272,7 +313,11 @@ class AskServer:
             node.refuse(key, request.text, problem)
             return False
         return worker.submit(
-            dataclasses.replace(request, id=key), goal.received, cancel=goal.cancel, on_stage=goal.stage
+            dataclasses.replace(request, id=key),
+            goal.received,
+            cancel=goal.cancel,
+            on_stage=goal.stage,
+            on_frames=goal.frames,
         )
 
     def _on_cancel(self, handle):

@@ -31,7 +31,7 @@ from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import String
 
 from . import ask_action
-from .topics import DIAGNOSTICS, INSTRUCTION, RELIABLE, RESULT, STATUS_SUFFIX, reliable
+from .topics import CAMERA_STATUS, DIAGNOSTICS, INSTRUCTION, RELIABLE, RESULT, STATUS_SUFFIX, reliable
 
 POLL_S = 0.25  # a wait re-checks its condition this often even when no message arrives (e.g. subscription counts)
 
@@ -124,6 +124,32 @@ class AgentStatus:
         return self.values | {"_level": self.level, "_message": self.message}
 
 
+@dataclass(frozen=True)
+class CameraStatus:
+    """One camera's ``/diagnostics`` status on an agent node: WARN while that camera is silent."""
+
+    node: str  # the agent's full name
+    camera: str
+    level: int
+    message: str  # "receiving", "camera wrist silent: no frame for 3.2 s on /wrist/image", ...
+    values: dict[str, str]  # camera, topic, frames_received, frames_dropped, last_frame_age_s
+
+    @classmethod
+    def parse(cls, array) -> list[CameraStatus]:
+        """The camera statuses of a ``DiagnosticArray``."""
+        return [
+            cls(
+                node=status.name.split(CAMERA_STATUS, 1)[0],
+                camera=status.name.split(CAMERA_STATUS, 1)[1],
+                level=int.from_bytes(status.level, "little") if isinstance(status.level, bytes) else int(status.level),
+                message=status.message,
+                values={kv.key: kv.value for kv in status.values},
+            )
+            for status in array.status
+            if CAMERA_STATUS in status.name
+        ]
+
+
 class GoalRejected(RuntimeError):
     """rclpy rejected the goal: its UUID was in use.  (The node takes every other goal, and ends one it refuses
     at once with a result that says why.)"""
@@ -136,6 +162,7 @@ class Goal:
     def __init__(self, action, message, feedback: Callable[[str, float], None] | None = None, goal_uuid=None):
         self.message, self.request_id = message, message.request_id
         self.feedback: list[tuple[str, float]] = []  # (stage, ms since the node received the goal), in order
+        self.frames: dict = {}  # each camera's frame and token split (JSON ``frames`` shape), once a feedback had it
         self.handle = None  # rclpy's ClientGoalHandle, once the goal response came
         self.status: int | None = None  # action_msgs/GoalStatus once it ended: SUCCEEDED, CANCELED or ABORTED
         self.typed = None  # the typed Ask.Result
@@ -153,6 +180,8 @@ class Goal:
     def _feedback(self, msg) -> None:
         stage, elapsed_ms = msg.feedback.stage, msg.feedback.elapsed_ms
         self.feedback.append((stage, elapsed_ms))
+        if msg.feedback.frames:
+            self.frames = ask_action.frames_dict(msg.feedback.frames)
         if self._on_feedback is not None:
             self._on_feedback(stage, elapsed_ms)
 
@@ -213,6 +242,7 @@ class AgentClient(SpinningNode):
         self._cond = threading.Condition()  # guards the results and statuses; notified after every message
         self._results: OrderedDict[str, dict] = OrderedDict()  # request id → its first result, until claimed
         self._statuses: dict[str, AgentStatus] = {}  # node → its newest status, the most recent last
+        self._camera_statuses: dict[tuple[str, str], CameraStatus] = {}  # (node, camera) → its newest status
         self._depth = depth
         self._numbers = itertools.count(1)
         self._tag = uuid.uuid4().hex[:8]  # ids of this client's requests differ from another run's
@@ -263,6 +293,8 @@ class AgentClient(SpinningNode):
 
     # -- diagnostics -----------------------------------------------------------------------------------
     def _on_diagnostics(self, array) -> None:
+        with self._cond:
+            self._camera_statuses.update({(c.node, c.camera): c for c in CameraStatus.parse(array)})
         for status in AgentStatus.parse(array):
             with self._cond:
                 self._statuses.pop(status.node, None)
@@ -278,6 +310,11 @@ class AgentClient(SpinningNode):
             if node is not None:
                 return self._statuses.get(node)
             return next(reversed(self._statuses.values()), None)
+
+    def camera_status(self, node: str, camera: str) -> CameraStatus | None:
+        """The newest status of ``camera`` on the agent ``node`` (its full name)."""
+        with self._cond:
+            return self._camera_statuses.get((node, camera))
 
     def wait_ready(self, timeout: float, node: str | None = None) -> AgentStatus:
         """Wait until the agent (``node``, or any) reports serving with a camera frame; its status."""
@@ -315,8 +352,8 @@ class AgentClient(SpinningNode):
         self.instruction_pub.publish(String(data=data if isinstance(data, str) else json.dumps(data)))
 
     def instruct(self, text: str, *, request_id: str | None = None, **fields: Any) -> str:
-        """Publish a JSON instruction (``fields``: keep_ratio, latency_budget_ms, max_new_tokens); its id (a new
-        one unless given), which its result will carry."""
+        """Publish a JSON instruction (``fields``: keep_ratio, latency_budget_ms, max_new_tokens, cameras — a list
+        of camera names); its id (a new one unless given), which its result will carry."""
         request_id = request_id or self.new_id()
         self.publish({"id": request_id, "text": text, **fields})
         return request_id

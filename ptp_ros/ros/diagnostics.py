@@ -11,6 +11,7 @@ from ..latency_budget import PredictionError
 from ..vlm.encode_cache import ReuseStats
 from .worker import Counters, Settings
 
+COUNTED_STATUSES = ("busy", "expired", "stale", "out_of_sync", "cancelled")  # each has a requests_<status> count
 OVERLOAD_WARN_S = 10.0  # a busy or expired result this recently keeps the status at WARN
 
 
@@ -36,13 +37,45 @@ class Health:
     encode_reuse: ReuseStats | None = None  # the encode cache's counts (None: no cache)
 
 
+def camera_timeout_s(settings: Settings) -> float:
+    """Silence longer than this makes a camera's status WARN."""
+    return max(settings.max_frame_age_ms, 1000.0) / 1e3
+
+
+def camera_status(
+    name: str, camera: str, topic: str, serving: bool, settings: Settings, counters: Counters, now: float
+) -> DiagnosticStatus:
+    """One camera's status: WARN when the node serves and this camera sent no frame for ``camera_timeout_s``
+    (its requests then get ``stale``); the other cameras' statuses stay OK."""
+    arrived = counters.camera_arrival.get(camera)
+    silence = None if arrived is None else now - arrived
+    if not serving:
+        level, message = DiagnosticStatus.OK, "not subscribed: the node is not serving"
+    elif silence is None:
+        level, message = DiagnosticStatus.WARN, f"camera {camera} silent: no frame received yet on {topic}"
+    elif silence > camera_timeout_s(settings):
+        level, message = DiagnosticStatus.WARN, f"camera {camera} silent: no frame for {silence:.1f} s on {topic}"
+    else:
+        level, message = DiagnosticStatus.OK, "receiving"
+    values = {
+        "camera": camera,
+        "topic": topic,
+        "frames_received": counters.camera_frames[camera],
+        "frames_dropped": counters.camera_dropped[camera],
+        "last_frame_age_s": silence,
+    }
+    return DiagnosticStatus(
+        level=level, name=name, message=message, values=[KeyValue(key=k, value=_fmt(v)) for k, v in values.items()]
+    )
+
+
 def agent_status(name: str, health: Health, settings: Settings, counters: Counters) -> DiagnosticStatus:
-    """ERROR when the model failed to load or the worker is dead or stuck; WARN when not serving, the
-    camera went silent, requests are refused for overload, or the p95 latency overruns the budget."""
+    """ERROR when the model failed to load or the worker is dead or stuck; WARN when not serving, every
+    camera went silent (one silent camera of several: its own status, ``camera_status``), requests are refused
+    for overload, or the p95 latency overruns the budget."""
     p95 = counters.p95_latency_ms()
     prediction = health.prediction
     budget = settings.latency_budget_ms
-    camera_timeout_s = max(settings.max_frame_age_ms, 1000.0) / 1e3
     silence = health.frame_silence_s
     if health.model_state == "error":
         level, message = DiagnosticStatus.ERROR, f"model not loaded: {health.configure_error}"
@@ -50,7 +83,7 @@ def agent_status(name: str, health: Health, settings: Settings, counters: Counte
         level, message = DiagnosticStatus.ERROR, f"watchdog: {health.worker_problem}"
     elif health.model_state != "serving":
         level, message = DiagnosticStatus.WARN, f"not serving: model {health.model_state}"
-    elif silence is None or silence > camera_timeout_s:
+    elif silence is None or silence > camera_timeout_s(settings):
         level, message = (
             DiagnosticStatus.WARN,
             ("no camera frame received yet" if silence is None else f"no camera frame for {silence:.1f} s"),
@@ -81,7 +114,7 @@ def agent_status(name: str, health: Health, settings: Settings, counters: Counte
         "requests_served": results["ok"],
         "requests_rejected": counters.refused(),
         "requests_failed": counters.failed(),
-        **{f"requests_{status}": results[status] for status in ("busy", "expired", "stale", "cancelled")},
+        **{f"requests_{status}": results[status] for status in COUNTED_STATUSES},
         "internal_errors": counters.internal_errors,
         "queue_depth": health.queue_depth,
         "latency_model_error_pct": prediction.median_abs_pct if prediction else None,

@@ -4,10 +4,10 @@ The agent's executor is multi-threaded because some of its callbacks block for s
 model, an action goal waits for its answer).  Frames taken there pay rclpy's MultiThreadedExecutor per
 message (a wait set rebuilt in Python, a hand-off to a pool thread, the GIL shared with the pool) and, under
 load, most 4K frames were lost before the node took them.  Here a hidden internal node, ``_<agent>_intake``
-in the agent's namespace and context, holds the camera subscription alone and a SingleThreadedExecutor spins
-it on its own thread.  Its callback only checks the header and stores the frame (decoding waits for a
-request, on the inference thread), and nothing else runs there, so frames and the agent's diagnostics,
-parameters and results never wait for each other.
+in the agent's namespace and context, holds the camera subscriptions (one per camera) alone and a
+SingleThreadedExecutor spins it on its own thread.  Its callbacks only check the header and store the frame
+(decoding waits for a request, on the inference thread), and nothing else runs there, so frames and the
+agent's diagnostics, parameters and results never wait for each other.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rclpy.qos import qos_profile_sensor_data
 
 
 class CameraIntake:
-    """One camera subscription at a time, on the intake thread; ``on_error`` gets what escapes a callback."""
+    """The camera subscriptions, on the intake thread; ``on_error`` gets what escapes a callback."""
 
     def __init__(self, agent: Node, on_error: Callable[[Exception], None]):
         # global arguments are the agent's (-r __node:=..., -r image:=...): the topic comes resolved by the agent
@@ -34,7 +34,7 @@ class CameraIntake:
             start_parameter_services=False,
             enable_rosout=False,
         )
-        self.subscription = None
+        self.subscriptions: list = []
         self._on_error = on_error
         self._executor = SingleThreadedExecutor(context=agent.context)
         self._executor.add_node(self.node)
@@ -43,14 +43,13 @@ class CameraIntake:
         self._thread.start()
 
     def subscribe(self, msg_type, topic: str, callback: Callable) -> None:
-        """Take ``msg_type`` frames from the fully resolved ``topic`` (best effort, sensor-data QoS)."""
-        self.unsubscribe()
-        self.subscription = self.node.create_subscription(msg_type, topic, callback, qos_profile_sensor_data)
+        """Also take ``msg_type`` frames from the fully resolved ``topic`` (best effort, sensor-data QoS)."""
+        self.subscriptions.append(self.node.create_subscription(msg_type, topic, callback, qos_profile_sensor_data))
 
     def unsubscribe(self) -> None:
-        if self.subscription is not None:
-            self.node.destroy_subscription(self.subscription)
-            self.subscription = None
+        """Drop every camera subscription."""
+        while self.subscriptions:
+            self.node.destroy_subscription(self.subscriptions.pop())
 
     def close(self) -> None:
         self._closed.set()

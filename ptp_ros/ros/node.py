@@ -1,6 +1,8 @@
-"""The PTP agent: a lifecycle node that answers instructions about the newest camera frame.
+"""The PTP agent: a lifecycle node that answers instructions about the newest frames of its cameras.
 
-configure loads the model and fits the latency model, activate subscribes to the camera and starts
+One node serves every camera of the robot with one model: the ``cameras`` parameter names them (empty: one
+camera on ``image``), and a request names the camera(s) it asks about (``default_cameras`` when it names none).
+configure loads the model and fits the latency model, activate subscribes to the cameras and starts
 the inference thread, deactivate stops both, cleanup frees the model.  With ``autostart`` (default)
 ``main`` walks the node to active by itself, so ``python -m ptp_ros.ros.node --ros-args --params-file
 config/agent.yaml`` works without a lifecycle manager; ``-p autostart:=false`` leaves it to one.
@@ -41,12 +43,26 @@ from ..result import RequestResult
 from ..vlm.defaults import default_model_path
 from ..vlm.loading import RESOLUTION_OPTIONS, LoadOptions, ModelLoadError, load_adapter, quiet_transformers
 from . import ask_action, conversions
-from .diagnostics import Health, agent_status
+from .diagnostics import Health, agent_status, camera_status
+from .frames import SINGLE_CAMERA, Frame, camera_problems
 from .intake import CameraIntake
-from .params import PARAMS, RUNTIME, check_choice, removed_parameter_warnings, widen_integers
+from .params import BY_NAME, PARAMS, RUNTIME, check_choice, removed_parameter_warnings, widen_integers
 from .requests import RequestError, loggable, parse_request
-from .topics import ANSWER, DIAGNOSTICS, IMAGE, INSTRUCTION, RELIABLE, RESULT, SALIENCY, reliable, status_name
-from .worker import Counters, Frame, RequestWorker, Settings, calibrate
+from .topics import (
+    ANSWER,
+    COMPRESSED,
+    DIAGNOSTICS,
+    INSTRUCTION,
+    RELIABLE,
+    RESULT,
+    SALIENCY,
+    camera_image,
+    camera_saliency,
+    camera_status_name,
+    reliable,
+    status_name,
+)
+from .worker import Counters, RequestWorker, Settings, calibrate
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "data" / "sample_scene.jpg"
 RESULT_FLUSH_S = 1.0  # on shutdown, how long the last results (the cancelled ones) may take to be acknowledged
@@ -57,12 +73,20 @@ class AgentNode(LifecycleNode):
     def __init__(self, node_name: str = "ptp_agent", **kwargs):
         super().__init__(node_name, **kwargs)
         for p in PARAMS:
-            self.declare_parameter(p.name, p.default, p.descriptor())
-            if reason := check_choice(p.name, self.get_parameter(p.name).value):
+            self.declare_parameter(p.name, p.declared, p.descriptor())
+            if reason := check_choice(p.name, self.parameter(p.name)):
                 raise ValueError(reason)
         self.settings = Settings(**{name: self.get_parameter(name).value for name in RUNTIME})
         if problems := self.settings.problems():
             raise ValueError("; ".join(problems))
+        self.cameras = tuple(self.parameter("cameras")) or (SINGLE_CAMERA,)
+        if problems := camera_problems(self.parameter("cameras"), self.parameter("default_cameras")):
+            raise ValueError("; ".join(problems))
+        # image_transport's naming: <the resolved image topic>/compressed, so `-r image:=/cam/raw` alone subscribes
+        # to /cam/raw/compressed (and `-r head/image:=/cam/raw` to /cam/raw/compressed for the camera head)
+        self.compressed = self.get_parameter("image_transport").value == "compressed"
+        suffix = f"/{COMPRESSED}" if self.compressed else ""
+        self.camera_topics = {c: self.resolve_topic_name(camera_image(c)) + suffix for c in self.cameras}
         self.add_pre_set_parameters_callback(widen_integers)  # `ros2 param set ... latency_budget_ms 4000` works
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
@@ -85,7 +109,11 @@ class AgentNode(LifecycleNode):
         depth = self.get_parameter("instruction_history_depth").value
         self._answer_pub = self.create_publisher(String, ANSWER, reliable(depth))
         self._result_pub = self.create_publisher(String, RESULT, reliable(depth))
-        self._saliency_pub = self.create_publisher(Image, SALIENCY, QoSProfile(depth=2))
+        self._saliency_pub = self.create_publisher(Image, SALIENCY, QoSProfile(depth=2))  # the default cameras'
+        self._camera_saliency_pubs = {
+            camera: self.create_publisher(Image, camera_saliency(camera), QoSProfile(depth=2))
+            for camera in self.cameras
+        }
         self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS, RELIABLE)
         self.create_subscription(
             String, INSTRUCTION, self._on_instruction, reliable(depth), callback_group=self._io_group
@@ -98,6 +126,11 @@ class AgentNode(LifecycleNode):
         self.ask = ask_action.serve(self)  # the typed Ask action, when ptp_ros_interfaces is importable
 
     # -- parameters -------------------------------------------------------------------------------
+    def parameter(self, name: str):
+        """The value of the declared parameter ``name``; an unset string list (never given) is its empty default."""
+        value = self.get_parameter_or(name).value
+        return BY_NAME[name].default if value is None else value
+
     def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
         """Choices and cross-parameter rules; rclpy already checked ranges, types and read-only."""
         changes = {p.name: p.value for p in params if p.name in RUNTIME}
@@ -141,6 +174,8 @@ class AgentNode(LifecycleNode):
                 max_instruction_chars=param("max_instruction_chars").value,
                 encode_cache_frames=param("encode_cache_frames").value,
                 encode_reuse_threshold=param("encode_reuse_threshold").value,
+                cameras=self.cameras,
+                default_cameras=self.parameter("default_cameras"),  # empty: the worker's first camera
             )
             self.model_state = "calibrating"
             image = self._calibration_image(param("calibration_image").value)
@@ -189,17 +224,12 @@ class AgentNode(LifecycleNode):
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self.get_parameter("image_transport").value == "compressed":
-            # image_transport's naming: <the resolved image topic>/compressed, so `-r image:=/cam/raw` alone
-            # subscribes to /cam/raw/compressed
-            topic = self.resolve_topic_name(IMAGE) + "/compressed"
-            self.intake.subscribe(CompressedImage, topic, self._on_compressed)
-        else:
-            self.intake.subscribe(Image, self.resolve_topic_name(IMAGE), self._on_image)
+        for camera, topic in self.camera_topics.items():
+            self.intake.subscribe(CompressedImage if self.compressed else Image, topic, self._frame_callback(camera))
         self.worker.start()
         self.model_state = "serving"
-        topic = self.intake.subscription.topic_name
-        self.get_logger().info(f"serving: images on {topic}, conversion by {conversions.BACKEND}")
+        topics = ", ".join(s.topic_name for s in self.intake.subscriptions)
+        self.get_logger().info(f"serving: images on {topics}, conversion by {conversions.BACKEND}")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -233,13 +263,15 @@ class AgentNode(LifecycleNode):
             self.worker.stop(reason)
 
     # -- callbacks: store, enqueue, return -------------------------------------------------------
-    def _on_image(self, msg: Image) -> None:
-        self._store_frame(msg, conversions.check_image, conversions.image_to_rgb)
+    def _frame_callback(self, camera: str):
+        """The intake callback of ``camera``'s frames (raw or compressed, as ``image_transport`` says)."""
+        if self.compressed:
+            check, decode = conversions.check_compressed, conversions.compressed_to_rgb
+        else:
+            check, decode = conversions.check_image, conversions.image_to_rgb
+        return lambda msg: self._store_frame(msg, check, decode, camera)
 
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._store_frame(msg, conversions.check_compressed, conversions.compressed_to_rgb)
-
-    def _store_frame(self, msg, check, decode) -> None:
+    def _store_frame(self, msg, check, decode, camera: str) -> None:
         """Keep the frame for the next request; a bad one is kept too, so that request can say why."""
         arrived = time.monotonic()
         worker = self.worker
@@ -266,6 +298,7 @@ class AgentNode(LifecycleNode):
                 decode=lambda: decode(msg, self._max_pixels),
                 error=error,
                 arrived=arrived,
+                camera=camera,
             )
         )
 
@@ -333,8 +366,12 @@ class AgentNode(LifecycleNode):
             )
         self._result_pub.publish(String(data=json.dumps(result.to_json())))
 
-    def _publish_saliency(self, bgr, header) -> None:
-        self._saliency_pub.publish(conversions.array_to_imgmsg(bgr, "bgr8", header))
+    def _publish_saliency(self, bgr, header, camera: str, default: bool) -> None:
+        """``camera``'s saliency image on ``saliency/<camera>``, and on ``saliency`` for the default cameras."""
+        msg = conversions.array_to_imgmsg(bgr, "bgr8", header)
+        self._camera_saliency_pubs[camera].publish(msg)
+        if default:
+            self._saliency_pub.publish(msg)
 
     def _publish_diagnostics(self) -> None:
         worker, counters, now = self.worker, self.counters, time.monotonic()
@@ -354,8 +391,13 @@ class AgentNode(LifecycleNode):
             prediction=worker.latency_model.prediction_error if worker else None,
             encode_reuse=worker.encode_reuse.stats if worker and worker.encode_reuse else None,
         )
-        status = agent_status(status_name(self.get_fully_qualified_name()), health, self.settings, counters)
-        self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+        fqn = self.get_fully_qualified_name()
+        statuses = [agent_status(status_name(fqn), health, self.settings, counters)]
+        serving = self.model_state == "serving"
+        for camera, topic in self.camera_topics.items():
+            name = camera_status_name(fqn, camera)
+            statuses.append(camera_status(name, camera, topic, serving, self.settings, counters, now))
+        self._diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=statuses))
 
     def callback_failed(self, exc: Exception) -> None:
         """An exception that escaped a callback (each catches its own; this is the last net): counted, logged."""

@@ -22,6 +22,12 @@ class Param:
     range: tuple[float, float] | None = None  # inclusive
     choices: tuple[str, ...] | None = None
 
+    @property
+    def declared(self) -> Any:
+        """What ``declare_parameter`` takes: the default, or for an empty string list the type, since rclpy types
+        an empty list as a byte array (the parameter is then unset until given, and unset reads as ``default``)."""
+        return Parameter.Type.STRING_ARRAY if self.default == [] else self.default
+
     def descriptor(self) -> ParameterDescriptor:
         d = ParameterDescriptor(name=self.name, description=self.description, read_only=self.read_only)
         if self.range is not None and isinstance(self.default, int) and not isinstance(self.default, bool):
@@ -59,9 +65,23 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "image_transport",
         "raw",
-        "raw: sensor_msgs/Image on 'image'; compressed: CompressedImage on 'image/compressed'",
+        "raw: sensor_msgs/Image on 'image' (each camera's NAME/image); compressed: CompressedImage on "
+        "'image/compressed' (NAME/image/compressed)",
         read_only=True,
         choices=("raw", "compressed"),
+    ),
+    Param(
+        "cameras",
+        [],
+        "Camera names; camera NAME reads NAME/image (raw) or NAME/image/compressed. Empty: one camera, "
+        "named 'image', on the topic 'image'",
+        read_only=True,
+    ),
+    Param(
+        "default_cameras",
+        [],
+        "The cameras a request that names none is asked about; empty: the first camera",
+        read_only=True,
     ),
     Param(
         "queue_size",
@@ -182,6 +202,13 @@ PARAMS: tuple[Param, ...] = (
         _DEFAULT.max_frame_age_ms,
         "Frames older than this get a 'stale' result instead of an answer; 0 = never stale",
         range=(0.0, 3_600_000.0),
+    ),
+    Param(
+        "sync_tolerance_ms",
+        _DEFAULT.sync_tolerance_ms,
+        "A request on several cameras takes the newest frames stamped within this of each other, else "
+        "gets 'out_of_sync'",
+        range=(0.0, 60_000.0),
     ),
 )
 BY_NAME = {p.name: p for p in PARAMS}

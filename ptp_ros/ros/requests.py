@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from ..budget import check_keep_ratio, check_latency_budget_ms
+from .frames import MAX_CAMERAS
 
-FIELDS = ("id", "text", "max_new_tokens", "latency_budget_ms", "keep_ratio")
+FIELDS = ("id", "text", "max_new_tokens", "latency_budget_ms", "keep_ratio", "cameras")
 MAX_NEW_TOKENS_LIMIT = 1024
-MAX_JSON_DEPTH = 4  # every field is a scalar, so a valid request nests one level; deeper is refused unparsed
+MAX_JSON_DEPTH = 4  # a valid request nests two levels (the cameras list); deeper is refused unparsed
 MAX_NUMBER_CHARS = 32  # longer digit strings are refused before Python converts them (int() is quadratic)
 MAX_ID_CHARS = 256
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -43,6 +44,7 @@ class Request:
     max_new_tokens: int | None = None
     latency_budget_ms: float | None = None
     keep_ratio: float | None = None
+    cameras: tuple[str, ...] = ()  # empty: the node's default cameras
 
 
 def _number(obj: dict, key: str, kind: type, lo: float, hi: float):
@@ -58,6 +60,20 @@ def _number(obj: dict, key: str, kind: type, lo: float, hi: float):
     if not math.isfinite(value) or value > hi or value < lo:
         raise RequestError(f"{key} must be in [{lo}, {hi}], got {value!r}")
     return kind(value)
+
+
+def _camera_names(obj: dict) -> tuple[str, ...]:
+    """The ``cameras`` field: a list of distinct camera names (whether the node has them is the node's to say)."""
+    value = obj.get("cameras")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
+        raise RequestError(f"cameras must be a list of camera names, got {loggable(repr(value))}")
+    if len(value) > MAX_CAMERAS:
+        raise RequestError(f"cameras names {len(value)} cameras; the limit is {MAX_CAMERAS}")
+    if len(set(value)) != len(value):
+        raise RequestError(f"cameras names a camera twice: {loggable(repr(value))}")
+    return tuple(value)
 
 
 def _checked(obj: dict, key: str, check) -> float | None:
@@ -115,6 +131,7 @@ def request_from_fields(obj: dict, default_id: str, max_chars: int) -> Request:
             max_new_tokens=_number(obj, "max_new_tokens", int, 1, MAX_NEW_TOKENS_LIMIT),
             latency_budget_ms=_checked(obj, "latency_budget_ms", check_latency_budget_ms),
             keep_ratio=_checked(obj, "keep_ratio", check_keep_ratio),
+            cameras=_camera_names(obj),
         )
     except RequestError as exc:
         raise RequestError(str(exc), request_id) from None

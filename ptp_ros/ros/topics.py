@@ -15,6 +15,8 @@ ANSWER = "answer"
 SALIENCY = "saliency"
 DIAGNOSTICS = "/diagnostics"
 STATUS_SUFFIX = ": ptp agent"  # the node's diagnostics status is named "<node's full name>: ptp agent"
+CAMERA_STATUS = ": ptp camera "  # and each camera's "<node's full name>: ptp camera <camera>"
+COMPRESSED = "compressed"  # image_transport's naming: the compressed stream of <image> is <image>/compressed
 
 
 def reliable(depth: int) -> QoSProfile:
@@ -29,3 +31,19 @@ RELIABLE = reliable(10)  # /diagnostics and the saliency images: a planner wants
 def status_name(node_fqn: str) -> str:
     """The name of the diagnostics status the node ``node_fqn`` publishes."""
     return node_fqn + STATUS_SUFFIX
+
+
+def camera_status_name(node_fqn: str, camera: str) -> str:
+    """The name of the diagnostics status of ``camera`` on the node ``node_fqn``."""
+    return node_fqn + CAMERA_STATUS + camera
+
+
+def camera_image(camera: str, transport: str = "raw") -> str:
+    """The image topic of ``camera`` (``frames.SINGLE_CAMERA``: plain ``image``, as before cameras had names)."""
+    base = IMAGE if camera == IMAGE else f"{camera}/{IMAGE}"
+    return base if transport == "raw" else f"{base}/{COMPRESSED}"
+
+
+def camera_saliency(camera: str) -> str:
+    """The saliency topic of ``camera``: ``saliency/<camera>``, with the header of the camera's frame."""
+    return f"{SALIENCY}/{camera}"

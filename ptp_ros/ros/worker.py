@@ -1,10 +1,12 @@
 """The serving loop behind the node, free of rclpy so it can be tested and timed without DDS.
 
-Callbacks only store the newest frame and enqueue requests; one worker thread takes requests in
-order, picks the frame that is newest *when the request starts*, checks that it is fresh, chooses the
-keep ratio (fixed, or from the latency budget) and runs the pipeline.  Every request that reaches
+Callbacks only store the newest frame of each camera and enqueue requests; one worker thread takes
+requests in order, picks the frames that are newest *when the request starts* (for a request on several
+cameras, the newest set taken within ``sync_tolerance_ms`` of each other), checks that each is fresh, chooses
+the keep ratio (fixed, or from the latency budget) and runs the pipeline.  Every request that reaches
 ``submit`` gets exactly one result through ``emit``: an answer, ``busy`` when the queue is full or the
-request could not start within its budget, ``stale``, ``expired``, ``cancelled`` or an error saying why.
+request could not start within its budget, ``stale``, ``out_of_sync``, ``expired``, ``cancelled`` or an error
+saying why.
 No exception escapes the thread: a failure becomes the result of the request it belongs to.
 """
 
@@ -14,24 +16,26 @@ import dataclasses
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..budget import check_keep_ratio, check_latency_budget_ms, ratio_tokens
 from ..latency_budget import IN_LLM, PRE_LLM, BudgetChoice, LatencyModel, choose_keep_ratio
-from ..overlay import saliency_image
+from ..overlay import saliency_images
 from ..pipeline import Answer, Cancelled, InvalidRequest, OnStage, Pipeline, PipelineConfig, validate_image
 from ..pruning import ConfiguredSelector
-from ..result import RequestResult
+from ..result import CameraFrame, RequestResult, ViewTokens
+from .frames import SINGLE_CAMERA, SYNC_HISTORY, Frame, FrameStore, Pick
 from .requests import Request, loggable
+from .rviz import answer_caption
 
 MODES = ("budget", "fixed")
 # the statuses besides "ok" (an answer), grouped as /diagnostics reports them
 REFUSED = ("busy", "rejected", "expired")  # refused before the model ran
-FAILED = ("stale", "cancelled", "error")  # the request started but has no answer
+FAILED = ("stale", "out_of_sync", "cancelled", "error")  # the request started but has no answer
 FUTURE_STAMP_TOLERANCE_MS = 500.0  # more than clock jitter between machines: the clocks disagree
 FAR_PAST_STAMP_MS = 24 * 3600e3  # older than a day: the camera's clock is not set, not a stale frame
 STOP_JOIN_S = 5.0
@@ -55,6 +59,7 @@ class Settings:
     publish_saliency: bool = True
     saliency_max_side: int = 1280
     max_frame_age_ms: float = 1000.0
+    sync_tolerance_ms: float = 100.0
 
     def problems(self) -> list[str]:
         """Why these settings are unusable (empty when fine); ranges of single values are the descriptors' job."""
@@ -79,20 +84,6 @@ class Settings:
     def selector(self) -> ConfiguredSelector:
         """The selector the node runs: PTP with the ``alpha`` parameter, at the library's default stage."""
         return ConfiguredSelector("ptp", {"alpha": self.alpha})
-
-
-@dataclass
-class Frame:
-    """The newest camera frame, kept undecoded until a request needs it."""
-
-    stamp_ns: int
-    stamp: dict  # {"sec", "nanosec"}
-    frame_id: str
-    header: Any  # the message header, copied onto the saliency image
-    decode: Callable[[], np.ndarray]  # → RGB uint8; raises for a malformed frame
-    error: str | None = None  # set when the metadata check already failed on arrival
-    arrived: float = field(default_factory=time.monotonic)  # when the message arrived
-    used: bool = False
 
 
 def frame_freshness(
@@ -138,7 +129,10 @@ class Counters:
         self.last_error = ""
         self.last_latency_ms: float | None = None
         self.last_keep_ratio: float | None = None
-        self.last_frame_arrival: float | None = None
+        self.last_frame_arrival: float | None = None  # of any camera
+        self.camera_frames: Counter[str] = Counter()  # frames received, per camera
+        self.camera_dropped: Counter[str] = Counter()
+        self.camera_arrival: dict[str, float] = {}  # time.monotonic() of each camera's newest frame
         self.last_overload: float | None = None  # time.monotonic() of the last busy or expired result
         self._latencies: deque[float] = deque(maxlen=window)
         self._queue_waits: deque[float] = deque(maxlen=window)
@@ -151,6 +145,17 @@ class Counters:
     def error(self, text: str) -> None:
         with self._lock:
             self.last_error = loggable(text, 500)
+
+    def frame_arrived(self, frame: Frame, dropped: bool) -> None:
+        """A camera frame was kept; ``dropped``: it pushed out a frame no request used."""
+        with self._lock:
+            self.frames_received += 1
+            self.frames_invalid += int(frame.error is not None)
+            self.frames_dropped += int(dropped)
+            self.camera_frames[frame.camera] += 1
+            self.camera_dropped[frame.camera] += int(dropped)
+            self.camera_arrival[frame.camera] = frame.arrived
+            self.last_frame_arrival = frame.arrived
 
     def count(self, status: str) -> None:
         """One result went out with ``status``."""
@@ -196,10 +201,12 @@ class Job:
     received: float  # time.monotonic() when the instruction arrived
     cancel: threading.Event | None = None  # the request's own (an action goal's): set, this request alone stops
     on_stage: OnStage | None = None  # told each stage as the request enters it: "convert", then the pipeline's
+    on_frames: OnFrames | None = None  # told each camera's frame and token split once the split is known
 
 
+OnFrames = Callable[[dict[str, CameraFrame]], None]  # each camera's frame and token split, by camera
 Emit = Callable[[RequestResult], None]  # a request's one result
-EmitSaliency = Callable[[np.ndarray, Any], None]  # (BGR image, frame header)
+EmitSaliency = Callable[[np.ndarray, Any, str, bool], None]  # (BGR image, frame header, camera, of the default set)
 
 
 class RequestWorker:
@@ -219,12 +226,17 @@ class RequestWorker:
         max_instruction_chars: int = 2000,
         encode_cache_frames: int = 0,
         encode_reuse_threshold: float = 0.0,
+        cameras: Sequence[str] = (SINGLE_CAMERA,),
+        default_cameras: Sequence[str] = (),
     ):
         self.adapter = adapter
+        self.cameras = tuple(cameras)
+        self.default_cameras = tuple(default_cameras) or self.cameras[:1]  # a request without cameras meets these
         self.settings = settings
         self.counters = counters
         self.latency_model = latency_model or LatencyModel()
         self.total_tokens: int | None = None  # visual tokens of the last image; the camera's size rarely changes
+        self.view_tokens: dict[str, int] = {}  # visual tokens of each camera's last view
         self._emit, self._emit_saliency, self._now_ns = emit, emit_saliency, now_ns
         self._max_chars = max_instruction_chars
         self._encode_cache = {
@@ -236,8 +248,7 @@ class RequestWorker:
         self._queue_size = queue_size
         self._pending: deque[Job] = deque()  # waiting, oldest first; a withdrawn request leaves at once
         self._pending_cond = threading.Condition()  # guards _pending and the hand-over to _job
-        self._frame: Frame | None = None
-        self._frame_lock = threading.Lock()
+        self._frames = FrameStore(self.cameras, SYNC_HISTORY if len(self.cameras) > 1 else 1)
         self._accepting = False
         self._running_since: float | None = None  # time.monotonic() when the current request started
         self._job: Job | None = None  # the running one
@@ -250,12 +261,19 @@ class RequestWorker:
 
     # -- called from ROS callbacks: never blocks on the model ------------------------------------
     def put_frame(self, frame: Frame) -> None:
-        with self._frame_lock:
-            if self._frame is not None and not self._frame.used:
-                self.counters.add(frames_dropped=1)
-            self._frame = frame
-        self.counters.add(frames_received=1, frames_invalid=int(frame.error is not None))
-        self.counters.last_frame_arrival = frame.arrived
+        """Keep ``frame`` as its camera's newest (``frame.camera``, one of ``cameras``)."""
+        self.counters.frame_arrived(frame, dropped=self._frames.put(frame))
+
+    def resolve_cameras(self, request: Request) -> Request:
+        """``request`` with its cameras named: the default set when it names none; ``InvalidRequest`` naming the
+        known cameras when it names another."""
+        if not request.cameras:
+            return dataclasses.replace(request, cameras=self.default_cameras)
+        if unknown := [name for name in request.cameras if name not in self.cameras]:
+            raise InvalidRequest(
+                f"unknown camera(s) {', '.join(map(repr, unknown))}; this node's cameras: {', '.join(self.cameras)}"
+            )
+        return request
 
     def submit(
         self,
@@ -263,15 +281,21 @@ class RequestWorker:
         received: float,
         cancel: threading.Event | None = None,
         on_stage: OnStage | None = None,
+        on_frames: OnFrames | None = None,
     ) -> bool:
         """Queue ``request`` (True); when the queue is full, the worker is stopped or the request could not
         start within its own latency budget, answer at once (False).  Setting ``cancel`` cancels this request
         alone: it is answered ``cancelled`` when its turn comes, or stops at its next stage or token.
         ``on_stage`` is called with "convert" when the request leaves the queue to run (taking and decoding the
         frame), then with each of the pipeline's stages (``Pipeline.answer``); never for a request that does not
-        run."""
+        run.  ``on_frames`` is called once with each camera's frame and token split as soon as the split is known."""
         if not self._accepting:
             self._emit(self.counters.rejection(request.id, request.text, "not serving: the node is not active"))
+            return False
+        try:
+            request = self.resolve_cameras(request)
+        except InvalidRequest as exc:
+            self._emit(self.counters.rejection(request.id, request.text, f"invalid instruction: {loggable(str(exc))}"))
             return False
         if (overload := self._overloaded(request)) is not None:
             self._emit(self.counters.rejection(request.id, request.text, overload, status="busy"))
@@ -279,7 +303,7 @@ class RequestWorker:
         with self._pending_cond:
             full = len(self._pending) >= self._queue_size
             if not full:
-                self._pending.append(Job(request, received, cancel, on_stage))
+                self._pending.append(Job(request, received, cancel, on_stage, on_frames))
                 self._pending_cond.notify()
         if full:
             reason = f"busy: {self._queue_size} request(s) already waiting"
@@ -378,8 +402,7 @@ class RequestWorker:
             waiting, self._pending = list(self._pending), deque()
         for job in waiting:
             self._emit(self.counters.rejection(job.request.id, job.request.text, reason, status="cancelled"))
-        with self._frame_lock:
-            self._frame = None
+        self._frames.clear()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -419,13 +442,6 @@ class RequestWorker:
             self._pipelines[fallback] = Pipeline(self.adapter, config, reuse=self.encode_reuse)
         return self._pipelines[fallback]
 
-    def _take_frame(self) -> Frame | None:
-        with self._frame_lock:
-            frame = self._frame
-            if frame is not None:
-                frame.used = True
-            return frame
-
     def _serve(self, job: Job) -> None:
         started = time.monotonic()
         settings, request = self.settings, job.request
@@ -444,27 +460,14 @@ class RequestWorker:
             return self._fail(result, f"cancelled: {self._cancelled_why()} before it ran", status="cancelled")
         if job.on_stage is not None:
             job.on_stage("convert")
-        frame = self._take_frame()
-        if frame is None:
-            return self._fail(result, "no image received yet", status="error")
-        fields, warning, stale = frame_freshness(frame, self._now_ns(), started, settings.max_frame_age_ms)
-        result = dataclasses.replace(result, stamp=frame.stamp, frame_id=frame.frame_id, **fields)
-        if warning:
-            self.counters.add(frames_bad_stamp=1)
-        if stale:
-            return self._fail(result, stale, status="stale")
-        if frame.error is not None:
-            return self._fail(result, f"invalid image: {frame.error}", status="error")
-        try:
-            image = validate_image(frame.decode())  # decodes, but too small for any model is invalid too
-        except Exception as exc:  # noqa: BLE001 - decoders raise their own types (cv2.error, PIL errors)
-            self.counters.add(frames_invalid=1)
-            frame.error = str(exc)  # counted once: the next request that meets this frame is told without a decode
-            return self._fail(result, f"invalid image: {exc}", status="error")
+        pick = self._frames.take(request.cameras, settings.sync_tolerance_ms)
+        result, images, failure = self._frames_of(result, request.cameras, pick, started, settings)
+        if failure is not None:
+            return self._fail(result, *failure)
         converted = time.monotonic()
 
         max_new_tokens = request.max_new_tokens or settings.max_new_tokens
-        encode_fraction = self.pipeline(settings.selector).expected_encode_fraction(image, frame.frame_id)
+        encode_fraction = self.pipeline(settings.selector).expected_encode_fraction(images)
         mode, budget, choice = self._choose(
             request, settings, budget_ms, max_new_tokens, (converted - job.received) * 1e3, encode_fraction
         )
@@ -473,15 +476,16 @@ class RequestWorker:
         if choice is not None:
             result.predicted_ms, result.budget_feasible = round(choice.predicted_ms, 3), choice.feasible
             result.prune_stage, result.prune_stage_reason = prune_stage, choice.reason
+        on_views = None if job.on_frames is None else lambda views: job.on_frames(with_tokens(result.frames, views))
         try:
             answer = self.pipeline(settings.selector, prune_stage).answer(
-                image,
+                images,  # camera → frame, in the request's order: one prompt, one budget
                 request.text,
                 **budget,
                 max_new_tokens=max_new_tokens,
                 cancel=cancel,
                 on_stage=job.on_stage,
-                camera=frame.frame_id,
+                on_views=on_views,
             )
         except Cancelled as exc:
             return self._fail(result, f"cancelled: {self._cancelled_why()} ({exc})", status="cancelled")
@@ -492,12 +496,53 @@ class RequestWorker:
         done = time.monotonic()
         self.learn(answer, prune_stage)
         self._answered = True  # set before the result goes out: a planner's next request may come at once
+        result.frames = with_tokens(result.frames, answer.views)
+        self.view_tokens.update({view.name: view.total for view in answer.views})
         self._succeed(result, answer, job, started, converted, done, budget_ms)
         if settings.publish_saliency:
             drawing = time.monotonic()
-            overlay = saliency_image(image, answer.visual, answer.selection, max_side=settings.saliency_max_side)
-            self._emit_saliency(overlay, frame.header)
+            default = request.cameras == self.default_cameras
+            for camera, overlay in saliency_images(images, answer, settings.saliency_max_side).items():
+                self._emit_saliency(answer_caption(overlay, answer.text), pick.frames[camera].header, camera, default)
             self._saliency_ms = (time.monotonic() - drawing) * 1e3
+
+    def _frames_of(
+        self, result: RequestResult, cameras: tuple[str, ...], pick: Pick, started: float, settings: Settings
+    ) -> tuple[RequestResult, dict[str, np.ndarray], tuple[str, str] | None]:
+        """(``result`` with the frames ``pick`` found, their decoded images by camera, None) or (``result``, {},
+        (why, status)) when a camera has no usable frame: none yet, stale, out of sync with the others, invalid.
+        The result's ``stamp``, ``frame_id`` and ages are the first camera's, as on a one-camera node."""
+        named = len(self.cameras) > 1  # a one-camera node's messages stay as they were
+        if pick.missing:
+            where = f" from camera(s) {', '.join(pick.missing)}" if named else ""
+            return result, {}, (f"no image received yet{where}", "error")
+        if pick.spread_ms is not None:
+            why = (
+                f"out of sync: the newest frames of cameras {', '.join(cameras)} lie {pick.spread_ms:.0f} ms apart "
+                f"(sync_tolerance_ms {settings.sync_tolerance_ms:.0f}) and no older ones kept are closer"
+            )
+            return result, {}, (why, "out_of_sync")
+        frames = {camera: CameraFrame(f.stamp, f.frame_id) for camera, f in pick.frames.items()}
+        first = pick.frames[cameras[0]]
+        fields, _, _ = frame_freshness(first, self._now_ns(), started, settings.max_frame_age_ms)
+        result = dataclasses.replace(result, stamp=first.stamp, frame_id=first.frame_id, frames=frames, **fields)
+        images = {}
+        for camera, frame in pick.frames.items():
+            _, warning, stale = frame_freshness(frame, self._now_ns(), started, settings.max_frame_age_ms)
+            prefix = f"camera {camera}: " if named else ""
+            if warning:
+                self.counters.add(frames_bad_stamp=1)
+            if stale:
+                return result, {}, (prefix + stale, "stale")
+            if frame.error is not None:
+                return result, {}, (f"{prefix}invalid image: {frame.error}", "error")
+            try:
+                images[camera] = validate_image(frame.decode())  # decodes; too small for any model is invalid too
+            except Exception as exc:  # noqa: BLE001 - decoders raise their own types (cv2.error, PIL errors)
+                self.counters.add(frames_invalid=1)
+                frame.error = str(exc)  # counted once: the next request meeting this frame is told without a decode
+                return result, {}, (f"{prefix}invalid image: {exc}", "error")
+        return result, images, None
 
     def _cancelled_why(self) -> str:
         return self._cancel_reason if self._cancel.is_set() else CANCELLED_BY_CLIENT
@@ -512,7 +557,7 @@ class RequestWorker:
         encode_fraction: float = 1.0,
     ) -> tuple[str, dict, BudgetChoice | None]:
         """(mode used, the budget as ``Pipeline.answer``'s keep_ratio= or tokens=, the budget choice when the
-        latency budget decided; ``encode_fraction`` of the frame's views are expected to need the encoder).  A
+        latency budget decided; ``encode_fraction`` of the frames' tiles are expected to need the encoder).  A
         request's own keep_ratio wins; a request's own latency budget asks for budget mode even when the node runs
         fixed.  Budget mode passes the token count it chose, so nothing is
         rounded twice; below the floor of the configured in-LLM pruning it prunes before the LLM instead."""
@@ -525,19 +570,21 @@ class RequestWorker:
         choice = choose_keep_ratio(
             self.latency_model,
             budget_ms - spent_ms,
-            self.total_tokens,
+            sum(self.view_tokens.get(camera, self.total_tokens) for camera in request.cameras),
             self.latency_model.expected_new_tokens(max_new_tokens),
             settings.keep_ratio_min,
             settings.keep_ratio_max,
             [configured, PRE_LLM] if configured == IN_LLM else [configured],
-            encode_fraction,
+            views=len(request.cameras),
+            encode_fraction=encode_fraction,
         )
         return "budget", {"tokens": choice.tokens}, choice
 
     def learn(self, answer: Answer, prune_stage: str | None = None, track_error: bool = True) -> None:
         """Fit ``answer``'s stage times into the latency model, under the prune stage that ran it (default: the
         configured one); with ``track_error`` the model's prediction for it counts in its reported error."""
-        self.total_tokens = answer.selection.total
+        if len(answer.view_names) == 1:  # the one-view size; several views' are summed per request (_choose)
+            self.total_tokens = answer.selection.total
         self.latency_model.observe(
             answer.selection.num_kept,
             answer.selection.total,
@@ -545,7 +592,8 @@ class RequestWorker:
             answer.new_tokens,
             prune_stage or prune_stage_of(self.pipeline(self.settings.selector)),
             track_error,
-            1.0 - answer.encode_reused,
+            views=len(answer.view_names),
+            encode_fraction=1.0 - answer.encode_reused,
         )
 
     def _succeed(
@@ -576,6 +624,15 @@ class RequestWorker:
 
     def _fail(self, result: RequestResult, reason: str, status: str) -> None:
         self._emit(self.counters.failure(result, reason, status))
+
+
+def with_tokens(frames: dict[str, CameraFrame], views: tuple[ViewTokens, ...]) -> dict[str, CameraFrame]:
+    """``frames`` (by camera) with each camera's view's kept and total visual tokens."""
+    tokens = {view.name: (view.kept, view.total) for view in views}
+    return {
+        camera: dataclasses.replace(frame, visual_tokens_kept=tokens[camera][0], visual_tokens_total=tokens[camera][1])
+        for camera, frame in frames.items()
+    }
 
 
 def prune_stage_of(pipeline: Pipeline) -> str:

@@ -10,23 +10,33 @@ code which only reads an adapter's results imports torch and the pruning types, 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ..pruning import TokenScores
+from ..pruning import TokenScores, concat_views, view_parts
 
 
 @dataclass
 class PreparedInput:
-    """One image + instruction after the model's processor: the adapter's own tensors, opaque outside."""
+    """One prompt — one or several images (camera views, in prompt order) + instruction — after the model's
+    processor: the adapter's own tensors, opaque outside."""
 
     inputs: Any  # the processor's BatchFeature, on the model's device
-    image_size: tuple[int, int]  # (height, width) of the original image
+    image_sizes: tuple[tuple[int, int], ...]  # (height, width) of every original image
     instruction: str
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the one image of a single-view prompt."""
+        if len(self.image_sizes) != 1:
+            raise ValueError(f"the prompt holds {len(self.image_sizes)} images, not one")
+        return self.image_sizes[0]
 
 
 @dataclass
@@ -36,6 +46,10 @@ class VisualTokens:
     ``token_boxes[i]`` is the image area token i looks at, (x0, y0, x1, y1) in pixels of the original
     image (NaN for structural tokens such as row newlines); ``region_boxes`` likewise per region.
     ``grid_shape[r]`` is the (rows, cols) token grid of region r, for drawing.
+
+    Several views in one prompt: the fields run over all of them, view after view (each token's box in its own
+    view's pixels, ``image_size`` the first view's, ``scores`` from ``concat_views``), and ``views`` holds each
+    view's own ``VisualTokens`` (``view(i)``); a single view has none.
     """
 
     features: torch.Tensor  # [N, D]
@@ -45,10 +59,43 @@ class VisualTokens:
     region_names: list[str]
     image_size: tuple[int, int]
     extras: dict = field(default_factory=dict)
+    views: tuple[VisualTokens, ...] = ()
 
     @property
     def num_tokens(self) -> int:
         return int(self.features.shape[0])
+
+    @property
+    def num_views(self) -> int:
+        return max(1, len(self.views))
+
+    def view(self, index: int) -> VisualTokens:
+        """View ``index``'s own tokens, with the scores (relevance, features) these tokens hold now."""
+        if not self.views:
+            if index != 0:
+                raise IndexError(f"view {index} of a single view")
+            return self
+        return dataclasses.replace(self.views[index], scores=view_parts(self.scores)[index])
+
+
+def join_views(views: Sequence[VisualTokens], per_token_extras: Sequence[str] = ()) -> VisualTokens:
+    """Several views' tokens as one ``VisualTokens`` in prompt order (``views`` keeps each; the ``per_token_extras``,
+    lists of per-token [N, D] tensors, joined item by item); one view as it is."""
+    if len(views) == 1:
+        return views[0]
+    extras = {k: v for k, v in views[0].extras.items() if k == "vision_layer"}
+    for key in per_token_extras:
+        extras[key] = [torch.cat(items) for items in zip(*(v.extras[key] for v in views))]
+    return VisualTokens(
+        features=torch.cat([v.features for v in views]),
+        scores=concat_views([v.scores for v in views]),
+        token_boxes=torch.cat([v.token_boxes for v in views]),
+        region_boxes=torch.cat([v.region_boxes for v in views]),
+        region_names=[name for v in views for name in v.region_names],
+        image_size=views[0].image_size,
+        extras=extras,
+        views=tuple(views),
+    )
 
 
 @dataclass
@@ -70,18 +117,22 @@ class VisionLanguageAdapter(Protocol):
     """Encode → score → (select outside) → generate, for one model family.
 
     What a family can do beyond that is declared, not probed: ``supports_downscaling`` (``downscaled``
-    works: its processor reads any resolution) and ``region_scores`` (the ``region_score`` options it
-    offers; empty when its options have none).
+    works: its processor reads any resolution), ``supports_views`` (several images in one prompt) and
+    ``region_scores`` (the ``region_score`` options it offers; empty when its options have none).
     """
 
     name: str  # the config.json ``model_type`` it loads: its key in ``families.ADAPTERS``
     supports_downscaling: bool
+    supports_views: bool
     region_scores: tuple[str, ...]
     device: torch.device
     dtype: torch.dtype
     options: Any  # the family's frozen options dataclass
 
-    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput: ...
+    def prepare(self, image: np.ndarray | Sequence[np.ndarray], instruction: str) -> PreparedInput:
+        """One RGB image, or several (camera views, one prompt with an image each, in order) where the family
+        ``supports_views``."""
+        ...
 
     def encode(self, prepared: PreparedInput) -> VisualTokens: ...
 

@@ -14,6 +14,9 @@ saliency, region scores: its ``VisualTokens``) depends on the frame's pixels alo
   reuse at threshold 0 is exact.  Where they are not (Qwen2.5-VL: window attention over the whole image), the
   frame is one view: reused whole or encoded whole.
 
+A prompt over several cameras (``Pipeline.answer`` with a camera → frame mapping) holds each camera's frame as its
+own entry, its view memory under the camera's name.
+
 Both are bounded by one size: at most ``frames`` frames and ``frames`` cameras are held (least recently used
 go first).  ``ViewReuse`` is the hook one adapter ``encode`` takes to skip the tower for reused views.
 """
@@ -24,6 +27,7 @@ import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -224,8 +228,12 @@ class EncodeReuse:
             views = self._cameras.get(camera)
         return 1.0 if views is None else views.encoded_fraction
 
-    def encode(self, prepared: PreparedInput, image: np.ndarray, camera: str = "") -> tuple[VisualTokens, float]:
-        """(``prepared``'s visual tokens, the fraction of its views reused: 1 for a frame in the cache)."""
+    def encode(
+        self, prepared: PreparedInput | Callable[[], PreparedInput], image: np.ndarray, camera: str = ""
+    ) -> tuple[VisualTokens, float]:
+        """(``prepared``'s visual tokens, the fraction of its views reused: 1 for a frame in the cache).
+        ``prepared`` is the prompt of ``image`` alone, or what makes it (called only when the frame is not cached:
+        a camera of a several-camera prompt)."""
         key = frame_digest(image)
         with self._lock:
             self.stats.frames += 1
@@ -233,7 +241,7 @@ class EncodeReuse:
                 self._frames.move_to_end(key)
                 self.stats.frame_hits += 1
                 return dataclasses.replace(cached), 1.0
-            visual, reused = self._encode_views(prepared, camera)
+            visual, reused = self._encode_views(prepared if isinstance(prepared, PreparedInput) else prepared(), camera)
             self._frames[key] = visual
             while len(self._frames) > self.frames:
                 self._frames.popitem(last=False)

@@ -15,13 +15,15 @@ stock ``generate(mm_encoder_outputs=...)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from transformers import InternVLForConditionalGeneration, InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from .attention import ClsAttentionProbe
-from .base import PreparedInput, VisualTokens
+from .base import PreparedInput, VisualTokens, join_views
 from .encode_cache import ViewReuse
 from .families import register_adapter
 from .stock_adapter import TiledClsAdapter, TiledModelOptions, grid_names, prepare_image_prompt
@@ -50,50 +52,70 @@ class InternVLAdapter(TiledClsAdapter):
         )
 
     # -- 0. inputs ---------------------------------------------------------------------------------
-    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
-        """RGB uint8 [H, W, 3] + instruction → the processor's tensors on the model's device."""
-        fallback = self.processor.image_token + "\n{instruction}"
-        return prepare_image_prompt(self.processor, image, instruction, fallback, self.device, self.dtype)
+    def prepare(self, image: np.ndarray | Sequence[np.ndarray], instruction: str) -> PreparedInput:
+        """RGB uint8 [H, W, 3] image(s) + instruction → the processor's tensors on the model's device."""
+        image_text = self.processor.image_token + "\n"
+        return prepare_image_prompt(
+            self.processor, image, instruction, image_text, "{images}{instruction}", self.device, self.dtype
+        )
 
     # -- 1. encode, with bottom-up saliency --------------------------------------------------------
     @torch.no_grad()
     def encode(self, prepared: PreparedInput, views: ViewReuse | None = None) -> VisualTokens:
-        """``views``: which tiles to run through the tower, the rest reused (vlm/encode_cache.py); all by default."""
+        """Every image's tiles through the tower in one batch, then each image's tokens laid out on its own.
+        ``views``: which tiles to run through the tower, the rest reused (vlm/encode_cache.py); all by default."""
         views = views or ViewReuse()
         with (
             ClsAttentionProbe(self._vision_attention, query="q_norm", key="k_norm") as probe,
             self.reusing(views),
         ):
             out = self.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"], return_dict=True)
-        features = out.pooler_output.reshape(-1, out.pooler_output.shape[-1])  # [tiles·256, D]
-        cls_attention = views.rows("cls_attention", probe.cls_attention().cpu())  # [tiles, 1024]
+        cls_attention = views.rows("cls_attention", probe.cls_attention().cpu())  # [tiles of every image, 1024]
         cls_states = views.rows("cls_states", probe.cls_query_states().cpu())
-        rows, cols = self.tile_grid(prepared.image_size)
+        grids = [self.tile_grid(size) for size in prepared.image_sizes]
+        counts = [rows * cols + int(rows * cols > 1) for rows, cols in grids]
+        if cls_attention.shape[0] != sum(counts):
+            raise RuntimeError(f"{cls_attention.shape[0]} tiles encoded, the views' canvases imply {sum(counts)}")
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return join_views(
+            [
+                self._view_tokens(
+                    out.pooler_output[start : start + n].reshape(-1, out.pooler_output.shape[-1]),
+                    cls_attention[start : start + n],
+                    cls_states[start : start + n],
+                    grid,
+                    size,
+                )
+                for start, n, grid, size in zip(starts, counts, grids, prepared.image_sizes)
+            ]
+        )
+
+    def _view_tokens(
+        self,
+        features: torch.Tensor,
+        cls_attention: torch.Tensor,
+        cls_states: torch.Tensor,
+        grid: tuple[int, int],
+        size: tuple[int, int],
+    ) -> VisualTokens:
+        """One view's ``VisualTokens`` from its features [tiles·256, D] and its tiles' [CLS] rows (the thumbnail
+        last, when the view was cut into more than one tile)."""
+        rows, cols = grid
         num_grid = rows * cols
         has_thumbnail = cls_attention.shape[0] == num_grid + 1
-        if cls_attention.shape[0] != num_grid + int(num_grid > 1):
-            raise RuntimeError(
-                f"{cls_attention.shape[0]} tiles encoded, the {rows}×{cols} canvas implies "
-                f"{num_grid + int(num_grid > 1)}"
-            )
         saliency, token_rc = self.pooled_patch_scores(cls_attention)  # [tiles, 256], [tiles, 256, 2]
         region = torch.arange(cls_attention.shape[0]).repeat_interleave(saliency.shape[1])
-        token_boxes, region_boxes = self._boxes(token_rc, (rows, cols), prepared.image_size)
+        token_boxes, region_boxes = self._boxes(token_rc, (rows, cols), size)
         if has_thumbnail:
             tiles, glob = self.tile_logits(
-                cls_attention,
-                cls_states,
-                region_boxes[:num_grid],
-                prepared.image_size,
-                slice(0, num_grid),
-                num_grid,
+                cls_attention, cls_states, region_boxes[:num_grid], size, slice(0, num_grid), num_grid
             )
             logits = torch.cat([tiles, glob.reshape(1)])
         else:
             logits = torch.zeros(1)
         names = grid_names("tile", rows, cols) + (["thumbnail"] if has_thumbnail else [])
         return self.visual_tokens(
-            prepared,
+            size,
             features,
             region=region,
             saliency=saliency.reshape(-1),

@@ -9,6 +9,8 @@ placeholders from ``input_ids`` → stock ``generate(mm_encoder_outputs=...)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from transformers import LlavaNextForConditionalGeneration
@@ -16,7 +18,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from ..pruning import NO_REGION
 from .attention import ClsAttentionProbe
-from .base import PreparedInput, VisualTokens
+from .base import PreparedInput, VisualTokens, join_views
 from .encode_cache import ViewReuse
 from .families import register_adapter
 from .stock_adapter import TILE_REGION_SCORES as REGION_SCORES  # noqa: F401  (kept importable from here)
@@ -28,7 +30,7 @@ from .stock_adapter import (
     prepare_image_prompt,
 )
 
-_FALLBACK_PROMPT = "USER: <image>\n{instruction} ASSISTANT:"
+_FALLBACK_PROMPT = "USER: {images}{instruction} ASSISTANT:"
 
 #: PTP's knobs for LLaVA-NeXT: those of every tiled model with [CLS] tokens.
 LlavaNextOptions = TiledModelOptions
@@ -54,31 +56,48 @@ class LlavaNextAdapter(TiledClsAdapter):
         )
 
     # -- 0. inputs ---------------------------------------------------------------------------------
-    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
-        """RGB uint8 [H, W, 3] + instruction → the processor's tensors on the model's device."""
-        return prepare_image_prompt(self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype)
+    def prepare(self, image: np.ndarray | Sequence[np.ndarray], instruction: str) -> PreparedInput:
+        """RGB uint8 [H, W, 3] image(s) + instruction → the processor's tensors on the model's device."""
+        return prepare_image_prompt(
+            self.processor, image, instruction, "<image>\n", _FALLBACK_PROMPT, self.device, self.dtype
+        )
 
     # -- 1. encode, with bottom-up saliency --------------------------------------------------------
     @torch.no_grad()
     def encode(self, prepared: PreparedInput, views: ViewReuse | None = None) -> VisualTokens:
-        """``views``: which tiles to run through the tower, the rest reused (vlm/encode_cache.py); all by default."""
+        """Every image's tiles through the tower in one batch, then each image's tokens laid out on its own.
+        ``views``: which tiles to run through the tower, the rest reused (vlm/encode_cache.py); all by default."""
         inputs = prepared.inputs
         views = views or ViewReuse()
         with ClsAttentionProbe(self._vision_attention) as probe, self.reusing(views):
             out = self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
             )
-        features = out.pooler_output[0]
-        cls_attention = views.rows("cls_attention", probe.cls_attention().cpu())  # [tiles, 576], tile 0 = global view
-        cls_states = views.rows("cls_states", probe.cls_query_states().cpu())
-        layout = self._packed_layout(cls_attention, inputs["image_sizes"][0].cpu())
-        grid = self._grid_shape(inputs["image_sizes"][0])
-        token_boxes, region_boxes = self._boxes(layout, grid, prepared.image_size)
-        tiles, global_logit = self.tile_logits(
-            cls_attention, cls_states, region_boxes[1:], prepared.image_size, slice(1, None), 0
-        )
+        cls_attention = views.rows("cls_attention", probe.cls_attention().cpu())  # [tiles of every image, 576]
+        cls_states = views.rows("cls_states", probe.cls_query_states().cpu())  # each image's global view first
+        images, first = [], 0
+        for features, image_size, size in zip(out.pooler_output, inputs["image_sizes"].cpu(), prepared.image_sizes):
+            grid = self._grid_shape(image_size)
+            tiles = slice(first, first + grid[0] * grid[1] + 1)
+            first = tiles.stop
+            images.append(self._view_tokens(features, cls_attention[tiles], cls_states[tiles], image_size, grid, size))
+        return join_views(images)
+
+    def _view_tokens(
+        self,
+        features: torch.Tensor,
+        cls_attention: torch.Tensor,
+        cls_states: torch.Tensor,
+        image_size: torch.Tensor,
+        grid: tuple[int, int],
+        size: tuple[int, int],
+    ) -> VisualTokens:
+        """One view's ``VisualTokens`` from its packed features and its tiles' [CLS] rows (tile 0 = global view)."""
+        layout = self._packed_layout(cls_attention, image_size)
+        token_boxes, region_boxes = self._boxes(layout, grid, size)
+        tiles, global_logit = self.tile_logits(cls_attention, cls_states, region_boxes[1:], size, slice(1, None), 0)
         return self.visual_tokens(
-            prepared,
+            size,
             features,
             region=layout[:, 0],
             saliency=layout[:, 3],

@@ -19,6 +19,7 @@ blocks the whole image, so no part of it encodes alone (``independent_views`` st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,11 +31,11 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..pruning.region_saliency import mass_logits
 from .attention import ReceivedAttentionProbe
-from .base import PreparedInput, VisualTokens
+from .base import PreparedInput, VisualTokens, join_views
 from .families import register_adapter
 from .stock_adapter import StockModelAdapter, grid_names, paper_vision_layer, prepare_image_prompt, raster_grid
 
-_FALLBACK_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>{instruction}"
+_IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>"  # one image's part of a prompt without a chat template
 
 
 #: The most visual tokens a resolution option may ask for: the published checkpoints' own cap (Qwen2.5-VL's
@@ -172,7 +173,7 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         return type(self)(self.model, self.processor, options)
 
     # -- 0. inputs ---------------------------------------------------------------------------------
-    def prepare(self, image: np.ndarray, instruction: str) -> PreparedInput:
+    def prepare(self, image: np.ndarray | Sequence[np.ndarray], instruction: str) -> PreparedInput:
         options = self.options
         kwargs = (
             {}
@@ -180,22 +181,47 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
             else resolution_kwargs(self.processor.image_processor, options.max_pixels, options.min_pixels)
         )
         return prepare_image_prompt(
-            self.processor, image, instruction, _FALLBACK_PROMPT, self.device, self.dtype, **kwargs
+            self.processor,
+            image,
+            instruction,
+            _IMAGE_PROMPT,
+            "{images}{instruction}",
+            self.device,
+            self.dtype,
+            **kwargs,
         )
 
     # -- 1. encode, with bottom-up saliency --------------------------------------------------------
     @torch.no_grad()
     def encode(self, prepared: PreparedInput) -> VisualTokens:
+        """Every view through the tower in one packed sequence (full attention stays inside each view), then each
+        view's tokens laid out on its own."""
         grid_thw = prepared.inputs["image_grid_thw"]
         with ReceivedAttentionProbe(self._vision_attention) as probe:
             out = self.model.model.get_image_features(
                 pixel_values=prepared.inputs["pixel_values"], image_grid_thw=grid_thw, return_dict=True
             )
-        features = out.pooler_output[0]  # [N, D], raster order over the merged grid
-        saliency = self.token_saliency(probe.received().cpu(), grid_thw.cpu())
+        saliency = self.token_saliency(probe.received().cpu(), grid_thw.cpu())  # every view's, raster order each
+        per_view = saliency.split([int(f.shape[0]) for f in out.pooler_output])
+        views = [
+            self._view_tokens(features, view_saliency, grid_thw[i : i + 1], size, self.feature_extras(out, i))
+            for i, (features, view_saliency, size) in enumerate(zip(out.pooler_output, per_view, prepared.image_sizes))
+        ]
+        return join_views(views, self.per_token_extras)
+
+    def _view_tokens(
+        self,
+        features: torch.Tensor,
+        saliency: torch.Tensor,
+        grid_thw: torch.Tensor,
+        size: tuple[int, int],
+        extras: dict,
+    ) -> VisualTokens:
+        """One view's ``VisualTokens`` from its features [N, D] and token saliency [N], both in raster order, and
+        its ``feature_extras``."""
         rows, cols = self.token_grid(grid_thw)
         region, names, region_rc = self._regions(rows, cols)
-        token_boxes = self._token_boxes(rows, cols, prepared.image_size)
+        token_boxes = self._token_boxes(rows, cols, size)
         region_boxes = torch.stack(
             [
                 torch.cat([token_boxes[region == r, :2].amin(0), token_boxes[region == r, 2:].amax(0)])
@@ -204,7 +230,7 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
         )
         mass = torch.zeros(len(names), dtype=torch.float64).index_add_(0, region, saliency.double())
         return self.visual_tokens(
-            prepared,
+            size,
             features,
             region=region,
             saliency=saliency,
@@ -215,11 +241,12 @@ class Qwen2_5_VLAdapter(StockModelAdapter):
             region_names=names,
             grid=region_rc,
             token_grid=(rows, cols),
-            **self.feature_extras(out),
+            **extras,
         )
 
-    def feature_extras(self, encoded) -> dict:
-        """What else of the tower's output (``get_image_features``) ``generate`` needs, per token, in ``extras``."""
+    def feature_extras(self, encoded, view: int) -> dict:
+        """What else of the tower's output (``get_image_features``) ``generate`` needs, per token of image ``view``,
+        in ``extras`` (those named in ``per_token_extras``: lists of [N, D] tensors, joined across views)."""
         return {}
 
     def token_grid(self, grid_thw: torch.Tensor) -> tuple[int, int]:

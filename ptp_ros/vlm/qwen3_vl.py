@@ -53,9 +53,11 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         """Per-patch received attention, already in merge-block raster order → per-token sums."""
         return received.view(-1, self.model.model.visual.spatial_merge_unit).sum(dim=1)
 
-    def feature_extras(self, encoded) -> dict:
-        """The DeepStack features, one [N, D] per level, in the tokens' order."""
-        return {"deepstack": [level[0] for level in encoded.deepstack_features]}
+    per_token_extras = ("deepstack",)
+
+    def feature_extras(self, encoded, view: int) -> dict:
+        """Image ``view``'s DeepStack features, one [N, D] per level, in the tokens' order."""
+        return {"deepstack": [level[view] for level in encoded.deepstack_features]}
 
     @staticmethod
     def _deepstack(visual: VisualTokens, kept: torch.Tensor | None) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ through what that is.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,25 +58,31 @@ def vision_layer_index(choice: int | str, num_layers: int, feature_layer: int) -
 
 def prepare_image_prompt(
     processor,
-    image: np.ndarray,
+    images: np.ndarray | Sequence[np.ndarray],
     instruction: str,
+    fallback_image: str,
     fallback_prompt: str,
     device: torch.device,
     dtype: torch.dtype,
     **processor_kwargs,
 ) -> PreparedInput:
-    """RGB uint8 [H, W, 3] + instruction → the processor's tensors on ``device``, pixels in ``dtype``.
+    """RGB uint8 [H, W, 3] image(s) + instruction → the processor's tensors on ``device``, pixels in ``dtype``;
+    several images (camera views) go into one prompt, one image entry each, in order.
 
-    Uses the processor's chat template when it has one, else ``fallback_prompt`` (``{instruction}``).
+    Uses the processor's chat template when it has one, else ``fallback_prompt`` (``{images}{instruction}``,
+    ``{images}`` being ``fallback_image`` once per image).
     """
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    images = [images] if isinstance(images, np.ndarray) else list(images)
+    content = [*({"type": "image"} for _ in images), {"type": "text", "text": instruction}]
     if getattr(processor, "chat_template", None):
-        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     else:
-        prompt = fallback_prompt.format(instruction=instruction)
-    inputs = processor(images=Image.fromarray(image), text=prompt, return_tensors="pt", **processor_kwargs).to(device)
+        prompt = fallback_prompt.format(images=fallback_image * len(images), instruction=instruction)
+    pil = [Image.fromarray(image) for image in images]
+    inputs = processor(images=pil, text=prompt, return_tensors="pt", **processor_kwargs).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return PreparedInput(inputs=inputs, image_size=(int(image.shape[0]), int(image.shape[1])), instruction=instruction)
+    sizes = tuple((int(image.shape[0]), int(image.shape[1])) for image in images)
+    return PreparedInput(inputs=inputs, image_sizes=sizes, instruction=instruction)
 
 
 def placeholder_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -176,6 +183,10 @@ class StockModelAdapter:
     processor_needing_shim: ClassVar[type | None] = None
     #: ``downscaled`` works: the processor reads the image at any resolution (the baseline pruning must beat)
     supports_downscaling: ClassVar[bool] = False
+    #: several images (camera views) in one prompt: ``prepare`` takes a list, ``encode`` encodes them in one batch
+    supports_views: ClassVar[bool] = True
+    #: ``VisualTokens.extras`` that hold lists of per-token [N, D] tensors (``base.join_views`` joins them)
+    per_token_extras: ClassVar[tuple[str, ...]] = ()
     #: the ``region_score`` options the family's options offer (empty: it has no such option)
     region_scores: ClassVar[tuple[str, ...]] = ()
     #: each view (tile, global view) is its own vision-tower forward, so ``encode`` takes a ``ViewReuse`` plan that
@@ -243,7 +254,7 @@ class StockModelAdapter:
 
     def visual_tokens(
         self,
-        prepared: PreparedInput,
+        image_size: tuple[int, int],
         features: torch.Tensor,
         *,
         region: torch.Tensor,
@@ -255,9 +266,10 @@ class StockModelAdapter:
         region_names: list[str],
         **extras,
     ) -> VisualTokens:
-        """The end of every ``encode``: the family's token layout (``region`` [N] per token, bottom-up
+        """The end of every view's ``encode``: the family's token layout (``region`` [N] per token, bottom-up
         ``saliency`` [N], ``region_saliency`` logits [R], boxes, names) checked against the ``features``
-        [N, D] the model produced, as ``VisualTokens`` (``extras`` plus the ``vision_layer``)."""
+        [N, D] the model produced for the view of ``image_size``, as ``VisualTokens`` (``extras`` plus the
+        ``vision_layer``); ``base.join_views`` joins the views of one prompt."""
         if region.shape[0] != features.shape[0]:
             raise RuntimeError(f"token layout ({region.shape[0]}) and features ({features.shape[0]}) disagree")
         scores = TokenScores(
@@ -272,7 +284,7 @@ class StockModelAdapter:
             token_boxes=token_boxes,
             region_boxes=region_boxes,
             region_names=region_names,
-            image_size=prepared.image_size,
+            image_size=image_size,
             extras={**extras, "vision_layer": self.vision_layer},
         )
 
