@@ -389,6 +389,9 @@ class LaunchProcess:
             stderr=subprocess.STDOUT,
             cwd=log_path.parent,
             start_new_session=True,
+            # a shell's background job starts with SIGINT ignored, and the launch service hears signals only
+            # through Python's own handler, which Python does not install for an ignored signal
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     def log(self) -> str:
