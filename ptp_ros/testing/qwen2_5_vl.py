@@ -19,6 +19,22 @@ QWEN_SPECIAL_TOKENS = {
 }
 
 
+def qwen_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen-VL configs' special-token id arguments, for ``tokenizer``."""
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in QWEN_SPECIAL_TOKENS.items()}
+    return {
+        f"{name}_id": ids[name] for name in ("image_token", "video_token", "vision_start_token", "vision_end_token")
+    }
+
+
+#: What the chat template's image slot becomes in a Qwen-VL prompt.
+QWEN_IMAGE_PLACEHOLDER = (
+    QWEN_SPECIAL_TOKENS["vision_start_token"]
+    + QWEN_SPECIAL_TOKENS["image_token"]
+    + QWEN_SPECIAL_TOKENS["vision_end_token"]
+)
+
+
 def tiny_qwen2_5_vl_config(
     tokenizer,
     *,
@@ -48,28 +64,19 @@ def tiny_qwen2_5_vl_config(
         **toy_text_config(len(tokenizer), text_width, text_layers),
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
     )
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in QWEN_SPECIAL_TOKENS.items()}
     return Qwen2_5_VLConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=ids["image_token"],
-        video_token_id=ids["video_token"],
-        vision_start_token_id=ids["vision_start_token"],
-        vision_end_token_id=ids["vision_end_token"],
+        **qwen_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
 
 
 def qwen2_5_vl_processor(tokenizer, config=None) -> Qwen2_5_VLProcessor:
-    placeholder = (
-        QWEN_SPECIAL_TOKENS["vision_start_token"]
-        + QWEN_SPECIAL_TOKENS["image_token"]
-        + QWEN_SPECIAL_TOKENS["vision_end_token"]
-    )
     return hide_video_processor(Qwen2_5_VLProcessor)(
         image_processor=Qwen2VLImageProcessorPil(),
         tokenizer=tokenizer,
-        chat_template=VICUNA_STYLE_TEMPLATE.replace("<image>", placeholder),
+        chat_template=VICUNA_STYLE_TEMPLATE.replace("<image>", QWEN_IMAGE_PLACEHOLDER),
     )
 
 

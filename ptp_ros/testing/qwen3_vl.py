@@ -10,7 +10,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from ..vlm.compat import hide_video_processor
 from .common import VICUNA_STYLE_TEMPLATE, TinyFamily, register_fixture, toy_text_config
-from .qwen2_5_vl import QWEN_SPECIAL_TOKENS
+from .qwen2_5_vl import QWEN_IMAGE_PLACEHOLDER, QWEN_SPECIAL_TOKENS, qwen_token_ids
 
 #: The merged-token side (16-px patches, 2×2 merge) and the fixture's cap, in tokens (the published
 #: preprocessor allows 16384): a 1920×1080 frame becomes 18×33 = 594 tokens.
@@ -54,24 +54,15 @@ def tiny_qwen3_vl_config(
             "mrope_interleaved": True,
         },
     )
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in QWEN_SPECIAL_TOKENS.items()}
     return Qwen3VLConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=ids["image_token"],
-        video_token_id=ids["video_token"],
-        vision_start_token_id=ids["vision_start_token"],
-        vision_end_token_id=ids["vision_end_token"],
+        **qwen_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
 
 
 def qwen3_vl_processor(tokenizer, config=None) -> Qwen3VLProcessor:
-    placeholder = (
-        QWEN_SPECIAL_TOKENS["vision_start_token"]
-        + QWEN_SPECIAL_TOKENS["image_token"]
-        + QWEN_SPECIAL_TOKENS["vision_end_token"]
-    )
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=16,
         merge_size=2,
@@ -83,7 +74,7 @@ def qwen3_vl_processor(tokenizer, config=None) -> Qwen3VLProcessor:
     return hide_video_processor(Qwen3VLProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=VICUNA_STYLE_TEMPLATE.replace("<image>", placeholder),
+        chat_template=VICUNA_STYLE_TEMPLATE.replace("<image>", QWEN_IMAGE_PLACEHOLDER),
     )
 
 
