@@ -25,7 +25,8 @@ def test_one_two_camera_pair_reports_every_split_paired(proxy, tmp_path):
     for row in rows:
         cell = row["0.111"]
         assert cell["budget"] == round(0.111 * sum(row["view_tokens"]))
-        assert all(0.0 <= cell[split]["recall"] <= 1.0 for split in ("shared", "equal", "alone"))
+        assert all(0.0 <= cell[split]["recall"] <= 1.0 for split in ("shared", "equal", "alone", "random"))
+        assert cell["random"]["target_view_kept"] <= cell["budget"]
         assert abs(2 * cell["equal"]["target_view_kept"] - cell["budget"]) <= 1  # half each
     agreement = {"bare": (0.5, 0.1, 0.9), "named": (0.5, 0.1, 0.9), "agree": 2, "n": 2}  # measured in test_views
     meta = {"command": "ptp-eval --multicamera (test)", "model": "proxy", "split": "test", "device": "cpu"}
@@ -33,6 +34,9 @@ def test_one_two_camera_pair_reports_every_split_paired(proxy, tmp_path):
     write(build(rows, agreement, meta | {"seconds": 1.0}), tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data["paired"]) == {"0.111"} and data["questions"] == len(rows)
+    # every split is paired with the random control at the same budget
+    assert {"shared - random", "equal - random", "alone - random"} <= set(data["paired"]["0.111"])
+    assert "random (control)" in (tmp_path / "results.md").read_text()
     mean, _, _ = data["paired"]["0.111"]["shared - equal"]
     assert mean == pytest.approx(
         sum(r["0.111"]["shared"]["recall"] - r["0.111"]["equal"]["recall"] for r in rows) / len(rows)

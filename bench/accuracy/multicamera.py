@@ -5,7 +5,9 @@ scene holding no object of the asked shape is the other (so the answer is the sa
 camera alternating between the first and the second image of the prompt.  At a shared budget of 11.1 % of both
 views' tokens, each camera split of PTP (``view_split``: shared, equal, alone) keeps some of the target's tile
 tokens; the target recall (as ``ptp-eval`` counts it: the kept share of the tile tokens overlapping the question's
-target objects) is paired question by question, with a 95 % interval on the mean difference.
+target objects) is paired question by question, with a 95 % interval on the mean difference.  The control row,
+``random``, keeps as many tokens drawn uniformly over both views (seeded per question): what a split's recall
+must beat (target recall counts kept tokens, so the random control is the same before or inside the LLM).
 
 The selection is PTP's in-LLM one (the default): ranked by the instruction's attention at the adapter's relevance
 layer over the whole two-image prompt — those rows are computed once per question (``instruction_attention``,
@@ -30,6 +32,7 @@ from ptp_ros.budget import ratio_tokens
 from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.proxy import Question, Scene, make_questions, make_scene, split_seed
 from ptp_ros.pruning import VIEW_SPLITS, ConfiguredSelector, instruction_relevance
+from ptp_ros.pruning.selectors import random_select
 from ptp_ros.pruning.views import view_bounds
 from ptp_ros.vlm.base import VisualTokens
 
@@ -40,6 +43,8 @@ SHARED_RATIO = 0.111  # the issue's budget; where PTP's in-view pick still reach
 #: the shared budgets of the report: 11.1 %, and budgets low enough that a camera's share decides what is kept
 RATIOS = (SHARED_RATIO, 0.028, 0.014, 0.007)
 CAMERAS = ("head", "wrist")
+CONTROL = "random"  # uniform tokens over both views at the same shared budget
+ROWS = (*VIEW_SPLITS, CONTROL)
 DISTRACTOR_OFFSET = 5_000_000  # the other camera's scenes: a seed range of the split no report reads
 
 
@@ -105,8 +110,10 @@ def two_camera_recall(
             for ratio in ratios:
                 budget = ratio_tokens(visual.num_tokens, ratio)
                 cell: dict = {"budget": budget}
-                for name, pipeline in pipelines.items():
-                    kept = pipeline.select(visual.num_tokens, scores, budget).kept
+                picks = {n: pipeline.select(visual.num_tokens, scores, budget) for n, pipeline in pipelines.items()}
+                picks[CONTROL] = random_select(scores, budget, seed=len(rows))
+                for name, pick in picks.items():
+                    kept = pick.kept
                     cell[name] = {
                         "recall": round(float(cover[kept].sum()) / float(cover.sum()), 6),
                         "target_view_kept": int(((kept >= start) & (kept < end)).sum()),
@@ -150,14 +157,14 @@ def build(rows: list[dict], agreement: dict, meta: dict) -> dict:
     return {
         "meta": meta,
         "questions": len(rows),
-        "recall": {q: {s: mean(q, lambda c, s=s: c[s]["recall"]) for s in VIEW_SPLITS} for q in ratios},
+        "recall": {q: {s: mean(q, lambda c, s=s: c[s]["recall"]) for s in ROWS} for q in ratios},
         "target_view_share": {
-            q: {s: mean(q, lambda c, s=s: c[s]["target_view_kept"] / c["budget"]) for s in VIEW_SPLITS} for q in ratios
+            q: {s: mean(q, lambda c, s=s: c[s]["target_view_kept"] / c["budget"]) for s in ROWS} for q in ratios
         },
         "paired": {
             q: {
-                f"shared - {base}": paired_interval([r[q]["shared"]["recall"] - r[q][base]["recall"] for r in rows])
-                for base in ("equal", "alone")
+                f"{split} - {base}": paired_interval([r[q][split]["recall"] - r[q][base]["recall"] for r in rows])
+                for split, base in (("shared", "equal"), ("shared", "alone"), *((s, CONTROL) for s in VIEW_SPLITS))
             }
             for q in ratios
         },
@@ -191,11 +198,19 @@ def write(data: dict, out: Path) -> None:
     ]
     for q in data["recall"]:
         lines += [
-            f"| {q} | {s} | {data['recall'][q][s]:.3f} | {data['target_view_share'][q][s]:.3f} |" for s in VIEW_SPLITS
+            f"| {q} | {s}{' (control)' if s == CONTROL else ''} | {data['recall'][q][s]:.3f} "
+            f"| {data['target_view_share'][q][s]:.3f} |"
+            for s in ROWS
         ]
-    lines += ["", "Paired, question by question (mean difference of target recall, 95 % interval):", ""]
+    lines += [
+        "",
+        "Paired, question by question (mean difference of target recall, 95 % interval; **not ahead**: a split "
+        "whose interval over the random control reaches 0):",
+        "",
+    ]
     lines += [
         f"- {q}: {name} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        + (" **not ahead**" if name.endswith(f"- {CONTROL}") and not lo > 0 else "")
         for q, paired in data["paired"].items()
         for name, (mean, lo, hi) in paired.items()
     ]

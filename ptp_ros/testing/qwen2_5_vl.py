@@ -35,6 +35,25 @@ QWEN_IMAGE_PLACEHOLDER = (
 )
 
 
+def qwen_toy_geometry(vision_width: int, vision_layers: int, text_width: int, patch_size: int) -> tuple[dict, list]:
+    """(the vision config's sizes, the M-RoPE section) both Qwen-VL fixtures share: 4 heads, 2×2 merge, the
+    text head dim split over (t, h, w) as the published configs split theirs."""
+    heads = 4
+    text_head_dim = text_width // heads
+    section = [text_head_dim // 2 - 2 * (text_head_dim // 6), text_head_dim // 6, text_head_dim // 6]  # t, h, w
+    vision = dict(
+        depth=vision_layers,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_heads=heads,
+        out_hidden_size=text_width,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return vision, section
+
+
 def tiny_qwen2_5_vl_config(
     tokenizer,
     *,
@@ -45,21 +64,8 @@ def tiny_qwen2_5_vl_config(
     text_layers: int = 3,
 ) -> Qwen2_5_VLConfig:
     """A Qwen2.5-VL with the real patch / merge / window geometry and toy widths (head dims 8 and 16)."""
-    heads = 4
-    text_head_dim = text_width // heads
-    section = [text_head_dim // 2 - 2 * (text_head_dim // 6), text_head_dim // 6, text_head_dim // 6]  # t, h, w
-    vision = dict(
-        depth=vision_layers,
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_heads=heads,
-        out_hidden_size=text_width,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=list(full_attention),
-    )
+    vision, section = qwen_toy_geometry(vision_width, vision_layers, text_width, patch_size=14)
+    vision |= dict(window_size=112, fullatt_block_indexes=list(full_attention))
     text = dict(
         **toy_text_config(len(tokenizer), text_width, text_layers),
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},

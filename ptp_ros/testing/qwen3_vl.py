@@ -10,7 +10,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from ..vlm.compat import hide_video_processor
 from .common import VICUNA_STYLE_TEMPLATE, TinyFamily, register_fixture, toy_text_config
-from .qwen2_5_vl import QWEN_IMAGE_PLACEHOLDER, QWEN_SPECIAL_TOKENS, qwen_token_ids
+from .qwen2_5_vl import QWEN_IMAGE_PLACEHOLDER, QWEN_SPECIAL_TOKENS, qwen_token_ids, qwen_toy_geometry
 
 #: The merged-token side (16-px patches, 2×2 merge) and the fixture's cap, in tokens (the published
 #: preprocessor allows 16384): a 1920×1080 frame becomes 18×33 = 594 tokens.
@@ -29,24 +29,14 @@ def tiny_qwen3_vl_config(
 ) -> Qwen3VLConfig:
     """A Qwen3-VL with the real patch / merge / DeepStack geometry and toy widths (head dims 8 and 16); its
     DeepStack levels (three, as published) come from ``deepstack_blocks``, by default the first blocks."""
-    heads = 4
-    text_head_dim = text_width // heads
-    section = [text_head_dim // 2 - 2 * (text_head_dim // 6), text_head_dim // 6, text_head_dim // 6]  # t, h, w
-    vision = dict(
-        depth=vision_layers,
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_heads=heads,
-        out_hidden_size=text_width,
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
+    vision, section = qwen_toy_geometry(vision_width, vision_layers, text_width, patch_size=16)
+    vision |= dict(
         num_position_embeddings=2304,
         deepstack_visual_indexes=list(range(min(3, vision_layers)) if deepstack_blocks is None else deepstack_blocks),
     )
     text = dict(
         **toy_text_config(len(tokenizer), text_width, text_layers),
-        head_dim=text_head_dim,
+        head_dim=text_width // vision["num_heads"],
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 5e6,
