@@ -157,3 +157,36 @@ def test_items_default_their_id_and_type(tmp_path):
     assert (item.id, item.question, item.answers, item.qtype) == ("1", "q ?", ("yes",), "all")
     with pytest.raises(DataError, match="cannot read"):
         load_items(tmp_path / "absent.jsonl")
+
+
+def test_ptp_eval_feeds_qwen3_vl_deepstack_as_pipeline_answer_does(tiny_checkpoint, frames, tmp_path):
+    """Qwen3-VL's DeepStack on every row of ptp-eval's shared-prefix runner: with all tokens, pruned before the
+    LLM (the kept tokens' rows only), inside it and in the controls (every token's rows below layer K, the kept
+    ones' from K on) and down-scaled, each question's predicted token and kept share are those of
+    ``Pipeline.answer`` (``--data``), which feeds DeepStack through the adapter's own generate."""
+    # in-LLM rows prune at layer 1 of 3, so that a layer reads the DeepStack rows added from K on (at K = 2 only the
+    # last layer's output would hold them, which the answer never reads)
+    adapter = load_adapter(
+        tiny_checkpoint("qwen3_vl"), LoadOptions(device="cpu"), max_pixels=128 * 32 * 32, llm_layer=1
+    )
+    picked = ["ptp", "ptp before the LLM (separate probe; the default before)", "divprune"]
+    methods = with_controls(pick_methods(comparison_methods(), picked), adapter.options.llm_layer)
+    assert {m.label for m in methods} >= {"random", "random-after-1", "no-visual-after-1"}
+    ratios = (1.0, 0.25, 0.5)
+    scene = make_scene(split_seed("test", 0))  # the scene of ``frames``, its questions in the same order
+    proxy = Results()
+    Evaluator(adapter, methods, ratios).scene(scene, make_questions(scene, 1), proxy)
+    data = DataEvaluator(adapter, methods, ratios, AnswerCache(tmp_path / "cache.jsonl", {}), 1, "exact")
+    data.run(load_items(frames), Results(), lambda *_: None)
+    decode = adapter.processor.tokenizer.decode
+    answered = {(a["row"], a["keep_ratio"]): [] for a in data.answers}
+    for a in data.answers:
+        answered[(a["row"], a["keep_ratio"])].append((a["prediction"], a["kept"]))
+    assert set(answered) == set(proxy.predicted) and len(answered) == 1 + 2 * (len(methods) + 1)  # + max_pixels
+    n = proxy.visual_tokens[0]
+    for key, expected in answered.items():
+        predicted = [decode([t], skip_special_tokens=True).strip() for t in proxy.predicted[key]]
+        assert predicted == [text for text, _ in expected], key
+        assert proxy.kept_ratio[key] == pytest.approx([kept / n for _, kept in expected]), key
+    # the comparison can tell rows apart: the answers are not all one token
+    assert len({t for ids in proxy.predicted.values() for t in ids}) > 1

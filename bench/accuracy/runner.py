@@ -52,7 +52,11 @@ class Results:
 
 
 class Evaluator:
-    """Scores methods on scenes with one adapter of any family (LLaVA-NeXT, InternVL, Qwen2.5-VL).
+    """Scores methods on scenes with one adapter of any family (LLaVA-NeXT, InternVL, Qwen2.5-VL, Qwen3-VL).
+
+    Whatever else of the visual tokens the family's LLM reads besides their embeddings (Qwen3-VL's DeepStack)
+    reaches every row through the adapter (``llm_visual_inputs``, ``after_llm_layer``): the kept tokens' share
+    of it at their positions, every token's in the layers below an in-LLM row's prune layer.
 
     Rows beyond the methods: all tokens; the global view only, for a model that has one; and, for a
     model whose processor takes any resolution (``adapter.downscaled``: Qwen2.5-VL), the image read at
@@ -123,7 +127,17 @@ class Evaluator:
             """Answer logits with one kept set shared by all questions, or one kept set per question."""
             embeds = torch.stack([prefix_embeddings(self.model, prefix_ids, features[k]) for k in kept_sets])
             positions = _stacked([kept_positions(full_positions, p, n, k) for k in kept_sets])
-            return answer_logits(self.model, embeds, question_suffixes, self.tokenizer.pad_token_id, positions)
+            visual_inputs = self.base.llm_visual_inputs(
+                _prefix_ids(prefix_ids, kept_sets, self.base.image_token_id), reference, torch.cat(kept_sets)
+            )
+            return answer_logits(
+                self.model,
+                embeds,
+                question_suffixes,
+                self.tokenizer.pad_token_id,
+                positions,
+                visual_inputs=visual_inputs,
+            )
 
         everything = torch.arange(n)
         record(FULL, 1.0, [everything] * len(questions), prefill([everything], suffixes))
@@ -154,7 +168,7 @@ class Evaluator:
                 self._in_llm_question(
                     [(key, unique[key], plans[key]) for key in plans],
                     visuals,
-                    features,
+                    reference,
                     prefix_ids,
                     suffix,
                     full_positions,
@@ -220,7 +234,7 @@ class Evaluator:
         self,
         entries: list[tuple[tuple, Row, InLLMPruning]],
         visuals: dict,
-        features: torch.Tensor,
+        reference: VisualTokens,
         prefix_ids: torch.Tensor,
         suffix: torch.Tensor,
         full_positions: torch.Tensor | None,
@@ -231,8 +245,13 @@ class Evaluator:
         input with the library's ``attention_rows``; then, per ratio, the kept rows of every method run
         through the remaining layers as one batch, at their original positions.  What ``Pipeline.answer``
         computes through its hooks (a test holds that)."""
+        features = reference.features
         p = prefix_ids.shape[0]
         n = features.shape[0]
+        ids = torch.cat(
+            [_prefix_ids(prefix_ids, [torch.arange(n)], self.base.image_token_id), suffix[None].to(prefix_ids)], dim=1
+        )
+        visual_inputs = self.base.llm_visual_inputs(ids, reference, None)
         embeds = torch.cat(
             [prefix_embeddings(self.model, prefix_ids, features), self.model.get_input_embeddings()(suffix)]
         )[None]
@@ -246,7 +265,9 @@ class Evaluator:
         image_pos = torch.arange(p, p + n)
         depth = len(lm.layers)
         wanted = sorted({i for _, _, plan in entries for i in (plan.score_layer, plan.prune_layer) if i < depth})
-        inputs, rotary = layer_inputs(lm, embeds, wanted, None if full_positions is None else positions)
+        inputs, rotary = layer_inputs(
+            lm, embeds, wanted, None if full_positions is None else positions, **visual_inputs
+        )
         relevance = {}
         for key, m, plan in entries:
             if not m.selector.bound.needs_relevance:  # a control row (random tokens, or none): reads no attention
@@ -280,12 +301,17 @@ class Evaluator:
                         inputs_embeds=embeds,
                         position_ids=positions if full_positions is not None else None,
                         use_cache=False,
+                        **visual_inputs,
                     ).last_hidden_state.expand(len(members), -1, -1)
                 else:
+                    kept_inputs = self.base.llm_visual_inputs(
+                        ids[0, index], reference, torch.cat([kept for _, kept in members])
+                    )  # the kept tokens' rows at their positions, from the prune layer on
                     table = lm.rotary_emb(hidden, row_positions)
                     mask = causal_mask(hidden.shape[1], hidden.dtype, hidden.device)  # causal whatever attention runs
-                    for decoder_layer in lm.layers[layer:]:
+                    for i, decoder_layer in enumerate(lm.layers[layer:], start=layer):
                         hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=table)
+                        hidden = self.base.after_llm_layer(i, hidden, kept_inputs)
                     hidden = lm.norm(hidden)
                 logits = self.model.lm_head(hidden[:, -1])
                 for row, (key, kept) in enumerate(members):
@@ -301,9 +327,13 @@ class Evaluator:
         ids = prepared.inputs["input_ids"][0]
         p, m = _image_span(small, prepared)
         everything = torch.arange(m)
-        embeds = prefix_embeddings(self.model, ids[:p], small.encode(prepared).features)[None]
+        visual = small.encode(prepared)
+        embeds = prefix_embeddings(self.model, ids[:p], visual.features)[None]
         positions = kept_positions(small.rope_positions(prepared), p, m, everything)
-        logits = answer_logits(self.model, embeds, suffixes, self.tokenizer.pad_token_id, positions)
+        visual_inputs = small.llm_visual_inputs(ids[None, : p + m], visual, None)
+        logits = answer_logits(
+            self.model, embeds, suffixes, self.tokenizer.pad_token_id, positions, visual_inputs=visual_inputs
+        )
         record(DOWNSCALED, ratio, [everything] * len(questions), logits, of=m)
 
 
@@ -311,6 +341,15 @@ def _image_span(adapter: StockModelAdapter, prepared: PreparedInput) -> tuple[in
     """(position of the first image placeholder, number of placeholders) in a prepared prompt."""
     image_pos = placeholder_positions(prepared.inputs["input_ids"], adapter.image_token_id)
     return int(image_pos[0]), int(image_pos.numel())
+
+
+def _prefix_ids(prefix_ids: torch.Tensor, kept_sets: list[torch.Tensor], image_token_id: int) -> torch.Tensor:
+    """[B, P + K]: the prompt ids that ``prefix_embeddings`` of each kept set (equal counts) stand for: the text
+    before the image, then one placeholder per kept visual token."""
+    placeholders = torch.full(
+        (len(kept_sets), kept_sets[0].numel()), image_token_id, dtype=prefix_ids.dtype, device=prefix_ids.device
+    )
+    return torch.cat([prefix_ids.expand(len(kept_sets), -1), placeholders], dim=1)
 
 
 def _stacked(positions: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, int] | None:

@@ -77,6 +77,15 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             "deepstack_visual_embeds": self._deepstack(visual, kept),
         }
 
+    def after_llm_layer(self, index: int, hidden: torch.Tensor, visual_inputs: dict) -> torch.Tensor:
+        """DeepStack level ``index`` added at the visual positions, by the decoder's own ``_deepstack_process``."""
+        levels = visual_inputs["deepstack_visual_embeds"]
+        if index >= len(levels):
+            return hidden
+        return self.model.model.language_model._deepstack_process(
+            hidden, visual_inputs["visual_pos_masks"], levels[index]
+        )
+
     def inside_llm_pruning(self, state: dict):
         return deepstack_at_kept_positions(self.model.model.language_model, state)
 

@@ -302,8 +302,15 @@ class StockModelAdapter:
 
     def llm_visual_inputs(self, input_ids: torch.Tensor, visual: VisualTokens, kept: torch.Tensor | None) -> dict:
         """Keyword arguments of the LLM's forward, besides the embeddings, that carry visual tokens (the
-        ``kept`` ones, placed in ``input_ids``); none for a family whose LLM reads them as embeddings only."""
+        ``kept`` ones, placed in ``input_ids`` [B, L]; a batch holds them row after row, ``kept`` their indices
+        concatenated); none for a family whose LLM reads them as embeddings only."""
         return {}
+
+    def after_llm_layer(self, index: int, hidden: torch.Tensor, visual_inputs: dict) -> torch.Tensor:
+        """The hidden states [B, L, D] after decoder layer ``index`` as the LLM's own forward hands them on,
+        given the ``llm_visual_inputs`` of the sequence they hold: for a caller that runs the decoder layers
+        itself (ptp-eval's batched in-LLM rows).  Unchanged unless the family adds visual inputs between layers."""
+        return hidden
 
     def inside_llm_pruning(self, state: dict) -> AbstractContextManager:
         """Around a ``generate`` pruned inside the LLM (``state``: ``pruned_inside``'s, whose ``kept`` and
