@@ -189,11 +189,14 @@ def test_training_resumes_from_its_checkpoint_and_takes_a_trained_vision_tower(t
     assert not any(r.get("event") == "vision done" for r in records[records.index(resumed) :])  # stage 1 not rerun
     assert records[-1]["event"] == "done" and records[-1]["language_steps"] > steps
 
-    main([str(second), "--max-minutes", "0.05", "--vision-from", str(first), *SMALL])
+    # on the CPU clock (--clock cpu) the budget counts CPU time over the threads; the log also has the wall time
+    main([str(second), "--max-minutes", "0.05", "--vision-from", str(first), "--clock", "cpu", *SMALL])
     records = _log(second)
     assert any(r.get("event") == "vision taken" for r in records) and not any(
         r.get("stage") == "vision" for r in records
     )
+    done = records[-1]
+    assert done["event"] == "done" and 0.05 * 60 <= done["train_seconds"] and done["wall_s"] > 0
     trained, taken = (load_adapter(d, LoadOptions(device="cpu")).model for d in (first, second))
     tower = trained.model.vision_tower.state_dict()
     assert all(torch.equal(v, taken.model.vision_tower.state_dict()[k]) for k, v in tower.items())

@@ -417,6 +417,13 @@ def main(argv=None) -> None:
     ap.add_argument("--val-every", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what --max-minutes and --vision-minutes count: wall-clock time, or this process's CPU time / "
+        "--threads (a run that shares the cores then gets the steps of an unshared one, taking longer)",
+    )
     ap.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: OUT/train_log.jsonl)")
     args = ap.parse_args(argv)
     if not 0 <= args.hop_layer < args.retrieval_layer < args.text_layers:
@@ -448,13 +455,18 @@ def main(argv=None) -> None:
     if args.resume and state is None:
         ap.error(f"--resume: no {checkpoint.path}")
     log = (args.log or args.out / "train_log.jsonl").open("a" if state else "w")
-    start = time.perf_counter() - (state["elapsed_s"] if state else 0.0)
+    clock = time.perf_counter if args.clock == "wall" else lambda: time.process_time() / args.threads
+    start = clock() - (state["elapsed_s"] if state else 0.0)
 
     def elapsed() -> float:
-        return time.perf_counter() - start
+        return clock() - start
+
+    launched = time.perf_counter()
 
     def write(record: dict) -> None:
-        log.write(json.dumps({**record, "elapsed_s": round(elapsed(), 1)}) + "\n")
+        # on the CPU clock, also the wall time since this process started (a resume starts it again)
+        wall = {} if args.clock == "wall" else {"wall_s": round(time.perf_counter() - launched, 1)}
+        log.write(json.dumps({**record, "elapsed_s": round(elapsed(), 1), **wall}) + "\n")
         log.flush()
         print(json.dumps(record), flush=True)
 
