@@ -11,6 +11,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "PYTEST_XDIST_WORKER" in os.environ:  # .ci/run's workers: in-process nodes outside a `ros` fixture, one domain each
     _worker = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
     os.environ["ROS_DOMAIN_ID"] = str((int(os.environ.get("ROS_DOMAIN_ID") or 0) % 45) * 2 + _worker % 2)
+    # one torch thread per worker, and for the nodes and tools it starts: two workers on two cores, each with
+    # a thread per core (torch's default), would run four busy threads on two cores, where torch slows to a crawl
+    for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_threads, "1")
 
 from pathlib import Path  # noqa: E402
 

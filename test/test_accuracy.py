@@ -41,8 +41,10 @@ def test_evaluator_answers_what_the_pipeline_answers(tiny_adapter, scene_and_que
     configs = {m.label: PipelineConfig(selector=m.selector, max_new_tokens=1) for m in PEERS}
     for label, config in configs.items():
         pipeline = Pipeline(tiny_adapter, config)
+        # all tokens is one row whatever the selector: checked through the first one's pipeline
+        cells = [((label, 0.25), 0.25)] + ([((FULL, 1.0), 1.0)] if label == PEERS[0].label else [])
         for i, q in enumerate(questions):
-            for key, ratio in (((FULL, 1.0), 1.0), ((label, 0.25), 0.25)):
+            for key, ratio in cells:
                 expected = pipeline.answer(scene.image, q.text, keep_ratio=ratio).text
                 assert decode([results.predicted[key][i]], skip_special_tokens=True).strip() == expected, (label, q)
     assert all(0 < r <= 0.25 + 1e-3 for r in results.kept_ratio[("ptp", 0.25)])

@@ -20,11 +20,12 @@ from ptp_ros_bench.accuracy.methods import comparison_methods, pick_methods, wit
 from ptp_ros_bench.accuracy.runner import Evaluator, Results
 
 SCENES = 1  # one question of each type; every answer of --data encodes its frame again (0.8 s on Qwen2.5-VL)
-#: LLaVA-NeXT runs every peer at two ratios; Qwen2.5-VL (its encodes are 3× dearer) the family's own rows —
-#: PTP, the controls, the max_pixels row — at one: the runner's peers are family-blind, its rows are not.
+#: (model, rows, ratios, questions): LLaVA-NeXT runs every peer at two ratios on every question; Qwen2.5-VL (its
+#: encodes are 3× dearer) the family's own rows — PTP, the controls, the max_pixels row — at one ratio on the
+#: first three questions: the runner's peers are family-blind, its rows are not.
 CASES = {
-    "llava_next": (PROXY_MODEL, ["ptp", "fastv", "divprune", "hired"], (1.0, 0.111, 0.056)),
-    "qwen2_5_vl": (PROXY_QWEN_MODEL, ["ptp", "divprune"], (1.0, 0.111)),
+    "llava_next": (PROXY_MODEL, ["ptp", "fastv", "divprune", "hired"], (1.0, 0.111, 0.056), None),
+    "qwen2_5_vl": (PROXY_QWEN_MODEL, ["ptp"], (1.0, 0.111), 3),
 }
 
 
@@ -39,7 +40,7 @@ def test_data_mode_scores_each_question_as_ptp_eval_does(case, frames, tmp_path)
     shared-prefix batches on the scenes themselves: the same right and wrong answers and kept shares in every
     cell, the max_pixels row of Qwen2.5-VL and the control rows (random before the LLM, random / no visual token
     after layer 2) included."""
-    model, names, ratios = CASES[case]
+    model, names, ratios, questions = CASES[case]
     adapter = load_adapter(model, LoadOptions(device="cpu"))
     methods = with_controls(pick_methods(comparison_methods(), names), 2)
     assert {m.label for m in methods} >= {"random", "random-after-2", "no-visual-after-2"}
@@ -47,10 +48,10 @@ def test_data_mode_scores_each_question_as_ptp_eval_does(case, frames, tmp_path)
     evaluator = Evaluator(adapter, methods, ratios)
     for k in range(SCENES):
         scene = make_scene(split_seed("test", k))
-        evaluator.scene(scene, make_questions(scene, 1), proxy)
+        evaluator.scene(scene, make_questions(scene, 1)[:questions], proxy)
     mine = Results()
     data = DataEvaluator(adapter, methods, ratios, AnswerCache(tmp_path / "cache.jsonl", {}), 1, "normalised")
-    data.run(load_items(frames), mine, lambda *_: None)
+    data.run(load_items(frames)[:questions], mine, lambda *_: None)
     assert mine.qtypes == proxy.qtypes
     keys = [key for key in proxy.correct if key[1] > 0]  # not the global view only: no such row in --data
     assert len(keys) == 1 + len(ratios[1:]) * (len(methods) + evaluator.downscales)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ptp_ros.proxy.demo import write_jsonl
-from ptp_ros.vlm.defaults import PROXY_MODEL, PROXY_QWEN_MODEL
+from ptp_ros.vlm.defaults import PROXY_MODEL
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("lmms_eval") is None,
@@ -106,28 +106,28 @@ def only(pattern: str, folder: Path) -> Path:
     return found
 
 
-@pytest.mark.parametrize("model", [PROXY_MODEL, PROXY_QWEN_MODEL], ids=["llava_next", "qwen2_5_vl"])
-def test_lmms_eval_scores_frames_as_ptp_eval_data(model, frames, tmp_path):
+def test_lmms_eval_scores_frames_as_ptp_eval_data(frames, tmp_path):
     """Through the real CLI and the entry point: the same answer, right or wrong, and the same kept tokens
     for every question as ``ptp-eval --data``, hence the same accuracy; ~11.1 % kept, reported per sample
     (``--log_samples``), as means in the results' ``throughput`` block, in the stats file and in the log.
-    LLaVA-NeXT names its data file in a task YAML of its own (``include``), Qwen2.5-VL with PTP_FRAMES_DATA."""
+    The data file is named in a task YAML of the user's own (``include``; PTP_FRAMES_DATA, the other spelling,
+    goes through the real CLI in test_cli_bad_model_arg_is_one_line).  One family: the plugin hands frames to
+    ``Pipeline.answer`` and knows no model internals, and ``ptp-eval --data`` equals ``ptp-eval`` for each
+    family (test_eval_data.py)."""
+    model = PROXY_MODEL
     items = [json.loads(line) for line in frames.read_text().splitlines()]
     out = tmp_path / "lmms"
     stats = tmp_path / "stats.jsonl"
     model_args = f"pretrained={model},selector=ptp,keep_ratio={RATIO},max_new_tokens=1,device=cpu,stats_file={stats}"
-    if model == PROXY_MODEL:
-        own = tmp_path / "tasks"
-        own.mkdir()
-        (own / "my_frames.yaml").write_text(
-            f"include: {TASKS / 'ptp_frames' / 'ptp_frames.yaml'}\n"
-            f"task: my_frames\ndataset_kwargs:\n  data_files: {frames}\n"
-        )
-        task, env, tasks = "my_frames", {}, own  # only the user's folder on the task path
-    else:
-        task, env, tasks = "ptp_frames", {"PTP_FRAMES_DATA": str(frames)}, TASKS
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "my_frames.yaml").write_text(
+        f"include: {TASKS / 'ptp_frames' / 'ptp_frames.yaml'}\n"
+        f"task: my_frames\ndataset_kwargs:\n  data_files: {frames}\n"
+    )
+    task = "my_frames"  # only the user's folder on the task path
     run = lmms_eval(
-        ["--model_args", model_args, "--tasks", task, "--output_path", str(out), "--log_samples"], tmp_path, env, tasks
+        ["--model_args", model_args, "--tasks", task, "--output_path", str(out), "--log_samples"], tmp_path, {}, tasks
     )
     log = run.stdout + run.stderr
     assert run.returncode == 0 and "Error during evaluation" not in log, log[-4000:]

@@ -145,6 +145,8 @@ SMALL = [
     "1",
     "--crowd",
     "30",
+    "--threads",  # the trainer sets torch's thread count for the whole process: the test worker's one
+    "1",
 ]
 
 
