@@ -18,6 +18,8 @@ PROXY_MODEL = Path(__file__).resolve().parents[1] / "models" / "proxy-llava-next
 #: The same task learned by a proxy Qwen2.5-VL (no tiles, no global view): ``ptp-ask --model`` it, and
 #: ``ptp-eval`` compares pruning with lowering its ``max_pixels`` on it.
 PROXY_QWEN_MODEL = PROXY_MODEL.parent / "proxy-qwen2_5_vl"
+#: And by a proxy Qwen3-VL (DeepStack, 32-px merged tokens), trained with the 12-layer recipe.
+PROXY_QWEN3_MODEL = PROXY_MODEL.parent / "proxy-qwen3_vl"
 
 
 def default_model_path() -> Path:
