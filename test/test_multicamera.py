@@ -9,7 +9,7 @@ import pytest
 
 from ptp_ros.vlm.defaults import default_model_path
 from ptp_ros.vlm.loading import LoadOptions, load_adapter
-from ptp_ros_bench.accuracy.multicamera import build, two_camera_recall, write
+from ptp_ros_bench.accuracy.multicamera import build, single_camera_agreement, two_camera_recall, write
 
 SMALL = (336, 672)  # one 1×2 tile grid a view
 
@@ -28,7 +28,8 @@ def test_one_two_camera_pair_reports_every_split_paired(proxy, tmp_path):
         assert all(0.0 <= cell[split]["recall"] <= 1.0 for split in ("shared", "equal", "alone", "random"))
         assert cell["random"]["target_view_kept"] <= cell["budget"]
         assert abs(2 * cell["equal"]["target_view_kept"] - cell["budget"]) <= 1  # half each
-    agreement = {"bare": (0.5, 0.1, 0.9), "named": (0.5, 0.1, 0.9), "agree": 2, "n": 2}  # measured in test_views
+    agreement = single_camera_agreement(proxy, "test", 1, 1, size=SMALL)
+    assert agreement["agree"] == agreement["n"] > 0  # the camera mapping answers as the bare frame
     meta = {"command": "ptp-eval --multicamera (test)", "model": "proxy", "split": "test", "device": "cpu"}
     meta |= {"threads": 1, "pairs": 1, "per_type": 1, "ratios": [0.111], "single_scenes": 1, "llm_layer": 2}
     write(build(rows, agreement, meta | {"seconds": 1.0}), tmp_path)
@@ -37,8 +38,18 @@ def test_one_two_camera_pair_reports_every_split_paired(proxy, tmp_path):
     # every split is paired with the random control at the same budget
     assert {"shared - random", "equal - random", "alone - random"} <= set(data["paired"]["0.111"])
     assert "random (control)" in (tmp_path / "results.md").read_text()
+    # the control rows in ptp-eval's results.json form, the single-camera answers beside random-after-2's
+    controls = data["controls"]
+    assert controls["random"]["ratios"]["0.111"]["target_recall"] == data["recall"]["0.111"]["random"]
+    assert controls["random-after-2"] == {
+        "stage": "in_llm",
+        "prune_layer": 2,
+        "ratios": {"0.111": {"accuracy": agreement["random"][0]}},
+    }
+    assert set(data["single_camera"]["gain_over_control"]) == {"bare", "named"}
+    assert "random-after-2" in (tmp_path / "results.md").read_text()
     mean, _, _ = data["paired"]["0.111"]["shared - equal"]
     assert mean == pytest.approx(
         sum(r["0.111"]["shared"]["recall"] - r["0.111"]["equal"]["recall"] for r in rows) / len(rows)
     )
-    assert "agree on 2 of 2" in (tmp_path / "results.md").read_text()
+    assert f"agree on {agreement['n']} of {agreement['n']}" in (tmp_path / "results.md").read_text()

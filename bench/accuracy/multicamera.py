@@ -110,10 +110,9 @@ def two_camera_recall(
             for ratio in ratios:
                 budget = ratio_tokens(visual.num_tokens, ratio)
                 cell: dict = {"budget": budget}
-                picks = {n: pipeline.select(visual.num_tokens, scores, budget) for n, pipeline in pipelines.items()}
-                picks[CONTROL] = random_select(scores, budget, seed=len(rows))
-                for name, pick in picks.items():
-                    kept = pick.kept
+                kept_sets = {n: p.select(visual.num_tokens, scores, budget).kept for n, p in pipelines.items()}
+                kept_sets[CONTROL] = random_select(scores, budget, seed=len(rows)).kept
+                for name, kept in kept_sets.items():
                     cell[name] = {
                         "recall": round(float(cover[kept].sum()) / float(cover.sum()), 6),
                         "target_view_kept": int(((kept >= start) & (kept < end)).sum()),
@@ -127,20 +126,32 @@ def two_camera_recall(
 def single_camera_agreement(
     adapter, split: str, scenes: int, per_type: int, size: tuple[int, int] | None = None
 ) -> dict:
-    """Answers at 11.1 % of single-camera requests through ``{camera: frame}`` and through the bare frame."""
+    """Answers at 11.1 % of single-camera requests through ``{camera: frame}`` and through the bare frame, beside
+    the control of their stage: as many random tokens dropped from the same LLM layer (``random_in_llm``)."""
     pipeline = Pipeline(adapter, PipelineConfig(max_new_tokens=4))
-    bare_correct, named_correct, agree = [], [], []
+    control = Pipeline(
+        adapter,
+        PipelineConfig(
+            max_new_tokens=4, selector=ConfiguredSelector("random_in_llm", {"k": adapter.options.llm_layer})
+        ),
+    )
+    correct: dict[str, list[int]] = {"bare": [], "named": [], CONTROL: []}
+    agree = []
     for k in range(scenes):
         scene = make_scene(split_seed(split, k), size)
         for question in make_questions(scene, per_type):
             bare = pipeline.answer(scene.image, question.text, keep_ratio=SHARED_RATIO).text.strip()
             named = pipeline.answer({CAMERAS[0]: scene.image}, question.text, keep_ratio=SHARED_RATIO).text.strip()
-            bare_correct.append(int(bare == question.answer))
-            named_correct.append(int(named == question.answer))
+            randomly = control.answer(scene.image, question.text, keep_ratio=SHARED_RATIO).text.strip()
+            for name, answer in (("bare", bare), ("named", named), (CONTROL, randomly)):
+                correct[name].append(int(answer == question.answer))
             agree.append(int(bare == named))
     return {
-        "bare": summarize_ci(bare_correct),
-        "named": summarize_ci(named_correct),
+        **{name: summarize_ci(values) for name, values in correct.items()},
+        "gain_over_control": {
+            name: paired_interval([a - b for a, b in zip(correct[name], correct[CONTROL])])
+            for name in ("bare", "named")
+        },
         "agree": sum(agree),
         "n": len(agree),
     }
@@ -167,6 +178,21 @@ def build(rows: list[dict], agreement: dict, meta: dict) -> dict:
                 for split, base in (("shared", "equal"), ("shared", "alone"), *((s, CONTROL) for s in VIEW_SPLITS))
             }
             for q in ratios
+        },
+        # the report's control rows, in ptp-eval's results.json form: random tokens at the splits' stage (inside the
+        # LLM from the relevance layer; target recall counts kept tokens alike at any stage), and for the
+        # single-camera answers random-after-K's accuracy
+        "controls": {
+            CONTROL: {
+                "stage": "in_llm",
+                "prune_layer": meta["llm_layer"],
+                "ratios": {q: {"target_recall": mean(q, lambda c: c[CONTROL]["recall"])} for q in ratios},
+            },
+            f"random-after-{meta['llm_layer']}": {
+                "stage": "in_llm",
+                "prune_layer": meta["llm_layer"],
+                "ratios": {f"{SHARED_RATIO:g}": {"accuracy": agreement[CONTROL][0]}},
+            },
         },
         "questions_by_type": {t: sum(r["qtype"] == t for r in rows) for t in sorted({r["qtype"] for r in rows})},
         "single_camera": agreement,
@@ -214,7 +240,7 @@ def write(data: dict, out: Path) -> None:
         for q, paired in data["paired"].items()
         for name, (mean, lo, hi) in paired.items()
     ]
-    bare, named = single["bare"], single["named"]
+    bare, named, control = single["bare"], single["named"], single[CONTROL]
     lines += [
         "",
         "## Single-camera requests: camera mapping vs bare image",
@@ -222,7 +248,14 @@ def write(data: dict, out: Path) -> None:
         f"{single['n']} questions on {meta['single_scenes']} proxy scenes at keep ratio {SHARED_RATIO}: the answers "
         f"agree on {single['agree']} of {single['n']}. Accuracy: bare image {bare[0]:.3f} "
         f'[{bare[1]:.3f}, {bare[2]:.3f}], `{{"{CAMERAS[0]}": frame}}` {named[0]:.3f} [{named[1]:.3f}, {named[2]:.3f}] '
-        "(95 % Wilson).",
+        f"(95 % Wilson); the control, as many random tokens dropped from LLM layer {meta['llm_layer']} "
+        f"(random-after-{meta['llm_layer']}), {control[0]:.3f} [{control[1]:.3f}, {control[2]:.3f}]. Gain over it "
+        "(paired, 95 %): "
+        + "; ".join(
+            f"{name} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{'' if lo > 0 else ' **not ahead**'}"
+            for name, (mean, lo, hi) in single["gain_over_control"].items()
+        )
+        + ".",
         "",
     ]
     (out / "results.md").write_text("\n".join(lines))
