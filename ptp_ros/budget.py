@@ -14,6 +14,10 @@ import numbers
 
 #: The one range of a keep ratio: above 0 (at least one token is kept anyway), at most 1 (everything).
 KEEP_RATIO_RANGE = "(0, 1]"
+#: The keep ratio a tool uses when given no budget (``ptp-ask``, the node's fixed mode): PTP's defaults were chosen
+#: at 11.1 % of the visual tokens on validation and kept 97.8 % of the all-token accuracy there on the proxy's test
+#: split, for 0.20× of an unpruned prefill (docs/accuracy/).  1 keeps every token (the stock model).
+DEFAULT_KEEP_RATIO = 0.111
 #: The one range of a latency budget in ms (a request's ``latency_budget_ms``, the node's parameter): above 0, at
 #: most an hour.
 MAX_LATENCY_BUDGET_MS = 3_600_000.0

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from textwrap import fill
 
-from .budget import keep_ratio_arg
+from .budget import DEFAULT_KEEP_RATIO, keep_ratio_arg
 from .pruning import VIEW_SPLITS, ConfiguredSelector, selector_names, selector_specs
 
 EXIT_BAD_INPUT = 2
@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
-        "--keep-ratio", type=keep_ratio_arg, help="fraction of visual tokens to keep, in (0, 1] (default 1: all)"
+        "--keep-ratio",
+        type=keep_ratio_arg,
+        help=f"fraction of visual tokens to keep, in (0, 1] (default {DEFAULT_KEEP_RATIO}: the ratio PTP's defaults "
+        "were chosen at; 1 keeps all)",
     )
     budget.add_argument("--tokens", type=_positive_int, help="number of visual tokens to keep")
     p.add_argument(
@@ -189,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
             **{name: value for name, value in resolution.items() if value is not None},
         )
         pipeline = Pipeline(adapter, config)
-        answer = pipeline.answer(image, args.instruction, keep_ratio=args.keep_ratio, tokens=args.tokens)
+        keep_ratio = DEFAULT_KEEP_RATIO if args.keep_ratio is None and args.tokens is None else args.keep_ratio
+        answer = pipeline.answer(image, args.instruction, keep_ratio=keep_ratio, tokens=args.tokens)
     except (InvalidRequest, ModelLoadError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     if args.saliency is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..budget import check_keep_ratio, check_latency_budget_ms, ratio_tokens
+from ..budget import DEFAULT_KEEP_RATIO, check_keep_ratio, check_latency_budget_ms, ratio_tokens
 from ..latency_budget import IN_LLM, PRE_LLM, BudgetChoice, LatencyModel, choose_keep_ratio
 from ..overlay import saliency_images
 from ..pipeline import Answer, Cancelled, InvalidRequest, OnStage, Pipeline, PipelineConfig, validate_image
@@ -51,7 +51,7 @@ class Settings:
 
     mode: str = "budget"
     latency_budget_ms: float = 2000.0
-    keep_ratio: float = 0.25
+    keep_ratio: float = DEFAULT_KEEP_RATIO
     keep_ratio_min: float = 0.05
     keep_ratio_max: float = 1.0
     alpha: float = 0.5
