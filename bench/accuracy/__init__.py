@@ -9,6 +9,8 @@ ptp-eval --model ptp_ros/models/proxy-qwen2_5_vl --out docs/accuracy/qwen2_5_vl
                               # Qwen2.5-VL, with the max_pixels down-scaling baseline at every ratio
 ptp-eval --multicamera        # two-camera proxy scenes, one shared budget: the camera splits' target recall,
                               # writes docs/accuracy/multicamera/
+ptp-eval --retrieval-probe    # layer by layer: does the instruction's attention prefer the asked object over
+                              # other objects? (the premise of PTP's instruction and camera levels)
 ptp-eval --data frames/data.jsonl --model CHECKPOINT --device cuda --out results/
                               # your own labelled frames and checkpoint (bench/accuracy/dataset.py);
                               # resumable: answers are cached in OUT/cache.jsonl as they come
@@ -95,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         "two-camera scenes, default 120)",
     )
     ap.add_argument(
+        "--retrieval-probe",
+        action="store_true",
+        help="layer by layer on the two-camera proxy scenes: does the instruction's attention prefer the asked "
+        "object over the other objects of its view and of the other camera (validation split; --scenes: "
+        "two-camera scenes, default 30); writes docs/accuracy/retrieval/",
+    )
+    ap.add_argument(
         "--methods",
         nargs="+",
         default=None,
@@ -148,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.data is not None:
         return _data_main(ap, args, argv)
+    if args.retrieval_probe:
+        from . import retrieval
+
+        return retrieval.main(args, argv)
     if args.multicamera:
         from . import multicamera
 

@@ -23,14 +23,16 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ptp_ros.budget import ratio_tokens
 from ptp_ros.pipeline import Pipeline, PipelineConfig
-from ptp_ros.proxy import Question, Scene, make_questions, make_scene, split_seed
+from ptp_ros.proxy import Question, Scene, SceneObject, make_questions, make_scene, split_seed
 from ptp_ros.pruning import VIEW_SPLITS, ConfiguredSelector, instruction_relevance
 from ptp_ros.pruning.selectors import random_select
 from ptp_ros.pruning.views import view_bounds
@@ -58,18 +60,23 @@ def distractor(split: str, index: int, shape: str, size: tuple[int, int] | None 
         k += 1
 
 
-def target_cover(visual: VisualTokens, view: int, scene: Scene, question: Question) -> torch.Tensor:
-    """[N] bool over both views' tokens: the tile tokens (not the global view's) of camera ``view`` overlapping the
-    question's targets."""
+def object_cover(visual: VisualTokens, view: int, objects: Iterable[SceneObject]) -> torch.Tensor:
+    """[N] bool over all views' tokens: the tile tokens (not the global view's) of view ``view`` overlapping any of
+    ``objects`` (that view's scene's)."""
     start, end = view_bounds(visual.scores)[view]
     own = visual.view(view)
     tile = own.scores.region >= 0
     if own.scores.global_region is not None:
         tile &= own.scores.region != own.scores.global_region
     mask = torch.zeros(visual.num_tokens, dtype=torch.bool)
-    for t in question.targets:
-        mask[start:end] |= tile & overlapping(own.token_boxes, scene.objects[t])
+    for obj in objects:
+        mask[start:end] |= tile & overlapping(own.token_boxes, obj)
     return mask
+
+
+def target_cover(visual: VisualTokens, view: int, scene: Scene, question: Question) -> torch.Tensor:
+    """[N] bool over both views' tokens: the tile tokens of camera ``view`` overlapping the question's targets."""
+    return object_cover(visual, view, (scene.objects[t] for t in question.targets))
 
 
 def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -81,6 +88,40 @@ def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+@dataclasses.dataclass(frozen=True)
+class TwoCameraQuestion:
+    """One question of a two-camera pair, prompted and encoded: the asked ``scene`` on view ``asked`` (0 or 1), the
+    ``other`` scene on the other view."""
+
+    pair: int
+    asked: int
+    scene: Scene
+    other: Scene
+    question: Question
+    prepared: Any
+    visual: VisualTokens
+
+
+def two_camera_questions(
+    adapter, split: str, pairs: int, per_type: int, size: tuple[int, int] | None = None, tool: str = "--multicamera"
+) -> Iterator[TwoCameraQuestion]:
+    """Every question with a target on ``pairs`` two-camera scenes (of ``size``; default: the task's sizes), the
+    asked scene first on even pairs and second on odd ones; progress on stderr after each pair."""
+    asked_so_far = 0
+    for k in range(pairs):
+        scene = make_scene(split_seed(split, k), size)
+        asked = k % 2
+        for question in make_questions(scene, per_type):
+            if not question.targets:
+                continue
+            other = distractor(split, k, scene.objects[question.targets[0]].shape, size)  # targets have the shape
+            images = [scene.image, other.image] if asked == 0 else [other.image, scene.image]
+            prepared = adapter.prepare(images, question.text)
+            asked_so_far += 1
+            yield TwoCameraQuestion(k, asked, scene, other, question, prepared, adapter.encode(prepared))
+        print(f"[ptp-eval {tool}] {k + 1}/{pairs} two-camera scenes, {asked_so_far} questions", file=sys.stderr)
+
+
 def two_camera_recall(
     adapter, split: str, pairs: int, per_type: int, ratios: tuple[float, ...], size: tuple[int, int] | None = None
 ) -> list[dict]:
@@ -89,37 +130,28 @@ def two_camera_recall(
     pipelines = {s: Pipeline(adapter, PipelineConfig(selector=ConfiguredSelector(view_split=s))) for s in VIEW_SPLITS}
     reduce = pipelines["shared"].config.selector.reduce
     rows: list[dict] = []
-    for k in range(pairs):
-        scene = make_scene(split_seed(split, k), size)
-        target_view = k % 2
-        for question in make_questions(scene, per_type):
-            if not question.targets:
-                continue
-            other = distractor(split, k, scene.objects[question.targets[0]].shape, size)  # targets have the shape
-            images = [scene.image, other.image] if target_view == 0 else [other.image, scene.image]
-            prepared = adapter.prepare(images, question.text)
-            visual = adapter.encode(prepared)
-            relevance = instruction_relevance(adapter.instruction_attention(prepared, visual), reduce)
-            scores = dataclasses.replace(visual.scores, relevance=relevance, features=visual.features)
-            cover = target_cover(visual, target_view, scene, question)
-            if not bool(cover.any()):
-                continue
-            start, end = view_bounds(visual.scores)[target_view]
-            row = {"pair": k, "qtype": question.qtype, "target_view": CAMERAS[target_view]}
-            row["view_tokens"] = list(visual.scores.view_tokens)
-            for ratio in ratios:
-                budget = ratio_tokens(visual.num_tokens, ratio)
-                cell: dict = {"budget": budget}
-                kept_sets = {n: p.select(visual.num_tokens, scores, budget).kept for n, p in pipelines.items()}
-                kept_sets[CONTROL] = random_select(scores, budget, seed=len(rows)).kept
-                for name, kept in kept_sets.items():
-                    cell[name] = {
-                        "recall": round(float(cover[kept].sum()) / float(cover.sum()), 6),
-                        "target_view_kept": int(((kept >= start) & (kept < end)).sum()),
-                    }
-                row[f"{ratio:g}"] = cell
-            rows.append(row)
-        print(f"[ptp-eval --multicamera] {k + 1}/{pairs} two-camera scenes, {len(rows)} questions", file=sys.stderr)
+    for q in two_camera_questions(adapter, split, pairs, per_type, size):
+        visual = q.visual
+        relevance = instruction_relevance(adapter.instruction_attention(q.prepared, visual), reduce)
+        scores = dataclasses.replace(visual.scores, relevance=relevance, features=visual.features)
+        cover = target_cover(visual, q.asked, q.scene, q.question)
+        if not bool(cover.any()):
+            continue
+        start, end = view_bounds(visual.scores)[q.asked]
+        row = {"pair": q.pair, "qtype": q.question.qtype, "target_view": CAMERAS[q.asked]}
+        row["view_tokens"] = list(visual.scores.view_tokens)
+        for ratio in ratios:
+            budget = ratio_tokens(visual.num_tokens, ratio)
+            cell: dict = {"budget": budget}
+            kept_sets = {n: p.select(visual.num_tokens, scores, budget).kept for n, p in pipelines.items()}
+            kept_sets[CONTROL] = random_select(scores, budget, seed=len(rows)).kept
+            for name, kept in kept_sets.items():
+                cell[name] = {
+                    "recall": round(float(cover[kept].sum()) / float(cover.sum()), 6),
+                    "target_view_kept": int(((kept >= start) & (kept < end)).sum()),
+                }
+            row[f"{ratio:g}"] = cell
+        rows.append(row)
     return rows
 
 
