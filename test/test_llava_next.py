@@ -77,6 +77,11 @@ def test_instruction_attention_matches_eager_llm(tiny_adapter, prepared, visual,
     # the probe itself never changes the model's outputs
     again = text_to_token_attention(tiny_adapter.model.model.language_model, embeds, layer, query_pos, image_pos)
     assert torch.equal(again, rows)
+    # every layer from one forward (ptp-eval --retrieval-probe): each is the eager model's
+    stacked = tiny_adapter.instruction_attention(prepared, visual, layers=range(len(attn)))
+    assert stacked.shape == (len(attn), *rows.shape)
+    for i, layer_attn in enumerate(attn):
+        assert torch.allclose(stacked[i], layer_attn[0].mean(0)[query_pos][:, image_pos], atol=1e-5)
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.111])

@@ -32,7 +32,6 @@ from ptp_ros.pruning import ConfiguredSelector, instruction_relevance
 from ptp_ros.pruning.types import NO_REGION
 from ptp_ros.pruning.views import view_evidence, view_parts
 
-from .methods import adapter_variant
 from .multicamera import CAMERAS, object_cover, two_camera_questions
 from .runner import summarize_ci
 
@@ -79,7 +78,6 @@ def probe(
     """Per question (with a target, another object in its scene and one on the other camera): each check at each
     of ``layers``, for each of ``ROWS``."""
     reduce = ConfiguredSelector().reduce
-    at_layer = {layer: adapter_variant(adapter, (("llm_layer", layer),)) for layer in layers}
     rows: list[dict] = []
     for q in two_camera_questions(adapter, split, pairs, per_type, size, tool="--retrieval-probe"):
         visual, objects = q.visual, q.scene.objects
@@ -90,8 +88,7 @@ def probe(
         if not (target.any() and same.any() and other.any()):
             continue
         row: dict = {"pair": q.pair, "qtype": q.question.qtype, "asked": CAMERAS[q.asked]}
-        for layer, variant in at_layer.items():
-            attention = variant.instruction_attention(q.prepared, visual)
+        for layer, attention in zip(layers, adapter.instruction_attention(q.prepared, visual, layers=layers)):
             row[str(layer)] = {
                 "relevance": _checks(visual, instruction_relevance(attention, reduce), q.asked, target, same, other),
                 "last": _checks(visual, attention[-1], q.asked, target, same, other),

@@ -8,6 +8,7 @@ the LLM) from the layer's own projections, so the model keeps running on SDPA / 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -124,13 +125,14 @@ def layer_inputs(
 def text_to_token_attention(
     language_model: nn.Module,
     inputs_embeds: torch.Tensor,
-    layer_index: int,
+    layer_index: int | Sequence[int],
     query_positions: torch.Tensor,
     key_positions: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     **decoder_kwargs,
 ) -> torch.Tensor:
-    """Head-averaged causal attention of ``query_positions`` onto ``key_positions`` at one LLM layer.
+    """Head-averaged causal attention of ``query_positions`` onto ``key_positions`` at one LLM layer (or at each
+    of several, from the same forward).
 
     Runs the decoder only up to ``layer_index`` (layers before it in full, that layer's input norm and
     q/k projections for the needed rows only), for a single unpadded sequence (``inputs_embeds`` [1, L, D]).
@@ -138,16 +140,18 @@ def text_to_token_attention(
     its 3-D M-RoPE ids [3, 1, L] here; ``decoder_kwargs`` go to the decoder too (Qwen3-VL: its DeepStack
     features and their positions).  The rotary tables are read back from the layer's input, so any
     rotary scheme whose ``apply_rotary_pos_emb`` has the Llama signature works unchanged.
-    Returns [len(query_positions), len(key_positions)] float32.
+    Returns [len(query_positions), len(key_positions)] float32 (stacked → [len(layers), ...] for a sequence).
     """
-    if not 0 <= layer_index < len(language_model.layers):
-        raise ValueError(f"LLM layer {layer_index} does not exist (the model has {len(language_model.layers)})")
-    inputs, position_embeddings = layer_inputs(
-        language_model, inputs_embeds, [layer_index], position_ids, **decoder_kwargs
-    )
-    return attention_rows(
-        language_model.layers[layer_index], inputs[layer_index], position_embeddings, query_positions, key_positions
-    )
+    layers = [layer_index] if isinstance(layer_index, int) else list(layer_index)
+    for index in layers:
+        if not 0 <= index < len(language_model.layers):
+            raise ValueError(f"LLM layer {index} does not exist (the model has {len(language_model.layers)})")
+    inputs, position_embeddings = layer_inputs(language_model, inputs_embeds, layers, position_ids, **decoder_kwargs)
+    rows = [
+        attention_rows(language_model.layers[i], inputs[i], position_embeddings, query_positions, key_positions)
+        for i in layers
+    ]
+    return rows[0] if isinstance(layer_index, int) else torch.stack(rows)
 
 
 @torch.no_grad()

@@ -137,10 +137,15 @@ class VisionLanguageAdapter(Protocol):
     def encode(self, prepared: PreparedInput) -> VisualTokens: ...
 
     def instruction_attention(
-        self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None = None
+        self,
+        prepared: PreparedInput,
+        visual: VisualTokens,
+        kept: torch.Tensor | None = None,
+        layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """[instruction tokens, N] head-averaged text→visual attention at the configured LLM layer (over a
-        prompt holding only the ``kept`` visual tokens, → [instruction tokens, len(kept)], when given)."""
+        prompt holding only the ``kept`` visual tokens, → [instruction tokens, len(kept)], when given); with
+        ``layers``, stacked [len(layers), ...] at each of them, from one forward (a layer-by-layer probe)."""
         ...
 
     def generate(

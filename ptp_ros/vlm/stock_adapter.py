@@ -319,10 +319,15 @@ class StockModelAdapter:
 
     @torch.no_grad()
     def instruction_attention(
-        self, prepared: PreparedInput, visual: VisualTokens, kept: torch.Tensor | None = None
+        self,
+        prepared: PreparedInput,
+        visual: VisualTokens,
+        kept: torch.Tensor | None = None,
+        layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """[instruction tokens, N] (or [instruction tokens, len(kept)] over a prompt that holds only the
-        ``kept`` visual tokens, laid out as the pruned ``generate`` lays them out)."""
+        ``kept`` visual tokens, laid out as the pruned ``generate`` lays them out); [len(layers), ...] at each
+        of ``layers`` instead of the configured one, from one forward."""
         ids = prepared.inputs["input_ids"]
         positions = self.rope_positions(prepared)
         features = visual.features
@@ -337,7 +342,7 @@ class StockModelAdapter:
         return text_to_token_attention(
             self.model.model.language_model,
             embeds,
-            self.options.llm_layer,
+            self.options.llm_layer if layers is None else layers,
             instruction_query_positions(ids, self.image_token_id),
             image_pos,
             position_ids=positions,
