@@ -28,6 +28,8 @@ def test_one_two_camera_pair_reports_every_split_paired(proxy, tmp_path):
         assert all(0.0 <= cell[split]["recall"] <= 1.0 for split in ("shared", "equal", "alone", "random"))
         assert cell["random"]["target_view_kept"] <= cell["budget"]
         assert abs(2 * cell["equal"]["target_view_kept"] - cell["budget"]) <= 1  # half each
+        # told the asked camera, the shared split gives it (1 - 0.5) / 2 + 0.5 = 3/4 of the budget
+        assert abs(4 * cell["told camera"]["target_view_kept"] - 3 * cell["budget"]) <= 4
     agreement = single_camera_agreement(proxy, "test", 1, 1, size=SMALL)
     assert agreement["agree"] == agreement["n"] > 0  # the camera mapping answers as the bare frame
     meta = {"command": "ptp-eval --multicamera (test)", "model": "proxy", "split": "test", "device": "cpu"}
@@ -37,6 +39,7 @@ def test_one_two_camera_pair_reports_every_split_paired(proxy, tmp_path):
     assert set(data["paired"]) == {"0.111"} and data["questions"] == len(rows)
     # every split is paired with the random control at the same budget
     assert {"shared - random", "equal - random", "alone - random"} <= set(data["paired"]["0.111"])
+    assert "told camera - equal" in data["paired"]["0.111"] and "upper bound" in (tmp_path / "results.md").read_text()
     assert "random (control)" in (tmp_path / "results.md").read_text()
     # the control rows in ptp-eval's results.json form, the single-camera answers beside random-after-2's
     controls = data["controls"]

@@ -7,7 +7,9 @@ views' tokens, each camera split of PTP (``view_split``: shared, equal, alone) k
 tokens; the target recall (as ``ptp-eval`` counts it: the kept share of the tile tokens overlapping the question's
 target objects) is paired question by question, with a 95 % interval on the mean difference.  The control row,
 ``random``, keeps as many tokens drawn uniformly over both views (seeded per question): what a split's recall
-must beat (target recall counts kept tokens, so the random control is the same before or inside the LLM).
+must beat (target recall counts kept tokens, so the random control is the same before or inside the LLM).  The
+upper-bound row, ``told camera``, is the shared split's formula with the asked camera's weight 1 (it gets
+``(1 − α)/2 + α`` of the budget): what a perfect camera signal could buy over the equal split, not a method.
 
 The selection is PTP's in-LLM one (the default): ranked by the instruction's attention at the adapter's relevance
 layer over the whole two-image prompt — those rows are computed once per question (``instruction_attention``,
@@ -35,7 +37,7 @@ from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.proxy import Question, Scene, SceneObject, make_questions, make_scene, split_seed
 from ptp_ros.pruning import VIEW_SPLITS, ConfiguredSelector, instruction_relevance
 from ptp_ros.pruning.selectors import random_select
-from ptp_ros.pruning.views import view_bounds
+from ptp_ros.pruning.views import view_bounds, weighted_view_quotas
 from ptp_ros.vlm.base import VisualTokens
 
 from ..proxy.auxiliary import overlapping
@@ -46,7 +48,11 @@ SHARED_RATIO = 0.111  # the issue's budget; where PTP's in-view pick still reach
 RATIOS = (SHARED_RATIO, 0.028, 0.014, 0.007)
 CAMERAS = ("head", "wrist")
 CONTROL = "random"  # uniform tokens over both views at the same shared budget
-ROWS = (*VIEW_SPLITS, CONTROL)
+#: the shared split told which camera holds the asked object (its weight 1, the other's 0): the most any camera
+#: signal could buy the shared split, an upper bound and not a method
+ORACLE = "told camera"
+ROWS = (*VIEW_SPLITS, ORACLE, CONTROL)
+ROW_NOTES = {ORACLE: " (upper bound: `shared` told the asked camera)", CONTROL: " (control)"}
 DISTRACTOR_OFFSET = 5_000_000  # the other camera's scenes: a seed range of the split no report reads
 
 
@@ -129,6 +135,7 @@ def two_camera_recall(
     (of ``size``; default: the task's sizes)."""
     pipelines = {s: Pipeline(adapter, PipelineConfig(selector=ConfiguredSelector(view_split=s))) for s in VIEW_SPLITS}
     reduce = pipelines["shared"].config.selector.reduce
+    alpha = pipelines["shared"].view_alpha
     rows: list[dict] = []
     for q in two_camera_questions(adapter, split, pairs, per_type, size):
         visual = q.visual
@@ -138,12 +145,17 @@ def two_camera_recall(
         if not bool(cover.any()):
             continue
         start, end = view_bounds(visual.scores)[q.asked]
+        selectable = int(scores.region_sizes().sum())
         row = {"pair": q.pair, "qtype": q.question.qtype, "target_view": CAMERAS[q.asked]}
         row["view_tokens"] = list(visual.scores.view_tokens)
         for ratio in ratios:
             budget = ratio_tokens(visual.num_tokens, ratio)
             cell: dict = {"budget": budget}
             kept_sets = {n: p.select(visual.num_tokens, scores, budget).kept for n, p in pipelines.items()}
+            told = weighted_view_quotas(
+                scores, min(budget, selectable), torch.eye(2, dtype=torch.double)[q.asked], alpha
+            )
+            kept_sets[ORACLE] = pipelines["shared"].select(visual.num_tokens, scores, budget, told).kept
             kept_sets[CONTROL] = random_select(scores, budget, seed=len(rows)).kept
             for name, kept in kept_sets.items():
                 cell[name] = {
@@ -207,7 +219,12 @@ def build(rows: list[dict], agreement: dict, meta: dict) -> dict:
         "paired": {
             q: {
                 f"{split} - {base}": paired_interval([r[q][split]["recall"] - r[q][base]["recall"] for r in rows])
-                for split, base in (("shared", "equal"), ("shared", "alone"), *((s, CONTROL) for s in VIEW_SPLITS))
+                for split, base in (
+                    ("shared", "equal"),
+                    ("shared", "alone"),
+                    (ORACLE, "equal"),
+                    *((s, CONTROL) for s in VIEW_SPLITS),
+                )
             }
             for q in ratios
         },
@@ -256,8 +273,7 @@ def write(data: dict, out: Path) -> None:
     ]
     for q in data["recall"]:
         lines += [
-            f"| {q} | {s}{' (control)' if s == CONTROL else ''} | {data['recall'][q][s]:.3f} "
-            f"| {data['target_view_share'][q][s]:.3f} |"
+            f"| {q} | {s}{ROW_NOTES.get(s, '')} | {data['recall'][q][s]:.3f} | {data['target_view_share'][q][s]:.3f} |"
             for s in ROWS
         ]
     lines += [

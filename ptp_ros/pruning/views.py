@@ -115,7 +115,17 @@ def view_quotas(scores: TokenScores, budget: int, split: str = "shared", alpha: 
         return region_quotas(size_share, sizes, budget)
     evidence = torch.tensor([view_evidence(p) for p in parts], dtype=torch.double)
     weights = torch.softmax(torch.log(size_share.clamp(min=1e-12)) + evidence / EVIDENCE_TEMPERATURE, dim=0)
-    return region_quotas((1.0 - alpha) * size_share + alpha * weights, sizes, budget)
+    return weighted_view_quotas(scores, budget, weights, alpha)
+
+
+def weighted_view_quotas(scores: TokenScores, budget: int, weights: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """[V] long: the ``"shared"`` split for given view ``weights`` (summing to 1): ``(1 − α) · a view's share of the
+    tokens + α · its weight`` of ``budget``, each view at most its selectable tokens.  ``ptp-eval --multicamera``
+    gives it the asked camera's one-hot: what a perfect camera signal would buy."""
+    parts = view_parts(scores)
+    sizes = torch.stack([p.region_sizes().sum() for p in parts]).long()
+    size_share = sizes.double() / sizes.sum().clamp(min=1)
+    return region_quotas((1.0 - alpha) * size_share + alpha * weights.double(), sizes, budget)
 
 
 def view_evidence(part: TokenScores) -> float:
