@@ -12,10 +12,10 @@ How the camera split is decided (``VIEW_SPLITS``):
   PTP's own top-down term (``ptp.concentration_per_region``: a token's share of its region's relevance against a
   uniform share, log scale, in [0, 1]).  Bottom-up [CLS] saliency is a softmax inside each image (the region logits
   are log shares of that view's own mass), so it ranks regions within a view but cannot say which view matters.
-  Nor can the raw attention mass: on the proxy model the first image of a prompt draws more of the instruction's
-  attention whichever view holds the asked object (its mass picked the right camera for 45 % of validation
-  questions, the concentration for 76 %; docs/method.md).  Without relevance (α = 0, or a selector that reads
-  none) it is the size split.
+  Nor can the raw attention mass, which leans on an image's position in the prompt (docs/method.md).  Without
+  relevance (α = 0, or a selector that reads none) it is the size split.  The evidence can only be as good as the
+  model's attention at the relevance layer: ``ptp-eval --retrieval-probe`` measures whether it prefers the asked
+  object at all.
 * ``"equal"``: the same number of tokens per view (a view smaller than its part passes the rest on).
 * ``"alone"``: each view keeps the request's keep ratio of its own tokens, as if it were asked alone (equal to
   ``"equal"`` when the views have the same number of tokens).
