@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # rclpy's SIGINT handler shuts the context down; when that lands while spin builds its wait set, rclpy
+        # raises RCLError ("the given context is not valid") instead of ExternalShutdownException: the same end
+        if rclpy.ok():
+            raise
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
