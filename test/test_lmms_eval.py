@@ -219,6 +219,12 @@ def test_bad_model_args_are_one_line(plugin, args, message):
     assert text.startswith("ptp_ros: ") and message in text and "\n" not in text, text
 
 
+def test_no_budget_is_ptp_asks_default(plugin):
+    """``--model_args pretrained=DIR`` alone prunes as ``ptp-ask`` does: 11.1 % of the visual tokens."""
+    assert plugin.PTPRos(pretrained=str(PROXY_MODEL), device="cpu").keep_ratio == pytest.approx(0.111)
+    assert plugin.PTPRos(pretrained=str(PROXY_MODEL), device="cpu", tokens=64).keep_ratio is None
+
+
 def test_missing_model_dir_is_one_line(plugin, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(plugin.PTPRosError, match=r"^ptp_ros: .*empty has no config.json") as error:

@@ -13,7 +13,8 @@ model_args (``key=value`` separated by commas):
 * ``pretrained``: checkpoint directory or a repo id already in the local HF cache (LLaVA-NeXT, InternVL in
   HF format, Qwen2.5-VL; default: the built-in proxy model); never downloaded.
 * ``selector`` (default ``ptp``): any name of ``ptp_ros.pruning.selector_names()``.
-* ``keep_ratio`` in (0, 1] (default 1: unpruned) or ``tokens`` (a count); not both.
+* ``keep_ratio`` in (0, 1] (default 0.111, ``ptp-ask``'s: the ratio PTP's defaults were chosen at; 1: unpruned)
+  or ``tokens`` (a count); not both.
 * ``alpha`` (PTP's weight of instruction relevance), ``prune_in_llm`` (true/false),
   ``probe_candidates``: as ``ptp-ask``'s flags.
 * ``device`` (auto | cpu | cuda | cuda:N), ``dtype`` (auto | float32 | float16 | bfloat16).
@@ -196,6 +197,7 @@ class PTPRos(lmms):
         super().__init__()
         if unknown:
             raise PTPRosError(f"unknown model_args {', '.join(sorted(unknown))}; known: {', '.join(KNOWN_ARGS)}")
+        from ptp_ros.budget import DEFAULT_KEEP_RATIO
         from ptp_ros.pipeline import InvalidRequest, Pipeline, PipelineConfig, budget_request
         from ptp_ros.pruning import ConfiguredSelector
         from ptp_ros.vlm.defaults import default_model_path
@@ -203,7 +205,9 @@ class PTPRos(lmms):
 
         if keep_ratio is not None and tokens is not None:
             raise PTPRosError("give keep_ratio or tokens, not both")
-        try:  # the library's own check of a budget (keep-all when neither is given)
+        if keep_ratio is None and tokens is None:
+            keep_ratio = DEFAULT_KEEP_RATIO
+        try:  # the library's own check of a budget
             self.keep_ratio, self.tokens = budget_request(
                 None if keep_ratio is None else _number("keep_ratio", keep_ratio),
                 None if tokens is None else _number("tokens", tokens),
