@@ -52,3 +52,5 @@ def test_supervised_layers_only_where_training_supervised_attention(tmp_path):
     start["args"]["attention"] = "1.0"
     (tmp_path / "train_log.jsonl").write_text(json.dumps(start) + "\n")
     assert supervised_layers(tmp_path) == [6, 7]
+    (tmp_path / "train_log.jsonl").write_text("not json\n")
+    assert supervised_layers(tmp_path) == []  # another tool's log: nothing known, no crash

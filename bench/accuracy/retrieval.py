@@ -50,12 +50,15 @@ def supervised_layers(model: Path) -> list[int]:
     log = Path(model) / "train_log.jsonl"
     if not log.is_file():
         return []
-    with log.open() as f:
-        start = json.loads(f.readline() or "{}")
-    args = start.get("args", {}) if start.get("event") == "start" else {}
-    if float(args.get("attention", 0) or 0) <= 0:
+    try:
+        with log.open() as f:
+            start = json.loads(f.readline() or "{}")
+        args = start.get("args", {}) if start.get("event") == "start" else {}
+        if float(args.get("attention", 0) or 0) <= 0:
+            return []
+        return sorted({int(args[k]) for k in ("hop_layer", "retrieval_layer") if args.get(k) not in (None, "None")})
+    except (OSError, ValueError, TypeError, AttributeError):  # not this trainer's log: nothing known
         return []
-    return sorted({int(args[k]) for k in ("hop_layer", "retrieval_layer") if args.get(k) not in (None, "None")})
 
 
 def _checks(visual, relevance: torch.Tensor, asked: int, target, same, other) -> dict[str, int]:
