@@ -391,3 +391,22 @@ def test_the_pipeline_tells_each_stage_as_it_begins_and_none_after_a_cancel(tiny
             sample_image, "what is there?", keep_ratio=0.25, cancel=cancel, on_stage=stop_at_score
         )
     assert told == ["preprocess", "encode", "score"]
+
+
+def test_the_action_client_has_its_lock_before_a_spinning_node_can_see_it(Ask):
+    """rclpy's ``ActionClient`` joins the node's waitables before it makes its lock; an executor spinning that node
+    in another thread (every ``AgentClient``'s) then dies on ``AttributeError``. Ours has the lock first."""
+    from ptp_ros.ros.client import SpinningNode
+
+    with SpinningNode("lock_order_check") as spinning:
+        seen = []
+        add_waitable = spinning.node.add_waitable
+
+        def spy(waitable):
+            seen.append(hasattr(waitable, "_lock"))
+            add_waitable(waitable)
+
+        spinning.node.add_waitable = spy
+        action = ask_client(spinning.node, Ask)
+        assert seen == [True]
+        action.destroy()

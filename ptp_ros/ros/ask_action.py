@@ -19,6 +19,7 @@ The interface package is built separately (ament_cmake + rosidl); without it the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import threading
@@ -79,10 +80,26 @@ def action_qos(depth: int, side: str = "server") -> dict:
 
 
 def client(node, Ask, depth: int = CLIENT_DEPTH):
-    """An ``ActionClient`` of the ask action whose QoS holds a burst of ``depth`` goals."""
+    """An ``ActionClient`` of the ask action whose QoS holds a burst of ``depth`` goals; safe to create on a node
+    that is already spinning (``LockedFirstActionClient``)."""
+    return _locked_first_client()(node, Ask, ACTION_NAME, **action_qos(depth, "client"))
+
+
+@functools.cache
+def _locked_first_client():
     from rclpy.action import ActionClient
 
-    return ActionClient(node, Ask, ACTION_NAME, **action_qos(depth, "client"))
+    class LockedFirstActionClient(ActionClient):
+        """rclpy's ``ActionClient`` with its lock made first: rclpy's ``__init__`` adds the client to the node's
+        waitables and only then makes ``_lock``, so an executor already spinning that node in another thread can
+        call ``get_num_entities`` in between and die on ``AttributeError`` (seen in CI: a client's spin thread
+        ended and it waited out its timeouts)."""
+
+        def __init__(self, *args, **kwargs):
+            self._lock = threading.Lock()
+            super().__init__(*args, **kwargs)
+
+    return LockedFirstActionClient
 
 
 # -- messages <-> the JSON shapes ------------------------------------------------------------------------
