@@ -326,6 +326,27 @@ def test_a_request_on_both_cameras_is_one_prompt_with_one_split_budget(probe, im
     }
 
 
+def test_view_split_is_a_runtime_parameter(probe, image):
+    """``view_split`` set at run time: ``equal`` gives both cameras (frames of one size) the same count; a split
+    that does not exist is refused with the choices and the old one kept."""
+    (refused,) = probe.set_parameters(FQN, {"view_split": "uneven"})
+    assert not refused.successful and "view_split must be one of shared, equal, alone" in refused.reason
+    splits = {}
+    for split in ("shared", "equal"):
+        assert probe.set_parameters(FQN, {"view_split": split})[0].successful
+        before = {camera: camera_frames(probe, camera) for camera in ("head", "wrist")}
+        send(probe, image, "head")
+        send(probe, np.ascontiguousarray(image[::-1, ::-1]), "wrist")  # the same size, other content
+        probe.wait_for(lambda seen=before: all(camera_frames(probe, c) > n for c, n in seen.items()), 30, "frames")
+        both = ask(probe, f"{split} split", cameras=["head", "wrist"], keep_ratio=0.2)
+        assert both["status"] == "ok", both
+        splits[split] = [f["visual_tokens_kept"] for f in both["frames"].values()]
+        assert sum(splits[split]) == both["visual_tokens_kept"]
+    assert probe.set_parameters(FQN, {"view_split": "shared"})[0].successful
+    head, wrist = splits["equal"]
+    assert abs(head - wrist) <= 1, splits  # under shared the flipped frame gets a different share (337/306 here)
+
+
 def test_the_latency_budget_counts_every_camera_of_a_request(probe, image):
     """A budget too small for any request: the one keep ratio is the floor for one camera and for two, flagged
     infeasible before the model ran (frames the node's encode cache has not seen, so every camera's encode is

@@ -9,6 +9,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.parameter import Parameter
 
 from ..budget import MAX_LATENCY_BUDGET_MS
+from ..pruning.views import VIEW_SPLITS
 from .requests import MAX_NEW_TOKENS_LIMIT
 from .worker import MODES, Settings
 
@@ -189,6 +190,13 @@ PARAMS: tuple[Param, ...] = (
         range=(0.0, 1.0),
     ),
     Param("alpha", _DEFAULT.alpha, "Weight of instruction relevance in PTP's fused token score", range=(0.0, 1.0)),
+    Param(
+        "view_split",
+        _DEFAULT.view_split,
+        "How a request on several cameras shares its token budget: shared (by the instruction's attention), "
+        "equal (the same count per camera) or alone (each camera its own keep ratio)",
+        choices=VIEW_SPLITS,
+    ),
     Param("max_new_tokens", _DEFAULT.max_new_tokens, "Longest answer in tokens", range=(1, MAX_NEW_TOKENS_LIMIT)),
     Param("publish_saliency", _DEFAULT.publish_saliency, "Publish the saliency image for every answer"),
     Param(

@@ -55,6 +55,7 @@ class Settings:
     keep_ratio_min: float = 0.05
     keep_ratio_max: float = 1.0
     alpha: float = 0.5
+    view_split: str = "shared"
     max_new_tokens: int = 32
     publish_saliency: bool = True
     saliency_max_side: int = 1280
@@ -82,8 +83,9 @@ class Settings:
 
     @property
     def selector(self) -> ConfiguredSelector:
-        """The selector the node runs: PTP with the ``alpha`` parameter, at the library's default stage."""
-        return ConfiguredSelector("ptp", {"alpha": self.alpha})
+        """The selector the node runs: PTP with the ``alpha`` parameter, at the library's default stage, sharing a
+        request's budget across its cameras by ``view_split``."""
+        return ConfiguredSelector("ptp", {"alpha": self.alpha}, view_split=self.view_split)
 
 
 def frame_freshness(
