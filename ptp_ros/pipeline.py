@@ -422,21 +422,22 @@ class Pipeline:
     def _reduce(self) -> str:
         return self.config.selector.reduce
 
-    def select(self, total: int, scores: TokenScores, budget: int, quotas: torch.Tensor | None = None) -> Selection:
+    def select(
+        self, total: int, scores: TokenScores, budget: int, view_weights: torch.Tensor | None = None
+    ) -> Selection:
         """At most ``budget`` of the ``total`` visual tokens (all of them when ``budget`` reaches ``total``), capped
         at the selectable ones; with ``newline_policy="keep"`` the kept structural tokens count in it.  Over several
-        camera views the budget is split across them first (``view_quotas`` by the selector's ``view_split``, or
-        the given per-view ``quotas``), then each view is selected on its own."""
+        camera views the budget is split across them first (``view_quotas`` by the selector's ``view_split``, with
+        ``view_weights`` in place of the views' evidence when given), then each view is selected on its own."""
         if scores.parts and budget < total:
-            if quotas is None:
-                selectable = int(scores.region_sizes().sum())
-                split = self.config.selector.view_split
-                quotas = view_quotas(scores, min(budget, selectable), split, self.view_alpha)
+            selectable = int(scores.region_sizes().sum())
+            split = self.config.selector.view_split
+            quotas = view_quotas(scores, min(budget, selectable), split, self._view_alpha, view_weights)
             return select_views(self._select_view, scores, quotas)
         return self._select_view(scores, budget, total)
 
     @property
-    def view_alpha(self) -> float:
+    def _view_alpha(self) -> float:
         """The weight of the instruction's attention in the camera split: PTP's own α, else PTP's default."""
         config = self.selector.options.get("config")
         return config.alpha if isinstance(config, PTPConfig) else PTPConfig().alpha

@@ -37,7 +37,7 @@ from ptp_ros.pipeline import Pipeline, PipelineConfig
 from ptp_ros.proxy import Question, Scene, SceneObject, make_questions, make_scene, split_seed
 from ptp_ros.pruning import VIEW_SPLITS, ConfiguredSelector, instruction_relevance
 from ptp_ros.pruning.selectors import random_select
-from ptp_ros.pruning.views import view_bounds, weighted_view_quotas
+from ptp_ros.pruning.views import view_bounds
 from ptp_ros.vlm.base import VisualTokens
 
 from ..proxy.auxiliary import overlapping
@@ -135,7 +135,6 @@ def two_camera_recall(
     (of ``size``; default: the task's sizes)."""
     pipelines = {s: Pipeline(adapter, PipelineConfig(selector=ConfiguredSelector(view_split=s))) for s in VIEW_SPLITS}
     reduce = pipelines["shared"].config.selector.reduce
-    alpha = pipelines["shared"].view_alpha
     rows: list[dict] = []
     for q in two_camera_questions(adapter, split, pairs, per_type, size):
         visual = q.visual
@@ -145,16 +144,13 @@ def two_camera_recall(
         if not bool(cover.any()):
             continue
         start, end = view_bounds(visual.scores)[q.asked]
-        selectable = int(scores.region_sizes().sum())
         row = {"pair": q.pair, "qtype": q.question.qtype, "target_view": CAMERAS[q.asked]}
         row["view_tokens"] = list(visual.scores.view_tokens)
         for ratio in ratios:
             budget = ratio_tokens(visual.num_tokens, ratio)
             cell: dict = {"budget": budget}
             kept_sets = {n: p.select(visual.num_tokens, scores, budget).kept for n, p in pipelines.items()}
-            told = weighted_view_quotas(
-                scores, min(budget, selectable), torch.eye(2, dtype=torch.double)[q.asked], alpha
-            )
+            told = torch.eye(2, dtype=torch.double)[q.asked]  # the asked camera's weight 1, the other's 0
             kept_sets[ORACLE] = pipelines["shared"].select(visual.num_tokens, scores, budget, told).kept
             kept_sets[CONTROL] = random_select(scores, budget, seed=len(rows)).kept
             for name, kept in kept_sets.items():

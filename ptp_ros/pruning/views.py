@@ -100,9 +100,17 @@ def view_parts(scores: TokenScores) -> list[TokenScores]:
     return out
 
 
-def view_quotas(scores: TokenScores, budget: int, split: str = "shared", alpha: float = 0.5) -> torch.Tensor:
+def view_quotas(
+    scores: TokenScores,
+    budget: int,
+    split: str = "shared",
+    alpha: float = 0.5,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[V] long: how many of ``budget`` tokens each view keeps (summing to ``budget``, each at most its selectable
-    tokens), by ``split`` (module docstring); ``alpha`` weighs the instruction's attention in ``"shared"``."""
+    tokens), by ``split`` (module docstring); ``alpha`` weighs the instruction's attention in ``"shared"``.
+    ``weights`` ([V], summing to 1) stand in for the views' evidence-weighted shares in ``"shared"``:
+    ``ptp-eval --multicamera`` gives it the asked camera's one-hot, what a perfect camera signal would buy."""
     check_view_split(split)
     parts = view_parts(scores)
     sizes = torch.stack([p.region_sizes().sum() for p in parts]).long()
@@ -111,20 +119,11 @@ def view_quotas(scores: TokenScores, budget: int, split: str = "shared", alpha: 
     size_share = sizes.double() / sizes.sum().clamp(min=1)
     if split == "equal":
         return region_quotas(torch.ones(len(parts), dtype=torch.double), sizes, budget)
-    if split == "alone" or scores.relevance is None or alpha == 0.0 or budget == 0:
+    if split == "alone" or alpha == 0.0 or budget == 0 or (weights is None and scores.relevance is None):
         return region_quotas(size_share, sizes, budget)
-    evidence = torch.tensor([view_evidence(p) for p in parts], dtype=torch.double)
-    weights = torch.softmax(torch.log(size_share.clamp(min=1e-12)) + evidence / EVIDENCE_TEMPERATURE, dim=0)
-    return weighted_view_quotas(scores, budget, weights, alpha)
-
-
-def weighted_view_quotas(scores: TokenScores, budget: int, weights: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """[V] long: the ``"shared"`` split for given view ``weights`` (summing to 1): ``(1 − α) · a view's share of the
-    tokens + α · its weight`` of ``budget``, each view at most its selectable tokens.  ``ptp-eval --multicamera``
-    gives it the asked camera's one-hot: what a perfect camera signal would buy."""
-    parts = view_parts(scores)
-    sizes = torch.stack([p.region_sizes().sum() for p in parts]).long()
-    size_share = sizes.double() / sizes.sum().clamp(min=1)
+    if weights is None:
+        evidence = torch.tensor([view_evidence(p) for p in parts], dtype=torch.double)
+        weights = torch.softmax(torch.log(size_share.clamp(min=1e-12)) + evidence / EVIDENCE_TEMPERATURE, dim=0)
     return region_quotas((1.0 - alpha) * size_share + alpha * weights.double(), sizes, budget)
 
 
