@@ -10,7 +10,7 @@ import pytest
 
 from ptp_ros.vlm.defaults import default_model_path
 from ptp_ros.vlm.loading import LoadOptions, load_adapter
-from ptp_ros_bench.accuracy.retrieval import CHECKS, ROWS, build, probe, supervised_layers, write
+from ptp_ros_bench.accuracy.retrieval import CHECKS, CONTROL, ROWS, build, probe, supervised_layers, write
 
 SMALL = (336, 672)  # one 1×2 tile grid a view
 
@@ -27,6 +27,7 @@ def test_probe_finds_the_retrieval_training_put_at_layer_7_and_marks_it(proxy, t
         for layer in ("2", "7"):
             assert set(row[layer]) == set(ROWS)
             assert all(row[layer][name][key] in (0, 1) for name in ROWS for key, _ in CHECKS)
+        assert all(row[CONTROL][key] in (0, 1) for key, _ in CHECKS)  # random relevance, the same checks
     # the shipped proxy's layer 7 is trained to retrieve the asked object (docs/accuracy/training.md): a probe whose
     # object masks, views or attention rows were misaligned would find it at chance, as it finds layer 2
     for check in ("same_view", "other_camera"):
@@ -40,8 +41,12 @@ def test_probe_finds_the_retrieval_training_put_at_layer_7_and_marks_it(proxy, t
     share, lo, hi = data["shares"]["7"]["relevance"]["same_view"]
     assert share == pytest.approx(sum(r["7"]["relevance"]["same_view"] for r in rows) / len(rows))
     assert lo <= share <= hi
+    # every share stands beside its control: the same check on random relevance, per question as in the rows
+    control = data["controls"][CONTROL]["shares"]["same_view"]
+    assert control[0] == pytest.approx(sum(r[CONTROL]["same_view"] for r in rows) / len(rows))
     text = (tmp_path / "results.md").read_text()
     assert "| 7 (supervised) |" in text and "| 2 (PTP's) |" in text
+    assert text.count("| random relevance (control) |") == len(ROWS)
 
 
 def test_supervised_layers_only_where_training_supervised_attention(tmp_path):
